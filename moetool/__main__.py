@@ -1,0 +1,3 @@
+from moetool.cli.app import main
+
+main()

@@ -1,0 +1,171 @@
+"""Map tensor names to (role, layer, expert) using a family's templates.
+
+Matching is a dictionary lookup: every run of digits in a name is replaced by
+'#', so "model.layers.3.mlp.experts.17.up_proj.weight" and the template
+"model.layers.{L}.mlp.experts.{E}.up_proj.weight" share one key; the digits
+then fill the template's slots. This keeps 90,000-tensor checkpoints fast.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from moetool.arch.schema import Family, Role
+
+_DIGITS = re.compile(r"\d+")
+_SLOTS = re.compile(r"\{[LDE]\}|\d+")
+
+# Companion tensors of quantized weights: suffix -> suffix of the weight they belong to.
+# (bitsandbytes 4/8-bit, block FP8, compressed-tensors, MXFP4.)
+AUX_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".weight.quant_state.bitsandbytes__nf4", ".weight"),
+    (".weight.quant_state.bitsandbytes__fp4", ".weight"),
+    (".weight.nested_quant_map", ".weight"),
+    (".weight.nested_absmax", ".weight"),
+    (".weight.quant_map", ".weight"),
+    (".weight.absmax", ".weight"),
+    (".weight_scale_inv", ".weight"),
+    (".weight_zero_point", ".weight"),
+    (".weight_g_idx", ".weight"),
+    (".weight_global_scale", ".weight"),
+    (".weight_shape", ".weight"),
+    (".weight_scale", ".weight"),
+    (".input_scale", ".weight"),
+    (".weight_format", ".weight"),
+    (".SCB", ".weight"),
+    ("_scales", ""),          # mxfp4: gate_up_proj_scales -> gate_up_proj
+)
+_AUX_ENDINGS = tuple(s for s, _ in AUX_SUFFIXES)
+PACKED_SUFFIXES = ((".weight_packed", ".weight"), ("_blocks", ""))   # compressed-tensors, mxfp4
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    role: Role
+    layer: int | None
+    expert: int | None
+    layout: str | None      # "per-expert" | "fused" | None (in both layouts / generic)
+    base: str               # the weight name this tensor belongs to (itself unless aux/packed)
+    aux: bool = False       # a quantization companion (scale, absmax, ...), not a parameter
+    packing: str = ""       # "" | "packed" (several values per stored element)
+
+
+def split_quant_suffix(name: str) -> tuple[str, bool, bool]:
+    """Return (base weight name, is_aux, is_packed)."""
+    if name.endswith(_AUX_ENDINGS):
+        for suffix, replacement in AUX_SUFFIXES:
+            if name.endswith(suffix):
+                return name[: -len(suffix)] + replacement, True, False
+    for suffix, replacement in PACKED_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + replacement, False, True
+    return name, False, False
+
+
+class FamilyMatcher:
+    """Classifies names of one family's checkpoint (both layouts) by template lookup."""
+
+    def __init__(self, family: Family, decoder_offset: int = 0):
+        self.family = family
+        self.decoder_offset = decoder_offset
+        self._table: dict[str, list[tuple[tuple[str, ...], Role, str | None]]] = {}
+        layouts = [(None, family.common), ("per-expert", family.per_expert), ("fused", family.fused)]
+        for layout, templates in layouts:
+            for role, alternatives in (templates or {}).items():
+                for template in (alternatives,) if isinstance(alternatives, str) else alternatives:
+                    key = _SLOTS.sub("#", template)
+                    slots = tuple(_SLOTS.findall(template))
+                    self._table.setdefault(key, []).append((slots, role, layout))
+
+    def strip_prefix(self, name: str) -> str:
+        for old, new in self.family.name_prefixes:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    def match(self, name: str) -> Match | None:
+        base, aux, packed = split_quant_suffix(self.strip_prefix(name))
+        candidates = self._table.get(_DIGITS.sub("#", base))
+        if not candidates:
+            return None
+        numbers = _DIGITS.findall(base)
+        for slots, role, layout in candidates:
+            layer = expert = None
+            for slot, value in zip(slots, numbers):
+                if slot == "{L}":
+                    layer = int(value)
+                elif slot == "{D}":
+                    layer = int(value) + self.decoder_offset
+                elif slot == "{E}":
+                    expert = int(value)
+                elif slot != value:
+                    break
+            else:
+                return Match(role, layer, expert, layout, base, aux, "packed" if packed else "")
+        return None
+
+
+# ---- generic classification: non-MoE tensors of any family, and unknown families ----
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blocks|block|h|layer)\.(\d+)\.")
+_EXPERT_PER = re.compile(r"\.experts?\.(?:expert_)?(\d+)\.(\w+?)(?:\.weight)?$")
+_EXPERT_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|w1|w2|w3|v1|input_linear\.weight|"
+                           r"output_linear\.weight)$")
+_ROUTER = re.compile(r"\.(?:gate|router)(?:\.layer|\.classifier|\.wg)?\.weight$")
+_SHARED = re.compile(r"\.shared_(?:experts?|mlp)\.(\w+)\.weight$")
+_PROJ_ROLE = {
+    "w1": "GATE", "gate_proj": "GATE", "gate": "GATE",
+    "w3": "UP", "up_proj": "UP", "up": "UP", "wi": "UP", "fc1": "UP",
+    "w2": "DOWN", "down_proj": "DOWN", "down": "DOWN", "wo": "DOWN", "fc2": "DOWN",
+    "gate_up_proj": "GATE_UP", "input_linear": "GATE_UP",
+    "output_linear": "DOWN", "input_linear.weight": "GATE_UP", "output_linear.weight": "DOWN",
+    "v1": "UP",
+}
+_ATTN_WORDS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv", "query", "key_value",
+               "kv_proj", "sinks", "in_proj", "out_proj", "conv1d", "mixer", "linear_attn", "A_log",
+               "dt_bias", "dt_proj", "x_proj")
+
+
+def layer_of(name: str) -> int | None:
+    found = _LAYER.search(name)
+    return int(found.group(1)) if found else None
+
+
+def generic_role(name: str) -> Role:
+    """Best-effort role of a tensor no family template names (attention, norms, ...)."""
+    last = name.rsplit(".", 2)
+    tail = ".".join(last[-2:]).lower()
+    if "lm_head" in name or name in ("output.weight", "embed_out.weight"):
+        return Role.LM_HEAD
+    if "embed" in name or ".wte." in name or name.startswith("wte.") or "word_embeddings" in name \
+            or name.endswith("shared.weight"):
+        return Role.EMBED
+    if "norm" in tail or tail.startswith("ln") or ".ln_" in name:
+        return Role.NORM
+    if any(word in name for word in _ATTN_WORDS):
+        return Role.ATTN
+    return Role.OTHER
+
+
+def generic_expert_match(name: str) -> Match | None:
+    """Guess expert, router and shared-expert tensors of an unknown family by common patterns."""
+    base, aux, packed = split_quant_suffix(name)
+    layer = layer_of(base)
+    if layer is None:
+        return None
+    packing = "packed" if packed else ""
+    if found := _EXPERT_PER.search(base):
+        kind = _PROJ_ROLE.get(found.group(2))
+        if kind:
+            return Match(Role[f"EXPERT_{kind}"], layer, int(found.group(1)), "per-expert", base, aux, packing)
+    if found := _EXPERT_FUSED.search(base):
+        kind = _PROJ_ROLE[found.group(1)]
+        return Match(Role[f"EXPERT_{kind}"], layer, None, "fused", base, aux, packing)
+    if found := _SHARED.search(base):
+        kind = _PROJ_ROLE.get(found.group(1))
+        if kind:
+            return Match(Role[f"SHARED_{kind}"], layer, None, None, base, aux, packing)
+    if _ROUTER.search(base) and "attn" not in base and "attention" not in base:
+        return Match(Role.ROUTER, layer, None, None, base, aux, packing)
+    return None

@@ -1,0 +1,157 @@
+"""The vocabulary of architecture data: roles, router semantics, family specs.
+
+A family file (moetool/arch/families/*.py) is data: config keys, tensor-name
+templates with {L} (layer), {D} (decoder layer of a seq2seq model) and {E}
+(expert) mapped to roles, expected shapes, and router semantics. A few small
+functions (which layers are MoE, derived sizes) are the only code a family has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Role(str, Enum):
+    """What a tensor is for, independent of how a family names it."""
+
+    EMBED = "embed"
+    LM_HEAD = "lm_head"
+    ATTN = "attn"
+    NORM = "norm"
+    ROUTER = "router"
+    ROUTER_BIAS = "router_bias"                # a parameter added to router logits
+    ROUTER_CORRECTION = "router_correction"    # selection-only bias (DeepSeek-V3 style)
+    EXPERT_GATE = "expert_gate"
+    EXPERT_UP = "expert_up"
+    EXPERT_DOWN = "expert_down"
+    EXPERT_GATE_UP = "expert_gate_up"          # gate and up stored together
+    EXPERT_GATE_UP_BIAS = "expert_gate_up_bias"
+    EXPERT_UP_BIAS = "expert_up_bias"
+    EXPERT_DOWN_BIAS = "expert_down_bias"
+    MOE_OUTPUT_BIAS = "moe_output_bias"        # JetMoE: one bias added after the experts
+    SHARED_GATE = "shared_gate"
+    SHARED_UP = "shared_up"
+    SHARED_DOWN = "shared_down"
+    SHARED_GATE_UP = "shared_gate_up"
+    SHARED_ROUTER = "shared_router"            # Qwen2-MoE's sigmoid gate on the shared expert
+    DENSE_GATE = "dense_gate"
+    DENSE_UP = "dense_up"
+    DENSE_DOWN = "dense_down"
+    DENSE_UP_BIAS = "dense_up_bias"
+    DENSE_DOWN_BIAS = "dense_down_bias"
+    OTHER = "other"
+
+
+# Parameter-count categories (what inspect reports) for every role.
+CATEGORY: dict[Role, str] = {
+    Role.EMBED: "embedding", Role.LM_HEAD: "lm_head", Role.ATTN: "attention", Role.NORM: "other",
+    Role.ROUTER: "router", Role.ROUTER_BIAS: "router", Role.ROUTER_CORRECTION: "router",
+    Role.SHARED_ROUTER: "router",
+    Role.EXPERT_GATE: "routed_experts", Role.EXPERT_UP: "routed_experts",
+    Role.EXPERT_DOWN: "routed_experts", Role.EXPERT_GATE_UP: "routed_experts",
+    Role.EXPERT_GATE_UP_BIAS: "routed_experts", Role.EXPERT_UP_BIAS: "routed_experts",
+    Role.EXPERT_DOWN_BIAS: "routed_experts", Role.MOE_OUTPUT_BIAS: "other",
+    Role.SHARED_GATE: "shared_experts", Role.SHARED_UP: "shared_experts",
+    Role.SHARED_DOWN: "shared_experts", Role.SHARED_GATE_UP: "shared_experts",
+    Role.DENSE_GATE: "dense_mlp", Role.DENSE_UP: "dense_mlp", Role.DENSE_DOWN: "dense_mlp",
+    Role.DENSE_UP_BIAS: "dense_mlp", Role.DENSE_DOWN_BIAS: "dense_mlp", Role.OTHER: "other",
+}
+CATEGORIES = ("embedding", "lm_head", "attention", "router", "routed_experts", "shared_experts",
+              "dense_mlp", "other")
+
+EXPERT_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "routed_experts")
+SHARED_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "shared_experts") | {Role.SHARED_ROUTER}
+DENSE_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "dense_mlp")
+MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION,
+                                  Role.MOE_OUTPUT_BIAS}
+
+# Expected shapes, in symbols: H hidden, I expert FFN, S shared FFN, D dense FFN,
+# E routed experts, V vocabulary. Expert roles are given per expert; a template
+# without {E} (fused layout) holds all experts, so "E" is prepended.
+DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
+    Role.EMBED: ("V", "H"), Role.LM_HEAD: ("V", "H"),
+    Role.ROUTER: ("E", "H"), Role.ROUTER_BIAS: ("E",), Role.ROUTER_CORRECTION: ("E",),
+    Role.EXPERT_GATE: ("I", "H"), Role.EXPERT_UP: ("I", "H"), Role.EXPERT_DOWN: ("H", "I"),
+    Role.EXPERT_GATE_UP: ("2I", "H"), Role.EXPERT_GATE_UP_BIAS: ("2I",),
+    Role.EXPERT_UP_BIAS: ("I",), Role.EXPERT_DOWN_BIAS: ("H",), Role.MOE_OUTPUT_BIAS: ("H",),
+    Role.SHARED_GATE: ("S", "H"), Role.SHARED_UP: ("S", "H"), Role.SHARED_DOWN: ("H", "S"),
+    Role.SHARED_GATE_UP: ("2S", "H"), Role.SHARED_ROUTER: ("1", "H"),
+    Role.DENSE_GATE: ("D", "H"), Role.DENSE_UP: ("D", "H"), Role.DENSE_DOWN: ("H", "D"),
+    Role.DENSE_UP_BIAS: ("D",), Role.DENSE_DOWN_BIAS: ("H",),
+}
+
+
+@dataclass(frozen=True)
+class Router:
+    """How a family turns router logits into expert choices and weights."""
+
+    score: str                      # "softmax" | "sigmoid" | "softmax over top-k" | "sparsemixer" | ...
+    renormalize: bool | str         # True/False, or the config key that decides
+    correction_bias: bool = False   # selection uses score + bias, weights use the score
+    group_limited: bool = False     # choose groups first (n_group / topk_group)
+    scaling_key: str | None = None  # config key of a factor applied to the weights
+    notes: str = ""
+
+
+Config = dict[str, Any]
+Template = str | tuple[str, ...]   # one name template, or alternatives (encoder/decoder)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family, described as data."""
+
+    name: str
+    model_types: tuple[str, ...]
+    title: str
+    router: Router | None
+    # canonical field -> config keys to try in order (dotted paths reach nested dicts)
+    keys: dict[str, tuple[str, ...]]
+    # role templates present in both layouts, and those of each layout (None: layout absent)
+    common: dict[Role, Template]
+    per_expert: dict[Role, Template] | None
+    fused: dict[Role, Template] | None
+    is_moe_layer: Callable[[Config, int], bool] = lambda cfg, layer: True
+    shared_ffn: Callable[[Config], int] | None = None   # S; None: no shared experts
+    num_shared: Callable[[Config], int] | None = None   # shared experts per MoE layer
+    num_layers: Callable[[Config], int] | None = None   # seq2seq: encoder + decoder
+    decoder_offset: Callable[[Config], int] | None = None  # {D} -> layer {D} + offset
+    top_k: Callable[[Config], int] | None = None          # when no config key holds it
+    shapes: dict[Role, tuple[str, ...]] = field(default_factory=dict)  # overrides, full shape
+    buffers: frozenset[Role] = frozenset()   # stored, but buffers (not parameters) in transformers
+    buffer_suffixes: tuple[str, ...] = ()    # other stored buffers, by name ending
+    config_root: str | None = None           # e.g. "text_config" for multimodal wrappers
+    name_prefixes: tuple[tuple[str, str], ...] = ()  # (old, new) prefix rewrites before matching
+    mtp: bool = False                        # layers >= num_hidden_layers are MTP modules
+    dense: bool = False                      # a dense (non-MoE) upcycling source
+    packed_experts: bool = False             # experts stacked on axis 0 as [E*I, ...] (DBRX)
+    notes: str = ""
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        return tuple(n for n, t in (("per-expert", self.per_expert), ("fused", self.fused)) if t is not None)
+
+    def templates(self, layout: str | None) -> dict[Role, Template]:
+        specific = self.per_expert if layout == "per-expert" else self.fused
+        return {**self.common, **(specific or {})}
+
+
+def get_path(cfg: Config, path: str) -> Any:
+    """Look up a dotted path ("ffn_config.moe_top_k") in a config dict; None if absent."""
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def first_key(cfg: Config, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        value = get_path(cfg, key)
+        if value is not None:
+            return value
+    return None

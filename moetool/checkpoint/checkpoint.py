@@ -1,0 +1,250 @@
+"""The checkpoint abstraction: config + lazy tensor references over one or many shards.
+
+Opening a checkpoint reads only headers (safetensors) or the pickle's structure
+(.bin, mmap'd, weights_only). Tensor bytes are read on demand by TensorRef.load()
+or load_slice(), which take torch; everything else here is torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+from typing import Any
+
+from moetool.checkpoint.header import DTYPE_BYTES, TensorInfo, read_header
+from moetool.errors import CheckpointFormatError, ConfigError, UnsupportedError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class Shard:
+    """One weights file. Holds the open handle used by TensorRef.load()."""
+
+    __slots__ = ("name", "path", "format", "size", "metadata", "_handle")
+
+    def __init__(self, name: str, path: Path | None, format: str, size: int | None,
+                 metadata: dict[str, str] | None = None):
+        self.name = name          # file name relative to the checkpoint root
+        self.path = path          # None for remote header-only shards
+        self.format = format      # "safetensors" | "bin" | "remote"
+        self.size = size
+        self.metadata = metadata or {}
+        self._handle: Any = None
+
+    def handle(self) -> Any:
+        """The open reader: safetensors' safe_open, or the mmap'd .bin state dict."""
+        if self._handle is None:
+            if self.format == "remote":
+                raise UnsupportedError(
+                    f"{self.name}: only the header was fetched from the hub; tensor data is not local",
+                    hint="run without header-only mode (moetool downloads the weights), or download "
+                         "the repository first")
+            if self.format == "safetensors":
+                from safetensors import safe_open
+                self._handle = safe_open(str(self.path), framework="pt")
+            else:
+                self._handle = _load_bin(self.path)
+        return self._handle
+
+    def close(self) -> None:
+        self._handle = None
+
+    def __repr__(self) -> str:
+        return f"Shard({self.name!r}, {self.format})"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """A lazy reference to one stored tensor: where it is and what it holds."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    shard: Shard
+    start: int = -1   # absolute byte range in the shard file; -1 when unknown (.bin)
+    end: int = -1
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+    def load(self):
+        """Read the whole tensor as a torch.Tensor (CPU)."""
+        handle = self.shard.handle()
+        if self.shard.format == "safetensors":
+            return handle.get_tensor(self.name)
+        return handle[self.name]
+
+    def load_slice(self, index):
+        """Read part of the tensor, e.g. one expert ``load_slice(e)`` of a fused [E, ...]
+        tensor, without reading the rest of it."""
+        handle = self.shard.handle()
+        if self.shard.format == "safetensors":
+            return handle.get_slice(self.name)[index]
+        return handle[self.name][index].clone()
+
+
+@dataclass
+class Checkpoint:
+    """A model checkpoint: its config and every stored tensor, by name."""
+
+    source: str                     # what the user gave: path or hub id
+    kind: str                       # "dir" | "file" | "hub" | "hub-headers"
+    root: Path | None               # folder holding config and shards (None: remote)
+    config: dict[str, Any] | None
+    tensors: dict[str, TensorRef]
+    shards: list[Shard]
+    notes: list[str]                # non-fatal oddities found while opening
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _load_bin(path: Path) -> dict:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for bad pickles
+        raise CheckpointFormatError(
+            f"{path}: cannot be loaded safely as a PyTorch state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path}: does not hold a state dict")
+    return {k: v for k, v in state.items() if hasattr(v, "shape")}
+
+
+_TORCH_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32",
+                "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read config.json, failing with a one-line ConfigError that names the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: is not a JSON object")
+    return config
+
+
+def _safe_member(root: Path, name: object, index: Path) -> Path:
+    """Resolve a shard file named in an index, refusing paths that leave ROOT."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name:
+        raise CheckpointFormatError(f"{index}: shard name {name!r} is not a relative file name")
+    path = (root / name).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise CheckpointFormatError(f"{index}: shard {name!r} points outside the checkpoint folder")
+    if not path.is_file():
+        raise CheckpointFormatError(f"{index}: names shard {name!r}, which does not exist")
+    return path
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointFormatError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+    return weight_map
+
+
+def _safetensors_shard(path: Path, name: str) -> tuple[Shard, list[TensorInfo]]:
+    infos, metadata = read_header(path)
+    return Shard(name, path, "safetensors", path.stat().st_size, metadata), infos
+
+
+def _bin_shard(path: Path, name: str) -> tuple[Shard, list[TensorRef]]:
+    shard = Shard(name, path, "bin", path.stat().st_size)
+    refs = [TensorRef(k, _TORCH_TO_ST.get(str(v.dtype).removeprefix("torch."), "F32"), tuple(v.shape), shard)
+            for k, v in shard.handle().items()]
+    return shard, refs
+
+
+def open_local(path: Path, *, source: str | None = None) -> Checkpoint:
+    """Open a local folder, .safetensors file or .bin file."""
+    source = source or str(path)
+    if path.is_file():
+        return _open_files(path.parent, [path], config=None, kind="file", source=source)
+    root = path
+    config_path = root / "config.json"
+    if not config_path.exists():
+        raise ConfigError(f"{config_path}: not found; a checkpoint folder needs its config.json",
+                          hint="to look at a bare weights file, pass the file itself")
+    config = read_config(config_path)
+
+    notes: list[str] = []
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        index = root / index_name
+        if index.exists():
+            weight_map = _read_index(index)
+            shard_paths = {f: _safe_member(root, f, index) for f in set(weight_map.values())}
+            ckpt = _open_files(root, sorted(set(shard_paths.values())), config=config, kind="dir",
+                               source=source)
+            for name, shard_name in weight_map.items():
+                ref = ckpt.tensors.get(name)
+                if ref is None or ref.shard.path != shard_paths[shard_name]:
+                    raise CheckpointFormatError(
+                        f"{index}: lists {name!r} in {shard_name}, but that shard does not hold it")
+            extra = len(ckpt.tensors) - len(weight_map)
+            if extra:
+                notes.append(f"{extra} tensors are in the shards but not in {index_name}")
+            ckpt.notes.extend(notes)
+            return ckpt
+
+    single = root / "model.safetensors"
+    files = [single] if single.exists() else sorted(root.glob("*.safetensors"))
+    if not files:
+        files = sorted(root.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointFormatError(f"{root}: no .safetensors or pytorch_model*.bin weights found")
+    return _open_files(root, files, config=config, kind="dir", source=source)
+
+
+def _open_files(root: Path, files: list[Path], *, config, kind: str, source: str) -> Checkpoint:
+    tensors: dict[str, TensorRef] = {}
+    shards: list[Shard] = []
+    root_resolved = root.resolve()
+    for path in files:
+        name = str(path.resolve().relative_to(root_resolved)) if kind == "dir" else path.name
+        if path.suffix == ".safetensors":
+            shard, infos = _safetensors_shard(path, name)
+            refs = [TensorRef(i.name, i.dtype, i.shape, shard, i.start, i.end) for i in infos]
+        elif path.suffix == ".bin":
+            shard, refs = _bin_shard(path, name)
+        else:
+            raise CheckpointFormatError(f"{path}: not a .safetensors or .bin file")
+        shards.append(shard)
+        for ref in refs:
+            if ref.name in tensors:
+                raise CheckpointFormatError(
+                    f"{path}: tensor {ref.name!r} is also stored in {tensors[ref.name].shard.name}")
+            tensors[ref.name] = ref
+    return Checkpoint(source, kind, root, config, tensors, shards, notes=[])

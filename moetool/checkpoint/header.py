@@ -1,0 +1,126 @@
+"""Read and validate safetensors headers in pure Python (no torch, no numpy).
+
+A safetensors file is: 8-byte little-endian header length N, N bytes of JSON
+({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}),
+then the data buffer. Offsets are relative to the start of the buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+from moetool.errors import CheckpointFormatError
+
+# Bytes per element for every safetensors dtype. Sub-byte dtypes are stored packed;
+# we only accept whole-byte ones here (F4/F6 are not used by any MoE release).
+DTYPE_BYTES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor's place in a file: absolute byte range [start, end)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def parse_header(raw: bytes, *, where: str, data_start: int, file_size: int | None
+                 ) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Validate a header's JSON and turn it into TensorInfos with absolute offsets.
+
+    Args:
+        raw: the header JSON bytes.
+        where: file name used in error messages.
+        data_start: absolute offset of the data buffer (8 + header length).
+        file_size: total file size, or None when unknown (remote headers).
+    """
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{where}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointFormatError(f"{where}: __metadata__ is not an object")
+
+    tensors: list[TensorInfo] = []
+    buffer_size = None if file_size is None else file_size - data_start
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointFormatError(
+                f"{where}: tensor {name!r} lacks dtype, shape or data_offsets") from None
+        itemsize = DTYPE_BYTES.get(dtype)
+        if itemsize is None:
+            raise CheckpointFormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise CheckpointFormatError(f"{where}: tensor {name!r} has an invalid shape {list(shape)}")
+        if type(begin) is not int or type(end) is not int or begin < 0 or end < begin:
+            raise CheckpointFormatError(f"{where}: tensor {name!r} has invalid data_offsets")
+        if end - begin != prod(shape) * itemsize:
+            raise CheckpointFormatError(
+                f"{where}: tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} "
+                f"needs {prod(shape) * itemsize}")
+        if buffer_size is not None and end > buffer_size:
+            raise CheckpointFormatError(
+                f"{where}: tensor {name!r} ends at byte {data_start + end}, beyond the end of the "
+                f"file ({file_size} bytes); the file is truncated or corrupt")
+        tensors.append(TensorInfo(name, dtype, shape, data_start + begin, data_start + end))
+
+    _check_no_overlap(tensors, where)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_no_overlap(tensors: list[TensorInfo], where: str) -> None:
+    ordered = sorted((t for t in tensors if t.end > t.start), key=lambda t: t.start)
+    for prev, cur in zip(ordered, ordered[1:]):
+        if cur.start < prev.end:
+            raise CheckpointFormatError(
+                f"{where}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
+
+
+def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
+    """Read and validate the header of a local .safetensors file."""
+    try:
+        with open(path, "rb") as fh:
+            file_size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointFormatError(
+                    f"{path}: file is {file_size} bytes, too short to be safetensors")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or 8 + length > file_size:
+                raise CheckpointFormatError(
+                    f"{path}: header length {length} runs beyond the end of the file "
+                    f"({file_size} bytes); the file is truncated or not safetensors")
+            raw = fh.read(length)
+    except OSError as exc:
+        raise CheckpointFormatError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_header(raw, where=str(path), data_start=8 + length, file_size=file_size)

@@ -1,0 +1,110 @@
+"""Hugging Face Hub sources: `org/name[@revision]`.
+
+Header-only opening (for inspect) reads the safetensors headers over HTTP range
+requests through ``HfApi.get_safetensors_metadata``: no weights are downloaded.
+Full opening downloads (or reuses) a snapshot in huggingface_hub's cache.
+HF_HUB_OFFLINE=1 is honoured: only the local cache is used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from moetool.checkpoint.checkpoint import Checkpoint, Shard, TensorRef, open_local, read_config
+from moetool.checkpoint.header import parse_header
+from moetool.errors import CheckpointFormatError, SourceNotFoundError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    return bool(HUB_ID.match(spec))
+
+
+def split_hub_id(spec: str) -> tuple[str, str | None]:
+    repo, _, revision = spec.partition("@")
+    return repo, revision or None
+
+
+def open_hub(spec: str, *, headers_only: bool) -> Checkpoint:
+    """Open a hub repository, from the local cache when possible."""
+    from huggingface_hub import constants
+
+    repo, revision = split_hub_id(spec)
+    cached = _cached_snapshot(repo, revision)
+    if cached is not None:
+        ckpt = open_local(cached, source=spec)
+        ckpt.kind = "hub"
+        return ckpt
+    if constants.HF_HUB_OFFLINE:
+        raise SourceNotFoundError(f"{spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                                  hint="unset HF_HUB_OFFLINE or download the model first")
+    if headers_only:
+        return _open_remote_headers(repo, revision, spec)
+    return _download(repo, revision, spec)
+
+
+def _hub_errors():
+    from huggingface_hub import errors
+
+    return (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.GatedRepoError,
+            errors.EntryNotFoundError, errors.LocalEntryNotFoundError, errors.HfHubHTTPError)
+
+
+def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # not cached (the exact error type varies by hub version)
+        return None
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+    return path if (path / "config.json").exists() and has_weights else None
+
+
+def _download(repo: str, revision: str | None, spec: str) -> Checkpoint:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=SNAPSHOT_PATTERNS))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo, revision=revision,
+                                          allow_patterns=SNAPSHOT_PATTERNS + ["pytorch_model*.bin"]))
+    except _hub_errors() as exc:
+        raise SourceNotFoundError(f"{spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    ckpt = open_local(path, source=spec)
+    ckpt.kind = "hub"
+    return ckpt
+
+
+def _open_remote_headers(repo: str, revision: str | None, spec: str) -> Checkpoint:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    try:
+        config = read_config(Path(hf_hub_download(repo, "config.json", revision=revision)))
+        meta = HfApi().get_safetensors_metadata(repo, revision=revision)
+    except _hub_errors() as exc:
+        raise SourceNotFoundError(f"{spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # NotASafetensorsRepoError, SafetensorsParsingError, network errors
+        raise CheckpointFormatError(f"{spec}: cannot read safetensors headers from the hub "
+                                    f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    return checkpoint_from_remote_metadata(meta, config, spec)
+
+
+def checkpoint_from_remote_metadata(meta, config: dict, spec: str) -> Checkpoint:
+    """Build a header-only Checkpoint from huggingface_hub's SafetensorsRepoMetadata."""
+    tensors: dict[str, TensorRef] = {}
+    shards: list[Shard] = []
+    for file_name, file_meta in sorted(meta.files_metadata.items()):
+        shard = Shard(file_name, None, "remote", None, dict(file_meta.metadata or {}))
+        shards.append(shard)
+        raw = {name: {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}
+               for name, info in file_meta.tensors.items()}
+        infos, _ = parse_header(json.dumps(raw).encode(), where=f"{spec}/{file_name}", data_start=0,
+                                file_size=None)
+        for i in infos:
+            tensors[i.name] = TensorRef(i.name, i.dtype, i.shape, shard, i.start, i.end)
+    return Checkpoint(spec, "hub-headers", None, config, tensors, shards, notes=[])

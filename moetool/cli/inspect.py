@@ -1,0 +1,149 @@
+"""`moetool inspect`: parse options, call ops.inspect, render."""
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moetool.cli.output import count, emit_json, size, stdout
+from moetool.errors import ProblemsFoundError
+
+
+def inspect(
+    source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin file, or hub id org/name[@rev].")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")] = False,
+    layers: Annotated[bool, typer.Option("--layers", help="Print a per-layer table.")] = False,
+    experts: Annotated[bool, typer.Option("--experts", help="Read expert weights: per-expert norms and "
+                                          "pairwise similarity, flagging near-duplicate experts.")] = False,
+    check_values: Annotated[bool, typer.Option("--check-values", help="Scan every tensor for NaN/Inf.")] = False,
+    duplicate_threshold: Annotated[float, typer.Option(help="Cosine similarity at which two experts count "
+                                                       "as near-duplicates.", min=0.0, max=1.0)] = 0.995,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero on warnings too, not only on "
+                                         "errors (for CI).")] = False,
+) -> None:
+    """Show a checkpoint's family, experts, routing, parameters, memory and problems."""
+    from moetool.checkpoint import open_checkpoint
+    from moetool.ops.inspect import inspect_checkpoint
+
+    reads_values = experts or check_values
+    with open_checkpoint(source, headers_only=not reads_values) as ckpt:
+        progress = _progress() if reads_values and not json_out else None
+        try:
+            report = inspect_checkpoint(ckpt, experts=experts, check_values=check_values,
+                                        duplicate_threshold=duplicate_threshold,
+                                        progress=progress.update if progress else None)
+        finally:
+            if progress:
+                progress.close()
+    if json_out:
+        emit_json(report.to_dict())
+    else:
+        _render(report, layers=layers)
+    failing = report.errors + (report.warnings if strict else [])
+    if failing:
+        raise ProblemsFoundError(f"{source}: {len(failing)} problem{'s' if len(failing) > 1 else ''} found "
+                                 f"({failing[0].code}: {failing[0].message})")
+
+
+class _progress:
+    """A rich progress bar fed with (done_bytes, total_bytes)."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        self._bar = Progress("reading weights", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                             transient=True, console=stdout.__class__(stderr=True))
+        self._bar.start()
+        self._task = self._bar.add_task("read", total=None)
+
+    def update(self, done: int, total: int) -> None:
+        self._bar.update(self._task, completed=done, total=total)
+
+    def close(self) -> None:
+        self._bar.stop()
+
+
+def _render(report, *, layers: bool) -> None:
+    out = stdout
+    family = f"{report.family_title} ({report.family})" if report.family else "unknown"
+    if report.guessed:
+        family += " [yellow](guessed from tensor names)[/]"
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("Source", f"{report.source} ({report.kind})")
+    grid.add_row("Family", family + (f", {report.layout} layout" if report.layout else ""))
+    n_moe = len(report.moe_layers)
+    grid.add_row("Layers", f"{report.num_layers} ({n_moe} MoE, {len(report.dense_layers)} dense)")
+    if n_moe:
+        shared = (f"{report.num_shared_experts} shared (FFN {report.shared_ffn})" if report.num_shared_experts
+                  else "no shared experts")
+        grid.add_row("Experts", f"{report.num_experts} routed, top-{report.top_k}, expert FFN "
+                                f"{report.expert_ffn}; {shared}")
+        grid.add_row("Router", report.router["description"])
+    grid.add_row("Hidden / vocab", f"{report.hidden_size} / {report.vocab_size}"
+                 + ("  (tied embeddings)" if report.tied_embeddings else ""))
+    active = ""
+    if report.active_params is not None and n_moe:
+        active = (f" · {count(report.active_params)} active per token "
+                  f"({count(report.active_params_with_embedding)} counting the input embedding)")
+    grid.add_row("Parameters", f"{count(report.total_params)} total{active}")
+    disk = report.disk
+    dtypes = ", ".join(f"{k} {size(v)}" for k, v in disk["bytes_by_dtype"].items())
+    grid.add_row("On disk", f"{size(disk['tensor_bytes'])} in {disk['shards']} file"
+                            f"{'s' if disk['shards'] != 1 else ''}, {report.tensor_count:,} tensors ({dtypes})")
+    if report.quantization:
+        grid.add_row("Quantized", ", ".join(report.quantization))
+    mem = report.memory
+    grid.add_row("Weights at", f"bf16 {size(mem['bf16'])} · fp8 {size(mem['fp8'])} · int4 {size(mem['int4'])}")
+    out.print(grid)
+
+    table = Table(title="Parameters by kind", title_justify="left", show_edge=False)
+    table.add_column("kind")
+    table.add_column("parameters", justify="right")
+    table.add_column("share", justify="right")
+    for kind, n in report.params.items():
+        if n:
+            table.add_row(kind.replace("_", " "), f"{n:,}", f"{100 * n / max(report.total_params, 1):.1f}%")
+    out.print(table)
+
+    if layers:
+        lt = Table(title="Layers", title_justify="left", show_edge=False)
+        for col in ("layer", "kind", "experts", "top-k", "expert FFN", "shared", "params", "active"):
+            lt.add_column(col, justify="right" if col not in ("kind",) else "left")
+        for info in report.layers:
+            moe = info.kind == "moe"
+            lt.add_row(str(info.index), info.kind, str(info.experts) if moe else "", str(info.top_k or "") if moe
+                       else "", str(info.expert_ffn or "") if moe else "", str(info.shared_experts or "") if moe
+                       else "", count(info.params), count(info.active_params))
+        out.print(lt)
+
+    if report.experts:
+        et = Table(title="Experts (weight norms; cosine similarity between experts)", title_justify="left",
+                   show_edge=False)
+        for col in ("layer", "norm min", "norm mean", "norm max", "most similar pair", "cosine", "near-dups"):
+            et.add_column(col, justify="right")
+        for stats in report.experts:
+            norms = stats.norms
+            best = _most_similar(stats.similarity)
+            et.add_row(str(stats.layer), f"{min(norms):.3f}", f"{sum(norms) / len(norms):.3f}",
+                       f"{max(norms):.3f}", f"{best[0]}~{best[1]}" if best else "",
+                       f"{best[2]:.4f}" if best else "", str(len(stats.near_duplicates)))
+        out.print(et)
+
+    if report.problems:
+        out.print("[bold]Problems[/]")
+        colour = {"error": "red", "warning": "yellow", "info": "blue"}
+        for p in report.problems:
+            out.print(f"  [{colour[p.severity]}]{p.severity}[/] {p.code}: {p.message}", markup=True)
+    else:
+        out.print("[bold]Problems[/]  none found")
+
+
+def _most_similar(sim: list[list[float]]):
+    best = None
+    for i, row in enumerate(sim):
+        for j in range(i + 1, len(row)):
+            if best is None or row[j] > best[2]:
+                best = (i, j, row[j])
+    return best

@@ -1,0 +1,608 @@
+"""`moetool inspect`: what a checkpoint is, how big, how sparse, and what is wrong with it.
+
+Reads headers only (unless expert statistics or value checks are asked for) and
+never imports torch. See README "Parameter counts" for what is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from moetool import __version__
+from moetool.arch import detect_family
+from moetool.arch.matcher import FamilyMatcher, Match, generic_expert_match, generic_role, layer_of, \
+    split_quant_suffix
+from moetool.arch.schema import (CATEGORIES, CATEGORY, DEFAULT_SHAPES, DENSE_ROLES, EXPERT_ROLES,
+                                 MOE_LAYER_ROLES, SHARED_ROLES, Family, Role, first_key)
+from moetool.checkpoint import Checkpoint, TensorRef
+from moetool.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+QUANTIZABLE = frozenset({"attention", "routed_experts", "shared_experts", "dense_mlp"})
+TOP_K_GUESS_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "experts_per_token")
+_DIGITS = re.compile(r"\d+")
+
+
+@dataclass
+class Problem:
+    severity: str           # "error" | "warning" | "info"
+    code: str
+    message: str
+
+
+@dataclass
+class LayerInfo:
+    index: int
+    kind: str               # "moe" | "dense" | "mtp"
+    experts: int = 0        # routed experts found in this layer
+    top_k: int | None = None
+    expert_ffn: int | None = None
+    shared_experts: int = 0
+    params: int = 0
+    active_params: int = 0
+
+
+@dataclass
+class ExpertStats:
+    layer: int
+    norms: list[float]
+    similarity: list[list[float]]
+    near_duplicates: list[tuple[int, int, float]]
+
+
+@dataclass
+class InspectReport:
+    source: str
+    kind: str
+    family: str | None
+    family_title: str | None
+    model_type: str | None
+    guessed: bool
+    layout: str | None
+    num_layers: int | None
+    moe_layers: list[int]
+    dense_layers: list[int]
+    hidden_size: int | None
+    vocab_size: int | None
+    num_experts: int | None
+    top_k: int | list[int] | None
+    expert_ffn: int | None
+    num_shared_experts: int
+    shared_ffn: int | None
+    dense_ffn: int | None
+    tied_embeddings: bool
+    router: dict[str, Any] | None
+    params: dict[str, int]
+    total_params: int
+    active_params: int | None
+    active_params_with_embedding: int | None
+    mtp_params: int
+    buffer_params: int
+    disk: dict[str, Any]
+    memory: dict[str, int]
+    quantization: list[str]
+    tensor_count: int
+    problems: list[Problem]
+    layers: list[LayerInfo]
+    experts: list[ExpertStats] | None = None
+    schema_version: int = SCHEMA_VERSION
+    moetool_version: str = __version__
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"schema_version": data.pop("schema_version"), "moetool_version": data.pop("moetool_version"),
+                **data}
+
+
+@dataclass
+class _Dims:
+    """Structure read from the config (or guessed from tensors)."""
+
+    num_layers: int | None = None
+    hidden: int | None = None
+    vocab: int | None = None
+    experts: int | None = None
+    top_k: int | list[int] | None = None
+    expert_ffn: int | None = None
+    shared_ffn: int | None = None
+    num_shared: int = 0
+    dense_ffn: int | None = None
+    tie: bool | None = None
+    decoder_offset: int = 0
+
+    def k_at(self, layer: int) -> int | None:
+        if isinstance(self.top_k, list):
+            return self.top_k[layer] if layer < len(self.top_k) else None
+        return self.top_k
+
+    def symbol(self, sym: str) -> int | None:
+        values = {"H": self.hidden, "I": self.expert_ffn, "S": self.shared_ffn, "D": self.dense_ffn,
+                  "E": self.experts, "V": self.vocab}
+        if sym.isdigit():
+            return int(sym)
+        if "*" in sym:
+            a, b = (self.symbol(s) for s in sym.split("*"))
+            return None if a is None or b is None else a * b
+        if sym[0].isdigit():
+            factor = self.symbol(sym[1:])
+            return None if factor is None else int(sym[0]) * factor
+        return values[sym]
+
+
+@dataclass
+class _Record:
+    ref: TensorRef
+    match: Match
+    category: str
+    params: int
+
+
+@dataclass
+class _Tally:
+    """Everything accumulated in one pass over the tensors."""
+
+    records: list[_Record] = field(default_factory=list)
+    params: Counter = field(default_factory=Counter)
+    layer_params: Counter = field(default_factory=Counter)
+    layer_routed: Counter = field(default_factory=Counter)
+    quantizable: int = 0
+    mtp: int = 0
+    buffers: int = 0
+    unexpected: list[str] = field(default_factory=list)
+    quant_forms: set[str] = field(default_factory=set)
+
+
+def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values: bool = False,
+                       duplicate_threshold: float = 0.995, progress=None) -> InspectReport:
+    """Analyse an open checkpoint.
+
+    Args:
+        ckpt: the checkpoint (header-only is enough unless experts/check_values).
+        experts: read expert weights to report norms and pairwise similarity.
+        check_values: scan every tensor for NaN/Inf.
+        duplicate_threshold: cosine similarity above which two experts count as near-duplicates.
+        progress: optional callable(done_bytes, total_bytes) for long reads.
+    """
+    config = ckpt.config or {}
+    family = detect_family(ckpt.config)
+    cfg = config
+    if family and family.config_root and isinstance(config.get(family.config_root), dict):
+        cfg = {**config, **config[family.config_root]}
+    problems: list[Problem] = [Problem("warning", "checkpoint", note) for note in ckpt.notes]
+
+    dims = _read_dims(family, cfg)
+    matcher = FamilyMatcher(family, dims.decoder_offset) if family else None
+    guessed = family is None
+    tally = _classify(ckpt, family, matcher, dims, cfg)
+    if guessed:
+        _guess_dims(dims, tally, cfg)
+        problems.append(Problem("warning", "guessed_architecture",
+                                f"unknown architecture (model_type={config.get('model_type')!r}); experts "
+                                "were found by name patterns, so structure and counts are a guess"))
+    if dims.num_layers is None:
+        dims.num_layers = 1 + max((r.match.layer for r in tally.records if r.match.layer is not None), default=-1)
+
+    moe_layers = [L for L in range(dims.num_layers) if _is_moe(family, cfg, L, tally, guessed)]
+    layout = _detect_layout(family, tally, problems)
+    if family is not None:
+        _check_expected(family, dims, moe_layers, layout, tally, problems)
+        _check_shapes(family, dims, tally, problems)
+    layers, routed_active = _layer_table(family, dims, moe_layers, tally, problems)
+    _apply_tie(dims, tally)
+    for name in tally.unexpected[:1]:
+        problems.append(Problem("error", "unexpected_tensor",
+                                f"{len(tally.unexpected)} expert-like tensors match no {family.name if family else ''}"
+                                f" template (first: {name})"))
+    if tally.mtp:
+        problems.append(Problem("info", "mtp", f"{tally.mtp:,} parameters belong to multi-token-prediction "
+                                               "modules, which transformers ignores; they are not counted"))
+
+    total = sum(tally.params.values())
+    routed_total = tally.params["routed_experts"]
+    active = active_emb = None
+    if not moe_layers or all(info.top_k is not None for info in layers if info.kind == "moe"):
+        non_routed = total - routed_total - tally.params["embedding"]
+        embed = tally.params["embedding"]
+        tied_head = embed if dims.tie and not tally.params["lm_head"] else 0
+        active = non_routed + routed_active + tied_head
+        active_emb = active + embed - tied_head
+    elif moe_layers:
+        problems.append(Problem("warning", "top_k_unknown", "top-k is not known, so active parameters are not"))
+
+    expert_stats = None
+    if experts and moe_layers:
+        from moetool.ops.expert_stats import expert_statistics
+
+        expert_stats = expert_statistics(ckpt, tally.records, {i.index: i.experts for i in layers if i.kind == "moe"},
+                                         duplicate_threshold, progress)
+        for stats in expert_stats:
+            if stats.near_duplicates:
+                pairs = ", ".join(f"{a}~{b} ({s:.4f})" for a, b, s in stats.near_duplicates[:5])
+                problems.append(Problem("warning", "near_duplicate_experts",
+                                        f"layer {stats.layer}: {len(stats.near_duplicates)} near-duplicate "
+                                        f"expert pairs (cosine >= {duplicate_threshold}): {pairs}"))
+    if check_values:
+        from moetool.ops.expert_stats import find_non_finite
+
+        for name, count in find_non_finite(ckpt, progress):
+            problems.append(Problem("error", "non_finite", f"{name}: {count} NaN/Inf values"))
+
+    return InspectReport(
+        source=ckpt.source, kind=ckpt.kind, family=family.name if family else None,
+        family_title=family.title if family else None, model_type=config.get("model_type"),
+        guessed=guessed, layout=layout, num_layers=dims.num_layers, moe_layers=moe_layers,
+        dense_layers=[i.index for i in layers if i.kind == "dense"], hidden_size=dims.hidden,
+        vocab_size=dims.vocab, num_experts=dims.experts, top_k=dims.top_k, expert_ffn=dims.expert_ffn,
+        num_shared_experts=dims.num_shared if moe_layers else 0,
+        shared_ffn=dims.shared_ffn if dims.num_shared else None, dense_ffn=dims.dense_ffn,
+        tied_embeddings=bool(dims.tie), router=_router_info(family, cfg, dims) if moe_layers else None,
+        params={c: tally.params[c] for c in CATEGORIES}, total_params=total, active_params=active,
+        active_params_with_embedding=active_emb, mtp_params=tally.mtp, buffer_params=tally.buffers,
+        disk=_disk_info(ckpt), memory=_memory(total, tally.quantizable),
+        quantization=sorted(tally.quant_forms), tensor_count=len(ckpt.tensors), problems=problems,
+        layers=layers, experts=expert_stats)
+
+
+# ---------------------------------------------------------------- structure
+
+def _read_dims(family: Family | None, cfg: dict) -> _Dims:
+    dims = _Dims()
+    if family is None:
+        return dims
+
+    def value(key: str):
+        return first_key(cfg, family.keys.get(key, ()))
+
+    dims.num_layers = family.num_layers(cfg) if family.num_layers else value("num_layers")
+    dims.hidden, dims.vocab, dims.dense_ffn = value("hidden"), value("vocab"), value("dense_ffn")
+    dims.tie = value("tie")
+    if family.decoder_offset:
+        dims.decoder_offset = family.decoder_offset(cfg)
+    required = {"num_layers": dims.num_layers, "hidden": dims.hidden}
+    if not family.dense:
+        dims.experts = value("num_experts")
+        dims.top_k = family.top_k(cfg) if family.top_k else value("top_k")
+        dims.expert_ffn = value("expert_ffn")
+        dims.shared_ffn = family.shared_ffn(cfg) if family.shared_ffn else None
+        dims.num_shared = family.num_shared(cfg) if family.num_shared else 0
+        required.update(num_experts=dims.experts, expert_ffn=dims.expert_ffn)
+    for key, val in required.items():
+        if val is None:
+            names = " or ".join(family.keys.get(key, (key,)))
+            raise ConfigError(f"config.json: {family.name} config lacks {names}")
+        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+            raise ConfigError(f"config.json: {' or '.join(family.keys.get(key, (key,)))} must be a "
+                              f"non-negative integer, got {val!r}")
+    return dims
+
+
+def _is_moe(family: Family | None, cfg: dict, layer: int, tally: _Tally, guessed: bool) -> bool:
+    if not guessed:
+        try:
+            return bool(family.is_moe_layer(cfg, layer))
+        except (TypeError, KeyError, ZeroDivisionError) as exc:
+            raise ConfigError(f"config.json: cannot tell which layers are MoE ({type(exc).__name__}: {exc})") \
+                from None
+    return any(r.match.layer == layer and r.match.role in EXPERT_ROLES for r in tally.records)
+
+
+def _guess_dims(dims: _Dims, tally: _Tally, cfg: dict) -> None:
+    experts = set()
+    for r in tally.records:
+        m = r.match
+        if m.role in EXPERT_ROLES:
+            if m.expert is not None:
+                experts.add(m.expert)
+            elif r.ref.shape:
+                experts.update(range(r.ref.shape[0]))
+            if m.role in (Role.EXPERT_GATE, Role.EXPERT_UP) and m.expert is not None and not m.packing:
+                dims.expert_ffn = r.ref.shape[0]
+        elif m.role == Role.EMBED and len(r.ref.shape) == 2:
+            dims.vocab, dims.hidden = r.ref.shape
+    dims.experts = len(experts) or None
+    dims.top_k = next((cfg[k] for k in TOP_K_GUESS_KEYS if isinstance(cfg.get(k), int)), None)
+    dims.num_layers = cfg.get("num_hidden_layers") if isinstance(cfg.get("num_hidden_layers"), int) else None
+    shared = {r.match.layer for r in tally.records if r.match.role in SHARED_ROLES}
+    dims.num_shared = 1 if shared else 0
+
+
+# ---------------------------------------------------------------- one pass over names
+
+def _classify(ckpt: Checkpoint, family: Family | None, matcher: FamilyMatcher | None, dims: _Dims,
+              cfg: dict) -> _Tally:
+    tally = _Tally()
+    names = ckpt.tensors
+    bnb4 = {n.rsplit(".quant_state.", 1)[0] for n in names if ".weight.quant_state.bitsandbytes__" in n}
+    bits = _compressed_bits(cfg)
+    generic_cache: dict[str, Role] = {}
+    buffers = family.buffers if family else frozenset()
+    buffer_suffixes = family.buffer_suffixes if family else ()
+    num_layers = dims.num_layers
+
+    for name, ref in names.items():
+        match = matcher.match(name) if matcher else generic_expert_match(name)
+        if match is None:
+            stripped = matcher.strip_prefix(name) if matcher else name
+            base, aux, packed = split_quant_suffix(stripped)
+            key = _DIGITS.sub("#", base)
+            role = generic_cache.get(key)
+            if role is None:
+                role = generic_cache[key] = generic_role(base)
+            match = Match(role, layer_of(base), None, None, base, aux, "packed" if packed else "")
+            if role not in (Role.ATTN, Role.NORM) and "expert" in base and "mtp" not in base:
+                tally.unexpected.append(name)
+        if match.aux:
+            _note_quant_form(name, tally)
+            params = 0
+        elif match.packing:
+            params = ref.numel * (2 if ref.dtype == "U8" else 32 // bits)
+            tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
+        elif ref.dtype == "U8" and match.base in bnb4:
+            params = ref.numel * 2
+        else:
+            params = ref.numel
+        if ref.dtype.startswith("F8"):
+            tally.quant_forms.add("fp8")
+
+        is_mtp = ("mtp" in name.split(".", 2)[0] or ".mtp" in name
+                  or (family is not None and family.mtp and match.layer is not None
+                      and num_layers is not None and match.layer >= num_layers))
+        if is_mtp:
+            tally.mtp += params
+            continue
+        if match.role in buffers or (buffer_suffixes and name.endswith(buffer_suffixes)):
+            tally.buffers += params
+            params = 0
+        category = CATEGORY[match.role]
+        tally.records.append(_Record(ref, match, category, params))
+        tally.params[category] += params
+        if match.layer is not None:
+            tally.layer_params[match.layer] += params
+            if category == "routed_experts":
+                tally.layer_routed[match.layer] += params
+        if category in QUANTIZABLE and len(ref.shape) >= 2:
+            tally.quantizable += params
+    return tally
+
+
+def _note_quant_form(name: str, tally: _Tally) -> None:
+    if "bitsandbytes__" in name:
+        tally.quant_forms.add("bitsandbytes " + name.rsplit("__", 1)[1])
+    elif name.endswith(".SCB"):
+        tally.quant_forms.add("bitsandbytes int8")
+    elif name.endswith("weight_scale_inv"):
+        tally.quant_forms.add("fp8 block-scaled")
+
+
+def _compressed_bits(cfg: dict) -> int:
+    groups = (cfg.get("quantization_config") or {}).get("config_groups") or {}
+    for group in groups.values() if isinstance(groups, dict) else ():
+        bits = ((group or {}).get("weights") or {}).get("num_bits")
+        if isinstance(bits, int) and 0 < bits <= 32:
+            return bits
+    return 4
+
+
+def _apply_tie(dims: _Dims, tally: _Tally) -> None:
+    """Tied embeddings: transformers counts the shared matrix once."""
+    has_head = tally.params["lm_head"] > 0
+    if dims.tie is None:
+        dims.tie = not has_head
+    if dims.tie and has_head:
+        for r in tally.records:
+            if r.match.role == Role.LM_HEAD and r.params:
+                tally.params["lm_head"] -= r.params
+                if r.category in QUANTIZABLE:
+                    tally.quantizable -= r.params
+                r.params = 0
+
+
+# ---------------------------------------------------------------- checks
+
+def _detect_layout(family: Family | None, tally: _Tally, problems: list[Problem]) -> str | None:
+    seen = Counter(r.match.layout for r in tally.records if r.match.layout and r.match.role in EXPERT_ROLES)
+    if len(seen) > 1:
+        problems.append(Problem("error", "mixed_layout",
+                                "expert tensors are stored in both the per-expert and the fused layout: "
+                                + ", ".join(f"{n} {k}" for k, n in seen.items())))
+    if seen:
+        return seen.most_common(1)[0][0]
+    if family is not None and family.layouts:
+        return family.layouts[0]
+    return None
+
+
+def _template_alternatives(template) -> tuple[str, ...]:
+    return (template,) if isinstance(template, str) else template
+
+
+def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: str | None,
+                    tally: _Tally, problems: list[Problem]) -> None:
+    moe = set(moe_layers)
+    expected: dict[tuple, str] = {}
+    seq2seq = family.decoder_offset is not None
+    for role, template in family.templates(layout).items():
+        for tpl in _template_alternatives(template):
+            if "{L}" not in tpl and "{D}" not in tpl:
+                if role == Role.LM_HEAD and dims.tie is not False:
+                    continue
+                expected[(role, None, None)] = tpl
+                continue
+            if "{D}" in tpl:
+                layers = range(dims.decoder_offset, dims.num_layers)
+            else:
+                layers = range(dims.decoder_offset if seq2seq else dims.num_layers)
+            for layer in layers:
+                if role in MOE_LAYER_ROLES and layer not in moe:
+                    continue
+                if role in SHARED_ROLES and (layer not in moe or not dims.num_shared):
+                    continue
+                if role in DENSE_ROLES and layer in moe:
+                    continue
+                local = layer - dims.decoder_offset if "{D}" in tpl else layer
+                name = tpl.replace("{L}", str(local)).replace("{D}", str(local))
+                if "{E}" in tpl:
+                    for e in range(dims.experts or 0):
+                        expected[(role, layer, e)] = name.replace("{E}", str(e))
+                else:
+                    expected[(role, layer, None)] = name
+
+    found = {}
+    for r in tally.records:
+        m = r.match
+        if m.aux or (m.layout is not None and m.layout != layout):
+            continue
+        found[(m.role, m.layer, m.expert)] = r.ref.name
+    if family.per_expert is not None or family.fused is not None or family.dense:
+        missing = [name for key, name in expected.items() if key not in found]
+        if missing:
+            problems.append(Problem("error", "missing_tensors",
+                                    f"{len(missing)} tensors the config calls for are missing "
+                                    f"(first: {missing[0]})"))
+    structural = MOE_LAYER_ROLES | SHARED_ROLES | DENSE_ROLES
+    extra = [name for key, name in found.items()
+             if key[0] in structural and key[1] is not None and key not in expected]
+    if extra:
+        problems.append(Problem("error", "unexpected_tensor",
+                                f"{len(extra)} tensors do not fit the config (MoE tensors in a dense layer, "
+                                f"an expert index beyond the expert count, or a layer beyond num_layers; "
+                                f"first: {extra[0]})"))
+
+
+def _expected_shape(family: Family, dims: _Dims, match: Match) -> tuple[int, ...] | None:
+    symbols = family.shapes.get(match.role)
+    if symbols is None:
+        symbols = DEFAULT_SHAPES.get(match.role)
+        if symbols is None:
+            return None
+        if match.role in EXPERT_ROLES and match.expert is None:
+            symbols = ("E", *symbols)
+    shape = tuple(dims.symbol(s) for s in symbols)
+    return None if any(d is None for d in shape) else shape
+
+
+def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Problem]) -> None:
+    bad = []
+    for r in tally.records:
+        m = r.match
+        if m.aux or m.packing or (r.ref.dtype == "U8" and r.params == 2 * r.ref.numel):
+            continue
+        want = _expected_shape(family, dims, m)
+        if want is not None and tuple(r.ref.shape) != want:
+            if m.role in EXPERT_ROLES and m.expert is None and r.ref.shape and r.ref.shape[1:] == want[1:]:
+                continue  # expert count differs: reported once per layer by the layer table
+            bad.append(f"{r.ref.name} is {list(r.ref.shape)}, config implies {list(want)}")
+    if bad:
+        problems.append(Problem("error", "bad_shape", f"{len(bad)} tensors have the wrong shape ({bad[0]})"))
+
+
+def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tally: _Tally,
+                 problems: list[Problem]) -> tuple[list[LayerInfo], int]:
+    """Per-layer structure and counts; also returns the routed-expert parameters active per token."""
+    moe = set(moe_layers)
+    per_expert: dict[int, set[int]] = defaultdict(set)
+    fused_count: dict[int, int] = {}
+    ffn: dict[int, int] = {}
+    for r in tally.records:
+        m = r.match
+        if m.role not in EXPERT_ROLES or m.layer is None or m.aux:
+            continue
+        if m.expert is not None:
+            per_expert[m.layer].add(m.expert)
+            if m.role in (Role.EXPERT_GATE, Role.EXPERT_UP) and not m.packing and len(r.ref.shape) == 2:
+                ffn[m.layer] = r.ref.shape[0]
+        elif r.ref.shape and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE):
+            count = r.ref.shape[0]
+            if family is not None and family.packed_experts and dims.expert_ffn:   # [E*I, H] (DBRX)
+                count //= dims.expert_ffn
+            fused_count[m.layer] = count
+
+    layers = []
+    mismatched = []
+    routed_active = 0
+    for layer in range(dims.num_layers):
+        info = LayerInfo(layer, "moe" if layer in moe else "dense", params=tally.layer_params[layer])
+        if layer in moe:
+            info.experts = len(per_expert[layer]) if per_expert.get(layer) else fused_count.get(layer, 0)
+            info.top_k = dims.k_at(layer)
+            info.expert_ffn = ffn.get(layer, dims.expert_ffn)
+            info.shared_experts = dims.num_shared
+            routed = tally.layer_routed[layer]
+            if info.top_k is not None and info.experts:
+                active = round(routed * min(info.top_k, info.experts) / info.experts)
+                info.active_params = info.params - routed + active
+                routed_active += active
+            if dims.experts is not None and info.experts != dims.experts:
+                mismatched.append((layer, info.experts))
+        else:
+            info.active_params = info.params
+        layers.append(info)
+    if mismatched:
+        layer, count = mismatched[0]
+        problems.append(Problem("error", "expert_count_mismatch",
+                                f"{len(mismatched)} MoE layers hold a different number of experts than the "
+                                f"config's {dims.experts} (layer {layer} has {count})"))
+    return layers, routed_active
+
+
+# ---------------------------------------------------------------- summaries
+
+def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any]:
+    if family is None or family.router is None:
+        return {"description": "unknown (architecture guessed)", "top_k": dims.top_k}
+    router = family.router
+    renorm = router.renormalize
+    if isinstance(renorm, str):
+        renorm = bool(cfg.get(renorm, False))
+    groups = None
+    if router.group_limited and (cfg.get("n_group") or 1) > 1 and \
+            cfg.get("topk_method", "group_limited_greedy") not in ("greedy", "gready"):
+        groups = {"n_group": cfg.get("n_group"), "topk_group": cfg.get("topk_group")}
+    scaling = cfg.get(router.scaling_key) if router.scaling_key else None
+    parts = [router.score, f"top-{dims.top_k}"]
+    if router.correction_bias:
+        parts.append("chosen on score + correction bias")
+    if groups:
+        parts.append(f"group-limited ({groups['n_group']} groups, best {groups['topk_group']} kept)")
+    parts.append("renormalised" if renorm else "not renormalised")
+    if scaling not in (None, 1, 1.0):
+        parts.append(f"scaled x{scaling}")
+    if dims.num_shared:
+        parts.append(f"+ {dims.num_shared} shared expert{'s' if dims.num_shared > 1 else ''}")
+    description = ", ".join(parts) + (f" ({router.notes})" if router.notes else "")
+    return {"score": router.score, "top_k": dims.top_k, "renormalize": renorm,
+            "correction_bias": router.correction_bias, "group_limited": groups, "scaling_factor": scaling,
+            "description": description}
+
+
+def _disk_info(ckpt: Checkpoint) -> dict[str, Any]:
+    by_dtype: Counter = Counter()
+    for ref in ckpt.tensors.values():
+        by_dtype[ref.dtype] += ref.nbytes
+    return {"bytes_by_dtype": dict(by_dtype.most_common()), "tensor_bytes": sum(by_dtype.values()),
+            "shards": len(ckpt.shards), "files": [s.name for s in ckpt.shards]}
+
+
+def _memory(total: int, quantizable: int) -> dict[str, int]:
+    """Weight memory at common precisions (see README): linear weights quantized, the rest bf16."""
+    rest = total - quantizable
+    return {
+        "bf16": 2 * total,
+        "fp8": quantizable + math.ceil(quantizable / (128 * 128)) * 4 + 2 * rest,
+        "int4": math.ceil(quantizable * (0.5 + 4 / 64)) + 2 * rest,
+    }

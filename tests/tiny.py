@@ -1,0 +1,144 @@
+"""Tiny real models of every supported family, built offline with transformers.
+
+Each entry gives the transformers config class name and the smallest kwargs that
+still exercise the family's MoE structure (dense layers, shared experts, biases).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64)
+
+TINY: dict[str, tuple[str, dict]] = {
+    "mixtral": ("MixtralConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
+                                      num_local_experts=4, num_experts_per_tok=2)),
+    "minimax": ("MiniMaxConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
+                                      num_local_experts=4, num_experts_per_tok=2,
+                                      layer_types=["linear_attention", "full_attention"])),
+    "minimax_m2": ("MiniMaxM2Config", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
+                                           num_local_experts=4, num_experts_per_tok=2,
+                                           head_dim=8, rotary_dim=8)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=20, num_hidden_layers=3,
+                                         num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                         num_hidden_layers=2, num_experts=4, num_experts_per_tok=2,
+                                         head_dim=8)),
+    "qwen3_next": ("Qwen3NextConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                           shared_expert_intermediate_size=20, num_hidden_layers=2,
+                                           num_experts=4, num_experts_per_tok=2, head_dim=8,
+                                           layer_types=["linear_attention", "full_attention"],
+                                           linear_num_value_heads=2, linear_num_key_heads=2,
+                                           linear_key_head_dim=8, linear_value_head_dim=8)),
+    "olmoe": ("OlmoeConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
+                                  num_experts=4, num_experts_per_tok=2)),
+    "deepseek_v2": ("DeepseekV2Config", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                             num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
+                                             num_experts_per_tok=2, first_k_dense_replace=1,
+                                             kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4,
+                                             qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1)),
+    "deepseek_v3": ("DeepseekV3Config", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                             num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
+                                             num_experts_per_tok=2, first_k_dense_replace=1,
+                                             kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4,
+                                             qk_nope_head_dim=4, v_head_dim=8, n_group=2, topk_group=1)),
+    "glm4_moe": ("Glm4MoeConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                       num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
+                                       num_experts_per_tok=2, first_k_dense_replace=1, head_dim=8,
+                                       n_group=1, topk_group=1)),
+    "dots1": ("Dots1Config", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                  num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
+                                  num_experts_per_tok=2, first_k_dense_replace=1, head_dim=8,
+                                  n_group=1, topk_group=1)),
+    "gpt_oss": ("GptOssConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
+                                     num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                     layer_types=["sliding_attention", "full_attention"])),
+    "llama4_text": ("Llama4TextConfig", dict(COMMON, intermediate_size=16, intermediate_size_mlp=24,
+                                             num_hidden_layers=2, num_local_experts=4,
+                                             num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                             head_dim=8)),
+    "granitemoe": ("GraniteMoeConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
+                                            num_local_experts=4, num_experts_per_tok=2)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(COMMON, intermediate_size=16,
+                                                        shared_intermediate_size=20, num_hidden_layers=2,
+                                                        num_local_experts=4, num_experts_per_tok=2)),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(COMMON, intermediate_size=16,
+                                                        shared_intermediate_size=20, num_hidden_layers=2,
+                                                        num_local_experts=4, num_experts_per_tok=2,
+                                                        layer_types=["mamba", "attention"],
+                                                        mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+                                                        mamba_n_groups=1, mamba_expand=2)),
+    "phimoe": ("PhimoeConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
+                                    num_local_experts=4, num_experts_per_tok=2)),
+    "jetmoe": ("JetMoeConfig", dict(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                    num_key_value_heads=2, kv_channels=8, intermediate_size=16,
+                                    num_local_experts=4, num_experts_per_tok=2,
+                                    max_position_embeddings=64)),
+    "dbrx": ("DbrxConfig", dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                                attn_config=dict(kv_n_heads=2),
+                                ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))),
+    "jamba": ("JambaConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=4,
+                                  num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+                                  attn_layer_period=2, attn_layer_offset=1, mamba_d_state=4,
+                                  mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4,
+                                  use_mamba_kernels=False)),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                                num_hidden_layers=3, moe_num_experts=4, moe_k=2,
+                                                moe_num_shared_experts=1, moe_layer_start_index=1,
+                                                moe_layer_interval=1, head_dim=8)),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
+                                                  num_experts=4, moe_topk=2, head_dim=8)),
+    "switch_transformers": ("SwitchTransformersConfig", dict(vocab_size=64, d_model=32, d_kv=8, d_ff=16,
+                                                             num_layers=2, num_decoder_layers=2, num_heads=4,
+                                                             num_experts=4, num_sparse_encoder_layers=1,
+                                                             num_sparse_decoder_layers=1, expert_capacity=8,
+                                                             decoder_start_token_id=0)),
+    "nllb-moe": ("NllbMoeConfig", dict(vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2,
+                                       encoder_attention_heads=4, decoder_attention_heads=4,
+                                       encoder_ffn_dim=16, decoder_ffn_dim=16, num_experts=4,
+                                       encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=8,
+                                       max_position_embeddings=64, decoder_start_token_id=0)),
+    # dense upcycling sources
+    "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
+    "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
+    "qwen2": ("Qwen2Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
+    "qwen3": ("Qwen3Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
+    "gemma": ("GemmaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
+    "gemma2": ("Gemma2Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
+    "gemma3_text": ("Gemma3TextConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
+}
+
+DENSE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
+
+
+def build_model(family: str, seed: int = 0):
+    """Instantiate the tiny transformers model of FAMILY with random weights."""
+    import torch
+    import transformers
+
+    cls_name, kwargs = TINY[family]
+    config = getattr(transformers, cls_name)(**kwargs)
+    if family == "dbrx":  # transformers 5.24 reads attn_config.rope_theta, which the class never sets
+        config.attn_config.rope_theta = 10000.0
+    torch.manual_seed(seed)
+    if family in ("switch_transformers", "nllb-moe"):
+        model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def param_count(model) -> int:
+    """transformers' own count: unique parameters (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_tiny(family: str, path: Path, *, fused: bool = False, seed: int = 0) -> Path:
+    """Save the tiny model in the hub (per-expert) or transformers-5 fused layout."""
+    model = build_model(family, seed)
+    model.save_pretrained(path, save_original_format=not fused)
+    (path / "expected.json").write_text(json.dumps({"params": param_count(model)}))
+    return path
