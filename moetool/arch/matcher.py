@@ -9,7 +9,7 @@ then fill the template's slots. This keeps 90,000-tensor checkpoints fast.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from moetool.arch.schema import Family, Role
 
@@ -36,24 +36,23 @@ AUX_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".SCB", ".weight"),
     ("_scales", ""),          # mxfp4: gate_up_proj_scales -> gate_up_proj
 )
-_AUX_ENDINGS = tuple(s for s, _ in AUX_SUFFIXES)
+AUX_ENDINGS = tuple(s for s, _ in AUX_SUFFIXES)
 PACKED_SUFFIXES = ((".weight_packed", ".weight"), ("_blocks", ""))   # compressed-tensors, mxfp4
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
+class Match(NamedTuple):
     role: Role
     layer: int | None
     expert: int | None
     layout: str | None      # "per-expert" | "fused" | None (in both layouts / generic)
-    base: str               # the weight name this tensor belongs to (itself unless aux/packed)
     aux: bool = False       # a quantization companion (scale, absmax, ...), not a parameter
-    packing: str = ""       # "" | "packed" (several values per stored element)
+    packed: bool = False    # several values per stored element (mxfp4 blocks, packed int4)
+    guessed: bool = False   # role from generic name rules, not from a family template
 
 
 def split_quant_suffix(name: str) -> tuple[str, bool, bool]:
     """Return (base weight name, is_aux, is_packed)."""
-    if name.endswith(_AUX_ENDINGS):
+    if name.endswith(AUX_ENDINGS):
         for suffix, replacement in AUX_SUFFIXES:
             if name.endswith(suffix):
                 return name[: -len(suffix)] + replacement, True, False
@@ -63,47 +62,85 @@ def split_quant_suffix(name: str) -> tuple[str, bool, bool]:
     return name, False, False
 
 
-class FamilyMatcher:
-    """Classifies names of one family's checkpoint (both layouts) by template lookup."""
+class _Candidate(NamedTuple):
+    """One template that fits a digit-normalised key: where its layer/expert numbers sit."""
 
-    def __init__(self, family: Family, decoder_offset: int = 0):
+    role: Role
+    layout: str | None
+    layer_pos: int | None
+    layer_offset: int
+    expert_pos: int | None
+    literals: tuple[tuple[int, str], ...]   # (position, digits) that must match exactly
+
+
+class _Rule(NamedTuple):
+    """How to classify every name that shares one digit-normalised key."""
+
+    candidates: tuple[_Candidate, ...]   # from templates; empty: generic
+    role: Role | None                    # generic role (when no candidates)
+    layer_pos: int | None                # generic: index of the layer number among the name's numbers
+    aux: bool
+    packed: bool
+
+
+class Classifier:
+    """Classifies every tensor name of a checkpoint: family templates first, generic rules after.
+
+    Results are cached per digit-normalised name, so each distinct pattern is analysed once.
+    """
+
+    def __init__(self, family: Family | None, decoder_offset: int = 0):
         self.family = family
-        self.decoder_offset = decoder_offset
-        self._table: dict[str, list[tuple[tuple[str, ...], Role, str | None]]] = {}
+        self._table: dict[str, list[_Candidate]] = {}
+        self._rules: dict[str, _Rule] = {}
+        if family is None:
+            return
         layouts = [(None, family.common), ("per-expert", family.per_expert), ("fused", family.fused)]
         for layout, templates in layouts:
             for role, alternatives in (templates or {}).items():
                 for template in (alternatives,) if isinstance(alternatives, str) else alternatives:
-                    key = _SLOTS.sub("#", template)
-                    slots = tuple(_SLOTS.findall(template))
-                    self._table.setdefault(key, []).append((slots, role, layout))
+                    slots = _SLOTS.findall(template)
+                    layer_pos = next((i for i, s in enumerate(slots) if s in ("{L}", "{D}")), None)
+                    candidate = _Candidate(
+                        role, layout, layer_pos,
+                        decoder_offset if "{D}" in slots else 0,
+                        slots.index("{E}") if "{E}" in slots else None,
+                        tuple((i, s) for i, s in enumerate(slots) if s[0] != "{"))
+                    self._table.setdefault(_SLOTS.sub("#", template), []).append(candidate)
 
     def strip_prefix(self, name: str) -> str:
-        for old, new in self.family.name_prefixes:
+        for old, new in self.family.name_prefixes if self.family else ():
             if name.startswith(old):
                 return new + name[len(old):]
         return name
 
-    def match(self, name: str) -> Match | None:
+    def _rule(self, name: str) -> _Rule:
         base, aux, packed = split_quant_suffix(self.strip_prefix(name))
-        candidates = self._table.get(_DIGITS.sub("#", base))
-        if not candidates:
-            return None
-        numbers = _DIGITS.findall(base)
-        for slots, role, layout in candidates:
-            layer = expert = None
-            for slot, value in zip(slots, numbers):
-                if slot == "{L}":
-                    layer = int(value)
-                elif slot == "{D}":
-                    layer = int(value) + self.decoder_offset
-                elif slot == "{E}":
-                    expert = int(value)
-                elif slot != value:
-                    break
-            else:
-                return Match(role, layer, expert, layout, base, aux, "packed" if packed else "")
-        return None
+        candidates = tuple(self._table.get(_DIGITS.sub("#", base), ()))
+        if candidates:
+            return _Rule(candidates, None, None, aux, packed)
+        found = _LAYER.search(base)
+        layer_pos = len(_DIGITS.findall(base[: found.start(1)])) if found else None
+        return _Rule((), generic_role(base), layer_pos, aux, packed)
+
+    def classify(self, name: str) -> Match:
+        key = _DIGITS.sub("#", name)
+        rule = self._rules.get(key)
+        if rule is None:
+            rule = self._rules[key] = self._rule(name)
+        numbers = _DIGITS.findall(name)
+        for c in rule.candidates:
+            if c.literals and any(numbers[i] != digits for i, digits in c.literals):
+                continue
+            return Match(c.role, None if c.layer_pos is None else int(numbers[c.layer_pos]) + c.layer_offset,
+                         None if c.expert_pos is None else int(numbers[c.expert_pos]), c.layout,
+                         rule.aux, rule.packed)
+        if self.family is None:
+            guess = generic_expert_match(name)
+            if guess is not None:
+                return guess
+        layer = int(numbers[rule.layer_pos]) if rule.layer_pos is not None else None
+        return Match(rule.role or generic_role(name), layer, None, None, rule.aux, rule.packed, guessed=True)
 
 
 # ---- generic classification: non-MoE tensors of any family, and unknown families ----
@@ -154,18 +191,17 @@ def generic_expert_match(name: str) -> Match | None:
     layer = layer_of(base)
     if layer is None:
         return None
-    packing = "packed" if packed else ""
     if found := _EXPERT_PER.search(base):
         kind = _PROJ_ROLE.get(found.group(2))
         if kind:
-            return Match(Role[f"EXPERT_{kind}"], layer, int(found.group(1)), "per-expert", base, aux, packing)
+            return Match(Role[f"EXPERT_{kind}"], layer, int(found.group(1)), "per-expert", aux, packed, True)
     if found := _EXPERT_FUSED.search(base):
         kind = _PROJ_ROLE[found.group(1)]
-        return Match(Role[f"EXPERT_{kind}"], layer, None, "fused", base, aux, packing)
+        return Match(Role[f"EXPERT_{kind}"], layer, None, "fused", aux, packed, True)
     if found := _SHARED.search(base):
         kind = _PROJ_ROLE.get(found.group(1))
         if kind:
-            return Match(Role[f"SHARED_{kind}"], layer, None, None, base, aux, packing)
+            return Match(Role[f"SHARED_{kind}"], layer, None, None, aux, packed, True)
     if _ROUTER.search(base) and "attn" not in base and "attention" not in base:
-        return Match(Role.ROUTER, layer, None, None, base, aux, packing)
+        return Match(Role.ROUTER, layer, None, None, aux, packed, True)
     return None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moetool.checkpoint.header import DTYPE_BYTES, TensorInfo, read_header
+from moetool._util import gc_paused
 from moetool.errors import CheckpointFormatError, ConfigError, UnsupportedError
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Shard:
         return f"Shard({self.name!r}, {self.format})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class TensorRef:
     """A lazy reference to one stored tensor: where it is and what it holds."""
 
@@ -190,7 +191,11 @@ def _bin_shard(path: Path, name: str) -> tuple[Shard, list[TensorRef]]:
 
 def open_local(path: Path, *, source: str | None = None) -> Checkpoint:
     """Open a local folder, .safetensors file or .bin file."""
-    source = source or str(path)
+    with gc_paused():
+        return _open_local(path, source or str(path))
+
+
+def _open_local(path: Path, source: str) -> Checkpoint:
     if path.is_file():
         return _open_files(path.parent, [path], config=None, kind="file", source=source)
     root = path
@@ -205,12 +210,13 @@ def open_local(path: Path, *, source: str | None = None) -> Checkpoint:
         index = root / index_name
         if index.exists():
             weight_map = _read_index(index)
-            shard_paths = {f: _safe_member(root, f, index) for f in set(weight_map.values())}
-            ckpt = _open_files(root, sorted(set(shard_paths.values())), config=config, kind="dir",
-                               source=source)
+            unique: dict[Path, Path] = {}   # one Path object per file, so shards compare by identity
+            shard_paths = {f: unique.setdefault(p, p) for f in set(weight_map.values())
+                           for p in (_safe_member(root, f, index),)}
+            ckpt = _open_files(root, sorted(unique), config=config, kind="dir", source=source)
             for name, shard_name in weight_map.items():
                 ref = ckpt.tensors.get(name)
-                if ref is None or ref.shard.path != shard_paths[shard_name]:
+                if ref is None or ref.shard.path is not shard_paths[shard_name]:
                     raise CheckpointFormatError(
                         f"{index}: lists {name!r} in {shard_name}, but that shard does not hold it")
             extra = len(ckpt.tensors) - len(weight_map)
@@ -236,7 +242,7 @@ def _open_files(root: Path, files: list[Path], *, config, kind: str, source: str
         name = str(path.resolve().relative_to(root_resolved)) if kind == "dir" else path.name
         if path.suffix == ".safetensors":
             shard, infos = _safetensors_shard(path, name)
-            refs = [TensorRef(i.name, i.dtype, i.shape, shard, i.start, i.end) for i in infos]
+            refs = [TensorRef(name, dtype, shape, shard, start, end) for name, dtype, shape, start, end in infos]
         elif path.suffix == ".bin":
             shard, refs = _bin_shard(path, name)
         else:

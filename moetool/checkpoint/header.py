@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
-from math import prod
+from operator import itemgetter
 from pathlib import Path
 
 from moetool.errors import CheckpointFormatError
@@ -28,28 +27,13 @@ DTYPE_BYTES: dict[str, int] = {
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """One tensor's place in a file: absolute byte range [start, end)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def numel(self) -> int:
-        return prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
+# (name, dtype, shape, start, end): absolute byte range [start, end) in the file
+TensorInfo = tuple[str, str, tuple[int, ...], int, int]
 
 
 def parse_header(raw: bytes, *, where: str, data_start: int, file_size: int | None
                  ) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Validate a header's JSON and turn it into TensorInfos with absolute offsets.
+    """Validate a header's JSON and return its tensors with absolute offsets, and its metadata.
 
     Args:
         raw: the header JSON bytes.
@@ -72,38 +56,45 @@ def parse_header(raw: bytes, *, where: str, data_start: int, file_size: int | No
     for name, entry in header.items():
         try:
             dtype = entry["dtype"]
-            shape = tuple(entry["shape"])
+            shape = entry["shape"]
             begin, end = entry["data_offsets"]
-        except (TypeError, KeyError, ValueError):
+            itemsize = DTYPE_BYTES[dtype]
+        except KeyError:
+            if isinstance(entry, dict) and "dtype" in entry and "shape" in entry and "data_offsets" in entry:
+                raise CheckpointFormatError(
+                    f"{where}: tensor {name!r} has unknown dtype {entry['dtype']!r}") from None
             raise CheckpointFormatError(
                 f"{where}: tensor {name!r} lacks dtype, shape or data_offsets") from None
-        itemsize = DTYPE_BYTES.get(dtype)
-        if itemsize is None:
-            raise CheckpointFormatError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not all(type(d) is int and d >= 0 for d in shape):
-            raise CheckpointFormatError(f"{where}: tensor {name!r} has an invalid shape {list(shape)}")
+        except (TypeError, ValueError):
+            raise CheckpointFormatError(f"{where}: tensor {name!r} has malformed fields") from None
+        nbytes = itemsize
+        try:
+            for dim in shape:
+                if type(dim) is not int or dim < 0:
+                    raise TypeError
+                nbytes *= dim
+        except TypeError:
+            raise CheckpointFormatError(f"{where}: tensor {name!r} has an invalid shape {shape!r}") from None
         if type(begin) is not int or type(end) is not int or begin < 0 or end < begin:
             raise CheckpointFormatError(f"{where}: tensor {name!r} has invalid data_offsets")
-        if end - begin != prod(shape) * itemsize:
+        if end - begin != nbytes:
             raise CheckpointFormatError(
-                f"{where}: tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} "
-                f"needs {prod(shape) * itemsize}")
+                f"{where}: tensor {name!r} spans {end - begin} bytes but {dtype}{list(shape)} needs {nbytes}")
         if buffer_size is not None and end > buffer_size:
             raise CheckpointFormatError(
                 f"{where}: tensor {name!r} ends at byte {data_start + end}, beyond the end of the "
                 f"file ({file_size} bytes); the file is truncated or corrupt")
-        tensors.append(TensorInfo(name, dtype, shape, data_start + begin, data_start + end))
+        tensors.append((name, dtype, tuple(shape), data_start + begin, data_start + end))
 
     _check_no_overlap(tensors, where)
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
 def _check_no_overlap(tensors: list[TensorInfo], where: str) -> None:
-    ordered = sorted((t for t in tensors if t.end > t.start), key=lambda t: t.start)
+    ordered = sorted((t for t in tensors if t[4] > t[3]), key=itemgetter(3))
     for prev, cur in zip(ordered, ordered[1:]):
-        if cur.start < prev.end:
-            raise CheckpointFormatError(
-                f"{where}: tensors {prev.name!r} and {cur.name!r} overlap in the file")
+        if cur[3] < prev[4]:
+            raise CheckpointFormatError(f"{where}: tensors {prev[0]!r} and {cur[0]!r} overlap in the file")
 
 
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:

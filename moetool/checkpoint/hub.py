@@ -9,6 +9,7 @@ HF_HUB_OFFLINE=1 is honoured: only the local cache is used.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def open_hub(spec: str, *, headers_only: bool) -> Checkpoint:
         ckpt = open_local(cached, source=spec)
         ckpt.kind = "hub"
         return ckpt
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise SourceNotFoundError(f"{spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
                                   hint="unset HF_HUB_OFFLINE or download the model first")
     if headers_only:
@@ -105,6 +106,6 @@ def checkpoint_from_remote_metadata(meta, config: dict, spec: str) -> Checkpoint
                for name, info in file_meta.tensors.items()}
         infos, _ = parse_header(json.dumps(raw).encode(), where=f"{spec}/{file_name}", data_start=0,
                                 file_size=None)
-        for i in infos:
-            tensors[i.name] = TensorRef(i.name, i.dtype, i.shape, shard, i.start, i.end)
+        for name, dtype, shape, start, end in infos:
+            tensors[name] = TensorRef(name, dtype, shape, shard, start, end)
     return Checkpoint(spec, "hub-headers", None, config, tensors, shards, notes=[])

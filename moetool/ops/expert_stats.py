@@ -62,15 +62,13 @@ def _layer_slices(ckpt: Checkpoint, records, layer: int, experts: int) -> list[_
         m = r.match
         if m.layer != layer or m.role not in WEIGHT_ROLES or m.aux:
             continue
-        if m.packing or r.ref.dtype in ("U8", "I32") or r.ref.dtype not in FLOAT_DTYPES:
+        if m.packed or r.ref.dtype in ("U8", "I32") or r.ref.dtype not in FLOAT_DTYPES:
             return f"expert weights are stored quantized ({r.ref.dtype}); dequantize them first"
         if m.expert is None:
             fused[m.role] = r.ref
         else:
             per_expert[m.role][m.expert] = r.ref
-    slices = []
-    for role, ref in fused.items():
-        slices.append(_ExpertSlices(fused=ref, experts=experts))
+    slices = [_ExpertSlices(fused=ref, experts=experts) for ref in fused.values()]
     for role, refs in per_expert.items():
         if len(refs) != experts:
             return f"{len(refs)} of {experts} experts have a {role.value} tensor"

@@ -8,26 +8,36 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from moetool import __version__
+from moetool._util import gc_paused
 from moetool.arch import detect_family
-from moetool.arch.matcher import FamilyMatcher, Match, generic_expert_match, generic_role, layer_of, \
-    split_quant_suffix
-from moetool.arch.schema import (CATEGORIES, CATEGORY, DEFAULT_SHAPES, DENSE_ROLES, EXPERT_ROLES,
-                                 MOE_LAYER_ROLES, SHARED_ROLES, Family, Role, first_key)
+from moetool.arch.matcher import AUX_ENDINGS, Classifier, Match
+from moetool.arch.schema import (
+    CATEGORIES,
+    CATEGORY,
+    DEFAULT_SHAPES,
+    DENSE_ROLES,
+    EXPERT_ROLES,
+    MOE_LAYER_ROLES,
+    SHARED_ROLES,
+    Family,
+    Role,
+    first_key,
+)
 from moetool.checkpoint import Checkpoint, TensorRef
+from moetool.checkpoint.header import DTYPE_BYTES
 from moetool.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+_UNSTRUCTURED = frozenset({Role.OTHER, Role.EMBED, Role.LM_HEAD})   # an "expert" name here fits no template
 QUANTIZABLE = frozenset({"attention", "routed_experts", "shared_experts", "dense_mlp"})
 TOP_K_GUESS_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "top_k", "experts_per_token")
-_DIGITS = re.compile(r"\d+")
 
 
 @dataclass
@@ -165,8 +175,10 @@ class _Tally:
     buffers: int = 0
     unexpected: list[str] = field(default_factory=list)
     quant_forms: set[str] = field(default_factory=set)
+    dtype_bytes: Counter = field(default_factory=Counter)   # elements per dtype
 
 
+@gc_paused()
 def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values: bool = False,
                        duplicate_threshold: float = 0.995, progress=None) -> InspectReport:
     """Analyse an open checkpoint.
@@ -186,9 +198,8 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     problems: list[Problem] = [Problem("warning", "checkpoint", note) for note in ckpt.notes]
 
     dims = _read_dims(family, cfg)
-    matcher = FamilyMatcher(family, dims.decoder_offset) if family else None
     guessed = family is None
-    tally = _classify(ckpt, family, matcher, dims, cfg)
+    tally = _classify(ckpt, family, Classifier(family, dims.decoder_offset), dims, cfg)
     if guessed:
         _guess_dims(dims, tally, cfg)
         problems.append(Problem("warning", "guessed_architecture",
@@ -253,7 +264,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         tied_embeddings=bool(dims.tie), router=_router_info(family, cfg, dims) if moe_layers else None,
         params={c: tally.params[c] for c in CATEGORIES}, total_params=total, active_params=active,
         active_params_with_embedding=active_emb, mtp_params=tally.mtp, buffer_params=tally.buffers,
-        disk=_disk_info(ckpt), memory=_memory(total, tally.quantizable),
+        disk=_disk_info(ckpt, tally), memory=_memory(total, tally.quantizable),
         quantization=sorted(tally.quant_forms), tensor_count=len(ckpt.tensors), problems=problems,
         layers=layers, experts=expert_stats)
 
@@ -310,7 +321,7 @@ def _guess_dims(dims: _Dims, tally: _Tally, cfg: dict) -> None:
                 experts.add(m.expert)
             elif r.ref.shape:
                 experts.update(range(r.ref.shape[0]))
-            if m.role in (Role.EXPERT_GATE, Role.EXPERT_UP) and m.expert is not None and not m.packing:
+            if m.role in (Role.EXPERT_GATE, Role.EXPERT_UP) and m.expert is not None and not m.packed:
                 dims.expert_ffn = r.ref.shape[0]
         elif m.role == Role.EMBED and len(r.ref.shape) == 2:
             dims.vocab, dims.hidden = r.ref.shape
@@ -323,70 +334,69 @@ def _guess_dims(dims: _Dims, tally: _Tally, cfg: dict) -> None:
 
 # ---------------------------------------------------------------- one pass over names
 
-def _classify(ckpt: Checkpoint, family: Family | None, matcher: FamilyMatcher | None, dims: _Dims,
+def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, dims: _Dims,
               cfg: dict) -> _Tally:
     tally = _Tally()
     names = ckpt.tensors
     bnb4 = {n.rsplit(".quant_state.", 1)[0] for n in names if ".weight.quant_state.bitsandbytes__" in n}
     bits = _compressed_bits(cfg)
-    generic_cache: dict[str, Role] = {}
     buffers = family.buffers if family else frozenset()
     buffer_suffixes = family.buffer_suffixes if family else ()
-    num_layers = dims.num_layers
+    mtp_from = dims.num_layers if family is not None and family.mtp else None
+    params_by, layer_params, layer_routed = tally.params, tally.layer_params, tally.layer_routed
+    records = tally.records
 
+    aux_forms: dict[str, str | None] = {}
+    dtype_bytes = tally.dtype_bytes
     for name, ref in names.items():
-        match = matcher.match(name) if matcher else generic_expert_match(name)
-        if match is None:
-            stripped = matcher.strip_prefix(name) if matcher else name
-            base, aux, packed = split_quant_suffix(stripped)
-            key = _DIGITS.sub("#", base)
-            role = generic_cache.get(key)
-            if role is None:
-                role = generic_cache[key] = generic_role(base)
-            match = Match(role, layer_of(base), None, None, base, aux, "packed" if packed else "")
-            if role not in (Role.ATTN, Role.NORM) and "expert" in base and "mtp" not in base:
-                tally.unexpected.append(name)
-        if match.aux:
-            _note_quant_form(name, tally)
-            params = 0
-        elif match.packing:
-            params = ref.numel * (2 if ref.dtype == "U8" else 32 // bits)
+        numel = ref.numel
+        dtype_bytes[ref.dtype] += numel
+        if name.endswith(AUX_ENDINGS):   # scales, absmax, ...: bytes on disk, not parameters
+            tail = name.rsplit(".", 1)[-1]
+            form = aux_forms[tail] if tail in aux_forms else aux_forms.setdefault(tail, _quant_form(name))
+            if form:
+                tally.quant_forms.add(form)
+            continue
+        match = classifier.classify(name)
+        if match.packed:
+            params = numel * (2 if ref.dtype == "U8" else 32 // bits)
             tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
-        elif ref.dtype == "U8" and match.base in bnb4:
-            params = ref.numel * 2
+        elif ref.dtype == "U8" and name in bnb4:
+            params = numel * 2
         else:
-            params = ref.numel
-        if ref.dtype.startswith("F8"):
+            params = numel
+        if ref.dtype[0] == "F" and ref.dtype.startswith("F8"):
             tally.quant_forms.add("fp8")
 
-        is_mtp = ("mtp" in name.split(".", 2)[0] or ".mtp" in name
-                  or (family is not None and family.mtp and match.layer is not None
-                      and num_layers is not None and match.layer >= num_layers))
-        if is_mtp:
+        layer = match.layer
+        if (mtp_from is not None and layer is not None and layer >= mtp_from) or "mtp" in name:
             tally.mtp += params
             continue
+        if match.guessed and match.role in _UNSTRUCTURED and "expert" in name:
+            tally.unexpected.append(name)
         if match.role in buffers or (buffer_suffixes and name.endswith(buffer_suffixes)):
             tally.buffers += params
             params = 0
         category = CATEGORY[match.role]
-        tally.records.append(_Record(ref, match, category, params))
-        tally.params[category] += params
-        if match.layer is not None:
-            tally.layer_params[match.layer] += params
+        records.append(_Record(ref, match, category, params))
+        params_by[category] += params
+        if layer is not None:
+            layer_params[layer] += params
             if category == "routed_experts":
-                tally.layer_routed[match.layer] += params
+                layer_routed[layer] += params
         if category in QUANTIZABLE and len(ref.shape) >= 2:
             tally.quantizable += params
     return tally
 
 
-def _note_quant_form(name: str, tally: _Tally) -> None:
-    if "bitsandbytes__" in name:
-        tally.quant_forms.add("bitsandbytes " + name.rsplit("__", 1)[1])
-    elif name.endswith(".SCB"):
-        tally.quant_forms.add("bitsandbytes int8")
-    elif name.endswith("weight_scale_inv"):
-        tally.quant_forms.add("fp8 block-scaled")
+def _quant_form(aux_name: str) -> str | None:
+    if "bitsandbytes__" in aux_name:
+        return "bitsandbytes " + aux_name.rsplit("__", 1)[1]
+    if aux_name.endswith(".SCB"):
+        return "bitsandbytes int8"
+    if aux_name.endswith("weight_scale_inv"):
+        return "fp8 block-scaled"
+    return None
 
 
 def _compressed_bits(cfg: dict) -> int:
@@ -433,15 +443,18 @@ def _template_alternatives(template) -> tuple[str, ...]:
 
 def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: str | None,
                     tally: _Tally, problems: list[Problem]) -> None:
+    """Compare the (role, layer, expert) keys the config calls for with those stored."""
     moe = set(moe_layers)
-    expected: dict[tuple, str] = {}
+    expected: set[tuple] = set()
+    example: dict[tuple, str] = {}   # (role, layer-kind) -> a template, to name a missing tensor
     seq2seq = family.decoder_offset is not None
+    experts = range(dims.experts or 0)
     for role, template in family.templates(layout).items():
         for tpl in _template_alternatives(template):
             if "{L}" not in tpl and "{D}" not in tpl:
-                if role == Role.LM_HEAD and dims.tie is not False:
-                    continue
-                expected[(role, None, None)] = tpl
+                if not (role == Role.LM_HEAD and dims.tie is not False):
+                    expected.add((role, None, None))
+                    example[(role, None, None)] = tpl
                 continue
             if "{D}" in tpl:
                 layers = range(dims.decoder_offset, dims.num_layers)
@@ -454,29 +467,29 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
                     continue
                 if role in DENSE_ROLES and layer in moe:
                     continue
-                local = layer - dims.decoder_offset if "{D}" in tpl else layer
-                name = tpl.replace("{L}", str(local)).replace("{D}", str(local))
+                example[(role, layer)] = tpl
                 if "{E}" in tpl:
-                    for e in range(dims.experts or 0):
-                        expected[(role, layer, e)] = name.replace("{E}", str(e))
+                    expected.update((role, layer, e) for e in experts)
                 else:
-                    expected[(role, layer, None)] = name
+                    expected.add((role, layer, None))
 
-    found = {}
+    found: dict[tuple, str] = {}
     for r in tally.records:
         m = r.match
-        if m.aux or (m.layout is not None and m.layout != layout):
-            continue
-        found[(m.role, m.layer, m.expert)] = r.ref.name
-    if family.per_expert is not None or family.fused is not None or family.dense:
-        missing = [name for key, name in expected.items() if key not in found]
-        if missing:
-            problems.append(Problem("error", "missing_tensors",
-                                    f"{len(missing)} tensors the config calls for are missing "
-                                    f"(first: {missing[0]})"))
+        if not m.aux and (m.layout is None or m.layout == layout):
+            found[(m.role, m.layer, m.expert)] = r.ref.name
+    missing = expected.difference(found)
+    if missing:
+        role, layer, expert = first = min(missing, key=lambda k: (k[1] is not None, k[1] or 0, k[2] or 0,
+                                                                   k[0].value))
+        tpl = example[(role, layer) if layer is not None else first]
+        local = layer - dims.decoder_offset if layer is not None and "{D}" in tpl else layer
+        name = tpl.replace("{L}", str(local)).replace("{D}", str(local)).replace("{E}", str(expert))
+        problems.append(Problem("error", "missing_tensors",
+                                f"{len(missing)} tensors the config calls for are missing (first: {name})"))
     structural = MOE_LAYER_ROLES | SHARED_ROLES | DENSE_ROLES
-    extra = [name for key, name in found.items()
-             if key[0] in structural and key[1] is not None and key not in expected]
+    extra = sorted(name for key, name in found.items()
+                   if key[0] in structural and key[1] is not None and key not in expected)
     if extra:
         problems.append(Problem("error", "unexpected_tensor",
                                 f"{len(extra)} tensors do not fit the config (MoE tensors in a dense layer, "
@@ -484,13 +497,13 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
                                 f"first: {extra[0]})"))
 
 
-def _expected_shape(family: Family, dims: _Dims, match: Match) -> tuple[int, ...] | None:
-    symbols = family.shapes.get(match.role)
+def _expected_shape(family: Family, dims: _Dims, role: Role, fused: bool) -> tuple[int, ...] | None:
+    symbols = family.shapes.get(role)
     if symbols is None:
-        symbols = DEFAULT_SHAPES.get(match.role)
+        symbols = DEFAULT_SHAPES.get(role)
         if symbols is None:
             return None
-        if match.role in EXPERT_ROLES and match.expert is None:
+        if role in EXPERT_ROLES and fused:
             symbols = ("E", *symbols)
     shape = tuple(dims.symbol(s) for s in symbols)
     return None if any(d is None for d in shape) else shape
@@ -498,15 +511,18 @@ def _expected_shape(family: Family, dims: _Dims, match: Match) -> tuple[int, ...
 
 def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Problem]) -> None:
     bad = []
+    cache: dict[tuple, tuple | None] = {}
     for r in tally.records:
         m = r.match
-        if m.aux or m.packing or (r.ref.dtype == "U8" and r.params == 2 * r.ref.numel):
+        if m.aux or m.packed or (r.ref.dtype == "U8" and r.params == 2 * r.ref.numel):
             continue
-        want = _expected_shape(family, dims, m)
-        if want is not None and tuple(r.ref.shape) != want:
-            if m.role in EXPERT_ROLES and m.expert is None and r.ref.shape and r.ref.shape[1:] == want[1:]:
+        key = (m.role, m.expert is None)
+        want = cache[key] if key in cache else cache.setdefault(key, _expected_shape(family, dims, *key))
+        shape = r.ref.shape
+        if want is not None and shape != want:
+            if m.role in EXPERT_ROLES and m.expert is None and shape[1:] == want[1:]:
                 continue  # expert count differs: reported once per layer by the layer table
-            bad.append(f"{r.ref.name} is {list(r.ref.shape)}, config implies {list(want)}")
+            bad.append(f"{r.ref.name} is {list(shape)}, config implies {list(want)}")
     if bad:
         problems.append(Problem("error", "bad_shape", f"{len(bad)} tensors have the wrong shape ({bad[0]})"))
 
@@ -524,7 +540,7 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
             continue
         if m.expert is not None:
             per_expert[m.layer].add(m.expert)
-            if m.role in (Role.EXPERT_GATE, Role.EXPERT_UP) and not m.packing and len(r.ref.shape) == 2:
+            if m.role in (Role.EXPERT_GATE, Role.EXPERT_UP) and not m.packed and len(r.ref.shape) == 2:
                 ffn[m.layer] = r.ref.shape[0]
         elif r.ref.shape and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE):
             count = r.ref.shape[0]
@@ -590,10 +606,8 @@ def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any
             "description": description}
 
 
-def _disk_info(ckpt: Checkpoint) -> dict[str, Any]:
-    by_dtype: Counter = Counter()
-    for ref in ckpt.tensors.values():
-        by_dtype[ref.dtype] += ref.nbytes
+def _disk_info(ckpt: Checkpoint, tally: _Tally) -> dict[str, Any]:
+    by_dtype = Counter({dtype: n * DTYPE_BYTES[dtype] for dtype, n in tally.dtype_bytes.items()})
     return {"bytes_by_dtype": dict(by_dtype.most_common()), "tensor_bytes": sum(by_dtype.values()),
             "shards": len(ckpt.shards), "files": [s.name for s in ckpt.shards]}
 

@@ -1,6 +1,16 @@
-from moetool.arch.families._shared import (DEEPSEEK_SHARED, DEEPSEEK_V3_ROUTER, DENSE_MLP, EMBED_AND_HEAD,
-                                           QWEN_EXPERTS, QWEN_FUSED, ROUTER_MLP_GATE, deepseek_num_shared,
-                                           deepseek_shared_ffn, first_k_dense, keys)
+from moetool.arch.families._shared import (
+                                           DEEPSEEK_SHARED,
+                                           DEEPSEEK_V3_ROUTER,
+                                           DENSE_MLP,
+                                           EMBED_AND_HEAD,
+                                           QWEN_EXPERTS,
+                                           QWEN_FUSED,
+                                           ROUTER_MLP_GATE,
+                                           deepseek_num_shared,
+                                           deepseek_shared_ffn,
+                                           first_k_dense,
+                                           keys,
+)
 from moetool.arch.schema import Family, Role
 
 FAMILY = Family(

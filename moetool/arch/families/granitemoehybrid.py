@@ -1,6 +1,5 @@
 from moetool.arch.families._shared import EMBED_AND_HEAD
-from moetool.arch.families.granitemoe import (GRANITE_FUSED, GRANITE_HUB, GRANITE_KEYS, GRANITE_ROUTER,
-                                              GRANITE_SHARED)
+from moetool.arch.families.granitemoe import GRANITE_FUSED, GRANITE_HUB, GRANITE_KEYS, GRANITE_ROUTER, GRANITE_SHARED
 from moetool.arch.schema import Family
 
 FAMILY = Family(

@@ -1,5 +1,11 @@
-from moetool.arch.families._shared import (EMBED_AND_HEAD, MIXTRAL_EXPERTS, QWEN_FUSED, ROUTER_MLP_GATE,
-                                           SOFTMAX_TOPK_RENORM, keys)
+from moetool.arch.families._shared import (
+                                           EMBED_AND_HEAD,
+                                           MIXTRAL_EXPERTS,
+                                           QWEN_FUSED,
+                                           ROUTER_MLP_GATE,
+                                           SOFTMAX_TOPK_RENORM,
+                                           keys,
+)
 from moetool.arch.schema import Family
 
 FAMILY = Family(

@@ -1,5 +1,13 @@
-from moetool.arch.families._shared import (DENSE_MLP, EMBED_AND_HEAD, QWEN_EXPERTS, QWEN_FUSED, ROUTER_MLP_GATE,
-                                           SOFTMAX_TOPK_NORM_KEY, keys, qwen_moe_layer)
+from moetool.arch.families._shared import (
+                                           DENSE_MLP,
+                                           EMBED_AND_HEAD,
+                                           QWEN_EXPERTS,
+                                           QWEN_FUSED,
+                                           ROUTER_MLP_GATE,
+                                           SOFTMAX_TOPK_NORM_KEY,
+                                           keys,
+                                           qwen_moe_layer,
+)
 from moetool.arch.schema import Family
 
 FAMILY = Family(

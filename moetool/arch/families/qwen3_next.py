@@ -1,6 +1,16 @@
-from moetool.arch.families._shared import (DENSE_MLP, EMBED_AND_HEAD, QWEN_EXPERTS, QWEN_FUSED, QWEN_SHARED,
-                                           ROUTER_MLP_GATE, SOFTMAX_TOPK_NORM_KEY, keys, one_if,
-                                           qwen_moe_layer, qwen_shared_ffn)
+from moetool.arch.families._shared import (
+                                           DENSE_MLP,
+                                           EMBED_AND_HEAD,
+                                           QWEN_EXPERTS,
+                                           QWEN_FUSED,
+                                           QWEN_SHARED,
+                                           ROUTER_MLP_GATE,
+                                           SOFTMAX_TOPK_NORM_KEY,
+                                           keys,
+                                           one_if,
+                                           qwen_moe_layer,
+                                           qwen_shared_ffn,
+)
 from moetool.arch.schema import Family
 
 FAMILY = Family(

@@ -1,0 +1,132 @@
+"""The checkpoint abstraction against safetensors' and torch's own readers."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moetool.checkpoint import open_checkpoint
+from moetool.checkpoint.hub import checkpoint_from_remote_metadata, looks_like_hub_id, split_hub_id
+from moetool.errors import SourceNotFoundError
+
+
+def test_sharded_folder_reads_like_safetensors(tmp_path, tiny):
+    src = tiny("qwen3_moe")
+    # re-shard the tiny model into three files with an index, as the hub does
+    with safe_open(src / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    names = sorted(tensors)
+    out = tmp_path / "sharded"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    weight_map = {}
+    for i in range(3):
+        part = names[i::3]
+        file = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file({k: tensors[k] for k in part}, out / file, metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    with open_checkpoint(out) as ckpt:
+        assert ckpt.kind == "dir" and len(ckpt.shards) == 3
+        assert set(ckpt.tensors) == set(tensors)
+        for name, ref in ckpt.tensors.items():
+            with safe_open(out / weight_map[name], "pt") as f:
+                assert list(ref.shape) == list(f.get_slice(name).get_shape())
+                assert torch.equal(ref.load(), f.get_tensor(name))
+            assert ref.nbytes == tensors[name].numel() * tensors[name].element_size()
+            assert ref.end - ref.start == ref.nbytes
+
+
+def test_load_slice_reads_one_expert_of_a_fused_tensor(tiny):
+    with open_checkpoint(tiny("mixtral", fused=True)) as ckpt:
+        ref = ckpt.tensors["model.layers.1.mlp.experts.gate_up_proj"]
+        full = ref.load()
+        for e in range(ref.shape[0]):
+            assert torch.equal(ref.load_slice(e), full[e])
+        assert torch.equal(ref.load_slice(slice(1, 3)), full[1:3])
+
+
+def test_single_file_without_config(tiny):
+    with open_checkpoint(tiny("olmoe") / "model.safetensors") as ckpt:
+        assert ckpt.kind == "file" and ckpt.config is None
+        assert "model.embed_tokens.weight" in ckpt.tensors
+
+
+def test_pytorch_bin_is_read_with_weights_only(tmp_path, tiny):
+    src = tiny("mixtral")
+    with safe_open(src / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    out = tmp_path / "bin"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    torch.save(tensors, out / "pytorch_model.bin")
+    with open_checkpoint(out) as ckpt:
+        assert set(ckpt.tensors) == set(tensors)
+        ref = ckpt.tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"]
+        assert ref.dtype == "F32" and ref.shape == (16, 32)
+        assert torch.equal(ref.load(), tensors[ref.name])
+        assert torch.equal(ref.load_slice(slice(0, 4)), tensors[ref.name][:4])
+
+
+def test_hub_id_parsing():
+    assert looks_like_hub_id("deepseek-ai/DeepSeek-V3")
+    assert looks_like_hub_id("Qwen/Qwen3-30B-A3B@refs/pr/1")
+    assert not looks_like_hub_id("./local/dir")
+    assert not looks_like_hub_id("just-a-name")
+    assert split_hub_id("org/name@v1.0") == ("org/name", "v1.0")
+    assert split_hub_id("org/name") == ("org/name", None)
+
+
+def _fake_hub_cache(repo: str, src, revision="main"):
+    """Lay out huggingface_hub's cache for REPO holding the files of SRC."""
+    from huggingface_hub import constants
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    for file in src.iterdir():
+        shutil.copy(file, snapshot / file.name)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / revision).write_text(sha)
+    return snapshot
+
+
+def test_hub_id_offline_uses_the_cache(tiny):
+    _fake_hub_cache("acme/tiny-moe", tiny("qwen3_moe"))
+    with open_checkpoint("acme/tiny-moe") as ckpt:
+        assert ckpt.kind == "hub" and ckpt.config["model_type"] == "qwen3_moe"
+        assert ckpt.tensors["model.layers.0.mlp.gate.weight"].load().shape == (4, 32)
+    with pytest.raises(SourceNotFoundError, match="HF_HUB_OFFLINE"):
+        open_checkpoint("acme/not-cached")
+
+
+def test_remote_headers_build_a_header_only_checkpoint(tiny):
+    """get_safetensors_metadata's answer (here built from a real file) becomes TensorRefs."""
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+
+    src = tiny("mixtral")
+    raw = (src / "model.safetensors").read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    header.pop("__metadata__", None)
+    infos = {k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
+             for k, v in header.items()}
+    meta = SafetensorsRepoMetadata(metadata=None, sharded=False,
+                                   weight_map={k: "model.safetensors" for k in infos},
+                                   files_metadata={"model.safetensors": SafetensorsFileMetadata(
+                                       metadata={}, tensors=infos)})
+    config = json.loads((src / "config.json").read_text())
+    ckpt = checkpoint_from_remote_metadata(meta, config, "acme/mixtral")
+    assert ckpt.kind == "hub-headers" and set(ckpt.tensors) == set(header)
+    with open_checkpoint(src) as local:
+        for name, ref in ckpt.tensors.items():
+            assert ref.shape == local.tensors[name].shape and ref.nbytes == local.tensors[name].nbytes
+    from moetool.errors import UnsupportedError
+    with pytest.raises(UnsupportedError):
+        next(iter(ckpt.tensors.values())).load()

@@ -1,0 +1,108 @@
+"""`moetool inspect` as users run it: a real process, its output and exit codes."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.headersets import write_header_set
+
+NO_TORCH = """
+import sys
+from moetool.cli.app import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "moetool", *args], capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def run_no_torch(*args):
+    return subprocess.run([sys.executable, "-c", NO_TORCH, *args], capture_output=True, text=True)
+
+
+def test_help_lists_inspect_and_never_imports_torch():
+    proc = run_no_torch("--help")
+    assert proc.returncode == 0 and "inspect" in proc.stdout
+    assert "NO_TORCH" in proc.stderr
+
+
+def test_inspect_never_imports_torch(tiny):
+    proc = run_no_torch("inspect", str(tiny("deepseek_v3")), "--json", "--layers", "--experts", "--check-values")
+    assert proc.returncode == 0, proc.stderr
+    assert "NO_TORCH" in proc.stderr
+
+
+def test_human_output_names_the_structure(tiny):
+    out = run("inspect", str(tiny("qwen2_moe")), "--layers").stdout
+    assert "Qwen2-MoE" in out and "4 routed, top-2" in out and "1 shared (FFN 20)" in out
+    assert "Layers" in out and "dense" in out and "Problems  none found" in out
+
+
+def test_json_schema(tiny):
+    data = json.loads(run("inspect", str(tiny("deepseek_v3")), "--json").stdout)
+    assert data["schema_version"] == 1
+    for key in ("family", "layout", "num_layers", "moe_layers", "dense_layers", "num_experts", "top_k",
+                "num_shared_experts", "router", "params", "total_params", "active_params",
+                "active_params_with_embedding", "disk", "memory", "problems", "layers"):
+        assert key in data
+    assert data["family"] == "deepseek_v3" and data["moe_layers"] == [1, 2]
+    assert set(data["params"]) == {"embedding", "lm_head", "attention", "router", "routed_experts",
+                                   "shared_experts", "dense_mlp", "other"}
+    assert sum(data["params"].values()) == data["total_params"]
+    assert set(data["memory"]) == {"bf16", "fp8", "int4"}
+    assert data["memory"]["bf16"] == 2 * data["total_params"]
+    assert data["problems"] == []
+
+
+def test_experts_option_renders_a_table(tiny):
+    out = run("inspect", str(tiny("mixtral")), "--experts").stdout
+    assert "most similar pair" in out
+
+
+def test_unknown_architecture_is_guessed_and_strict_fails(tmp_path, tiny):
+    path = tmp_path / "mystery"
+    shutil.copytree(tiny("mixtral"), path)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "mystery_moe"
+    (path / "config.json").write_text(json.dumps(config))
+    data = json.loads(run("inspect", str(path), "--json").stdout)
+    assert data["guessed"] and data["num_experts"] == 4 and data["top_k"] == 2
+    assert data["moe_layers"] == [0, 1]
+    assert data["total_params"] == json.loads((path / "expected.json").read_text())["params"]
+    assert [p["code"] for p in data["problems"]] == ["guessed_architecture"]
+    strict = run("inspect", str(path), "--strict", check=False)
+    assert strict.returncode == 6 and "guessed_architecture" in strict.stderr
+
+
+def test_bare_safetensors_file_is_guessed(tiny):
+    data = json.loads(run("inspect", str(tiny("qwen3_moe") / "model.safetensors"), "--json").stdout)
+    assert data["kind"] == "file" and data["guessed"]
+    assert data["num_experts"] == 4 and data["moe_layers"] == [0, 1]
+
+
+@pytest.mark.slow
+def test_deepseek_v3_sized_header_set_under_one_second(tmp_path):
+    """163 shards, ~92,000 tensors: the whole process, best of three runs."""
+    path = write_header_set("deepseek_v3", tmp_path / "ds3")
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        proc = run_no_torch("inspect", str(path), "--json")
+        best = min(best, time.perf_counter() - start)
+        assert proc.returncode == 0, proc.stderr
+        assert "NO_TORCH" in proc.stderr
+    assert json.loads(proc.stdout)["tensor_count"] > 90_000
+    assert best < 1.0, f"inspect took {best:.2f} s"
