@@ -30,9 +30,9 @@ def _fp8(name: str, shape: tuple[int, int]) -> list[tuple[str, str, tuple]]:
 
 
 def deepseek_v3() -> tuple[dict, list, int]:
-    H, V, D, I, E, L = 7168, 129280, 18432, 2048, 256, 61
+    H, V, D, F, E, L = 7168, 129280, 18432, 2048, 256, 61
     config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": V,
-              "hidden_size": H, "intermediate_size": D, "moe_intermediate_size": I, "num_hidden_layers": L,
+              "hidden_size": H, "intermediate_size": D, "moe_intermediate_size": F, "num_hidden_layers": L,
               "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
               "n_routed_experts": E, "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
               "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc",
@@ -59,9 +59,9 @@ def deepseek_v3() -> tuple[dict, list, int]:
             continue
         tensors += [(p + "mlp.gate.weight", "BF16", (E, H)), (p + "mlp.gate.e_score_correction_bias", "F32", (E,))]
         for e in range(E):
-            for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+            for proj, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
                 tensors += _fp8(p + f"mlp.experts.{e}.{proj}.weight", shape)
-        for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+        for proj, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
             tensors += _fp8(p + f"mlp.shared_experts.{proj}.weight", shape)
         if layer == L:
             tensors += [(p + "enorm.weight", "BF16", (H,)), (p + "hnorm.weight", "BF16", (H,)),
@@ -72,9 +72,9 @@ def deepseek_v3() -> tuple[dict, list, int]:
 
 
 def mixtral_8x7b() -> tuple[dict, list, int]:
-    H, V, I, E, L = 4096, 32000, 14336, 8, 32
+    H, V, F, E, L = 4096, 32000, 14336, 8, 32
     config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": V, "hidden_size": H,
-              "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": 32, "num_key_value_heads": 8,
               "num_local_experts": E, "num_experts_per_tok": 2, "tie_word_embeddings": False,
               "torch_dtype": "bfloat16", "rope_theta": 1e6}
     tensors = [("model.embed_tokens.weight", "BF16", (V, H))]
@@ -86,16 +86,16 @@ def mixtral_8x7b() -> tuple[dict, list, int]:
                     (p + "block_sparse_moe.gate.weight", "BF16", (E, H))]
         for e in range(E):
             q = p + f"block_sparse_moe.experts.{e}."
-            tensors += [(q + "w1.weight", "BF16", (I, H)), (q + "w2.weight", "BF16", (H, I)),
-                        (q + "w3.weight", "BF16", (I, H))]
+            tensors += [(q + "w1.weight", "BF16", (F, H)), (q + "w2.weight", "BF16", (H, F)),
+                        (q + "w3.weight", "BF16", (F, H))]
     tensors += [("model.norm.weight", "BF16", (H,)), ("lm_head.weight", "BF16", (V, H))]
     return config, tensors, 19
 
 
 def qwen3_30b_a3b() -> tuple[dict, list, int]:
-    H, V, I, E, L = 2048, 151936, 768, 128, 48
+    H, V, F, E, L = 2048, 151936, 768, 128, 48
     config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": V,
-              "hidden_size": H, "intermediate_size": 6144, "moe_intermediate_size": I, "num_hidden_layers": L,
+              "hidden_size": H, "intermediate_size": 6144, "moe_intermediate_size": F, "num_hidden_layers": L,
               "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": E,
               "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
               "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
@@ -103,22 +103,24 @@ def qwen3_30b_a3b() -> tuple[dict, list, int]:
     for layer in range(L):
         p = f"model.layers.{layer}."
         tensors += [(p + "input_layernorm.weight", "BF16", (H,)), (p + "post_attention_layernorm.weight", "BF16", (H,)),
-                    (p + "self_attn.q_proj.weight", "BF16", (4096, H)), (p + "self_attn.k_proj.weight", "BF16", (512, H)),
-                    (p + "self_attn.v_proj.weight", "BF16", (512, H)), (p + "self_attn.o_proj.weight", "BF16", (H, 4096)),
+                    (p + "self_attn.q_proj.weight", "BF16", (4096, H)),
+                    (p + "self_attn.k_proj.weight", "BF16", (512, H)),
+                    (p + "self_attn.v_proj.weight", "BF16", (512, H)),
+                    (p + "self_attn.o_proj.weight", "BF16", (H, 4096)),
                     (p + "self_attn.q_norm.weight", "BF16", (128,)), (p + "self_attn.k_norm.weight", "BF16", (128,)),
                     (p + "mlp.gate.weight", "BF16", (E, H))]
         for e in range(E):
             q = p + f"mlp.experts.{e}."
-            tensors += [(q + "gate_proj.weight", "BF16", (I, H)), (q + "up_proj.weight", "BF16", (I, H)),
-                        (q + "down_proj.weight", "BF16", (H, I))]
+            tensors += [(q + "gate_proj.weight", "BF16", (F, H)), (q + "up_proj.weight", "BF16", (F, H)),
+                        (q + "down_proj.weight", "BF16", (H, F))]
     tensors += [("model.norm.weight", "BF16", (H,)), ("lm_head.weight", "BF16", (V, H))]
     return config, tensors, 16
 
 
 def gpt_oss_20b() -> tuple[dict, list, int]:
-    H, V, I, E, L = 2880, 201088, 2880, 32, 24
+    H, V, F, E, L = 2880, 201088, 2880, 32, 24
     config = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": V, "hidden_size": H,
-              "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": 64, "num_key_value_heads": 8,
+              "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": 64, "num_key_value_heads": 8,
               "head_dim": 64, "num_local_experts": E, "num_experts_per_tok": 4, "experts_per_token": 4,
               "tie_word_embeddings": False, "swiglu_limit": 7.0,
               "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
@@ -135,11 +137,11 @@ def gpt_oss_20b() -> tuple[dict, list, int]:
                     (a + "sinks", "BF16", (64,)),
                     (p + "mlp.router.weight", "BF16", (E, H)), (p + "mlp.router.bias", "BF16", (E,))]
         x = p + "mlp.experts."
-        tensors += [(x + "gate_up_proj_blocks", "U8", (E, 2 * I, H // 32, 16)),
-                    (x + "gate_up_proj_scales", "U8", (E, 2 * I, H // 32)),
-                    (x + "gate_up_proj_bias", "BF16", (E, 2 * I)),
-                    (x + "down_proj_blocks", "U8", (E, H, I // 32, 16)),
-                    (x + "down_proj_scales", "U8", (E, H, I // 32)),
+        tensors += [(x + "gate_up_proj_blocks", "U8", (E, 2 * F, H // 32, 16)),
+                    (x + "gate_up_proj_scales", "U8", (E, 2 * F, H // 32)),
+                    (x + "gate_up_proj_bias", "BF16", (E, 2 * F)),
+                    (x + "down_proj_blocks", "U8", (E, H, F // 32, 16)),
+                    (x + "down_proj_scales", "U8", (E, H, F // 32)),
                     (x + "down_proj_bias", "BF16", (E, H))]
     tensors += [("model.norm.weight", "BF16", (H,)), ("lm_head.weight", "BF16", (V, H))]
     return config, tensors, 3

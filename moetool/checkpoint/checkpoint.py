@@ -14,8 +14,8 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from moetool.checkpoint.header import DTYPE_BYTES, TensorInfo, read_header
 from moetool._util import gc_paused
+from moetool.checkpoint.header import DTYPE_BYTES, TensorInfo, read_header
 from moetool.errors import CheckpointFormatError, ConfigError, UnsupportedError
 
 log = logging.getLogger(__name__)
