@@ -133,34 +133,49 @@ def _load_bin(path: Path) -> dict:
             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path}: does not hold a state dict")
-    return {k: v for k, v in state.items() if hasattr(v, "shape")}
+    tensors = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointFormatError(f"{path}: state dict key {key!r} is not a string")
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            if str(value.dtype).removeprefix("torch.") not in _TORCH_TO_ST:
+                raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}")
+            tensors[key] = value
+    return tensors
 
 
 _TORCH_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-                "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32",
-                "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+                "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
+                "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint64": "U64",
+                "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL"}
 
 
 def read_config(path: Path) -> dict[str, Any]:
     """Read config.json, failing with a one-line ConfigError that names the file."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: is not a JSON object")
     return config
 
 
-def _safe_member(root: Path, name: object, index: Path) -> Path:
-    """Resolve a shard file named in an index, refusing paths that leave ROOT."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or "\\" in name:
-        raise CheckpointFormatError(f"{index}: shard name {name!r} is not a relative file name")
-    path = (root / name).resolve()
-    if not path.is_relative_to(root.resolve()):
+def _safe_member(root: Path, name: str, index: Path) -> Path:
+    """The shard file an index names, refusing names that leave ROOT.
+
+    The check is on the name itself (no absolute paths, no '..'), not on where a symlink
+    leads: the Hugging Face cache links every file of a snapshot to ../../blobs/.
+    """
+    if not name or Path(name).is_absolute() or "\\" in name or ".." in Path(name).parts:
         raise CheckpointFormatError(f"{index}: shard {name!r} points outside the checkpoint folder")
+    path = root / name
     if not path.is_file():
         raise CheckpointFormatError(f"{index}: names shard {name!r}, which does not exist")
     return path
@@ -170,10 +185,11 @@ def _read_index(index: Path) -> dict[str, str]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
         weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointFormatError(f"{index}: not a valid index (needs a 'weight_map' object)") from None
+        raise CheckpointFormatError(f"{index}: not a valid index (needs a 'weight_map' object of "
+                                    "tensor name -> shard file name)") from None
     return weight_map
 
 
@@ -237,9 +253,8 @@ def _open_local(path: Path, source: str) -> Checkpoint:
 def _open_files(root: Path, files: list[Path], *, config, kind: str, source: str) -> Checkpoint:
     tensors: dict[str, TensorRef] = {}
     shards: list[Shard] = []
-    root_resolved = root.resolve()
     for path in files:
-        name = str(path.resolve().relative_to(root_resolved)) if kind == "dir" else path.name
+        name = str(path.relative_to(root)) if kind == "dir" else path.name
         if path.suffix == ".safetensors":
             shard, infos = _safetensors_shard(path, name)
             refs = [TensorRef(name, dtype, shape, shard, start, end) for name, dtype, shape, start, end in infos]

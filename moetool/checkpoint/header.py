@@ -48,8 +48,10 @@ def parse_header(raw: bytes, *, where: str, data_start: int, file_size: int | No
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{where}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointFormatError(f"{where}: __metadata__ is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointFormatError(f"{where}: __metadata__ must map strings to strings")
+    if raw.count(b'"data_offsets"') != len(header):
+        _check_unique_names(raw, where)
 
     tensors: list[TensorInfo] = []
     buffer_size = None if file_size is None else file_size - data_start
@@ -86,15 +88,37 @@ def parse_header(raw: bytes, *, where: str, data_start: int, file_size: int | No
                 f"file ({file_size} bytes); the file is truncated or corrupt")
         tensors.append((name, dtype, tuple(shape), data_start + begin, data_start + end))
 
-    _check_no_overlap(tensors, where)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    _check_contiguous(tensors, where, data_start, buffer_size)
+    return tensors, metadata
 
 
-def _check_no_overlap(tensors: list[TensorInfo], where: str) -> None:
-    ordered = sorted((t for t in tensors if t[4] > t[3]), key=itemgetter(3))
-    for prev, cur in zip(ordered, ordered[1:]):
-        if cur[3] < prev[4]:
-            raise CheckpointFormatError(f"{where}: tensors {prev[0]!r} and {cur[0]!r} overlap in the file")
+def _check_unique_names(raw: bytes, where: str) -> None:
+    """json.loads keeps the last of duplicate keys; safetensors refuses them, and so do we."""
+    def pairs_hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise CheckpointFormatError(f"{where}: tensor {key!r} appears twice in the header")
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(raw, object_pairs_hook=pairs_hook)
+
+
+def _check_contiguous(tensors: list[TensorInfo], where: str, data_start: int, buffer_size: int | None) -> None:
+    """As safetensors requires: tensors tile the data buffer exactly, without overlaps or holes."""
+    ordered = sorted(tensors, key=itemgetter(3, 4))
+    position = data_start
+    for name, _, _, start, end in ordered:
+        if start < position:
+            raise CheckpointFormatError(f"{where}: tensor {name!r} overlaps the tensor before it in the file")
+        if start > position:
+            raise CheckpointFormatError(f"{where}: {start - position} unused bytes before tensor {name!r} "
+                                        "(the data buffer has a hole)")
+        position = end
+    if buffer_size is not None and position != data_start + buffer_size:
+        raise CheckpointFormatError(f"{where}: {data_start + buffer_size - position} bytes follow the last "
+                                    "tensor; the file is not a well-formed safetensors file")
 
 
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:

@@ -271,34 +271,46 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
 
 # ---------------------------------------------------------------- structure
 
+# Bounds that no real model comes near; they keep a hostile config from hanging inspect.
+LIMITS = {"num_layers": 100_000, "num_experts": 1_000_000}
+
+
 def _read_dims(family: Family | None, cfg: dict) -> _Dims:
     dims = _Dims()
     if family is None:
         return dims
 
-    def value(key: str):
-        return first_key(cfg, family.keys.get(key, ()))
-
-    dims.num_layers = family.num_layers(cfg) if family.num_layers else value("num_layers")
-    dims.hidden, dims.vocab, dims.dense_ffn = value("hidden"), value("vocab"), value("dense_ffn")
-    dims.tie = value("tie")
-    if family.decoder_offset:
-        dims.decoder_offset = family.decoder_offset(cfg)
-    required = {"num_layers": dims.num_layers, "hidden": dims.hidden}
-    if not family.dense:
-        dims.experts = value("num_experts")
-        dims.top_k = family.top_k(cfg) if family.top_k else value("top_k")
-        dims.expert_ffn = value("expert_ffn")
-        dims.shared_ffn = family.shared_ffn(cfg) if family.shared_ffn else None
-        dims.num_shared = family.num_shared(cfg) if family.num_shared else 0
-        required.update(num_experts=dims.experts, expert_ffn=dims.expert_ffn)
-    for key, val in required.items():
+    def value(key: str, derived=None, *, required: bool = False):
+        names = " or ".join(family.keys.get(key, (key,)))
+        try:
+            val = derived(cfg) if derived else first_key(cfg, family.keys.get(key, ()))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"config.json: cannot derive {key} ({exc})") from None
         if val is None:
-            names = " or ".join(family.keys.get(key, (key,)))
-            raise ConfigError(f"config.json: {family.name} config lacks {names}")
-        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
-            raise ConfigError(f"config.json: {' or '.join(family.keys.get(key, (key,)))} must be a "
-                              f"non-negative integer, got {val!r}")
+            if required:
+                raise ConfigError(f"config.json: the {family.name} config lacks {names}")
+            return None
+        items = val if key == "top_k" and isinstance(val, list) else [val]
+        if not items or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in items):
+            raise ConfigError(f"config.json: {names} must be a non-negative integer, got {val!r}")
+        if max(items) > LIMITS.get(key, 1 << 40):
+            raise ConfigError(f"config.json: {names} = {max(items)} is implausible "
+                              f"(more than {LIMITS[key]:,})")
+        return val
+
+    dims.num_layers = value("num_layers", family.num_layers, required=True)
+    dims.hidden = value("hidden", required=True)
+    dims.vocab, dims.dense_ffn = value("vocab"), value("dense_ffn")
+    tie = first_key(cfg, family.keys.get("tie", ()))
+    dims.tie = tie if isinstance(tie, bool) else None
+    if family.decoder_offset:
+        dims.decoder_offset = value("decoder_offset", family.decoder_offset) or 0
+    if not family.dense:
+        dims.experts = value("num_experts", required=True)
+        dims.top_k = value("top_k", family.top_k)
+        dims.expert_ffn = value("expert_ffn", required=True)
+        dims.shared_ffn = value("shared_ffn", family.shared_ffn)
+        dims.num_shared = value("num_shared", family.num_shared) or 0
     return dims
 
 
@@ -443,18 +455,20 @@ def _template_alternatives(template) -> tuple[str, ...]:
 
 def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: str | None,
                     tally: _Tally, problems: list[Problem]) -> None:
-    """Compare the (role, layer, expert) keys the config calls for with those stored."""
+    """Compare the tensors the config calls for with those stored, per (role, layer).
+
+    Work is proportional to the tensors stored, not to layers x experts, so an absurd
+    expert count in a config cannot blow it up.
+    """
     moe = set(moe_layers)
-    expected: set[tuple] = set()
-    example: dict[tuple, str] = {}   # (role, layer-kind) -> a template, to name a missing tensor
+    experts = dims.experts or 0
+    expected: dict[tuple, str] = {}   # (role, layer) -> template
     seq2seq = family.decoder_offset is not None
-    experts = range(dims.experts or 0)
     for role, template in family.templates(layout).items():
         for tpl in _template_alternatives(template):
             if "{L}" not in tpl and "{D}" not in tpl:
                 if not (role == Role.LM_HEAD and dims.tie is not False):
-                    expected.add((role, None, None))
-                    example[(role, None, None)] = tpl
+                    expected[(role, None)] = tpl
                 continue
             if "{D}" in tpl:
                 layers = range(dims.decoder_offset, dims.num_layers)
@@ -467,34 +481,46 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
                     continue
                 if role in DENSE_ROLES and layer in moe:
                     continue
-                example[(role, layer)] = tpl
-                if "{E}" in tpl:
-                    expected.update((role, layer, e) for e in experts)
-                else:
-                    expected.add((role, layer, None))
+                expected[(role, layer)] = tpl
 
-    found: dict[tuple, str] = {}
+    found: dict[tuple, dict] = defaultdict(dict)   # (role, layer) -> {expert or None: name}
     for r in tally.records:
         m = r.match
         if not m.aux and (m.layout is None or m.layout == layout):
-            found[(m.role, m.layer, m.expert)] = r.ref.name
-    missing = expected.difference(found)
-    if missing:
-        role, layer, expert = first = min(missing, key=lambda k: (k[1] is not None, k[1] or 0, k[2] or 0,
-                                                                   k[0].value))
-        tpl = example[(role, layer) if layer is not None else first]
-        local = layer - dims.decoder_offset if layer is not None and "{D}" in tpl else layer
-        name = tpl.replace("{L}", str(local)).replace("{D}", str(local)).replace("{E}", str(expert))
-        problems.append(Problem("error", "missing_tensors",
-                                f"{len(missing)} tensors the config calls for are missing (first: {name})"))
+            found[(m.role, m.layer)][m.expert] = r.ref.name
+
+    missing_count, first_missing = 0, None
+    for (role, layer), tpl in expected.items():
+        have = found.get((role, layer), {})
+        if "{E}" in tpl:
+            absent = experts - sum(1 for e in have if e is not None and e < experts)
+            example = next((e for e in range(experts) if e not in have), None) if absent else None
+        else:
+            absent, example = (0, None) if None in have else (1, None)
+        if absent:
+            missing_count += absent
+            if first_missing is None:
+                local = layer - dims.decoder_offset if layer is not None and "{D}" in tpl else layer
+                first_missing = tpl.replace("{L}", str(local)).replace("{D}", str(local)).replace(
+                    "{E}", str(example))
+    if missing_count:
+        problems.append(Problem("error", "missing_tensors", f"{missing_count} tensors the config calls for "
+                                                            f"are missing (first: {first_missing})"))
+
     structural = MOE_LAYER_ROLES | SHARED_ROLES | DENSE_ROLES
-    extra = sorted(name for key, name in found.items()
-                   if key[0] in structural and key[1] is not None and key not in expected)
+    extra = []
+    for (role, layer), names in found.items():
+        if role not in structural or layer is None:
+            continue
+        tpl = expected.get((role, layer))
+        for expert, name in names.items():
+            if tpl is None or (expert is not None and ("{E}" not in tpl or expert >= experts)):
+                extra.append(name)
     if extra:
         problems.append(Problem("error", "unexpected_tensor",
                                 f"{len(extra)} tensors do not fit the config (MoE tensors in a dense layer, "
                                 f"an expert index beyond the expert count, or a layer beyond num_layers; "
-                                f"first: {extra[0]})"))
+                                f"first: {sorted(extra)[0]})"))
 
 
 def _expected_shape(family: Family, dims: _Dims, role: Role, fused: bool) -> tuple[int, ...] | None:
