@@ -106,21 +106,26 @@ def test_hub_id_offline_uses_the_cache(tiny):
         open_checkpoint("acme/not-cached")
 
 
-def test_remote_headers_build_a_header_only_checkpoint(tiny):
-    """get_safetensors_metadata's answer (here built from a real file) becomes TensorRefs."""
+def _remote_metadata(src):
+    """What HfApi.get_safetensors_metadata returns for a repo holding SRC/model.safetensors."""
     from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
-    src = tiny("mixtral")
     raw = (src / "model.safetensors").read_bytes()
     length = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + length])
     header.pop("__metadata__", None)
     infos = {k: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
              for k, v in header.items()}
-    meta = SafetensorsRepoMetadata(metadata=None, sharded=False,
-                                   weight_map={k: "model.safetensors" for k in infos},
-                                   files_metadata={"model.safetensors": SafetensorsFileMetadata(
-                                       metadata={}, tensors=infos)})
+    return header, SafetensorsRepoMetadata(metadata=None, sharded=False,
+                                           weight_map={k: "model.safetensors" for k in infos},
+                                           files_metadata={"model.safetensors": SafetensorsFileMetadata(
+                                               metadata={}, tensors=infos)})
+
+
+def test_remote_headers_build_a_header_only_checkpoint(tiny):
+    """get_safetensors_metadata's answer (here built from a real file) becomes TensorRefs."""
+    src = tiny("mixtral")
+    header, meta = _remote_metadata(src)
     config = json.loads((src / "config.json").read_text())
     ckpt = checkpoint_from_remote_metadata(meta, config, "acme/mixtral")
     assert ckpt.kind == "hub-headers" and set(ckpt.tensors) == set(header)
@@ -130,3 +135,34 @@ def test_remote_headers_build_a_header_only_checkpoint(tiny):
     from moetool.errors import UnsupportedError
     with pytest.raises(UnsupportedError):
         next(iter(ckpt.tensors.values())).load()
+
+
+def test_hub_id_online_reads_only_headers(monkeypatch, tiny):
+    """Online and not cached: config.json and the safetensors headers are fetched, no weights."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from moetool.ops.inspect import inspect_checkpoint
+
+    src = tiny("qwen2_moe")
+    calls = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def fake_download(repo, filename, revision=None, **kwargs):
+        calls.append(("download", repo, filename, revision))
+        assert filename == "config.json"
+        return str(src / filename)
+
+    def fake_metadata(self, repo, revision=None, **kwargs):
+        calls.append(("metadata", repo, revision))
+        return _remote_metadata(src)[1]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", fake_metadata)
+    with open_checkpoint("acme/remote-moe@v2", headers_only=True) as ckpt:
+        report = inspect_checkpoint(ckpt)
+    assert calls == [("download", "acme/remote-moe", "config.json", "v2"), ("metadata", "acme/remote-moe", "v2")]
+    with open_checkpoint(src) as local:
+        assert report.total_params == inspect_checkpoint(local).total_params
+    assert report.kind == "hub-headers" and report.problems == []

@@ -169,14 +169,20 @@ def layer_of(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+_TOKEN_EMBEDDINGS = ("embed_tokens", ".wte.", "word_embeddings", "tok_embeddings", "embed_positions", ".wpe.")
+_OTHER_MODALITIES = ("vision", "visual", "multi_modal_projector", "mm_projector", "audio", "image")
+
+
 def generic_role(name: str) -> Role:
     """Best-effort role of a tensor no family template names (attention, norms, ...)."""
+    if any(word in name for word in _OTHER_MODALITIES):
+        return Role.OTHER   # vision towers and projectors of multimodal checkpoints
     last = name.rsplit(".", 2)
     tail = ".".join(last[-2:]).lower()
     if "lm_head" in name or name in ("output.weight", "embed_out.weight"):
         return Role.LM_HEAD
-    if "embed" in name or ".wte." in name or name.startswith("wte.") or "word_embeddings" in name \
-            or name.endswith("shared.weight"):
+    dotted = "." + name
+    if any(word in dotted for word in _TOKEN_EMBEDDINGS) or dotted.endswith(".shared.weight"):
         return Role.EMBED
     if "norm" in tail or tail.startswith("ln") or ".ln_" in name:
         return Role.NORM

@@ -219,6 +219,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         problems.append(Problem("error", "unexpected_tensor",
                                 f"{len(tally.unexpected)} expert-like tensors match no {family.name if family else ''}"
                                 f" template (first: {name})"))
+    _check_experts_quantized(tally, problems)
     if tally.mtp:
         problems.append(Problem("info", "mtp", f"{tally.mtp:,} parameters belong to multi-token-prediction "
                                                "modules, which transformers ignores; they are not counted"))
@@ -523,6 +524,19 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
                                 f"first: {sorted(extra)[0]})"))
 
 
+def _check_experts_quantized(tally: _Tally, problems: list[Problem]) -> None:
+    """bitsandbytes through transformers 5 quantizes nn.Linear only: fused experts stay full precision."""
+    if not any(form.startswith("bitsandbytes") for form in tally.quant_forms):
+        return
+    full = sum(r.params for r in tally.records
+               if r.category == "routed_experts" and r.ref.dtype in ("F32", "F16", "BF16"))
+    if full:
+        problems.append(Problem("warning", "experts_not_quantized",
+                                f"the checkpoint is bitsandbytes-quantized, but {full:,} routed-expert parameters "
+                                f"are stored in full precision (transformers 5 quantizes only nn.Linear; "
+                                f"fused 3-D expert parameters are left as they are)"))
+
+
 def _expected_shape(family: Family, dims: _Dims, role: Role, fused: bool) -> tuple[int, ...] | None:
     symbols = family.shapes.get(role)
     if symbols is None:
@@ -540,7 +554,7 @@ def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Pro
     cache: dict[tuple, tuple | None] = {}
     for r in tally.records:
         m = r.match
-        if m.aux or m.packed or (r.ref.dtype == "U8" and r.params == 2 * r.ref.numel):
+        if m.guessed or m.aux or m.packed or (r.ref.dtype == "U8" and r.params == 2 * r.ref.numel):
             continue
         key = (m.role, m.expert is None)
         want = cache[key] if key in cache else cache.setdefault(key, _expected_shape(family, dims, *key))

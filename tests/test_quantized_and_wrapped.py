@@ -1,0 +1,113 @@
+"""Quantized on-disk forms, multimodal wrappers and model_type aliases."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moetool.checkpoint import open_checkpoint
+from moetool.ops.inspect import inspect_checkpoint
+from tests.tiny import COMMON
+
+
+def _inspect(path):
+    with open_checkpoint(path) as ckpt:
+        return inspect_checkpoint(ckpt)
+
+
+def _expected(path) -> int:
+    return json.loads((path / "expected.json").read_text())["params"]
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])
+def test_bitsandbytes_checkpoint_saved_by_transformers(tmp_path, tiny, mode):
+    src = tiny("qwen2_moe")
+    config = (transformers.BitsAndBytesConfig(load_in_8bit=True) if mode == "int8" else
+              transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode))
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
+    model.save_pretrained(tmp_path / "bnb")
+    report = _inspect(tmp_path / "bnb")
+    assert report.total_params == _expected(src)
+    assert report.quantization == [f"bitsandbytes {mode}"]
+    # transformers 5 leaves the fused experts unquantized, and inspect says so
+    assert [p.code for p in report.problems] == ["experts_not_quantized"]
+    assert report.disk["tensor_bytes"] < 4 * report.total_params
+
+
+def test_block_fp8_experts(tmp_path, tiny):
+    src = tiny("deepseek_v3")
+    shutil.copytree(src, tmp_path / "fp8")
+    with safe_open(src / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name in [n for n in tensors if ".experts." in n or "self_attn" in n and n.endswith("proj.weight")]:
+        w = tensors[name]
+        scale = w.abs().amax().reshape(1, 1) / 448
+        tensors[name] = (w / scale).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale.float()
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors")
+    report = _inspect(tmp_path / "fp8")
+    assert report.problems == []
+    assert report.total_params == _expected(src)
+    assert report.quantization == ["fp8", "fp8 block-scaled"]
+
+
+def test_compressed_tensors_packed_int4(tmp_path, tiny):
+    src = tiny("mixtral")
+    shutil.copytree(src, tmp_path / "ct")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                     "config_groups": {"group_0": {"weights": {"num_bits": 4, "group_size": 8}}}}
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    with safe_open(src / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name in [n for n in tensors if ".experts." in n]:
+        out, inp = tensors.pop(name).shape
+        base = name.removesuffix(".weight")
+        tensors[base + ".weight_packed"] = torch.zeros(out, inp // 8, dtype=torch.int32)
+        tensors[base + ".weight_scale"] = torch.ones(out, inp // 8, dtype=torch.bfloat16)
+        tensors[base + ".weight_shape"] = torch.tensor([out, inp], dtype=torch.int64)
+    save_file(tensors, tmp_path / "ct" / "model.safetensors")
+    report = _inspect(tmp_path / "ct")
+    assert report.problems == []
+    assert report.total_params == _expected(src)
+    assert report.quantization == ["compressed-tensors int4"]
+
+
+def test_kimi_k2_reads_as_deepseek_v3(tmp_path, tiny):
+    shutil.copytree(tiny("deepseek_v3"), tmp_path / "kimi")
+    config = json.loads((tmp_path / "kimi" / "config.json").read_text())
+    config["model_type"] = "kimi_k2"
+    (tmp_path / "kimi" / "config.json").write_text(json.dumps(config))
+    report = _inspect(tmp_path / "kimi")
+    assert report.family == "deepseek_v3" and report.problems == []
+    assert report.total_params == _expected(tmp_path / "kimi")
+
+
+VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=32,
+              patch_size=16)
+
+
+@pytest.mark.parametrize("family", ["llama4", "gemma3"])
+def test_multimodal_wrappers(tmp_path, family):
+    """Text models inside image-text checkpoints: text_config and the language_model. prefix."""
+    if family == "llama4":
+        config = transformers.Llama4Config(
+            text_config=dict(COMMON, intermediate_size=16, intermediate_size_mlp=24, num_hidden_layers=2,
+                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=8),
+            vision_config=dict(VISION, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32))
+    else:
+        config = transformers.Gemma3Config(text_config=dict(COMMON, intermediate_size=24, num_hidden_layers=2,
+                                                            head_dim=8), vision_config=VISION, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(tmp_path / family)
+    report = _inspect(tmp_path / family)
+    assert report.family == family and report.problems == []
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.params["embedding"] == 64 * 32   # the token embedding only, not the vision tower's
+    if family == "llama4":
+        assert report.moe_layers == [1] and report.num_experts == 4 and report.num_shared_experts == 1
