@@ -1,31 +1,7 @@
-from moetool.arch.families._shared import (
-                                           DEEPSEEK_SHARED,
-                                           DEEPSEEK_V3_ROUTER,
-                                           DENSE_MLP,
-                                           EMBED_AND_HEAD,
-                                           QWEN_EXPERTS,
-                                           QWEN_FUSED,
-                                           ROUTER_MLP_GATE,
-                                           deepseek_num_shared,
-                                           deepseek_shared_ffn,
-                                           first_k_dense,
-                                           keys,
-)
-from moetool.arch.schema import Family, Role
+"""dots.llm1: DeepSeek-V3's tensor names and router, without MTP layers or MLA."""
 
-FAMILY = Family(
-    name="dots1",
-    model_types=("dots1",),
-    title="dots.llm1",
-    router=DEEPSEEK_V3_ROUTER,
-    keys=keys(num_experts=("n_routed_experts", "num_local_experts"), top_k=("num_experts_per_tok",),
-              expert_ffn=("moe_intermediate_size",)),
-    common={**EMBED_AND_HEAD, **DENSE_MLP, **ROUTER_MLP_GATE, **DEEPSEEK_SHARED,
-            Role.ROUTER_CORRECTION: "model.layers.{L}.mlp.gate.e_score_correction_bias"},
-    per_expert=QWEN_EXPERTS,
-    fused=QWEN_FUSED,
-    is_moe_layer=first_k_dense,
-    shared_ffn=deepseek_shared_ffn,
-    num_shared=deepseek_num_shared,
-    buffers=frozenset({Role.ROUTER_CORRECTION}),
-)
+from dataclasses import replace
+
+from moetool.arch.families.deepseek_v3 import FAMILY as DEEPSEEK_V3
+
+FAMILY = replace(DEEPSEEK_V3, name="dots1", model_types=("dots1",), title="dots.llm1", mtp=False, notes="")

@@ -1,31 +1,10 @@
-from moetool.arch.families._shared import (
-                                           DENSE_MLP,
-                                           EMBED_AND_HEAD,
-                                           QWEN_EXPERTS,
-                                           QWEN_FUSED,
-                                           QWEN_SHARED,
-                                           ROUTER_MLP_GATE,
-                                           SOFTMAX_TOPK_NORM_KEY,
-                                           keys,
-                                           one_if,
-                                           qwen_moe_layer,
-                                           qwen_shared_ffn,
-)
-from moetool.arch.schema import Family
+"""Qwen3-Next: Qwen2-MoE's tensor names, shared expert and router; hybrid attention; MTP."""
 
-FAMILY = Family(
-    name="qwen3_next",
-    model_types=("qwen3_next",),
-    title="Qwen3-Next",
-    router=SOFTMAX_TOPK_NORM_KEY,
-    keys=keys(num_experts=("num_experts", "num_local_experts"), top_k=("num_experts_per_tok",),
-              expert_ffn=("moe_intermediate_size",)),
-    common={**EMBED_AND_HEAD, **DENSE_MLP, **ROUTER_MLP_GATE, **QWEN_SHARED},
-    per_expert=QWEN_EXPERTS,
-    fused=QWEN_FUSED,
-    is_moe_layer=qwen_moe_layer,
-    shared_ffn=qwen_shared_ffn,
-    num_shared=one_if(qwen_shared_ffn),
-    mtp=True,
+from dataclasses import replace
+
+from moetool.arch.families.qwen2_moe import FAMILY as QWEN2_MOE
+
+FAMILY = replace(
+    QWEN2_MOE, name="qwen3_next", model_types=("qwen3_next",), title="Qwen3-Next", mtp=True,
     notes="hybrid gated-DeltaNet (linear) and full attention; mtp.* tensors are ignored by transformers",
 )
