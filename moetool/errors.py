@@ -47,3 +47,15 @@ class OutputExistsError(MoetoolError):
     """The output path exists and --force was not given."""
 
     exit_code = 8
+
+
+class UsageError(MoetoolError):
+    """Options that contradict each other or the checkpoint (like typer's own usage errors)."""
+
+    exit_code = 2
+
+
+class OutputWriteError(MoetoolError):
+    """Writing the output failed (disk full, permissions); nothing partial is left behind."""
+
+    exit_code = 9

@@ -114,6 +114,13 @@ class Classifier:
                 return new + name[len(old):]
         return name
 
+    def restore_prefix(self, original: str, name: str) -> str:
+        """Give NAME (in template form) the prefix ORIGINAL had on disk (e.g. "language_model.")."""
+        for old, new in self.family.name_prefixes if self.family else ():
+            if original.startswith(old) and name.startswith(new):
+                return old + name[len(new):]
+        return name
+
     def _rule(self, name: str) -> _Rule:
         base, aux, packed = split_quant_suffix(self.strip_prefix(name))
         candidates = tuple(self._table.get(_DIGITS.sub("#", base), ()))

@@ -128,6 +128,8 @@ class Family:
     mtp: bool = False                        # layers >= num_hidden_layers are MTP modules
     dense: bool = False                      # a dense (non-MoE) upcycling source
     packed_experts: bool = False             # experts stacked on axis 0 as [E*I, ...] (DBRX)
+    fused_transposed: bool = False           # fused experts are [E, in, out] (Llama 4, GPT-OSS), not [E, out, in]
+    fp32_roles: frozenset[Role] = frozenset()  # kept in fp32 by transformers; convert leaves their dtype
     notes: str = ""
 
     @property

@@ -86,6 +86,24 @@ class TensorRef:
             return handle.get_tensor(self.name)
         return handle[self.name]
 
+    def load_rows(self, start: int, stop: int):
+        """Rows [start, stop) of the tensor seen as a matrix [prod(shape[:-1]), shape[-1]] (torch)."""
+        cols = self.shape[-1] if self.shape else 1
+        if self.shard.format == "safetensors":
+            import torch
+
+            itemsize = DTYPE_BYTES[self.dtype]
+            length = (stop - start) * cols * itemsize
+            with open(self.shard.path, "rb", buffering=0) as fh:
+                data = bytearray(length)
+                fh.seek(self.start + start * cols * itemsize)
+                if fh.readinto(data) != length:
+                    raise CheckpointFormatError(f"{self.shard.path}: ended early reading {self.name}")
+            flat = torch.frombuffer(data, dtype=TORCH_DTYPES[self.dtype]) if length else \
+                torch.empty(0, dtype=TORCH_DTYPES[self.dtype])
+            return flat.reshape(stop - start, cols)
+        return self.load().reshape(-1, cols)[start:stop]
+
     def load_slice(self, index):
         """Read part of the tensor, e.g. one expert ``load_slice(e)`` of a fused [E, ...]
         tensor, without reading the rest of it."""
@@ -143,6 +161,24 @@ def _load_bin(path: Path) -> dict:
             tensors[key] = value
     return tensors
 
+
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+                "U8": "uint8", "BOOL": "bool"}
+
+
+class _TorchDtypes(dict):
+    """safetensors dtype name -> torch dtype, importing torch on first use."""
+
+    def __missing__(self, key: str):
+        import torch
+
+        self.update({k: getattr(torch, v) for k, v in _TORCH_NAMES.items()})
+        return self[key]
+
+
+TORCH_DTYPES = _TorchDtypes()
 
 _TORCH_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
                 "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",

@@ -44,9 +44,11 @@ def _root(
 
 
 def _register() -> None:
+    from moetool.cli import convert as convert_cmd
     from moetool.cli import inspect as inspect_cmd
 
     app.command("inspect")(inspect_cmd.inspect)
+    app.command("convert")(convert_cmd.convert)
 
 
 _register()

@@ -28,6 +28,7 @@ FAMILY = Family(
     shared_ffn=deepseek_shared_ffn,
     num_shared=deepseek_num_shared,
     buffers=frozenset({Role.ROUTER_CORRECTION}),
+    fp32_roles=frozenset({Role.ROUTER, Role.ROUTER_CORRECTION}),
     mtp=True,
     notes="multi-head latent attention (MLA); layers past num_hidden_layers are MTP modules",
 )

@@ -34,5 +34,6 @@ FAMILY = Family(
     is_moe_layer=ernie_moe_layer,
     shared_ffn=shared_size,
     num_shared=lambda cfg: cfg.get("moe_num_shared_experts") or 0,
+    fp32_roles=frozenset({Role.ROUTER, Role.ROUTER_CORRECTION}),
     mtp=True,
 )

@@ -20,5 +20,6 @@ FAMILY = Family(
            Role.EXPERT_DOWN_BIAS: "model.layers.{L}.mlp.experts.down_proj_bias"},
     shapes={Role.EXPERT_GATE_UP: ("E", "H", "2I"), Role.EXPERT_DOWN: ("E", "I", "H"),
             Role.EXPERT_DOWN_BIAS: ("E", "H")},
+    fused_transposed=True,
     notes="experts use a clamped SwiGLU with biases; gate/up interleaved; released as MXFP4",
 )

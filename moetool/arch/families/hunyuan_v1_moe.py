@@ -17,4 +17,5 @@ FAMILY = Family(
     fused=QWEN_FUSED,
     shared_ffn=lambda cfg: cfg.get("intermediate_size") or 0,
     num_shared=lambda cfg: 1,
+    fp32_roles=frozenset({Role.ROUTER}),
 )

@@ -35,6 +35,7 @@ FAMILY = Family(
     is_moe_layer=llama4_moe_layer,
     shared_ffn=lambda cfg: cfg.get("intermediate_size") or 0,
     num_shared=lambda cfg: 1,
+    fused_transposed=True,
     config_root="text_config",
     name_prefixes=(("language_model.", ""), ("model.language_model.", "model.")),
 )

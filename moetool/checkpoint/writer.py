@@ -1,0 +1,233 @@
+"""Write planned tensors as sharded safetensors, streaming, into a folder made atomically.
+
+Every output tensor is known (name, dtype, shape) before a byte is written, so each
+shard's header is written first and the data then streams in piece by piece:
+raw byte ranges of source files (copied by the kernel with copy_file_range, as fast as
+cp) or tensors computed on the fly (casts, dequantization, transposes). A thread
+computes the next pieces while the current one is written, so both cores work and at
+most a few pieces are in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+from moetool.checkpoint.header import DTYPE_BYTES
+from moetool.errors import MoetoolError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+PREFETCH = 3            # computed pieces in flight
+COPY_CHUNK = 64 << 20   # bytes per copy_file_range / read-write step
+
+
+@dataclass(frozen=True)
+class RawPiece:
+    """Bytes [start, start + length) of a source file, copied as they are."""
+
+    path: Path
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ComputedPiece:
+    """A tensor computed when needed; its bytes (C order) are written."""
+
+    compute: Callable[[], object]   # -> torch.Tensor (CPU) already in the output dtype
+    length: int
+
+
+Piece = RawPiece | ComputedPiece
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: list[Piece]
+    note: str = ""          # what was done to it, for --dry-run
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * DTYPE_BYTES[self.dtype]
+
+    def check(self) -> None:
+        total = sum(p.length for p in self.pieces)
+        if total != self.nbytes:
+            raise AssertionError(f"{self.name}: pieces hold {total} bytes, {self.dtype}{list(self.shape)} "
+                                 f"needs {self.nbytes}")
+
+
+@dataclass
+class ShardPlan:
+    file: str
+    tensors: list[OutputTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[ShardPlan]:
+    """Fill shards in order up to MAX_SHARD_SIZE bytes (a larger tensor gets a shard of its own)."""
+    shards: list[ShardPlan] = []
+    for tensor in tensors:
+        if not shards or (shards[-1].tensors and shards[-1].nbytes + tensor.nbytes > max_shard_size):
+            shards.append(ShardPlan(""))
+        shards[-1].tensors.append(tensor)
+    count = len(shards)
+    for i, shard in enumerate(shards):
+        shard.file = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+    return shards
+
+
+def header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)   # keep the data buffer 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(tensor) -> memoryview:
+    """The raw bytes of a CPU torch tensor, without a copy when it is contiguous."""
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        written = os.write(fd, view[:COPY_CHUNK])
+        view = view[written:]
+
+
+def _copy_range(src: int, dst: int, start: int, length: int) -> None:
+    """Copy LENGTH bytes at START of SRC to DST's current position (in the kernel when possible)."""
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, min(COPY_CHUNK, length - done), start + done)
+        except OSError:
+            n = 0
+        if n <= 0:   # not supported between these files: plain reads and writes
+            data = os.pread(src, min(COPY_CHUNK, length - done), start + done)
+            if not data:
+                raise MoetoolError(f"a source file ended early while copying {length} bytes")
+            _write_all(dst, data)
+            n = len(data)
+        done += n
+
+
+class _SourceFiles:
+    """Open source files once, by path."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _pieces_in_order(shards: list[ShardPlan], pool: ThreadPoolExecutor) -> Iterator[tuple[Piece, object]]:
+    """Yield (piece, future-or-None) in write order, computing up to PREFETCH pieces ahead."""
+    queue: deque = deque()
+    in_flight = 0
+    for piece in (p for s in shards for t in s.tensors for p in t.pieces):
+        future = pool.submit(piece.compute) if isinstance(piece, ComputedPiece) else None
+        queue.append((piece, future))
+        in_flight += future is not None
+        while in_flight > PREFETCH:
+            first = queue.popleft()
+            in_flight -= first[1] is not None
+            yield first
+    yield from queue
+
+
+def write_shards(folder: Path, shards: list[ShardPlan], metadata: dict[str, str],
+                 progress: Callable[[int], None] | None = None) -> None:
+    """Write SHARDS (and the index when there are several) into FOLDER."""
+    sources = _SourceFiles()
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moetool-compute")
+    try:
+        pieces = _pieces_in_order(shards, pool)
+        for shard in shards:
+            out = os.open(folder / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(out, header_bytes(shard.tensors, metadata))
+                for tensor in shard.tensors:
+                    for _ in tensor.pieces:
+                        piece, future = next(pieces)
+                        if future is None:
+                            _copy_range(sources.fd(piece.path), out, piece.start, piece.length)
+                        else:
+                            data = tensor_bytes(future.result())
+                            if data.nbytes != piece.length:
+                                raise AssertionError(f"{tensor.name}: a piece computed {data.nbytes} bytes, "
+                                                     f"{piece.length} planned")
+                            _write_all(out, data)
+                        if progress:
+                            progress(piece.length)
+                os.fsync(out)
+            finally:
+                os.close(out)
+        if len(shards) > 1:
+            weight_map = {t.name: s.file for s in shards for t in s.tensors}
+            index = {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map}
+            (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        sources.close()
+
+
+@contextmanager
+def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside OUT; on success it becomes OUT, on any failure it is removed.
+
+    An existing OUT is refused unless FORCE, and then replaced only after the new one is complete.
+    """
+    out = out.absolute()
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.moetool-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.moetool-old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

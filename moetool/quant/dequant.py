@@ -1,0 +1,57 @@
+"""Exact dequantization of the quantized forms MoE releases ship (torch, CPU).
+
+* block FP8 (DeepSeek-V3, Kimi-K2, MiniMax-M2): W = q * scale_inv[row // 128, col // 128]
+* MXFP4 (GPT-OSS): 4-bit e2m1 values, two per byte (low nibble first), one power-of-two
+  scale (E8M0, bias 127) per 32 values along the input axis
+* bitsandbytes 4-bit (nf4/fp4) through bitsandbytes' own dequantize_4bit
+* bitsandbytes int8 (LLM.int8 row-wise) through bitsandbytes' own int8_vectorwise_dequant
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+FP8_BLOCK = 128
+MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_fp8_block(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype,
+                         block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)) -> torch.Tensor:
+    """[rows, cols] fp8 weight times its [ceil(rows/b0), ceil(cols/b1)] inverse scales."""
+    rows, cols = q.shape
+    scale = scale_inv.float().reshape(-(-rows // block[0]), -(-cols // block[1]))
+    scale = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (q.float() * scale).to(dtype)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., G, 16] uint8 blocks and [..., G] uint8 exponents -> [..., G * 32] values."""
+    lut = torch.tensor(MXFP4_VALUES, dtype=torch.float32)
+    low = lut[(blocks & 0x0F).long()]
+    high = lut[(blocks >> 4).long()]
+    values = torch.stack((low, high), dim=-1).reshape(*blocks.shape[:-1], 32)
+    values = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - 127)
+    return values.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).to(dtype)
+
+
+def bnb4_shape(quant_state: torch.Tensor) -> tuple[int, ...]:
+    """The original shape recorded in a bitsandbytes quant_state blob."""
+    return tuple(json.loads(bytes(quant_state.tolist()).decode())["shape"])
+
+
+def dequantize_bnb4(components: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """COMPONENTS: the packed weight under "weight" and its companions by suffix
+    ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")."""
+    from bitsandbytes.functional import QuantState, dequantize_4bit
+
+    qs = QuantState.from_dict({k: v for k, v in components.items() if k != "weight"}, device=torch.device("cpu"))
+    return dequantize_4bit(components["weight"], qs).to(dtype)
+
+
+def dequantize_bnb8(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row-wise int8 through bitsandbytes' own int8_vectorwise_dequant (q * SCB / 127)."""
+    from bitsandbytes.functional import int8_vectorwise_dequant
+
+    return int8_vectorwise_dequant(q, scb.float()).to(dtype)
