@@ -1,0 +1,148 @@
+"""convert never harms its input and never leaves a half-written output that looks complete."""
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moetool.checkpoint import open_checkpoint
+from moetool.errors import OutputWriteError
+from moetool.ops.convert import ConvertOptions, convert
+from tests.headersets import write_header_set
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "moetool", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if name in p.name]
+
+
+def test_existing_output_needs_force(tmp_path, tiny):
+    src = tiny("mixtral")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    proc = cli("convert", str(src), str(tmp_path / "out"))
+    assert proc.returncode == 8 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    proc = cli("convert", str(src), str(tmp_path / "out"), "--force", "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+    assert leftovers(tmp_path, "moetool-") == []
+
+
+def test_output_inside_source_is_refused(tmp_path, tiny):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny("mixtral"), src)
+    before = digest(src)
+    proc = cli("convert", str(src), str(src / "converted"))
+    assert proc.returncode == 2 and "inside the source" in proc.stderr
+    assert digest(src) == before and not (src / "converted").exists()
+
+
+def test_dry_run_writes_nothing(tmp_path, tiny):
+    proc = cli("convert", str(tiny("qwen3_moe")), str(tmp_path / "out"), "--layout", "fused", "--dtype", "bf16",
+               "--max-shard-size", "30KB", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["target_layout"] == "fused" and len(plan["shards"]) > 1
+    assert plan["actions"]["expert groups converted"] == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_source_is_refused_like_inspect(tmp_path, tiny):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny("mixtral"), src)
+    raw = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(raw[:-100])   # truncated
+    proc = cli("convert", str(src), str(tmp_path / "out"))
+    assert proc.returncode == 4 and "truncated" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "moetool-") == []
+
+
+def test_write_failure_leaves_nothing(tmp_path, tiny, monkeypatch):
+    import moetool.checkpoint.writer as writer
+
+    calls = {"n": 0}
+    real = writer._write_all
+
+    def failing(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(writer, "_write_all", failing)
+    src = tiny("deepseek_v3")
+    before = digest(src)
+    with open_checkpoint(src) as ckpt, pytest.raises(OutputWriteError, match="No space left"):
+        convert(ckpt, tmp_path / "out", ConvertOptions(dtype="bf16", max_shard_size=10_000))
+    assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path, "out") == []
+    assert digest(src) == before
+
+
+def test_interrupt_removes_the_temporary_folder(tmp_path):
+    """Ctrl-C mid-way: exit 130, no output, no temporary folder, source untouched."""
+    src = write_header_set("mixtral_8x7b", tmp_path / "big")   # sparse: reads zeros, writes for real
+    before = {p.name: p.stat().st_size for p in src.iterdir()}
+    proc = subprocess.Popen([sys.executable, "-m", "moetool", "convert", str(src), str(tmp_path / "out"),
+                             "--dtype", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.stat().st_size > 50_000_000 for p in tmp_path.glob(
+            ".out.moetool-tmp-*/*.safetensors")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "moetool-") == []
+    assert {p.name: p.stat().st_size for p in src.iterdir()} == before
+
+
+def test_verify_catches_a_corrupted_write(tmp_path, tiny, monkeypatch):
+    """--verify re-reads what was written: a writer that flips a byte is caught."""
+    import moetool.checkpoint.writer as writer
+    from moetool.errors import MoetoolError
+
+    real = writer._copy_range
+
+    def corrupting(src, dst, start, length):
+        real(src, dst, start, length)
+        os.lseek(dst, -1, os.SEEK_CUR)
+        os.write(dst, b"\x7f")
+
+    monkeypatch.setattr(writer, "_copy_range", corrupting)
+    with open_checkpoint(tiny("olmoe")) as ckpt, pytest.raises(MoetoolError, match="verify"):
+        convert(ckpt, tmp_path / "out", ConvertOptions(), verify=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_json_report_and_verify(tmp_path, tiny):
+    proc = cli("convert", str(tiny("phimoe")), str(tmp_path / "out"), "--layout", "fused", "--dtype", "fp16",
+               "--verify", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["verified"] is True and report["plan"]["target_layout"] == "fused"
+    assert report["bytes_written"] == sum(s["bytes"] for s in report["plan"]["shards"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "moetool convert" in card and "--layout fused" in card
