@@ -292,3 +292,35 @@ def test_every_tiny_family_converts_to_bf16(tmp_path, tiny):
     for family in TINY:
         report = run(tiny(family), tmp_path / family, dtype="bf16")
         assert report.verified, family
+
+
+V4_SCRIPT = """
+import json, sys, torch, transformers
+assert transformers.__version__.startswith("4."), transformers.__version__
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+with torch.no_grad():
+    print(json.dumps(model(torch.tensor([[1, 5, 9, 3, 7]])).logits.tolist()))
+"""
+
+
+def test_transformers_4_57_reads_the_converted_checkpoint(tmp_path, tiny):
+    """transformers 4.57 (installed beside the package by .ci/run into .ci/transformers4) loads the
+    bf16 output, whose config convert kept readable; it cannot load the transformers-5-saved source."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    v4 = Path(os.environ.get("MOETOOL_TRANSFORMERS4", Path(__file__).parents[1] / ".ci" / "transformers4"))
+    if not (v4 / "transformers").is_dir():
+        pytest.skip("transformers 4.57 is not installed in .ci/transformers4")
+    src = tiny("qwen3_moe")
+    run(src, tmp_path / "bf16", dtype="bf16")
+    env = {**os.environ, "PYTHONPATH": str(v4)}
+    proc = subprocess.run([sys.executable, "-c", V4_SCRIPT, str(tmp_path / "bf16")], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert torch.allclose(got, logits(tmp_path / "bf16", torch.tensor([[1, 5, 9, 3, 7]])), atol=1e-4)
+    source = subprocess.run([sys.executable, "-c", V4_SCRIPT, str(src)], capture_output=True, text=True, env=env)
+    assert source.returncode != 0 and "size mismatch" in source.stderr
