@@ -532,3 +532,29 @@ def test_debug_shows_traceback(tmp_path):
     result = moetool(tmp_path, "--debug", "inspect", str(folder))
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "CheckpointFormatError" in result.stderr
+
+
+# ---------------------------------------------------------------- convert refuses what inspect refuses
+
+CONVERT_CASES = ["truncated_data", "overlapping_tensors", "header_not_json", "unknown_dtype"]
+
+
+@pytest.mark.parametrize("case", CONVERT_CASES)
+def test_convert_refuses_malformed_safetensors(tmp_path, case):
+    folder = corrupt_weights(tmp_path, CORRUPT_SAFETENSORS[case]())
+    result = moetool(tmp_path, "convert", str(folder), str(tmp_path / "out"))
+    assert_clean_error(result, 4, str(folder / "model.safetensors"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["shard_outside_folder_relative", "names_missing_shard"])
+def test_convert_refuses_bad_index(tmp_path, case):
+    folder, named = BAD_INDEX[case](tmp_path)
+    result = moetool(tmp_path, "convert", str(folder), str(tmp_path / "out"))
+    assert_clean_error(result, 4, named)
+
+
+def test_convert_refuses_missing_config(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt")
+    (folder / "config.json").unlink()
+    assert_clean_error(moetool(tmp_path, "convert", str(folder), str(tmp_path / "out")), 5, "config.json")
