@@ -78,7 +78,7 @@ TINY: dict[str, tuple[str, dict]] = {
                                     num_local_experts=4, num_experts_per_tok=2,
                                     max_position_embeddings=64)),
     "dbrx": ("DbrxConfig", dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
-                                attn_config=dict(kv_n_heads=2),
+                                attn_config=dict(kv_n_heads=2, clip_qkv=8.0),
                                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2))),
     "jamba": ("JambaConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=4,
                                   num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,

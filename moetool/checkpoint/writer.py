@@ -231,3 +231,25 @@ def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def materialize(tensor: OutputTensor):
+    """Assemble a planned tensor in memory (torch), from its pieces, for the streamed runner."""
+    import torch
+
+    from moetool.checkpoint.checkpoint import TORCH_DTYPES
+
+    buffer = bytearray(tensor.nbytes)
+    view = memoryview(buffer)
+    offset = 0
+    for piece in tensor.pieces:
+        if isinstance(piece, RawPiece):
+            with open(piece.path, "rb", buffering=0) as fh:
+                fh.seek(piece.start)
+                fh.readinto(view[offset:offset + piece.length])
+        else:
+            view[offset:offset + piece.length] = tensor_bytes(piece.compute())
+        offset += piece.length
+    if not buffer:
+        return torch.empty(tensor.shape, dtype=TORCH_DTYPES[tensor.dtype])
+    return torch.frombuffer(buffer, dtype=TORCH_DTYPES[tensor.dtype]).reshape(tensor.shape)

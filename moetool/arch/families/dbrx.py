@@ -20,4 +20,6 @@ FAMILY = Family(
            Role.EXPERT_DOWN: f"{FFN}.experts.mlp.w2"},
     shapes={Role.EXPERT_GATE: ("E*I", "H"), Role.EXPERT_UP: ("E*I", "H"), Role.EXPERT_DOWN: ("E*I", "H")},
     packed_experts=True,
+    router_module="transformer.blocks.{L}.ffn.router",
+    router_output="logits",
 )

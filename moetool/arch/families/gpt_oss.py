@@ -22,4 +22,6 @@ FAMILY = Family(
             Role.EXPERT_DOWN_BIAS: ("E", "H")},
     fused_transposed=True,
     notes="experts use a clamped SwiGLU with biases; gate/up interleaved; released as MXFP4",
+    router_module="model.layers.{L}.mlp.router",
+    router_output="topk",
 )

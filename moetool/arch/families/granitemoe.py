@@ -24,4 +24,6 @@ FAMILY = Family(
     common=EMBED_AND_HEAD,
     per_expert=GRANITE_HUB,
     fused=GRANITE_FUSED,
+    router_module="model.layers.{L}.block_sparse_moe.router",
+    router_output="topk",
 )

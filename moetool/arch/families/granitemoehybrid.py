@@ -15,4 +15,6 @@ FAMILY = Family(
     shared_ffn=lambda cfg: cfg.get("shared_intermediate_size") or 0,
     num_shared=lambda cfg: 1,
     notes="the shared MLP is always present; Mamba2 and attention layers per layer_types",
+    router_module="model.layers.{L}.block_sparse_moe.router",
+    router_output="topk",
 )

@@ -18,4 +18,6 @@ FAMILY = Family(
     fused=GRANITE_FUSED,
     shared_ffn=shared_size,
     num_shared=lambda cfg: 1 if shared_size(cfg) else 0,
+    router_module="model.layers.{L}.block_sparse_moe.router",
+    router_output="topk",
 )

@@ -26,4 +26,6 @@ FAMILY = Family(
            Role.EXPERT_DOWN: f"{FF}.experts.down_proj"},
     is_moe_layer=jamba_moe_layer,
     notes="hybrid Mamba and attention layers",
+    router_module="model.layers.{L}.feed_forward.router",
+    router_output="topk",
 )

@@ -15,4 +15,6 @@ FAMILY = Family(
            Role.EXPERT_DOWN: "model.layers.{L}.mlp.output_linear.weight",
            Role.MOE_OUTPUT_BIAS: "model.layers.{L}.mlp.bias"},
     notes="attention is also a mixture of experts (counted as attention, fully active)",
+    router_module="model.layers.{L}.mlp.router",
+    router_output="jetmoe",
 )

@@ -38,4 +38,6 @@ FAMILY = Family(
     fused_transposed=True,
     config_root="text_config",
     name_prefixes=(("language_model.", ""), ("model.language_model.", "model.")),
+    router_module="model.layers.{L}.feed_forward.router",
+    router_output="llama4",
 )

@@ -41,4 +41,6 @@ FAMILY = Family(
     decoder_offset=lambda cfg: cfg.get("encoder_layers") or 0,
     top_k=lambda cfg: 2,
     notes="layers 0..encoder_layers-1 are the encoder, the rest the decoder",
+    router_module=None,
+    router_output=None,
 )

@@ -12,4 +12,6 @@ FAMILY = Family(
     common=EMBED_AND_HEAD,
     per_expert=MIXTRAL_EXPERTS,
     fused={Role.ROUTER: "model.layers.{L}.mlp.router.weight", **QWEN_FUSED},
+    router_module="model.layers.{L}.mlp.router",
+    router_output="topk",
 )

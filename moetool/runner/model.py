@@ -1,0 +1,149 @@
+"""Build a transformers model from a Checkpoint, whole (`full`) or one layer at a time (`streamed`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from moetool.arch import Family, detect_family
+from moetool.checkpoint import Checkpoint
+from moetool.errors import UnsupportedError
+from moetool.runner.device import DeviceError, available_memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: object                   # the transformers *ForCausalLM
+    family: Family
+    mode: str                       # "full" | "streamed"
+    device: object
+    dtype: object
+    layers_name: str                # where the decoder layers are, e.g. "model.layers"
+    layers: object                  # the ModuleList of decoder layers
+    layer_seconds: dict[int, float] = field(default_factory=dict)   # streamed: load + run time per layer
+
+    def base_forward(self, input_ids, attention_mask=None):
+        """Run the decoder stack without the lm_head (profiling needs no logits)."""
+        stack = self.model.get_submodule(self.layers_name.rpartition(".")[0])
+        return stack(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def _decoder_layers(model) -> tuple[str, object]:
+    """The name and ModuleList of the decoder layers (model.layers, transformer.blocks, ...)."""
+    import torch
+
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and name.rsplit(".", 1)[-1] in ("layers", "blocks", "h")]
+    if not lists:
+        raise UnsupportedError("cannot find the decoder layers of this model")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def _check_supported(ckpt: Checkpoint) -> Family:
+    family = detect_family(ckpt.config)
+    if family is None:
+        raise UnsupportedError(f"{ckpt.source}: the architecture is not known, so moetool cannot run it")
+    if ckpt.root is None or ckpt.kind == "file":
+        raise UnsupportedError(f"{ckpt.source}: running a model needs its folder with config.json")
+    return family
+
+
+def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_remote_code: bool = False
+               ) -> LoadedModel:
+    """Build the model with transformers' own classes on DEVICE in DTYPE."""
+    import torch
+    import transformers
+
+    family = _check_supported(ckpt)
+    if mode == "auto":
+        need = ckpt.total_bytes * (torch.finfo(dtype).bits // 8) // 2 if dtype.is_floating_point else 0
+        mode = "full" if need * 1.2 < available_memory(device) else "streamed"
+        log.info("mode auto: %s (weights %.1f GB, free %.1f GB)", mode, need / 1e9, available_memory(device) / 1e9)
+    if mode == "full":
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                ckpt.root, dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code)
+        except torch.OutOfMemoryError:
+            raise DeviceError(f"{device}: out of memory loading the whole model",
+                              hint="use --mode streamed, a smaller --batch-size, or --dtype bf16") from None
+        model.eval()
+        return LoadedModel(model, family, "full", device, dtype, *_decoder_layers(model))
+    if mode != "streamed":
+        raise UnsupportedError(f"--mode {mode}: use full, streamed or auto")
+    return _streamed(ckpt, family, device, dtype, trust_remote_code)
+
+
+def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code: bool) -> LoadedModel:
+    """Meta-device model; each decoder layer is loaded right before it runs and freed after."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+
+    from moetool.checkpoint.writer import materialize
+    from moetool.ops.convert import ConvertOptions, plan_convert
+
+    config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                              trust_remote_code=trust_remote_code)
+    model.eval()
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    layout = "fused" if "fused" in family.layouts else None   # transformers 5 holds experts fused
+    quantized = any(r.dtype in ("U8", "I32", "F8_E4M3", "I8") for r in ckpt.tensors.values())
+    plan = plan_convert(ckpt, ConvertOptions(dtype=dtype_name, layout=layout, dequantize=quantized))
+    prefix, layers = _decoder_layers(model)
+    per_layer: dict[int, list] = {}
+    rest = {}
+    for tensor in plan.tensors:
+        if tensor.name.startswith(prefix + "."):
+            index = int(tensor.name[len(prefix) + 1:].split(".", 1)[0])
+            per_layer.setdefault(index, []).append(tensor)
+        else:
+            rest[tensor.name] = tensor
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    state = {name: materialize(t).to(device) for name, t in rest.items() if name in own}
+    if "lm_head.weight" in own and "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in model.named_buffers():
+        if buffer.device != device and buffer.device.type != "meta":
+            _set(model, name, buffer.to(device))
+    loaded = LoadedModel(model, family, "streamed", device, dtype, prefix, layers)
+
+    def load(index: int):
+        def hook(module, args, kwargs):
+            start = time.perf_counter()
+            local = {t.name[len(f"{prefix}.{index}."):]: materialize(t).to(device) for t in per_layer.get(index, [])}
+            try:
+                module.load_state_dict(local, strict=False, assign=True)
+            except torch.OutOfMemoryError:
+                raise DeviceError(f"{device}: out of memory loading layer {index}",
+                                  hint="use a smaller --batch-size or --max-tokens") from None
+            loaded.layer_seconds[index] = loaded.layer_seconds.get(index, 0.0) - start
+        return hook
+
+    def free(index: int):
+        def hook(module, args, output):
+            for name, param in list(module.named_parameters()):
+                _set(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+            loaded.layer_seconds[index] = loaded.layer_seconds.get(index, 0.0) + time.perf_counter()
+        return hook
+
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(load(index), with_kwargs=True)
+        layer.register_forward_hook(free(index))
+    return loaded
+
+
+def _set(root, dotted: str, value) -> None:
+    owner_name, _, attr = dotted.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if isinstance(value, __import__("torch").nn.Parameter):
+        owner._parameters[attr] = value
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        setattr(owner, attr, value)
