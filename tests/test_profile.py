@@ -1,0 +1,129 @@
+"""`moetool profile` end to end on tiny models (CPU), its outputs and its bad inputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moetool.checkpoint import open_checkpoint
+from moetool.errors import UnsupportedError, UsageError
+from moetool.ops.profile import ProfileOptions, profile
+from moetool.runner.data import DataError
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ids") / "ids.json"
+    g = torch.Generator().manual_seed(0)
+    path.write_text(json.dumps(torch.randint(0, 64, (1200,), generator=g).tolist()))
+    return path
+
+
+def run(path, token_file, **kw):
+    options = ProfileOptions(token_ids=token_file, seq_len=kw.pop("seq_len", 40), **kw)
+    with open_checkpoint(path) as ckpt:
+        return profile(ckpt, options)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "gpt_oss", "llama4_text", "dbrx", "jetmoe"])
+def test_full_and_streamed_agree(tiny, token_file, family):
+    full = run(tiny(family), token_file, mode="full", batch_size=4)
+    streamed = run(tiny(family), token_file, mode="streamed")
+    assert full.tokens == streamed.tokens == 1200
+    for a, b in zip(full.layers, streamed.layers):
+        assert a.counts == b.counts and a.coactivation == b.coactivation
+        assert sum(a.counts) == a.tokens * a.top_k                  # every token routed to k experts
+        assert a.weight_mass == pytest.approx(b.weight_mass, rel=1e-5)
+        assert 0 < a.entropy_normalized <= 1.0 + 1e-6
+        assert a.coactivation[0][0] == a.counts[0]
+
+
+def test_report_json_and_files(tmp_path, tiny, token_file):
+    proc = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tiny("mixtral")), "--token-ids",
+                           str(token_file), "--seq-len", "40", "--ep", "2", "--ep-replicas", "1", "--json",
+                           "--csv", str(tmp_path / "p.csv"), "--plot", str(tmp_path / "p.png"),
+                           "--html", str(tmp_path / "p.html")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["schema_version"] == 1 and data["family"] == "mixtral" and data["tokens"] == 1200
+    layer = data["layers"][0]
+    for key in ("counts", "share", "weight_mass", "dead_experts", "entropy_normalized", "top1_prob_mean",
+                "margin_mean", "imbalance", "capacity_drop", "coactivation", "distinct_experts_per_sequence",
+                "consecutive_reuse", "lru_hit_rate", "ep"):
+        assert key in layer
+    assert set(layer["capacity_drop"]) == {"1.0", "1.25", "1.5", "2.0"}
+    balanced = layer["ep"]["balanced"]
+    assert sum(len(d) for d in balanced["placement"]) == 5           # 4 experts + 1 replica
+    assert sum(map(sum, balanced["all_to_all_tokens"])) == 1200 * 2
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (tmp_path / "p.html").read_text()
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "layer,expert,tokens,share,weight_mass,dead"
+
+
+def test_text_input_with_a_tokenizer(tmp_path, tiny):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny("qwen3_moe"), model)
+    text = "the quick brown fox jumps over the lazy dog " * 50
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([text], trainers.WordLevelTrainer(vocab_size=60, special_tokens=["[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(model)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"content": text}) + "\n")
+    options = ProfileOptions(data=tmp_path / "data.jsonl", field="content", seq_len=50)
+    with open_checkpoint(model) as ckpt:
+        report = profile(ckpt, options)
+    assert report.tokens == 450 and report.sequences == 9
+
+
+def test_dense_model_is_refused(tiny, token_file):
+    with pytest.raises(UnsupportedError, match="no MoE layers"):
+        run(tiny("llama"), token_file)
+
+
+def test_empty_text_is_refused(tmp_path, tiny):
+    (tmp_path / "empty.txt").write_text("  \n")
+    with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(DataError, match="holds no text"):
+        profile(ckpt, ProfileOptions(data=tmp_path / "empty.txt"))
+
+
+def test_seq_len_beyond_the_model(tiny, token_file):
+    with pytest.raises(UsageError, match="beyond the model's maximum of 64"):
+        run(tiny("mixtral"), token_file, seq_len=65)
+
+
+def test_out_of_memory_suggests_streamed(tiny, token_file, monkeypatch):
+    from moetool.runner.device import DeviceError
+    from moetool.runner.model import LoadedModel
+
+    def oom(self, input_ids, attention_mask=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(LoadedModel, "base_forward", oom)
+    with pytest.raises(DeviceError) as info:
+        run(tiny("mixtral"), token_file, mode="full")
+    assert "out of memory" in str(info.value) and "--mode streamed" in info.value.hint
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny, token_file):
+    proc = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tiny("llama")), "--token-ids",
+                           str(token_file)], capture_output=True, text=True)
+    assert proc.returncode == 7 and "no MoE layers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_moe", "gpt_oss"])
+def test_gpu_bf16_matches_cpu_choices_mostly(tiny, token_file, family):
+    """On CUDA in bf16 the routing is recorded; choices agree with fp32 CPU up to near-ties."""
+    cpu = run(tiny(family), token_file, device="cpu", dtype="fp32")
+    gpu = run(tiny(family), token_file, device="cuda", dtype="bf16")
+    for a, b in zip(cpu.layers, gpu.layers):
+        assert sum(b.counts) == b.tokens * b.top_k
+        overlap = sum(min(x, y) for x, y in zip(a.counts, b.counts)) / sum(a.counts)
+        assert overlap > 0.9
