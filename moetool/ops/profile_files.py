@@ -100,13 +100,18 @@ def write_html(report: ProfileReport, path: Path) -> None:
         f"<h3>Layer {lp.layer}: tokens per expert</h3>"
         + _svg_bars([float(c) for c in lp.counts], [f"expert {e}" for e in range(lp.experts)])
         for lp in report.layers)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>moetool profile: {html.escape(report.source)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}</style></head><body>
-<h1>Routing profile</h1>
-<p>{html.escape(report.source)} ({html.escape(report.family)}): {report.tokens:,} tokens in {report.sequences} sequences of {report.seq_len},
-{report.mode} mode on {html.escape(report.device)} ({report.dtype}), {report.timing['tokens_per_second']} tokens/s. moetool {report.moetool_version}.</p>
-<h2>Load heatmap (layers x experts, relative to the busiest)</h2>{_svg_heatmap(report)}
-<h2>Per layer</h2><table><tr><th>layer</th><th>entropy / log E</th><th>top-1 prob</th><th>max/mean</th><th>CV</th><th>Gini</th>
-<th>drop @1.0</th><th>drop @1.25</th><th>dead</th><th>distinct / seq</th><th>reuse</th></tr>{rows}</table>
-{charts}</body></html>"""
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}")
+    headers = ("layer", "entropy / log E", "top-1 prob", "max/mean", "CV", "Gini", "drop @1.0", "drop @1.25",
+               "dead", "distinct / seq", "reuse")
+    summary = (f"{html.escape(report.source)} ({html.escape(report.family)}): {report.tokens:,} tokens in "
+               f"{report.sequences} sequences of {report.seq_len}, {report.mode} mode on "
+               f"{html.escape(report.device)} ({report.dtype}), {report.timing['tokens_per_second']} tokens/s. "
+               f"moetool {report.moetool_version}.")
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>moetool profile: '
+            f"{html.escape(report.source)}</title><style>{style}</style></head><body>"
+            f"<h1>Routing profile</h1><p>{summary}</p>"
+            f"<h2>Load heatmap (layers x experts, relative to the busiest)</h2>{_svg_heatmap(report)}"
+            f"<h2>Per layer</h2><table><tr>{''.join(f'<th>{h}</th>' for h in headers)}</tr>{rows}</table>"
+            f"{charts}</body></html>")
     path.write_text(page, encoding="utf-8")
