@@ -104,9 +104,8 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         else:
             rest[tensor.name] = tensor
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    state = {name: materialize(t).to(device) for name, t in rest.items() if name in own}
-    if "lm_head.weight" in own and "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    stack = prefix.rpartition(".")[0] + "."   # only the decoder stack runs: the lm_head stays on meta
+    state = {name: materialize(t).to(device) for name, t in rest.items() if name in own and name.startswith(stack)}
     model.load_state_dict(state, strict=False, assign=True)
     for name, buffer in model.named_buffers():
         if buffer.device != device and buffer.device.type != "meta":
@@ -129,6 +128,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         def hook(module, args, output):
             for name, param in list(module.named_parameters()):
                 _set(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+            _release_heap()
             loaded.layer_seconds[index] = loaded.layer_seconds.get(index, 0.0) + time.perf_counter()
         return hook
 
@@ -136,6 +136,24 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         layer.register_forward_pre_hook(load(index), with_kwargs=True)
         layer.register_forward_hook(free(index))
     return loaded
+
+
+def _release_heap() -> None:
+    """Give freed memory back to the OS (glibc keeps freed mid-size blocks otherwise, and a
+    streamed run would creep upwards layer by layer)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _set(root, dotted: str, value) -> None:
