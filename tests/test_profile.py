@@ -59,7 +59,7 @@ def test_report_json_and_files(tmp_path, tiny, token_file):
     assert sum(map(sum, balanced["all_to_all_tokens"])) == 1200 * 2
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in (tmp_path / "p.html").read_text()
-    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "layer,expert,tokens,share,weight_mass,dead"
+    assert (tmp_path / "p.csv").read_text().splitlines()[0] == "layer,expert,tokens,share,weight_mass,saliency,dead"
 
 
 def test_text_input_with_a_tokenizer(tmp_path, tiny):
@@ -127,3 +127,33 @@ def test_gpu_bf16_matches_cpu_choices_mostly(tiny, token_file, family):
         assert sum(b.counts) == b.tokens * b.top_k
         overlap = sum(min(x, y) for x, y in zip(a.counts, b.counts)) / sum(a.counts)
         assert overlap > 0.9
+
+
+def test_saliency_against_expert_outputs_computed_by_hand(tiny, token_file):
+    """REAP saliency = mean over routed tokens of ||w * expert(x)||, with the Mixtral expert written out."""
+    import transformers
+
+    path = tiny("mixtral")
+    report = run(path, token_file, saliency=True, seq_len=40, max_tokens=200)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(json.loads(token_file.read_text())[:200]).reshape(5, 40)
+    inputs = {}
+    hooks = [model.model.layers[i].mlp.experts.register_forward_hook(
+        lambda m, a, o, i=i: inputs.__setitem__(i, a)) for i in range(2)]
+    with torch.no_grad():
+        model.model(ids)
+    for h in hooks:
+        h.remove()
+    for layer in report.layers:
+        hidden, index, weights = inputs[layer.layer]
+        experts = model.model.layers[layer.layer].mlp.experts
+        total, count = torch.zeros(4, dtype=torch.float64), torch.zeros(4)
+        for t in range(hidden.shape[0]):
+            for j in range(index.shape[1]):
+                e = int(index[t, j])
+                gate, up = (experts.gate_up_proj[e] @ hidden[t]).chunk(2)
+                y = experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
+                total[e] += float((weights[t, j] * y).norm())
+                count[e] += 1
+        want = (total / count.clamp_min(1)).tolist()
+        assert layer.saliency == pytest.approx(want, rel=1e-4)

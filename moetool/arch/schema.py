@@ -135,6 +135,9 @@ class Family:
     # | "jetmoe" (..., logits) | None (not supported by the runner)
     router_module: str | None = "model.layers.{L}.mlp.gate"
     router_output: str | None = "topk"
+    # the experts module, called as experts(hidden [T,H], index [T,k], weights [T,k]) -> [T,H]
+    # (for saliency); None where the family's experts take another form
+    experts_module: str | None = "model.layers.{L}.mlp.experts"
     notes: str = ""
 
     @property

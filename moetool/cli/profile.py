@@ -35,6 +35,8 @@ def profile(
     ep: Annotated[int | None, typer.Option(min=1, help="Plan expert-parallel placement on this many devices.")] = None,
     ep_replicas: Annotated[int, typer.Option(min=0, help="Extra copies of hot experts in the balanced "
                                              "placement.")] = 0,
+    saliency: Annotated[bool, typer.Option("--saliency", help="Also measure each expert's REAP saliency (gate "
+                                           "weight x output norm); costs top-k extra expert passes.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")] = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-expert rows as CSV.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a layers x experts heatmap PNG.")] = None,
@@ -50,7 +52,7 @@ def profile(
 
     options = ProfileOptions(data=data, token_ids=token_ids, field=field, max_tokens=max_tokens, seq_len=seq_len,
                              batch_size=batch_size, device=device, dtype=dtype, mode=mode.value, ep=ep,
-                             ep_replicas=ep_replicas, trust_remote_code=trust_remote_code)
+                             ep_replicas=ep_replicas, saliency=saliency, trust_remote_code=trust_remote_code)
     with open_checkpoint(model) as ckpt:
         with _Progress(enabled=not json_out) as progress:
             report = run_profile(ckpt, options, progress=progress.update)

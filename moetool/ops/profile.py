@@ -33,6 +33,7 @@ class ProfileOptions:
     mode: str = "auto"                  # "full" | "streamed" | "auto"
     ep: int | None = None               # devices for expert-parallel placement
     ep_replicas: int = 0                # extra copies of hot experts in the balanced placement
+    saliency: bool = False              # also record expert output norms (REAP saliency); k more expert passes
     trust_remote_code: bool = False
 
 
@@ -45,6 +46,7 @@ class LayerProfile:
     counts: list[int]
     share: list[float]
     weight_mass: list[float]
+    saliency: list[float] | None        # mean of ||gate weight x expert output|| over the tokens routed to it
     dead_experts: list[int]
     entropy_mean: float
     entropy_normalized: float           # mean entropy / log(E): 1 = uniform routing
@@ -127,7 +129,8 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     def k_at(layer: int) -> int:
         return top_k[layer] if isinstance(top_k, list) else top_k
 
-    capture = RouterCapture(loaded.model, loaded.family, config, structure.moe_layers, k_at)
+    capture = RouterCapture(loaded.model, loaded.family, config, structure.moe_layers, k_at,
+                            saliency=options.saliency)
     layer_time = _time_layers(loaded)
     # streamed: every sequence in one forward, so each layer's weights are read once
     batch = ids.shape[0] if loaded.mode == "streamed" else max(1, options.batch_size)
@@ -211,6 +214,8 @@ def _layer_profile(layer: int, record, structure, k: int, seq_len: int, batch_to
         layer=layer, experts=experts, top_k=k, tokens=index.shape[0], counts=counts.tolist(),
         share=[round(c / total, 6) for c in counts.tolist()],
         weight_mass=[round(float(m), 6) for m in rs.weight_mass(index, weight, experts)],
+        saliency=(None if not record.salience else
+                  [float(v) for v in rs.saliency(index, record.cat("salience"), experts)]),
         dead_experts=[e for e, c in enumerate(counts.tolist()) if c == 0],
         entropy_mean=float(entropy.mean()), entropy_normalized=float(entropy.mean()) / math.log(experts),
         top1_prob_mean=float(record.cat("top1").mean()), margin_mean=float(record.cat("margin").mean()),

@@ -16,11 +16,11 @@ def write_csv(report: ProfileReport, path: Path) -> None:
     """One row per (layer, expert)."""
     with open(path, "w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(["layer", "expert", "tokens", "share", "weight_mass", "dead"])
+        out.writerow(["layer", "expert", "tokens", "share", "weight_mass", "saliency", "dead"])
         for layer in report.layers:
             for e in range(layer.experts):
                 out.writerow([layer.layer, e, layer.counts[e], layer.share[e], layer.weight_mass[e],
-                              int(e in layer.dead_experts)])
+                              "" if layer.saliency is None else layer.saliency[e], int(e in layer.dead_experts)])
 
 
 def _colour(value: float) -> tuple[int, int, int]:

@@ -27,6 +27,16 @@ def weight_mass(index, weight, experts: int):
     return mass
 
 
+def saliency(index, salience, experts: int):
+    """REAP saliency: for each expert, the mean over the (token, slot) pairs routed to it of
+    ||gate weight x expert output||; 0 for experts no token chose."""
+    import torch
+
+    total = weight_mass(index, salience, experts)
+    counts = expert_counts(index, experts).double()
+    return torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total))
+
+
 def imbalance(counts) -> dict[str, float]:
     """max/mean, coefficient of variation and Gini coefficient of per-expert loads."""
     values = sorted(float(c) for c in counts)

@@ -23,6 +23,7 @@ class LayerRouting:
     entropy: list = field(default_factory=list)    # [T] float32 (nats)
     top1: list = field(default_factory=list)       # [T] top-1 probability
     margin: list = field(default_factory=list)     # [T] top-1 minus top-2 probability
+    salience: list = field(default_factory=list)   # [T, k] ||gate weight x expert output|| (with saliency)
 
     def cat(self, name: str):
         import torch
@@ -72,7 +73,8 @@ def _parse(output, family: Family, config, top_k: int):
 class RouterCapture:
     """Forward hooks on the router of every MoE layer; removed by close()."""
 
-    def __init__(self, model, family: Family, config: dict, moe_layers: list[int], top_k_at, keep_logits=False):
+    def __init__(self, model, family: Family, config: dict, moe_layers: list[int], top_k_at, keep_logits=False,
+                 saliency: bool = False):
         import torch
 
         if family.router_module is None:
@@ -103,6 +105,30 @@ class RouterCapture:
                         self.logits[layer].append(logits.float().cpu())
 
             self._handles.append(module.register_forward_hook(hook))
+            if saliency:
+                self._handles.append(self._saliency_hook(model, family, layer))
+
+    def _saliency_hook(self, model, family: Family, layer: int):
+        """For each token and chosen slot j: the norm of the experts' output with only slot j's weight
+        kept, i.e. ||w_j * expert_j(x)||, the per-token term of REAP's saliency."""
+        import torch
+
+        if family.experts_module is None:
+            raise UnsupportedError(f"{family.title}: saliency needs an experts(hidden, index, weights) module, "
+                                   "which this family does not have")
+        module = model.get_submodule(family.experts_module.replace("{L}", str(layer)))
+
+        def hook(module, args, kwargs, output):
+            hidden, index, weights = (list(args) + list(kwargs.values()))[:3]
+            with torch.no_grad():
+                norms = []
+                for slot in range(index.shape[1]):
+                    only = torch.zeros_like(weights)
+                    only[:, slot] = weights[:, slot]
+                    norms.append(module.forward(hidden, index, only).float().norm(dim=-1))
+                self.layers[layer].salience.append(torch.stack(norms, dim=1).cpu())
+
+        return module.register_forward_hook(hook, with_kwargs=True)
 
     def close(self) -> None:
         for handle in self._handles:

@@ -22,4 +22,5 @@ FAMILY = Family(
     packed_experts=True,
     router_module="transformer.blocks.{L}.ffn.router",
     router_output="logits",
+    experts_module=None,
 )

@@ -26,4 +26,5 @@ FAMILY = Family(
     fused=GRANITE_FUSED,
     router_module="model.layers.{L}.block_sparse_moe.router",
     router_output="topk",
+    experts_module="model.layers.{L}.block_sparse_moe.experts",
 )

@@ -17,4 +17,5 @@ FAMILY = Family(
     notes="the shared MLP is always present; Mamba2 and attention layers per layer_types",
     router_module="model.layers.{L}.block_sparse_moe.router",
     router_output="topk",
+    experts_module="model.layers.{L}.block_sparse_moe.experts",
 )

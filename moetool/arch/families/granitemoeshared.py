@@ -20,4 +20,5 @@ FAMILY = Family(
     num_shared=lambda cfg: 1 if shared_size(cfg) else 0,
     router_module="model.layers.{L}.block_sparse_moe.router",
     router_output="topk",
+    experts_module="model.layers.{L}.block_sparse_moe.experts",
 )

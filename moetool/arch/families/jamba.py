@@ -28,4 +28,5 @@ FAMILY = Family(
     notes="hybrid Mamba and attention layers",
     router_module="model.layers.{L}.feed_forward.router",
     router_output="topk",
+    experts_module="model.layers.{L}.feed_forward.experts",
 )

@@ -17,4 +17,5 @@ FAMILY = Family(
     notes="attention is also a mixture of experts (counted as attention, fully active)",
     router_module="model.layers.{L}.mlp.router",
     router_output="jetmoe",
+    experts_module=None,
 )

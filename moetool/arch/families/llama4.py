@@ -40,4 +40,5 @@ FAMILY = Family(
     name_prefixes=(("language_model.", ""), ("model.language_model.", "model.")),
     router_module="model.layers.{L}.feed_forward.router",
     router_output="llama4",
+    experts_module=None,
 )

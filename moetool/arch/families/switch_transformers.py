@@ -35,4 +35,5 @@ FAMILY = Family(
     notes="layers 0..num_layers-1 are the encoder, the rest the decoder",
     router_module=None,
     router_output=None,
+    experts_module=None,
 )
