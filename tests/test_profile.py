@@ -144,6 +144,7 @@ def test_saliency_against_expert_outputs_computed_by_hand(tiny, token_file):
         model.model(ids)
     for h in hooks:
         h.remove()
+    torch.set_grad_enabled(False)
     for layer in report.layers:
         hidden, index, weights = inputs[layer.layer]
         experts = model.model.layers[layer.layer].mlp.experts
@@ -157,3 +158,17 @@ def test_saliency_against_expert_outputs_computed_by_hand(tiny, token_file):
                 count[e] += 1
         want = (total / count.clamp_min(1)).tolist()
         assert layer.saliency == pytest.approx(want, rel=1e-4)
+    torch.set_grad_enabled(True)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "granitemoe", "jamba", "qwen2_moe"])
+def test_saliency_runs_for_families_with_an_experts_module(tiny, token_file, family):
+    report = run(tiny(family), token_file, saliency=True, max_tokens=400)
+    for layer in report.layers:
+        assert len(layer.saliency) == layer.experts
+        assert all((s > 0) == (c > 0) for s, c in zip(layer.saliency, layer.counts))
+
+
+def test_saliency_unsupported_family_says_so(tiny, token_file):
+    with pytest.raises(UnsupportedError, match="saliency"):
+        run(tiny("llama4_text"), token_file, saliency=True, max_tokens=200)
