@@ -80,6 +80,19 @@ def test_text_input_with_a_tokenizer(tmp_path, tiny):
     with open_checkpoint(model) as ckpt:
         report = profile(ckpt, options)
     assert report.tokens == 450 and report.sequences == 9
+    # no --data: the built-in corpus, tokenized with the model's tokenizer
+    with open_checkpoint(model) as ckpt:
+        report = profile(ckpt, ProfileOptions(seq_len=50, max_tokens=500))
+    assert report.tokens == 500
+
+
+def test_builtin_corpus():
+    from moetool.runner.data import builtin_texts, read_texts
+
+    train, heldout = builtin_texts("train")[0], builtin_texts("heldout")[0]
+    assert len(train) > 900_000 and "THE TEMPEST" in train and "JULIUS CAESAR" not in train
+    assert "JULIUS CAESAR" in heldout
+    assert read_texts(__import__("pathlib").Path("builtin:heldout")) == [heldout]
 
 
 def test_dense_model_is_refused(tiny, token_file):

@@ -21,7 +21,8 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 
 def profile(
     model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
-    data: Annotated[Path | None, typer.Option(help="Calibration text: a .txt, a .jsonl, or a folder of them.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Calibration text: a .txt, a .jsonl, a folder of them, or "
+                                              "builtin (default: the built-in Shakespeare sample corpus).")] = None,
     token_ids: Annotated[Path | None, typer.Option(help="Token ids (JSON list or whitespace-separated), for "
                                                    "models without a tokenizer.")] = None,
     field: Annotated[str, typer.Option(help="Text field of .jsonl records.")] = "text",

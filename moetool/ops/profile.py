@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class ProfileOptions:
-    data: Path | None = None            # text file, .jsonl or folder
+    data: Path | None = None            # text file, .jsonl, folder, or "builtin" (the default)
     token_ids: Path | None = None       # token-id file, for models without a tokenizer
     field: str = "text"                 # .jsonl field
     max_tokens: int | None = 8192
@@ -89,9 +89,7 @@ def _token_ids(ckpt: Checkpoint, options: ProfileOptions) -> list[int]:
 
     if options.token_ids is not None:
         return data.read_token_ids(options.token_ids)
-    if options.data is None:
-        raise data.DataError("no calibration data: give --data FILE (text, .jsonl or a folder) or --token-ids")
-    texts = data.read_texts(options.data, options.field)
+    texts = data.read_texts(options.data or Path("builtin"), options.field)
     if not texts:
         raise data.DataError(f"{options.data}: holds no text")
     return data.tokenize(texts, ckpt.root)

@@ -14,8 +14,25 @@ class DataError(MoetoolError):
     exit_code = 11
 
 
+BUILTIN = {"builtin": "train", "builtin:train": "train", "builtin:heldout": "heldout"}
+
+
+def builtin_texts(split: str) -> list[str]:
+    """The built-in sample corpus (Shakespeare, public domain; see moetool/data/corpus/SOURCES.md)."""
+    import gzip
+    from importlib.resources import files
+
+    raw = files("moetool.data").joinpath("corpus", f"{split}.txt.gz").read_bytes()
+    return [gzip.decompress(raw).decode("utf-8")]
+
+
 def read_texts(path: Path, field: str = "text") -> list[str]:
-    """Documents from a .txt file (one document), a .jsonl file (FIELD of each line) or a folder of them."""
+    """Documents from a .txt file (one document), a .jsonl file (FIELD of each line), a folder of them,
+    or the built-in corpus ("builtin", "builtin:train", "builtin:heldout")."""
+    if str(path) in BUILTIN:
+        return builtin_texts(BUILTIN[str(path)])
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
         texts = []
         for child in sorted(path.iterdir()):
