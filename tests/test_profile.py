@@ -40,6 +40,13 @@ def test_full_and_streamed_agree(tiny, token_file, family):
         assert a.coactivation[0][0] == a.counts[0]
 
 
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb-moe"])
+def test_encoder_decoder_profile(tiny, token_file, family):
+    report = run(tiny(family), token_file, max_tokens=640, seq_len=32)
+    assert report.mode == "full" and [lp.layer for lp in report.layers] == [1, 3]
+    assert all(sum(lp.counts) == lp.tokens * lp.top_k for lp in report.layers)
+
+
 def test_report_json_and_files(tmp_path, tiny, token_file):
     proc = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tiny("mixtral")), "--token-ids",
                            str(token_file), "--seq-len", "40", "--ep", "2", "--ep-replicas", "1", "--json",

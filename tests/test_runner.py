@@ -80,9 +80,30 @@ def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, famil
             assert torch.equal(streamed.cat(field), full.cat(field)), field
 
 
-def test_unsupported_family_says_so(tmp_path, tiny):
-    from moetool.arch import detect_family
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb-moe"])
+def test_encoder_decoder_capture_matches_router_logits(tiny, family):
+    """Switch (top-1) and NLLB-MoE (top-2): encoder and decoder MoE layers, in full mode."""
+    import transformers
+
     from moetool.errors import UnsupportedError
 
-    with open_checkpoint(tiny("switch_transformers")) as ckpt, pytest.raises(UnsupportedError, match="decoder-only"):
-        RouterCapture(None, detect_family(ckpt.config), ckpt.config, [1], lambda layer: 1)
+    path = tiny(family)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=ids, output_router_logits=True)
+    logits = [out.encoder_router_logits[0], out.decoder_router_logits[0]]
+    k = 1 if family == "switch_transformers" else 2
+    with open_checkpoint(path) as ckpt:
+        report = inspect_checkpoint(ckpt)
+        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="auto")
+        capture = RouterCapture(loaded.model, loaded.family, ckpt.config, report.moe_layers, lambda layer: k)
+        with torch.no_grad():
+            loaded.base_forward(ids)
+        capture.close()
+        with pytest.raises(UnsupportedError, match="streamed"):
+            load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="streamed")
+    assert report.moe_layers == [1, 3]
+    for layer, reference in zip(report.moe_layers, logits):
+        want = torch.topk(reference.reshape(-1, 4).float(), k, dim=-1).indices.sort(-1).values
+        assert torch.equal(capture.layers[layer].cat("index").sort(-1).values.long(), want)

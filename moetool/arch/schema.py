@@ -130,10 +130,11 @@ class Family:
     packed_experts: bool = False             # experts stacked on axis 0 as [E*I, ...] (DBRX)
     fused_transposed: bool = False           # fused experts are [E, in, out] (Llama 4, GPT-OSS), not [E, out, in]
     fp32_roles: frozenset[Role] = frozenset()  # kept in fp32 by transformers; convert leaves their dtype
-    # the transformers-5 module whose forward routes tokens, and what it returns:
-    # "topk" (logits, weights, index) | "llama4" (scores, logits) | "logits" (logits only: DBRX)
-    # | "jetmoe" (..., logits) | None (not supported by the runner)
-    router_module: str | None = "model.layers.{L}.mlp.gate"
+    # the transformers-5 module whose forward routes tokens (encoder/decoder alternatives for seq2seq),
+    # and what it returns: "topk" (logits, weights, index) | "llama4" (scores, logits) | "logits"
+    # (logits only: DBRX) | "jetmoe" (..., logits) | "switch" (dispatch, top prob, logits) | "nllb"
+    # (dispatch, combine weights, logits) | None (not supported by the runner)
+    router_module: Template | None = "model.layers.{L}.mlp.gate"
     router_output: str | None = "topk"
     # the experts module, called as experts(hidden [T,H], index [T,k], weights [T,k]) -> [T,H]
     # (for saliency); None where the family's experts take another form

@@ -65,9 +65,28 @@ def _parse(output, family: Family, config, top_k: int):
         p = (config.get("ffn_config") or {}).get("moe_normalize_expert_weights")
         if p is not None:
             weight = weight / torch.norm(weight, p=p, dim=-1, keepdim=True)
+    elif kind == "switch":      # (dispatch [B,S,E], top-1 probability [B,S,1], logits [B,S,E]); top-1
+        experts = output[2].shape[-1]
+        logits = output[2].reshape(-1, experts)
+        index = logits.argmax(-1, keepdim=True)
+        weight = output[1].reshape(-1, 1)
+    elif kind == "nllb":        # (dispatch [T,E], combine weights [T,E], logits [T,E]); top-2
+        logits = output[2]
+        index = torch.topk(logits, 2, dim=-1).indices
+        weight = output[1].gather(1, index)
     else:
         raise UnsupportedError(f"{family.title}: routing capture is not supported for this family")
     return index, weight, logits
+
+
+def _module_name(template, layer: int, decoder_offset: int) -> str:
+    """The module of LAYER from a template, or from (encoder, decoder) templates for seq2seq models."""
+    if isinstance(template, str):
+        return template.replace("{L}", str(layer))
+    encoder, decoder = template
+    if decoder_offset and layer >= decoder_offset:
+        return decoder.replace("{D}", str(layer - decoder_offset))
+    return encoder.replace("{L}", str(layer))
 
 
 class RouterCapture:
@@ -78,13 +97,13 @@ class RouterCapture:
         import torch
 
         if family.router_module is None:
-            raise UnsupportedError(f"{family.title}: profiling supports decoder-only MoE models; this family "
-                                   "is not one")
+            raise UnsupportedError(f"{family.title}: routing capture is not supported for this family")
+        offset = family.decoder_offset(config) if family.decoder_offset else 0
         self.layers: dict[int, LayerRouting] = {layer: LayerRouting() for layer in moe_layers}
         self.logits: dict[int, list] = {layer: [] for layer in moe_layers} if keep_logits else {}
         self._handles = []
         for layer in moe_layers:
-            name = family.router_module.replace("{L}", str(layer))
+            name = _module_name(family.router_module, layer, offset)
             try:
                 module = model.get_submodule(name)
             except AttributeError:
@@ -116,7 +135,7 @@ class RouterCapture:
         if family.experts_module is None:
             raise UnsupportedError(f"{family.title}: saliency needs an experts(hidden, index, weights) module, "
                                    "which this family does not have")
-        module = model.get_submodule(family.experts_module.replace("{L}", str(layer)))
+        module = model.get_submodule(_module_name(family.experts_module, layer, 0))
 
         def hook(module, args, kwargs, output):
             hidden, index, weights = (list(args) + list(kwargs.values()))[:3]

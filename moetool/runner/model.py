@@ -26,19 +26,28 @@ class LoadedModel:
     layer_seconds: dict[int, float] = field(default_factory=dict)   # streamed: load + run time per layer
 
     def base_forward(self, input_ids, attention_mask=None):
-        """Run the decoder stack without the lm_head (profiling needs no logits)."""
+        """Run the decoder stack without the lm_head (profiling needs no logits). Encoder-decoder
+        models run both stacks, the decoder teacher-forced on the same tokens."""
+        if self.family.decoder_offset is not None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=input_ids,
+                              use_cache=False)
         stack = self.model.get_submodule(self.layers_name.rpartition(".")[0])
         return stack(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
 
 def _decoder_layers(model) -> tuple[str, object]:
-    """The name and ModuleList of the decoder layers (model.layers, transformer.blocks, ...)."""
+    """The name and ModuleList of the decoder layers (model.layers, transformer.blocks, ...); for an
+    encoder-decoder model, the encoder's and the decoder's layers in one list."""
     import torch
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)
-             and name.rsplit(".", 1)[-1] in ("layers", "blocks", "h")]
+             and name.rsplit(".", 1)[-1] in ("layers", "blocks", "block", "h")]
     if not lists:
         raise UnsupportedError("cannot find the decoder layers of this model")
+    stacks = [(n, m) for n, m in lists if n.endswith(("encoder.block", "decoder.block", "encoder.layers",
+                                                      "decoder.layers"))]
+    if len(stacks) == 2:
+        return "encoder+decoder", list(stacks[0][1]) + list(stacks[1][1])
     return max(lists, key=lambda item: len(item[1]))
 
 
@@ -62,10 +71,16 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
         need = ckpt.total_bytes * (torch.finfo(dtype).bits // 8) // 2 if dtype.is_floating_point else 0
         mode = "full" if need * 1.2 < available_memory(device) else "streamed"
         log.info("mode auto: %s (weights %.1f GB, free %.1f GB)", mode, need / 1e9, available_memory(device) / 1e9)
+    seq2seq = family.decoder_offset is not None
+    if seq2seq and mode == "streamed":
+        raise UnsupportedError(f"{family.title}: streamed mode runs decoder-only models; use --mode full")
+    if seq2seq:
+        mode = "full"
     if mode == "full":
+        auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                ckpt.root, dtype=dtype, device_map=str(device), trust_remote_code=trust_remote_code)
+            model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=str(device),
+                                         trust_remote_code=trust_remote_code)
         except torch.OutOfMemoryError:
             raise DeviceError(f"{device}: out of memory loading the whole model",
                               hint="use --mode streamed, a smaller --batch-size, or --dtype bf16") from None

@@ -41,7 +41,7 @@ FAMILY = Family(
     decoder_offset=lambda cfg: cfg.get("encoder_layers") or 0,
     top_k=lambda cfg: 2,
     notes="layers 0..encoder_layers-1 are the encoder, the rest the decoder",
-    router_module=None,
-    router_output=None,
+    router_module=both(".router"),
+    router_output="nllb",
     experts_module=None,
 )

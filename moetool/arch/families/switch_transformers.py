@@ -33,7 +33,7 @@ FAMILY = Family(
     decoder_offset=lambda cfg: cfg.get("num_layers") or 0,
     top_k=lambda cfg: 1,
     notes="layers 0..num_layers-1 are the encoder, the rest the decoder",
-    router_module=None,
-    router_output=None,
+    router_module=(f"{ENC}.router", f"{DEC}.router"),
+    router_output="switch",
     experts_module=None,
 )
