@@ -10,13 +10,35 @@ from moetool.errors import SourceNotFoundError
 __all__ = ["Checkpoint", "Shard", "TensorRef", "open_checkpoint"]
 
 
+BUILTIN_MODELS = ("tiny-moe", "tiny-dense")
+DEFAULT_MODEL = "builtin:tiny-moe"
+
+
+def builtin_model_path(name: str) -> Path:
+    """The folder of a built-in model (``builtin:tiny-moe``, ``builtin:tiny-dense``)."""
+    from importlib.resources import files
+
+    short = name.removeprefix("builtin:")
+    if short not in BUILTIN_MODELS:
+        raise SourceNotFoundError(f"{name}: no such built-in model (built-in: "
+                                  f"{', '.join('builtin:' + m for m in BUILTIN_MODELS)})")
+    path = Path(str(files("moetool.data").joinpath("models", short)))
+    if not (path / "config.json").exists():
+        raise SourceNotFoundError(f"{name}: the built-in model files are missing from this installation",
+                                  hint="rebuild them with python scripts/train_builtin.py")
+    return path
+
+
 def open_checkpoint(spec: str | Path, *, headers_only: bool = False) -> Checkpoint:
-    """Open a checkpoint from a folder, a .safetensors/.bin file or a hub id ``org/name[@rev]``.
+    """Open a checkpoint from a folder, a .safetensors/.bin file, a hub id ``org/name[@rev]`` or a
+    built-in model ``builtin:tiny-moe`` / ``builtin:tiny-dense``.
 
     Args:
-        spec: the path or hub id.
+        spec: the path, hub id or built-in name.
         headers_only: for hub ids, read only safetensors headers remotely (no download).
     """
+    if isinstance(spec, str) and spec.startswith("builtin:"):
+        return open_local(builtin_model_path(spec), source=spec)
     path = Path(spec).expanduser()
     if path.exists():
         return open_local(path, source=str(spec))

@@ -20,7 +20,8 @@ BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def profile(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder or hub id.")],
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or builtin:tiny-moe (the default).")
+                     ] = "builtin:tiny-moe",
     data: Annotated[Path | None, typer.Option(help="Calibration text: a .txt, a .jsonl, a folder of them, or "
                                               "builtin (default: the built-in Shakespeare sample corpus).")] = None,
     token_ids: Annotated[Path | None, typer.Option(help="Token ids (JSON list or whitespace-separated), for "

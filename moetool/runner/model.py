@@ -60,9 +60,14 @@ def _check_supported(ckpt: Checkpoint) -> Family:
     return family
 
 
-def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_remote_code: bool = False
-               ) -> LoadedModel:
-    """Build the model with transformers' own classes on DEVICE in DTYPE."""
+def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_remote_code: bool = False,
+               with_head: bool = False) -> LoadedModel:
+    """Build the model with transformers' own classes on DEVICE in DTYPE.
+
+    Args:
+        mode: "full", "streamed" (one decoder layer in memory at a time) or "auto" (by free memory).
+        with_head: streamed mode: also load the lm_head (evaluation needs logits; profiling does not).
+    """
     import torch
     import transformers
 
@@ -88,10 +93,11 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
         return LoadedModel(model, family, "full", device, dtype, *_decoder_layers(model))
     if mode != "streamed":
         raise UnsupportedError(f"--mode {mode}: use full, streamed or auto")
-    return _streamed(ckpt, family, device, dtype, trust_remote_code)
+    return _streamed(ckpt, family, device, dtype, trust_remote_code, with_head)
 
 
-def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code: bool) -> LoadedModel:
+def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code: bool, with_head: bool
+              ) -> LoadedModel:
     """Meta-device model; each decoder layer is loaded right before it runs and freed after."""
     import torch
     import transformers
@@ -119,9 +125,17 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         else:
             rest[tensor.name] = tensor
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    stack = prefix.rpartition(".")[0] + "."   # only the decoder stack runs: the lm_head stays on meta
-    state = {name: materialize(t).to(device) for name, t in rest.items() if name in own and name.startswith(stack)}
+    stack = prefix.rpartition(".")[0] + "."   # the decoder stack; the lm_head only when asked
+    head = set()
+    if with_head:
+        output = model.get_output_embeddings()
+        head_name = next(n for n, m in model.named_modules() if m is output)
+        head = {name for name, _ in output.named_parameters(prefix=head_name)}
+    state = {name: materialize(t).to(device) for name, t in rest.items()
+             if name in own and (name.startswith(stack) or name in head)}
     model.load_state_dict(state, strict=False, assign=True)
+    if with_head and getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
     for name, buffer in model.named_buffers():
         if buffer.device != device and buffer.device.type != "meta":
             _set(model, name, buffer.to(device))

@@ -1,0 +1,74 @@
+"""`moetool eval`: perplexity against transformers' own loss; KL and agreement against a reference."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from moetool.checkpoint import open_checkpoint
+from moetool.errors import UnsupportedError
+from moetool.ops.convert import ConvertOptions, convert
+from moetool.ops.evaluate import EvalOptions, evaluate
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ids") / "ids.json"
+    path.write_text(json.dumps(torch.randint(0, 64, (600,), generator=torch.Generator().manual_seed(5)).tolist()))
+    return path
+
+
+def run(path, token_file, reference=None, **kw):
+    options = EvalOptions(token_ids=token_file, seq_len=30, **kw)
+    with open_checkpoint(path) as ckpt:
+        if reference is None:
+            return evaluate(ckpt, options)
+        with open_checkpoint(reference) as ref:
+            return evaluate(ckpt, options, ref)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe", "llama"])
+def test_perplexity_is_exp_of_transformers_mean_nll(tiny, token_file, family):
+    report = run(tiny(family), token_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny(family), dtype=torch.float32).eval()
+    ids = torch.tensor(json.loads(token_file.read_text())).reshape(20, 30)
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss     # mean NLL over the 20 x 29 predicted tokens
+    assert report.tokens == 20 * 29
+    assert report.nll_mean == pytest.approx(float(loss), rel=1e-5)
+    assert report.perplexity == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+
+
+def test_against_itself_and_a_perturbed_copy(tmp_path, tiny, token_file):
+    src = tiny("mixtral")
+    same = run(src, token_file, reference=src)
+    assert same.kl_mean == 0 and same.kl_max == 0 and same.top1_agreement == 1.0 and same.max_logit_diff == 0
+    with open_checkpoint(src) as ckpt:     # a perturbed copy: every weight rounded to fp16
+        convert(ckpt, tmp_path / "fp16", ConvertOptions(dtype="fp16"))
+    other = run(tmp_path / "fp16", token_file, reference=src)
+    assert other.kl_mean > 0 and other.max_logit_diff > 0
+    assert other.reference_perplexity == pytest.approx(same.perplexity)
+
+
+def test_streamed_matches_full(tiny, token_file):
+    full = run(tiny("deepseek_v3"), token_file, mode="full")
+    streamed = run(tiny("deepseek_v3"), token_file, mode="streamed")
+    assert streamed.mode == "streamed" and full.mode == "full"
+    assert streamed.nll_mean == pytest.approx(full.nll_mean, rel=1e-6)
+
+
+def test_encoder_decoder_is_refused(tiny, token_file):
+    with pytest.raises(UnsupportedError, match="decoder-only"):
+        run(tiny("switch_transformers"), token_file)
+
+
+def test_cli_json(tiny, token_file):
+    proc = subprocess.run([sys.executable, "-m", "moetool", "eval", str(tiny("olmoe")), "--reference",
+                           str(tiny("olmoe")), "--token-ids", str(token_file), "--seq-len", "30", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["schema_version"] == 1 and data["kl_mean"] == 0 and data["top1_agreement"] == 1.0
