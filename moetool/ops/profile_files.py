@@ -42,25 +42,35 @@ def _relative(report: ProfileReport) -> list[list[float]]:
     return [[v / peak for v in row] for row in grid]
 
 
-def write_png(report: ProfileReport, path: Path, cell: int | None = None) -> None:
-    """Heatmap: rows are MoE layers, columns experts, colour the load relative to the busiest cell."""
+def write_png(report: ProfileReport, path: Path, cell: int | None = None, bar_height: int = 48) -> None:
+    """A layers x experts heatmap (colour: load relative to the busiest cell), then one load chart
+    per layer (bar height: the expert's share relative to that layer's busiest expert)."""
     grid = _relative(report)
-    cell = cell or max(4, min(32, 1200 // max(len(r) for r in grid)))
-    width = max(len(r) for r in grid) * cell
-    height = len(grid) * cell
-    rows = bytearray()
+    columns = max(len(r) for r in grid)
+    cell = cell or max(4, min(32, 1200 // columns))
+    width = columns * cell
+    white, grey, bar = (255, 255, 255), (200, 200, 200), (59, 82, 139)
+    pixels: list[bytes] = []
     for row in grid:
-        line = bytearray([0])   # filter: none
-        for value in row:
-            line += bytes(_colour(value)) * cell
-        line += b"\x00\x00\x00" * (width - len(row) * cell)
-        rows += bytes(line) * cell
+        line = b"".join(bytes(_colour(v)) * cell for v in row) + bytes(white) * (width - len(row) * cell)
+        pixels += [line] * cell
+    for layer in report.layers:
+        pixels += [bytes(white) * width] * 4                              # gap
+        peak = max(layer.share) or 1.0
+        heights = [round(s / peak * bar_height) for s in layer.share]
+        for y in range(bar_height, 0, -1):
+            line = b"".join((bytes(bar) * (cell - 1) + bytes(white)) if h >= y else bytes(white) * cell
+                            for h in heights)
+            pixels.append(line + bytes(white) * (width - len(heights) * cell))
+        pixels.append(bytes(grey) * width)                                 # axis
+    height = len(pixels)
+    raw = b"".join(b"\x00" + line for line in pixels)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(bytes(rows), 9)) + chunk(b"IEND", b"")
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
     path.write_bytes(png)
 
 
