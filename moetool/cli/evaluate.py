@@ -5,26 +5,39 @@ from typing import Annotated
 
 import typer
 
+from moetool.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FieldOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    Mode,
+    ModelArg,
+    ModeOpt,
+    SeqLenOpt,
+    TokenIdsOpt,
+    TrustRemoteCodeOpt,
+)
 from moetool.cli.output import emit_json, stdout
-from moetool.cli.profile import Mode
 
 
 def evaluate(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder, hub id or builtin:tiny-moe.")] = "builtin:tiny-moe",
+    model: ModelArg = "builtin:tiny-moe",
     reference: Annotated[str | None, typer.Option(help="Compare with this checkpoint: KL(reference || model), "
                                                   "top-1 agreement, largest logit difference.")] = None,
     data: Annotated[Path | None, typer.Option(help="Evaluation text: a .txt, a .jsonl, a folder, or builtin:heldout "
                                               "(the default).")] = None,
-    token_ids: Annotated[Path | None, typer.Option(help="Token ids instead of text.")] = None,
-    field: Annotated[str, typer.Option(help="Text field of .jsonl records.")] = "text",
-    max_tokens: Annotated[int, typer.Option(min=2, help="Use at most this many tokens.")] = 16384,
-    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence.")] = 256,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass (full mode).")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")] = "auto",
-    mode: Annotated[Mode, typer.Option(help="full, streamed (one layer at a time) or auto.")] = Mode.auto,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    token_ids: TokenIdsOpt = None,
+    field: FieldOpt = "text",
+    max_tokens: MaxTokensOpt = 16384,
+    seq_len: SeqLenOpt = 256,
+    batch_size: BatchSizeOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    mode: ModeOpt = Mode.auto,
+    json_out: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Measure perplexity, and divergence from a reference checkpoint."""
     from moetool.checkpoint import open_checkpoint

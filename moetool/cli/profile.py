@@ -1,50 +1,52 @@
 """`moetool profile`: parse options, run ops.profile, render."""
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from moetool.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FieldOpt,
+    JsonOpt,
+    MaxTokensOpt,
+    Mode,
+    ModelArg,
+    ModeOpt,
+    SeqLenOpt,
+    TokenIdsOpt,
+    TrustRemoteCodeOpt,
+)
 from moetool.cli.output import emit_json, stderr, stdout
-
-
-class Mode(str, Enum):
-    auto = "auto"
-    full = "full"
-    streamed = "streamed"
-
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def profile(
-    model: Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or builtin:tiny-moe (the default).")
-                     ] = "builtin:tiny-moe",
+    model: ModelArg = "builtin:tiny-moe",
     data: Annotated[Path | None, typer.Option(help="Calibration text: a .txt, a .jsonl, a folder of them, or "
                                               "builtin (default: the built-in Shakespeare sample corpus).")] = None,
-    token_ids: Annotated[Path | None, typer.Option(help="Token ids (JSON list or whitespace-separated), for "
-                                                   "models without a tokenizer.")] = None,
-    field: Annotated[str, typer.Option(help="Text field of .jsonl records.")] = "text",
-    max_tokens: Annotated[int, typer.Option(min=1, help="Use at most this many tokens.")] = 8192,
-    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 512,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass (full mode).")] = 8,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")] = "auto",
-    mode: Annotated[Mode, typer.Option(help="full: whole model on the device; streamed: one layer at a time; "
-                                       "auto: by free memory.")] = Mode.auto,
+    token_ids: TokenIdsOpt = None,
+    field: FieldOpt = "text",
+    max_tokens: MaxTokensOpt = 8192,
+    seq_len: SeqLenOpt = 512,
+    batch_size: BatchSizeOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    mode: ModeOpt = Mode.auto,
     ep: Annotated[int | None, typer.Option(min=1, help="Plan expert-parallel placement on this many devices.")] = None,
     ep_replicas: Annotated[int, typer.Option(min=0, help="Extra copies of hot experts in the balanced "
                                              "placement.")] = 0,
     saliency: Annotated[bool, typer.Option("--saliency", help="Also measure each expert's REAP saliency (gate "
                                            "weight x output norm); costs top-k extra expert passes.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")] = False,
+    json_out: JsonOpt = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-expert rows as CSV.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a layers x experts heatmap PNG.")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code",
-                                                    help="Allow the model's own code from the hub.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Run text through the model and report how it routes tokens to experts."""
     from moetool.checkpoint import open_checkpoint
