@@ -110,7 +110,7 @@ def _render(report) -> None:
                       f"{lp.capacity_drop['1.0']:.1%}", str(len(lp.dead_experts)), f"{lp.consecutive_reuse:.0%}",
                       "" if lru is None else f"{lru:.0%}")
     stdout.print(table)
-    stdout.print("[bold]Load heatmap[/] (rows: layers; columns: experts; darker = fewer tokens)")
+    stdout.print("[bold]Load heatmap[/] (rows: layers; columns: experts; height: tokens relative to the busiest)")
     for lp in report.layers:
         peak = max(lp.share) or 1.0
         cells = "".join(BLOCKS[min(len(BLOCKS) - 1, round(s / peak * (len(BLOCKS) - 1)))] for s in lp.share)
