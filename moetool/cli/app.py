@@ -48,11 +48,13 @@ def _register() -> None:
     from moetool.cli import evaluate as eval_cmd
     from moetool.cli import inspect as inspect_cmd
     from moetool.cli import profile as profile_cmd
+    from moetool.cli import upcycle as upcycle_cmd
 
     app.command("inspect")(inspect_cmd.inspect)
     app.command("convert")(convert_cmd.convert)
     app.command("profile")(profile_cmd.profile)
     app.command("eval")(eval_cmd.evaluate)
+    app.command("upcycle")(upcycle_cmd.upcycle)
 
 
 _register()

@@ -1,0 +1,79 @@
+"""`moetool upcycle`: parse options, plan, show or write, render."""
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetool.cli.convert import _Bar, parse_size
+from moetool.cli.output import emit_json, size, stdout
+from moetool.errors import UsageError
+
+
+def _parse_layers(text: str | None, count: int | None = None) -> list[int] | None:
+    """"all", "every:K" (layers K-1, 2K-1, ...) or a comma list "1,3,5"."""
+    if text in (None, "all"):
+        return None
+    if text.startswith("every:"):
+        step = int(text.split(":", 1)[1])
+        return list(range(step - 1, count or 10_000, step))
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--layers {text!r}: use all, every:K, or a comma-separated list") from None
+
+
+def upcycle(
+    dense: Annotated[str, typer.Argument(help="Dense checkpoint (Llama, Mistral, Qwen3), hub id or builtin:tiny-dense.")],
+    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    experts: Annotated[int, typer.Option(min=1, help="Experts per MoE layer (before --granularity).")] = 8,
+    top_k: Annotated[int, typer.Option(min=1, help="Experts per token (before --granularity).")] = 2,
+    family: Annotated[str | None, typer.Option(help="Target family (default: mixtral for Llama/Mistral, "
+                                               "qwen3_moe for Qwen3).")] = None,
+    router_init: Annotated[str, typer.Option(help="random or zeros.")] = "random",
+    router_std: Annotated[float, typer.Option(min=0.0, help="Standard deviation of a random router.")] = 0.02,
+    noise: Annotated[float, typer.Option(min=0.0, help="Relative Gaussian noise on each expert copy.")] = 0.0,
+    drop_ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help="Drop-Upcycling: share of each expert's "
+                                              "neurons re-initialised.")] = 0.0,
+    granularity: Annotated[int, typer.Option(min=1, help="Split each FFN into G segments (N*G experts, "
+                                             "top-k K*G), output unchanged at init.")] = 1,
+    layers: Annotated[str | None, typer.Option(help="MoE layers: all, every:K, or a list like 1,3,5 "
+                                               "(families with dense layers).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the router, noise and dropped neurons.")] = 0,
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
+) -> None:
+    """Turn a dense model into an MoE whose experts start as copies of its MLP."""
+    from moetool.checkpoint import open_checkpoint
+    from moetool.ops.upcycle import UpcycleOptions, plan_upcycle
+    from moetool.ops.upcycle import upcycle as run_upcycle
+
+    with open_checkpoint(dense) as ckpt:
+        count = (ckpt.config or {}).get("num_hidden_layers")
+        options = UpcycleOptions(experts=experts, top_k=top_k, target=family, router_init=router_init,
+                                 router_std=router_std, noise=noise, drop_ratio=drop_ratio, granularity=granularity,
+                                 layers=_parse_layers(layers, count), seed=seed,
+                                 max_shard_size=parse_size(max_shard_size),
+                                 command=shlex.join(["moetool", *sys.argv[1:]]))
+        if dry_run:
+            summary = plan_upcycle(ckpt, options).summary()
+        else:
+            bar = None if json_out else _Bar()
+            try:
+                summary = run_upcycle(ckpt, out, options, force=force, progress=bar.advance if bar else None)
+            finally:
+                if bar:
+                    bar.close()
+    if json_out:
+        emit_json(summary)
+        return
+    stdout.print(f"{summary['source']} ({summary['source_family']}) -> {summary['target_family']}: "
+                 f"{summary['experts']} experts, top-{summary['top_k']}, MoE layers {summary['moe_layers']}, "
+                 f"{summary['tensors']} tensors, {size(summary['output_bytes'])}"
+                 + ("" if dry_run else f", written to {out} in {summary['seconds']} s"))
+    for warning in summary["warnings"]:
+        stdout.print(f"[yellow]warning[/] {warning}")

@@ -1,0 +1,238 @@
+"""`moetool upcycle`: a dense checkpoint becomes an MoE checkpoint whose experts start as copies
+(or fine-grained segments) of the dense MLP.
+
+Streams like convert: attention, norms and embeddings are byte ranges of the source; each
+expert's gate/up rows are byte ranges too; only what changes is computed (a down-projection
+column slice, noise, dropped neurons, the router).
+
+This first version writes Mixtral from Llama/Mistral and Qwen3-MoE from Qwen3 sources, with
+random or zero routers, relative noise, Drop-Upcycling and fine-grained segments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moetool import __version__
+from moetool.arch import Role, detect_family, get_family
+from moetool.arch.matcher import Classifier
+from moetool.checkpoint import Checkpoint, TensorRef
+from moetool.checkpoint.checkpoint import TORCH_DTYPES
+from moetool.checkpoint.writer import OutputTensor, atomic_folder, plan_shards, write_shards
+from moetool.errors import OutputWriteError, UnsupportedError, UsageError
+from moetool.ops.convert import WEIGHT_SUFFIXES, _computed, _rows_piece, _tensor_pieces
+
+log = logging.getLogger(__name__)
+
+# dense source family -> (default target family, transformers class of the target)
+TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe"}
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+@dataclass
+class UpcycleOptions:
+    experts: int = 8
+    top_k: int = 2
+    target: str | None = None           # target family; default by source family (TARGETS)
+    router_init: str = "random"         # "random" | "zeros"
+    router_std: float = 0.02
+    noise: float = 0.0                  # relative Gaussian noise on each expert copy
+    drop_ratio: float = 0.0             # Drop-Upcycling: share of each expert's neurons re-initialised
+    granularity: int = 1                # split each FFN into G segments: N*G experts, top-k K*G
+    layers: list[int] | None = None     # MoE layers (None: all)
+    seed: int = 0
+    max_shard_size: int = 5_000_000_000
+    command: str = ""
+
+
+@dataclass
+class UpcyclePlan:
+    source: str
+    source_family: str
+    target_family: str
+    experts: int
+    top_k: int
+    moe_layers: list[int]
+    tensors: list[OutputTensor]
+    config: dict[str, Any]
+    files: list[Path]
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        shards = plan_shards(self.tensors, 5_000_000_000)
+        return {"source": self.source, "source_family": self.source_family, "target_family": self.target_family,
+                "experts": self.experts, "top_k": self.top_k, "moe_layers": self.moe_layers,
+                "tensors": len(self.tensors), "output_bytes": sum(s.nbytes for s in shards),
+                "warnings": self.warnings, "files_copied": [f.name for f in self.files]}
+
+
+def _generator(seed: int, *parts: int):
+    import torch
+
+    value = seed
+    for part in parts:
+        value = value * 1_000_003 + part
+    return torch.Generator().manual_seed(value % (2**63))
+
+
+def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
+    """Plan the MoE checkpoint (reads headers only)."""
+    source = detect_family(ckpt.config)
+    if source is None or not source.dense:
+        raise UsageError(f"{ckpt.source}: upcycle needs a dense model (Llama, Mistral, Qwen3); this is "
+                         f"{source.title if source else 'an unknown architecture'}")
+    target_name = options.target or TARGETS.get(source.name)
+    if target_name not in ARCHITECTURES or source.name not in TARGETS:
+        raise UnsupportedError(f"upcycling {source.title} into {target_name or 'an MoE'} is not supported yet "
+                               f"(supported: {', '.join(f'{s} -> {t}' for s, t in TARGETS.items())})")
+    if TARGETS[source.name] != target_name:
+        raise UnsupportedError(f"{source.title} upcycles into {TARGETS[source.name]}, whose attention matches")
+    target = get_family(target_name)
+    if options.experts < 1 or options.top_k < 1 or options.top_k > options.experts:
+        raise UsageError("--top-k must be between 1 and --experts")
+    if options.granularity < 1 or not 0 <= options.drop_ratio <= 1 or options.noise < 0:
+        raise UsageError("--granularity must be >= 1, --drop-ratio in [0, 1], --noise >= 0")
+    config = json.loads(json.dumps(ckpt.config))
+    layers = config["num_hidden_layers"]
+    inter = config["intermediate_size"]
+    if inter % options.granularity:
+        raise UsageError(f"--granularity {options.granularity} does not divide the FFN size {inter}")
+    moe_layers = sorted(set(options.layers)) if options.layers is not None else list(range(layers))
+    if any(not 0 <= layer < layers for layer in moe_layers):
+        raise UsageError(f"--layers must be between 0 and {layers - 1}")
+    if target_name == "mixtral" and len(moe_layers) != layers:
+        raise UnsupportedError("Mixtral has no dense layers: every layer becomes MoE (drop --layers)")
+
+    n = options.experts * options.granularity
+    k = options.top_k * options.granularity
+    seg = inter // options.granularity
+    classifier = Classifier(source)
+    tensors: list[OutputTensor] = []
+    dense: dict[int, dict[Role, TensorRef]] = {}
+    for name, ref in ckpt.tensors.items():
+        m = classifier.classify(name)
+        if m.role in (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN) and m.layer in moe_layers:
+            dense.setdefault(m.layer, {})[m.role] = ref
+            continue
+        tensors.append(OutputTensor(name, ref.dtype, ref.shape, _tensor_pieces(ref, ref.dtype), "copied"))
+
+    templates = target.templates("per-expert")
+
+    def name(role: Role, layer: int, expert: int | None = None) -> str:
+        tpl = templates[role]
+        return tpl.replace("{L}", str(layer)).replace("{E}", str(expert))
+
+    for layer in moe_layers:
+        parts = dense[layer]
+        gate, up, down = parts[Role.DENSE_GATE], parts[Role.DENSE_UP], parts[Role.DENSE_DOWN]
+        hidden = gate.shape[1]
+        dtype = gate.dtype
+        tensors.append(OutputTensor(name(Role.ROUTER, layer), dtype, (n, hidden),
+                                    [_computed(_router(options, layer, n, hidden, dtype), (n, hidden), dtype)],
+                                    "router"))
+        for e in range(n):
+            g = e % options.granularity
+            rows = (g * seg, (g + 1) * seg)
+            changed = options.noise > 0 or options.drop_ratio > 0
+            for role, ref in ((Role.EXPERT_GATE, gate), (Role.EXPERT_UP, up)):
+                piece = (_computed(_expert_part(options, ref, role, layer, e, rows, n), (seg, hidden), dtype)
+                         if changed else _rows_piece(ref, rows[0], rows[1], dtype))
+                tensors.append(OutputTensor(name(role, layer, e), dtype, (seg, hidden), [piece], "expert"))
+            # down: the segment's columns, times G so that the renormalised top-k*G sum is the dense MLP
+            tensors.append(OutputTensor(name(Role.EXPERT_DOWN, layer, e), dtype, (hidden, seg), [_computed(
+                _expert_part(options, down, Role.EXPERT_DOWN, layer, e, rows, n), (hidden, seg), dtype)],
+                "expert"))
+    for tensor in tensors:
+        tensor.check()
+
+    config["model_type"] = target_name
+    config["architectures"] = [ARCHITECTURES[target_name]]
+    config["num_experts_per_tok"] = k
+    if target_name == "mixtral":
+        config.update(num_local_experts=n, intermediate_size=seg)
+    else:
+        config.update(num_experts=n, moe_intermediate_size=seg, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[i for i in range(layers) if i not in moe_layers])
+    config.setdefault("router_aux_loss_coef", 0.001)
+    warnings = []
+    if options.noise or options.drop_ratio:
+        warnings.append("--noise/--drop-ratio: the experts differ from the dense MLP, so the MoE's output does too")
+    files = [p for p in sorted(ckpt.root.iterdir()) if p.is_file() and p.name not in ("config.json", "README.md")
+             and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
+             and not p.name.startswith(".")]
+    return UpcyclePlan(ckpt.source, source.name, target_name, n, k, moe_layers, tensors, config, files, warnings)
+
+
+def _router(options: UpcycleOptions, layer: int, n: int, hidden: int, dtype: str):
+    def compute():
+        import torch
+
+        if options.router_init == "zeros":
+            return torch.zeros(n, hidden, dtype=TORCH_DTYPES[dtype])
+        base = torch.randn(options.experts, hidden, generator=_generator(options.seed, layer)) * options.router_std
+        # the G segments of one original expert share its row: they are chosen together
+        return base.repeat_interleave(options.granularity, dim=0).to(TORCH_DTYPES[dtype])
+
+    if options.router_init not in ("random", "zeros"):
+        raise UnsupportedError(f"--router-init {options.router_init}: only random and zeros are implemented yet")
+    return compute
+
+
+def _expert_part(options: UpcycleOptions, ref: TensorRef, role: Role, layer: int, expert: int,
+                 rows: tuple[int, int], n: int):
+    """One expert's slice of a dense MLP matrix, with noise and dropped neurons applied."""
+    def compute():
+        import torch
+
+        weight = ref.load().float()
+        part = weight[:, rows[0]:rows[1]] if role == Role.EXPERT_DOWN else weight[rows[0]:rows[1]]
+        part = part.clone()
+        gen = _generator(options.seed, layer, expert, int(role == Role.EXPERT_DOWN) + 2 * int(role == Role.EXPERT_UP))
+        if options.noise > 0:
+            part += torch.randn(part.shape, generator=gen) * options.noise * weight.std()
+        if options.drop_ratio > 0:
+            neurons = part.shape[1] if role == Role.EXPERT_DOWN else part.shape[0]
+            count = round(options.drop_ratio * neurons)
+            chosen = torch.randperm(neurons, generator=_generator(options.seed, layer, expert, 7))[:count]
+            fresh = torch.randn(part.shape, generator=gen) * weight.std() + weight.mean()
+            if role == Role.EXPERT_DOWN:
+                part[:, chosen] = fresh[:, chosen]
+            else:
+                part[chosen] = fresh[chosen]
+        if role == Role.EXPERT_DOWN:
+            part *= options.granularity
+        return part.to(TORCH_DTYPES[ref.dtype]).contiguous()
+
+    return compute
+
+
+def upcycle(ckpt: Checkpoint, out: Path, options: UpcycleOptions, *, force: bool = False, progress=None
+            ) -> dict[str, Any]:
+    """Write the upcycled checkpoint into OUT (atomically); return the plan summary and timing."""
+    out = Path(out)
+    if ckpt.root is not None and (out.resolve() == ckpt.root.resolve()
+                                  or out.resolve().is_relative_to(ckpt.root.resolve())):
+        raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
+    plan = plan_upcycle(ckpt, options)
+    start = time.perf_counter()
+    metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": "upcycle"}
+    try:
+        with atomic_folder(out, force=force) as tmp:
+            write_shards(tmp, plan_shards(plan.tensors, options.max_shard_size), metadata, progress)
+            (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+            for file in plan.files:
+                shutil.copy2(file, tmp / file.name)
+            (tmp / "README.md").write_text(
+                f"---\nbase_model: {plan.source}\ntags:\n- moetool\n- mixture-of-experts\n- upcycled\n---\n\n"
+                f"# {out.name}\n\nUpcycled from `{plan.source}` by moetool {__version__}:\n\n"
+                f"```\n{options.command or 'moetool upcycle'}\n```\n\n- {plan.target_family}: {plan.experts} "
+                f"experts, top-{plan.top_k}, MoE layers {plan.moe_layers}\n")
+    except OSError as exc:
+        raise OutputWriteError(f"{out}: writing failed ({exc.strerror or exc}); nothing was left behind") from None
+    return {**plan.summary(), "out": str(out), "seconds": round(time.perf_counter() - start, 3)}

@@ -1,0 +1,109 @@
+"""`moetool upcycle`: exact at initialisation against the dense model's logits in transformers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from moetool.checkpoint import open_checkpoint
+from moetool.errors import UnsupportedError, UsageError
+from moetool.ops.upcycle import UpcycleOptions, plan_upcycle, upcycle
+
+
+def run(src, out, **kw):
+    with open_checkpoint(src) as ckpt:
+        return upcycle(ckpt, out, UpcycleOptions(**kw))
+
+
+def logits(path, ids):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("source", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_exact_at_initialisation(tmp_path, tiny, source, top_k, granularity):
+    src = tiny(source)
+    summary = run(src, tmp_path / "moe", experts=4, top_k=top_k, granularity=granularity)
+    assert summary["experts"] == 4 * granularity and summary["top_k"] == top_k * granularity
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(3))
+    got, want = logits(tmp_path / "moe", ids), logits(src, ids)
+    assert (got - want).abs().max() <= 1e-5
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == ("qwen3_moe" if source == "qwen3" else "mixtral")
+
+
+def test_qwen3_partial_layers(tmp_path, tiny):
+    src = tiny("qwen3")
+    run(src, tmp_path / "moe", experts=4, top_k=2, layers=[1])
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["mlp_only_layers"] == [0] and config["num_experts"] == 4
+    ids = torch.randint(0, 64, (1, 9))
+    assert (logits(tmp_path / "moe", ids) - logits(src, ids)).abs().max() <= 1e-5
+
+
+def test_builtin_dense_upcycled_is_the_same_model(tmp_path):
+    from moetool.ops.evaluate import EvalOptions, evaluate
+
+    run("builtin:tiny-dense", tmp_path / "moe", experts=8, top_k=2)
+    with open_checkpoint(tmp_path / "moe") as moe, open_checkpoint("builtin:tiny-dense") as dense:
+        report = evaluate(moe, EvalOptions(max_tokens=4096, seq_len=128), dense)
+    assert report.kl_mean < 1e-6 and report.top1_agreement == 1.0
+
+
+def test_drop_ratio_and_noise_change_the_stated_fraction(tmp_path, tiny):
+    src = tiny("qwen3")
+    dense = load_file(src / "model.safetensors")
+    run(src, tmp_path / "drop", experts=4, top_k=2, drop_ratio=0.25)
+    out = load_file(tmp_path / "drop" / "model.safetensors")
+    gate = dense["model.layers.0.mlp.gate_proj.weight"]            # [24, 32]
+    changed_sets = []
+    for e in range(4):
+        expert = out[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"]
+        changed = {i for i in range(24) if not torch.equal(expert[i], gate[i])}
+        assert len(changed) == 6                                   # 25% of 24 neurons
+        down = out[f"model.layers.0.mlp.experts.{e}.down_proj.weight"]
+        assert {i for i in range(24) if not torch.equal(down[:, i], dense["model.layers.0.mlp.down_proj.weight"][:, i])} \
+            == changed                                             # the same neurons, in and out
+        changed_sets.append(frozenset(changed))
+    assert len(set(changed_sets)) > 1                              # a different subset per expert
+
+    run(src, tmp_path / "noise", experts=4, top_k=2, noise=0.1)
+    noisy = load_file(tmp_path / "noise" / "model.safetensors")["model.layers.0.mlp.experts.2.gate_proj.weight"]
+    difference = noisy - gate
+    assert (difference != 0).float().mean() == 1.0                 # every weight moved
+    assert float(difference.std() / gate.std()) == pytest.approx(0.1, rel=0.25)
+
+
+def test_bad_requests(tmp_path, tiny):
+    with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(UsageError, match="dense model"):
+        plan_upcycle(ckpt, UpcycleOptions())
+    with open_checkpoint(tiny("gemma")) as ckpt, pytest.raises(UnsupportedError, match="not supported yet"):
+        plan_upcycle(ckpt, UpcycleOptions())
+    with open_checkpoint(tiny("llama")) as ckpt:
+        with pytest.raises(UnsupportedError, match="dense layers"):
+            plan_upcycle(ckpt, UpcycleOptions(experts=4, layers=[1]))
+        with pytest.raises(UsageError, match="top-k"):
+            plan_upcycle(ckpt, UpcycleOptions(experts=2, top_k=3))
+        with pytest.raises(UsageError, match="granularity"):
+            plan_upcycle(ckpt, UpcycleOptions(experts=2, granularity=5))
+
+
+def test_cli_dry_run_and_write(tmp_path, tiny):
+    proc = subprocess.run([sys.executable, "-m", "moetool", "upcycle", str(tiny("llama")), str(tmp_path / "out"),
+                           "--experts", "4", "--top-k", "2", "--dry-run", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["target_family"] == "mixtral" and not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, "-m", "moetool", "upcycle", str(tiny("llama")), str(tmp_path / "out"),
+                           "--experts", "4", "--granularity", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with open_checkpoint(tmp_path / "out") as ckpt:
+        from moetool.ops.inspect import inspect_checkpoint
+        report = inspect_checkpoint(ckpt)
+    assert report.family == "mixtral" and report.num_experts == 8 and report.top_k == 4 and not report.problems
