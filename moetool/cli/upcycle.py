@@ -26,7 +26,8 @@ def _parse_layers(text: str | None, count: int | None = None) -> list[int] | Non
 
 
 def upcycle(
-    dense: Annotated[str, typer.Argument(help="Dense checkpoint (Llama, Mistral, Qwen3), hub id or builtin:tiny-dense.")],
+    dense: Annotated[str, typer.Argument(help="Dense checkpoint (Llama, Mistral, Qwen3), hub id or "
+                                         "builtin:tiny-dense.")],
     out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
     experts: Annotated[int, typer.Option(min=1, help="Experts per MoE layer (before --granularity).")] = 8,
     top_k: Annotated[int, typer.Option(min=1, help="Experts per token (before --granularity).")] = 2,
