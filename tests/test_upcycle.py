@@ -107,3 +107,30 @@ def test_cli_dry_run_and_write(tmp_path, tiny):
         from moetool.ops.inspect import inspect_checkpoint
         report = inspect_checkpoint(ckpt)
     assert report.family == "mixtral" and report.num_experts == 8 and report.top_k == 4 and not report.problems
+
+
+def test_hidden_kmeans_balances_initial_routing_better_than_random(tmp_path):
+    """Balanced k-means of the dense model's MLP inputs (training plays) against a random router,
+    judged by profile's imbalance on the held-out play."""
+    from moetool.ops.profile import ProfileOptions, profile
+
+    cv = {}
+    for init in ("random", "hidden-kmeans"):
+        run("builtin:tiny-dense", tmp_path / init, experts=8, top_k=2, router_init=init, max_tokens=4096)
+        with open_checkpoint(tmp_path / init) as ckpt:
+            report = profile(ckpt, ProfileOptions(data="builtin:heldout", max_tokens=8192, seq_len=256))
+        cv[init] = sum(layer.imbalance["cv"] for layer in report.layers) / len(report.layers)
+        assert all(not layer.dead_experts for layer in report.layers)
+    assert cv["hidden-kmeans"] < cv["random"], cv
+
+
+def test_prompts_router_init(tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([["To be, or not to be"], ["Friends, Romans, countrymen"],
+                                   ["Now is the winter of our discontent"], ["All the world's a stage"]]))
+    run("builtin:tiny-dense", tmp_path / "moe", experts=4, top_k=1, router_init="prompts", prompts=prompts)
+    router = load_file(tmp_path / "moe" / "model.safetensors")["model.layers.2.mlp.gate.weight"].float()
+    assert router.shape == (4, 128) and torch.linalg.matrix_rank(router) == 4
+    with pytest.raises(UsageError, match="4 experts"):
+        (tmp_path / "three.json").write_text(json.dumps([["a"], ["b"], ["c"]]))
+        run("builtin:tiny-dense", tmp_path / "bad", experts=4, router_init="prompts", prompts=tmp_path / "three.json")

@@ -139,6 +139,8 @@ class Family:
     # the experts module, called as experts(hidden [T,H], index [T,k], weights [T,k]) -> [T,H]
     # (for saliency); None where the family's experts take another form
     experts_module: str | None = "model.layers.{L}.mlp.experts"
+    # a dense family's MLP module (its input is what an upcycled router will see)
+    mlp_module: str | None = None
     notes: str = ""
 
     @property

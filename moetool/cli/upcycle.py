@@ -33,7 +33,13 @@ def upcycle(
     top_k: Annotated[int, typer.Option(min=1, help="Experts per token (before --granularity).")] = 2,
     family: Annotated[str | None, typer.Option(help="Target family (default: mixtral for Llama/Mistral, "
                                                "qwen3_moe for Qwen3).")] = None,
-    router_init: Annotated[str, typer.Option(help="random or zeros.")] = "random",
+    router_init: Annotated[str, typer.Option(help="random, zeros, hidden-kmeans (k-means centroids of the MLP "
+                                             "inputs of --data) or prompts (each expert's mean over its "
+                                             "--prompts).")] = "random",
+    data: Annotated[Path | None, typer.Option(help="Calibration text for hidden-kmeans (default: the built-in "
+                                              "corpus).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="For --router-init prompts: a JSON list with one list of "
+                                                 "prompts per expert.")] = None,
     router_std: Annotated[float, typer.Option(min=0.0, help="Standard deviation of a random router.")] = 0.02,
     noise: Annotated[float, typer.Option(min=0.0, help="Relative Gaussian noise on each expert copy.")] = 0.0,
     drop_ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help="Drop-Upcycling: share of each expert's "
@@ -57,7 +63,7 @@ def upcycle(
         count = (ckpt.config or {}).get("num_hidden_layers")
         options = UpcycleOptions(experts=experts, top_k=top_k, target=family, router_init=router_init,
                                  router_std=router_std, noise=noise, drop_ratio=drop_ratio, granularity=granularity,
-                                 layers=_parse_layers(layers, count), seed=seed,
+                                 layers=_parse_layers(layers, count), seed=seed, data=data, prompts=prompts,
                                  max_shard_size=parse_size(max_shard_size),
                                  command=shlex.join(["moetool", *sys.argv[1:]]))
         if dry_run:

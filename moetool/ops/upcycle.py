@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,13 +41,16 @@ class UpcycleOptions:
     experts: int = 8
     top_k: int = 2
     target: str | None = None           # target family; default by source family (TARGETS)
-    router_init: str = "random"         # "random" | "zeros"
+    router_init: str = "random"         # "random" | "zeros" | "hidden-kmeans" | "prompts"
     router_std: float = 0.02
     noise: float = 0.0                  # relative Gaussian noise on each expert copy
     drop_ratio: float = 0.0             # Drop-Upcycling: share of each expert's neurons re-initialised
     granularity: int = 1                # split each FFN into G segments: N*G experts, top-k K*G
     layers: list[int] | None = None     # MoE layers (None: all)
     seed: int = 0
+    data: Path | None = None            # hidden-kmeans calibration text (default: the built-in corpus)
+    max_tokens: int = 4096
+    prompts: Path | None = None         # router-init prompts: JSON list, one list of prompts per expert
     max_shard_size: int = 5_000_000_000
     command: str = ""
 
@@ -128,25 +132,28 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
         tpl = templates[role]
         return tpl.replace("{L}", str(layer)).replace("{E}", str(expert))
 
+    router_rows = (_router_rows(ckpt, source, options, moe_layers)
+                   if options.router_init in ("hidden-kmeans", "prompts") else {})
     for layer in moe_layers:
         parts = dense[layer]
         gate, up, down = parts[Role.DENSE_GATE], parts[Role.DENSE_UP], parts[Role.DENSE_DOWN]
         hidden = gate.shape[1]
         dtype = gate.dtype
         tensors.append(OutputTensor(name(Role.ROUTER, layer), dtype, (n, hidden),
-                                    [_computed(_router(options, layer, n, hidden, dtype), (n, hidden), dtype)],
+                                    [_computed(_router(options, layer, n, hidden, dtype, router_rows.get(layer)),
+                                               (n, hidden), dtype)],
                                     "router"))
         for e in range(n):
             g = e % options.granularity
-            rows = (g * seg, (g + 1) * seg)
+            segment = (g * seg, (g + 1) * seg)
             changed = options.noise > 0 or options.drop_ratio > 0
             for role, ref in ((Role.EXPERT_GATE, gate), (Role.EXPERT_UP, up)):
-                piece = (_computed(_expert_part(options, ref, role, layer, e, rows, n), (seg, hidden), dtype)
-                         if changed else _rows_piece(ref, rows[0], rows[1], dtype))
+                piece = (_computed(_expert_part(options, ref, role, layer, e, segment, n), (seg, hidden), dtype)
+                         if changed else _rows_piece(ref, segment[0], segment[1], dtype))
                 tensors.append(OutputTensor(name(role, layer, e), dtype, (seg, hidden), [piece], "expert"))
             # down: the segment's columns, times G so that the renormalised top-k*G sum is the dense MLP
             tensors.append(OutputTensor(name(Role.EXPERT_DOWN, layer, e), dtype, (hidden, seg), [_computed(
-                _expert_part(options, down, Role.EXPERT_DOWN, layer, e, rows, n), (hidden, seg), dtype)],
+                _expert_part(options, down, Role.EXPERT_DOWN, layer, e, segment, n), (hidden, seg), dtype)],
                 "expert"))
     for tensor in tensors:
         tensor.check()
@@ -169,19 +176,129 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
     return UpcyclePlan(ckpt.source, source.name, target_name, n, k, moe_layers, tensors, config, files, warnings)
 
 
-def _router(options: UpcycleOptions, layer: int, n: int, hidden: int, dtype: str):
+def _router(options: UpcycleOptions, layer: int, n: int, hidden: int, dtype: str, rows=None):
     def compute():
         import torch
 
         if options.router_init == "zeros":
             return torch.zeros(n, hidden, dtype=TORCH_DTYPES[dtype])
-        base = torch.randn(options.experts, hidden, generator=_generator(options.seed, layer)) * options.router_std
+        if rows is not None:
+            base = rows
+        else:
+            base = torch.randn(options.experts, hidden, generator=_generator(options.seed, layer)) * options.router_std
         # the G segments of one original expert share its row: they are chosen together
         return base.repeat_interleave(options.granularity, dim=0).to(TORCH_DTYPES[dtype])
 
-    if options.router_init not in ("random", "zeros"):
-        raise UnsupportedError(f"--router-init {options.router_init}: only random and zeros are implemented yet")
+    if options.router_init not in ("random", "zeros", "hidden-kmeans", "prompts"):
+        raise UsageError(f"--router-init {options.router_init}: use random, zeros, hidden-kmeans or prompts")
     return compute
+
+
+def _mlp_inputs(ckpt: Checkpoint, family, layers: list[int], batches) -> dict[int, list]:
+    """The input of each listed layer's MLP (what the router will see), per batch of token ids."""
+    import torch
+
+    from moetool.runner.device import pick_device
+    from moetool.runner.model import load_model
+
+    loaded = load_model(ckpt, device=pick_device(None), dtype=torch.float32, mode="auto")
+    seen: dict[int, list] = {layer: [] for layer in layers}
+    handles = [loaded.model.get_submodule(family.mlp_module.replace("{L}", str(layer))).register_forward_pre_hook(
+        lambda module, args, layer=layer: seen[layer].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu()))
+        for layer in layers]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                loaded.base_forward(ids.to(loaded.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _balanced_assign(similarity, capacity: int):
+    """Each point to its most similar cluster that still has room (points most sure of their
+    cluster first): clusters of equal size, so that the experts start equally loaded."""
+    import torch
+
+    order = torch.argsort(similarity.max(dim=1).values, descending=True).tolist()
+    preference = torch.argsort(similarity, dim=1, descending=True).tolist()
+    room = [capacity] * similarity.shape[1]
+    assigned = [0] * similarity.shape[0]
+    for point in order:
+        for cluster in preference[point]:
+            if room[cluster]:
+                room[cluster] -= 1
+                assigned[point] = cluster
+                break
+    return torch.tensor(assigned)
+
+
+def _kmeans(points, k: int, seed: int, iterations: int = 20):
+    """Balanced spherical k-means on unit rows of POINTS (k-means++ start); returns k centroids."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    centroids = points[torch.randint(0, points.shape[0], (1,), generator=gen)]
+    while centroids.shape[0] < k:
+        distance = (1 - (points @ centroids.T).max(dim=1).values).clamp_min(0)
+        weights = distance / distance.sum() if distance.sum() > 0 else torch.ones_like(distance)
+        centroids = torch.cat([centroids, points[torch.multinomial(weights, 1, generator=gen)]])
+    capacity = -(-points.shape[0] // k)
+    for _ in range(iterations):
+        assigned = _balanced_assign(points @ centroids.T, capacity)
+        for c in range(k):
+            members = points[assigned == c]
+            if len(members):
+                mean = members.mean(dim=0)
+                centroids[c] = mean / mean.norm().clamp_min(1e-12)
+    return centroids
+
+
+def _router_rows(ckpt: Checkpoint, family, options: UpcycleOptions, layers: list[int]) -> dict[int, object]:
+    """Router rows from hidden states: k-means centroids of the MLP inputs of calibration text
+    (hidden-kmeans), or each expert's mean MLP input over its prompts (prompts, as mergekit-moe)."""
+    import torch
+
+    from moetool.runner import data
+
+    if options.router_init == "prompts":
+        if options.prompts is None:
+            raise UsageError("--router-init prompts needs --prompts FILE (a JSON list of prompt lists, one per expert)")
+        try:
+            groups = json.loads(Path(options.prompts).read_text())
+            assert isinstance(groups, list) and all(isinstance(g, list) and g for g in groups)
+        except (OSError, json.JSONDecodeError, AssertionError):
+            raise UsageError(f"{options.prompts}: not a JSON list of non-empty prompt lists") from None
+        if len(groups) != options.experts:
+            raise UsageError(f"{options.prompts}: {len(groups)} prompt lists for {options.experts} experts")
+        per_expert = [[torch.tensor([data.tokenize([p], ckpt.root)]) for p in group] for group in groups]
+        rows = {layer: [] for layer in layers}
+        for prompts in per_expert:
+            seen = _mlp_inputs(ckpt, family, layers, prompts)
+            for layer in layers:
+                rows[layer].append(torch.cat(seen[layer]).mean(dim=0))
+        means = {layer: torch.stack(r) for layer, r in rows.items()}
+    else:
+        texts = data.read_texts(options.data or Path("builtin"))
+        ids = data.pack(data.tokenize(texts, ckpt.root), seq_len=256, max_tokens=options.max_tokens,
+                        vocab_size=(ckpt.config or {}).get("vocab_size"),
+                        max_positions=(ckpt.config or {}).get("max_position_embeddings"))
+        seen = _mlp_inputs(ckpt, family, layers, ids.split(8))
+        means = {}
+        for layer in layers:
+            # Spherical k-means on the centred hidden states, then rows orthogonal to the mean state:
+            # a router has no bias, so the mean (shared by every token) must not favour any expert.
+            points = torch.cat(seen[layer])
+            mu = points.mean(dim=0)
+            centred = points - mu
+            centroids = _kmeans(centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12), options.experts,
+                                options.seed + layer)
+            unit_mu = mu / mu.norm().clamp_min(1e-12)
+            means[layer] = centroids - (centroids @ unit_mu)[:, None] * unit_mu
+    # unit rows scaled to the norm a random row of --router-std would have
+    scale = options.router_std * math.sqrt(next(iter(means.values())).shape[1])
+    return {layer: m / m.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale for layer, m in means.items()}
 
 
 def _expert_part(options: UpcycleOptions, ref: TensorRef, role: Role, layer: int, expert: int,

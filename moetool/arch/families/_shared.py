@@ -113,4 +113,4 @@ def dense_family(*, name: str, title: str, model_types: tuple[str, ...], **extra
     return Family(name=name, model_types=model_types, title=title, router=None, keys=keys(),
                   common={**EMBED_AND_HEAD, **DENSE_MLP}, per_expert=None, fused=None,
                   is_moe_layer=lambda cfg, layer: False, dense=True, router_module=None, router_output=None,
-                  experts_module=None, **extra)
+                  experts_module=None, mlp_module="model.layers.{L}.mlp", **extra)
