@@ -134,3 +134,28 @@ def test_prompts_router_init(tmp_path):
     with pytest.raises(UsageError, match="4 experts"):
         (tmp_path / "three.json").write_text(json.dumps([["a"], ["b"], ["c"]]))
         run("builtin:tiny-dense", tmp_path / "bad", experts=4, router_init="prompts", prompts=tmp_path / "three.json")
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_several_sources(tmp_path, tiny, average):
+    """Branch-Train-MiX: expert e from source e mod 2; shared tensors from the first or averaged."""
+    from tests.tiny import save_tiny
+
+    a = tiny("llama")
+    b = save_tiny("llama", tmp_path / "other", seed=1)
+    with open_checkpoint(a) as first, open_checkpoint(b) as second:
+        summary = upcycle(first, tmp_path / "moe", UpcycleOptions(experts=4, top_k=2, average_shared=average),
+                          others=[second])
+    assert "2 sources" in summary["warnings"][0]
+    out = load_file(tmp_path / "moe" / "model.safetensors")
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    for e in range(4):
+        src = wa if e % 2 == 0 else wb
+        assert torch.equal(out[f"model.layers.1.block_sparse_moe.experts.{e}.w1.weight"],
+                           src["model.layers.1.mlp.gate_proj.weight"])
+    attention = "model.layers.0.self_attn.q_proj.weight"
+    want = (wa[attention] + wb[attention]) / 2 if average else wa[attention]
+    assert torch.allclose(out[attention], want)
+    with open_checkpoint(a) as first, open_checkpoint(tiny("qwen3")) as other, \
+            pytest.raises(UsageError, match="same architecture"):
+        plan_upcycle(first, UpcycleOptions(experts=2, top_k=1), [other])

@@ -49,29 +49,40 @@ def upcycle(
     layers: Annotated[str | None, typer.Option(help="MoE layers: all, every:K, or a list like 1,3,5 "
                                                "(families with dense layers).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the router, noise and dropped neurons.")] = 0,
+    also: Annotated[list[str] | None, typer.Option("--from", help="More dense sources of the same architecture "
+                                                   "(repeat): expert e comes from source e mod the number of "
+                                                   "sources (Branch-Train-MiX).")] = None,
+    average_shared: Annotated[bool, typer.Option("--average-shared", help="With --from: average attention, norms "
+                                                 "and embeddings over the sources (default: the first's).")] = False,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
 ) -> None:
     """Turn a dense model into an MoE whose experts start as copies of its MLP."""
+    from contextlib import ExitStack
+
     from moetool.checkpoint import open_checkpoint
     from moetool.ops.upcycle import UpcycleOptions, plan_upcycle
     from moetool.ops.upcycle import upcycle as run_upcycle
 
-    with open_checkpoint(dense) as ckpt:
+    with ExitStack() as stack:
+        ckpt = stack.enter_context(open_checkpoint(dense))
+        others = [stack.enter_context(open_checkpoint(path)) for path in also or []]
         count = (ckpt.config or {}).get("num_hidden_layers")
         options = UpcycleOptions(experts=experts, top_k=top_k, target=family, router_init=router_init,
                                  router_std=router_std, noise=noise, drop_ratio=drop_ratio, granularity=granularity,
                                  layers=_parse_layers(layers, count), seed=seed, data=data, prompts=prompts,
+                                 average_shared=average_shared,
                                  max_shard_size=parse_size(max_shard_size),
                                  command=shlex.join(["moetool", *sys.argv[1:]]))
         if dry_run:
-            summary = plan_upcycle(ckpt, options).summary()
+            summary = plan_upcycle(ckpt, options, others).summary()
         else:
             bar = None if json_out else _Bar()
             try:
-                summary = run_upcycle(ckpt, out, options, force=force, progress=bar.advance if bar else None)
+                summary = run_upcycle(ckpt, out, options, force=force, progress=bar.advance if bar else None,
+                                      others=others)
             finally:
                 if bar:
                     bar.close()

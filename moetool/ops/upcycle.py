@@ -51,6 +51,7 @@ class UpcycleOptions:
     data: Path | None = None            # hidden-kmeans calibration text (default: the built-in corpus)
     max_tokens: int = 4096
     prompts: Path | None = None         # router-init prompts: JSON list, one list of prompts per expert
+    average_shared: bool = False        # several sources: average their non-expert tensors
     max_shard_size: int = 5_000_000_000
     command: str = ""
 
@@ -85,8 +86,14 @@ def _generator(seed: int, *parts: int):
     return torch.Generator().manual_seed(value % (2**63))
 
 
-def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
-    """Plan the MoE checkpoint (reads headers only)."""
+def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpoint] = ()) -> UpcyclePlan:
+    """Plan the MoE checkpoint (reads headers only).
+
+    Args:
+        others: more dense models of the same architecture (Branch-Train-MiX): expert e takes its MLP
+            from source e mod (1 + len(others)); attention, norms and embeddings come from CKPT, or
+            are averaged over all sources with options.average_shared.
+    """
     source = detect_family(ckpt.config)
     if source is None or not source.dense:
         raise UsageError(f"{ckpt.source}: upcycle needs a dense model (Llama, Mistral, Qwen3); this is "
@@ -116,15 +123,26 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
     n = options.experts * options.granularity
     k = options.top_k * options.granularity
     seg = inter // options.granularity
+    sources = [ckpt, *others]
+    for other in others:
+        if detect_family(other.config) is not source or set(other.tensors) != set(ckpt.tensors) or any(
+                other.tensors[t].shape != ckpt.tensors[t].shape for t in ckpt.tensors):
+            raise UsageError(f"{other.source}: not the same architecture and shapes as {ckpt.source}")
     classifier = Classifier(source)
     tensors: list[OutputTensor] = []
-    dense: dict[int, dict[Role, TensorRef]] = {}
+    dense: list[dict[int, dict[Role, TensorRef]]] = [{} for _ in sources]
     for name, ref in ckpt.tensors.items():
         m = classifier.classify(name)
         if m.role in (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN) and m.layer in moe_layers:
-            dense.setdefault(m.layer, {})[m.role] = ref
+            for i, src in enumerate(sources):
+                dense[i].setdefault(m.layer, {})[m.role] = src.tensors[name]
             continue
-        tensors.append(OutputTensor(name, ref.dtype, ref.shape, _tensor_pieces(ref, ref.dtype), "copied"))
+        if options.average_shared and others:
+            refs = [src.tensors[name] for src in sources]
+            tensors.append(OutputTensor(name, ref.dtype, ref.shape, [_computed(_average(refs), ref.shape, ref.dtype)],
+                                        "averaged"))
+        else:
+            tensors.append(OutputTensor(name, ref.dtype, ref.shape, _tensor_pieces(ref, ref.dtype), "copied"))
 
     templates = target.templates("per-expert")
 
@@ -135,16 +153,16 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
     router_rows = (_router_rows(ckpt, source, options, moe_layers)
                    if options.router_init in ("hidden-kmeans", "prompts") else {})
     for layer in moe_layers:
-        parts = dense[layer]
-        gate, up, down = parts[Role.DENSE_GATE], parts[Role.DENSE_UP], parts[Role.DENSE_DOWN]
-        hidden = gate.shape[1]
-        dtype = gate.dtype
+        hidden = dense[0][layer][Role.DENSE_GATE].shape[1]
+        dtype = dense[0][layer][Role.DENSE_GATE].dtype
         tensors.append(OutputTensor(name(Role.ROUTER, layer), dtype, (n, hidden),
                                     [_computed(_router(options, layer, n, hidden, dtype, router_rows.get(layer)),
                                                (n, hidden), dtype)],
                                     "router"))
         for e in range(n):
             g = e % options.granularity
+            parts = dense[(e // options.granularity) % len(sources)][layer]
+            gate, up, down = parts[Role.DENSE_GATE], parts[Role.DENSE_UP], parts[Role.DENSE_DOWN]
             segment = (g * seg, (g + 1) * seg)
             changed = options.noise > 0 or options.drop_ratio > 0
             for role, ref in ((Role.EXPERT_GATE, gate), (Role.EXPERT_UP, up)):
@@ -168,12 +186,22 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions) -> UpcyclePlan:
                       mlp_only_layers=[i for i in range(layers) if i not in moe_layers])
     config.setdefault("router_aux_loss_coef", 0.001)
     warnings = []
+    if others:
+        warnings.append(f"{len(sources)} sources: experts come from different models, so the MoE equals none of them")
     if options.noise or options.drop_ratio:
         warnings.append("--noise/--drop-ratio: the experts differ from the dense MLP, so the MoE's output does too")
     files = [p for p in sorted(ckpt.root.iterdir()) if p.is_file() and p.name not in ("config.json", "README.md")
              and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
              and not p.name.startswith(".")]
     return UpcyclePlan(ckpt.source, source.name, target_name, n, k, moe_layers, tensors, config, files, warnings)
+
+
+def _average(refs: list[TensorRef]):
+    def compute():
+
+        return (sum(r.load().float() for r in refs) / len(refs)).to(TORCH_DTYPES[refs[0].dtype])
+
+    return compute
 
 
 def _router(options: UpcycleOptions, layer: int, n: int, hidden: int, dtype: str, rows=None):
@@ -329,14 +357,14 @@ def _expert_part(options: UpcycleOptions, ref: TensorRef, role: Role, layer: int
     return compute
 
 
-def upcycle(ckpt: Checkpoint, out: Path, options: UpcycleOptions, *, force: bool = False, progress=None
-            ) -> dict[str, Any]:
+def upcycle(ckpt: Checkpoint, out: Path, options: UpcycleOptions, *, force: bool = False, progress=None,
+            others: list[Checkpoint] = ()) -> dict[str, Any]:
     """Write the upcycled checkpoint into OUT (atomically); return the plan summary and timing."""
     out = Path(out)
     if ckpt.root is not None and (out.resolve() == ckpt.root.resolve()
                                   or out.resolve().is_relative_to(ckpt.root.resolve())):
         raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
-    plan = plan_upcycle(ckpt, options)
+    plan = plan_upcycle(ckpt, options, others)
     start = time.perf_counter()
     metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": "upcycle"}
     try:
