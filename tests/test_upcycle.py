@@ -159,3 +159,25 @@ def test_several_sources(tmp_path, tiny, average):
     with open_checkpoint(a) as first, open_checkpoint(tiny("qwen3")) as other, \
             pytest.raises(UsageError, match="same architecture"):
         plan_upcycle(first, UpcycleOptions(experts=2, top_k=1), [other])
+
+
+@pytest.mark.parametrize("shared", [0, 1, 2])
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_qwen2_to_qwen2_moe_with_shared_experts(tmp_path, tiny, shared, granularity):
+    """Qwen2-MoE adds sigmoid(gate . x) x shared(x): with the gate at 0 (1/2), the shared expert equal to
+    the dense MLP and the routed experts halved, the output is still the dense model's."""
+    src = tiny("qwen2")
+    run(src, tmp_path / "moe", experts=4, top_k=2, shared_experts=shared, granularity=granularity)
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["shared_expert_intermediate_size"] == shared * 24
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    assert (logits(tmp_path / "moe", ids) - logits(src, ids)).abs().max() <= 1e-5
+    with open_checkpoint(tmp_path / "moe") as ckpt:
+        from moetool.ops.inspect import inspect_checkpoint
+        report = inspect_checkpoint(ckpt)
+    assert report.problems == [] and report.num_shared_experts == (1 if shared else 0)
+
+
+def test_shared_experts_need_a_family_that_has_them(tiny):
+    with open_checkpoint(tiny("llama")) as ckpt, pytest.raises(UsageError, match="no shared experts"):
+        plan_upcycle(ckpt, UpcycleOptions(experts=4, shared_experts=1))

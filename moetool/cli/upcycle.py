@@ -48,6 +48,8 @@ def upcycle(
                                              "top-k K*G), output unchanged at init.")] = 1,
     layers: Annotated[str | None, typer.Option(help="MoE layers: all, every:K, or a list like 1,3,5 "
                                                "(families with dense layers).")] = None,
+    shared_experts: Annotated[int, typer.Option(min=0, help="Qwen2-MoE: a shared expert of this many times the "
+                                                "FFN size, starting as the dense MLP.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the router, noise and dropped neurons.")] = 0,
     also: Annotated[list[str] | None, typer.Option("--from", help="More dense sources of the same architecture "
                                                    "(repeat): expert e comes from source e mod the number of "
@@ -73,7 +75,7 @@ def upcycle(
         options = UpcycleOptions(experts=experts, top_k=top_k, target=family, router_init=router_init,
                                  router_std=router_std, noise=noise, drop_ratio=drop_ratio, granularity=granularity,
                                  layers=_parse_layers(layers, count), seed=seed, data=data, prompts=prompts,
-                                 average_shared=average_shared,
+                                 average_shared=average_shared, shared_experts=shared_experts,
                                  max_shard_size=parse_size(max_shard_size),
                                  command=shlex.join(["moetool", *sys.argv[1:]]))
         if dry_run:

@@ -515,6 +515,8 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
             continue
         tpl = expected.get((role, layer))
         for expert, name in names.items():
+            if tpl is None and role in SHARED_ROLES and not dims.num_shared:
+                continue   # a zero-size shared expert (Qwen2-MoE with shared_expert_intermediate_size 0)
             if tpl is None or (expert is not None and ("{E}" not in tpl or expert >= experts)):
                 extra.append(name)
     if extra:

@@ -32,8 +32,9 @@ from moetool.ops.convert import WEIGHT_SUFFIXES, _computed, _rows_piece, _tensor
 log = logging.getLogger(__name__)
 
 # dense source family -> (default target family, transformers class of the target)
-TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe"}
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 @dataclass
@@ -52,6 +53,7 @@ class UpcycleOptions:
     max_tokens: int = 4096
     prompts: Path | None = None         # router-init prompts: JSON list, one list of prompts per expert
     average_shared: bool = False        # several sources: average their non-expert tensors
+    shared_experts: int = 0             # Qwen2-MoE: a shared expert of S x FFN that starts as the dense MLP
     max_shard_size: int = 5_000_000_000
     command: str = ""
 
@@ -107,6 +109,8 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     target = get_family(target_name)
     if options.experts < 1 or options.top_k < 1 or options.top_k > options.experts:
         raise UsageError("--top-k must be between 1 and --experts")
+    if options.shared_experts and target.shared_ffn is None:
+        raise UsageError(f"{target.title} has no shared experts (--shared-experts works for Qwen2-MoE)")
     if options.granularity < 1 or not 0 <= options.drop_ratio <= 1 or options.noise < 0:
         raise UsageError("--granularity must be >= 1, --drop-ratio in [0, 1], --noise >= 0")
     config = json.loads(json.dumps(ckpt.config))
@@ -159,6 +163,8 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
                                     [_computed(_router(options, layer, n, hidden, dtype, router_rows.get(layer)),
                                                (n, hidden), dtype)],
                                     "router"))
+        if target.shared_ffn is not None:
+            tensors.extend(_shared_expert(target, options, layer, dense[0][layer], hidden, dtype))
         for e in range(n):
             g = e % options.granularity
             parts = dense[(e // options.granularity) % len(sources)][layer]
@@ -184,6 +190,8 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     else:
         config.update(num_experts=n, moe_intermediate_size=seg, norm_topk_prob=True, decoder_sparse_step=1,
                       mlp_only_layers=[i for i in range(layers) if i not in moe_layers])
+    if target.shared_ffn is not None:
+        config["shared_expert_intermediate_size"] = options.shared_experts * inter
     config.setdefault("router_aux_loss_coef", 0.001)
     warnings = []
     if others:
@@ -194,6 +202,35 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
              and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
              and not p.name.startswith(".")]
     return UpcyclePlan(ckpt.source, source.name, target_name, n, k, moe_layers, tensors, config, files, warnings)
+
+
+def _shared_expert(target, options: UpcycleOptions, layer: int, parts: dict[Role, TensorRef], hidden: int,
+                   dtype: str) -> list[OutputTensor]:
+    """Qwen2-MoE's shared expert: S copies of the dense MLP side by side (down scaled by 1/S, so it
+    computes the dense MLP); its gate starts at sigmoid(0) = 1/2 and the routed experts carry the
+    other half. Zero-size when S = 0."""
+    import torch
+
+    templates = target.templates("per-expert")
+    copies = options.shared_experts
+    out = []
+    for role, dense_role in ((Role.SHARED_GATE, Role.DENSE_GATE), (Role.SHARED_UP, Role.DENSE_UP),
+                             (Role.SHARED_DOWN, Role.DENSE_DOWN)):
+        ref = parts[dense_role]
+        shape = (hidden, ref.shape[1] * copies) if role == Role.SHARED_DOWN else (ref.shape[0] * copies, hidden)
+
+        def compute(ref=ref, role=role):
+            weight = ref.load().float()
+            if role == Role.SHARED_DOWN:
+                return torch.cat([weight / copies] * copies, dim=1).to(TORCH_DTYPES[dtype])
+            return torch.cat([weight] * copies, dim=0).to(TORCH_DTYPES[dtype])
+
+        pieces = [_computed(compute, shape, dtype)] if copies else []
+        out.append(OutputTensor(templates[role].replace("{L}", str(layer)), dtype, shape, pieces, "shared expert"))
+    gate_name = templates[Role.SHARED_ROUTER].replace("{L}", str(layer))
+    out.append(OutputTensor(gate_name, dtype, (1, hidden), [_computed(
+        lambda: torch.zeros(1, hidden, dtype=TORCH_DTYPES[dtype]), (1, hidden), dtype)], "shared expert gate"))
+    return out
 
 
 def _average(refs: list[TensorRef]):
@@ -351,7 +388,9 @@ def _expert_part(options: UpcycleOptions, ref: TensorRef, role: Role, layer: int
             else:
                 part[chosen] = fresh[chosen]
         if role == Role.EXPERT_DOWN:
-            part *= options.granularity
+            # G segments sum to the MLP; with a shared expert gated by sigmoid(0) = 1/2 carrying the
+            # other half, the routed experts carry half
+            part *= options.granularity * (0.5 if options.shared_experts else 1.0)
         return part.to(TORCH_DTYPES[ref.dtype]).contiguous()
 
     return compute
