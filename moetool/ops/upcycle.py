@@ -5,8 +5,9 @@ Streams like convert: attention, norms and embeddings are byte ranges of the sou
 expert's gate/up rows are byte ranges too; only what changes is computed (a down-projection
 column slice, noise, dropped neurons, the router).
 
-This first version writes Mixtral from Llama/Mistral and Qwen3-MoE from Qwen3 sources, with
-random or zero routers, relative noise, Drop-Upcycling and fine-grained segments.
+Targets so far: Mixtral from Llama/Mistral, Qwen2-MoE (with shared experts) from Qwen2,
+Qwen3-MoE from Qwen3; all exact at initialisation unless noise, dropped neurons or several
+sources are asked for.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
 
     templates = target.templates("per-expert")
 
-    def name(role: Role, layer: int, expert: int | None = None) -> str:
+    def out_name(role: Role, layer: int, expert: int | None = None) -> str:
         tpl = templates[role]
         return tpl.replace("{L}", str(layer)).replace("{E}", str(expert))
 
@@ -159,7 +160,7 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     for layer in moe_layers:
         hidden = dense[0][layer][Role.DENSE_GATE].shape[1]
         dtype = dense[0][layer][Role.DENSE_GATE].dtype
-        tensors.append(OutputTensor(name(Role.ROUTER, layer), dtype, (n, hidden),
+        tensors.append(OutputTensor(out_name(Role.ROUTER, layer), dtype, (n, hidden),
                                     [_computed(_router(options, layer, n, hidden, dtype, router_rows.get(layer)),
                                                (n, hidden), dtype)],
                                     "router"))
@@ -174,9 +175,9 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
             for role, ref in ((Role.EXPERT_GATE, gate), (Role.EXPERT_UP, up)):
                 piece = (_computed(_expert_part(options, ref, role, layer, e, segment, n), (seg, hidden), dtype)
                          if changed else _rows_piece(ref, segment[0], segment[1], dtype))
-                tensors.append(OutputTensor(name(role, layer, e), dtype, (seg, hidden), [piece], "expert"))
+                tensors.append(OutputTensor(out_name(role, layer, e), dtype, (seg, hidden), [piece], "expert"))
             # down: the segment's columns, times G so that the renormalised top-k*G sum is the dense MLP
-            tensors.append(OutputTensor(name(Role.EXPERT_DOWN, layer, e), dtype, (hidden, seg), [_computed(
+            tensors.append(OutputTensor(out_name(Role.EXPERT_DOWN, layer, e), dtype, (hidden, seg), [_computed(
                 _expert_part(options, down, Role.EXPERT_DOWN, layer, e, segment, n), (hidden, seg), dtype)],
                 "expert"))
     for tensor in tensors:
