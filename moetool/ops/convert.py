@@ -24,9 +24,8 @@ from moetool.arch.config_compat import v4_compatible
 from moetool.arch.matcher import AUX_ENDINGS, Classifier, Match, split_quant_suffix
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
-from moetool.checkpoint.header import DTYPE_BYTES
+from moetool.checkpoint.pieces import CHUNK_BYTES, ComputedRef, computed_piece, rows_piece, tensor_pieces
 from moetool.checkpoint.writer import (
-    ComputedPiece,
     OutputTensor,
     Piece,
     RawPiece,
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
-CHUNK_BYTES = 16 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
 EXPERT_WEIGHTS = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)
@@ -97,88 +95,7 @@ class ConvertReport:
                 "seconds": round(self.seconds, 3), "bytes_written": self.bytes_written, "verified": self.verified}
 
 
-# ---------------------------------------------------------------- pieces of source tensors
-
-def _rows_piece(ref: TensorRef, start: int, stop: int, dtype: str) -> Piece:
-    """Rows [start, stop) of REF (as a matrix), raw when no cast is needed."""
-    cols = ref.shape[-1] if ref.shape else 1
-    length = (stop - start) * cols * DTYPE_BYTES[dtype]
-    if dtype == ref.dtype and ref.shard.format == "safetensors":
-        itemsize = DTYPE_BYTES[ref.dtype]
-        return RawPiece(ref.shard.path, ref.start + start * cols * itemsize, length)
-    return ComputedPiece(lambda: ref.load_rows(start, stop).to(TORCH_DTYPES[dtype]), length)
-
-
-def _tensor_pieces(ref: TensorRef, dtype: str) -> list[Piece]:
-    """All of REF: one raw byte range when it is copied as is, else computed pieces of about
-    CHUNK_BYTES (one expert at a time for expert-wise computed tensors)."""
-    cols = ref.shape[-1] if ref.shape and ref.shape[-1] else 1
-    rows = ref.numel // cols
-    if rows <= 1 or (dtype == ref.dtype and ref.shard.format == "safetensors"):
-        return [_rows_piece(ref, 0, rows if ref.numel else 0, dtype)]
-    if isinstance(ref, _ComputedRef) and ref.expert_wise:
-        step = rows // ref.shape[0]
-    else:
-        step = max(1, CHUNK_BYTES // max(1, ref.nbytes // rows))
-    return [_rows_piece(ref, a, min(a + step, rows), dtype) for a in range(0, rows, step)]
-
-
-def _computed(fn, shape: tuple[int, ...], dtype: str) -> ComputedPiece:
-    from math import prod
-
-    return ComputedPiece(fn, prod(shape) * DTYPE_BYTES[dtype])
-
-
 # ---------------------------------------------------------------- planning
-
-class _ComputedRef:
-    """A tensor computed from others (a dequantized weight), usable wherever a TensorRef is read."""
-
-    class _Shard:
-        format = "computed"
-        path = None
-
-    shard = _Shard()
-
-    def __init__(self, name: str, dtype: str, shape: tuple[int, ...], whole=None, expert=None):
-        self.name, self.dtype, self.shape = name, dtype, tuple(shape)
-        self._whole, self._expert = whole, expert
-
-    @property
-    def numel(self) -> int:
-        from math import prod
-
-        return prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
-
-    @property
-    def expert_wise(self) -> bool:
-        return self._expert is not None
-
-    def load(self):
-        if self._whole is not None:
-            return self._whole()
-        import torch
-
-        return torch.stack([self._expert(e) for e in range(self.shape[0])])
-
-    def load_slice(self, index):
-        if isinstance(index, int) and self._expert is not None:
-            return self._expert(index)
-        return self.load()[index]
-
-    def load_rows(self, start: int, stop: int):
-        cols = self.shape[-1]
-        if self._expert is not None:   # rows within one expert: compute only that expert
-            per = self.numel // self.shape[0] // cols
-            if start // per == (stop - 1) // per:
-                e = start // per
-                return self._expert(e).reshape(-1, cols)[start - e * per:stop - e * per]
-        return self.load().reshape(-1, cols)[start:stop]
-
 
 @dataclass
 class _Entry:
@@ -269,7 +186,7 @@ class _Planner:
             else:
                 name = entry.name
             dtype = self.out_dtype(entry)
-            self.emit(name, dtype, entry.ref.shape, _tensor_pieces(entry.ref, dtype), "copied", entry.ref.dtype)
+            self.emit(name, dtype, entry.ref.shape, tensor_pieces(entry.ref, dtype), "copied", entry.ref.dtype)
         return source_layout, target_layout
 
     def _source_layout(self, entries: list[_Entry]) -> str | None:
@@ -316,7 +233,7 @@ class _Planner:
             self.config_dequantized = True
         return out
 
-    def _dequantize(self, ref: TensorRef, parts: dict[str, TensorRef]) -> _ComputedRef:
+    def _dequantize(self, ref: TensorRef, parts: dict[str, TensorRef]) -> ComputedRef:
         from moetool.quant import dequant
 
         out = self.target_dtype or "BF16"
@@ -327,24 +244,24 @@ class _Planner:
             scale = parts["scale_inv"]
             block = tuple((self.cfg.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
             self.actions["dequantized fp8"] += 1
-            return _ComputedRef(ref.name, out, ref.shape, lambda: dequant.dequantize_fp8_block(
+            return ComputedRef(ref.name, out, ref.shape, lambda: dequant.dequantize_fp8_block(
                 ref.load(), scale.load(), torch_out, block))
         if "scales" in parts and ref.name.endswith("_blocks"):
             scales = parts["scales"]
             experts, rows, groups, _ = ref.shape
             self.actions["dequantized mxfp4"] += 1
-            return _ComputedRef(ref.name.removesuffix("_blocks"), out, (experts, groups * 32, rows),
+            return ComputedRef(ref.name.removesuffix("_blocks"), out, (experts, groups * 32, rows),
                                 expert=lambda e: dequant.dequantize_mxfp4(ref.load_slice(e), scales.load_slice(e),
                                                                           torch_out).T)   # [E, in, out]
         state = next((v for k, v in parts.items() if k.startswith("quant_state.bitsandbytes__")), None)
         if state is not None:
             self.actions["dequantized bitsandbytes 4-bit"] += 1
-            return _ComputedRef(ref.name, out, dequant.bnb4_shape(state.load()), lambda: dequant.dequantize_bnb4(
+            return ComputedRef(ref.name, out, dequant.bnb4_shape(state.load()), lambda: dequant.dequantize_bnb4(
                 {"weight": ref.load(), **{k: v.load() for k, v in parts.items()}}, torch_out))
         if "SCB" in parts:
             scb = parts["SCB"]
             self.actions["dequantized bitsandbytes int8"] += 1
-            return _ComputedRef(ref.name, out, ref.shape,
+            return ComputedRef(ref.name, out, ref.shape,
                                 lambda: dequant.dequantize_bnb8(ref.load(), scb.load(), torch_out))
         raise UnsupportedError(f"{ref.name}: moetool cannot dequantize this form "
                                f"(companions: {', '.join(sorted(parts))})")
@@ -374,15 +291,16 @@ class _Planner:
             name_d = self.name_for(any_entry.name, Role.EXPERT_DOWN, target, layer, None)
             if fam.fused_transposed:   # [E, H, 2I] and [E, I, H] (Llama 4)
                 torch_dtype = TORCH_DTYPES[dtype]
-                gate_up = [_computed(lambda g=g, u=u: _cat_t(g.ref.load(), u.ref.load(), torch_dtype),
+                gate_up = [computed_piece(lambda g=g, u=u: _cat_t(g.ref.load(), u.ref.load(), torch_dtype),
                                      (hidden, 2 * inter), dtype) for g, u in zip(gates, ups)]
-                down = [_computed(lambda d=d: d.ref.load().T.to(torch_dtype), (inter, hidden), dtype) for d in downs]
+                down = [computed_piece(lambda d=d: d.ref.load().T.to(torch_dtype), (inter, hidden), dtype)
+                        for d in downs]
                 self.emit(name_gu, dtype, (n, hidden, 2 * inter), gate_up, "fused (transposed)", gates[0].ref.dtype)
                 self.emit(name_d, dtype, (n, inter, hidden), down, "fused (transposed)", downs[0].ref.dtype)
             else:                      # [E, 2I, H] = stack(cat(gate_e, up_e)) and [E, H, I] = stack(down_e)
-                gate_up = [p for g, u in zip(gates, ups) for p in _tensor_pieces(g.ref, dtype) +
-                           _tensor_pieces(u.ref, dtype)]
-                down = [p for d in downs for p in _tensor_pieces(d.ref, dtype)]
+                gate_up = [p for g, u in zip(gates, ups) for p in tensor_pieces(g.ref, dtype) +
+                           tensor_pieces(u.ref, dtype)]
+                down = [p for d in downs for p in tensor_pieces(d.ref, dtype)]
                 self.emit(name_gu, dtype, (n, 2 * inter, hidden), gate_up, "fused", gates[0].ref.dtype)
                 self.emit(name_d, dtype, (n, hidden, inter), down, "fused", downs[0].ref.dtype)
             return
@@ -403,13 +321,13 @@ class _Planner:
             for e in range(n):
                 names = [self.name_for(gu.name, r, target, layer, e) for r in EXPERT_WEIGHTS[:3]]
                 if fam.fused_transposed:
-                    pieces = [[_computed(lambda e=e, f=f: f(e), shape, dtype)] for f, shape in
+                    pieces = [[computed_piece(lambda e=e, f=f: f(e), shape, dtype)] for f, shape in
                               ((gate_t, (inter, hidden)), (up_t, (inter, hidden)), (down_t, (hidden, inter)))]
                 else:                  # rows of the [E*2I, H] and [E*H, I] matrices: byte ranges
                     base = e * two_inter
-                    pieces = [[_rows_piece(gu.ref, base, base + inter, dtype)],
-                              [_rows_piece(gu.ref, base + inter, base + two_inter, dtype)],
-                              [_rows_piece(dn.ref, e * hidden, (e + 1) * hidden, dtype)]]
+                    pieces = [[rows_piece(gu.ref, base, base + inter, dtype)],
+                              [rows_piece(gu.ref, base + inter, base + two_inter, dtype)],
+                              [rows_piece(dn.ref, e * hidden, (e + 1) * hidden, dtype)]]
                 for name, part, shape in zip(names, pieces, ((inter, hidden), (inter, hidden), (hidden, inter))):
                     self.emit(name, dtype, shape, part, "split", gu.ref.dtype)
             return
@@ -419,7 +337,7 @@ class _Planner:
             for expert, entry in by_expert.items():
                 dtype = self.out_dtype(entry)
                 self.emit(self.name_for(entry.name, role, target, layer, expert), dtype, entry.ref.shape,
-                          _tensor_pieces(entry.ref, dtype), "renamed", entry.ref.dtype)
+                          tensor_pieces(entry.ref, dtype), "renamed", entry.ref.dtype)
 
 
 def _cat_t(gate, up, dtype):

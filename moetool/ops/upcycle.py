@@ -26,9 +26,10 @@ from moetool.arch import Role, detect_family, get_family
 from moetool.arch.matcher import Classifier
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
+from moetool.checkpoint.pieces import computed_piece, rows_piece, tensor_pieces
 from moetool.checkpoint.writer import OutputTensor, atomic_folder, plan_shards, write_shards
 from moetool.errors import OutputWriteError, UnsupportedError, UsageError
-from moetool.ops.convert import WEIGHT_SUFFIXES, _computed, _rows_piece, _tensor_pieces
+from moetool.ops.convert import WEIGHT_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,10 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
             continue
         if options.average_shared and others:
             refs = [src.tensors[name] for src in sources]
-            tensors.append(OutputTensor(name, ref.dtype, ref.shape, [_computed(_average(refs), ref.shape, ref.dtype)],
-                                        "averaged"))
+            tensors.append(OutputTensor(name, ref.dtype, ref.shape,
+                                        [computed_piece(_average(refs), ref.shape, ref.dtype)], "averaged"))
         else:
-            tensors.append(OutputTensor(name, ref.dtype, ref.shape, _tensor_pieces(ref, ref.dtype), "copied"))
+            tensors.append(OutputTensor(name, ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "copied"))
 
     templates = target.templates("per-expert")
 
@@ -161,7 +162,7 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
         hidden = dense[0][layer][Role.DENSE_GATE].shape[1]
         dtype = dense[0][layer][Role.DENSE_GATE].dtype
         tensors.append(OutputTensor(out_name(Role.ROUTER, layer), dtype, (n, hidden),
-                                    [_computed(_router(options, layer, n, hidden, dtype, router_rows.get(layer)),
+                                    [computed_piece(_router(options, layer, n, hidden, dtype, router_rows.get(layer)),
                                                (n, hidden), dtype)],
                                     "router"))
         if target.shared_ffn is not None:
@@ -173,11 +174,11 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
             segment = (g * seg, (g + 1) * seg)
             changed = options.noise > 0 or options.drop_ratio > 0
             for role, ref in ((Role.EXPERT_GATE, gate), (Role.EXPERT_UP, up)):
-                piece = (_computed(_expert_part(options, ref, role, layer, e, segment, n), (seg, hidden), dtype)
-                         if changed else _rows_piece(ref, segment[0], segment[1], dtype))
+                piece = (computed_piece(_expert_part(options, ref, role, layer, e, segment, n), (seg, hidden), dtype)
+                         if changed else rows_piece(ref, segment[0], segment[1], dtype))
                 tensors.append(OutputTensor(out_name(role, layer, e), dtype, (seg, hidden), [piece], "expert"))
             # down: the segment's columns, times G so that the renormalised top-k*G sum is the dense MLP
-            tensors.append(OutputTensor(out_name(Role.EXPERT_DOWN, layer, e), dtype, (hidden, seg), [_computed(
+            tensors.append(OutputTensor(out_name(Role.EXPERT_DOWN, layer, e), dtype, (hidden, seg), [computed_piece(
                 _expert_part(options, down, Role.EXPERT_DOWN, layer, e, segment, n), (hidden, seg), dtype)],
                 "expert"))
     for tensor in tensors:
@@ -226,10 +227,10 @@ def _shared_expert(target, options: UpcycleOptions, layer: int, parts: dict[Role
                 return torch.cat([weight / copies] * copies, dim=1).to(TORCH_DTYPES[dtype])
             return torch.cat([weight] * copies, dim=0).to(TORCH_DTYPES[dtype])
 
-        pieces = [_computed(compute, shape, dtype)] if copies else []
+        pieces = [computed_piece(compute, shape, dtype)] if copies else []
         out.append(OutputTensor(templates[role].replace("{L}", str(layer)), dtype, shape, pieces, "shared expert"))
     gate_name = templates[Role.SHARED_ROUTER].replace("{L}", str(layer))
-    out.append(OutputTensor(gate_name, dtype, (1, hidden), [_computed(
+    out.append(OutputTensor(gate_name, dtype, (1, hidden), [computed_piece(
         lambda: torch.zeros(1, hidden, dtype=TORCH_DTYPES[dtype]), (1, hidden), dtype)], "shared expert gate"))
     return out
 
