@@ -181,3 +181,31 @@ def test_qwen2_to_qwen2_moe_with_shared_experts(tmp_path, tiny, shared, granular
 def test_shared_experts_need_a_family_that_has_them(tiny):
     with open_checkpoint(tiny("llama")) as ckpt, pytest.raises(UsageError, match="no shared experts"):
         plan_upcycle(ckpt, UpcycleOptions(experts=4, shared_experts=1))
+
+
+@pytest.mark.parametrize("source", ["llama", "mistral"])
+@pytest.mark.parametrize("top_k, granularity, shared", [(1, 1, 0), (2, 1, 1), (2, 2, 0), (1, 2, 2)])
+def test_deepseek_v3_style_target(tmp_path, tiny, source, top_k, granularity, shared):
+    """GLM-4.5 architecture: DeepSeek-V3 routing (sigmoid scores, correction bias, renormalised, shared
+    experts) on the source's own attention; exact at initialisation."""
+    src = tiny(source)
+    run(src, tmp_path / "moe", experts=4, top_k=top_k, granularity=granularity, shared_experts=shared,
+        target="glm4_moe")
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["model_type"] == "glm4_moe" and config["n_routed_experts"] == 4 * granularity
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    assert (logits(tmp_path / "moe", ids) - logits(src, ids)).abs().max() <= 1e-5
+    with open_checkpoint(tmp_path / "moe") as ckpt:
+        from moetool.ops.inspect import inspect_checkpoint
+        report = inspect_checkpoint(ckpt)
+    assert report.problems == [] and report.router["correction_bias"]
+
+
+def test_glm_target_keeps_only_first_layers_dense(tmp_path, tiny):
+    src = tiny("llama")
+    run(src, tmp_path / "moe", experts=4, top_k=2, target="glm4_moe", layers=[1])
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["first_k_dense_replace"] == 1
+    ids = torch.randint(0, 64, (1, 7))
+    assert (logits(tmp_path / "moe", ids) - logits(src, ids)).abs().max() <= 1e-5
+    with open_checkpoint(src) as ckpt, pytest.raises(UnsupportedError, match="first layers dense"):
+        plan_upcycle(ckpt, UpcycleOptions(experts=4, target="glm4_moe", layers=[0]))

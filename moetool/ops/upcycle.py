@@ -34,9 +34,11 @@ from moetool.ops.convert import WEIGHT_SUFFIXES
 log = logging.getLogger(__name__)
 
 # dense source family -> (default target family, transformers class of the target)
-TARGETS = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+# dense source family -> target families whose attention equals the source's (the first is the default)
+TARGETS = {"llama": ("mixtral", "glm4_moe"), "mistral": ("mixtral", "glm4_moe"), "qwen2": ("qwen2_moe",),
+           "qwen3": ("qwen3_moe",)}
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 
 
 @dataclass
@@ -102,17 +104,20 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     if source is None or not source.dense:
         raise UsageError(f"{ckpt.source}: upcycle needs a dense model (Llama, Mistral, Qwen3); this is "
                          f"{source.title if source else 'an unknown architecture'}")
-    target_name = options.target or TARGETS.get(source.name)
-    if target_name not in ARCHITECTURES or source.name not in TARGETS:
+    allowed = TARGETS.get(source.name, ())
+    target_name = options.target or (allowed[0] if allowed else None)
+    if not allowed or target_name not in ARCHITECTURES:
+        pairs = "; ".join(f"{name} -> {'/'.join(targets)}" for name, targets in TARGETS.items())
         raise UnsupportedError(f"upcycling {source.title} into {target_name or 'an MoE'} is not supported yet "
-                               f"(supported: {', '.join(f'{s} -> {t}' for s, t in TARGETS.items())})")
-    if TARGETS[source.name] != target_name:
-        raise UnsupportedError(f"{source.title} upcycles into {TARGETS[source.name]}, whose attention matches")
+                               f"(supported: {pairs})")
+    if target_name not in allowed:
+        raise UnsupportedError(f"{source.title} upcycles into {'/'.join(allowed)}, whose attention matches its own")
     target = get_family(target_name)
     if options.experts < 1 or options.top_k < 1 or options.top_k > options.experts:
         raise UsageError("--top-k must be between 1 and --experts")
     if options.shared_experts and target.shared_ffn is None:
-        raise UsageError(f"{target.title} has no shared experts (--shared-experts works for Qwen2-MoE)")
+        raise UsageError(f"{target.title} has no shared experts (--shared-experts works for Qwen2-MoE and "
+                         "GLM-4.5 / DeepSeek-V3-style targets)")
     if options.granularity < 1 or not 0 <= options.drop_ratio <= 1 or options.noise < 0:
         raise UsageError("--granularity must be >= 1, --drop-ratio in [0, 1], --noise >= 0")
     config = json.loads(json.dumps(ckpt.config))
@@ -125,6 +130,8 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
         raise UsageError(f"--layers must be between 0 and {layers - 1}")
     if target_name == "mixtral" and len(moe_layers) != layers:
         raise UnsupportedError("Mixtral has no dense layers: every layer becomes MoE (drop --layers)")
+    if target_name == "glm4_moe" and moe_layers != list(range(layers - len(moe_layers), layers)):
+        raise UnsupportedError("GLM-4.5 keeps only its first layers dense: --layers must be the last layers")
 
     n = options.experts * options.granularity
     k = options.top_k * options.granularity
@@ -161,6 +168,10 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     for layer in moe_layers:
         hidden = dense[0][layer][Role.DENSE_GATE].shape[1]
         dtype = dense[0][layer][Role.DENSE_GATE].dtype
+        if Role.ROUTER_CORRECTION in templates:   # DeepSeek-V3-style selection bias, zero at the start
+            tensors.append(OutputTensor(templates[Role.ROUTER_CORRECTION].replace("{L}", str(layer)), "F32", (n,),
+                                        [computed_piece(_zeros((n,), "F32"), (n,), "F32")],
+                                        "router correction bias"))
         tensors.append(OutputTensor(out_name(Role.ROUTER, layer), dtype, (n, hidden),
                                     [computed_piece(_router(options, layer, n, hidden, dtype, router_rows.get(layer)),
                                                (n, hidden), dtype)],
@@ -189,10 +200,17 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     config["num_experts_per_tok"] = k
     if target_name == "mixtral":
         config.update(num_local_experts=n, intermediate_size=seg)
+    elif target_name == "glm4_moe":
+        # DeepSeek-V3 routing (sigmoid, correction bias, shared experts) on the source's own attention
+        config.update(n_routed_experts=n, moe_intermediate_size=seg, n_shared_experts=options.shared_experts
+                      * options.granularity, first_k_dense_replace=layers - len(moe_layers), n_group=1, topk_group=1,
+                      norm_topk_prob=True, routed_scaling_factor=1.0, partial_rotary_factor=1.0, use_qk_norm=False,
+                      attention_bias=False, num_nextn_predict_layers=0)
+        config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     else:
         config.update(num_experts=n, moe_intermediate_size=seg, norm_topk_prob=True, decoder_sparse_step=1,
                       mlp_only_layers=[i for i in range(layers) if i not in moe_layers])
-    if target.shared_ffn is not None:
+    if target_name == "qwen2_moe":
         config["shared_expert_intermediate_size"] = options.shared_experts * inter
     config.setdefault("router_aux_loss_coef", 0.001)
     warnings = []
@@ -208,13 +226,16 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
 
 def _shared_expert(target, options: UpcycleOptions, layer: int, parts: dict[Role, TensorRef], hidden: int,
                    dtype: str) -> list[OutputTensor]:
-    """Qwen2-MoE's shared expert: S copies of the dense MLP side by side (down scaled by 1/S, so it
-    computes the dense MLP); its gate starts at sigmoid(0) = 1/2 and the routed experts carry the
-    other half. Zero-size when S = 0."""
+    """The shared expert: S copies of the dense MLP side by side (down scaled by 1/S, so it computes
+    the dense MLP) carrying half the output, the routed experts the other half: Qwen2-MoE's gate
+    starts at sigmoid(0) = 1/2; an ungated shared expert (GLM-4.5, DeepSeek-V3) is scaled by 1/2
+    itself. Zero-size when S = 0."""
     import torch
 
     templates = target.templates("per-expert")
     copies = options.shared_experts
+    gated = Role.SHARED_ROUTER in templates
+    scale = (1.0 if gated else 0.5) / copies if copies else 1.0
     out = []
     for role, dense_role in ((Role.SHARED_GATE, Role.DENSE_GATE), (Role.SHARED_UP, Role.DENSE_UP),
                              (Role.SHARED_DOWN, Role.DENSE_DOWN)):
@@ -224,15 +245,25 @@ def _shared_expert(target, options: UpcycleOptions, layer: int, parts: dict[Role
         def compute(ref=ref, role=role):
             weight = ref.load().float()
             if role == Role.SHARED_DOWN:
-                return torch.cat([weight / copies] * copies, dim=1).to(TORCH_DTYPES[dtype])
+                return torch.cat([weight * scale] * copies, dim=1).to(TORCH_DTYPES[dtype])
             return torch.cat([weight] * copies, dim=0).to(TORCH_DTYPES[dtype])
 
         pieces = [computed_piece(compute, shape, dtype)] if copies else []
         out.append(OutputTensor(templates[role].replace("{L}", str(layer)), dtype, shape, pieces, "shared expert"))
-    gate_name = templates[Role.SHARED_ROUTER].replace("{L}", str(layer))
-    out.append(OutputTensor(gate_name, dtype, (1, hidden), [computed_piece(
-        lambda: torch.zeros(1, hidden, dtype=TORCH_DTYPES[dtype]), (1, hidden), dtype)], "shared expert gate"))
+    if gated:
+        gate_name = templates[Role.SHARED_ROUTER].replace("{L}", str(layer))
+        out.append(OutputTensor(gate_name, dtype, (1, hidden), [computed_piece(
+            _zeros((1, hidden), dtype), (1, hidden), dtype)], "shared expert gate"))
     return out
+
+
+def _zeros(shape: tuple[int, ...], dtype: str):
+    def compute():
+        import torch
+
+        return torch.zeros(shape, dtype=TORCH_DTYPES[dtype])
+
+    return compute
 
 
 def _average(refs: list[TensorRef]):
