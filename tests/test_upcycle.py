@@ -25,7 +25,7 @@ def logits(path, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("source", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("source", ["llama", "mistral", "qwen3", "gemma"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("granularity", [1, 2])
 def test_exact_at_initialisation(tmp_path, tiny, source, top_k, granularity):
@@ -37,6 +37,7 @@ def test_exact_at_initialisation(tmp_path, tiny, source, top_k, granularity):
     assert (got - want).abs().max() <= 1e-5
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["model_type"] == ("qwen3_moe" if source == "qwen3" else "mixtral")
+    assert "rope_theta" in config   # transformers 4.57 reads rope_theta, not rope_parameters
 
 
 def test_qwen3_partial_layers(tmp_path, tiny):
@@ -84,8 +85,8 @@ def test_drop_ratio_and_noise_change_the_stated_fraction(tmp_path, tiny):
 def test_bad_requests(tmp_path, tiny):
     with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(UsageError, match="dense model"):
         plan_upcycle(ckpt, UpcycleOptions())
-    with open_checkpoint(tiny("gemma")) as ckpt, pytest.raises(UnsupportedError, match="not supported yet"):
-        plan_upcycle(ckpt, UpcycleOptions())
+    with open_checkpoint(tiny("qwen3")) as ckpt, pytest.raises(UnsupportedError, match="attention matches"):
+        plan_upcycle(ckpt, UpcycleOptions(target="mixtral"))
     with open_checkpoint(tiny("llama")) as ckpt:
         with pytest.raises(UnsupportedError, match="dense layers"):
             plan_upcycle(ckpt, UpcycleOptions(experts=4, layers=[1]))
@@ -209,3 +210,28 @@ def test_glm_target_keeps_only_first_layers_dense(tmp_path, tiny):
     assert (logits(tmp_path / "moe", ids) - logits(src, ids)).abs().max() <= 1e-5
     with open_checkpoint(src) as ckpt, pytest.raises(UnsupportedError, match="first layers dense"):
         plan_upcycle(ckpt, UpcycleOptions(experts=4, target="glm4_moe", layers=[0]))
+
+
+@pytest.mark.parametrize("source", ["gemma2", "gemma3_text"])
+def test_inexact_sources_warn_with_the_reason(tmp_path, tiny, source):
+    """Gemma 2/3 into Mixtral cannot be exact (norms around the MLP, soft-capping, q/k norms): the
+    command says so and why, and still writes a checkpoint transformers loads."""
+    summary = run(tiny(source), tmp_path / "moe", experts=4, top_k=2)
+    assert any("normalises around the MLP" in w and "differs from the dense model" in w for w in summary["warnings"])
+    proc = subprocess.run([sys.executable, "-m", "moetool", "upcycle", str(tiny(source)), str(tmp_path / "cli"),
+                           "--experts", "4"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "warning" in proc.stdout and "normalises around the MLP" in proc.stdout
+    ids = torch.randint(0, 64, (1, 7))
+    assert logits(tmp_path / "moe", ids).isfinite().all()
+
+
+def test_olmoe_target_warns_and_loads(tmp_path, tiny):
+    summary = run(tiny("llama"), tmp_path / "moe", experts=4, top_k=2, target="olmoe")
+    assert any("OLMoE normalises queries and keys" in w for w in summary["warnings"])
+    with open_checkpoint(tmp_path / "moe") as ckpt:
+        from moetool.ops.inspect import inspect_checkpoint
+        report = inspect_checkpoint(ckpt)
+    assert report.family == "olmoe" and report.problems == [] and report.num_experts == 4
+    ids = torch.randint(0, 64, (1, 7))
+    got, want = logits(tmp_path / "moe", ids), logits(tiny("llama"), ids)
+    assert got.isfinite().all() and (got - want).abs().max() > 1e-4   # not the dense model, as warned

@@ -21,6 +21,8 @@ class Role(str, Enum):
     LM_HEAD = "lm_head"
     ATTN = "attn"
     NORM = "norm"
+    Q_NORM = "q_norm"                         # norms on queries and keys (OLMoE)
+    K_NORM = "k_norm"
     ROUTER = "router"
     ROUTER_BIAS = "router_bias"                # a parameter added to router logits
     ROUTER_CORRECTION = "router_correction"    # selection-only bias (DeepSeek-V3 style)
@@ -48,6 +50,7 @@ class Role(str, Enum):
 # Parameter-count categories (what inspect reports) for every role.
 CATEGORY: dict[Role, str] = {
     Role.EMBED: "embedding", Role.LM_HEAD: "lm_head", Role.ATTN: "attention", Role.NORM: "other",
+    Role.Q_NORM: "attention", Role.K_NORM: "attention",
     Role.ROUTER: "router", Role.ROUTER_BIAS: "router", Role.ROUTER_CORRECTION: "router",
     Role.SHARED_ROUTER: "router",
     Role.EXPERT_GATE: "routed_experts", Role.EXPERT_UP: "routed_experts",

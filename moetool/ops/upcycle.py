@@ -5,9 +5,10 @@ Streams like convert: attention, norms and embeddings are byte ranges of the sou
 expert's gate/up rows are byte ranges too; only what changes is computed (a down-projection
 column slice, noise, dropped neurons, the router).
 
-Targets so far: Mixtral from Llama/Mistral, Qwen2-MoE (with shared experts) from Qwen2,
-Qwen3-MoE from Qwen3; all exact at initialisation unless noise, dropped neurons or several
-sources are asked for.
+Targets: Mixtral, GLM-4.5 (DeepSeek-V3-style routing) and OLMoE from Llama/Mistral; Qwen2-MoE
+from Qwen2; Qwen3-MoE from Qwen3; Mixtral from Gemma 1/2/3. Exact at initialisation except where
+a warning says why not (OLMoE's query/key norms, Gemma 2/3's extra norms and soft-capping) or when
+noise, dropped neurons or several sources are asked for.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from moetool import __version__
 from moetool.arch import Role, detect_family, get_family
+from moetool.arch.config_compat import v4_compatible
 from moetool.arch.matcher import Classifier
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
@@ -35,10 +37,22 @@ log = logging.getLogger(__name__)
 
 # dense source family -> (default target family, transformers class of the target)
 # dense source family -> target families whose attention equals the source's (the first is the default)
-TARGETS = {"llama": ("mixtral", "glm4_moe"), "mistral": ("mixtral", "glm4_moe"), "qwen2": ("qwen2_moe",),
-           "qwen3": ("qwen3_moe",)}
+TARGETS = {"llama": ("mixtral", "glm4_moe", "olmoe"), "mistral": ("mixtral", "glm4_moe", "olmoe"),
+           "qwen2": ("qwen2_moe",),
+           "qwen3": ("qwen3_moe",), "gemma": ("mixtral",), "gemma2": ("mixtral",), "gemma3": ("mixtral",)}
+# What Mixtral cannot express of Gemma 2/3 (Gemma 1's (1 + w) norms, scaled embeddings and tied head
+# are rewritten exactly): the reason the upcycled model's output differs.
+INEXACT = {"gemma2": "Gemma 2 normalises around the MLP (pre/post feed-forward norms, dropped), soft-caps "
+                     "attention and final logits and alternates sliding-window layers; Mixtral does none of "
+                     "these, so the MoE's output differs from the dense model's",
+           "gemma3": "Gemma 3 normalises around the MLP (pre/post feed-forward norms, dropped) and normalises "
+                     "queries and keys (dropped), with its own sliding-window pattern; Mixtral does none of "
+                     "these, so the MoE's output differs from the dense model's"}
+GEMMA = ("gemma", "gemma2", "gemma3")
+INEXACT_TARGETS = {"olmoe": "OLMoE normalises queries and keys (q_norm/k_norm, started at 1), which the dense "
+                            "model does not, so the MoE's output differs from the dense model's"}
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
 
 @dataclass
@@ -128,8 +142,8 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     moe_layers = sorted(set(options.layers)) if options.layers is not None else list(range(layers))
     if any(not 0 <= layer < layers for layer in moe_layers):
         raise UsageError(f"--layers must be between 0 and {layers - 1}")
-    if target_name == "mixtral" and len(moe_layers) != layers:
-        raise UnsupportedError("Mixtral has no dense layers: every layer becomes MoE (drop --layers)")
+    if target_name in ("mixtral", "olmoe") and len(moe_layers) != layers:
+        raise UnsupportedError(f"{target.title} has no dense layers: every layer becomes MoE (drop --layers)")
     if target_name == "glm4_moe" and moe_layers != list(range(layers - len(moe_layers), layers)):
         raise UnsupportedError("GLM-4.5 keeps only its first layers dense: --layers must be the last layers")
 
@@ -144,11 +158,15 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     classifier = Classifier(source)
     tensors: list[OutputTensor] = []
     dense: list[dict[int, dict[Role, TensorRef]]] = [{} for _ in sources]
+    gemma = source.name in GEMMA
     for name, ref in ckpt.tensors.items():
         m = classifier.classify(name)
         if m.role in (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN) and m.layer in moe_layers:
             for i, src in enumerate(sources):
                 dense[i].setdefault(m.layer, {})[m.role] = src.tensors[name]
+            continue
+        if gemma:
+            tensors.extend(_from_gemma(name, ref, m.role, config, target))
             continue
         if options.average_shared and others:
             refs = [src.tensors[name] for src in sources]
@@ -168,6 +186,11 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     for layer in moe_layers:
         hidden = dense[0][layer][Role.DENSE_GATE].shape[1]
         dtype = dense[0][layer][Role.DENSE_GATE].dtype
+        for role, width in ((Role.Q_NORM, config["num_attention_heads"]), (Role.K_NORM, config["num_key_value_heads"])):
+            if role in templates:   # OLMoE's query/key norms over the whole projection, started at 1
+                size = width * config.get("head_dim", hidden // config["num_attention_heads"])
+                tensors.append(OutputTensor(templates[role].replace("{L}", str(layer)), dtype, (size,),
+                                            [computed_piece(_ones((size,), dtype), (size,), dtype)], "q/k norm"))
         if Role.ROUTER_CORRECTION in templates:   # DeepSeek-V3-style selection bias, zero at the start
             tensors.append(OutputTensor(templates[Role.ROUTER_CORRECTION].replace("{L}", str(layer)), "F32", (n,),
                                         [computed_piece(_zeros((n,), "F32"), (n,), "F32")],
@@ -195,11 +218,18 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     for tensor in tensors:
         tensor.check()
 
+    if gemma:   # Mixtral reads hidden_act; the embedding now carries its scale and the head is untied
+        config["hidden_act"] = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+        config["tie_word_embeddings"] = False
+        for key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window", "layer_types"):
+            config.pop(key, None)
     config["model_type"] = target_name
     config["architectures"] = [ARCHITECTURES[target_name]]
     config["num_experts_per_tok"] = k
     if target_name == "mixtral":
         config.update(num_local_experts=n, intermediate_size=seg)
+    elif target_name == "olmoe":
+        config.update(num_experts=n, intermediate_size=seg, norm_topk_prob=True, clip_qkv=None)
     elif target_name == "glm4_moe":
         # DeepSeek-V3 routing (sigmoid, correction bias, shared experts) on the source's own attention
         config.update(n_routed_experts=n, moe_intermediate_size=seg, n_shared_experts=options.shared_experts
@@ -213,7 +243,9 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     if target_name == "qwen2_moe":
         config["shared_expert_intermediate_size"] = options.shared_experts * inter
     config.setdefault("router_aux_loss_coef", 0.001)
-    warnings = []
+    notes = v4_compatible(config, target)
+    warnings = [w for w in (INEXACT.get(source.name), INEXACT_TARGETS.get(target_name)) if w]
+    log.debug("config: %s", "; ".join(notes))
     if others:
         warnings.append(f"{len(sources)} sources: experts come from different models, so the MoE equals none of them")
     if options.noise or options.drop_ratio:
@@ -255,6 +287,37 @@ def _shared_expert(target, options: UpcycleOptions, layer: int, parts: dict[Role
         out.append(OutputTensor(gate_name, dtype, (1, hidden), [computed_piece(
             _zeros((1, hidden), dtype), (1, hidden), dtype)], "shared expert gate"))
     return out
+
+
+def _from_gemma(name: str, ref: TensorRef, role: Role, config: dict, target) -> list[OutputTensor]:
+    """A Gemma tensor as Mixtral holds it: RMSNorm weights w -> 1 + w (Gemma scales by 1 + w), the
+    embedding times sqrt(hidden) (Gemma scales its input embeddings) with the unscaled matrix as an
+    untied lm_head; norms around the MLP and on queries/keys (Gemma 2/3) have no place and are dropped."""
+    import torch
+
+    tail = name.rsplit(".", 2)[-2] if "." in name else name
+    if tail in ("pre_feedforward_layernorm", "post_feedforward_layernorm", "q_norm", "k_norm"):
+        return []
+    dtype = TORCH_DTYPES[ref.dtype]
+    if role == Role.NORM:
+        return [OutputTensor(name, ref.dtype, ref.shape, [computed_piece(
+            lambda: (ref.load().float() + 1.0).to(dtype), ref.shape, ref.dtype)], "norm 1 + w")]
+    if role == Role.EMBED:
+        scale = config["hidden_size"] ** 0.5
+        head = target.templates("per-expert")[Role.LM_HEAD]
+        return [OutputTensor(name, ref.dtype, ref.shape, [computed_piece(
+                    lambda: ref.load() * torch.tensor(scale, dtype=dtype), ref.shape, ref.dtype)], "scaled embedding"),
+                OutputTensor(head, ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "untied lm_head")]
+    return [OutputTensor(name, ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "copied")]
+
+
+def _ones(shape: tuple[int, ...], dtype: str):
+    def compute():
+        import torch
+
+        return torch.ones(shape, dtype=TORCH_DTYPES[dtype])
+
+    return compute
 
 
 def _zeros(shape: tuple[int, ...], dtype: str):
