@@ -144,6 +144,7 @@ class Family:
     experts_module: str | None = "model.layers.{L}.mlp.experts"
     # a dense family's MLP module (its input is what an upcycled router will see)
     mlp_module: str | None = None
+    prune_unsupported: str | None = None     # why experts cannot be removed from this family, if so
     notes: str = ""
 
     @property

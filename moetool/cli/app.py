@@ -48,6 +48,7 @@ def _register() -> None:
     from moetool.cli import evaluate as eval_cmd
     from moetool.cli import inspect as inspect_cmd
     from moetool.cli import profile as profile_cmd
+    from moetool.cli import prune as prune_cmd
     from moetool.cli import upcycle as upcycle_cmd
 
     app.command("inspect")(inspect_cmd.inspect)
@@ -55,6 +56,7 @@ def _register() -> None:
     app.command("profile")(profile_cmd.profile)
     app.command("eval")(eval_cmd.evaluate)
     app.command("upcycle")(upcycle_cmd.upcycle)
+    app.command("prune")(prune_cmd.prune)
 
 
 _register()

@@ -18,4 +18,6 @@ FAMILY = Family(
     router_module="model.layers.{L}.mlp.router",
     router_output="jetmoe",
     experts_module=None,
+    prune_unsupported=("the attention experts share num_local_experts with the MLP experts, so the MLP "
+                       "experts cannot be removed alone"),
 )

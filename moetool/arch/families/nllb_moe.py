@@ -44,4 +44,5 @@ FAMILY = Family(
     router_module=both(".router"),
     router_output="nllb",
     experts_module=None,
+    prune_unsupported=("encoder-decoder pruning is not implemented yet"),
 )

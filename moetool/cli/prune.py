@@ -1,0 +1,56 @@
+"""`moetool prune`: parse options, choose experts, write, render."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetool.cli.convert import _Bar, parse_size
+from moetool.cli.options import JsonOpt, ModelArg
+from moetool.cli.output import emit_json, size, stdout
+
+
+def prune(
+    model: ModelArg,
+    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    keep: Annotated[int | None, typer.Option(min=1, help="Experts kept in every MoE layer.")] = None,
+    ratio: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Share of each layer's experts "
+                                                "removed.")] = None,
+    criterion: Annotated[str, typer.Option(help="frequency (tokens routed), soft-count (gate-weight mass), reap "
+                                           "(gate weight x output norm) or random.")] = "frequency",
+    profile: Annotated[Path | None, typer.Option(help="A `moetool profile --json` file with the scores "
+                                                 "(with --saliency for reap).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Without --profile: text to profile (default: the built-in "
+                                              "corpus).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose the experts and report; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove the least important experts of every MoE layer."""
+    from moetool.checkpoint import open_checkpoint
+    from moetool.ops.prune import PruneOptions
+    from moetool.ops.prune import prune as run_prune
+
+    options = PruneOptions(keep=keep, ratio=ratio, criterion=criterion, profile=profile, data=data, seed=seed,
+                           max_shard_size=parse_size(max_shard_size))
+    with open_checkpoint(model) as ckpt:
+        bar = None if json_out or dry_run else _Bar()
+        try:
+            report = run_prune(ckpt, out, options, force=force, dry_run=dry_run,
+                               progress=bar.advance if bar else None)
+        finally:
+            if bar:
+                bar.close()
+    if json_out:
+        emit_json(report.to_dict())
+        return
+    mass = "" if report.routing_mass_removed is None else f", {report.routing_mass_removed:.1%} of the routing mass"
+    stdout.print(f"{report.source}: {report.experts_before} -> {report.experts_after} experts per layer "
+                 f"({report.criterion}), top-{report.top_k}; {report.params_removed:,} parameters and "
+                 f"{size(report.bytes_removed)} removed{mass}" + ("" if dry_run else f"; written to {out}"))
+    for layer, kept in report.kept.items():
+        stdout.print(f"  layer {layer}: kept {kept}")
+    for warning in report.warnings:
+        stdout.print(f"[yellow]warning[/] {warning}")

@@ -1,0 +1,258 @@
+"""`moetool prune`: remove the least important routed experts of every MoE layer.
+
+Scores come from a `moetool profile --json` file or from a profile moetool runs itself. The
+output keeps the same number of experts in every layer (stock transformers loads it): expert
+tensors of kept experts are copied as byte ranges and renumbered, fused expert tensors are sliced
+expert by expert, router rows and router / correction biases are sliced, shared experts stay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any
+
+from moetool import __version__
+from moetool.arch import Role, detect_family
+from moetool.arch.matcher import Classifier
+from moetool.arch.schema import EXPERT_ROLES, get_path
+from moetool.checkpoint import Checkpoint, TensorRef
+from moetool.checkpoint.checkpoint import TORCH_DTYPES
+from moetool.checkpoint.pieces import computed_piece, rows_piece, tensor_pieces
+from moetool.checkpoint.writer import OutputTensor, atomic_folder, plan_shards, write_shards
+from moetool.errors import MoetoolError, OutputWriteError, UnsupportedError, UsageError
+from moetool.ops.convert import WEIGHT_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("frequency", "soft-count", "reap", "random")
+PROFILE_FIELD = {"frequency": "counts", "soft-count": "weight_mass", "reap": "saliency"}
+# router-side tensors indexed by expert on their last axis
+EXPERT_INDEXED = (Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION)
+
+
+@dataclass
+class PruneOptions:
+    keep: int | None = None             # experts kept per layer
+    ratio: float | None = None          # share of experts removed per layer
+    criterion: str = "frequency"
+    profile: Path | None = None         # a `moetool profile --json` file
+    data: Path | None = None            # text to profile when no --profile (default: the built-in corpus)
+    max_tokens: int = 8192
+    seed: int = 0
+    max_shard_size: int = 5_000_000_000
+
+
+@dataclass
+class PruneReport:
+    source: str
+    out: str | None
+    criterion: str
+    experts_before: int
+    experts_after: int
+    top_k: int
+    kept: dict[int, list[int]]
+    params_removed: int
+    bytes_removed: int
+    routing_mass_removed: float | None  # share of gate-weight mass the removed experts carried
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": 1, "moetool_version": __version__, **self.__dict__,
+                "kept": {str(k): v for k, v in self.kept.items()}}
+
+
+def _scores(ckpt: Checkpoint, structure, options: PruneOptions
+            ) -> tuple[dict[int, list[float]], dict[int, list] | None]:
+    """Per MoE layer: the criterion's score of each expert, and its gate-weight mass."""
+    import torch
+
+    if options.criterion not in CRITERIA:
+        raise UsageError(f"--criterion {options.criterion}: use one of {', '.join(CRITERIA)}")
+    if options.profile is None and options.criterion == "random":
+        gen = torch.Generator().manual_seed(options.seed)
+        return ({layer: torch.rand(structure.num_experts, generator=gen).tolist() for layer in structure.moe_layers},
+                None)
+    if options.profile is not None:
+        try:
+            data = json.loads(Path(options.profile).read_text())
+            layers = {int(layer["layer"]): layer for layer in data["layers"]}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise UsageError(f"{options.profile}: not a moetool profile --json file") from None
+        if sorted(layers) != structure.moe_layers or any(
+                layers[i]["experts"] != info.experts for i, info in ((i.index, i) for i in structure.layers)
+                if i in layers):
+            raise UsageError(f"{options.profile}: this profile is of another model (its MoE layers or expert "
+                             f"counts differ from {ckpt.source}'s)")
+    else:
+        from moetool.ops.profile import ProfileOptions, profile
+
+        report = profile(ckpt, ProfileOptions(data=options.data, max_tokens=options.max_tokens, seq_len=256,
+                                              saliency=options.criterion == "reap"))
+        layers = {lp.layer: lp.__dict__ for lp in report.layers}
+    mass = {layer: layers[layer]["weight_mass"] for layer in structure.moe_layers}
+    if options.criterion == "random":
+        gen = torch.Generator().manual_seed(options.seed)
+        return {layer: torch.rand(len(mass[layer]), generator=gen).tolist() for layer in mass}, mass
+    field = PROFILE_FIELD[options.criterion]
+    if any(layers[layer].get(field) is None for layer in structure.moe_layers):
+        raise UsageError(f"the profile has no {field} (for reap, profile with --saliency)")
+    return {layer: [float(v) for v in layers[layer][field]] for layer in structure.moe_layers}, mass
+
+
+def _kept_count(experts: int, top_k: int, options: PruneOptions) -> int:
+    if (options.keep is None) == (options.ratio is None):
+        raise UsageError("give exactly one of --keep N and --ratio r")
+    keep = options.keep if options.keep is not None else experts - round(options.ratio * experts)
+    if not 1 <= keep <= experts:
+        raise UsageError(f"cannot keep {keep} of {experts} experts per layer")
+    return keep
+
+
+def plan_prune(ckpt: Checkpoint, options: PruneOptions):
+    """Choose the kept experts and plan every output tensor (reads headers, runs a profile if needed)."""
+    from moetool.ops.inspect import inspect_checkpoint
+
+    family = detect_family(ckpt.config)
+    structure = inspect_checkpoint(ckpt)
+    if family is None or not structure.moe_layers:
+        raise UsageError(f"{ckpt.source}: no MoE layers to prune")
+    if family.prune_unsupported:
+        raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
+    if (ckpt.config or {}).get("n_group", 1) not in (None, 1):
+        raise UnsupportedError("group-limited routing (n_group > 1): pruning would break the expert groups")
+    experts = structure.num_experts
+    top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
+    keep = _kept_count(experts, top_k, options)
+    scores, mass = _scores(ckpt, structure, options)
+    kept = {layer: sorted(sorted(range(experts), key=lambda e: (-scores[layer][e], e))[:keep])
+            for layer in structure.moe_layers}
+    new_k = min(top_k, keep)
+
+    classifier = Classifier(family, 0)
+    tensors: list[OutputTensor] = []
+    removed_params = removed_bytes = 0
+    for name, ref in ckpt.tensors.items():
+        m = classifier.classify(name)
+        if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:       # one tensor per expert
+            if m.expert not in kept[m.layer]:
+                removed_bytes += ref.nbytes
+                removed_params += 0 if m.aux else ref.numel
+                continue
+            tensors.append(OutputTensor(_renumbered(name, m.expert, kept[m.layer].index(m.expert), family),
+                                        ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "kept expert"))
+            continue
+        if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
+            sliced = _slice_experts(ref, m.role, kept[m.layer], experts)
+            removed_bytes += ref.nbytes - sliced.nbytes
+            if not m.aux and m.role not in family.buffers:
+                removed_params += ref.numel - prod(sliced.shape)
+            tensors.append(sliced)
+            continue
+        tensors.append(OutputTensor(name, ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "copied"))
+
+    config = json.loads(json.dumps(ckpt.config))
+    root = config.get(family.config_root) if family.config_root and isinstance(
+        config.get(family.config_root), dict) else config
+    _set_first(root, family.keys["num_experts"], keep)
+    warnings = []
+    if new_k != top_k:
+        _set_first(root, family.keys.get("top_k", ()), new_k)
+        warnings.append(f"top-k lowered from {top_k} to {new_k}: only {keep} experts are left")
+    removed_mass = None
+    if mass is not None:
+        total_mass = sum(sum(v) for v in mass.values()) or 1.0
+        removed_mass = sum(v for layer, values in mass.items() for e, v in enumerate(values)
+                           if e not in kept[layer]) / total_mass
+    report = PruneReport(ckpt.source, None, options.criterion, experts, keep, new_k, kept, removed_params,
+                         removed_bytes, removed_mass, warnings)
+    return tensors, config, report
+
+
+def _renumbered(name: str, old: int, new: int, family) -> str:
+    """NAME with its expert index OLD replaced by NEW (the expert slot of the family's template)."""
+    classifier = Classifier(family, 0)
+    m = classifier.classify(name)
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part == str(old) or part == f"expert_{old}":
+            candidate = parts[:i] + [part.replace(str(old), str(new))] + parts[i + 1:]
+            renamed = ".".join(candidate)
+            check = classifier.classify(renamed)
+            if check.expert == new and check.layer == m.layer and check.role == m.role:
+                return renamed
+    raise MoetoolError(f"{name}: cannot renumber expert {old}")
+
+
+def _slice_experts(ref: TensorRef, role: Role, kept: list[int], experts: int) -> OutputTensor:
+    """The kept experts of a tensor indexed by expert: on its first axis (fused expert tensors) or
+    its last (router weight rows are its first axis too; a [1, E] correction bias its last)."""
+    shape = list(ref.shape)
+    if role in EXPERT_INDEXED and len(shape) == 2 and shape[0] == 1:   # ERNIE's [1, E] bias
+        axis = 1
+    else:
+        axis = 0
+    if shape[axis] != experts:
+        raise UnsupportedError(f"{ref.name}: expected {experts} experts on axis {axis}, found {shape}")
+    shape[axis] = len(kept)
+    if axis == 0:
+        per = ref.numel // experts // (ref.shape[-1] if len(ref.shape) > 1 else 1)
+        if len(ref.shape) == 1:
+            def compute():
+                import torch
+
+                return ref.load().index_select(0, torch.tensor(kept))
+            pieces = [computed_piece(compute, tuple(shape), ref.dtype)]
+        else:
+            pieces = [rows_piece(ref, e * per, (e + 1) * per, ref.dtype) for e in kept]
+    else:
+        def compute():
+            import torch
+
+            return ref.load().index_select(1, torch.tensor(kept)).to(TORCH_DTYPES[ref.dtype])
+        pieces = [computed_piece(compute, tuple(shape), ref.dtype)]
+    return OutputTensor(ref.name, ref.dtype, tuple(shape), pieces, "sliced experts")
+
+
+def _set_first(config: dict, keys: tuple[str, ...], value: int) -> None:
+    for key in keys:
+        if get_path(config, key) is not None:
+            node = config
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+            return
+
+
+def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = False, dry_run: bool = False,
+          progress=None) -> PruneReport:
+    """Prune CKPT into OUT (atomically); with DRY_RUN only choose the experts and report."""
+    out = Path(out)
+    if ckpt.root is not None and (out.resolve() == ckpt.root.resolve()
+                                  or out.resolve().is_relative_to(ckpt.root.resolve())):
+        raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
+    tensors, config, report = plan_prune(ckpt, options)
+    if dry_run:
+        return report
+    start = time.perf_counter()
+    metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": "prune"}
+    try:
+        with atomic_folder(out, force=force) as tmp:
+            write_shards(tmp, plan_shards(tensors, options.max_shard_size), metadata, progress)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            for file in sorted(ckpt.root.iterdir()):
+                if file.is_file() and file.name not in ("config.json", "README.md") and \
+                        not file.name.endswith(WEIGHT_SUFFIXES) and not file.name.endswith(".index.json"):
+                    shutil.copy2(file, tmp / file.name)
+    except OSError as exc:
+        raise OutputWriteError(f"{out}: writing failed ({exc.strerror or exc}); nothing was left behind") from None
+    report.out = str(out)
+    report.seconds = round(time.perf_counter() - start, 3)
+    return report

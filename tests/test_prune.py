@@ -1,0 +1,129 @@
+"""`moetool prune`: a model pruned to a subset S of experts equals the original model whose routers
+are restricted to S (logits of removed experts at -inf before top-k), in transformers."""
+
+import json
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+import transformers
+
+from moetool.checkpoint import open_checkpoint
+from moetool.errors import UnsupportedError, UsageError
+from moetool.ops.prune import PruneOptions, prune
+from tests.tiny import build_model
+
+FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
+            "glm4_moe", "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared", "granitemoehybrid",
+            "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe"]
+
+
+@contextmanager
+def routers_restricted(model, removed: dict[int, list[int]], router_weights: dict[int, torch.Tensor]):
+    """Set the logits of removed experts to -inf wherever a router's weight is applied."""
+    real = torch.nn.functional.linear
+    by_pointer = {w.data_ptr(): removed[layer] for layer, w in router_weights.items()}
+
+    def linear(x, weight, bias=None):
+        out = real(x, weight, bias)
+        gone = by_pointer.get(weight.data_ptr())
+        if gone:
+            out = out.clone()
+            out[..., gone] = float("-inf")
+        return out
+
+    torch.nn.functional.linear = linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = real
+
+
+def _router_weights(model, family_name, layers):
+    from moetool.arch import detect_family
+
+    family = detect_family(model.config.to_dict())
+    out = {}
+    for layer in layers:
+        module = model.get_submodule(family.router_module.replace("{L}", str(layer)))
+        weight = getattr(module, "weight", None)
+        if weight is None:   # Hunyuan's gate holds an nn.Linear, JetMoE's router a .layer
+            weight = next(p for n, p in module.named_parameters() if n.endswith("weight"))
+        out[layer] = weight
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_model_equals_the_masked_original(tmp_path, family):
+    model = build_model(family)
+    model.save_pretrained(tmp_path / "src")
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=3, criterion="random", seed=1))
+    removed = {layer: [e for e in range(report.experts_before) if e not in kept] for layer, kept in report.kept.items()}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), routers_restricted(model, removed, _router_weights(model, family, report.kept)):
+        want = model(ids).logits
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = pruned(ids).logits
+    assert (got - want).abs().max() <= 1e-5
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert 3 in config.values() or 3 in (config.get("ffn_config") or {}).values()
+    src_bytes = sum(f.stat().st_size for f in (tmp_path / "src").glob("*.safetensors"))
+    out_bytes = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert src_bytes - out_bytes == pytest.approx(report.bytes_removed, abs=4096)   # headers differ a little
+
+
+def _profile_json(tmp_path, path, tokens=600):
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(torch.randint(0, 64, (tokens,), generator=torch.Generator().manual_seed(2)).tolist()))
+    proc = subprocess.run([sys.executable, "-m", "moetool", "profile", str(path), "--token-ids", str(ids),
+                           "--seq-len", "30", "--saliency", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "profile.json").write_text(proc.stdout)
+    return tmp_path / "profile.json", json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("criterion, field", [("frequency", "counts"), ("soft-count", "weight_mass"),
+                                              ("reap", "saliency")])
+def test_criteria_from_a_profile_keep_the_top_experts(tmp_path, tiny, criterion, field):
+    profile_path, profile = _profile_json(tmp_path, tiny("qwen3_moe"))
+    with open_checkpoint(tiny("qwen3_moe")) as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(ratio=0.5, criterion=criterion, profile=profile_path))
+    for layer in profile["layers"]:
+        scores = layer[field]
+        best = sorted(range(4), key=lambda e: (-scores[e], e))[:2]
+        assert report.kept[layer["layer"]] == sorted(best)
+    assert report.experts_after == 2 and 0 <= report.routing_mass_removed <= 0.5 + 1e-9
+
+
+def test_top_k_is_lowered_and_bad_requests_are_refused(tmp_path, tiny):
+    with open_checkpoint(tiny("mixtral")) as ckpt:
+        report = prune(ckpt, tmp_path / "one", PruneOptions(keep=1, criterion="random"))
+        assert report.top_k == 1 and report.warnings
+        assert json.loads((tmp_path / "one" / "config.json").read_text())["num_experts_per_tok"] == 1
+        with pytest.raises(UsageError, match="cannot keep 5 of 4"):
+            prune(ckpt, tmp_path / "x", PruneOptions(keep=5, criterion="random"))
+        with pytest.raises(UsageError, match="exactly one"):
+            prune(ckpt, tmp_path / "x", PruneOptions(criterion="random"))
+    with open_checkpoint(tiny("llama")) as ckpt, pytest.raises(UsageError, match="no MoE layers"):
+        prune(ckpt, tmp_path / "x", PruneOptions(keep=1, criterion="random"))
+    with open_checkpoint(tiny("jetmoe")) as ckpt, pytest.raises(UnsupportedError, match="attention experts"):
+        prune(ckpt, tmp_path / "x", PruneOptions(keep=2, criterion="random"))
+    other, _ = _profile_json(tmp_path, tiny("olmoe"))
+    with open_checkpoint(tiny("deepseek_v2")) as ckpt, pytest.raises(UsageError, match="another model"):
+        prune(ckpt, tmp_path / "x", PruneOptions(keep=2, profile=other))
+
+
+def test_cli(tmp_path, tiny):
+    proc = subprocess.run([sys.executable, "-m", "moetool", "prune", str(tiny("olmoe")), str(tmp_path / "out"),
+                           "--keep", "2", "--criterion", "random", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["experts_after"] == 2 and data["bytes_removed"] > 0
+    with open_checkpoint(tmp_path / "out") as ckpt:
+        from moetool.ops.inspect import inspect_checkpoint
+        report = inspect_checkpoint(ckpt)
+    assert report.num_experts == 2 and report.problems == []
