@@ -127,3 +127,22 @@ def test_cli(tmp_path, tiny):
         from moetool.ops.inspect import inspect_checkpoint
         report = inspect_checkpoint(ckpt)
     assert report.num_experts == 2 and report.problems == []
+
+
+def test_ean_weight_norm_and_explicit_experts(tmp_path, tiny):
+    from moetool.ops.inspect import inspect_checkpoint
+
+    profile_path, profile = _profile_json(tmp_path, tiny("mixtral"))
+    layer = profile["layers"][0]
+    assert all(a >= 0 for a in layer["activation_norm"])
+    with open_checkpoint(tiny("mixtral")) as ckpt:
+        ean = prune(ckpt, tmp_path / "ean", PruneOptions(keep=2, criterion="ean", profile=profile_path))
+        want = sorted(sorted(range(4), key=lambda e: (-layer["activation_norm"][e], e))[:2])
+        assert ean.kept[layer["layer"]] == want
+        norms = {s.layer: s.norms for s in inspect_checkpoint(ckpt, experts=True).experts}
+        by_norm = prune(ckpt, tmp_path / "wn", PruneOptions(keep=3, criterion="weight-norm"))
+        assert by_norm.kept[1] == sorted(sorted(range(4), key=lambda e: (-norms[1][e], e))[:3])
+        explicit = prune(ckpt, tmp_path / "ex", PruneOptions(experts={0: [3, 1], 1: [0, 2]}))
+        assert explicit.kept == {0: [1, 3], 1: [0, 2]}
+        with pytest.raises(UsageError, match="same number"):
+            prune(ckpt, tmp_path / "bad", PruneOptions(experts={0: [1], 1: [0, 2]}))

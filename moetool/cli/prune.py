@@ -16,8 +16,11 @@ def prune(
     keep: Annotated[int | None, typer.Option(min=1, help="Experts kept in every MoE layer.")] = None,
     ratio: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Share of each layer's experts "
                                                 "removed.")] = None,
+    experts: Annotated[str | None, typer.Option(help="The experts kept per MoE layer, e.g. 0:1,2,5;1:0,3,4 "
+                                                "(instead of --keep/--ratio).")] = None,
     criterion: Annotated[str, typer.Option(help="frequency (tokens routed), soft-count (gate-weight mass), reap "
-                                           "(gate weight x output norm) or random.")] = "frequency",
+                                           "(gate weight x output norm), ean (output norm), weight-norm or "
+                                           "random.")] = "frequency",
     profile: Annotated[Path | None, typer.Option(help="A `moetool profile --json` file with the scores "
                                                  "(with --saliency for reap).")] = None,
     data: Annotated[Path | None, typer.Option(help="Without --profile: text to profile (default: the built-in "
@@ -30,10 +33,11 @@ def prune(
 ) -> None:
     """Remove the least important experts of every MoE layer."""
     from moetool.checkpoint import open_checkpoint
-    from moetool.ops.prune import PruneOptions
+    from moetool.ops.prune import PruneOptions, parse_experts
     from moetool.ops.prune import prune as run_prune
 
-    options = PruneOptions(keep=keep, ratio=ratio, criterion=criterion, profile=profile, data=data, seed=seed,
+    options = PruneOptions(keep=keep, ratio=ratio, experts=parse_experts(experts) if experts else None,
+                           criterion=criterion, profile=profile, data=data, seed=seed,
                            max_shard_size=parse_size(max_shard_size))
     with open_checkpoint(model) as ckpt:
         bar = None if json_out or dry_run else _Bar()

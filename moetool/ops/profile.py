@@ -47,6 +47,7 @@ class LayerProfile:
     share: list[float]
     weight_mass: list[float]
     saliency: list[float] | None        # mean of ||gate weight x expert output|| over the tokens routed to it
+    activation_norm: list[float] | None  # EAN: mean ||expert output|| over the tokens routed to it
     dead_experts: list[int]
     entropy_mean: float
     entropy_normalized: float           # mean entropy / log(E): 1 = uniform routing
@@ -214,6 +215,8 @@ def _layer_profile(layer: int, record, structure, k: int, seq_len: int, batch_to
         weight_mass=[round(float(m), 6) for m in rs.weight_mass(index, weight, experts)],
         saliency=(None if not record.salience else
                   [float(v) for v in rs.saliency(index, record.cat("salience"), experts)]),
+        activation_norm=(None if not record.salience else
+                         [float(v) for v in rs.activation_norm(index, weight, record.cat("salience"), experts)]),
         dead_experts=[e for e, c in enumerate(counts.tolist()) if c == 0],
         entropy_mean=float(entropy.mean()), entropy_normalized=float(entropy.mean()) / math.log(experts),
         top1_prob_mean=float(record.cat("top1").mean()), margin_mean=float(record.cat("margin").mean()),

@@ -30,8 +30,8 @@ from moetool.ops.convert import WEIGHT_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("frequency", "soft-count", "reap", "random")
-PROFILE_FIELD = {"frequency": "counts", "soft-count": "weight_mass", "reap": "saliency"}
+CRITERIA = ("frequency", "soft-count", "reap", "ean", "weight-norm", "random")
+PROFILE_FIELD = {"frequency": "counts", "soft-count": "weight_mass", "reap": "saliency", "ean": "activation_norm"}
 # router-side tensors indexed by expert on their last axis
 EXPERT_INDEXED = (Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION)
 
@@ -39,6 +39,7 @@ EXPERT_INDEXED = (Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION)
 @dataclass
 class PruneOptions:
     keep: int | None = None             # experts kept per layer
+    experts: dict[int, list[int]] | None = None   # or: the experts kept in each MoE layer, explicitly
     ratio: float | None = None          # share of experts removed per layer
     criterion: str = "frequency"
     profile: Path | None = None         # a `moetool profile --json` file
@@ -75,7 +76,12 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions
 
     if options.criterion not in CRITERIA:
         raise UsageError(f"--criterion {options.criterion}: use one of {', '.join(CRITERIA)}")
-    if options.profile is None and options.criterion == "random":
+    if options.experts is not None or (options.profile is None and options.criterion in ("random", "weight-norm")):
+        if options.criterion == "weight-norm":   # the experts' own weight norms: no routing needed
+            from moetool.ops.inspect import inspect_checkpoint
+
+            stats = inspect_checkpoint(ckpt, experts=True).experts
+            return {s.layer: s.norms for s in stats}, None
         gen = torch.Generator().manual_seed(options.seed)
         return ({layer: torch.rand(structure.num_experts, generator=gen).tolist() for layer in structure.moe_layers},
                 None)
@@ -94,7 +100,7 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions
         from moetool.ops.profile import ProfileOptions, profile
 
         report = profile(ckpt, ProfileOptions(data=options.data, max_tokens=options.max_tokens, seq_len=256,
-                                              saliency=options.criterion == "reap"))
+                                              saliency=options.criterion in ("reap", "ean")))
         layers = {lp.layer: lp.__dict__ for lp in report.layers}
     mass = {layer: layers[layer]["weight_mass"] for layer in structure.moe_layers}
     if options.criterion == "random":
@@ -102,13 +108,18 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions
         return {layer: torch.rand(len(mass[layer]), generator=gen).tolist() for layer in mass}, mass
     field = PROFILE_FIELD[options.criterion]
     if any(layers[layer].get(field) is None for layer in structure.moe_layers):
-        raise UsageError(f"the profile has no {field} (for reap, profile with --saliency)")
+        raise UsageError(f"the profile has no {field} (for reap and ean, profile with --saliency)")
     return {layer: [float(v) for v in layers[layer][field]] for layer in structure.moe_layers}, mass
 
 
 def _kept_count(experts: int, top_k: int, options: PruneOptions) -> int:
+    if options.experts is not None:
+        counts = {len(v) for v in options.experts.values()}
+        if len(counts) != 1:
+            raise UsageError("--experts: every MoE layer must keep the same number of experts (per-layer scope)")
+        return counts.pop()
     if (options.keep is None) == (options.ratio is None):
-        raise UsageError("give exactly one of --keep N and --ratio r")
+        raise UsageError("give exactly one of --keep N, --ratio r and --experts SPEC")
     keep = options.keep if options.keep is not None else experts - round(options.ratio * experts)
     if not 1 <= keep <= experts:
         raise UsageError(f"cannot keep {keep} of {experts} experts per layer")
@@ -130,9 +141,16 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     experts = structure.num_experts
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = _kept_count(experts, top_k, options)
-    scores, mass = _scores(ckpt, structure, options)
-    kept = {layer: sorted(sorted(range(experts), key=lambda e: (-scores[layer][e], e))[:keep])
-            for layer in structure.moe_layers}
+    if options.experts is not None:
+        if sorted(options.experts) != structure.moe_layers or any(
+                len(set(v)) != len(v) or not all(0 <= e < experts for e in v) for v in options.experts.values()):
+            raise UsageError(f"--experts must list distinct experts (0..{experts - 1}) for each MoE layer "
+                             f"{structure.moe_layers}")
+        kept, mass = {layer: sorted(v) for layer, v in options.experts.items()}, None
+    else:
+        scores, mass = _scores(ckpt, structure, options)
+        kept = {layer: sorted(sorted(range(experts), key=lambda e: (-scores[layer][e], e))[:keep])
+                for layer in structure.moe_layers}
     new_k = min(top_k, keep)
 
     classifier = Classifier(family, 0)
@@ -173,6 +191,15 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     report = PruneReport(ckpt.source, None, options.criterion, experts, keep, new_k, kept, removed_params,
                          removed_bytes, removed_mass, warnings)
     return tensors, config, report
+
+
+def parse_experts(spec: str) -> dict[int, list[int]]:
+    """"3:0,1,5;4:2,3,7" -> {3: [0, 1, 5], 4: [2, 3, 7]} (the experts kept per MoE layer)."""
+    try:
+        return {int(layer): [int(e) for e in experts.split(",") if e.strip()]
+                for layer, experts in (part.split(":", 1) for part in spec.split(";") if part.strip())}
+    except ValueError:
+        raise UsageError(f"--experts {spec!r}: use LAYER:E,E,...;LAYER:E,... (experts kept per layer)") from None
 
 
 def _renumbered(name: str, old: int, new: int, family) -> str:

@@ -37,6 +37,14 @@ def saliency(index, salience, experts: int):
     return torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total))
 
 
+def activation_norm(index, weight, salience, experts: int):
+    """EAN: for each expert, the mean norm of its output (without the gate weight) over the
+    (token, slot) pairs routed to it; 0 for experts no token chose."""
+
+    norms = salience / weight.float().abs().clamp_min(1e-30)
+    return saliency(index, norms, experts)
+
+
 def imbalance(counts) -> dict[str, float]:
     """max/mean, coefficient of variation and Gini coefficient of per-expert loads."""
     values = sorted(float(c) for c in counts)
