@@ -146,3 +146,33 @@ def test_ean_weight_norm_and_explicit_experts(tmp_path, tiny):
         assert explicit.kept == {0: [1, 3], 1: [0, 2]}
         with pytest.raises(UsageError, match="same number"):
             prune(ckpt, tmp_path / "bad", PruneOptions(experts={0: [1], 1: [0, 2]}))
+
+
+def test_merge_folds_removed_experts_into_the_most_similar(tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    from moetool.ops.inspect import inspect_checkpoint
+
+    src = tiny("qwen3_moe")
+    profile_path, profile = _profile_json(tmp_path, src)
+    with open_checkpoint(src) as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=2, criterion="frequency", profile=profile_path,
+                                                            merge=True))
+        similarity = {s.layer: s.similarity for s in inspect_checkpoint(ckpt, experts=True).experts}
+    original, merged = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for layer in profile["layers"]:
+        index, mass, keep = layer["layer"], layer["weight_mass"], report.kept[layer["layer"]]
+        groups = {k: [k] for k in keep}
+        for e in range(4):
+            if e not in keep:
+                groups[max(keep, key=lambda k: (similarity[index][e][k], -k))].append(e)
+        for new, k in enumerate(keep):
+            total = sum(mass[e] for e in groups[k])
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                want = sum(original[f"model.layers.{index}.mlp.experts.{e}.{proj}.weight"] * (mass[e] / total)
+                           for e in groups[k])
+                got = merged[f"model.layers.{index}.mlp.experts.{new}.{proj}.weight"]
+                assert torch.allclose(got, want, atol=1e-6)
+    with open_checkpoint(tiny("mixtral", fused=True)) as ckpt, pytest.raises(UnsupportedError, match="per-expert"):
+        prune(ckpt, tmp_path / "f", PruneOptions(keep=2, criterion="frequency", merge=True,
+                                                 profile=_profile_json(tmp_path, tiny("mixtral", fused=True))[0]))

@@ -25,6 +25,8 @@ def prune(
                                                  "(with --saliency for reap).")] = None,
     data: Annotated[Path | None, typer.Option(help="Without --profile: text to profile (default: the built-in "
                                               "corpus).")] = None,
+    merge: Annotated[bool, typer.Option("--merge", help="Fold each removed expert into its most similar kept "
+                                        "expert (routing-mass-weighted average) instead of dropping it.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
     max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose the experts and report; write nothing.")] = False,
@@ -37,7 +39,7 @@ def prune(
     from moetool.ops.prune import prune as run_prune
 
     options = PruneOptions(keep=keep, ratio=ratio, experts=parse_experts(experts) if experts else None,
-                           criterion=criterion, profile=profile, data=data, seed=seed,
+                           criterion=criterion, profile=profile, data=data, seed=seed, merge=merge,
                            max_shard_size=parse_size(max_shard_size))
     with open_checkpoint(model) as ckpt:
         bar = None if json_out or dry_run else _Bar()

@@ -45,6 +45,7 @@ class PruneOptions:
     profile: Path | None = None         # a `moetool profile --json` file
     data: Path | None = None            # text to profile when no --profile (default: the built-in corpus)
     max_tokens: int = 8192
+    merge: bool = False                 # fold removed experts into their most similar kept expert
     seed: int = 0
     max_shard_size: int = 5_000_000_000
 
@@ -152,10 +153,16 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
         kept = {layer: sorted(sorted(range(experts), key=lambda e: (-scores[layer][e], e))[:keep])
                 for layer in structure.moe_layers}
     new_k = min(top_k, keep)
+    groups = _merge_groups(ckpt, kept, mass, experts) if options.merge else None
 
     classifier = Classifier(family, 0)
     tensors: list[OutputTensor] = []
     removed_params = removed_bytes = 0
+    per_expert: dict[tuple, dict[int, TensorRef]] = {}   # (layer, role, aux name tail) -> expert -> tensor
+    for name, ref in ckpt.tensors.items():
+        m = classifier.classify(name)
+        if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:
+            per_expert.setdefault((m.layer, m.role, name.rsplit(".", 1)[-1]), {})[m.expert] = ref
     for name, ref in ckpt.tensors.items():
         m = classifier.classify(name)
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:       # one tensor per expert
@@ -163,10 +170,19 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
                 removed_bytes += ref.nbytes
                 removed_params += 0 if m.aux else ref.numel
                 continue
+            pieces = tensor_pieces(ref, ref.dtype)
+            if groups is not None:
+                siblings = per_expert[(m.layer, m.role, name.rsplit(".", 1)[-1])]
+                group = groups[m.layer][m.expert]
+                pieces = [computed_piece(_weighted([(siblings[e], w) for e, w in group], ref.dtype), ref.shape,
+                                         ref.dtype)]
             tensors.append(OutputTensor(_renumbered(name, m.expert, kept[m.layer].index(m.expert), family),
-                                        ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "kept expert"))
+                                        ref.dtype, ref.shape, pieces, "kept expert"))
             continue
         if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
+            if groups is not None and m.role in EXPERT_ROLES:
+                raise UnsupportedError("--merge supports experts stored one tensor per expert; convert to "
+                                       "--layout per-expert first")
             sliced = _slice_experts(ref, m.role, kept[m.layer], experts)
             removed_bytes += ref.nbytes - sliced.nbytes
             if not m.aux and m.role not in family.buffers:
@@ -191,6 +207,36 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     report = PruneReport(ckpt.source, None, options.criterion, experts, keep, new_k, kept, removed_params,
                          removed_bytes, removed_mass, warnings)
     return tensors, config, report
+
+
+def _merge_groups(ckpt: Checkpoint, kept: dict[int, list[int]], mass, experts: int
+                  ) -> dict[int, dict[int, list[tuple[int, float]]]]:
+    """For each kept expert, the experts folded into it with their weights: every removed expert
+    goes to its most similar kept expert (cosine of the expert weights), weighted by the routing
+    mass each carried (M-SMoE's frequency-weighted merge)."""
+    from moetool.ops.inspect import inspect_checkpoint
+
+    if mass is None:
+        raise UsageError("--merge needs routing frequencies: give --profile or let moetool profile --data")
+    similarity = {s.layer: s.similarity for s in inspect_checkpoint(ckpt, experts=True).experts}
+    groups: dict[int, dict[int, list[tuple[int, float]]]] = {}
+    for layer, keep in kept.items():
+        members = {k: [k] for k in keep}
+        for e in range(experts):
+            if e not in members:
+                members[max(keep, key=lambda k: (similarity[layer][e][k], -k))].append(e)
+        groups[layer] = {}
+        for k, group in members.items():
+            total = sum(mass[layer][e] for e in group) or float(len(group))
+            groups[layer][k] = [(e, (mass[layer][e] or (0 if total else 1)) / total) for e in group]
+    return groups
+
+
+def _weighted(parts: list[tuple[TensorRef, float]], dtype: str):
+    def compute():
+        return sum(ref.load().float() * weight for ref, weight in parts).to(TORCH_DTYPES[dtype])
+
+    return compute
 
 
 def parse_experts(spec: str) -> dict[int, list[int]]:
