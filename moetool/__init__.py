@@ -1,3 +1,11 @@
 """moetool: inspect, convert, upcycle, quantize, prune and profile Mixture-of-Experts checkpoints."""
 
 __version__ = "0.1.0"
+
+
+def load_model(path, *, dtype=None, device="cpu"):
+    """Load a checkpoint written by moetool as a transformers model (CPU by default), including
+    globally pruned checkpoints whose layers keep different numbers of experts."""
+    from moetool.runner.model import load_pretrained
+
+    return load_pretrained(path, dtype=dtype, device=device)

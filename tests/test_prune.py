@@ -176,3 +176,31 @@ def test_merge_folds_removed_experts_into_the_most_similar(tmp_path, tiny):
     with open_checkpoint(tiny("mixtral", fused=True)) as ckpt, pytest.raises(UnsupportedError, match="per-expert"):
         prune(ckpt, tmp_path / "f", PruneOptions(keep=2, criterion="frequency", merge=True,
                                                  profile=_profile_json(tmp_path, tiny("mixtral", fused=True))[0]))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "granitemoe"])
+def test_global_scope_loads_with_moetool_and_matches_the_masked_original(tmp_path, family):
+    import moetool
+
+    model = build_model(family)
+    model.save_pretrained(tmp_path / "src")
+    profile_path, profile = _profile_json(tmp_path, tmp_path / "src")
+    first = profile["layers"][0]                     # make the first MoE layer's experts matter more
+    first["weight_mass"] = [100 * v for v in first["weight_mass"]]
+    profile_path.write_text(json.dumps(profile))
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=3, criterion="soft-count", profile=profile_path,
+                                                            scope="global"))
+    counts = [len(v) for v in report.kept.values()]
+    assert counts == [4, 2]                           # 6 kept in all, at least top-k (2) per layer
+    assert "moetool.load_model" in report.warnings[-1]
+    with pytest.raises(Exception):                    # stock transformers cannot load different counts
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    removed = {layer: [e for e in range(4) if e not in kept] for layer, kept in report.kept.items()}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), routers_restricted(model, removed, _router_weights(model, family, report.kept)):
+        want = model(ids).logits
+    pruned = moetool.load_model(tmp_path / "out")
+    with torch.no_grad():
+        got = pruned(ids).logits
+    assert (got - want).abs().max() <= 1e-5

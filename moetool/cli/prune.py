@@ -25,6 +25,9 @@ def prune(
                                                  "(with --saliency for reap).")] = None,
     data: Annotated[Path | None, typer.Option(help="Without --profile: text to profile (default: the built-in "
                                               "corpus).")] = None,
+    scope: Annotated[str, typer.Option(help="per-layer: the same count in every layer (stock transformers loads "
+                                       "it); global: experts ranked across layers (load with "
+                                       "moetool.load_model).")] = "per-layer",
     merge: Annotated[bool, typer.Option("--merge", help="Fold each removed expert into its most similar kept "
                                         "expert (routing-mass-weighted average) instead of dropping it.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
@@ -39,7 +42,7 @@ def prune(
     from moetool.ops.prune import prune as run_prune
 
     options = PruneOptions(keep=keep, ratio=ratio, experts=parse_experts(experts) if experts else None,
-                           criterion=criterion, profile=profile, data=data, seed=seed, merge=merge,
+                           criterion=criterion, profile=profile, data=data, seed=seed, merge=merge, scope=scope,
                            max_shard_size=parse_size(max_shard_size))
     with open_checkpoint(model) as ckpt:
         bar = None if json_out or dry_run else _Bar()

@@ -46,6 +46,7 @@ class PruneOptions:
     data: Path | None = None            # text to profile when no --profile (default: the built-in corpus)
     max_tokens: int = 8192
     merge: bool = False                 # fold removed experts into their most similar kept expert
+    scope: str = "per-layer"            # "per-layer" (same count everywhere) | "global" (ranked across layers)
     seed: int = 0
     max_shard_size: int = 5_000_000_000
 
@@ -148,11 +149,18 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
             raise UsageError(f"--experts must list distinct experts (0..{experts - 1}) for each MoE layer "
                              f"{structure.moe_layers}")
         kept, mass = {layer: sorted(v) for layer, v in options.experts.items()}, None
-    else:
+    elif options.scope == "global":
+        scores, mass = _scores(ckpt, structure, options)
+        kept = _global_choice(scores, experts, keep, top_k)
+    elif options.scope == "per-layer":
         scores, mass = _scores(ckpt, structure, options)
         kept = {layer: sorted(sorted(range(experts), key=lambda e: (-scores[layer][e], e))[:keep])
                 for layer in structure.moe_layers}
-    new_k = min(top_k, keep)
+    else:
+        raise UsageError(f"--scope {options.scope}: use per-layer or global")
+    counts = {len(v) for v in kept.values()}
+    keep = max(counts)
+    new_k = min(top_k, min(counts))
     groups = _merge_groups(ckpt, kept, mass, experts) if options.merge else None
 
     classifier = Classifier(family, 0)
@@ -196,6 +204,10 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
         config.get(family.config_root), dict) else config
     _set_first(root, family.keys["num_experts"], keep)
     warnings = []
+    if len(counts) > 1:
+        root["moetool_experts_per_layer"] = {str(layer): len(v) for layer, v in kept.items()}
+        warnings.append("layers keep different numbers of experts, which stock transformers cannot load: "
+                        "load this checkpoint with moetool.load_model(path)")
     if new_k != top_k:
         _set_first(root, family.keys.get("top_k", ()), new_k)
         warnings.append(f"top-k lowered from {top_k} to {new_k}: only {keep} experts are left")
@@ -207,6 +219,23 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     report = PruneReport(ckpt.source, None, options.criterion, experts, keep, new_k, kept, removed_params,
                          removed_bytes, removed_mass, warnings)
     return tensors, config, report
+
+
+def _global_choice(scores: dict[int, list[float]], experts: int, keep: int, top_k: int) -> dict[int, list[int]]:
+    """Rank experts across layers: every layer keeps at least its top-k best, the remaining slots
+    (keep x layers in all) go to the best scores anywhere."""
+    layers = sorted(scores)
+    total = keep * len(layers)
+    kept = {layer: set(sorted(range(experts), key=lambda e: (-scores[layer][e], e))[:top_k]) for layer in layers}
+    ranked = sorted(((scores[layer][e], -layer, -e) for layer in layers for e in range(experts)), reverse=True)
+    slots = total - sum(len(v) for v in kept.values())
+    for _, neg_layer, neg_e in ranked:
+        if slots <= 0:
+            break
+        if -neg_e not in kept[-neg_layer]:
+            kept[-neg_layer].add(-neg_e)
+            slots -= 1
+    return {layer: sorted(v) for layer, v in kept.items()}
 
 
 def _merge_groups(ckpt: Checkpoint, kept: dict[int, list[int]], mass, experts: int

@@ -194,3 +194,49 @@ def _set(root, dotted: str, value) -> None:
         owner._buffers[attr] = value
     else:
         setattr(owner, attr, value)
+
+
+def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool = False):
+    """A transformers model for any checkpoint moetool writes, including globally pruned ones whose
+    layers keep different numbers of experts (recorded as "moetool_experts_per_layer" in the config):
+    each such layer is built with its own expert count, then every weight is loaded."""
+    import copy
+
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+
+    from moetool.checkpoint import open_checkpoint
+    from moetool.checkpoint.writer import materialize
+    from moetool.ops.convert import ConvertOptions, plan_convert
+
+    dtype = dtype or torch.float32
+    with open_checkpoint(path) as ckpt:
+        family = _check_supported(ckpt)
+        config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
+        counts = (ckpt.config or {}).get("moetool_experts_per_layer") or {}
+        with init_empty_weights(include_buffers=False):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                                  trust_remote_code=trust_remote_code)
+            _, layers = _decoder_layers(model)
+            attribute = family.keys["num_experts"][0]
+            for layer, count in counts.items():
+                layer_config = copy.deepcopy(config)
+                setattr(layer_config, attribute, int(count))
+                layers[int(layer)] = type(layers[int(layer)])(layer_config, int(layer))
+        layout = "fused" if "fused" in family.layouts else None
+        plan = plan_convert(ckpt, ConvertOptions(layout=layout))
+        own = dict(model.named_parameters()) | dict(model.named_buffers())
+        state = {t.name: materialize(t).to(device=device, dtype=dtype if t.dtype in ("F32", "F16", "BF16")
+                                          else None)
+                 for t in plan.tensors if t.name in own}
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise UnsupportedError(f"{path}: {len(missing)} parameters are not in the checkpoint (first: {missing[0]})")
+    for name, buffer in model.named_buffers():
+        if buffer.device.type != torch.device(device).type:
+            _set(model, name, buffer.to(device))
+    return model.eval()
