@@ -138,8 +138,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
         raise UsageError(f"{ckpt.source}: no MoE layers to prune")
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
-    if (ckpt.config or {}).get("n_group", 1) not in (None, 1):
-        raise UnsupportedError("group-limited routing (n_group > 1): pruning would break the expert groups")
+    groups = (ckpt.config or {}).get("n_group") or 1
     experts = structure.num_experts
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = _kept_count(experts, top_k, options)
@@ -150,11 +149,22 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
                              f"{structure.moe_layers}")
         kept, mass = {layer: sorted(v) for layer, v in options.experts.items()}, None
     elif options.scope == "global":
+        if groups > 1:
+            raise UnsupportedError("--scope global with group-limited routing (n_group > 1) would unbalance "
+                                   "the expert groups")
         scores, mass = _scores(ckpt, structure, options)
         kept = _global_choice(scores, experts, keep, top_k)
     elif options.scope == "per-layer":
         scores, mass = _scores(ckpt, structure, options)
-        kept = {layer: sorted(sorted(range(experts), key=lambda e: (-scores[layer][e], e))[:keep])
+        if keep % groups:
+            raise UsageError(f"group-limited routing with {groups} groups: keep a multiple of {groups} experts "
+                             "per layer, so that every group keeps the same number")
+        size, per_group = experts // groups, keep // groups   # choose within each group: groups stay equal
+        if groups > 1 and per_group < 2:
+            raise UsageError("group-limited routing ranks each group by its best two experts: keep at least "
+                             f"2 per group ({2 * groups} per layer)")
+        kept = {layer: sorted(e for g in range(groups) for e in sorted(
+                    range(g * size, (g + 1) * size), key=lambda e: (-scores[layer][e], e))[:per_group])
                 for layer in structure.moe_layers}
     else:
         raise UsageError(f"--scope {options.scope}: use per-layer or global")
@@ -163,7 +173,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     new_k = min(top_k, min(counts))
     groups = _merge_groups(ckpt, kept, mass, experts) if options.merge else None
 
-    classifier = Classifier(family, 0)
+    classifier = _classifier(family, ckpt.config or {})
     tensors: list[OutputTensor] = []
     removed_params = removed_bytes = 0
     per_expert: dict[tuple, dict[int, TensorRef]] = {}   # (layer, role, aux name tail) -> expert -> tensor
@@ -184,14 +194,15 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
                 group = groups[m.layer][m.expert]
                 pieces = [computed_piece(_weighted([(siblings[e], w) for e, w in group], ref.dtype), ref.shape,
                                          ref.dtype)]
-            tensors.append(OutputTensor(_renumbered(name, m.expert, kept[m.layer].index(m.expert), family),
+            tensors.append(OutputTensor(_renumbered(name, m.expert, kept[m.layer].index(m.expert), family,
+                                                    ckpt.config or {}),
                                         ref.dtype, ref.shape, pieces, "kept expert"))
             continue
         if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
             if groups is not None and m.role in EXPERT_ROLES:
                 raise UnsupportedError("--merge supports experts stored one tensor per expert; convert to "
                                        "--layout per-expert first")
-            sliced = _slice_experts(ref, m.role, kept[m.layer], experts)
+            sliced = _slice_experts(ref, m.role, kept[m.layer], experts, family.packed_experts)
             removed_bytes += ref.nbytes - sliced.nbytes
             if not m.aux and m.role not in family.buffers:
                 removed_params += ref.numel - prod(sliced.shape)
@@ -277,9 +288,13 @@ def parse_experts(spec: str) -> dict[int, list[int]]:
         raise UsageError(f"--experts {spec!r}: use LAYER:E,E,...;LAYER:E,... (experts kept per layer)") from None
 
 
-def _renumbered(name: str, old: int, new: int, family) -> str:
+def _classifier(family, config: dict) -> Classifier:
+    return Classifier(family, family.decoder_offset(config) if family.decoder_offset else 0)
+
+
+def _renumbered(name: str, old: int, new: int, family, config: dict) -> str:
     """NAME with its expert index OLD replaced by NEW (the expert slot of the family's template)."""
-    classifier = Classifier(family, 0)
+    classifier = _classifier(family, config)
     m = classifier.classify(name)
     parts = name.split(".")
     for i, part in enumerate(parts):
@@ -292,17 +307,23 @@ def _renumbered(name: str, old: int, new: int, family) -> str:
     raise MoetoolError(f"{name}: cannot renumber expert {old}")
 
 
-def _slice_experts(ref: TensorRef, role: Role, kept: list[int], experts: int) -> OutputTensor:
-    """The kept experts of a tensor indexed by expert: on its first axis (fused expert tensors) or
-    its last (router weight rows are its first axis too; a [1, E] correction bias its last)."""
+def _slice_experts(ref: TensorRef, role: Role, kept: list[int], experts: int, packed: bool = False
+                   ) -> OutputTensor:
+    """The kept experts of a tensor indexed by expert: on its first axis (fused expert tensors, router
+    rows; DBRX packs experts as [E*I, H]) or its last (a [1, E] correction bias)."""
     shape = list(ref.shape)
     if role in EXPERT_INDEXED and len(shape) == 2 and shape[0] == 1:   # ERNIE's [1, E] bias
         axis = 1
     else:
         axis = 0
-    if shape[axis] != experts:
+    if packed and role in EXPERT_ROLES:
+        if shape[0] % experts:
+            raise UnsupportedError(f"{ref.name}: {shape[0]} rows are not {experts} packed experts")
+        shape[0] = shape[0] // experts * len(kept)
+    elif shape[axis] != experts:
         raise UnsupportedError(f"{ref.name}: expected {experts} experts on axis {axis}, found {shape}")
-    shape[axis] = len(kept)
+    else:
+        shape[axis] = len(kept)
     if axis == 0:
         per = ref.numel // experts // (ref.shape[-1] if len(ref.shape) > 1 else 1)
         if len(ref.shape) == 1:

@@ -23,5 +23,4 @@ FAMILY = Family(
     router_module="transformer.blocks.{L}.ffn.router",
     router_output="logits",
     experts_module=None,
-    prune_unsupported=("DBRX packs its experts into [E*I, H] tensors; pruning them is not implemented yet"),
 )

@@ -44,5 +44,4 @@ FAMILY = Family(
     router_module=both(".router"),
     router_output="nllb",
     experts_module=None,
-    prune_unsupported=("encoder-decoder pruning is not implemented yet"),
 )

@@ -36,5 +36,4 @@ FAMILY = Family(
     router_module=(f"{ENC}.router", f"{DEC}.router"),
     router_output="switch",
     experts_module=None,
-    prune_unsupported=("encoder-decoder pruning is not implemented yet"),
 )
