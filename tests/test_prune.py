@@ -121,6 +121,8 @@ def test_top_k_is_lowered_and_bad_requests_are_refused(tmp_path, tiny):
             prune(ckpt, tmp_path / "x", PruneOptions(keep=5, criterion="random"))
         with pytest.raises(UsageError, match="exactly one"):
             prune(ckpt, tmp_path / "x", PruneOptions(criterion="random"))
+    with open_checkpoint(tiny("nllb-moe")) as ckpt, pytest.raises(UsageError, match="top-k of 2"):
+        prune(ckpt, tmp_path / "x", PruneOptions(keep=1, criterion="random"))
     with open_checkpoint(tiny("llama")) as ckpt, pytest.raises(UsageError, match="no MoE layers"):
         prune(ckpt, tmp_path / "x", PruneOptions(keep=1, criterion="random"))
     with open_checkpoint(tiny("jetmoe")) as ckpt, pytest.raises(UnsupportedError, match="attention experts"):

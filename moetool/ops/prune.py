@@ -220,6 +220,9 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
         warnings.append("layers keep different numbers of experts, which stock transformers cannot load: "
                         "load this checkpoint with moetool.load_model(path)")
     if new_k != top_k:
+        if "top_k" not in family.keys:
+            raise UsageError(f"cannot keep fewer experts ({min(counts)}) than {family.title}'s top-k of {top_k}, "
+                             "which its config cannot lower")
         _set_first(root, family.keys.get("top_k", ()), new_k)
         warnings.append(f"top-k lowered from {top_k} to {new_k}: only {keep} experts are left")
     removed_mass = None
