@@ -16,7 +16,7 @@ from moetool.errors import MoetoolError
 
 app = typer.Typer(
     name="moetool",
-    help="Inspect, convert, upcycle, quantize, prune and profile Mixture-of-Experts checkpoints.",
+    help="Inspect, convert, profile, evaluate, upcycle and prune Mixture-of-Experts checkpoints.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
