@@ -18,13 +18,13 @@ from moetool.checkpoint.header import parse_header
 from moetool.errors import CheckpointFormatError, SourceNotFoundError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".gguf")
+FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".gguf")   # names that are files, not repos
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja", "*.txt"]
 
 
 def looks_like_hub_id(spec: str) -> bool:
     """org/name[@revision]; a name ending like a weights file is taken for a missing path."""
-    return bool(HUB_ID.match(spec)) and not spec.split("@")[0].endswith(WEIGHT_SUFFIXES)
+    return bool(HUB_ID.match(spec)) and not spec.split("@")[0].endswith(FILE_SUFFIXES)
 
 
 def split_hub_id(spec: str) -> tuple[str, str | None]:

@@ -253,3 +253,48 @@ def materialize(tensor: OutputTensor):
     if not buffer:
         return torch.empty(tensor.shape, dtype=TORCH_DTYPES[tensor.dtype])
     return torch.frombuffer(buffer, dtype=TORCH_DTYPES[tensor.dtype]).reshape(tensor.shape)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def side_files(ckpt) -> list[Path]:
+    """Files an output copies from its source as they are: tokenizer, generation config, chat
+    template... (not weights, indexes, config.json, the model card or hidden files)."""
+    if ckpt.root is None or ckpt.kind == "file":
+        return []
+    return [p for p in sorted(ckpt.root.iterdir()) if p.is_file() and p.name not in ("config.json", "README.md")
+            and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
+            and not p.name.startswith(".")]
+
+
+def refuse_inside_source(out: Path, ckpt) -> None:
+    """An output inside the source folder would be read while it is written (and mix the two)."""
+    from moetool.errors import UsageError
+
+    if ckpt.root is not None and ckpt.kind != "file":
+        root = ckpt.root.resolve()
+        if out.resolve() == root or out.resolve().is_relative_to(root):
+            raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
+
+
+def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dict | None, files: list[Path],
+                     readme: str, force: bool, progress=None, check=None) -> None:
+    """Write a whole checkpoint folder atomically: shards (+ index), config.json, copied side files and
+    a model card; CHECK(tmp folder) runs before the rename. A write failure leaves nothing behind."""
+    from moetool import __version__
+    from moetool.errors import OutputWriteError
+
+    metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": op}
+    try:
+        with atomic_folder(out, force=force) as tmp:
+            write_shards(tmp, shards, metadata, progress)
+            if config is not None:
+                (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            for file in files:
+                shutil.copy2(file, tmp / file.name)
+            (tmp / "README.md").write_text(readme)
+            if check is not None:
+                check(tmp)
+    except OSError as exc:
+        raise OutputWriteError(f"{out}: writing failed ({exc.strerror or exc}); nothing was left behind") from None

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from moetool.cli.options import DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
 from moetool.cli.output import emit_json, size, stderr, stdout
 from moetool.errors import UsageError
 
@@ -40,20 +41,20 @@ def parse_size(text: str) -> int:
 
 def convert(
     source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin file, or hub id.")],
-    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    out: OutArg,
     dtype: Annotated[Dtype | None, typer.Option(help="Cast floating weights (routers a family keeps in fp32 "
                                                 "stay fp32 unless --cast-routers).")] = None,
     layout: Annotated[Layout | None, typer.Option(help="Expert layout: per-expert (hub) or fused "
                                                   "(transformers 5).")] = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+    max_shard_size: MaxShardSizeOpt = "5GB",
     dequantize: Annotated[bool, typer.Option("--dequantize", help="Dequantize fp8 (block scales), mxfp4 and "
                                              "bitsandbytes 4/8-bit weights to --dtype (default bf16).")] = False,
     cast_routers: Annotated[bool, typer.Option("--cast-routers", help="Also cast router weights and biases "
                                                "that the family keeps in fp32.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Re-read the output and compare every tensor with "
                                          "the source.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
 ) -> None:
     """Convert dtype, expert layout, sharding and format, streaming tensor by tensor."""

@@ -27,3 +27,9 @@ ModeOpt = Annotated[Mode, typer.Option(help="full: whole model on the device; st
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code from "
                                                   "the hub.")]
+
+# options of the commands that write a checkpoint (convert, upcycle, prune)
+OutArg = Annotated[Path, typer.Argument(help="Output folder (written atomically).")]
+MaxShardSizeOpt = Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB, 2GiB.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]

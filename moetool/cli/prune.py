@@ -6,13 +6,13 @@ from typing import Annotated
 import typer
 
 from moetool.cli.convert import _Bar, parse_size
-from moetool.cli.options import JsonOpt, ModelArg
+from moetool.cli.options import DryRunOpt, ForceOpt, JsonOpt, MaxShardSizeOpt, ModelArg, OutArg
 from moetool.cli.output import emit_json, size, stdout
 
 
 def prune(
     model: ModelArg,
-    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    out: OutArg,
     keep: Annotated[int | None, typer.Option(min=1, help="Experts kept in every MoE layer.")] = None,
     ratio: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Share of each layer's experts "
                                                 "removed.")] = None,
@@ -31,9 +31,9 @@ def prune(
     merge: Annotated[bool, typer.Option("--merge", help="Fold each removed expert into its most similar kept "
                                         "expert (routing-mass-weighted average) instead of dropping it.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
-    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Choose the experts and report; write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Remove the least important experts of every MoE layer."""

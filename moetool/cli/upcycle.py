@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from moetool.cli.convert import _Bar, parse_size
+from moetool.cli.options import DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
 from moetool.cli.output import emit_json, size, stdout
 from moetool.errors import UsageError
 
@@ -28,7 +29,7 @@ def _parse_layers(text: str | None, count: int | None = None) -> list[int] | Non
 def upcycle(
     dense: Annotated[str, typer.Argument(help="Dense checkpoint (Llama, Mistral, Qwen3), hub id or "
                                          "builtin:tiny-dense.")],
-    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    out: OutArg,
     experts: Annotated[int, typer.Option(min=1, help="Experts per MoE layer (before --granularity).")] = 8,
     top_k: Annotated[int, typer.Option(min=1, help="Experts per token (before --granularity).")] = 2,
     family: Annotated[str | None, typer.Option(help="Target family (default: mixtral for Llama/Mistral, "
@@ -56,9 +57,9 @@ def upcycle(
                                                    "sources (Branch-Train-MiX).")] = None,
     average_shared: Annotated[bool, typer.Option("--average-shared", help="With --from: average attention, norms "
                                                  "and embeddings over the sources (default: the first's).")] = False,
-    max_shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB.")] = "5GB",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
 ) -> None:
     """Turn a dense model into an MoE whose experts start as copies of its MLP."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,20 +29,19 @@ from moetool.checkpoint.writer import (
     Piece,
     RawPiece,
     ShardPlan,
-    atomic_folder,
     plan_shards,
+    refuse_inside_source,
+    side_files,
     tensor_bytes,
-    write_shards,
+    write_checkpoint,
 )
-from moetool.errors import OutputWriteError, UnsupportedError, UsageError
+from moetool.errors import UnsupportedError
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
 EXPERT_WEIGHTS = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)
 
 
@@ -353,8 +351,7 @@ def plan_convert(ckpt: Checkpoint, options: ConvertOptions) -> ConvertPlan:
     planner = _Planner(ckpt, options)
     source_layout, target_layout = planner.plan()
     config = _edited_config(ckpt, planner, options)
-    files = [p for p in sorted(ckpt.root.iterdir()) if p.is_file() and p.name not in SKIP_FILES
-             and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith(".")] if ckpt.kind != "file" else []
+    files = side_files(ckpt)
     if target_layout == "fused" and source_layout != "fused":
         planner.notes.append("the fused layout loads in transformers 5 only (transformers 4 reads per-expert)")
     shards = plan_shards(planner.out, options.max_shard_size)
@@ -386,28 +383,14 @@ def convert(ckpt: Checkpoint, out: Path, options: ConvertOptions, *, force: bool
             progress=None) -> ConvertReport:
     """Convert CKPT into OUT (atomically). PROGRESS(bytes) is called as data is written."""
     out = Path(out)
-    if ckpt.root is not None and ckpt.kind != "file":
-        root = ckpt.root.resolve()
-        if out.resolve() == root or out.resolve().is_relative_to(root):
-            raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
+    refuse_inside_source(out, ckpt)
     plan = plan_convert(ckpt, options)
     start = time.perf_counter()
-    metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": "convert"}
-    try:
-        with atomic_folder(out, force=force) as tmp:
-            write_shards(tmp, plan.shards, metadata, progress)
-            if plan.config is not None:
-                (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-            for file in plan.files:
-                shutil.copy2(file, tmp / file.name)
-            (tmp / "README.md").write_text(_model_card(plan, options, out))
-            verified = None
-            if verify:
-                verify_output(tmp, plan)
-                verified = True
-    except OSError as exc:
-        raise OutputWriteError(f"{out}: writing failed ({exc.strerror or exc}); nothing was left behind") from None
-    return ConvertReport(str(out), plan.summary(), time.perf_counter() - start, plan.output_bytes, verified)
+    write_checkpoint(out, plan.shards, op="convert", config=plan.config, files=plan.files,
+                     readme=_model_card(plan, options, out), force=force, progress=progress,
+                     check=(lambda tmp: verify_output(tmp, plan)) if verify else None)
+    return ConvertReport(str(out), plan.summary(), time.perf_counter() - start, plan.output_bytes,
+                         True if verify else None)
 
 
 def verify_output(folder: Path, plan: ConvertPlan) -> None:

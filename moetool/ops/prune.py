@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from math import prod
@@ -24,9 +23,14 @@ from moetool.arch.schema import EXPERT_ROLES, get_path
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
 from moetool.checkpoint.pieces import computed_piece, rows_piece, tensor_pieces
-from moetool.checkpoint.writer import OutputTensor, atomic_folder, plan_shards, write_shards
-from moetool.errors import MoetoolError, OutputWriteError, UnsupportedError, UsageError
-from moetool.ops.convert import WEIGHT_SUFFIXES
+from moetool.checkpoint.writer import (
+    OutputTensor,
+    plan_shards,
+    refuse_inside_source,
+    side_files,
+    write_checkpoint,
+)
+from moetool.errors import MoetoolError, UnsupportedError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -361,24 +365,17 @@ def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = F
           progress=None) -> PruneReport:
     """Prune CKPT into OUT (atomically); with DRY_RUN only choose the experts and report."""
     out = Path(out)
-    if ckpt.root is not None and (out.resolve() == ckpt.root.resolve()
-                                  or out.resolve().is_relative_to(ckpt.root.resolve())):
-        raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
+    refuse_inside_source(out, ckpt)
     tensors, config, report = plan_prune(ckpt, options)
     if dry_run:
         return report
     start = time.perf_counter()
-    metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": "prune"}
-    try:
-        with atomic_folder(out, force=force) as tmp:
-            write_shards(tmp, plan_shards(tensors, options.max_shard_size), metadata, progress)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            for file in sorted(ckpt.root.iterdir()):
-                if file.is_file() and file.name not in ("config.json", "README.md") and \
-                        not file.name.endswith(WEIGHT_SUFFIXES) and not file.name.endswith(".index.json"):
-                    shutil.copy2(file, tmp / file.name)
-    except OSError as exc:
-        raise OutputWriteError(f"{out}: writing failed ({exc.strerror or exc}); nothing was left behind") from None
+    kept = "".join(f"- layer {layer}: experts {experts}\n" for layer, experts in report.kept.items())
+    readme = (f"---\nbase_model: {ckpt.source}\ntags:\n- moetool\n- mixture-of-experts\n- pruned\n---\n\n"
+              f"# {out.name}\n\nPruned from `{ckpt.source}` by moetool {__version__} ({report.criterion}): "
+              f"{report.experts_before} -> {report.experts_after} experts per layer, top-{report.top_k}.\n\n{kept}")
+    write_checkpoint(out, plan_shards(tensors, options.max_shard_size), op="prune", config=config,
+                     files=side_files(ckpt), readme=readme, force=force, progress=progress)
     report.out = str(out)
     report.seconds = round(time.perf_counter() - start, 3)
     return report

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,14 @@ from moetool.arch.matcher import Classifier
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
 from moetool.checkpoint.pieces import computed_piece, rows_piece, tensor_pieces
-from moetool.checkpoint.writer import OutputTensor, atomic_folder, plan_shards, write_shards
-from moetool.errors import OutputWriteError, UnsupportedError, UsageError
-from moetool.ops.convert import WEIGHT_SUFFIXES
+from moetool.checkpoint.writer import (
+    OutputTensor,
+    plan_shards,
+    refuse_inside_source,
+    side_files,
+    write_checkpoint,
+)
+from moetool.errors import UnsupportedError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +254,7 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
         warnings.append(f"{len(sources)} sources: experts come from different models, so the MoE equals none of them")
     if options.noise or options.drop_ratio:
         warnings.append("--noise/--drop-ratio: the experts differ from the dense MLP, so the MoE's output does too")
-    files = [p for p in sorted(ckpt.root.iterdir()) if p.is_file() and p.name not in ("config.json", "README.md")
-             and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
-             and not p.name.startswith(".")]
+    files = side_files(ckpt)
     return UpcyclePlan(ckpt.source, source.name, target_name, n, k, moe_layers, tensors, config, files, warnings)
 
 
@@ -496,23 +498,13 @@ def upcycle(ckpt: Checkpoint, out: Path, options: UpcycleOptions, *, force: bool
             others: list[Checkpoint] = ()) -> dict[str, Any]:
     """Write the upcycled checkpoint into OUT (atomically); return the plan summary and timing."""
     out = Path(out)
-    if ckpt.root is not None and (out.resolve() == ckpt.root.resolve()
-                                  or out.resolve().is_relative_to(ckpt.root.resolve())):
-        raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
+    refuse_inside_source(out, ckpt)
     plan = plan_upcycle(ckpt, options, others)
     start = time.perf_counter()
-    metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": "upcycle"}
-    try:
-        with atomic_folder(out, force=force) as tmp:
-            write_shards(tmp, plan_shards(plan.tensors, options.max_shard_size), metadata, progress)
-            (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-            for file in plan.files:
-                shutil.copy2(file, tmp / file.name)
-            (tmp / "README.md").write_text(
-                f"---\nbase_model: {plan.source}\ntags:\n- moetool\n- mixture-of-experts\n- upcycled\n---\n\n"
-                f"# {out.name}\n\nUpcycled from `{plan.source}` by moetool {__version__}:\n\n"
-                f"```\n{options.command or 'moetool upcycle'}\n```\n\n- {plan.target_family}: {plan.experts} "
-                f"experts, top-{plan.top_k}, MoE layers {plan.moe_layers}\n")
-    except OSError as exc:
-        raise OutputWriteError(f"{out}: writing failed ({exc.strerror or exc}); nothing was left behind") from None
+    readme = (f"---\nbase_model: {plan.source}\ntags:\n- moetool\n- mixture-of-experts\n- upcycled\n---\n\n"
+              f"# {out.name}\n\nUpcycled from `{plan.source}` by moetool {__version__}:\n\n"
+              f"```\n{options.command or 'moetool upcycle'}\n```\n\n- {plan.target_family}: {plan.experts} "
+              f"experts, top-{plan.top_k}, MoE layers {plan.moe_layers}\n")
+    write_checkpoint(out, plan_shards(plan.tensors, options.max_shard_size), op="upcycle", config=plan.config,
+                     files=plan.files, readme=readme, force=force, progress=progress)
     return {**plan.summary(), "out": str(out), "seconds": round(time.perf_counter() - start, 3)}
