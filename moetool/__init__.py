@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 def load_model(path, *, dtype=None, device="cpu"):
     """Load a checkpoint written by moetool as a transformers model (CPU by default), including
-    globally pruned checkpoints whose layers keep different numbers of experts."""
+    quantized checkpoints (`moetool quantize`: weights dequantized when used) and globally pruned
+    checkpoints whose layers keep different numbers of experts."""
     from moetool.runner.model import load_pretrained
 
     return load_pretrained(path, dtype=dtype, device=device)

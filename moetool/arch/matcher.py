@@ -34,6 +34,8 @@ AUX_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".input_scale", ".weight"),
     (".weight_format", ".weight"),
     (".SCB", ".weight"),
+    (".weight.scales", ".weight"),   # moetool's group-wise integers
+    (".weight.zeros", ".weight"),
     ("_scales", ""),          # mxfp4: gate_up_proj_scales -> gate_up_proj
 )
 AUX_ENDINGS = tuple(s for s, _ in AUX_SUFFIXES)

@@ -142,6 +142,9 @@ class Family:
     # the experts module, called as experts(hidden [T,H], index [T,k], weights [T,k]) -> [T,H]
     # (for saliency); None where the family's experts take another form
     experts_module: str | None = "model.layers.{L}.mlp.experts"
+    # transformers' eager experts forward indexes a fused expert tensor one expert at a time
+    # (gate_up_proj[e]); False where it multiplies the whole stack at once (Llama 4's bmm)
+    experts_indexed: bool = True
     # a dense family's MLP module (its input is what an upcycled router will see)
     mlp_module: str | None = None
     prune_unsupported: str | None = None     # why experts cannot be removed from this family, if so

@@ -171,10 +171,11 @@ def _pieces_in_order(shards: list[ShardPlan], pool: ThreadPoolExecutor) -> Itera
 
 
 def write_shards(folder: Path, shards: list[ShardPlan], metadata: dict[str, str],
-                 progress: Callable[[int], None] | None = None) -> None:
-    """Write SHARDS (and the index when there are several) into FOLDER."""
+                 progress: Callable[[int], None] | None = None, workers: int = 2) -> None:
+    """Write SHARDS (and the index when there are several) into FOLDER, computing pieces on WORKERS
+    threads (one when the computation already uses every core, as torch's own kernels do)."""
     sources = _SourceFiles()
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moetool-compute")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moetool-compute")
     try:
         pieces = _pieces_in_order(shards, pool)
         for shard in shards:
@@ -279,7 +280,7 @@ def refuse_inside_source(out: Path, ckpt) -> None:
 
 
 def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dict | None, files: list[Path],
-                     readme: str, force: bool, progress=None, check=None) -> None:
+                     readme: str, force: bool, progress=None, check=None, workers: int = 2) -> None:
     """Write a whole checkpoint folder atomically: shards (+ index), config.json, copied side files and
     a model card; CHECK(tmp folder) runs before the rename. A write failure leaves nothing behind."""
     from moetool import __version__
@@ -288,7 +289,7 @@ def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dic
     metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": op}
     try:
         with atomic_folder(out, force=force) as tmp:
-            write_shards(tmp, shards, metadata, progress)
+            write_shards(tmp, shards, metadata, progress, workers)
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             for file in files:

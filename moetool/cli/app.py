@@ -16,7 +16,7 @@ from moetool.errors import MoetoolError
 
 app = typer.Typer(
     name="moetool",
-    help="Inspect, convert, profile, evaluate, upcycle and prune Mixture-of-Experts checkpoints.",
+    help="Inspect, convert, profile, evaluate, upcycle, prune and quantize Mixture-of-Experts checkpoints.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -49,6 +49,7 @@ def _register() -> None:
     from moetool.cli import inspect as inspect_cmd
     from moetool.cli import profile as profile_cmd
     from moetool.cli import prune as prune_cmd
+    from moetool.cli import quantize as quantize_cmd
     from moetool.cli import upcycle as upcycle_cmd
 
     app.command("inspect")(inspect_cmd.inspect)
@@ -57,6 +58,7 @@ def _register() -> None:
     app.command("eval")(eval_cmd.evaluate)
     app.command("upcycle")(upcycle_cmd.upcycle)
     app.command("prune")(prune_cmd.prune)
+    app.command("quantize")(quantize_cmd.quantize)
 
 
 _register()

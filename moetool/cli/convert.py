@@ -87,10 +87,10 @@ def convert(
 
 
 class _Bar:
-    def __init__(self):
+    def __init__(self, label: str = "writing"):
         from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-        self._bar = Progress("writing", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=stderr,
+        self._bar = Progress(label, BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=stderr,
                              transient=True)
         self._task = self._bar.add_task("write", total=None)
         self._bar.start()

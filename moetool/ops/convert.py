@@ -95,6 +95,18 @@ class ConvertReport:
 
 # ---------------------------------------------------------------- planning
 
+def family_context(ckpt: Checkpoint) -> tuple[Family | None, dict[str, Any], int]:
+    """The family, its effective config (a multimodal wrapper's text config merged in) and the
+    layer offset of a seq2seq decoder."""
+    config = ckpt.config or {}
+    family = detect_family(ckpt.config)
+    cfg = config
+    if family and family.config_root and isinstance(config.get(family.config_root), dict):
+        cfg = {**config, **config[family.config_root]}
+    offset = family.decoder_offset(cfg) if family and family.decoder_offset else 0
+    return family, cfg, offset
+
+
 @dataclass
 class _Entry:
     name: str
@@ -105,15 +117,11 @@ class _Entry:
 class _Planner:
     def __init__(self, ckpt: Checkpoint, options: ConvertOptions):
         self.ckpt, self.options = ckpt, options
-        config = ckpt.config or {}
-        self.family: Family | None = detect_family(ckpt.config)
-        cfg = config
-        if self.family and self.family.config_root and isinstance(config.get(self.family.config_root), dict):
-            cfg = {**config, **config[self.family.config_root]}
-        self.cfg = cfg
-        offset = self.family.decoder_offset(cfg) if self.family and self.family.decoder_offset else 0
-        self.decoder_offset = offset
-        self.classifier = Classifier(self.family, offset)
+        self.family, self.cfg, self.decoder_offset = family_context(ckpt)
+        self.classifier = Classifier(self.family, self.decoder_offset)
+        from moetool.ops.quantize import recorded_formats
+
+        self.recorded = recorded_formats(ckpt.config) or {}   # formats of a moetool-quantized checkpoint
         self.target_dtype = DTYPES[options.dtype] if options.dtype else None
         self.actions: dict[str, int] = defaultdict(int)
         self.notes: list[str] = []
@@ -236,6 +244,13 @@ class _Planner:
 
         out = self.target_dtype or "BF16"
         torch_out = TORCH_DTYPES[out]
+        fmt = self.recorded.get(ref.name)
+        if fmt is not None:
+            blob = parts.get(f"quant_state.bitsandbytes__{fmt.kind}")
+            shape = fmt.original_shape(ref.shape, blob.load if blob is not None else None)
+            self.actions[f"dequantized {fmt.id}"] += 1
+            return ComputedRef(ref.name, out, shape, lambda: fmt.dequantize(
+                {"": ref.load(), **{"." + k: v.load() for k, v in parts.items()}}, shape, torch_out))
         if "scale_inv" in parts and ref.dtype.startswith("F8"):
             if len(ref.shape) != 2:
                 raise UnsupportedError(f"{ref.name}: block-fp8 dequantization handles 2-D weights only")

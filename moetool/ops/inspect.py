@@ -175,6 +175,7 @@ class _Tally:
     buffers: int = 0
     unexpected: list[str] = field(default_factory=list)
     quant_forms: set[str] = field(default_factory=set)
+    quantized: set[str] = field(default_factory=set)      # weights stored quantized by moetool (other shapes)
     dtype_bytes: Counter = field(default_factory=Counter)   # elements per dtype
 
 
@@ -353,6 +354,7 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     names = ckpt.tensors
     bnb4 = {n.rsplit(".quant_state.", 1)[0] for n in names if ".weight.quant_state.bitsandbytes__" in n}
     bits = _compressed_bits(cfg)
+    moetool_formats = _moetool_formats(cfg)
     buffers = family.buffers if family else frozenset()
     buffer_suffixes = family.buffer_suffixes if family else ()
     mtp_from = dims.num_layers if family is not None and family.mtp else None
@@ -371,7 +373,12 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
                 tally.quant_forms.add(form)
             continue
         match = classifier.classify(name)
-        if match.packed:
+        fmt = moetool_formats.get(name)
+        if fmt is not None and fmt.kind != "keep":
+            params = 2 * numel if fmt.is_bnb4 else math.prod(fmt.original_shape(ref.shape))
+            tally.quant_forms.add(f"moetool {fmt.id}")
+            tally.quantized.add(name)
+        elif match.packed:
             params = numel * (2 if ref.dtype == "U8" else 32 // bits)
             tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
         elif ref.dtype == "U8" and name in bnb4:
@@ -400,6 +407,16 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
         if category in QUANTIZABLE and len(ref.shape) >= 2:
             tally.quantizable += params
     return tally
+
+
+def _moetool_formats(cfg: dict) -> dict:
+    """Weight name -> format of a checkpoint moetool quantized (its config records every weight's)."""
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != "moetool" or not isinstance(qc.get("tensors"), dict):
+        return {}
+    from moetool.quant.formats import parse_format
+
+    return {name: parse_format(fid) for name, fid in qc["tensors"].items()}
 
 
 def _quant_form(aux_name: str) -> str | None:
@@ -556,7 +573,8 @@ def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Pro
     cache: dict[tuple, tuple | None] = {}
     for r in tally.records:
         m = r.match
-        if m.guessed or m.aux or m.packed or (r.ref.dtype == "U8" and r.params == 2 * r.ref.numel):
+        if m.guessed or m.aux or m.packed or (r.ref.dtype == "U8" and r.params == 2 * r.ref.numel) \
+                or r.ref.name in tally.quantized:
             continue
         key = (m.role, m.expert is None)
         want = cache[key] if key in cache else cache.setdefault(key, _expected_shape(family, dims, *key))

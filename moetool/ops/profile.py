@@ -242,3 +242,28 @@ def _expert_parallel(index, counts: list[int], devices: int, replicas: int, seq_
                         "cross_device_tokens": sum(traffic[i][j] for i in range(devices) for j in range(devices)
                                                    if i != j)}
     return result
+
+
+def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, data: Path | None, max_tokens: int,
+                    saliency: bool) -> dict[int, dict[str, Any]]:
+    """Per MoE layer, the fields of a profile (counts, weight_mass, saliency, ...): read from a
+    `moetool profile --json` file (refused if it is of another model) or measured on DATA."""
+    import json
+
+    from moetool.errors import UsageError
+
+    if profile is None:
+        report = _run(ckpt, ProfileOptions(data=data, max_tokens=max_tokens, seq_len=256, saliency=saliency))
+        return {lp.layer: lp.__dict__ for lp in report.layers}
+    try:
+        layers = {int(layer["layer"]): layer for layer in json.loads(Path(profile).read_text())["layers"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise UsageError(f"{profile}: not a moetool profile --json file") from None
+    if sorted(layers) != structure.moe_layers or any(
+            layers[info.index]["experts"] != info.experts for info in structure.layers if info.index in layers):
+        raise UsageError(f"{profile}: this profile is of another model (its MoE layers or expert counts differ "
+                         f"from {ckpt.source}'s)")
+    return layers
+
+
+_run = profile   # routing_profile's own `profile` argument hides the function

@@ -91,23 +91,10 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions
         gen = torch.Generator().manual_seed(options.seed)
         return ({layer: torch.rand(structure.num_experts, generator=gen).tolist() for layer in structure.moe_layers},
                 None)
-    if options.profile is not None:
-        try:
-            data = json.loads(Path(options.profile).read_text())
-            layers = {int(layer["layer"]): layer for layer in data["layers"]}
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UsageError(f"{options.profile}: not a moetool profile --json file") from None
-        if sorted(layers) != structure.moe_layers or any(
-                layers[i]["experts"] != info.experts for i, info in ((i.index, i) for i in structure.layers)
-                if i in layers):
-            raise UsageError(f"{options.profile}: this profile is of another model (its MoE layers or expert "
-                             f"counts differ from {ckpt.source}'s)")
-    else:
-        from moetool.ops.profile import ProfileOptions, profile
+    from moetool.ops.profile import routing_profile
 
-        report = profile(ckpt, ProfileOptions(data=options.data, max_tokens=options.max_tokens, seq_len=256,
-                                              saliency=options.criterion in ("reap", "ean")))
-        layers = {lp.layer: lp.__dict__ for lp in report.layers}
+    layers = routing_profile(ckpt, structure, profile=options.profile, data=options.data,
+                             max_tokens=options.max_tokens, saliency=options.criterion in ("reap", "ean"))
     mass = {layer: layers[layer]["weight_mass"] for layer in structure.moe_layers}
     if options.criterion == "random":
         gen = torch.Generator().manual_seed(options.seed)

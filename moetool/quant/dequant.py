@@ -44,14 +44,15 @@ def bnb4_shape(quant_state: torch.Tensor) -> tuple[int, ...]:
 def dequantize_bnb4(components: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """COMPONENTS: the packed weight under "weight" and its companions by suffix
     ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")."""
-    from bitsandbytes.functional import QuantState, dequantize_4bit
+    from moetool.quant import bnb
 
-    qs = QuantState.from_dict({k: v for k, v in components.items() if k != "weight"}, device=torch.device("cpu"))
-    return dequantize_4bit(components["weight"], qs).to(dtype)
+    F = bnb()
+    qs = F.QuantState.from_dict({k: v for k, v in components.items() if k != "weight"}, device=torch.device("cpu"))
+    return F.dequantize_4bit(components["weight"], qs).to(dtype)
 
 
 def dequantize_bnb8(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Row-wise int8 through bitsandbytes' own int8_vectorwise_dequant (q * SCB / 127)."""
-    from bitsandbytes.functional import int8_vectorwise_dequant
+    from moetool.quant import bnb
 
-    return int8_vectorwise_dequant(q, scb.float()).to(dtype)
+    return bnb().int8_vectorwise_dequant(q, scb.float()).to(dtype)

@@ -71,6 +71,9 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
     import torch
     import transformers
 
+    from moetool.ops.quantize import recorded_formats
+    from moetool.runner.quantized import load_quantized
+
     family = _check_supported(ckpt)
     if mode == "auto":
         need = ckpt.total_bytes * (torch.finfo(dtype).bits // 8) // 2 if dtype.is_floating_point else 0
@@ -83,9 +86,14 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
         mode = "full"
     if mode == "full":
         auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+        formats = recorded_formats(ckpt.config)
         try:
-            model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=str(device),
-                                         trust_remote_code=trust_remote_code)
+            if formats is not None:   # moetool's quantized experts stay quantized in memory
+                model = load_quantized(ckpt, family, formats, device=device, dtype=dtype,
+                                       trust_remote_code=trust_remote_code)
+            else:
+                model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=str(device),
+                                             trust_remote_code=trust_remote_code)
         except torch.OutOfMemoryError:
             raise DeviceError(f"{device}: out of memory loading the whole model",
                               hint="use --mode streamed, a smaller --batch-size, or --dtype bf16") from None
@@ -197,9 +205,10 @@ def _set(root, dotted: str, value) -> None:
 
 
 def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool = False):
-    """A transformers model for any checkpoint moetool writes, including globally pruned ones whose
-    layers keep different numbers of experts (recorded as "moetool_experts_per_layer" in the config):
-    each such layer is built with its own expert count, then every weight is loaded."""
+    """A transformers model for any checkpoint moetool writes: quantized ones (their weights stay
+    quantized, dequantized when used), and globally pruned ones whose layers keep different numbers
+    of experts (recorded as "moetool_experts_per_layer" in the config): each such layer is built
+    with its own expert count, then every weight is loaded."""
     import copy
 
     import torch
@@ -209,10 +218,16 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
     from moetool.checkpoint import open_checkpoint
     from moetool.checkpoint.writer import materialize
     from moetool.ops.convert import ConvertOptions, plan_convert
+    from moetool.ops.quantize import recorded_formats
+    from moetool.runner.quantized import load_quantized
 
     dtype = dtype or torch.float32
     with open_checkpoint(path) as ckpt:
         family = _check_supported(ckpt)
+        formats = recorded_formats(ckpt.config)
+        if formats is not None:
+            return load_quantized(ckpt, family, formats, device=device, dtype=dtype,
+                                  trust_remote_code=trust_remote_code)
         config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
         counts = (ckpt.config or {}).get("moetool_experts_per_layer") or {}
         with init_empty_weights(include_buffers=False):

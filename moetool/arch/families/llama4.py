@@ -41,4 +41,5 @@ FAMILY = Family(
     router_module="model.layers.{L}.feed_forward.router",
     router_output="llama4",
     experts_module=None,
+    experts_indexed=False,
 )

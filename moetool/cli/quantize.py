@@ -1,0 +1,119 @@
+"""`moetool quantize`: parse options, choose formats, write, render."""
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moetool.cli.convert import _Bar, parse_size
+from moetool.cli.options import DryRunOpt, ForceOpt, JsonOpt, MaxShardSizeOpt, ModelArg, OutArg
+from moetool.cli.output import emit_json, size, stdout
+
+
+def quantize(
+    model: ModelArg,
+    out: OutArg,
+    format: Annotated[str, typer.Option("--format", help="Every routed expert's format: nf4, fp4 (-b32..-b256 "
+                                        "block, -dq double quantization), bnb8 (-b<block>), int8/int4/int3/int2 "
+                                        "(-g<group>, -sym/-asym), e.g. nf4-b64-dq, int3-g128-asym.")] = "nf4",
+    bits_budget: Annotated[float | None, typer.Option(min=1.0, help="Average bits per routed-expert parameter "
+                                                      "(scales and state included); each expert's format is "
+                                                      "chosen from --candidates.")] = None,
+    candidates: Annotated[str | None, typer.Option(help="Formats the budget chooses from (comma-separated).")
+                          ] = None,
+    budget_scope: Annotated[str, typer.Option(help="global: one budget for all layers; layer: met in every "
+                                              "layer.")] = "global",
+    policy: Annotated[str, typer.Option(help="Expert importance under a budget: uniform, frequency (tokens "
+                                        "routed), mass (gate weight) or saliency (REAP).")] = "frequency",
+    rules: Annotated[list[str] | None, typer.Option(help="ROLE_OR_REGEX=FORMAT for other weights: attention, "
+                                                    "shared_experts, dense_mlp, a role (attn, shared_down) or a "
+                                                    "regular expression; comma-separated or repeated.")] = None,
+    profile: Annotated[Path | None, typer.Option(help="A `moetool profile --json` file for the importance (with "
+                                                 "--saliency for the saliency policy).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Without --profile: text to profile (default: the built-in "
+                                              "corpus).")] = None,
+    layout: Annotated[str, typer.Option(help="moetool: every expert quantized (load with moetool.load_model); "
+                                        "transformers: what stock transformers 5 + bitsandbytes loads (nf4/fp4; "
+                                        "its fused experts stay unquantized).")] = "moetool",
+    emit_llama_quantize: Annotated[Path | None, typer.Option(help="Also write a llama-quantize "
+                                                             "--tensor-type-file from the allocation.")] = None,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    experts_table: Annotated[bool, typer.Option("--experts", help="List every expert's format, error and "
+                                                "size.")] = False,
+) -> None:
+    """Quantize each routed expert on its own; under --bits-budget, spend bits where routing says they matter."""
+    from moetool.checkpoint import open_checkpoint
+    from moetool.ops.quantize import DEFAULT_CANDIDATES, QuantizeOptions
+    from moetool.ops.quantize import quantize as run_quantize
+
+    options = QuantizeOptions(
+        format=format, bits_budget=bits_budget, candidates=candidates or DEFAULT_CANDIDATES,
+        budget_scope=budget_scope, policy=policy, rules=tuple(rules or ()), profile=profile, data=data,
+        layout=layout, llama_quantize=emit_llama_quantize, max_shard_size=parse_size(max_shard_size),
+        command=shlex.join(["moetool", *sys.argv[1:]]) if sys.argv else "moetool quantize")
+    with open_checkpoint(model) as ckpt:
+        bars = _Bars()
+        try:
+            report = run_quantize(ckpt, out, options, force=force, dry_run=dry_run,
+                                  analysis_progress=None if json_out else bars.measuring,
+                                  progress=None if json_out else bars.writing)
+        finally:
+            bars.close()
+    if json_out:
+        emit_json(report.to_dict())
+        return
+    _render(report, dry_run, out, experts_table)
+
+
+class _Bars:
+    """A "measuring" bar while candidate formats are tried, then a "writing" bar; each shown once used."""
+
+    def __init__(self):
+        self.label, self.bar = None, None
+
+    def _advance(self, label: str, n: int) -> None:
+        if self.label != label:
+            self.close()
+            self.label, self.bar = label, _Bar(label)
+        self.bar.advance(n)
+
+    def measuring(self, n: int) -> None:
+        self._advance("measuring", n)
+
+    def writing(self, n: int) -> None:
+        self._advance("writing", n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _render(report, dry_run: bool, out: Path, experts_table: bool) -> None:
+    formats = ", ".join(f"{fid} x{n}" for fid, n in sorted(report.formats.items()))
+    budget = f" (budget {report.bits_budget}, policy {report.policy})" if report.bits_budget else ""
+    stdout.print(f"{report.source} ({report.family}): {len(report.experts)} experts -> {formats}{budget}")
+    stdout.print(f"  routed experts: {report.expert_bits:.3f} bits per parameter, {size(report.expert_bytes_before)}"
+                 f" -> {size(report.expert_bytes_after)}")
+    if report.rule_tensors:
+        stdout.print(f"  other weights quantized by rules: {len(report.rule_tensors)}")
+    stdout.print(f"  checkpoint: {size(report.bytes_before)} -> {size(report.bytes_after)}"
+                 + ("" if dry_run else f"; written to {out}"))
+    if report.llama_quantize:
+        stdout.print(f"  llama-quantize tensor types: {report.llama_quantize}" + (" (not written: dry run)"
+                                                                                  if dry_run else ""))
+    if experts_table:
+        table = Table("layer", "expert", "format", "bits", "rel. error", "importance", "bytes")
+        for e in report.experts:
+            table.add_row(str(e.layer), str(e.expert), e.format, f"{e.bits:.3f}",
+                          "" if e.rel_error is None else f"{e.rel_error:.4f}",
+                          "" if e.importance is None else f"{e.importance:.3f}", f"{e.bytes:,}")
+        stdout.print(table)
+    for warning in report.warnings:
+        stdout.print(f"[yellow]warning[/] {warning}")

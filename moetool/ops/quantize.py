@@ -1,0 +1,491 @@
+"""`moetool quantize`: quantize every routed expert on its own, with bits spent where routing says
+they matter.
+
+The source is read in the per-expert layout (the convert planner splits fused experts one expert
+at a time, dequantizes fp8/mxfp4 sources). Each routed expert gets one format for its matrices:
+one given format, or, under `--bits-budget`, the format chosen for it by a multiple-choice
+knapsack: every candidate format's measured squared reconstruction error on the expert, times
+the expert's importance from a routing profile, is minimised subject to the average bits per
+expert parameter (scales and state included). `--rules` quantize attention, shared experts or
+dense MLPs. Each quantized weight is written as its own tensors (codes, scales, state), streamed;
+`quantization_config` records every weight's format.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any
+
+from moetool import __version__
+from moetool.arch import Role
+from moetool.arch.matcher import Classifier
+from moetool.arch.schema import CATEGORY
+from moetool.checkpoint import Checkpoint
+from moetool.checkpoint.header import DTYPE_BYTES
+from moetool.checkpoint.writer import (
+    ComputedPiece,
+    OutputTensor,
+    materialize,
+    plan_shards,
+    refuse_inside_source,
+    side_files,
+    write_checkpoint,
+)
+from moetool.errors import UnsupportedError, UsageError
+from moetool.ops.convert import FLOATS, ConvertOptions, family_context, plan_convert
+from moetool.quant.formats import Format, parse_format
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "moetool"
+EXPERT_MATRICES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN)
+# what --rules may quantize: matrices transformers holds in nn.Linear modules
+RULE_ROLES = frozenset({Role.ATTN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_GATE_UP,
+                        Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN})
+DEFAULT_CANDIDATES = "int2-g64-asym,int3-g128-asym,int4-g128-asym,nf4-b64-dq,int8-g128-sym"
+POLICY_FIELD = {"uniform": None, "frequency": "counts", "mass": "weight_mass", "saliency": "saliency"}
+IMPORTANCE_FLOOR = 0.05   # share of the mean importance an expert the profile never chose still gets
+LAYOUTS = ("moetool", "transformers")
+
+
+@dataclass
+class QuantizeOptions:
+    format: str = "nf4"                 # every routed expert's format (without a bits budget)
+    bits_budget: float | None = None    # average bits per routed-expert parameter
+    candidates: str = DEFAULT_CANDIDATES
+    budget_scope: str = "global"        # "global" | "layer"
+    policy: str = "frequency"           # importance: uniform | frequency | mass | saliency
+    rules: tuple[str, ...] = ()         # "ROLE_OR_REGEX=FORMAT" for attention, shared experts, dense MLPs
+    profile: Path | None = None         # a `moetool profile --json` file
+    data: Path | None = None            # text to profile without --profile (default: the built-in corpus)
+    max_tokens: int = 8192
+    layout: str = "moetool"             # "moetool" | "transformers" (stock transformers + bitsandbytes)
+    llama_quantize: Path | None = None  # also write a llama-quantize --tensor-type-file
+    max_shard_size: int = 5_000_000_000
+    command: str = ""
+
+
+@dataclass
+class ExpertQuant:
+    layer: int
+    expert: int
+    format: str
+    params: int
+    bytes: int
+    rel_error: float | None = None      # ||W - Q(W)|| / ||W|| over the expert's matrices
+    importance: float | None = None     # relative to the layer's mean (1.0)
+
+    @property
+    def bits(self) -> float:
+        return 8 * self.bytes / self.params
+
+
+@dataclass
+class QuantizeReport:
+    source: str
+    out: str | None
+    family: str
+    layout: str
+    policy: str | None
+    bits_budget: float | None
+    experts: list[ExpertQuant]
+    rule_tensors: dict[str, str]        # other quantized weights -> format
+    expert_params: int
+    expert_bytes_before: int
+    expert_bytes_after: int
+    bytes_before: int
+    bytes_after: int
+    formats: dict[str, int] = field(default_factory=dict)   # format -> experts
+    warnings: list[str] = field(default_factory=list)
+    llama_quantize: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def expert_bits(self) -> float:
+        return 8 * self.expert_bytes_after / self.expert_params if self.expert_params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "experts"}
+        out["experts"] = [{**asdict(e), "bits": round(e.bits, 4)} for e in self.experts]
+        return {"schema_version": 1, "moetool_version": __version__, **out,
+                "expert_bits_per_param": round(self.expert_bits, 4), "seconds": round(self.seconds, 3)}
+
+
+# ---------------------------------------------------------------- rules and formats
+
+def parse_rules(rules: tuple[str, ...]) -> list[tuple[str, Format]]:
+    """"KEY=FORMAT" items (comma-separated or repeated): KEY is a role (attn, shared_down, ...), a
+    category (attention, shared_experts, dense_mlp) or else a regular expression searched in names."""
+    out = []
+    for item in (part for rule in rules for part in rule.split(",") if part.strip()):
+        key, sep, spec = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--rules {item!r}: use KEY=FORMAT, e.g. attention=int8 or 'q_proj=nf4'")
+        key = key.strip()
+        if key in CATEGORY.values() or key in {r.value for r in Role}:
+            if key in ("routed_experts",) or key in {r.value for r in EXPERT_MATRICES}:
+                raise UsageError(f"--rules {key}: routed experts take --format or --bits-budget")
+        else:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise UsageError(f"--rules {key!r}: not a role, category or regular expression ({exc})") from None
+        out.append((key, parse_format(spec)))
+    return out
+
+
+def _rule_format(rules: list[tuple[str, Format]], name: str, role: Role) -> Format | None:
+    for key, fmt in rules:
+        if key == role.value or key == CATEGORY.get(role) or (
+                key not in CATEGORY.values() and key not in {r.value for r in Role} and re.search(key, name)):
+            return fmt
+    return None
+
+
+def quant_config(formats: dict[str, Format], experts: list[ExpertQuant]) -> dict[str, Any]:
+    """The config.json entry: every quantized weight's format, and each expert's, by layer."""
+    by_layer: dict[str, list[str]] = {}
+    for e in sorted(experts, key=lambda e: (e.layer, e.expert)):
+        by_layer.setdefault(str(e.layer), []).append(e.format)
+    used = sorted({f.id for f in formats.values()})
+    return {"quant_method": QUANT_METHOD, "format_version": 1, "moetool_version": __version__,
+            "formats": {fid: parse_format(fid).describe() for fid in used},
+            "experts": by_layer, "tensors": {name: fmt.id for name, fmt in formats.items()}}
+
+
+def recorded_formats(config: dict | None) -> dict[str, Format] | None:
+    """Weight name -> format of a checkpoint moetool quantized (None for any other checkpoint)."""
+    qc = (config or {}).get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        return None
+    return {name: parse_format(fid) for name, fid in qc.get("tensors", {}).items()}
+
+
+# ---------------------------------------------------------------- allocation
+
+def _importance(ckpt: Checkpoint, options: QuantizeOptions, layers: list[int], experts: int
+                ) -> dict[int, list[float]]:
+    """Per MoE layer, each expert's importance relative to the layer mean, floored."""
+    if options.policy not in POLICY_FIELD:
+        raise UsageError(f"--policy {options.policy}: use {', '.join(POLICY_FIELD)}")
+    key = POLICY_FIELD[options.policy]
+    if key is None:
+        return {layer: [1.0] * experts for layer in layers}
+    from moetool.ops.inspect import inspect_checkpoint
+    from moetool.ops.profile import routing_profile
+
+    profile = routing_profile(ckpt, inspect_checkpoint(ckpt), profile=options.profile, data=options.data,
+                              max_tokens=options.max_tokens, saliency=options.policy == "saliency")
+    out = {}
+    for layer in layers:
+        scores = profile[layer].get(key)
+        if scores is None:
+            raise UsageError(f"the profile has no {key} (for --policy saliency, profile with --saliency)")
+        mean = sum(scores) / len(scores) or 1.0
+        out[layer] = [max(float(s) / mean, IMPORTANCE_FLOOR) for s in scores]
+    return out
+
+
+def allocate(items: dict[Any, list[tuple[int, float, str]]], budget_bytes: float) -> dict[Any, str]:
+    """Multiple-choice knapsack by Lagrangian greedy: ITEMS maps a key to its (bytes, cost, format)
+    options; start every item at its smallest option, then repeatedly take the upgrade with the
+    largest cost saving per byte (on each item's lower convex hull) that still fits the budget."""
+    hulls = {}
+    for key, options in items.items():
+        hull: list[tuple[int, float, str]] = []
+        for b, c, f in sorted(options, key=lambda o: (o[0], o[1])):
+            if hull and c >= hull[-1][1]:
+                continue            # more bytes, no less error: never worth it
+            while len(hull) >= 2 and _slope(hull[-2], hull[-1]) <= _slope(hull[-1], (b, c, f)):
+                hull.pop()          # keep savings per byte decreasing
+            hull.append((b, c, f))
+        hulls[key] = hull
+    choice = {key: 0 for key in hulls}
+    used = sum(h[0][0] for h in hulls.values())
+    if used > budget_bytes:
+        raise ValueError("the budget is below the smallest options")
+    heap = [(-_slope(h[0], h[1]), i, key) for i, (key, h) in enumerate(hulls.items()) if len(h) > 1]
+    order = {key: i for i, key in enumerate(hulls)}
+    heapq.heapify(heap)
+    while heap:
+        _, _, key = heapq.heappop(heap)
+        hull, at = hulls[key], choice[key]
+        extra = hull[at + 1][0] - hull[at][0]
+        if used + extra > budget_bytes:
+            continue                # this item cannot grow; smaller upgrades elsewhere still may
+        used += extra
+        choice[key] = at + 1
+        if at + 2 < len(hull):
+            heapq.heappush(heap, (-_slope(hull[at + 1], hull[at + 2]), order[key], key))
+    return {key: hulls[key][i][2] for key, i in choice.items()}
+
+
+def _slope(a, b) -> float:
+    """Cost saved per extra byte going from option A to option B."""
+    return (a[1] - b[1]) / max(1, b[0] - a[0])
+
+
+# ---------------------------------------------------------------- planning
+
+@dataclass
+class _Weight:
+    tensor: OutputTensor                 # the source weight, as the convert planner reads it
+    layer: int | None
+    expert: int | None
+    role: Role
+
+
+class _Shared:
+    """One weight's quantization, computed once for all of its stored tensors and then dropped."""
+
+    def __init__(self, compute, count: int):
+        self.compute, self.count = compute, count
+        self.lock = threading.Lock()
+        self.parts: dict | None = None
+        self.left = 0
+
+    def part(self, suffix: str):
+        with self.lock:
+            if self.parts is None:
+                self.parts, self.left = self.compute(), self.count
+            value = self.parts[suffix]
+            self.left -= 1
+            if not self.left:
+                self.parts = None
+        return value.contiguous()
+
+
+def _quantized_tensors(name: str, source: OutputTensor, fmt: Format) -> list[OutputTensor]:
+    """The stored tensors of SOURCE in FMT, computed together when the first is written."""
+    fmt.check(name, source.shape)
+    components = fmt.components(source.shape, source.dtype)
+    shared = _Shared(lambda: fmt.quantize(materialize(source)), len(components))
+    out = []
+    for suffix, dtype, shape in components:
+        nbytes = prod(shape) * DTYPE_BYTES[dtype]
+        out.append(OutputTensor(name + suffix, dtype, shape,
+                                [ComputedPiece(lambda s=suffix: shared.part(s), nbytes)], fmt.id))
+    return out
+
+
+@dataclass
+class QuantizePlan:
+    tensors: list[OutputTensor]
+    config: dict[str, Any] | None
+    report: QuantizeReport
+
+
+def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> QuantizePlan:
+    """Choose every weight's format (measuring candidate errors under a bits budget) and plan the output."""
+    family, cfg, offset = family_context(ckpt)
+    if family is None or family.dense:
+        raise UsageError(f"{ckpt.source}: not a known MoE architecture; moetool quantizes routed experts")
+    if recorded_formats(ckpt.config) is not None:
+        raise UsageError(f"{ckpt.source}: already quantized by moetool (convert --dequantize it first)")
+    per_expert = family.per_expert or {}
+    if not any("{E}" in (t if isinstance(t, str) else t[0]) for r, t in per_expert.items() if r in EXPERT_MATRICES):
+        raise UnsupportedError(f"{family.title}: its experts have no one-tensor-per-expert form (transformers "
+                               "and its releases keep them stacked), so moetool cannot quantize them one by one")
+    if options.layout not in LAYOUTS:
+        raise UsageError(f"--layout {options.layout}: use {' or '.join(LAYOUTS)}")
+    rules = parse_rules(options.rules)
+    quantized_source = any(r.dtype not in FLOATS for r in ckpt.tensors.values())
+    base = plan_convert(ckpt, ConvertOptions(layout="per-expert", dequantize=quantized_source))
+    classifier = Classifier(family, offset)
+    weights = []
+    for tensor in base.tensors:
+        m = classifier.classify(tensor.name)
+        weights.append(_Weight(tensor, m.layer, m.expert, m.role))
+    experts: dict[tuple[int, int], list[_Weight]] = {}
+    for w in weights:
+        if w.role in EXPERT_MATRICES and w.expert is not None and len(w.tensor.shape) == 2:
+            experts.setdefault((w.layer, w.expert), []).append(w)
+    if not experts:
+        raise UsageError(f"{ckpt.source}: no routed expert weights found")
+    warnings: list[str] = []
+
+    if options.layout == "transformers":
+        return _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings)
+
+    expert_choice, measured = _expert_formats(ckpt, options, experts, progress)
+    formats: dict[str, Format] = {}
+    for ws in experts.values():
+        for w in ws:
+            formats[w.tensor.name] = expert_choice[(w.layer, w.expert)]
+    if rules:
+        formats.update(_rule_formats(ckpt, family, weights, set(formats), rules, warnings))
+    out = []
+    for w in weights:
+        fmt = formats.get(w.tensor.name)
+        if fmt is None or fmt.kind == "keep":
+            out.append(w.tensor)
+        else:
+            out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt))
+    report = _report(ckpt, options, family, experts, expert_choice, measured, base.tensors, out, formats, warnings)
+    config = json.loads(json.dumps(base.config)) if base.config is not None else {}
+    config["quantization_config"] = quant_config(formats, report.experts)
+    return QuantizePlan(out, config, report)
+
+
+def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, warnings: list[str]
+                  ) -> dict[str, Format]:
+    """Formats --rules give: to matrices of nn.Linear modules in the roles rules cover."""
+    from moetool.runner.quantized import linear_weights
+
+    linear = linear_weights(ckpt, family)
+    out, skipped = {}, []
+    for w in weights:
+        name = w.tensor.name
+        fmt = None if name in taken or len(w.tensor.shape) != 2 else _rule_format(rules, name, w.role)
+        if fmt is None or fmt.kind == "keep":
+            continue
+        if (w.role in RULE_ROLES or w.role == Role.OTHER) and name in linear and w.tensor.dtype in FLOATS:
+            fmt.check(name, w.tensor.shape)
+            out[name] = fmt
+        else:
+            skipped.append(name)
+    if skipped:
+        warnings.append(f"{len(skipped)} weights matched by --rules stay in their precision: routers, norms, "
+                        f"embeddings, lm_head and non-Linear weights are not quantized (first: {skipped[0]})")
+    if not out:
+        warnings.append("--rules matched no attention, shared-expert or dense-MLP weight")
+    return out
+
+
+def _expert_names(experts) -> set[str]:
+    return {w.tensor.name for ws in experts.values() for w in ws}
+
+
+def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tuple[int, int], list[_Weight]],
+                    progress) -> tuple[dict[tuple[int, int], Format], dict[tuple[int, int], dict[str, Any]]]:
+    """Each expert's format: the one given, or the budget's allocation. Also what was measured of
+    each expert (relative error of its format, importance)."""
+    if options.bits_budget is None:
+        fmt = parse_format(options.format)
+        for ws in experts.values():
+            for w in ws:
+                fmt.check(w.tensor.name, w.tensor.shape)
+        return {key: fmt for key in experts}, {}
+    if options.budget_scope not in ("global", "layer"):
+        raise UsageError(f"--budget-scope {options.budget_scope}: use global or layer")
+    candidates = [parse_format(c) for c in options.candidates.split(",") if c.strip()]
+    if not candidates:
+        raise UsageError("--candidates: give at least one format")
+    layers = sorted({layer for layer, _ in experts})
+    count = 1 + max(e for _, e in experts)
+    importance = _importance(ckpt, options, layers, count)
+    options_of: dict[tuple[int, int], list[tuple[int, float, str]]] = {}
+    errors: dict[tuple[int, int], dict[str, float]] = {}
+    norms: dict[tuple[int, int], float] = {}
+    for key, ws in experts.items():
+        matrices = [materialize(w.tensor) for w in ws]
+        norms[key] = sum(float(m.float().pow(2).sum()) for m in matrices)
+        errors[key] = {}
+        for fmt in candidates:
+            if any(fmt.kind == "int" and m.shape[1] % fmt.block for m in matrices):
+                continue
+            sse = 0.0
+            for m in matrices:
+                deq = fmt.dequantize(fmt.quantize(m), tuple(m.shape), m.dtype)
+                sse += float((m.float() - deq.float()).pow(2).sum())
+            errors[key][fmt.id] = sse
+            nbytes = sum(fmt.nbytes(tuple(w.tensor.shape), w.tensor.dtype) for w in ws)
+            options_of.setdefault(key, []).append((nbytes, importance[key[0]][key[1]] * sse, fmt.id))
+        if key not in options_of:
+            raise UsageError(f"layer {key[0]} expert {key[1]}: no candidate format fits its matrices")
+        if progress:
+            progress(sum(m.numel() * m.element_size() for m in matrices))
+    params = {key: sum(prod(w.tensor.shape) for w in ws) for key, ws in experts.items()}
+    choice: dict[tuple[int, int], str] = {}
+    groups = [list(experts)] if options.budget_scope == "global" else \
+        [[k for k in experts if k[0] == layer] for layer in layers]
+    for group in groups:
+        items = {k: options_of[k] for k in group}
+        total = sum(params[k] for k in group)
+        smallest = sum(min(o[0] for o in items[k]) for k in group)
+        if 8 * smallest > options.bits_budget * total:
+            raise UsageError(f"--bits-budget {options.bits_budget}: the smallest candidate formats need "
+                             f"{8 * smallest / total:.3f} bits per expert parameter")
+        choice.update(allocate(items, options.bits_budget * total / 8))
+    measured = {key: {"rel_error": (errors[key][fid] / norms[key]) ** 0.5 if norms[key] else 0.0,
+                      "importance": importance[key[0]][key[1]]} for key, fid in choice.items()}
+    return {key: parse_format(fid) for key, fid in choice.items()}, measured
+
+
+def _report(ckpt, options, family, experts, choice, measured, source_tensors, out_tensors, formats, warnings
+            ) -> QuantizeReport:
+    rows = []
+    for key in sorted(experts):
+        ws = experts[key]
+        fmt = choice[key]
+        rows.append(ExpertQuant(key[0], key[1], fmt.id, sum(prod(w.tensor.shape) for w in ws),
+                                sum(fmt.nbytes(tuple(w.tensor.shape), w.tensor.dtype) for w in ws),
+                                measured.get(key, {}).get("rel_error"), measured.get(key, {}).get("importance")))
+    names = _expert_names(experts)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.format] = counts.get(row.format, 0) + 1
+    return QuantizeReport(
+        source=ckpt.source, out=None, family=family.name, layout=options.layout,
+        policy=options.policy if options.bits_budget is not None else None, bits_budget=options.bits_budget,
+        experts=rows, rule_tensors={n: f.id for n, f in formats.items() if n not in names},
+        expert_params=sum(r.params for r in rows),
+        expert_bytes_before=sum(w.tensor.nbytes for ws in experts.values() for w in ws),
+        expert_bytes_after=sum(r.bytes for r in rows),
+        bytes_before=sum(t.nbytes for t in source_tensors), bytes_after=sum(t.nbytes for t in out_tensors),
+        formats=counts, warnings=warnings)
+
+
+def _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings) -> QuantizePlan:
+    raise UnsupportedError("--layout transformers is not built yet")
+
+
+# ---------------------------------------------------------------- execution
+
+def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, force: bool = False,
+             dry_run: bool = False, progress=None, analysis_progress=None) -> QuantizeReport:
+    """Quantize CKPT into OUT (atomically); with DRY_RUN, choose formats and report without writing."""
+    start = time.perf_counter()
+    parse_format(options.format)          # bad options fail before any work
+    parse_rules(options.rules)
+    if out is not None:
+        refuse_inside_source(Path(out), ckpt)
+    if out is not None and not dry_run and Path(out).exists() and not force:
+        from moetool.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
+    plan = plan_quantize(ckpt, options, analysis_progress)
+    report = plan.report
+    if options.llama_quantize is not None:
+        from moetool.quant.llama_cpp import tensor_type_lines
+
+        text = "\n".join(tensor_type_lines(report.experts, options.bits_budget)) + "\n"
+        if not dry_run:
+            Path(options.llama_quantize).write_text(text)
+        report.llama_quantize = str(options.llama_quantize)
+    if not dry_run:
+        shards = plan_shards(plan.tensors, options.max_shard_size)
+        write_checkpoint(Path(out), shards, op="quantize", config=plan.config, files=side_files(ckpt),
+                         readme=_model_card(report, options, Path(out)), force=force, progress=progress, workers=1)
+        report.out = str(out)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _model_card(report: QuantizeReport, options: QuantizeOptions, out: Path) -> str:
+    formats = ", ".join(f"{fid}: {n} experts" for fid, n in sorted(report.formats.items()))
+    budget = f"bits budget {report.bits_budget} ({report.policy})" if report.bits_budget else "one format"
+    return (f"---\nbase_model: {report.source}\ntags:\n- moetool\n- mixture-of-experts\n- quantized\n---\n\n"
+            f"# {out.name}\n\nQuantized from `{report.source}` by moetool {__version__}:\n\n"
+            f"```\n{options.command or 'moetool quantize'}\n```\n\n"
+            f"- routed experts: {formats}; {budget}; {report.expert_bits:.3f} bits per expert parameter\n"
+            f"- size: {report.bytes_before:,} -> {report.bytes_after:,} bytes\n"
+            "- load it with `moetool.load_model(path)`; `moetool convert --dequantize` writes it back in bf16\n")

@@ -1,0 +1,273 @@
+"""Quantization formats for one weight matrix: parse, plan, quantize, dequantize.
+
+A format is named by a short id: ``nf4``, ``fp4-b128-dq`` (bitsandbytes 4-bit, block size,
+double quantization), ``bnb8-b256`` (bitsandbytes 8-bit blockwise), ``int3-g128-asym``
+(group-wise round-to-nearest integers, symmetric or asymmetric) or ``keep`` (left as it is).
+
+A quantized weight ``X.weight`` is stored as tensors named by suffix (``""`` is the weight itself):
+
+* bitsandbytes 4-bit: exactly what bitsandbytes serializes (``Params4bit``): packed uint8 data
+  and ``.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map``,
+  ``.quant_state.bitsandbytes__nf4`` (a JSON blob, space-padded to a planned length)
+* bitsandbytes 8-bit blockwise: uint8 codes of the weight's shape, ``.absmax``, ``.quant_map``
+* integers: uint8 codes ``[rows, groups, group * bits / 8]`` (values packed little-endian, eight
+  per ``bits`` bytes), ``.scales`` float16 ``[rows, groups]``, ``.zeros`` uint8 (asymmetric)
+
+Every component's dtype and shape is known from the format and the weight's shape alone, so a
+checkpoint is planned before anything is quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from math import ceil, prod
+
+from moetool.errors import UsageError
+
+BNB4_BLOCKS = (32, 64, 128, 256)
+BNB8_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCK = 256          # bitsandbytes quantizes absmax in blocks of 256 (double quantization)
+FLOAT_REPR_MAX = 24         # longest repr() of a float64, e.g. -2.2250738585072014e-308
+INT_BITS = (2, 3, 4, 8)
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+_SPEC = re.compile(r"^(?P<kind>nf4|fp4|bnb8|int[2348]|keep)(?P<rest>(-[a-z0-9]+)*)$")
+
+
+@dataclass(frozen=True)
+class Format:
+    kind: str                   # "nf4" | "fp4" | "bnb8" | "int" | "keep"
+    bits: int = 16              # code bits (integers: 2, 3, 4, 8)
+    block: int = 0              # bitsandbytes block size or integer group size
+    double_quant: bool = False  # bitsandbytes 4-bit: absmax quantized too
+    symmetric: bool = True      # integers
+
+    @property
+    def id(self) -> str:
+        if self.kind == "keep":
+            return "keep"
+        if self.kind == "int":
+            return f"int{self.bits}-g{self.block}-{'sym' if self.symmetric else 'asym'}"
+        return f"{self.kind}-b{self.block}" + ("-dq" if self.double_quant else "")
+
+    @property
+    def is_bnb4(self) -> bool:
+        return self.kind in ("nf4", "fp4")
+
+    def describe(self) -> dict:
+        """What the format is, for the quantization_config and reports."""
+        if self.kind == "keep":
+            return {"method": "none"}
+        if self.kind == "int":
+            return {"method": "rtn", "bits": self.bits, "group_size": self.block, "symmetric": self.symmetric,
+                    "scale_dtype": "float16", "packing": "little-endian, 8 values per `bits` bytes"}
+        if self.kind == "bnb8":
+            return {"method": "bitsandbytes", "quant_type": "blockwise8", "blocksize": self.block}
+        return {"method": "bitsandbytes", "quant_type": self.kind, "blocksize": self.block,
+                "double_quant": self.double_quant}
+
+    # -- sizes
+    def components(self, shape: tuple[int, ...], dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(suffix, dtype, shape) of every stored tensor of a weight of SHAPE in DTYPE."""
+        n = prod(shape)
+        if self.kind == "keep":
+            return [("", dtype, tuple(shape))]
+        if self.kind == "int":
+            rows, cols = shape
+            groups = cols // self.block
+            out = [("", "U8", (rows, groups, self.block * self.bits // 8)), (".scales", "F16", (rows, groups))]
+            return out + ([] if self.symmetric else [(".zeros", "U8", (rows, groups))])
+        blocks = ceil(n / self.block)
+        if self.kind == "bnb8":
+            return [("", "U8", tuple(shape)), (".absmax", "F32", (blocks,)), (".quant_map", "F32", (256,))]
+        out = [("", "U8", ((n + 1) // 2, 1))]
+        if self.double_quant:
+            out += [(".absmax", "U8", (blocks,)), (".quant_map", "F32", (16,)),
+                    (".nested_absmax", "F32", (ceil(blocks / NESTED_BLOCK),)), (".nested_quant_map", "F32", (256,))]
+        else:
+            out += [(".absmax", "F32", (blocks,)), (".quant_map", "F32", (16,))]
+        return out + [(f".quant_state.bitsandbytes__{self.kind}", "U8", (len(self._blob(shape, dtype, 0.0, True)),))]
+
+    def original_shape(self, stored_shape: tuple[int, ...], blob=None) -> tuple[int, ...]:
+        """The weight's shape from its stored codes' shape (bitsandbytes 4-bit: from its state BLOB,
+        a callable returning the uint8 tensor)."""
+        if self.kind == "int":
+            rows, groups, _ = stored_shape
+            return rows, groups * self.block
+        if self.is_bnb4:
+            return tuple(json.loads(bytes(blob().tolist()).decode())["shape"])
+        return tuple(stored_shape)
+
+    def nbytes(self, shape: tuple[int, ...], dtype: str) -> int:
+        from moetool.checkpoint.header import DTYPE_BYTES
+
+        return sum(prod(s) * DTYPE_BYTES[d] for _, d, s in self.components(shape, dtype))
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse a weight this format cannot hold."""
+        if self.kind == "int" and (len(shape) != 2 or shape[1] % self.block):
+            raise UsageError(f"{name}: {self.id} needs a matrix whose columns ({shape[-1]}) are a multiple of "
+                             f"the group size {self.block}; choose another group size")
+        if self.kind != "keep" and len(shape) != 2:
+            raise UsageError(f"{name}: only matrices are quantized, this one is {list(shape)}")
+
+    def _blob(self, shape, dtype: str, offset: float, planning: bool) -> bytes:
+        """bitsandbytes' JSON quant_state blob (non-tensor items); planning reserves room for any offset."""
+        items = {"quant_type": self.kind, "blocksize": self.block, "dtype": TORCH_NAMES[dtype], "shape": list(shape)}
+        if self.double_quant:
+            items.update({"nested_blocksize": NESTED_BLOCK, "nested_dtype": "float32", "nested_offset": offset})
+        raw = json.dumps(items).encode()
+        if planning and self.double_quant:
+            raw += b" " * (FLOAT_REPR_MAX - len(repr(offset)))
+        return raw
+
+    # -- the work
+    def quantize(self, weight) -> dict[str, object]:
+        """Suffix -> stored tensor (CPU torch) for WEIGHT, a 2-D torch tensor."""
+        if self.kind == "keep":
+            return {"": weight}
+        if self.kind == "int":
+            return _quantize_int(weight, self)
+        from moetool.quant import bnb
+
+        F = bnb()
+
+        if self.kind == "bnb8":
+            codes, state = F.quantize_blockwise(weight, blocksize=self.block)
+            return {"": codes, ".absmax": state.absmax, ".quant_map": state.code}
+        packed, state = F.quantize_4bit(weight, blocksize=self.block, quant_type=self.kind,
+                                        compress_statistics=self.double_quant)
+        parts = {"." + k: v for k, v in state.as_dict(packed=True).items()}
+        dtype = next(k for k, v in TORCH_NAMES.items() if v == str(weight.dtype).removeprefix("torch."))
+        blob_key = f".quant_state.bitsandbytes__{self.kind}"
+        planned = self._blob(tuple(weight.shape), dtype, 0.0, True)
+        actual = bytes(parts[blob_key].tolist())
+        if len(actual) > len(planned):
+            raise AssertionError(f"bitsandbytes' quant_state blob ({len(actual)} bytes) outgrew its plan")
+        import torch
+
+        parts[blob_key] = torch.tensor(list(actual + b" " * (len(planned) - len(actual))), dtype=torch.uint8)
+        return {"": packed, **parts}
+
+    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype):
+        """The weight (torch, DTYPE) from its stored PARTS (suffix -> tensor)."""
+        if self.kind == "keep":
+            return parts[""].to(dtype)
+        if self.kind == "int":
+            return _dequantize_int(parts, self, shape).to(dtype)
+        from moetool.quant import bnb
+
+        F = bnb()
+
+        if self.kind == "bnb8":
+            state = F.QuantState(absmax=parts[".absmax"], code=parts[".quant_map"], blocksize=self.block,
+                                 dtype=dtype)
+            return F.dequantize_blockwise(parts[""], state).reshape(shape).to(dtype)
+        state = F.QuantState.from_dict({k.lstrip("."): v for k, v in parts.items() if k}, device=parts[""].device)
+        return F.dequantize_4bit(parts[""], state).to(dtype)
+
+
+def parse_format(spec: str) -> Format:
+    """A format from its id (see the module docstring); defaults: nf4/fp4 block 64, bnb8 block 256,
+    integers group 128, asymmetric below 8 bits."""
+    text = spec.strip().lower()
+    if text in ("none", "bf16", "fp16", "fp32", "keep"):
+        return Format("keep")
+    m = _SPEC.match(text)
+    if not m:
+        raise UsageError(f"format {spec!r}: use nf4, fp4, bnb8, int2/int3/int4/int8 or keep, with options "
+                         "-b<block>, -dq, -g<group>, -sym/-asym (e.g. nf4-b64-dq, int3-g128-asym)")
+    kind, opts = m["kind"], [o for o in m["rest"].split("-") if o]
+    bits = int(kind[3:]) if kind.startswith("int") else (8 if kind == "bnb8" else 4)
+    block = {"nf4": 64, "fp4": 64, "bnb8": 256}.get(kind, 128)
+    double_quant, symmetric = False, bits == 8
+    for opt in opts:
+        if re.fullmatch(r"[bg]\d+", opt) and (opt[0] == "g") == kind.startswith("int"):
+            block = int(opt[1:])
+        elif opt == "dq" and kind in ("nf4", "fp4"):
+            double_quant = True
+        elif opt in ("sym", "asym") and kind.startswith("int"):
+            symmetric = opt == "sym"
+        else:
+            raise UsageError(f"format {spec!r}: option {opt!r} does not apply to {kind}")
+    if kind in ("nf4", "fp4") and block not in BNB4_BLOCKS:
+        raise UsageError(f"format {spec!r}: bitsandbytes 4-bit block sizes are {', '.join(map(str, BNB4_BLOCKS))}")
+    if kind == "bnb8" and block not in BNB8_BLOCKS:
+        raise UsageError(f"format {spec!r}: bitsandbytes 8-bit block sizes are {', '.join(map(str, BNB8_BLOCKS))}")
+    if kind.startswith("int") and (block < 8 or block % 8 or block > 4096):
+        raise UsageError(f"format {spec!r}: the group size must be a multiple of 8 between 8 and 4096")
+    return Format("int" if kind.startswith("int") else kind, bits, block, double_quant, symmetric)
+
+
+# ---------------------------------------------------------------- group-wise integers
+
+def _scale_f16(scale):
+    """SCALE rounded to float16, upwards, so that no value falls outside the code range."""
+    import torch
+
+    half = scale.clamp(min=2.0 ** -24, max=65504.0).half()
+    low = half.float() < scale
+    return torch.where(low, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+
+
+def _quantize_int(weight, fmt: Format) -> dict[str, object]:
+    import torch
+
+    rows, cols = weight.shape
+    w = weight.float().reshape(rows, cols // fmt.block, fmt.block)
+    top = (1 << fmt.bits) - 1
+    if fmt.symmetric:
+        half = (1 << (fmt.bits - 1)) - 1            # codes -half..half around the midpoint
+        scale = _scale_f16(w.abs().amax(-1) / half)
+        q = torch.round(w / scale.float().unsqueeze(-1)).clamp(-half, half) + (half + 1)
+        zeros = None
+    else:
+        low, high = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)   # zero stays representable
+        scale = _scale_f16((high - low) / top)
+        zeros = torch.round(-low / scale.float()).clamp(0, top)
+        q = (torch.round(w / scale.float().unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, top)
+    parts = {"": _pack(q.to(torch.uint8), fmt.bits), ".scales": scale}
+    if zeros is not None:
+        parts[".zeros"] = zeros.to(torch.uint8)
+    return parts
+
+
+def _dequantize_int(parts: dict[str, object], fmt: Format, shape: tuple[int, ...]):
+    rows, cols = shape
+    q = _unpack(parts[""], fmt.bits, fmt.block).float()
+    zero = (parts[".zeros"].float() if ".zeros" in parts else
+            (1 << (fmt.bits - 1)) + q.new_zeros(q.shape[:-1]))
+    w = (q - zero.unsqueeze(-1)) * parts[".scales"].float().unsqueeze(-1)
+    return w.reshape(rows, cols)
+
+
+def _pack(codes, bits: int):
+    """[..., n] codes < 2**bits -> [..., n * bits / 8] bytes (eight codes per `bits` bytes)."""
+    import torch
+
+    if bits == 8:
+        return codes
+    *lead, n = codes.shape
+    eight = codes.reshape(*lead, n // 8, 8).to(torch.int64)
+    word = (eight << (torch.arange(8, device=codes.device) * bits)).sum(-1)                     # 8 * bits <= 32 bits
+    out = (word.unsqueeze(-1) >> (torch.arange(bits, device=codes.device) * 8)) & 0xFF
+    return out.to(torch.uint8).reshape(*lead, n // 8 * bits)
+
+
+def _unpack(packed, bits: int, n: int):
+    import torch
+
+    if bits == 8:
+        return packed
+    *lead, _ = packed.shape
+    chunks = packed.reshape(*lead, n // 8, bits).to(torch.int64)
+    word = (chunks << (torch.arange(bits, device=packed.device) * 8)).sum(-1)
+    codes = (word.unsqueeze(-1) >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)
+    return codes.reshape(*lead, n)
+
+
+def int_error_bound(parts: dict[str, object]):
+    """Largest possible |w - dequantized w| per group: half a quantization step."""
+    return parts[".scales"].float() / 2

@@ -1,0 +1,31 @@
+"""A `llama-quantize --tensor-type-file` from an expert allocation.
+
+GGUF stores each layer's experts stacked per projection (`blk.L.ffn_gate_exps.weight`, ...),
+so llama.cpp chooses a type per layer and projection: the parameter-weighted mean bits moetool
+gave that layer's experts, rounded to the nearest llama.cpp type. Patterns are anchored regular
+expressions, as llama-quantize searches them in tensor names.
+"""
+
+from __future__ import annotations
+
+# llama.cpp type name -> bits per weight (block bytes * 8 / block size, from ggml's type traits)
+LLAMA_TYPES = (("q2_K", 2.625), ("q3_K", 3.4375), ("q4_K", 4.5), ("q5_K", 5.5), ("q6_K", 6.5625),
+               ("q8_0", 8.5), ("bf16", 16.0))
+PROJECTIONS = ("gate", "up", "down")
+
+
+def nearest_type(bits: float) -> str:
+    return min(LLAMA_TYPES, key=lambda t: (abs(t[1] - bits), t[1]))[0]
+
+
+def tensor_type_lines(experts, bits_budget: float | None = None) -> list[str]:
+    """One `pattern=type` line per MoE layer and projection, from ExpertQuant rows."""
+    per_layer: dict[int, list[float]] = {}
+    for e in experts:
+        bits, params = per_layer.get(e.layer, [0.0, 0])
+        per_layer[e.layer] = [bits + e.bits * e.params, params + e.params]
+    lines = []
+    for layer, (bits, params) in sorted(per_layer.items()):
+        kind = nearest_type(bits / params)
+        lines += [rf"^blk\.{layer}\.ffn_{proj}_exps\.weight$={kind}" for proj in PROJECTIONS]
+    return lines

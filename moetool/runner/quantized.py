@@ -1,0 +1,204 @@
+"""Run checkpoints `moetool quantize` wrote: each quantized weight stays quantized in memory and is
+dequantized when it is used (bitsandbytes' own kernels for its formats, on CUDA as on CPU).
+
+* a quantized nn.Linear weight (attention, shared experts; experts of families transformers keeps
+  as one Linear per expert) becomes a QuantLinear
+* a fused expert parameter of transformers 5 (`gate_up_proj [E, 2I, H]`, `down_proj`) becomes an
+  ExpertBank: indexing expert e dequantizes that expert's matrices only, which is how the eager
+  experts forward reads it (`gate_up_proj[e]`); for families that multiply the whole stack
+  (Llama 4) the stack is dequantized for the layer's forward and dropped after it
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from moetool.arch import Family, Role
+from moetool.arch.matcher import Classifier
+from moetool.checkpoint import Checkpoint
+from moetool.errors import CheckpointFormatError
+from moetool.quant.formats import Format
+
+log = logging.getLogger(__name__)
+
+
+class QuantizedWeight(nn.Module):
+    """One weight matrix in its stored form (codes, scales, state as buffers)."""
+
+    def __init__(self, fmt: Format, shape: tuple[int, ...], parts: dict[str, torch.Tensor]):
+        super().__init__()
+        self.fmt, self.shape = fmt, tuple(shape)
+        self.suffixes = list(parts)
+        for i, tensor in enumerate(parts.values()):
+            self.register_buffer(f"part{i}", tensor)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        parts = {s: getattr(self, f"part{i}") for i, s in enumerate(self.suffixes)}
+        return self.fmt.dequantize(parts, self.shape, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.id}, shape={list(self.shape)}"
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with a quantized weight."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight_q = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for model code that reads it (T5-style dtype checks)."""
+        return self.weight_q.dequantize(self.bias.dtype if self.bias is not None else torch.get_default_dtype())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight_q.dequantize(x.dtype), self.bias)
+
+
+class ExpertBank(nn.Module):
+    """Stands in for a fused expert parameter: expert e is its matrices (gate and up, or down),
+    dequantized and concatenated along the output axis (transposed for [E, in, out] layouts)."""
+
+    def __init__(self, experts: list[list[QuantizedWeight]], transposed: bool, dtype: torch.dtype):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.ModuleList(ws) for ws in experts)
+        self.transposed, self.dtype = transposed, dtype
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        matrices = [w.dequantize(self.dtype) for w in self.experts[int(index)]]
+        whole = torch.cat(matrices, 0) if len(matrices) > 1 else matrices[0]
+        return whole.T if self.transposed else whole
+
+    def full(self) -> torch.Tensor:
+        return torch.stack([self[e] for e in range(len(self))])
+
+
+def _whole_stack_hooks(module: nn.Module, attrs: list[str]) -> None:
+    """For experts that multiply the whole stack: dequantize it for the forward, drop it after."""
+    def before(mod, args):
+        for attr in attrs:
+            mod._parameters[attr] = nn.Parameter(getattr(mod, f"{attr}_quantized").full(), requires_grad=False)
+
+    def after(mod, args, output):
+        for attr in attrs:
+            mod._parameters[attr] = None
+
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)
+
+
+def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: bool, **kwargs):
+    """transformers' model of CKPT on the meta device (its quantization_config left out)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    auto = transformers.AutoModelForSeq2SeqLM if family.decoder_offset else transformers.AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    return model, config
+
+
+def linear_weights(ckpt: Checkpoint, family: Family, trust_remote_code: bool = False) -> set[str]:
+    """Names of the weights transformers holds in nn.Linear modules (what a QuantLinear can replace),
+    the output embedding excepted."""
+    model, _ = _empty_model(ckpt, family, torch.float32, trust_remote_code)
+    head = model.get_output_embeddings()
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head}
+
+
+def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format], *, device, dtype,
+                   trust_remote_code: bool = False):
+    """A transformers model of CKPT with its quantized weights kept quantized (FORMATS: name -> format)."""
+    from moetool.checkpoint.writer import materialize
+    from moetool.ops.convert import ConvertOptions, family_context, plan_convert
+
+    model, config = _empty_model(ckpt, family, dtype, trust_remote_code, experts_implementation="eager")
+    _, _, offset = family_context(ckpt)
+    classifier = Classifier(family, offset)
+    fused = "fused" in family.layouts
+    plan = plan_convert(ckpt, ConvertOptions(layout="fused" if fused else None, dequantize=True))
+
+    def weight(name: str) -> QuantizedWeight:
+        fmt, shape = formats[name], _shape(ckpt, name, formats[name])
+        parts = {}
+        for suffix, _, _ in fmt.components(shape, "BF16"):
+            ref = ckpt.tensors.get(name + suffix)
+            if ref is None:
+                raise CheckpointFormatError(f"{ckpt.source}: {name + suffix} is missing")
+            parts[suffix] = ref.load().to(device)
+        return QuantizedWeight(fmt, shape, parts)
+
+    per_expert: dict[tuple[int, Role, int], str] = {}
+    for name in formats:
+        m = classifier.classify(name)
+        if m.expert is not None:
+            per_expert[(m.layer, m.role, m.expert)] = name
+
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    state, linears, banks = {}, {}, {}
+    for tensor in plan.tensors:
+        m = classifier.classify(tensor.name)
+        if fused and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN) and m.expert is None \
+                and (m.layer, Role.EXPERT_DOWN, 0) in per_expert:
+            roles = (Role.EXPERT_GATE, Role.EXPERT_UP) if m.role == Role.EXPERT_GATE_UP else (Role.EXPERT_DOWN,)
+            experts = tensor.shape[0]
+            banks[tensor.name] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
+                                             for e in range(experts)], family.fused_transposed, dtype)
+        elif tensor.name in formats:
+            linears[tensor.name] = weight(tensor.name)
+        elif tensor.name in own:
+            state[tensor.name] = materialize(tensor).to(device=device, dtype=dtype if tensor.dtype in (
+                "F32", "F16", "BF16") else None)
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, bank in banks.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        del owner._parameters[attr]
+        if family.experts_indexed:
+            setattr(owner, attr, bank)
+        else:
+            setattr(owner, f"{attr}_quantized", bank)
+            owner._parameters[attr] = None
+    for owner in {name.rpartition(".")[0] for name in banks} if not family.experts_indexed else ():
+        module = model.get_submodule(owner)
+        _whole_stack_hooks(module, [n.rpartition(".")[2] for n in banks if n.rpartition(".")[0] == owner])
+    for name, qweight in linears.items():
+        module_name = name.removesuffix(".weight")
+        linear = model.get_submodule(module_name)
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointFormatError(f"{ckpt.source}: {name} is quantized but is not a Linear weight in "
+                                        f"transformers' {type(model).__name__}")
+        bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, QuantLinear(qweight, bias))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise CheckpointFormatError(f"{ckpt.source}: {len(missing)} parameters are not in the checkpoint "
+                                    f"(first: {missing[0]})")
+    for name, buffer in list(model.named_buffers()):
+        if buffer.device.type != torch.device(device).type:
+            from moetool.runner.model import _set
+
+            _set(model, name, buffer.to(device))
+    return model.eval()
+
+
+def _shape(ckpt: Checkpoint, name: str, fmt: Format) -> tuple[int, ...]:
+    blob = ckpt.tensors.get(f"{name}.quant_state.bitsandbytes__{fmt.kind}")
+    return fmt.original_shape(ckpt.tensors[name].shape, blob.load if blob is not None else None)
