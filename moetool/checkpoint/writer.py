@@ -155,7 +155,8 @@ class _SourceFiles:
         self._fds.clear()
 
 
-def _pieces_in_order(shards: list[ShardPlan], pool: ThreadPoolExecutor) -> Iterator[tuple[Piece, object]]:
+def _pieces_in_order(shards: list[ShardPlan], pool: ThreadPoolExecutor, prefetch: int
+                     ) -> Iterator[tuple[Piece, object]]:
     """Yield (piece, future-or-None) in write order, computing up to PREFETCH pieces ahead."""
     queue: deque = deque()
     in_flight = 0
@@ -163,7 +164,7 @@ def _pieces_in_order(shards: list[ShardPlan], pool: ThreadPoolExecutor) -> Itera
         future = pool.submit(piece.compute) if isinstance(piece, ComputedPiece) else None
         queue.append((piece, future))
         in_flight += future is not None
-        while in_flight > PREFETCH:
+        while in_flight > prefetch:
             first = queue.popleft()
             in_flight -= first[1] is not None
             yield first
@@ -171,13 +172,14 @@ def _pieces_in_order(shards: list[ShardPlan], pool: ThreadPoolExecutor) -> Itera
 
 
 def write_shards(folder: Path, shards: list[ShardPlan], metadata: dict[str, str],
-                 progress: Callable[[int], None] | None = None, workers: int = 2) -> None:
-    """Write SHARDS (and the index when there are several) into FOLDER, computing pieces on WORKERS
-    threads (one when the computation already uses every core, as torch's own kernels do)."""
+                 progress: Callable[[int], None] | None = None, workers: int = 2, prefetch: int = PREFETCH
+                 ) -> None:
+    """Write SHARDS (and the index when there are several) into FOLDER, computing up to PREFETCH
+    pieces ahead on WORKERS threads."""
     sources = _SourceFiles()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moetool-compute")
     try:
-        pieces = _pieces_in_order(shards, pool)
+        pieces = _pieces_in_order(shards, pool, prefetch)
         for shard in shards:
             out = os.open(folder / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -280,7 +282,8 @@ def refuse_inside_source(out: Path, ckpt) -> None:
 
 
 def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dict | None, files: list[Path],
-                     readme: str, force: bool, progress=None, check=None, workers: int = 2) -> None:
+                     readme: str, force: bool, progress=None, check=None, workers: int = 2,
+                     prefetch: int = PREFETCH) -> None:
     """Write a whole checkpoint folder atomically: shards (+ index), config.json, copied side files and
     a model card; CHECK(tmp folder) runs before the rename. A write failure leaves nothing behind."""
     from moetool import __version__
@@ -289,7 +292,7 @@ def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dic
     metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": op}
     try:
         with atomic_folder(out, force=force) as tmp:
-            write_shards(tmp, shards, metadata, progress, workers)
+            write_shards(tmp, shards, metadata, progress, workers, prefetch)
             if config is not None:
                 (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             for file in files:

@@ -19,6 +19,7 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from math import prod
 from pathlib import Path
@@ -243,6 +244,13 @@ class _Weight:
     role: Role
 
 
+# Quantization runs on torch's threads (both cores); two weights at a time keep the cores busy
+# while the next weight is read and the last one written. Always the same two threads: each
+# thread's malloc arena keeps its freed temporaries, so more threads would hold more memory.
+_QUANTIZER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moetool-quantize")
+WRITER_THREADS, WRITER_PREFETCH = 8, 16   # pieces of a few weights in flight, waiting on the quantizer
+
+
 class _Shared:
     """One weight's quantization, computed once for all of its stored tensors and then dropped."""
 
@@ -255,7 +263,7 @@ class _Shared:
     def part(self, suffix: str):
         with self.lock:
             if self.parts is None:
-                self.parts, self.left = self.compute(), self.count
+                self.parts, self.left = _QUANTIZER.submit(self.compute).result(), self.count
             value = self.parts[suffix]
             self.left -= 1
             if not self.left:
@@ -474,7 +482,8 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
     if not dry_run:
         shards = plan_shards(plan.tensors, options.max_shard_size)
         write_checkpoint(Path(out), shards, op="quantize", config=plan.config, files=side_files(ckpt),
-                         readme=_model_card(report, options, Path(out)), force=force, progress=progress, workers=1)
+                         readme=_model_card(report, options, Path(out)), force=force, progress=progress,
+                         workers=WRITER_THREADS, prefetch=WRITER_PREFETCH)
         report.out = str(out)
     report.seconds = time.perf_counter() - start
     return report

@@ -10,6 +10,7 @@ from moetool.arch import Family, detect_family
 from moetool.checkpoint import Checkpoint
 from moetool.errors import UnsupportedError
 from moetool.runner.device import DeviceError, available_memory
+from moetool.runner.memory import release_heap
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         def hook(module, args, output):
             for name, param in list(module.named_parameters()):
                 _set(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
-            _release_heap()
+            release_heap()
             loaded.layer_seconds[index] = loaded.layer_seconds.get(index, 0.0) + time.perf_counter()
         return hook
 
@@ -175,22 +176,6 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     return loaded
 
 
-def _release_heap() -> None:
-    """Give freed memory back to the OS (glibc keeps freed mid-size blocks otherwise, and a
-    streamed run would creep upwards layer by layer)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 def _set(root, dotted: str, value) -> None:

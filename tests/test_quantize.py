@@ -1,0 +1,300 @@
+"""`moetool quantize`: formats against bitsandbytes' own quantize -> dequantize, integer error bounds,
+the written checkpoint read back with safetensors, quantized models against a dequantize-first
+path in transformers, bit allocation, and the command line."""
+
+import json
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import moetool
+from moetool.checkpoint import open_checkpoint
+from moetool.errors import UnsupportedError, UsageError
+from moetool.ops.convert import ConvertOptions, convert
+from moetool.ops.quantize import QuantizeOptions, allocate, parse_rules, quantize
+from moetool.quant import bnb
+from moetool.quant.formats import parse_format
+
+F = bnb()
+DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+SHAPES = [(96, 256), (1408, 512), (7, 40), (33, 64)]
+
+
+def _bnb4_reference(w, fmt):
+    q, state = F.quantize_4bit(w, blocksize=fmt.block, quant_type=fmt.kind, compress_statistics=fmt.double_quant)
+    return q, state
+
+
+@pytest.mark.parametrize("spec", ["nf4-b32", "nf4-b64", "nf4-b128-dq", "nf4-b256", "fp4-b32-dq", "fp4-b64",
+                                  "fp4-b128", "fp4-b256-dq"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_bnb4_is_bitsandbytes_bit_for_bit(spec, dtype):
+    fmt = parse_format(spec)
+    gen = torch.Generator().manual_seed(1)
+    for shape in SHAPES:
+        w = torch.randn(shape, generator=gen).to(dtype)
+        parts = fmt.quantize(w)
+        q, state = _bnb4_reference(w, fmt)
+        assert torch.equal(parts[""], q)
+        for key, value in state.as_dict(packed=True).items():
+            if not key.startswith("quant_state"):
+                assert torch.equal(parts["." + key], value), key
+        # the stored tensors, through bitsandbytes' own deserialization, dequantize to its own result
+        own = F.QuantState.from_dict({k.lstrip("."): v for k, v in parts.items() if k}, device=torch.device("cpu"))
+        assert torch.equal(F.dequantize_4bit(parts[""], own), F.dequantize_4bit(q, state))
+        assert [(s, d, tuple(t)) for s, d, t in fmt.components(shape, DTYPES[dtype])] == \
+            [(s, DTYPES.get(v.dtype, {torch.uint8: "U8"}.get(v.dtype)), tuple(v.shape)) for s, v in parts.items()]
+
+
+@pytest.mark.parametrize("block", [64, 256, 4096])
+def test_bnb8_blockwise_is_bitsandbytes_bit_for_bit(block):
+    fmt = parse_format(f"bnb8-b{block}")
+    w = torch.randn(96, 256).to(torch.bfloat16)
+    parts = fmt.quantize(w)
+    codes, state = F.quantize_blockwise(w, blocksize=block)
+    assert torch.equal(parts[""], codes) and torch.equal(parts[".absmax"], state.absmax)
+    assert torch.equal(fmt.dequantize(parts, (96, 256), torch.bfloat16), F.dequantize_blockwise(codes, state))
+
+
+@pytest.mark.parametrize("bits,group,sym", list(product((2, 3, 4, 8), (8, 64, 128), (True, False))))
+def test_integer_formats_stay_within_half_a_step(bits, group, sym):
+    fmt = parse_format(f"int{bits}-g{group}-{'sym' if sym else 'asym'}")
+    gen = torch.Generator().manual_seed(bits * group)
+    w = (torch.randn(64, 256, generator=gen) * torch.rand(64, 1, generator=gen)).to(torch.bfloat16)
+    w[0, :group] = 0.5   # a group of one value: its own scale, exact
+    w[1] = torch.rand(256, generator=gen)   # all positive (asymmetric groups include zero)
+    parts = fmt.quantize(w)
+    assert parts[""].dtype == torch.uint8 and parts[""].shape == (64, 256 // group, group * bits // 8)
+    back = fmt.dequantize(parts, (64, 256), torch.float32)
+    step = parts[".scales"].float().repeat_interleave(group, 1)
+    err = (w.float() - back).abs()
+    assert (err <= step / 2 * (1 + 1e-6)).all()
+    assert torch.allclose(back[0, :group], torch.full((group,), 0.5), atol=1e-3)
+    levels = (1 << bits) - (1 if sym else 0)
+    assert len(back[5].unique()) <= 256 // group * levels
+
+
+def test_format_ids_and_bad_formats():
+    assert parse_format("nf4").id == "nf4-b64"
+    assert parse_format("INT3").id == "int3-g128-asym"
+    assert parse_format("int8").id == "int8-g128-sym"
+    assert parse_format("fp4-b256-dq").id == "fp4-b256-dq"
+    for bad in ("int5", "nf4-b48", "nf4-g64", "int4-b64", "bnb8-b32", "int4-g12", "int4-dq", "nf4-sym", "q4_k"):
+        with pytest.raises(UsageError):
+            parse_format(bad)
+    with pytest.raises(UsageError, match="group size"):
+        parse_format("int4-g128").check("w", (16, 96))
+
+
+def test_allocation_meets_the_budget_and_beats_every_single_format():
+    gen = torch.Generator().manual_seed(0)
+    sizes = {"a": 2.0, "b": 3.0, "c": 4.0, "d": 8.0}
+    items = {}
+    for key in range(12):
+        weight = float(torch.rand(1, generator=gen)) * 10
+        items[key] = [(int(bits * 1000), weight * 2.0 ** -bits * (1 + float(torch.rand(1, generator=gen))), f)
+                      for f, bits in sizes.items()]
+    for budget_bits in (2.5, 3.0, 5.0):
+        budget = budget_bits * 1000 * len(items)
+        choice = allocate(items, budget)
+        spent = sum(next(b for b, _, f in items[k] if f == choice[k]) for k in items)
+        cost = sum(next(c for _, c, f in items[k] if f == choice[k]) for k in items)
+        assert spent <= budget
+        for f, bits in sizes.items():   # one format for all that fits costs no less
+            if bits * 1000 * len(items) <= budget:
+                assert cost <= sum(next(c for _, c, g in items[k] if g == f) for k in items) + 1e-12
+    with pytest.raises(ValueError):
+        allocate(items, 1000)
+
+
+def test_rules_parse():
+    assert [k for k, _ in parse_rules(("attention=int8,shared_experts=nf4", r"q_proj=int4-g8"))] == \
+        ["attention", "shared_experts", "q_proj"]
+    with pytest.raises(UsageError):
+        parse_rules(("routed_experts=nf4",))
+    with pytest.raises(UsageError):
+        parse_rules(("attention",))
+    with pytest.raises(UsageError):
+        parse_rules(("[=nf4",))
+
+
+# ---------------------------------------------------------------- whole checkpoints
+
+def _stored_parts(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    out = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                if key == name or key.startswith(name + "."):
+                    out[key[len(name):]] = f.get_tensor(key)
+    return out
+
+
+def test_written_bnb4_experts_dequantize_like_bitsandbytes(tmp_path):
+    out = tmp_path / "q"
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        report = quantize(ckpt, out, QuantizeOptions(format="nf4-b64-dq"))
+        source = {n: r.load() for n, r in ckpt.tensors.items() if ".experts." in n}
+    assert report.formats == {"nf4-b64-dq": 32} and len(report.experts) == 32
+    # 4 bits + absmax + fixed per-tensor state (1.2 KB: sizeable on these 128 x 128 matrices)
+    assert 4.1 < report.expert_bits < 4.8 and report.bytes_after < report.bytes_before
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "moetool" and config["experts"]["3"] == ["nf4-b64-dq"] * 8
+    for name, weight in list(source.items())[:12]:
+        parts = _stored_parts(out, name)   # read back with safetensors' own reader
+        assert set(parts) == {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                              ".quant_state.bitsandbytes__nf4"}
+        state = F.QuantState.from_dict({k.lstrip("."): v for k, v in parts.items() if k}, device=torch.device("cpu"))
+        q, ref = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+        assert torch.equal(F.dequantize_4bit(parts[""], state), F.dequantize_4bit(q, ref))
+
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama4_text", "jamba", "phimoe",
+            "qwen3_next", "switch_transformers"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_model_matches_the_dequantize_first_path(tmp_path, tiny, family):
+    """moetool.load_model keeps weights quantized; its logits equal transformers' on the same weights
+    dequantized first (convert --dequantize), within 1e-4 relative."""
+    quantized, plain = tmp_path / "q", tmp_path / "d"
+    with open_checkpoint(tiny(family)) as ckpt:
+        report = quantize(ckpt, quantized, QuantizeOptions(format="int4-g8", rules=("attention=nf4-b32",
+                                                                                  "shared_experts=bnb8-b64")))
+    assert report.formats == {"int4-g8-asym": len(report.experts)}
+    seq2seq = family == "switch_transformers"
+    with open_checkpoint(quantized) as ckpt:
+        convert(ckpt, plain, ConvertOptions(dtype="fp32", dequantize=True, layout=None if seq2seq else "fused"))
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    reference = auto.from_pretrained(plain, dtype=torch.float32).eval()
+    model = moetool.load_model(quantized)
+    ids = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    extra = {"decoder_input_ids": ids} if seq2seq else {}
+    with torch.no_grad():
+        got, want = model(ids, **extra).logits, reference(ids, **extra).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # the experts really are held quantized
+    banks = [m for m in model.modules() if type(m).__name__ in ("ExpertBank", "QuantLinear")]
+    assert banks
+    # and quantization changed the model (the test could fail)
+    with open_checkpoint(tiny(family)) as ckpt:
+        original = auto.from_pretrained(ckpt.root, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (original(ids, **extra).logits - want).abs().max() > 1e-3
+
+
+def test_refusals(tmp_path, tiny):
+    with open_checkpoint("builtin:tiny-dense") as ckpt, pytest.raises(UsageError, match="MoE"):
+        quantize(ckpt, tmp_path / "x", QuantizeOptions())
+    with open_checkpoint(tiny("gpt_oss")) as ckpt, pytest.raises(UnsupportedError, match="one-tensor-per-expert"):
+        quantize(ckpt, tmp_path / "x", QuantizeOptions())
+    with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(UsageError, match="group size"):
+        quantize(ckpt, tmp_path / "x", QuantizeOptions(format="int4-g128"))
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4"))
+        with pytest.raises(UsageError, match="bits budget|--bits-budget"):
+            quantize(ckpt, tmp_path / "y", QuantizeOptions(bits_budget=1.5, policy="uniform"))
+    with open_checkpoint(tmp_path / "q") as ckpt, pytest.raises(UsageError, match="already quantized"):
+        quantize(ckpt, tmp_path / "z", QuantizeOptions())
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_budget_allocation_on_the_builtin_model(tmp_path):
+    """A 3-bit budget is met globally and per layer; important experts get more bits; the
+    routing-aware allocation beats the uniform one in KL against the unquantized model."""
+    from moetool.ops.evaluate import EvalOptions, evaluate
+    from moetool.ops.profile import ProfileOptions, profile
+
+    with open_checkpoint("builtin:tiny-moe") as original:
+        (tmp_path / "p.json").write_text(json.dumps(profile(original, ProfileOptions(max_tokens=4096)).to_dict()))
+        kl = {}
+        for policy, scope in (("uniform", "global"), ("mass", "global"), ("frequency", "layer")):
+            out = tmp_path / f"{policy}-{scope}"
+            report = quantize(original, out, QuantizeOptions(bits_budget=3.0, policy=policy, budget_scope=scope,
+                                                             profile=tmp_path / "p.json"))
+            assert 2.9 < report.expert_bits <= 3.0 and len(report.formats) >= 2
+            if scope == "layer":
+                for layer in range(4):
+                    rows = [e for e in report.experts if e.layer == layer]
+                    assert sum(e.bytes for e in rows) * 8 <= 3.0 * sum(e.params for e in rows)
+            if policy != "uniform":
+                top = max(report.experts, key=lambda e: e.importance)
+                low = min(report.experts, key=lambda e: e.importance)
+                assert top.bits >= low.bits and top.rel_error <= low.rel_error
+            with open_checkpoint(out) as q:
+                kl[policy] = evaluate(q, EvalOptions(max_tokens=4096, seq_len=128), original).kl_mean
+    assert kl["mass"] < kl["uniform"]
+
+
+def test_streamed_profile_and_eval_accept_quantized_checkpoints(tmp_path):
+    from moetool.ops.evaluate import EvalOptions, evaluate
+    from moetool.ops.profile import ProfileOptions, profile
+
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="nf4"))
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        full = profile(ckpt, ProfileOptions(max_tokens=512, seq_len=128, mode="full"))
+        streamed = profile(ckpt, ProfileOptions(max_tokens=512, seq_len=128, mode="streamed"))
+        assert [lp.counts for lp in full.layers] == [lp.counts for lp in streamed.layers]
+        quantized = evaluate(ckpt, EvalOptions(max_tokens=512, seq_len=128)).perplexity
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        assert quantized < 1.1 * evaluate(ckpt, EvalOptions(max_tokens=512, seq_len=128)).perplexity
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "q"
+    llama = tmp_path / "types.txt"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "moetool", "quantize", "builtin:tiny-moe", str(out), *args],
+                              capture_output=True, text=True)
+
+    proc = cli("--bits-budget", "3", "--policy", "uniform", "--dry-run", "--json", "--emit-llama-quantize",
+               str(llama))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["out"] is None and not out.exists() and not llama.exists()
+    assert data["expert_bits_per_param"] <= 3.0 and len(data["experts"]) == 32
+    assert {"layer", "expert", "format", "bits", "rel_error", "bytes"} <= set(data["experts"][0])
+    proc = cli("--bits-budget", "3", "--policy", "uniform", "--emit-llama-quantize", str(llama),
+               "--rules", "attention=int8")
+    assert proc.returncode == 0, proc.stderr
+    assert "bits per parameter" in proc.stdout and "Warning" not in proc.stderr and "kernels" not in proc.stderr
+    lines = llama.read_text().split()
+    assert len(lines) == 12 and all(line.startswith(r"^blk\.") and "_exps" in line for line in lines)
+    assert {line.split("=")[1] for line in lines} <= {"q2_K", "q3_K", "q4_K"}
+    assert cli().returncode == 8   # exists
+    assert cli("--format", "int5", "--force").returncode == 2
+    assert cli("--policy", "sometimes", "--bits-budget", "3", "--force").returncode == 2
+    proc = subprocess.run([sys.executable, "-m", "moetool", "inspect", str(out), "--json"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["problems"] == [] and any(q.startswith("moetool int") for q in report["quantization"])
+    proc = subprocess.run([sys.executable, "-m", "moetool", "eval", str(out), "--reference", "builtin:tiny-moe",
+                           "--max-tokens", "1024", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert 0 < json.loads(proc.stdout)["kl_mean"] < 1
+
+
+def test_convert_dequantize_writes_bf16_back(tmp_path):
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8", rules=("attention=nf4",)))
+        original = {n: r.load() for n, r in ckpt.tensors.items()}
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        report = convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True, dtype="bf16"))
+    assert report.plan["notes"] == ["quantization_config removed"]
+    with open_checkpoint(tmp_path / "d") as ckpt:
+        assert set(ckpt.tensors) == set(original)
+        for name, ref in ckpt.tensors.items():
+            assert ref.dtype == "BF16" and ref.shape == tuple(original[name].shape)
+            back, want = ref.load().float(), original[name].float()
+            assert (back - want).norm() <= 0.1 * want.norm() + 1e-6, name
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
