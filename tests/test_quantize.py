@@ -298,3 +298,45 @@ def test_convert_dequantize_writes_bf16_back(tmp_path):
             back, want = ref.load().float(), original[name].float()
             assert (back - want).norm() <= 0.1 * want.norm() + 1e-6, name
     assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
+
+
+def _wide_model(family: str, path: Path) -> Path:
+    """A tiny model bitsandbytes' CPU 4-bit matmul accepts (inputs of 64 or more, outputs in
+    multiples of 64, sizes that hold whole blocks)."""
+    from tests.tiny import TINY
+
+    cls_name, kwargs = TINY[family]
+    sizes = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "head_dim")
+    wide = {k: (-(-v * 4 // 64) * 64 if k in sizes else v) for k, v in kwargs.items()}   # multiples of 64
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**wide))
+    model.to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("spec", ["nf4", "fp4-b128-dq"])
+def test_transformers_layout_loads_in_stock_transformers(tmp_path, family, spec):
+    """--layout transformers: stock transformers + bitsandbytes loads it, and its logits equal
+    transformers quantizing the same model on load (BitsAndBytesConfig), bit for bit."""
+    src = _wide_model(family, tmp_path / "src")
+    with open_checkpoint(src) as ckpt:
+        report = quantize(ckpt, tmp_path / "q", QuantizeOptions(format=spec, layout="transformers"))
+    assert report.formats == {"keep": len(report.experts)} and "stay in bf16" in report.warnings[0]
+    fmt = parse_format(spec)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype=torch.bfloat16)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        src, device_map="cpu", dtype=torch.bfloat16, quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=fmt.kind, bnb_4bit_use_double_quant=fmt.double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=json.loads(
+                (tmp_path / "q" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]))
+    count = [sum(type(m).__name__ == "Linear4bit" for m in model.modules()) for model in (ours, theirs)]
+    assert count[0] == count[1] > 0
+    ids = torch.randint(0, 60, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if fmt.block == 64:   # transformers quantizes with bitsandbytes' default block size
+            assert torch.equal(ours(ids).logits, theirs(ids).logits)
+        else:
+            assert (ours(ids).logits.float() - theirs(ids).logits.float()).abs().max() < 0.5
+    with open_checkpoint(src) as ckpt, pytest.raises(UsageError, match="one bitsandbytes 4-bit format"):
+        quantize(ckpt, tmp_path / "x", QuantizeOptions(format="int4", layout="transformers"))

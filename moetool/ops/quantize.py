@@ -453,7 +453,42 @@ def _report(ckpt, options, family, experts, choice, measured, source_tensors, ou
 
 
 def _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings) -> QuantizePlan:
-    raise UnsupportedError("--layout transformers is not built yet")
+    """What stock transformers 5 + bitsandbytes loads: every nn.Linear weight in bitsandbytes' own
+    serialization, other Linear modules named in llm_int8_skip_modules. transformers 5 holds routed
+    experts as fused 3-D parameters that its bitsandbytes integration never quantizes, and cannot load
+    per-expert quantized experts (its expert-fusing loader concatenates the packed bytes), so they
+    stay in the source precision."""
+    import re as regex
+
+    from moetool.runner.quantized import linear_weights
+
+    fmt = parse_format(options.format)
+    if not fmt.is_bnb4 or options.bits_budget is not None or rules:
+        raise UsageError("--layout transformers writes one bitsandbytes 4-bit format (--format nf4 or fp4, "
+                         "no --bits-budget or --rules): that is all stock transformers loads")
+    linear = linear_weights(ckpt, family, head=True)   # given skip modules, transformers adds no lm_head itself
+    formats = {w.tensor.name: fmt for w in weights if w.tensor.name in linear and len(w.tensor.shape) == 2
+               and w.tensor.dtype in FLOATS and CATEGORY[w.role] not in ("router", "lm_head", "embedding")}
+    skip = sorted(regex.escape(name.removesuffix(".weight")) for name in linear - set(formats))
+    out = []
+    for w in weights:
+        fmt_w = formats.get(w.tensor.name)
+        out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt_w) if fmt_w else [w.tensor])
+    keep = parse_format("keep")
+    choice = {key: keep for key in experts}
+    report = _report(ckpt, options, family, experts, choice, {}, base.tensors, out, formats, warnings)
+    dtype = next((w.tensor.dtype for w in weights if w.tensor.name in formats), "BF16")
+    warnings.append(f"{report.expert_params:,} routed-expert parameters stay in {dtype.lower()}: transformers 5 "
+                    "quantizes only nn.Linear modules and holds experts as fused 3-D parameters; --layout "
+                    "moetool quantizes them (load with moetool.load_model)")
+    config = json.loads(json.dumps(base.config)) if base.config is not None else {}
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
+        "_load_in_8bit": False, "bnb_4bit_quant_type": fmt.kind, "bnb_4bit_use_double_quant": fmt.double_quant,
+        "bnb_4bit_compute_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(dtype, "bfloat16"),
+        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": skip or None, "llm_int8_threshold": 6.0,
+        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False}
+    return QuantizePlan(out, config, report)
 
 
 # ---------------------------------------------------------------- execution

@@ -111,13 +111,14 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
     return model, config
 
 
-def linear_weights(ckpt: Checkpoint, family: Family, trust_remote_code: bool = False) -> set[str]:
+def linear_weights(ckpt: Checkpoint, family: Family, *, head: bool = False, trust_remote_code: bool = False
+                   ) -> set[str]:
     """Names of the weights transformers holds in nn.Linear modules (what a QuantLinear can replace),
-    the output embedding excepted."""
+    the output embedding only when HEAD."""
     model, _ = _empty_model(ckpt, family, torch.float32, trust_remote_code)
-    head = model.get_output_embeddings()
+    output = model.get_output_embeddings()
     return {f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module is not head}
+            if isinstance(module, nn.Linear) and (head or module is not output)}
 
 
 def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format], *, device, dtype,
