@@ -156,8 +156,9 @@ def test_written_bnb4_experts_dequantize_like_bitsandbytes(tmp_path):
         assert torch.equal(F.dequantize_4bit(parts[""], state), F.dequantize_4bit(q, ref))
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama4_text", "jamba", "phimoe",
-            "qwen3_next", "switch_transformers"]
+FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
+            "deepseek_v3", "glm4_moe", "dots1", "llama4_text", "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe",
+            "switch_transformers", "nllb-moe"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -169,7 +170,7 @@ def test_quantized_model_matches_the_dequantize_first_path(tmp_path, tiny, famil
         report = quantize(ckpt, quantized, QuantizeOptions(format="int4-g8", rules=("attention=nf4-b32",
                                                                                   "shared_experts=bnb8-b64")))
     assert report.formats == {"int4-g8-asym": len(report.experts)}
-    seq2seq = family == "switch_transformers"
+    seq2seq = family in ("switch_transformers", "nllb-moe")
     with open_checkpoint(quantized) as ckpt:
         convert(ckpt, plain, ConvertOptions(dtype="fp32", dequantize=True, layout=None if seq2seq else "fused"))
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
@@ -340,3 +341,18 @@ def test_transformers_layout_loads_in_stock_transformers(tmp_path, family, spec)
             assert (ours(ids).logits.float() - theirs(ids).logits.float()).abs().max() < 0.5
     with open_checkpoint(src) as ckpt, pytest.raises(UsageError, match="one bitsandbytes 4-bit format"):
         quantize(ckpt, tmp_path / "x", QuantizeOptions(format="int4", layout="transformers"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["nf4-b64-dq", "int4-g64", "bnb8-b256"])
+def test_gpu_quantized_model_matches_cpu(tmp_path, spec):
+    """On CUDA the stored weights are dequantized by bitsandbytes' CUDA kernels (4-bit, 8-bit) or
+    torch; logits equal the CPU model's up to float reordering."""
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format=spec, rules=("attention=nf4",)))
+    ids = torch.randint(0, 2000, (2, 64), generator=torch.Generator().manual_seed(0))
+    cpu = moetool.load_model(tmp_path / "q")
+    gpu = moetool.load_model(tmp_path / "q", device="cuda")
+    with torch.no_grad():
+        want, got = cpu(ids).logits, gpu(ids.cuda()).logits.cpu()
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()

@@ -152,8 +152,14 @@ class Format:
         parts[blob_key] = torch.tensor(list(actual + b" " * (len(planned) - len(actual))), dtype=torch.uint8)
         return {"": packed, **parts}
 
-    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype):
-        """The weight (torch, DTYPE) from its stored PARTS (suffix -> tensor)."""
+    def bnb_state(self, parts: dict[str, object]):
+        """bitsandbytes' QuantState of a stored 4-bit weight (parsing it once saves time per use)."""
+        from moetool.quant import bnb
+
+        return bnb().QuantState.from_dict({k.lstrip("."): v for k, v in parts.items() if k}, device=parts[""].device)
+
+    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None):
+        """The weight (torch, DTYPE) from its stored PARTS (suffix -> tensor); STATE: bnb_state(PARTS)."""
         if self.kind == "keep":
             return parts[""].to(dtype)
         if self.kind == "int":
@@ -166,8 +172,7 @@ class Format:
             state = F.QuantState(absmax=parts[".absmax"], code=parts[".quant_map"], blocksize=self.block,
                                  dtype=dtype)
             return F.dequantize_blockwise(parts[""], state).reshape(shape).to(dtype)
-        state = F.QuantState.from_dict({k.lstrip("."): v for k, v in parts.items() if k}, device=parts[""].device)
-        return F.dequantize_4bit(parts[""], state).to(dtype)
+        return F.dequantize_4bit(parts[""], state or self.bnb_state(parts)).to(dtype)
 
 
 def parse_format(spec: str) -> Format:

@@ -32,12 +32,19 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         self.fmt, self.shape = fmt, tuple(shape)
         self.suffixes = list(parts)
+        self._state = None
         for i, tensor in enumerate(parts.values()):
             self.register_buffer(f"part{i}", tensor)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         parts = {s: getattr(self, f"part{i}") for i, s in enumerate(self.suffixes)}
-        return self.fmt.dequantize(parts, self.shape, dtype)
+        if self.fmt.is_bnb4 and self._state is None:
+            self._state = self.fmt.bnb_state(parts)
+        return self.fmt.dequantize(parts, self.shape, dtype, self._state)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._state = None   # moved or cast: parse the state again from the moved buffers
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.fmt.id}, shape={list(self.shape)}"
