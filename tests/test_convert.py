@@ -77,6 +77,24 @@ def test_llama4_fused_to_per_expert_and_back(tmp_path, tiny):
     assert back.keys() == fused.keys() and all(torch.equal(back[k], fused[k]) for k in fused)
 
 
+def test_gpt_oss_per_expert_slices_and_back(tmp_path, tiny):
+    """GPT-OSS has only the fused layout on the hub; moetool's per-expert form (what quantize
+    stores) is expert e of each fused tensor, as it is."""
+    src = tiny("gpt_oss")
+    run(src, tmp_path / "per", layout="per-expert")
+    per, fused = tensors(tmp_path / "per"), tensors(src)
+    for e in range(4):
+        for proj in ("gate_up_proj", "down_proj"):
+            assert torch.equal(per[f"model.layers.1.mlp.experts.{e}.{proj}.weight"],
+                               fused[f"model.layers.1.mlp.experts.{proj}"][e])
+    with open_checkpoint(tmp_path / "per") as ckpt:
+        report = inspect_checkpoint(ckpt)
+        assert report.layout == "per-expert" and report.problems == []
+    run(tmp_path / "per", tmp_path / "back", layout="fused")
+    back = tensors(tmp_path / "back")
+    assert back.keys() == fused.keys() and all(torch.equal(back[k], fused[k]) for k in fused)
+
+
 def test_fp32_to_bf16(tmp_path, tiny):
     src = tiny("qwen3_moe")
     report = run(src, tmp_path / "bf16", dtype="bf16")

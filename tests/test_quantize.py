@@ -17,6 +17,7 @@ import moetool
 from moetool.checkpoint import open_checkpoint
 from moetool.errors import UnsupportedError, UsageError
 from moetool.ops.convert import ConvertOptions, convert
+from moetool.ops.inspect import inspect_checkpoint
 from moetool.ops.quantize import QuantizeOptions, allocate, parse_rules, quantize
 from moetool.quant import bnb
 from moetool.quant.formats import parse_format
@@ -157,8 +158,8 @@ def test_written_bnb4_experts_dequantize_like_bitsandbytes(tmp_path):
 
 
 FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "dots1", "llama4_text", "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe",
-            "switch_transformers", "nllb-moe"]
+            "deepseek_v3", "glm4_moe", "dots1", "gpt_oss", "llama4_text", "phimoe", "jamba", "ernie4_5_moe",
+            "hunyuan_v1_moe", "switch_transformers", "nllb-moe"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -184,6 +185,8 @@ def test_quantized_model_matches_the_dequantize_first_path(tmp_path, tiny, famil
     # the experts really are held quantized
     banks = [m for m in model.modules() if type(m).__name__ in ("ExpertBank", "QuantLinear")]
     assert banks
+    with open_checkpoint(quantized) as ckpt:
+        assert [p.code for p in inspect_checkpoint(ckpt).problems] == []
     # and quantization changed the model (the test could fail)
     with open_checkpoint(tiny(family)) as ckpt:
         original = auto.from_pretrained(ckpt.root, dtype=torch.float32).eval()
@@ -194,7 +197,7 @@ def test_quantized_model_matches_the_dequantize_first_path(tmp_path, tiny, famil
 def test_refusals(tmp_path, tiny):
     with open_checkpoint("builtin:tiny-dense") as ckpt, pytest.raises(UsageError, match="MoE"):
         quantize(ckpt, tmp_path / "x", QuantizeOptions())
-    with open_checkpoint(tiny("gpt_oss")) as ckpt, pytest.raises(UnsupportedError, match="one-tensor-per-expert"):
+    with open_checkpoint(tiny("dbrx")) as ckpt, pytest.raises(UnsupportedError, match="one-tensor-per-expert"):
         quantize(ckpt, tmp_path / "x", QuantizeOptions())
     with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(UsageError, match="group size"):
         quantize(ckpt, tmp_path / "x", QuantizeOptions(format="int4-g128"))
@@ -356,3 +359,24 @@ def test_gpu_quantized_model_matches_cpu(tmp_path, spec):
     with torch.no_grad():
         want, got = cpu(ids).logits, gpu(ids.cuda()).logits.cpu()
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_gpt_oss_mxfp4_release_is_requantized_expert_by_expert(tmp_path):
+    """An mxfp4 GPT-OSS checkpoint: each expert slice is dequantized (transformers' own unpacking
+    as oracle) and quantized again on its own."""
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    from tests.test_convert import _mxfp4_checkpoint
+
+    weights = _mxfp4_checkpoint(tmp_path / "mx")
+    with open_checkpoint(tmp_path / "mx") as ckpt:
+        report = quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g8"))
+    assert len(report.experts) == 8
+    p = "model.layers.1.mlp.experts."
+    want = _convert_moe_packed_tensors(weights[p + "gate_up_proj_blocks"], weights[p + "gate_up_proj_scales"],
+                                       dtype=torch.bfloat16)
+    fmt = parse_format("int8-g8")
+    parts = _stored_parts(tmp_path / "q", p + "2.gate_up_proj.weight")
+    back = fmt.dequantize(parts, tuple(want.shape[1:]), torch.float32)
+    step = parts[".scales"].float().repeat_interleave(8, 1)
+    assert ((back - want[2].float()).abs() <= step / 2 * (1 + 1e-6)).all()

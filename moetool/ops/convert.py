@@ -345,12 +345,43 @@ class _Planner:
                     self.emit(name, dtype, shape, part, "split", gu.ref.dtype)
             return
 
+        if all("{E}" in _first(fam.per_expert.get(role)) and "{E}" not in _first(fam.fused.get(role))
+               for role in have):
+            self._stack_or_split(have, layer, source, target)
+            return
         # Same roles in both layouts (Granite's 3-D hub tensors): only the names change.
         for role, by_expert in have.items():
             for expert, entry in by_expert.items():
                 dtype = self.out_dtype(entry)
                 self.emit(self.name_for(entry.name, role, target, layer, expert), dtype, entry.ref.shape,
                           tensor_pieces(entry.ref, dtype), "renamed", entry.ref.dtype)
+
+
+    def _stack_or_split(self, have, layer: int, source: str, target: str) -> None:
+        """The same roles, one tensor per expert on one side and stacked on the other (GPT-OSS):
+        expert e is rows [e*a, (e+1)*a) of the stacked [E, a, b] tensor seen as a matrix."""
+        for role, by_expert in have.items():
+            if source == "fused":
+                entry = by_expert[None]
+                count, rows = entry.ref.shape[0], entry.ref.shape[1]
+                dtype = self.out_dtype(entry)
+                for e in range(count):
+                    self.emit(self.name_for(entry.name, role, target, layer, e), dtype, entry.ref.shape[1:],
+                              [rows_piece(entry.ref, e * rows, (e + 1) * rows, dtype)], "split", entry.ref.dtype)
+                continue
+            experts = sorted(by_expert)
+            if experts != list(range(len(experts))):
+                raise UnsupportedError(f"layer {layer}: experts are incomplete; cannot stack them")
+            first = by_expert[0]
+            dtype = self.out_dtype(first)
+            pieces = [p for e in experts for p in tensor_pieces(by_expert[e].ref, dtype)]
+            self.emit(self.name_for(first.name, role, target, layer, None), dtype, (len(experts), *first.ref.shape),
+                      pieces, "stacked", first.ref.dtype)
+
+
+def _first(template) -> str:
+    """A template, or the first of its alternatives ("" when absent)."""
+    return (template if isinstance(template, str) else template[0]) if template else ""
 
 
 def _cat_t(gate, up, dtype):

@@ -547,8 +547,8 @@ def _check_experts_quantized(tally: _Tally, problems: list[Problem]) -> None:
     """bitsandbytes through transformers 5 quantizes nn.Linear only: fused experts stay full precision."""
     if not any(form.startswith("bitsandbytes") for form in tally.quant_forms):
         return
-    full = sum(r.params for r in tally.records
-               if r.category == "routed_experts" and r.ref.dtype in ("F32", "F16", "BF16"))
+    matrices = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)   # not biases
+    full = sum(r.params for r in tally.records if r.match.role in matrices and r.ref.dtype in ("F32", "F16", "BF16"))
     if full:
         problems.append(Problem("warning", "experts_not_quantized",
                                 f"the checkpoint is bitsandbytes-quantized, but {full:,} routed-expert parameters "
@@ -558,6 +558,8 @@ def _check_experts_quantized(tally: _Tally, problems: list[Problem]) -> None:
 
 def _expected_shape(family: Family, dims: _Dims, role: Role, fused: bool) -> tuple[int, ...] | None:
     symbols = family.shapes.get(role)
+    if symbols is not None and not fused and role in EXPERT_ROLES and symbols[0] == "E":
+        symbols = symbols[1:]   # one expert of a family whose shapes are given stacked (GPT-OSS)
     if symbols is None:
         symbols = DEFAULT_SHAPES.get(role)
         if symbols is None:

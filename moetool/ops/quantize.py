@@ -47,7 +47,7 @@ from moetool.quant.formats import Format, parse_format
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "moetool"
-EXPERT_MATRICES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN)
+EXPERT_MATRICES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)
 # what --rules may quantize: matrices transformers holds in nn.Linear modules
 RULE_ROLES = frozenset({Role.ATTN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_GATE_UP,
                         Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN})

@@ -70,12 +70,17 @@ class QuantLinear(nn.Module):
 
 class ExpertBank(nn.Module):
     """Stands in for a fused expert parameter: expert e is its matrices (gate and up, or down),
-    dequantized and concatenated along the output axis (transposed for [E, in, out] layouts)."""
+    dequantized and concatenated along the output axis, transposed where the fused parameter is
+    [E, in, out] and the stored matrices [out, in] (Llama 4; GPT-OSS stores them as fused)."""
 
-    def __init__(self, experts: list[list[QuantizedWeight]], transposed: bool, dtype: torch.dtype):
+    def __init__(self, experts: list[list[QuantizedWeight]], transposed: bool, expert_shape: tuple[int, ...],
+                 dtype: torch.dtype):
         super().__init__()
         self.experts = nn.ModuleList(nn.ModuleList(ws) for ws in experts)
         self.transposed, self.dtype = transposed, dtype
+        stored = (sum(w.shape[0] for w in experts[0]), experts[0][0].shape[1])
+        if (stored[::-1] if transposed else stored) != tuple(expert_shape):
+            raise CheckpointFormatError(f"quantized experts of shape {list(stored)} cannot form {list(expert_shape)}")
 
     def __len__(self) -> int:
         return len(self.experts)
@@ -162,10 +167,16 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
         m = classifier.classify(tensor.name)
         if fused and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN) and m.expert is None \
                 and (m.layer, Role.EXPERT_DOWN, 0) in per_expert:
-            roles = (Role.EXPERT_GATE, Role.EXPERT_UP) if m.role == Role.EXPERT_GATE_UP else (Role.EXPERT_DOWN,)
+            roles = (m.role,) if (m.layer, m.role, 0) in per_expert else \
+                (Role.EXPERT_GATE, Role.EXPERT_UP) if m.role == Role.EXPERT_GATE_UP else (Role.EXPERT_DOWN,)
             experts = tensor.shape[0]
+            # stored matrices are [out, in], unless the family's one-tensor-per-expert form is slices of
+            # its fused tensors (the same roles in both layouts: GPT-OSS)
+            matrices = {Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP}
+            slices = set(family.per_expert) & matrices == set(family.fused) & matrices
+            transposed = family.fused_transposed and not slices
             banks[tensor.name] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
-                                             for e in range(experts)], family.fused_transposed, dtype)
+                                             for e in range(experts)], transposed, tensor.shape[1:], dtype)
         elif tensor.name in formats:
             linears[tensor.name] = weight(tensor.name)
         elif tensor.name in own:
