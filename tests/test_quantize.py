@@ -380,3 +380,63 @@ def test_gpt_oss_mxfp4_release_is_requantized_expert_by_expert(tmp_path):
     back = fmt.dequantize(parts, tuple(want.shape[1:]), torch.float32)
     step = parts[".scales"].float().repeat_interleave(8, 1)
     assert ((back - want[2].float()).abs() <= step / 2 * (1 + 1e-6)).all()
+
+
+def test_quantized_checkpoints_survive_other_commands(tmp_path):
+    """convert --dtype keeps the quantization state as it is; a loaded model casts; prune refuses."""
+    from moetool.ops.prune import PruneOptions, prune
+
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="nf4-b64-dq", rules=("attention=int4",)))
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        report = convert(ckpt, tmp_path / "cast", ConvertOptions(dtype="fp16"))
+        assert report.plan["actions"]["kept (quantization state)"] > 0
+        with pytest.raises(UsageError, match="quantized by moetool"):
+            prune(ckpt, tmp_path / "p", PruneOptions(keep=6, criterion="random"))
+    ids = torch.randint(0, 2000, (1, 32), generator=torch.Generator().manual_seed(0))
+    original, cast = moetool.load_model(tmp_path / "q"), moetool.load_model(tmp_path / "cast")
+    with torch.no_grad():
+        want = original(ids).logits
+        assert (cast(ids).logits - want).abs().max() < 0.05 * want.abs().max()   # only the norms/embeddings cast
+        original.to(torch.bfloat16)
+        got = original(ids).logits
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_option_errors_are_one_line(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "moetool", "quantize", "builtin:tiny-moe", str(tmp_path / "q"),
+                               *args], capture_output=True, text=True)
+
+    for args, message in ((("--policy", "mass"), "give --bits-budget"),
+                          (("--bits-budget", "3", "--policy", "often"), "--policy often"),
+                          (("--bits-budget", "3", "--budget-scope", "model"), "--budget-scope model"),
+                          (("--emit-llama-quantize", str(tmp_path / "no" / "t.txt")), "folder does not exist"),
+                          (("--rules", "attention"), "KEY=FORMAT"),
+                          (("--layout", "gguf"), "--layout gguf")):
+        proc = cli(*args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert not (tmp_path / "q").exists()
+    proc = cli("--bits-budget", "3", "--candidates", "int4-g96,int2-g64,int3-g128", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert any("int4-g96" in w for w in data["warnings"]) and "int4-g96-asym" not in data["formats"]
+
+
+def test_allocation_against_brute_force():
+    """Never over budget; close to the optimum that exhaustive search finds."""
+    import random
+
+    rng = random.Random(1)
+    ratios = []
+    for _ in range(300):
+        items = {i: [(rng.randint(1, 20), rng.random() * 50, f"f{j}") for j in range(rng.randint(1, 4))]
+                 for i in range(rng.randint(1, 5))}
+        budget = sum(min(o[0] for o in v) for v in items.values()) + rng.random() * 30
+        choice = allocate(items, budget)
+        picked = [next(o for o in items[i] if o[2] == choice[i]) for i in items]
+        assert sum(o[0] for o in picked) <= budget
+        best = min(sum(o[1] for o in combo) for combo in product(*items.values())
+                   if sum(o[0] for o in combo) <= budget)
+        ratios.append(sum(o[1] for o in picked) / best if best else 1.0)
+    assert sum(ratios) / len(ratios) < 1.02 and max(ratios) < 1.5

@@ -11,6 +11,7 @@ from rich.table import Table
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import DryRunOpt, ForceOpt, JsonOpt, MaxShardSizeOpt, ModelArg, OutArg
 from moetool.cli.output import emit_json, size, stdout
+from moetool.errors import UsageError
 
 
 def quantize(
@@ -26,8 +27,9 @@ def quantize(
                           ] = None,
     budget_scope: Annotated[str, typer.Option(help="global: one budget for all layers; layer: met in every "
                                               "layer.")] = "global",
-    policy: Annotated[str, typer.Option(help="Expert importance under a budget: uniform, frequency (tokens "
-                                        "routed), mass (gate weight) or saliency (REAP).")] = "frequency",
+    policy: Annotated[str | None, typer.Option(help="Expert importance under a budget: uniform, frequency "
+                                               "(tokens routed; the default), mass (gate weight) or saliency "
+                                               "(REAP).")] = None,
     rules: Annotated[list[str] | None, typer.Option(help="ROLE_OR_REGEX=FORMAT for other weights: attention, "
                                                     "shared_experts, dense_mlp, a role (attn, shared_down) or a "
                                                     "regular expression; comma-separated or repeated.")] = None,
@@ -52,9 +54,12 @@ def quantize(
     from moetool.ops.quantize import DEFAULT_CANDIDATES, QuantizeOptions
     from moetool.ops.quantize import quantize as run_quantize
 
+    if bits_budget is None and (candidates or policy or budget_scope != "global" or profile or data):
+        raise UsageError("--candidates, --policy, --budget-scope, --profile and --data shape a --bits-budget "
+                         "allocation; give --bits-budget")
     options = QuantizeOptions(
         format=format, bits_budget=bits_budget, candidates=candidates or DEFAULT_CANDIDATES,
-        budget_scope=budget_scope, policy=policy, rules=tuple(rules or ()), profile=profile, data=data,
+        budget_scope=budget_scope, policy=policy or "frequency", rules=tuple(rules or ()), profile=profile, data=data,
         layout=layout, llama_quantize=emit_llama_quantize, max_shard_size=parse_size(max_shard_size),
         command=shlex.join(["moetool", *sys.argv[1:]]) if sys.argv else "moetool quantize")
     with open_checkpoint(model) as ckpt:

@@ -133,6 +133,9 @@ class _Planner:
         ref = entry.ref
         if self.target_dtype is None or ref.dtype not in FLOATS or ref.dtype == self.target_dtype:
             return ref.dtype
+        if id(ref) in self.quantized:   # scales, absmax, code maps: casting them would change the weights
+            self.actions["kept (quantization state)"] += 1
+            return ref.dtype
         if self.family and entry.match.role in self.family.fp32_roles and ref.dtype == "F32" \
                 and not self.options.cast_fp32_roles:
             self.actions["kept in fp32 (router)"] += 1
@@ -163,6 +166,8 @@ class _Planner:
     def plan(self) -> tuple[str | None, str | None]:
         entries = [_Entry(n, r, self.classifier.classify(n)) for n, r in self.ckpt.tensors.items()]
         owners = self._companions(entries)
+        self.quantized = {id(ref) for parts in owners.values() for ref in parts.values()} | {
+            id(e.ref) for e in entries if e.name in owners}
         if self.options.dequantize:
             entries = self._dequantized(entries, owners)
         source_layout = self._source_layout(entries)

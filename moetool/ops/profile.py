@@ -253,14 +253,19 @@ def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, data: 
     from moetool.errors import UsageError
 
     if profile is None:
-        report = _run(ckpt, ProfileOptions(data=data, max_tokens=max_tokens, seq_len=256, saliency=saliency))
+        positions = (ckpt.config or {}).get("max_position_embeddings")
+        seq_len = min(256, positions) if isinstance(positions, int) and positions > 1 else 256
+        report = _run(ckpt, ProfileOptions(data=data, max_tokens=max_tokens, seq_len=seq_len, saliency=saliency))
         return {lp.layer: lp.__dict__ for lp in report.layers}
     try:
         layers = {int(layer["layer"]): layer for layer in json.loads(Path(profile).read_text())["layers"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise UsageError(f"{profile}: not a moetool profile --json file") from None
     if sorted(layers) != structure.moe_layers or any(
-            layers[info.index]["experts"] != info.experts for info in structure.layers if info.index in layers):
+            layers[info.index]["experts"] != info.experts or any(
+                isinstance(layers[info.index].get(k), list) and len(layers[info.index][k]) != info.experts
+                for k in ("counts", "weight_mass", "saliency", "activation_norm"))
+            for info in structure.layers if info.index in layers):
         raise UsageError(f"{profile}: this profile is of another model (its MoE layers or expert counts differ "
                          f"from {ckpt.source}'s)")
     return layers

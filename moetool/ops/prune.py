@@ -122,11 +122,15 @@ def _kept_count(experts: int, top_k: int, options: PruneOptions) -> int:
 def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     """Choose the kept experts and plan every output tensor (reads headers, runs a profile if needed)."""
     from moetool.ops.inspect import inspect_checkpoint
+    from moetool.ops.quantize import recorded_formats
 
     family = detect_family(ckpt.config)
     structure = inspect_checkpoint(ckpt)
     if family is None or not structure.moe_layers:
         raise UsageError(f"{ckpt.source}: no MoE layers to prune")
+    if recorded_formats(ckpt.config) is not None:
+        raise UsageError(f"{ckpt.source}: quantized by moetool; prune the original (or convert --dequantize it "
+                         "first), then quantize")
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
     groups = (ckpt.config or {}).get("n_group") or 1
@@ -204,7 +208,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     config = json.loads(json.dumps(ckpt.config))
     root = config.get(family.config_root) if family.config_root and isinstance(
         config.get(family.config_root), dict) else config
-    _set_first(root, family.keys["num_experts"], keep)
+    _set_all(root, family.keys["num_experts"], keep)
     warnings = []
     if len(counts) > 1:
         root["moetool_experts_per_layer"] = {str(layer): len(v) for layer, v in kept.items()}
@@ -214,7 +218,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
         if "top_k" not in family.keys:
             raise UsageError(f"cannot keep fewer experts ({min(counts)}) than {family.title}'s top-k of {top_k}, "
                              "which its config cannot lower")
-        _set_first(root, family.keys.get("top_k", ()), new_k)
+        _set_all(root, family.keys.get("top_k", ()), new_k)
         warnings.append(f"top-k lowered from {top_k} to {new_k}: only {keep} experts are left")
     removed_mass = None
     if mass is not None:
@@ -337,7 +341,8 @@ def _slice_experts(ref: TensorRef, role: Role, kept: list[int], experts: int, pa
     return OutputTensor(ref.name, ref.dtype, tuple(shape), pieces, "sliced experts")
 
 
-def _set_first(config: dict, keys: tuple[str, ...], value: int) -> None:
+def _set_all(config: dict, keys: tuple[str, ...], value: int) -> None:
+    """Set every one of KEYS the config has (convert keeps transformers 4's key beside 5's)."""
     for key in keys:
         if get_path(config, key) is not None:
             node = config
@@ -345,7 +350,6 @@ def _set_first(config: dict, keys: tuple[str, ...], value: int) -> None:
             for part in parents:
                 node = node[part]
             node[last] = value
-            return
 
 
 def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = False, dry_run: bool = False,

@@ -40,7 +40,7 @@ from moetool.checkpoint.writer import (
     side_files,
     write_checkpoint,
 )
-from moetool.errors import UnsupportedError, UsageError
+from moetool.errors import OutputWriteError, UnsupportedError, UsageError
 from moetool.ops.convert import FLOATS, ConvertOptions, family_context, plan_convert
 from moetool.quant.formats import Format, parse_format
 
@@ -226,7 +226,22 @@ def allocate(items: dict[Any, list[tuple[int, float, str]]], budget_bytes: float
         choice[key] = at + 1
         if at + 2 < len(hull):
             heapq.heappush(heap, (-_slope(hull[at + 1], hull[at + 2]), order[key], key))
-    return {key: hulls[key][i][2] for key, i in choice.items()}
+    chosen = {key: hulls[key][i] for key, i in choice.items()}
+    # The hull greedy can leave bytes unused (an item whose next hull step did not fit is dropped);
+    # spend them: switch one item at a time to whichever option, on its hull or not, saves most.
+    while True:
+        best = None
+        for key, options in items.items():
+            b0, c0, _ = chosen[key]
+            for option in options:
+                if option[0] - b0 <= budget_bytes - used and option[1] < c0 and (
+                        best is None or c0 - option[1] > best[0]):
+                    best = (c0 - option[1], key, option)
+        if best is None:
+            return {key: option[2] for key, option in chosen.items()}
+        _, key, option = best
+        used += option[0] - chosen[key][0]
+        chosen[key] = option
 
 
 def _slope(a, b) -> float:
@@ -323,7 +338,7 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
     if options.layout == "transformers":
         return _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings)
 
-    expert_choice, measured = _expert_formats(ckpt, options, experts, progress)
+    expert_choice, measured = _expert_formats(ckpt, options, experts, progress, warnings)
     formats: dict[str, Format] = {}
     for ws in experts.values():
         for w in ws:
@@ -356,8 +371,11 @@ def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, 
         if fmt is None or fmt.kind == "keep":
             continue
         if (w.role in RULE_ROLES or w.role == Role.OTHER) and name in linear and w.tensor.dtype in FLOATS:
-            fmt.check(name, w.tensor.shape)
-            out[name] = fmt
+            try:
+                fmt.check(name, w.tensor.shape)
+                out[name] = fmt
+            except UsageError as exc:
+                warnings.append(f"{exc}: left in its precision")
         else:
             skipped.append(name)
     if skipped:
@@ -373,7 +391,8 @@ def _expert_names(experts) -> set[str]:
 
 
 def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tuple[int, int], list[_Weight]],
-                    progress) -> tuple[dict[tuple[int, int], Format], dict[tuple[int, int], dict[str, Any]]]:
+                    progress, warnings: list[str]
+                    ) -> tuple[dict[tuple[int, int], Format], dict[tuple[int, int], dict[str, Any]]]:
     """Each expert's format: the one given, or the budget's allocation. Also what was measured of
     each expert (relative error of its format, importance)."""
     if options.bits_budget is None:
@@ -393,17 +412,22 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
     options_of: dict[tuple[int, int], list[tuple[int, float, str]]] = {}
     errors: dict[tuple[int, int], dict[str, float]] = {}
     norms: dict[tuple[int, int], float] = {}
+    unusable: dict[str, str] = {}   # candidate -> why it was not offered for some expert
     for key, ws in experts.items():
         matrices = [materialize(w.tensor) for w in ws]
         norms[key] = sum(float(m.float().pow(2).sum()) for m in matrices)
         errors[key] = {}
         for fmt in candidates:
-            if any(fmt.kind == "int" and m.shape[1] % fmt.block for m in matrices):
+            try:
+                for w in ws:
+                    fmt.check(w.tensor.name, w.tensor.shape)
+                sse = 0.0
+                for m in matrices:
+                    deq = fmt.dequantize(fmt.quantize(m), tuple(m.shape), m.dtype)
+                    sse += float((m.float() - deq.float()).pow(2).sum())
+            except UsageError as exc:
+                unusable.setdefault(fmt.id, str(exc))
                 continue
-            sse = 0.0
-            for m in matrices:
-                deq = fmt.dequantize(fmt.quantize(m), tuple(m.shape), m.dtype)
-                sse += float((m.float() - deq.float()).pow(2).sum())
             errors[key][fmt.id] = sse
             nbytes = sum(fmt.nbytes(tuple(w.tensor.shape), w.tensor.dtype) for w in ws)
             options_of.setdefault(key, []).append((nbytes, importance[key[0]][key[1]] * sse, fmt.id))
@@ -425,6 +449,8 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
         choice.update(allocate(items, options.bits_budget * total / 8))
     measured = {key: {"rel_error": (errors[key][fid] / norms[key]) ** 0.5 if norms[key] else 0.0,
                       "importance": importance[key[0]][key[1]]} for key, fid in choice.items()}
+    warnings.extend(f"candidate {fid} was not used where it cannot hold the weights ({why})"
+                    for fid, why in unusable.items())
     return {key: parse_format(fid) for key, fid in choice.items()}, measured
 
 
@@ -499,6 +525,12 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
     start = time.perf_counter()
     parse_format(options.format)          # bad options fail before any work
     parse_rules(options.rules)
+    if options.policy not in POLICY_FIELD:
+        raise UsageError(f"--policy {options.policy}: use {', '.join(POLICY_FIELD)}")
+    if options.budget_scope not in ("global", "layer"):
+        raise UsageError(f"--budget-scope {options.budget_scope}: use global or layer")
+    if options.llama_quantize is not None and not Path(options.llama_quantize).absolute().parent.is_dir():
+        raise UsageError(f"--emit-llama-quantize {options.llama_quantize}: its folder does not exist")
     if out is not None:
         refuse_inside_source(Path(out), ckpt)
     if out is not None and not dry_run and Path(out).exists() and not force:
@@ -507,19 +539,21 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
         raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
     plan = plan_quantize(ckpt, options, analysis_progress)
     report = plan.report
-    if options.llama_quantize is not None:
-        from moetool.quant.llama_cpp import tensor_type_lines
-
-        text = "\n".join(tensor_type_lines(report.experts, options.bits_budget)) + "\n"
-        if not dry_run:
-            Path(options.llama_quantize).write_text(text)
-        report.llama_quantize = str(options.llama_quantize)
     if not dry_run:
         shards = plan_shards(plan.tensors, options.max_shard_size)
         write_checkpoint(Path(out), shards, op="quantize", config=plan.config, files=side_files(ckpt),
                          readme=_model_card(report, options, Path(out)), force=force, progress=progress,
                          workers=WRITER_THREADS, prefetch=WRITER_PREFETCH)
         report.out = str(out)
+    if options.llama_quantize is not None:
+        from moetool.quant.llama_cpp import tensor_type_lines
+
+        if not dry_run:
+            try:
+                Path(options.llama_quantize).write_text("\n".join(tensor_type_lines(report.experts)) + "\n")
+            except OSError as exc:
+                raise OutputWriteError(f"{options.llama_quantize}: {exc.strerror or exc}") from None
+        report.llama_quantize = str(options.llama_quantize)
     report.seconds = time.perf_counter() - start
     return report
 

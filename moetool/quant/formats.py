@@ -239,6 +239,9 @@ def _scale_f16(scale):
     """SCALE rounded to float16, upwards, so that no value falls outside the code range."""
     import torch
 
+    if not bool(torch.isfinite(scale).all()) or bool((scale > 65504.0).any()):
+        raise UsageError("a weight group holds values too large (or not finite) for float16 scales; "
+                         "use a bitsandbytes format for it")
     half = scale.clamp(min=2.0 ** -24, max=65504.0).half()
     low = half.float() < scale
     return torch.where(low, torch.nextafter(half, torch.full_like(half, float("inf"))), half)

@@ -18,7 +18,7 @@ def nearest_type(bits: float) -> str:
     return min(LLAMA_TYPES, key=lambda t: (abs(t[1] - bits), t[1]))[0]
 
 
-def tensor_type_lines(experts, bits_budget: float | None = None) -> list[str]:
+def tensor_type_lines(experts) -> list[str]:
     """One `pattern=type` line per MoE layer and projection, from ExpertQuant rows."""
     per_layer: dict[int, list[float]] = {}
     for e in experts:

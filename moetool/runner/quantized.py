@@ -42,9 +42,14 @@ class QuantizedWeight(nn.Module):
             self._state = self.fmt.bnb_state(parts)
         return self.fmt.dequantize(parts, self.shape, dtype, self._state)
 
-    def _apply(self, fn, *args, **kwargs):
-        self._state = None   # moved or cast: parse the state again from the moved buffers
-        return super()._apply(fn, *args, **kwargs)
+    def _apply(self, fn, recurse=True):
+        """Device moves only: a cast (model.to(bfloat16), .half()) would change the codes and scales."""
+        self._state = None   # parsed again from the moved buffers
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                moved = fn(buffer)
+                self._buffers[name] = moved if moved.dtype == buffer.dtype else moved.to(buffer.dtype)
+        return self
 
     def extra_repr(self) -> str:
         return f"{self.fmt.id}, shape={list(self.shape)}"
@@ -84,6 +89,13 @@ class ExpertBank(nn.Module):
 
     def __len__(self) -> int:
         return len(self.experts)
+
+    def _apply(self, fn, recurse=True):
+        """A model cast (model.to(bfloat16)) changes the dtype experts are dequantized to."""
+        probe = fn(torch.empty(0, dtype=self.dtype))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        return super()._apply(fn, recurse)
 
     def __getitem__(self, index) -> torch.Tensor:
         matrices = [w.dequantize(self.dtype) for w in self.experts[int(index)]]
