@@ -87,10 +87,16 @@ def rss_anon(pid: int) -> int:
 def run(argv: list[str]) -> tuple[float, int]:
     """Wall seconds until the output is on disk (the command, then `sync`) and its peak anonymous
     memory (bytes). Earlier writes are flushed first, so no job pays for another's."""
+    elapsed, peak, _ = run_with_output(argv)
+    return elapsed, peak
+
+
+def run_with_output(argv: list[str]) -> tuple[float, int, str]:
+    """run(), also returning what the command printed."""
     subprocess.run(["sync"], check=True)
     peak = 0
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     done = threading.Event()
 
     def sample():
@@ -101,14 +107,14 @@ def run(argv: list[str]) -> tuple[float, int]:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    _, err = proc.communicate()
+    out, err = proc.communicate()
     subprocess.run(["sync"], check=True)
     elapsed = time.perf_counter() - start
     done.set()
     sampler.join()
     if proc.returncode:
         raise SystemExit(f"{argv} failed:\n{err.decode()[-2000:]}")
-    return elapsed, peak
+    return elapsed, peak, out.decode()
 
 
 def main() -> None:

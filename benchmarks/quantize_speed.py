@@ -20,12 +20,12 @@ Run: python benchmarks/quantize_speed.py [--keep DIR] [--runs N]
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from convert_speed import run_with_output  # noqa: E402
 
 H, F, E, L, V = 2048, 1408, 8, 8, 1024
 JOB = """
@@ -95,37 +95,10 @@ def make_checkpoint(root: Path) -> int:
     return largest
 
 
-def rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def job(src: Path, out: Path, which: str) -> tuple[float, int, int]:
     """(seconds the job timed itself, expert bytes, peak anonymous memory of the process)."""
-    subprocess.run(["sync"], check=True)
-    proc = subprocess.Popen([sys.executable, "-c", JOB, str(src), str(out), which], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    peak, done = 0, threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_anon(proc.pid))
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    stdout, err = proc.communicate()
-    done.set()
-    sampler.join()
-    if proc.returncode:
-        raise SystemExit(f"{which} failed:\n{err.decode()[-2000:]}")
-    result = json.loads(stdout.decode().strip().splitlines()[-1])
+    _, peak, printed = run_with_output([sys.executable, "-c", JOB, str(src), str(out), which])
+    result = json.loads(printed.strip().splitlines()[-1])
     return result["seconds"], result["bytes"], peak
 
 

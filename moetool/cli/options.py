@@ -33,3 +33,9 @@ OutArg = Annotated[Path, typer.Argument(help="Output folder (written atomically)
 MaxShardSizeOpt = Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB, 2GiB.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+
+# where routing statistics come from (prune, quantize)
+ProfileFileOpt = Annotated[Path | None, typer.Option("--profile", help="A `moetool profile --json` file (with "
+                                                     "--saliency for reap, ean and the saliency policy).")]
+ProfileDataOpt = Annotated[Path | None, typer.Option("--data", help="Without --profile: text to profile "
+                                                     "(default: the built-in corpus).")]

@@ -1,12 +1,20 @@
 """`moetool prune`: parse options, choose experts, write, render."""
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from moetool.cli.convert import _Bar, parse_size
-from moetool.cli.options import DryRunOpt, ForceOpt, JsonOpt, MaxShardSizeOpt, ModelArg, OutArg
+from moetool.cli.options import (
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    MaxShardSizeOpt,
+    ModelArg,
+    OutArg,
+    ProfileDataOpt,
+    ProfileFileOpt,
+)
 from moetool.cli.output import emit_json, size, stdout
 
 
@@ -21,10 +29,8 @@ def prune(
     criterion: Annotated[str, typer.Option(help="frequency (tokens routed), soft-count (gate-weight mass), reap "
                                            "(gate weight x output norm), ean (output norm), weight-norm or "
                                            "random.")] = "frequency",
-    profile: Annotated[Path | None, typer.Option(help="A `moetool profile --json` file with the scores "
-                                                 "(with --saliency for reap).")] = None,
-    data: Annotated[Path | None, typer.Option(help="Without --profile: text to profile (default: the built-in "
-                                              "corpus).")] = None,
+    profile: ProfileFileOpt = None,
+    data: ProfileDataOpt = None,
     scope: Annotated[str, typer.Option(help="per-layer: the same count in every layer (stock transformers loads "
                                        "it); global: experts ranked across layers (load with "
                                        "moetool.load_model).")] = "per-layer",

@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from moetool.cli.convert import _Bar, parse_size
-from moetool.cli.options import DryRunOpt, ForceOpt, JsonOpt, MaxShardSizeOpt, ModelArg, OutArg
+from moetool.cli.options import (
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    MaxShardSizeOpt,
+    ModelArg,
+    OutArg,
+    ProfileDataOpt,
+    ProfileFileOpt,
+)
 from moetool.cli.output import emit_json, size, stdout
 from moetool.errors import UsageError
 
@@ -33,10 +42,8 @@ def quantize(
     rules: Annotated[list[str] | None, typer.Option(help="ROLE_OR_REGEX=FORMAT for other weights: attention, "
                                                     "shared_experts, dense_mlp, a role (attn, shared_down) or a "
                                                     "regular expression; comma-separated or repeated.")] = None,
-    profile: Annotated[Path | None, typer.Option(help="A `moetool profile --json` file for the importance (with "
-                                                 "--saliency for the saliency policy).")] = None,
-    data: Annotated[Path | None, typer.Option(help="Without --profile: text to profile (default: the built-in "
-                                              "corpus).")] = None,
+    profile: ProfileFileOpt = None,
+    data: ProfileDataOpt = None,
     layout: Annotated[str, typer.Option(help="moetool: every expert quantized (load with moetool.load_model); "
                                         "transformers: what stock transformers 5 + bitsandbytes loads (nf4/fp4; "
                                         "its fused experts stay unquantized).")] = "moetool",

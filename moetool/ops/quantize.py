@@ -413,28 +413,21 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
     errors: dict[tuple[int, int], dict[str, float]] = {}
     norms: dict[tuple[int, int], float] = {}
     unusable: dict[str, str] = {}   # candidate -> why it was not offered for some expert
-    for key, ws in experts.items():
-        matrices = [materialize(w.tensor) for w in ws]
-        norms[key] = sum(float(m.float().pow(2).sum()) for m in matrices)
-        errors[key] = {}
+    # two experts at a time on the quantizer threads (the next is read while one is measured)
+    for key, norm, sse_by_format, misfits, nbytes in _QUANTIZER.map(lambda k: _measure(experts[k], k, candidates),
+                                                                      experts):
+        norms[key], errors[key] = norm, sse_by_format
+        for fid, why in misfits.items():
+            unusable.setdefault(fid, why)
         for fmt in candidates:
-            try:
-                for w in ws:
-                    fmt.check(w.tensor.name, w.tensor.shape)
-                sse = 0.0
-                for m in matrices:
-                    deq = fmt.dequantize(fmt.quantize(m), tuple(m.shape), m.dtype)
-                    sse += float((m.float() - deq.float()).pow(2).sum())
-            except UsageError as exc:
-                unusable.setdefault(fmt.id, str(exc))
-                continue
-            errors[key][fmt.id] = sse
-            nbytes = sum(fmt.nbytes(tuple(w.tensor.shape), w.tensor.dtype) for w in ws)
-            options_of.setdefault(key, []).append((nbytes, importance[key[0]][key[1]] * sse, fmt.id))
+            if fmt.id in sse_by_format:
+                nbytes_f = sum(fmt.nbytes(tuple(w.tensor.shape), w.tensor.dtype) for w in experts[key])
+                options_of.setdefault(key, []).append((nbytes_f, importance[key[0]][key[1]] * sse_by_format[fmt.id],
+                                                       fmt.id))
         if key not in options_of:
             raise UsageError(f"layer {key[0]} expert {key[1]}: no candidate format fits its matrices")
         if progress:
-            progress(sum(m.numel() * m.element_size() for m in matrices))
+            progress(nbytes)
     params = {key: sum(prod(w.tensor.shape) for w in ws) for key, ws in experts.items()}
     choice: dict[tuple[int, int], str] = {}
     groups = [list(experts)] if options.budget_scope == "global" else \
@@ -452,6 +445,22 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
     warnings.extend(f"candidate {fid} was not used where it cannot hold the weights ({why})"
                     for fid, why in unusable.items())
     return {key: parse_format(fid) for key, fid in choice.items()}, measured
+
+
+def _measure(ws: list[_Weight], key, candidates: list[Format]):
+    """Squared reconstruction error of an expert's matrices in every candidate format that can hold them."""
+    matrices = [materialize(w.tensor) for w in ws]
+    norm = sum(float(m.float().pow(2).sum()) for m in matrices)
+    errors, misfits = {}, {}
+    for fmt in candidates:
+        try:
+            for w in ws:
+                fmt.check(w.tensor.name, w.tensor.shape)
+            errors[fmt.id] = sum(float((m.float() - fmt.dequantize(fmt.quantize(m), tuple(m.shape), m.dtype).float())
+                                       .pow(2).sum()) for m in matrices)
+        except UsageError as exc:
+            misfits[fmt.id] = str(exc)
+    return key, norm, errors, misfits, sum(m.numel() * m.element_size() for m in matrices)
 
 
 def _report(ckpt, options, family, experts, choice, measured, source_tensors, out_tensors, formats, warnings
