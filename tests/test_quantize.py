@@ -440,3 +440,43 @@ def test_allocation_against_brute_force():
                    if sum(o[0] for o in combo) <= budget)
         ratios.append(sum(o[1] for o in picked) / best if best else 1.0)
     assert sum(ratios) / len(ratios) < 1.02 and max(ratios) < 1.5
+
+
+V4_JOB = """
+import json, sys, torch, transformers
+path, skip = sys.argv[1], sys.argv[2]
+kw = {} if skip == "-" else {"quantization_config": transformers.BitsAndBytesConfig(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+    llm_int8_skip_modules=json.loads(skip))}
+model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cpu", **kw)
+with torch.no_grad():
+    logits = model(torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])).logits
+print(json.dumps({"linear4bit": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+                  "logits": logits.float().tolist()}))
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_transformers4_layout_quantizes_experts_in_stock_transformers_4(tmp_path, family):
+    """--layout transformers4: transformers 4.57 (in .ci/transformers4) loads it with every expert in
+    bitsandbytes 4-bit, and its logits equal transformers 4 quantizing the same model on load."""
+    import os
+
+    v4 = Path(os.environ.get("MOETOOL_TRANSFORMERS4", Path(__file__).parents[1] / ".ci" / "transformers4"))
+    if not (v4 / "transformers").is_dir():
+        pytest.skip("transformers 4.57 is not installed in .ci/transformers4")
+    src = _wide_model(family, tmp_path / "src")
+    with open_checkpoint(src) as ckpt:
+        convert(ckpt, tmp_path / "bf16", ConvertOptions(dtype="bf16"))   # a config transformers 4 reads
+        report = quantize(ckpt, tmp_path / "q", QuantizeOptions(format="nf4", layout="transformers4"))
+    assert report.formats == {"nf4-b64": len(report.experts)}
+    skip = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    env = {**os.environ, "PYTHONPATH": str(v4)}
+    results = []
+    for path, arg in ((tmp_path / "q", "-"), (tmp_path / "bf16", json.dumps(skip))):
+        proc = subprocess.run([sys.executable, "-c", V4_JOB, str(path), arg], capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    experts = 2 * 4 * 3
+    assert results[0]["linear4bit"] == results[1]["linear4bit"] >= experts
+    assert results[0]["logits"] == results[1]["logits"]

@@ -46,7 +46,8 @@ def quantize(
     data: ProfileDataOpt = None,
     layout: Annotated[str, typer.Option(help="moetool: every expert quantized (load with moetool.load_model); "
                                         "transformers: what stock transformers 5 + bitsandbytes loads (nf4/fp4; "
-                                        "its fused experts stay unquantized).")] = "moetool",
+                                        "its fused experts stay unquantized); transformers4: experts quantized "
+                                        "too, for transformers 4.")] = "moetool",
     emit_llama_quantize: Annotated[Path | None, typer.Option(help="Also write a llama-quantize "
                                                              "--tensor-type-file from the allocation.")] = None,
     max_shard_size: MaxShardSizeOpt = "5GB",

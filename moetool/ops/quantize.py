@@ -54,7 +54,7 @@ RULE_ROLES = frozenset({Role.ATTN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED
 DEFAULT_CANDIDATES = "int2-g64-asym,int3-g128-asym,int4-g128-asym,nf4-b64-dq,int8-g128-sym"
 POLICY_FIELD = {"uniform": None, "frequency": "counts", "mass": "weight_mass", "saliency": "saliency"}
 IMPORTANCE_FLOOR = 0.05   # share of the mean importance an expert the profile never chose still gets
-LAYOUTS = ("moetool", "transformers")
+LAYOUTS = ("moetool", "transformers", "transformers4")
 
 
 @dataclass
@@ -335,7 +335,7 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
         raise UsageError(f"{ckpt.source}: no routed expert weights found")
     warnings: list[str] = []
 
-    if options.layout == "transformers":
+    if options.layout in ("transformers", "transformers4"):
         return _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings)
 
     expert_choice, measured = _expert_formats(ckpt, options, experts, progress, warnings)
@@ -493,29 +493,37 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
     experts as fused 3-D parameters that its bitsandbytes integration never quantizes, and cannot load
     per-expert quantized experts (its expert-fusing loader concatenates the packed bytes), so they
     stay in the source precision."""
-    import re as regex
-
     from moetool.runner.quantized import linear_weights
 
     fmt = parse_format(options.format)
     if not fmt.is_bnb4 or options.bits_budget is not None or rules:
-        raise UsageError("--layout transformers writes one bitsandbytes 4-bit format (--format nf4 or fp4, "
+        raise UsageError(f"--layout {options.layout} writes one bitsandbytes 4-bit format (--format nf4 or fp4, "
                          "no --bits-budget or --rules): that is all stock transformers loads")
     linear = linear_weights(ckpt, family, head=True)   # given skip modules, transformers adds no lm_head itself
+    v4 = options.layout == "transformers4"
+    if v4:   # transformers 4 holds each expert's matrices (and most routers) in nn.Linear modules
+        linear |= {w.tensor.name for w in weights if w.role in EXPERT_MATRICES and w.expert is not None}
+        linear |= {w.tensor.name for w in weights if CATEGORY[w.role] == "router" and len(w.tensor.shape) == 2}
     formats = {w.tensor.name: fmt for w in weights if w.tensor.name in linear and len(w.tensor.shape) == 2
                and w.tensor.dtype in FLOATS and CATEGORY[w.role] not in ("router", "lm_head", "embedding")}
-    skip = sorted(regex.escape(name.removesuffix(".weight")) for name in linear - set(formats))
+    # module names as they are: transformers 4 matches them as substrings, 5 as regexes with module
+    # boundaries (where an unescaped dot can only meet the dot it stands for in these names)
+    skip = sorted(name.removesuffix(".weight") for name in linear - set(formats))
     out = []
     for w in weights:
         fmt_w = formats.get(w.tensor.name)
         out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt_w) if fmt_w else [w.tensor])
-    keep = parse_format("keep")
-    choice = {key: keep for key in experts}
+    choice = {key: fmt if v4 else parse_format("keep") for key in experts}
     report = _report(ckpt, options, family, experts, choice, {}, base.tensors, out, formats, warnings)
     dtype = next((w.tensor.dtype for w in weights if w.tensor.name in formats), "BF16")
-    warnings.append(f"{report.expert_params:,} routed-expert parameters stay in {dtype.lower()}: transformers 5 "
-                    "quantizes only nn.Linear modules and holds experts as fused 3-D parameters; --layout "
-                    "moetool quantizes them (load with moetool.load_model)")
+    if v4:
+        warnings.append("transformers 4 loads this checkpoint; transformers 5 cannot (its loader fuses the "
+                        "experts' packed bytes), except for Llama 4")
+    else:
+        warnings.append(f"{report.expert_params:,} routed-expert parameters stay in {dtype.lower()}: transformers 5 "
+                        "quantizes only nn.Linear modules and holds experts as fused 3-D parameters; --layout "
+                        "moetool quantizes them (load with moetool.load_model), --layout transformers4 for "
+                        "transformers 4")
     config = json.loads(json.dumps(base.config)) if base.config is not None else {}
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
