@@ -148,6 +148,14 @@ def test_written_bnb4_experts_dequantize_like_bitsandbytes(tmp_path):
     assert 4.1 < report.expert_bits < 4.8 and report.bytes_after < report.bytes_before
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "moetool" and config["experts"]["3"] == ["nf4-b64-dq"] * 8
+    # the report's relative error of expert (0, 0), against bitsandbytes' own round trip
+    sse = norm = 0.0
+    for name, weight in source.items():
+        if ".layers.0.mlp.experts.0." in name:
+            q, ref = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+            sse += float((F.dequantize_4bit(q, ref).float() - weight.float()).pow(2).sum())
+            norm += float(weight.float().pow(2).sum())
+    assert report.experts[0].rel_error == pytest.approx((sse / norm) ** 0.5, rel=1e-3)
     for name, weight in list(source.items())[:12]:
         parts = _stored_parts(out, name)   # read back with safetensors' own reader
         assert set(parts) == {"", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",

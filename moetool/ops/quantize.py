@@ -286,11 +286,29 @@ class _Shared:
         return value.contiguous()
 
 
-def _quantized_tensors(name: str, source: OutputTensor, fmt: Format) -> list[OutputTensor]:
-    """The stored tensors of SOURCE in FMT, computed together when the first is written."""
+def _quantized_tensors(name: str, source: OutputTensor, fmt: Format, errors: dict | None = None
+                       ) -> list[OutputTensor]:
+    """The stored tensors of SOURCE in FMT, computed together when the first is written; ERRORS[name]
+    gets (squared error, squared norm) of the weight (a few percent of the quantization's time)."""
     fmt.check(name, source.shape)
     components = fmt.components(source.shape, source.dtype)
-    shared = _Shared(lambda: fmt.quantize(materialize(source)), len(components))
+
+    def compute():
+        import torch
+
+        weight = materialize(source)
+        parts = fmt.quantize(weight)
+        if errors is not None:   # in slices: whole-matrix float temporaries would double the memory
+            flat, back = weight.reshape(-1), fmt.dequantize(parts, tuple(weight.shape), torch.float32).reshape(-1)
+            sse = norm = 0.0
+            for start in range(0, flat.numel(), 1 << 20):
+                w = flat[start:start + (1 << 20)].float()
+                diff = w - back[start:start + (1 << 20)]
+                sse, norm = sse + float(diff @ diff), norm + float(w @ w)
+            errors[name] = (sse, norm)
+        return parts
+
+    shared = _Shared(compute, len(components))
     out = []
     for suffix, dtype, shape in components:
         nbytes = prod(shape) * DTYPE_BYTES[dtype]
@@ -304,6 +322,16 @@ class QuantizePlan:
     tensors: list[OutputTensor]
     config: dict[str, Any] | None
     report: QuantizeReport
+    expert_weights: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)   # filled as weights are written
+
+    def fill_errors(self) -> None:
+        """Each expert's relative error from what writing measured (where the budget did not already)."""
+        for row in self.report.experts:
+            names = self.expert_weights.get((row.layer, row.expert), [])
+            if row.rel_error is None and names and all(n in self.errors for n in names):
+                sse, norm = (sum(self.errors[n][i] for n in names) for i in (0, 1))
+                row.rel_error = (sse / norm) ** 0.5 if norm else 0.0
 
 
 def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> QuantizePlan:
@@ -335,8 +363,11 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
         raise UsageError(f"{ckpt.source}: no routed expert weights found")
     warnings: list[str] = []
 
+    names = {key: [w.tensor.name for w in ws] for key, ws in experts.items()}
+    errors: dict[str, tuple[float, float]] = {}
     if options.layout in ("transformers", "transformers4"):
-        return _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings)
+        plan = _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings, errors)
+        return QuantizePlan(plan.tensors, plan.config, plan.report, names, errors)
 
     expert_choice, measured = _expert_formats(ckpt, options, experts, progress, warnings)
     formats: dict[str, Format] = {}
@@ -351,11 +382,11 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
         if fmt is None or fmt.kind == "keep":
             out.append(w.tensor)
         else:
-            out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt))
+            out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt, errors))
     report = _report(ckpt, options, family, experts, expert_choice, measured, base.tensors, out, formats, warnings)
     config = json.loads(json.dumps(base.config)) if base.config is not None else {}
     config["quantization_config"] = quant_config(formats, report.experts)
-    return QuantizePlan(out, config, report)
+    return QuantizePlan(out, config, report, names, errors)
 
 
 def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, warnings: list[str]
@@ -471,7 +502,8 @@ def _report(ckpt, options, family, experts, choice, measured, source_tensors, ou
         fmt = choice[key]
         rows.append(ExpertQuant(key[0], key[1], fmt.id, sum(prod(w.tensor.shape) for w in ws),
                                 sum(fmt.nbytes(tuple(w.tensor.shape), w.tensor.dtype) for w in ws),
-                                measured.get(key, {}).get("rel_error"), measured.get(key, {}).get("importance")))
+                                0.0 if fmt.kind == "keep" else measured.get(key, {}).get("rel_error"),
+                                measured.get(key, {}).get("importance")))
     names = _expert_names(experts)
     counts: dict[str, int] = {}
     for row in rows:
@@ -487,7 +519,7 @@ def _report(ckpt, options, family, experts, choice, measured, source_tensors, ou
         formats=counts, warnings=warnings)
 
 
-def _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings) -> QuantizePlan:
+def _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings, errors) -> QuantizePlan:
     """What stock transformers 5 + bitsandbytes loads: every nn.Linear weight in bitsandbytes' own
     serialization, other Linear modules named in llm_int8_skip_modules. transformers 5 holds routed
     experts as fused 3-D parameters that its bitsandbytes integration never quantizes, and cannot load
@@ -512,7 +544,7 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
     out = []
     for w in weights:
         fmt_w = formats.get(w.tensor.name)
-        out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt_w) if fmt_w else [w.tensor])
+        out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt_w, errors) if fmt_w else [w.tensor])
     choice = {key: fmt if v4 else parse_format("keep") for key in experts}
     report = _report(ckpt, options, family, experts, choice, {}, base.tensors, out, formats, warnings)
     dtype = next((w.tensor.dtype for w in weights if w.tensor.name in formats), "BF16")
@@ -562,6 +594,7 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
                          readme=_model_card(report, options, Path(out)), force=force, progress=progress,
                          workers=WRITER_THREADS, prefetch=WRITER_PREFETCH)
         report.out = str(out)
+        plan.fill_errors()
     if options.llama_quantize is not None:
         from moetool.quant.llama_cpp import tensor_type_lines
 
