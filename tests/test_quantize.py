@@ -488,3 +488,33 @@ def test_transformers4_layout_quantizes_experts_in_stock_transformers_4(tmp_path
     experts = 2 * 4 * 3
     assert results[0]["linear4bit"] == results[1]["linear4bit"] >= experts
     assert results[0]["logits"] == results[1]["logits"]
+
+
+def test_block_fp8_release_is_requantized(tmp_path, tiny):
+    """A DeepSeek-V3-style block-fp8 checkpoint: experts are dequantized, then quantized on their own;
+    the fp8 quantization_config gives way to moetool's."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, fp8 = tiny("deepseek_v3"), tmp_path / "fp8"
+    shutil.copytree(src, fp8)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    weights = load_file(src / "model.safetensors")
+    for name in [n for n in weights if ".experts." in n]:
+        weights[name] = (weights[name] * 2).to(torch.float8_e4m3fn)
+        weights[name + "_scale_inv"] = torch.full((1, 1), 0.5)
+    save_file(weights, fp8 / "model.safetensors")
+    with open_checkpoint(fp8) as ckpt:
+        report = quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g8"))
+    assert len(report.experts) == 8
+    written = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert written["quant_method"] == "moetool"
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    want = (weights[name].float() * 0.5).bfloat16().float()
+    parts = _stored_parts(tmp_path / "q", name)
+    assert not any(k.endswith("_scale_inv") for k in parts)
+    back = parse_format("int8-g8").dequantize(parts, tuple(want.shape), torch.float32)
+    assert ((back - want).abs() <= parts[".scales"].float().repeat_interleave(8, 1) / 2 * (1 + 1e-6)).all()
