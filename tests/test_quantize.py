@@ -318,7 +318,8 @@ def _wide_model(family: str, path: Path) -> Path:
     from tests.tiny import TINY
 
     cls_name, kwargs = TINY[family]
-    sizes = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "head_dim")
+    sizes = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "head_dim",
+             "intermediate_size_mlp")
     wide = {k: (-(-v * 4 // 64) * 64 if k in sizes else v) for k, v in kwargs.items()}   # multiples of 64
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**wide))
@@ -518,3 +519,51 @@ def test_block_fp8_release_is_requantized(tmp_path, tiny):
     assert not any(k.endswith("_scale_inv") for k in parts)
     back = parse_format("int8-g8").dequantize(parts, tuple(want.shape), torch.float32)
     assert ((back - want).abs() <= parts[".scales"].float().repeat_interleave(8, 1) / 2 * (1 + 1e-6)).all()
+
+
+def test_casting_a_loaded_model_keeps_the_stored_state_exact(tmp_path):
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="nf4-b64-dq", rules=("attention=int4",)))
+    model = moetool.load_model(tmp_path / "q")
+    before = {n: b.clone() for n, b in model.named_buffers() if ".part" in n}
+    model.to(torch.bfloat16).half().float()
+    after = dict(model.named_buffers())
+    assert all(after[n].dtype == b.dtype and torch.equal(after[n], b) for n, b in before.items())
+
+
+def test_llama4_transformers_layout_quantizes_its_experts_and_gpt_oss_is_refused(tmp_path, tiny):
+    """transformers 5 holds Llama 4's experts in Linear modules for bitsandbytes checkpoints: the stock
+    layout quantizes them, and stock transformers' logits match moetool's own loader on the same
+    nf4 weights. GPT-OSS keeps its experts stacked there: refused."""
+    src = _wide_model("llama4_text", tmp_path / "src")
+    with open_checkpoint(src) as ckpt:
+        report = quantize(ckpt, tmp_path / "stock", QuantizeOptions(format="nf4", layout="transformers"))
+        quantize(ckpt, tmp_path / "ours", QuantizeOptions(format="nf4", rules=("attention=nf4",)))
+    assert report.formats == {"nf4-b64": len(report.experts)}
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stock", device_map="cpu",
+                                                              dtype=torch.bfloat16)
+    assert sum(type(m).__name__ == "Linear4bit" for m in stock.modules()) >= 3 * len(report.experts)
+    ours = moetool.load_model(tmp_path / "ours", dtype=torch.bfloat16)
+    ids = torch.randint(0, 60, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = stock(ids).logits.float(), ours(ids).logits.float()
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    with open_checkpoint(tiny("gpt_oss")) as ckpt, pytest.raises(UnsupportedError, match="stacked"):
+        quantize(ckpt, tmp_path / "x", QuantizeOptions(format="nf4", layout="transformers"))
+
+
+def test_profile_of_gpt_oss_per_expert_form_uses_its_experts(tmp_path, tiny):
+    """transformers 5 does not read GPT-OSS's per-expert form; the runner fuses it while loading."""
+    from moetool.ops.profile import ProfileOptions, profile
+
+    convert_dir = tmp_path / "per"
+    with open_checkpoint(tiny("gpt_oss")) as ckpt:
+        convert(ckpt, convert_dir, ConvertOptions(layout="per-expert"))
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(torch.randint(0, 60, (256,), generator=torch.Generator().manual_seed(0)).tolist()))
+    counts = []
+    for path in (tiny("gpt_oss"), convert_dir):
+        with open_checkpoint(path) as ckpt:
+            report = profile(ckpt, ProfileOptions(token_ids=ids, seq_len=32, mode="full", dtype="fp32"))
+            counts.append([lp.counts for lp in report.layers])
+    assert counts[0] == counts[1]

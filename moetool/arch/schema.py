@@ -145,6 +145,12 @@ class Family:
     # transformers' eager experts forward indexes a fused expert tensor one expert at a time
     # (gate_up_proj[e]); False where it multiplies the whole stack at once (Llama 4's bmm)
     experts_indexed: bool = True
+    # transformers 5 loads the per-expert layout itself (fusing on load); False where it does not
+    # (GPT-OSS's per-expert form is moetool's own; Llama 4's is read only for quantized releases)
+    transformers_reads_per_expert: bool = True
+    # transformers 5 holds the experts in nn.Linear modules when it loads a bitsandbytes checkpoint
+    # (Llama 4's SequentialLlama4TextExperts), so stock bitsandbytes checkpoints quantize them
+    bnb_linear_experts: bool = False
     # a dense family's MLP module (its input is what an upcycled router will see)
     mlp_module: str | None = None
     prune_unsupported: str | None = None     # why experts cannot be removed from this family, if so

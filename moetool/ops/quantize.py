@@ -531,9 +531,12 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
     if not fmt.is_bnb4 or options.bits_budget is not None or rules:
         raise UsageError(f"--layout {options.layout} writes one bitsandbytes 4-bit format (--format nf4 or fp4, "
                          "no --bits-budget or --rules): that is all stock transformers loads")
+    if not family.transformers_reads_per_expert and not family.bnb_linear_experts:
+        raise UnsupportedError(f"{family.title}: transformers keeps its experts stacked, so a stock bitsandbytes "
+                               "checkpoint would quantize attention only; use --layout moetool")
     linear = linear_weights(ckpt, family, head=True)   # given skip modules, transformers adds no lm_head itself
-    v4 = options.layout == "transformers4"
-    if v4:   # transformers 4 holds each expert's matrices (and most routers) in nn.Linear modules
+    v4 = options.layout == "transformers4" or family.bnb_linear_experts
+    if v4:   # transformers 4 (and 5 for Llama 4) holds each expert's matrices in nn.Linear modules
         linear |= {w.tensor.name for w in weights if w.role in EXPERT_MATRICES and w.expert is not None}
         linear |= {w.tensor.name for w in weights if CATEGORY[w.role] == "router" and len(w.tensor.shape) == 2}
     formats = {w.tensor.name: fmt for w in weights if w.tensor.name in linear and len(w.tensor.shape) == 2
@@ -548,7 +551,9 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
     choice = {key: fmt if v4 else parse_format("keep") for key in experts}
     report = _report(ckpt, options, family, experts, choice, {}, base.tensors, out, formats, warnings)
     dtype = next((w.tensor.dtype for w in weights if w.tensor.name in formats), "BF16")
-    if v4:
+    if family.bnb_linear_experts:
+        warnings.append(f"{family.title}: transformers 4 and 5 both load this checkpoint, experts quantized")
+    elif v4:
         warnings.append("transformers 4 loads this checkpoint; transformers 5 cannot (its loader fuses the "
                         "experts' packed bytes), except for Llama 4")
     else:

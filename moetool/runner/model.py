@@ -92,6 +92,9 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
             if formats is not None:   # moetool's quantized experts stay quantized in memory
                 model = load_quantized(ckpt, family, formats, device=device, dtype=dtype,
                                        trust_remote_code=trust_remote_code)
+            elif not family.transformers_reads_per_expert and _has_per_expert(ckpt, family):
+                model = load_pretrained(ckpt.root, dtype=dtype, device=device,   # fused as it loads
+                                        trust_remote_code=trust_remote_code)
             else:
                 model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=str(device),
                                              trust_remote_code=trust_remote_code)
@@ -103,6 +106,15 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
     if mode != "streamed":
         raise UnsupportedError(f"--mode {mode}: use full, streamed or auto")
     return _streamed(ckpt, family, device, dtype, trust_remote_code, with_head)
+
+
+def _has_per_expert(ckpt: Checkpoint, family: Family) -> bool:
+    """Whether the checkpoint stores experts one tensor per expert."""
+    from moetool.arch.matcher import Classifier
+    from moetool.ops.convert import family_context
+
+    classifier = Classifier(family, family_context(ckpt)[2])
+    return any(classifier.classify(name).layout == "per-expert" for name in ckpt.tensors)
 
 
 def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code: bool, with_head: bool

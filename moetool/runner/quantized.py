@@ -47,8 +47,8 @@ class QuantizedWeight(nn.Module):
         self._state = None   # parsed again from the moved buffers
         for name, buffer in self._buffers.items():
             if buffer is not None:
-                moved = fn(buffer)
-                self._buffers[name] = moved if moved.dtype == buffer.dtype else moved.to(buffer.dtype)
+                device = fn(torch.empty(0, dtype=buffer.dtype, device=buffer.device)).device
+                self._buffers[name] = buffer.to(device)
         return self
 
     def extra_repr(self) -> str:

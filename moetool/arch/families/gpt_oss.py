@@ -24,6 +24,7 @@ FAMILY = Family(
     shapes={Role.EXPERT_GATE_UP: ("E", "H", "2I"), Role.EXPERT_DOWN: ("E", "I", "H"),
             Role.EXPERT_DOWN_BIAS: ("E", "H")},
     fused_transposed=True,
+    transformers_reads_per_expert=False,
     notes="experts use a clamped SwiGLU with biases; gate/up interleaved; released as MXFP4",
     router_module="model.layers.{L}.mlp.router",
     router_output="topk",

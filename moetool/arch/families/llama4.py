@@ -42,4 +42,6 @@ FAMILY = Family(
     router_output="llama4",
     experts_module=None,
     experts_indexed=False,
+    transformers_reads_per_expert=False,
+    bnb_linear_experts=True,
 )
