@@ -68,7 +68,7 @@ class QuantizeOptions:
     profile: Path | None = None         # a `moetool profile --json` file
     data: Path | None = None            # text to profile without --profile (default: the built-in corpus)
     max_tokens: int = 8192
-    layout: str = "moetool"             # "moetool" | "transformers" (stock transformers + bitsandbytes)
+    layout: str = "moetool"             # "moetool" | "transformers" | "transformers4" (stock + bitsandbytes)
     llama_quantize: Path | None = None  # also write a llama-quantize --tensor-type-file
     max_shard_size: int = 5_000_000_000
     command: str = ""
@@ -151,6 +151,20 @@ def _rule_format(rules: list[tuple[str, Format]], name: str, role: Role) -> Form
     return None
 
 
+def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
+    """Refuse bad options before any work; returns the parsed rules."""
+    parse_format(options.format)
+    if options.layout not in LAYOUTS:
+        raise UsageError(f"--layout {options.layout}: use {' or '.join(LAYOUTS)}")
+    if options.policy not in POLICY_FIELD:
+        raise UsageError(f"--policy {options.policy}: use {', '.join(POLICY_FIELD)}")
+    if options.budget_scope not in ("global", "layer"):
+        raise UsageError(f"--budget-scope {options.budget_scope}: use global or layer")
+    if options.llama_quantize is not None and not Path(options.llama_quantize).absolute().parent.is_dir():
+        raise UsageError(f"--emit-llama-quantize {options.llama_quantize}: its folder does not exist")
+    return parse_rules(options.rules)
+
+
 def quant_config(formats: dict[str, Format], experts: list[ExpertQuant]) -> dict[str, Any]:
     """The config.json entry: every quantized weight's format, and each expert's, by layer."""
     by_layer: dict[str, list[str]] = {}
@@ -175,8 +189,6 @@ def recorded_formats(config: dict | None) -> dict[str, Format] | None:
 def _importance(ckpt: Checkpoint, options: QuantizeOptions, layers: list[int], experts: int
                 ) -> dict[int, list[float]]:
     """Per MoE layer, each expert's importance relative to the layer mean, floored."""
-    if options.policy not in POLICY_FIELD:
-        raise UsageError(f"--policy {options.policy}: use {', '.join(POLICY_FIELD)}")
     key = POLICY_FIELD[options.policy]
     if key is None:
         return {layer: [1.0] * experts for layer in layers}
@@ -345,9 +357,7 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
     if not any("{E}" in (t if isinstance(t, str) else t[0]) for r, t in per_expert.items() if r in EXPERT_MATRICES):
         raise UnsupportedError(f"{family.title}: its experts have no one-tensor-per-expert form (transformers "
                                "and its releases keep them stacked), so moetool cannot quantize them one by one")
-    if options.layout not in LAYOUTS:
-        raise UsageError(f"--layout {options.layout}: use {' or '.join(LAYOUTS)}")
-    rules = parse_rules(options.rules)
+    rules = check_options(options)
     quantized_source = any(r.dtype not in FLOATS for r in ckpt.tensors.values())
     base = plan_convert(ckpt, ConvertOptions(layout="per-expert", dequantize=quantized_source))
     classifier = Classifier(family, offset)
@@ -366,8 +376,8 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
     names = {key: [w.tensor.name for w in ws] for key, ws in experts.items()}
     errors: dict[str, tuple[float, float]] = {}
     if options.layout in ("transformers", "transformers4"):
-        plan = _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings, errors)
-        return QuantizePlan(plan.tensors, plan.config, plan.report, names, errors)
+        return QuantizePlan(*_plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings,
+                                                errors), names, errors)
 
     expert_choice, measured = _expert_formats(ckpt, options, experts, progress, warnings)
     formats: dict[str, Format] = {}
@@ -432,8 +442,6 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
             for w in ws:
                 fmt.check(w.tensor.name, w.tensor.shape)
         return {key: fmt for key in experts}, {}
-    if options.budget_scope not in ("global", "layer"):
-        raise UsageError(f"--budget-scope {options.budget_scope}: use global or layer")
     candidates = [parse_format(c) for c in options.candidates.split(",") if c.strip()]
     if not candidates:
         raise UsageError("--candidates: give at least one format")
@@ -519,7 +527,8 @@ def _report(ckpt, options, family, experts, choice, measured, source_tensors, ou
         formats=counts, warnings=warnings)
 
 
-def _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings, errors) -> QuantizePlan:
+def _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings, errors
+                       ) -> tuple[list[OutputTensor], dict[str, Any], QuantizeReport]:
     """What stock transformers 5 + bitsandbytes loads: every nn.Linear weight in bitsandbytes' own
     serialization, other Linear modules named in llm_int8_skip_modules. transformers 5 holds routed
     experts as fused 3-D parameters that its bitsandbytes integration never quantizes, and cannot load
@@ -568,7 +577,7 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
         "bnb_4bit_compute_dtype": {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(dtype, "bfloat16"),
         "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": skip or None, "llm_int8_threshold": 6.0,
         "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False}
-    return QuantizePlan(out, config, report)
+    return out, config, report
 
 
 # ---------------------------------------------------------------- execution
@@ -577,14 +586,7 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
              dry_run: bool = False, progress=None, analysis_progress=None) -> QuantizeReport:
     """Quantize CKPT into OUT (atomically); with DRY_RUN, choose formats and report without writing."""
     start = time.perf_counter()
-    parse_format(options.format)          # bad options fail before any work
-    parse_rules(options.rules)
-    if options.policy not in POLICY_FIELD:
-        raise UsageError(f"--policy {options.policy}: use {', '.join(POLICY_FIELD)}")
-    if options.budget_scope not in ("global", "layer"):
-        raise UsageError(f"--budget-scope {options.budget_scope}: use global or layer")
-    if options.llama_quantize is not None and not Path(options.llama_quantize).absolute().parent.is_dir():
-        raise UsageError(f"--emit-llama-quantize {options.llama_quantize}: its folder does not exist")
+    check_options(options)                # bad options fail before any work
     if out is not None:
         refuse_inside_source(Path(out), ckpt)
     if out is not None and not dry_run and Path(out).exists() and not force:
