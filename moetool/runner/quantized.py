@@ -173,6 +173,11 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
         if m.expert is not None:
             per_expert[(m.layer, m.role, m.expert)] = name
 
+    # stored expert matrices are [out, in], unless the family's one-tensor-per-expert form is slices
+    # of its fused tensors (the same roles in both layouts: GPT-OSS)
+    matrices = {Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP}
+    slices = fused and set(family.per_expert or {}) & matrices == set(family.fused) & matrices
+    transposed = family.fused_transposed and not slices
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     state, linears, banks = {}, {}, {}
     for tensor in plan.tensors:
@@ -181,14 +186,8 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
                 and (m.layer, Role.EXPERT_DOWN, 0) in per_expert:
             roles = (m.role,) if (m.layer, m.role, 0) in per_expert else \
                 (Role.EXPERT_GATE, Role.EXPERT_UP) if m.role == Role.EXPERT_GATE_UP else (Role.EXPERT_DOWN,)
-            experts = tensor.shape[0]
-            # stored matrices are [out, in], unless the family's one-tensor-per-expert form is slices of
-            # its fused tensors (the same roles in both layouts: GPT-OSS)
-            matrices = {Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP}
-            slices = set(family.per_expert) & matrices == set(family.fused) & matrices
-            transposed = family.fused_transposed and not slices
             banks[tensor.name] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
-                                             for e in range(experts)], transposed, tensor.shape[1:], dtype)
+                                             for e in range(tensor.shape[0])], transposed, tensor.shape[1:], dtype)
         elif tensor.name in formats:
             linears[tensor.name] = weight(tensor.name)
         elif tensor.name in own:
