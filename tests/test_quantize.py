@@ -166,8 +166,9 @@ def test_written_bnb4_experts_dequantize_like_bitsandbytes(tmp_path):
 
 
 FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "dots1", "gpt_oss", "llama4_text", "phimoe", "jamba", "ernie4_5_moe",
-            "hunyuan_v1_moe", "switch_transformers", "nllb-moe"]
+            "deepseek_v3", "glm4_moe", "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared",
+            "granitemoehybrid", "phimoe", "jetmoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "switch_transformers",
+            "nllb-moe"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -205,7 +206,7 @@ def test_quantized_model_matches_the_dequantize_first_path(tmp_path, tiny, famil
 def test_refusals(tmp_path, tiny):
     with open_checkpoint("builtin:tiny-dense") as ckpt, pytest.raises(UsageError, match="MoE"):
         quantize(ckpt, tmp_path / "x", QuantizeOptions())
-    with open_checkpoint(tiny("dbrx")) as ckpt, pytest.raises(UnsupportedError, match="one-tensor-per-expert"):
+    with open_checkpoint(tiny("dbrx")) as ckpt, pytest.raises(UnsupportedError, match="packed"):
         quantize(ckpt, tmp_path / "x", QuantizeOptions())
     with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(UsageError, match="group size"):
         quantize(ckpt, tmp_path / "x", QuantizeOptions(format="int4-g128"))
@@ -368,6 +369,24 @@ def test_gpu_quantized_model_matches_cpu(tmp_path, spec):
     with torch.no_grad():
         want, got = cpu(ids).logits, gpu(ids.cuda()).logits.cpu()
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_stacked_experts_are_stored_one_slice_each(tmp_path, tiny):
+    """Granite stores experts stacked [E, 2I, H] under its hub names: moetool stores expert e as
+    `input_linear.{e}.weight`, records the stacking, and convert --dequantize stacks them back."""
+    with open_checkpoint(tiny("granitemoe")) as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="keep"))
+        original = {n: r.load() for n, r in ckpt.tensors.items()}
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    stacked = "model.layers.1.block_sparse_moe.input_linear.weight"
+    assert config["stacked"][stacked] == 4
+    parts = _stored_parts(tmp_path / "q", "model.layers.1.block_sparse_moe.input_linear.2.weight")
+    assert torch.equal(parts[""], original[stacked][2])
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True))
+    with open_checkpoint(tmp_path / "d") as ckpt:
+        assert set(ckpt.tensors) == set(original) and "quantization_config" not in ckpt.config
+        assert torch.equal(ckpt.tensors[stacked].load(), original[stacked])
 
 
 def test_gpt_oss_mxfp4_release_is_requantized_expert_by_expert(tmp_path):

@@ -240,8 +240,35 @@ class _Planner:
             ref = self._dequantize(entry.ref, parts)
             match = self.classifier.classify(ref.name) if ref.name != entry.name else entry.match
             out.append(_Entry(ref.name, ref, match))
-        if len(out) != len(entries):
+        if len(out) != len(entries) or self.recorded:
             self.config_dequantized = True
+        return self._restacked(out)
+
+    def _restacked(self, entries: list[_Entry]) -> list[_Entry]:
+        """Experts moetool stored one slice each (of a tensor the family stores stacked) stacked again."""
+        from moetool.quant.formats import stacked_slices
+
+        slices = stacked_slices(self.ckpt.config)
+        if not slices:
+            return entries
+        groups: dict[str, dict[int, TensorRef]] = defaultdict(dict)
+        out = []
+        for entry in entries:
+            if entry.name in slices:
+                stacked, expert = slices[entry.name]
+                if not groups[stacked]:
+                    out.append(stacked)   # its place in the order
+                groups[stacked][expert] = entry.ref
+            else:
+                out.append(entry)
+        for i, item in enumerate(out):
+            if isinstance(item, str):
+                refs = groups[item]
+                first = refs[0]
+                ref = ComputedRef(item, first.dtype, (len(refs), *first.shape),
+                                  expert=lambda e, refs=refs, dtype=TORCH_DTYPES[first.dtype]: refs[e].load().to(dtype))
+                out[i] = _Entry(item, ref, self.classifier.classify(item))
+                self.actions["restacked experts"] += 1
         return out
 
     def _dequantize(self, ref: TensorRef, parts: dict[str, TensorRef]) -> ComputedRef:

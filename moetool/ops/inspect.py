@@ -176,6 +176,7 @@ class _Tally:
     unexpected: list[str] = field(default_factory=list)
     quant_forms: set[str] = field(default_factory=set)
     quantized: set[str] = field(default_factory=set)      # weights stored quantized by moetool (other shapes)
+    sliced: dict[str, int] = field(default_factory=dict)  # one expert of a tensor stored stacked -> expert
     dtype_bytes: Counter = field(default_factory=Counter)   # elements per dtype
 
 
@@ -355,6 +356,9 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     bnb4 = {n.rsplit(".quant_state.", 1)[0] for n in names if ".weight.quant_state.bitsandbytes__" in n}
     bits = _compressed_bits(cfg)
     moetool_formats = _moetool_formats(cfg)
+    from moetool.quant.formats import stacked_slices
+
+    slices = stacked_slices(cfg)   # experts moetool stores one slice each, of a tensor stored stacked
     buffers = family.buffers if family else frozenset()
     buffer_suffixes = family.buffer_suffixes if family else ()
     mtp_from = dims.num_layers if family is not None and family.mtp else None
@@ -372,7 +376,9 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
             if form:
                 tally.quant_forms.add(form)
             continue
-        match = classifier.classify(name)
+        match = classifier.classify(slices[name][0] if name in slices else name)
+        if name in slices:
+            tally.sliced[name] = slices[name][1]
         fmt = moetool_formats.get(name)
         if fmt is not None and fmt.kind != "keep":
             params = 2 * numel if fmt.is_bnb4 else math.prod(fmt.original_shape(ref.shape))
@@ -600,7 +606,9 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
         m = r.match
         if m.role not in EXPERT_ROLES or m.layer is None or m.aux:
             continue
-        if m.expert is not None:
+        if r.ref.name in tally.sliced:
+            per_expert[m.layer].add(tally.sliced[r.ref.name])
+        elif m.expert is not None:
             per_expert[m.layer].add(m.expert)
             if m.role in (Role.EXPERT_GATE, Role.EXPERT_UP) and not m.packed and len(r.ref.shape) == 2:
                 ffn[m.layer] = r.ref.shape[0]

@@ -42,7 +42,7 @@ from moetool.checkpoint.writer import (
 )
 from moetool.errors import OutputWriteError, UnsupportedError, UsageError
 from moetool.ops.convert import FLOATS, ConvertOptions, family_context, plan_convert
-from moetool.quant.formats import Format, parse_format
+from moetool.quant.formats import Format, parse_format, slice_name
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +165,18 @@ def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
     return parse_rules(options.rules)
 
 
-def quant_config(formats: dict[str, Format], experts: list[ExpertQuant]) -> dict[str, Any]:
-    """The config.json entry: every quantized weight's format, and each expert's, by layer."""
+def quant_config(formats: dict[str, Format], experts: list[ExpertQuant], stacked: dict[str, int]
+                 ) -> dict[str, Any]:
+    """The config.json entry: every quantized weight's format, each expert's by layer, and the stacked
+    tensors stored one slice per expert (name -> experts)."""
     by_layer: dict[str, list[str]] = {}
     for e in sorted(experts, key=lambda e: (e.layer, e.expert)):
         by_layer.setdefault(str(e.layer), []).append(e.format)
     used = sorted({f.id for f in formats.values()})
     return {"quant_method": QUANT_METHOD, "format_version": 1, "moetool_version": __version__,
             "formats": {fid: parse_format(fid).describe() for fid in used},
-            "experts": by_layer, "tensors": {name: fmt.id for name, fmt in formats.items()}}
+            "experts": by_layer, "tensors": {name: fmt.id for name, fmt in formats.items()},
+            **({"stacked": stacked} if stacked else {})}
 
 
 def recorded_formats(config: dict | None) -> dict[str, Format] | None:
@@ -353,23 +356,27 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
         raise UsageError(f"{ckpt.source}: not a known MoE architecture; moetool quantizes routed experts")
     if recorded_formats(ckpt.config) is not None:
         raise UsageError(f"{ckpt.source}: already quantized by moetool (convert --dequantize it first)")
-    per_expert = family.per_expert or {}
-    if not any("{E}" in (t if isinstance(t, str) else t[0]) for r, t in per_expert.items() if r in EXPERT_MATRICES):
-        raise UnsupportedError(f"{family.title}: its experts have no one-tensor-per-expert form (transformers "
-                               "and its releases keep them stacked), so moetool cannot quantize them one by one")
     rules = check_options(options)
     quantized_source = any(r.dtype not in FLOATS for r in ckpt.tensors.values())
-    base = plan_convert(ckpt, ConvertOptions(layout="per-expert", dequantize=quantized_source))
+    per_expert = "per-expert" if "per-expert" in family.layouts else None   # stacked-only families keep theirs
+    base = plan_convert(ckpt, ConvertOptions(layout=per_expert, dequantize=quantized_source))
     classifier = Classifier(family, offset)
-    weights = []
+    weights, stacked = [], {}
     for tensor in base.tensors:
         m = classifier.classify(tensor.name)
-        weights.append(_Weight(tensor, m.layer, m.expert, m.role))
+        if m.role in EXPERT_MATRICES and m.expert is None and len(tensor.shape) == 3:
+            stacked[tensor.name] = tensor.shape[0]   # stored stacked (Granite): one slice per expert
+            weights.extend(_Weight(_expert_slice(tensor, e), m.layer, e, m.role) for e in range(tensor.shape[0]))
+        else:
+            weights.append(_Weight(tensor, m.layer, m.expert, m.role))
     experts: dict[tuple[int, int], list[_Weight]] = {}
     for w in weights:
         if w.role in EXPERT_MATRICES and w.expert is not None and len(w.tensor.shape) == 2:
             experts.setdefault((w.layer, w.expert), []).append(w)
     if not experts:
+        if any(classifier.classify(t.name).role in EXPERT_MATRICES for t in base.tensors):
+            raise UnsupportedError(f"{family.title}: its experts are packed into matrices shared by all experts, "
+                                   "so moetool cannot quantize them one by one")
         raise UsageError(f"{ckpt.source}: no routed expert weights found")
     warnings: list[str] = []
 
@@ -395,8 +402,20 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
             out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt, errors))
     report = _report(ckpt, options, family, experts, expert_choice, measured, base.tensors, out, formats, warnings)
     config = json.loads(json.dumps(base.config)) if base.config is not None else {}
-    config["quantization_config"] = quant_config(formats, report.experts)
+    config["quantization_config"] = quant_config(formats, report.experts, stacked)
     return QuantizePlan(out, config, report, names, errors)
+
+
+def _expert_slice(tensor: OutputTensor, expert: int) -> OutputTensor:
+    """Expert EXPERT of a stacked tensor: a byte range when the tensor is copied as one, else computed."""
+    from moetool.checkpoint.writer import RawPiece
+
+    shape, nbytes = tuple(tensor.shape[1:]), tensor.nbytes // tensor.shape[0]
+    name = slice_name(tensor.name, expert)
+    if len(tensor.pieces) == 1 and isinstance(tensor.pieces[0], RawPiece):
+        raw = tensor.pieces[0]
+        return OutputTensor(name, tensor.dtype, shape, [RawPiece(raw.path, raw.start + expert * nbytes, nbytes)])
+    return OutputTensor(name, tensor.dtype, shape, [ComputedPiece(lambda: materialize(tensor)[expert], nbytes)])
 
 
 def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, warnings: list[str]
@@ -554,10 +573,11 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
     # boundaries (where an unescaped dot can only meet the dot it stands for in these names)
     skip = sorted(name.removesuffix(".weight") for name in linear - set(formats))
     out = []
-    for w in weights:
-        fmt_w = formats.get(w.tensor.name)
-        out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt_w, errors) if fmt_w else [w.tensor])
-    choice = {key: fmt if v4 else parse_format("keep") for key in experts}
+    for tensor in base.tensors:   # stacked experts stay stacked: transformers reads them so
+        fmt_w = formats.get(tensor.name)
+        out.extend(_quantized_tensors(tensor.name, tensor, fmt_w, errors) if fmt_w else [tensor])
+    choice = {key: fmt if all(w.tensor.name in formats for w in ws) else parse_format("keep")
+              for key, ws in experts.items()}
     report = _report(ckpt, options, family, experts, choice, {}, base.tensors, out, formats, warnings)
     dtype = next((w.tensor.dtype for w in weights if w.tensor.name in formats), "BF16")
     if family.bnb_linear_experts:

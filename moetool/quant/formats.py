@@ -306,3 +306,19 @@ def _unpack(packed, bits: int, n: int):
 def int_error_bound(parts: dict[str, object]):
     """Largest possible |w - dequantized w| per group: half a quantization step."""
     return parts[".scales"].float() / 2
+
+
+# ---------------------------------------------------------------- experts stored stacked
+
+def slice_name(stacked: str, expert: int) -> str:
+    """The name moetool stores expert EXPERT of a stacked [E, out, in] tensor under (Granite's
+    `input_linear.weight` -> `input_linear.3.weight`), so each expert is quantized on its own."""
+    return f"{stacked.removesuffix('.weight')}.{expert}.weight"
+
+
+def stacked_slices(config: dict | None) -> dict[str, tuple[str, int]]:
+    """Slice name -> (stacked tensor name, expert) recorded in a moetool quantization_config."""
+    qc = (config or {}).get("quantization_config") or {}
+    if qc.get("quant_method") != "moetool" or not isinstance(qc.get("stacked"), dict):
+        return {}
+    return {slice_name(name, e): (name, e) for name, count in qc["stacked"].items() for e in range(int(count))}

@@ -20,7 +20,7 @@ from moetool.arch import Family, Role
 from moetool.arch.matcher import Classifier
 from moetool.checkpoint import Checkpoint
 from moetool.errors import CheckpointFormatError
-from moetool.quant.formats import Format
+from moetool.quant.formats import Format, stacked_slices
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,12 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
         return QuantizedWeight(fmt, shape, parts)
 
     per_expert: dict[tuple[int, Role, int], str] = {}
+    slices = stacked_slices(ckpt.config)   # experts of tensors the family stores stacked (Granite)
     for name in formats:
-        m = classifier.classify(name)
-        if m.expert is not None:
-            per_expert[(m.layer, m.role, m.expert)] = name
+        stacked, expert = slices.get(name, (name, None))
+        m = classifier.classify(stacked)
+        if m.expert is not None or expert is not None:
+            per_expert[(m.layer, m.role, m.expert if expert is None else expert)] = name
 
     # stored expert matrices are [out, in], unless the family's one-tensor-per-expert form is slices
     # of its fused tensors (the same roles in both layouts: GPT-OSS)
