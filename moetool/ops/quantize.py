@@ -446,10 +446,6 @@ def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, 
     return out
 
 
-def _expert_names(experts) -> set[str]:
-    return {w.tensor.name for ws in experts.values() for w in ws}
-
-
 def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tuple[int, int], list[_Weight]],
                     progress, warnings: list[str]
                     ) -> tuple[dict[tuple[int, int], Format], dict[tuple[int, int], dict[str, Any]]]:
@@ -531,7 +527,7 @@ def _report(ckpt, options, family, experts, choice, measured, source_tensors, ou
                                 sum(fmt.nbytes(tuple(w.tensor.shape), w.tensor.dtype) for w in ws),
                                 0.0 if fmt.kind == "keep" else measured.get(key, {}).get("rel_error"),
                                 measured.get(key, {}).get("importance")))
-    names = _expert_names(experts)
+    names = {w.tensor.name for ws in experts.values() for w in ws}
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.format] = counts.get(row.format, 0) + 1
