@@ -1,12 +1,15 @@
 """The runner's routing capture against transformers' own router logits and the families'
-documented routing maths; `streamed` mode against `full` mode."""
+documented routing maths; layer-major `streamed` mode against `full` mode, for every MoE family."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from moetool.checkpoint import open_checkpoint
 from moetool.ops.inspect import inspect_checkpoint
-from moetool.runner.capture import RouterCapture
+from moetool.ops.profile import ProfileOptions, profile
 from moetool.runner.model import load_model
 from tests.tiny import DENSE, TINY, build_model
 
@@ -48,40 +51,65 @@ def _checkpoint(tmp_path, family):
     return model, tmp_path / family
 
 
+def profile_with_trace(path, ids, trace, **kw):
+    """ops.profile over IDS [N, S] (micro-batches of 2 sequences), with its routing traced to TRACE."""
+    tokens = trace.with_suffix(".ids.json")
+    tokens.write_text(json.dumps(ids.flatten().tolist()))
+    options = ProfileOptions(token_ids=tokens, seq_len=ids.shape[1], max_tokens=ids.numel(), batch_size=2,
+                             trace=trace, device="cpu", dtype="fp32", **kw)
+    with open_checkpoint(path) as ckpt:
+        return profile(ckpt, options)
+
+
+def traced(trace, layer, what):
+    return torch.from_numpy(np.load(trace / "rank-00" / f"layer-{layer:03d}.{what}.npy").astype(np.float32))
+
+
+def assert_same_statistics(a, b):
+    """Integer fields equal, float fields within 1e-5 relative."""
+    assert a.tokens == b.tokens and len(a.layers) == len(b.layers)
+    for x, y in zip(a.layers, b.layers):
+        for name, value in x.__dict__.items():
+            other = getattr(y, name)
+            if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
+                assert other == pytest.approx(value, rel=1e-5, abs=1e-12), name
+            elif isinstance(value, dict) and value and isinstance(next(iter(value.values())), float):
+                assert other == pytest.approx(value, rel=1e-5, abs=1e-12), name
+            else:
+                assert other == value, name
+
+
 @pytest.mark.parametrize("family", DECODER_MOE)
 def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, family):
+    """Routing recorded (through the trace) equals transformers' own; layer-major streamed mode
+    (micro-batches of 2 sequences, hidden states offloaded to disk) gives full mode's statistics."""
     model, path = _checkpoint(tmp_path, family)
     ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         router_logits = model(ids, output_router_logits=True).router_logits
     if family == "jetmoe":              # attention-expert routers come first in each layer
         router_logits = router_logits[1::2]
+    full = profile_with_trace(path, ids, tmp_path / "full", mode="full")
+    streamed = profile_with_trace(path, ids, tmp_path / "streamed", mode="streamed", offload_dir=tmp_path / "off")
+    assert full.mode == "full" and streamed.mode == "streamed"
+    assert streamed.memory["activation_store_bytes"]["disk"] > 0          # really offloaded
+    assert_same_statistics(full, streamed)
     with open_checkpoint(path) as ckpt:
         report = inspect_checkpoint(ckpt)
-        captured = {}
-        for mode in ("full", "streamed"):
-            loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode=mode)
-            capture = RouterCapture(loaded.model, loaded.family, ckpt.config, report.moe_layers,
-                                    lambda layer: report.top_k)
-            with torch.no_grad():
-                loaded.base_forward(ids)
-            capture.close()
-            captured[mode] = capture.layers
+    layers = model.get_submodule("transformer.blocks" if family == "dbrx" else "model.layers")
     tokens = ids.numel()
     for position, layer in enumerate(report.moe_layers):
-        full, streamed = captured["full"][layer], captured["streamed"][layer]
-        index = full.cat("index")
-        assert index.shape == (tokens, report.top_k)                  # counts sum to tokens x top-k
-        assert torch.bincount(index.flatten().long(), minlength=4).sum() == tokens * report.top_k
-        want = reference_experts(family, router_logits[position], model.get_submodule(
-            loaded.layers_name)[layer], report.top_k, model.config)
-        assert torch.equal(index.sort(-1).values.long(), want), f"layer {layer}"
-        for field in ("index", "weight", "entropy", "top1", "margin"):
-            assert torch.equal(streamed.cat(field), full.cat(field)), field
+        index = traced(tmp_path / "full", layer, "experts").long().reshape(tokens, report.top_k)
+        assert torch.bincount(index.flatten(), minlength=4).sum() == tokens * report.top_k
+        want = reference_experts(family, router_logits[position], layers[layer], report.top_k, model.config)
+        assert torch.equal(index.sort(-1).values, want), f"layer {layer}"
+        for what in ("experts", "weights", "router"):
+            assert torch.equal(traced(tmp_path / "streamed", layer, what), traced(tmp_path / "full", layer, what)), what
+        assert full.layers[position].counts == torch.bincount(index.flatten(), minlength=4).tolist()
 
 
 @pytest.mark.parametrize("family", ["switch_transformers", "nllb-moe"])
-def test_encoder_decoder_capture_matches_router_logits(tiny, family):
+def test_encoder_decoder_capture_matches_router_logits(tmp_path, tiny, family):
     """Switch (top-1) and NLLB-MoE (top-2): encoder and decoder MoE layers, in full mode."""
     import transformers
 
@@ -96,14 +124,11 @@ def test_encoder_decoder_capture_matches_router_logits(tiny, family):
     k = 1 if family == "switch_transformers" else 2
     with open_checkpoint(path) as ckpt:
         report = inspect_checkpoint(ckpt)
-        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="auto")
-        capture = RouterCapture(loaded.model, loaded.family, ckpt.config, report.moe_layers, lambda layer: k)
-        with torch.no_grad():
-            loaded.base_forward(ids)
-        capture.close()
         with pytest.raises(UnsupportedError, match="streamed"):
             load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="streamed")
+    profile_with_trace(path, ids, tmp_path / "trace", mode="auto")
     assert report.moe_layers == [1, 3]
     for layer, reference in zip(report.moe_layers, logits):
         want = torch.topk(reference.reshape(-1, 4).float(), k, dim=-1).indices.sort(-1).values
-        assert torch.equal(capture.layers[layer].cat("index").sort(-1).values.long(), want)
+        got = traced(tmp_path / "trace", layer, "experts").long().reshape(-1, k)
+        assert torch.equal(got.sort(-1).values, want)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moetool.checkpoint.checkpoint import Checkpoint, Shard, TensorRef, open_local
+from moetool.checkpoint.checkpoint import BYTES_READ, Checkpoint, Shard, TensorRef, open_local
 from moetool.errors import SourceNotFoundError
 
-__all__ = ["Checkpoint", "Shard", "TensorRef", "open_checkpoint"]
+__all__ = ["BYTES_READ", "Checkpoint", "Shard", "TensorRef", "open_checkpoint"]
 
 
 BUILTIN_MODELS = ("tiny-moe", "tiny-dense")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -22,6 +23,22 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class ReadCounter:
+    """Bytes of tensor data this process has read from weight files (every checkpoint, every
+    thread): what the streamed runner's read-once guarantee is measured with."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.value += nbytes
+
+
+BYTES_READ = ReadCounter()
 
 
 class Shard:
@@ -82,6 +99,7 @@ class TensorRef:
     def load(self):
         """Read the whole tensor as a torch.Tensor (CPU)."""
         handle = self.shard.handle()
+        BYTES_READ.add(self.nbytes)
         if self.shard.format == "safetensors":
             return handle.get_tensor(self.name)
         return handle[self.name]
@@ -94,6 +112,7 @@ class TensorRef:
 
             itemsize = DTYPE_BYTES[self.dtype]
             length = (stop - start) * cols * itemsize
+            BYTES_READ.add(length)
             with open(self.shard.path, "rb", buffering=0) as fh:
                 data = bytearray(length)
                 fh.seek(self.start + start * cols * itemsize)
@@ -108,9 +127,10 @@ class TensorRef:
         """Read part of the tensor, e.g. one expert ``load_slice(e)`` of a fused [E, ...]
         tensor, without reading the rest of it."""
         handle = self.shard.handle()
-        if self.shard.format == "safetensors":
-            return handle.get_slice(self.name)[index]
-        return handle[self.name][index].clone()
+        part = handle.get_slice(self.name)[index] if self.shard.format == "safetensors" else \
+            handle[self.name][index].clone()
+        BYTES_READ.add(part.numel() * part.element_size())
+        return part
 
 
 @dataclass

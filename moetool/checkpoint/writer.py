@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
+from moetool.checkpoint.checkpoint import BYTES_READ
 from moetool.checkpoint.header import DTYPE_BYTES
 from moetool.errors import MoetoolError, OutputExistsError
 
@@ -250,6 +251,7 @@ def materialize(tensor: OutputTensor):
             with open(piece.path, "rb", buffering=0) as fh:
                 fh.seek(piece.start)
                 fh.readinto(view[offset:offset + piece.length])
+            BYTES_READ.add(piece.length)
         else:
             view[offset:offset + piece.length] = tensor_bytes(piece.compute())
         offset += piece.length

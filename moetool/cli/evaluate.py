@@ -7,6 +7,8 @@ import typer
 
 from moetool.cli.options import (
     BatchSizeOpt,
+    ChatTemplateOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FieldOpt,
@@ -15,27 +17,31 @@ from moetool.cli.options import (
     Mode,
     ModelArg,
     ModeOpt,
+    OffloadDirOpt,
     SeqLenOpt,
     TokenIdsOpt,
     TrustRemoteCodeOpt,
 )
-from moetool.cli.output import emit_json, stdout
+from moetool.cli.output import PassProgress, emit_json, stdout
 
 
 def evaluate(
     model: ModelArg = "builtin:tiny-moe",
     reference: Annotated[str | None, typer.Option(help="Compare with this checkpoint: KL(reference || model), "
                                                   "top-1 agreement, largest logit difference.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Evaluation text: a .txt, a .jsonl, a folder, or builtin:heldout "
-                                              "(the default).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Evaluation data (formats as for profile --data; default: "
+                                              "builtin:heldout, the built-in corpus's held-out play).")] = None,
     token_ids: TokenIdsOpt = None,
     field: FieldOpt = "text",
+    chat_template: ChatTemplateOpt = None,
     max_tokens: MaxTokensOpt = 16384,
     seq_len: SeqLenOpt = 256,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     mode: ModeOpt = Mode.auto,
+    device_map: DeviceMapOpt = None,
+    offload_dir: OffloadDirOpt = None,
     json_out: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
@@ -43,16 +49,21 @@ def evaluate(
     from moetool.checkpoint import open_checkpoint
     from moetool.ops.evaluate import EvalOptions
     from moetool.ops.evaluate import evaluate as run_eval
+    from moetool.runner.distributed import is_primary
 
-    options = EvalOptions(data=data, token_ids=token_ids, field=field, max_tokens=max_tokens, seq_len=seq_len,
-                          batch_size=batch_size, device=device, dtype=dtype, mode=mode.value,
+    options = EvalOptions(data=data, token_ids=token_ids, field=field, chat_template=chat_template,
+                          max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
+                          mode=mode.value, device_map=device_map, offload_dir=offload_dir,
                           trust_remote_code=trust_remote_code)
-    with open_checkpoint(model) as ckpt:
+    primary = is_primary()
+    with open_checkpoint(model) as ckpt, PassProgress(enabled=primary and not json_out) as progress:
         if reference is None:
-            report = run_eval(ckpt, options)
+            report = run_eval(ckpt, options, progress=progress.update)
         else:
             with open_checkpoint(reference) as ref:
-                report = run_eval(ckpt, options, ref)
+                report = run_eval(ckpt, options, ref, progress=progress.update)
+    if not primary:   # torchrun: rank 0 alone prints
+        return
     if json_out:
         emit_json(report.to_dict())
         return

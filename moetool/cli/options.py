@@ -16,10 +16,21 @@ class Mode(str, Enum):
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or builtin:tiny-moe (the default).")]
 TokenIdsOpt = Annotated[Path | None, typer.Option(help="Token ids (JSON list or whitespace-separated) instead of "
                                                   "text, for models without a tokenizer.")]
-FieldOpt = Annotated[str, typer.Option(help="Text field of .jsonl records.")]
+DataOpt = Annotated[Path | None, typer.Option(help="Calibration data: .txt/.md, .jsonl, .parquet, .arrow, a "
+                                              "folder of them, a dataset saved with datasets' save_to_disk, or "
+                                              "builtin / builtin:heldout (the built-in sample corpus).")]
+FieldOpt = Annotated[str, typer.Option(help="Field (column) of .jsonl/parquet/arrow records: text, or chat "
+                                       "messages with --chat-template.")]
+ChatTemplateOpt = Annotated[str | None, typer.Option(help="Records are chat messages: render them with the "
+                                                     "model's chat template (model) or a Jinja template FILE.")]
+OffloadDirOpt = Annotated[Path | None, typer.Option(help="Streamed mode: hidden states that do not fit on the "
+                                                    "device go to files here instead of host memory (default: "
+                                                    "host memory, then a temporary folder).")]
+DeviceMapOpt = Annotated[str | None, typer.Option(help="Full mode: auto spreads the model over the node's GPUs "
+                                                  "(accelerate's dispatch).")]
 SeqLenOpt = Annotated[int, typer.Option(min=2, help="Tokens per sequence.")]
 MaxTokensOpt = Annotated[int, typer.Option(min=2, help="Use at most this many tokens.")]
-BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Sequences per forward pass (full mode).")]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Sequences per micro-batch (each layer runs one at a time).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")]
 ModeOpt = Annotated[Mode, typer.Option(help="full: whole model on the device; streamed: one decoder layer at a "
@@ -37,5 +48,20 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exist
 # where routing statistics come from (prune, quantize)
 ProfileFileOpt = Annotated[Path | None, typer.Option("--profile", help="A `moetool profile --json` file (with "
                                                      "--saliency for reap, ean and the saliency policy).")]
-ProfileDataOpt = Annotated[Path | None, typer.Option("--data", help="Without --profile: text to profile "
-                                                     "(default: the built-in corpus).")]
+ProfileDataOpt = Annotated[Path | None, typer.Option("--data", help="Without --profile: calibration data to profile "
+                                                     "(formats as for moetool profile; default: the built-in "
+                                                     "corpus).")]
+
+
+# calibration data of the writing commands that profile first (prune, quantize)
+CalibSeqLenOpt = Annotated[int | None, typer.Option(min=2, help="Tokens per calibration sequence (default: 256, "
+                                                    "or the model's maximum positions if fewer).")]
+CalibMaxTokensOpt = Annotated[int, typer.Option(min=2, help="Calibrate on at most this many tokens.")]
+
+
+def calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size):
+    """The ProfileOptions of a writing command's calibration run (prune, quantize)."""
+    from moetool.ops.profile import ProfileOptions
+
+    return ProfileOptions(data=data, token_ids=token_ids, field=field, chat_template=chat_template,
+                          max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)

@@ -32,3 +32,45 @@ def size(n: int | None) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+class PassProgress:
+    """Progress of a run on stderr: one bar per pass (a full-mode forward, or one decoder layer of a
+    streamed run: "layer i/N"), in tokens, with tokens/s and the time left."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._label = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TaskProgressColumn(), TextColumn("{task.fields[rate]} tokens/s"),
+                                 TimeRemainingColumn(), console=stderr, transient=True)
+            self._bar.start()
+        return self
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if label != self._label:
+            if self._label is not None:
+                self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(label, total=total, rate="")
+            self._label = label
+        task = self._bar.tasks[-1]
+        rate = f"{task.speed:,.0f}" if task.speed else ""
+        self._bar.update(self._task, completed=done, total=total, rate=rate)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.stop()

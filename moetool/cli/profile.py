@@ -8,44 +8,60 @@ from rich.table import Table
 
 from moetool.cli.options import (
     BatchSizeOpt,
+    ChatTemplateOpt,
+    DataOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
     FieldOpt,
+    ForceOpt,
     JsonOpt,
     MaxTokensOpt,
     Mode,
     ModelArg,
     ModeOpt,
+    OffloadDirOpt,
     SeqLenOpt,
     TokenIdsOpt,
     TrustRemoteCodeOpt,
 )
-from moetool.cli.output import emit_json, stderr, stdout
+from moetool.cli.output import PassProgress, emit_json, stdout
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
 def profile(
     model: ModelArg = "builtin:tiny-moe",
-    data: Annotated[Path | None, typer.Option(help="Calibration text: a .txt, a .jsonl, a folder of them, or "
-                                              "builtin (default: the built-in Shakespeare sample corpus).")] = None,
+    data: DataOpt = None,
     token_ids: TokenIdsOpt = None,
     field: FieldOpt = "text",
+    chat_template: ChatTemplateOpt = None,
     max_tokens: MaxTokensOpt = 8192,
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 8,
+    capacity_window: Annotated[int | None, typer.Option(min=1, help="Tokens per capacity window for the drop "
+                                                        "figures (default: --batch-size x --seq-len).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     mode: ModeOpt = Mode.auto,
+    device_map: DeviceMapOpt = None,
+    offload_dir: OffloadDirOpt = None,
     ep: Annotated[int | None, typer.Option(min=1, help="Plan expert-parallel placement on this many devices.")] = None,
     ep_replicas: Annotated[int, typer.Option(min=0, help="Extra copies of hot experts in the balanced "
                                              "placement.")] = 0,
     saliency: Annotated[bool, typer.Option("--saliency", help="Also measure each expert's REAP saliency (gate "
                                            "weight x output norm); costs top-k extra expert passes.")] = False,
+    trace: Annotated[Path | None, typer.Option(help="Stream every token's routing to this folder (format in "
+                                               "README).")] = None,
+    from_trace: Annotated[Path | None, typer.Option(help="Compute the report from a trace (moetool's, or vLLM "
+                                                    "routed-experts .npy arrays) instead of running the model; "
+                                                    "MODEL gives the structure.")] = None,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-expert rows as CSV.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a layers x experts heatmap PNG.")] = None,
-    html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the figures as a PNG (needs moetool[plot]).")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report (needs "
+                                                  "moetool[plot]).")] = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Run text through the model and report how it routes tokens to experts."""
@@ -53,13 +69,22 @@ def profile(
     from moetool.ops import profile_files
     from moetool.ops.profile import ProfileOptions
     from moetool.ops.profile import profile as run_profile
+    from moetool.runner.distributed import is_primary
 
-    options = ProfileOptions(data=data, token_ids=token_ids, field=field, max_tokens=max_tokens, seq_len=seq_len,
-                             batch_size=batch_size, device=device, dtype=dtype, mode=mode.value, ep=ep,
-                             ep_replicas=ep_replicas, saliency=saliency, trust_remote_code=trust_remote_code)
-    with open_checkpoint(model) as ckpt:
-        with _Progress(enabled=not json_out) as progress:
+    options = ProfileOptions(data=data, token_ids=token_ids, field=field, chat_template=chat_template,
+                             max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                             capacity_window=capacity_window, device=device, dtype=dtype, mode=mode.value,
+                             device_map=device_map, offload_dir=offload_dir, ep=ep, ep_replicas=ep_replicas,
+                             saliency=saliency, trace=trace, from_trace=from_trace, force=force,
+                             trust_remote_code=trust_remote_code)
+    primary = is_primary()
+    if plot or html_out:
+        profile_files.require_matplotlib()   # before the run, not after it
+    with open_checkpoint(model, headers_only=from_trace is not None) as ckpt:
+        with PassProgress(enabled=primary and not json_out) as progress:
             report = run_profile(ckpt, options, progress=progress.update)
+    if not primary:   # torchrun: rank 0 alone prints and writes
+        return
     if csv_out:
         profile_files.write_csv(report, csv_out)
     if plot:
@@ -72,32 +97,15 @@ def profile(
         _render(report)
 
 
-class _Progress:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-            self._bar = Progress("sequences", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 console=stderr, transient=True)
-            self._task = self._bar.add_task("run", total=None)
-            self._bar.start()
-        return self
-
-    def update(self, done: int, total: int) -> None:
-        if self.enabled:
-            self._bar.update(self._task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.stop()
+def _num(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def _render(report) -> None:
+    shape = f"sequences of {report.seq_len}" if report.seq_len else "sequences"
+    ranks = f" x {report.world_size} ranks" if report.world_size > 1 else ""
     stdout.print(f"[bold]{report.source}[/] ({report.family}): {report.tokens:,} tokens in {report.sequences} "
-                 f"sequences of {report.seq_len}, {report.mode} mode on {report.device} ({report.dtype}), "
+                 f"{shape}, {report.mode} mode on {report.device}{ranks} ({report.dtype}), "
                  f"{report.timing['tokens_per_second']} tokens/s")
     table = Table(show_edge=False, title="Routing per MoE layer (all figures: --json, --html)",
                   title_justify="left")
@@ -105,7 +113,7 @@ def _render(report) -> None:
         table.add_column(col, justify="right")
     for lp in report.layers:
         lru = lp.lru_hit_rate.get(str(lp.top_k))
-        table.add_row(str(lp.layer), f"{lp.entropy_normalized:.3f}", f"{lp.top1_prob_mean:.3f}",
+        table.add_row(str(lp.layer), _num(lp.entropy_normalized, ".3f"), _num(lp.top1_prob_mean, ".3f"),
                       f"{lp.imbalance['max_over_mean']:.2f}", f"{lp.imbalance['gini']:.2f}",
                       f"{lp.capacity_drop['1.0']:.1%}", str(len(lp.dead_experts)), f"{lp.consecutive_reuse:.0%}",
                       "" if lru is None else f"{lru:.0%}")
@@ -122,3 +130,5 @@ def _render(report) -> None:
             stdout.print(f"  layer {lp.layer}: contiguous {ep['contiguous']['busiest_over_mean']:.2f}, balanced "
                          f"{ep['balanced']['busiest_over_mean']:.2f}; cross-device tokens "
                          f"{ep['contiguous']['cross_device_tokens']:,} -> {ep['balanced']['cross_device_tokens']:,}")
+    for note in report.notes:
+        stdout.print(f"[yellow]note[/] {note}")

@@ -6,7 +6,12 @@ import typer
 
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import (
+    BatchSizeOpt,
+    CalibMaxTokensOpt,
+    CalibSeqLenOpt,
+    ChatTemplateOpt,
     DryRunOpt,
+    FieldOpt,
     ForceOpt,
     JsonOpt,
     MaxShardSizeOpt,
@@ -14,6 +19,8 @@ from moetool.cli.options import (
     OutArg,
     ProfileDataOpt,
     ProfileFileOpt,
+    TokenIdsOpt,
+    calibration_options,
 )
 from moetool.cli.output import emit_json, size, stdout
 
@@ -31,6 +38,12 @@ def prune(
                                            "random.")] = "frequency",
     profile: ProfileFileOpt = None,
     data: ProfileDataOpt = None,
+    token_ids: TokenIdsOpt = None,
+    field: FieldOpt = "text",
+    chat_template: ChatTemplateOpt = None,
+    max_tokens: CalibMaxTokensOpt = 8192,
+    seq_len: CalibSeqLenOpt = None,
+    batch_size: BatchSizeOpt = 8,
     scope: Annotated[str, typer.Option(help="per-layer: the same count in every layer (stock transformers loads "
                                        "it); global: experts ranked across layers (load with "
                                        "moetool.load_model).")] = "per-layer",
@@ -46,10 +59,15 @@ def prune(
     from moetool.checkpoint import open_checkpoint
     from moetool.ops.prune import PruneOptions, parse_experts
     from moetool.ops.prune import prune as run_prune
+    from moetool.runner.distributed import is_primary
 
     options = PruneOptions(keep=keep, ratio=ratio, experts=parse_experts(experts) if experts else None,
-                           criterion=criterion, profile=profile, data=data, seed=seed, merge=merge, scope=scope,
+                           criterion=criterion, profile=profile,
+        calibration=calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size),
+        seed=seed, merge=merge, scope=scope,
                            max_shard_size=parse_size(max_shard_size))
+    primary = is_primary()
+    dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints
     with open_checkpoint(model) as ckpt:
         bar = None if json_out or dry_run else _Bar()
         try:
@@ -58,6 +76,8 @@ def prune(
         finally:
             if bar:
                 bar.close()
+    if not primary:
+        return
     if json_out:
         emit_json(report.to_dict())
         return

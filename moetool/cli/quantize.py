@@ -10,7 +10,12 @@ from rich.table import Table
 
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import (
+    BatchSizeOpt,
+    CalibMaxTokensOpt,
+    CalibSeqLenOpt,
+    ChatTemplateOpt,
     DryRunOpt,
+    FieldOpt,
     ForceOpt,
     JsonOpt,
     MaxShardSizeOpt,
@@ -18,6 +23,8 @@ from moetool.cli.options import (
     OutArg,
     ProfileDataOpt,
     ProfileFileOpt,
+    TokenIdsOpt,
+    calibration_options,
 )
 from moetool.cli.output import emit_json, size, stdout
 from moetool.errors import UsageError
@@ -44,6 +51,12 @@ def quantize(
                                                     "regular expression; comma-separated or repeated.")] = None,
     profile: ProfileFileOpt = None,
     data: ProfileDataOpt = None,
+    token_ids: TokenIdsOpt = None,
+    field: FieldOpt = "text",
+    chat_template: ChatTemplateOpt = None,
+    max_tokens: CalibMaxTokensOpt = 8192,
+    seq_len: CalibSeqLenOpt = None,
+    batch_size: BatchSizeOpt = 8,
     layout: Annotated[str, typer.Option(help="moetool: every expert quantized (load with moetool.load_model); "
                                         "transformers: what stock transformers 5 + bitsandbytes loads (nf4/fp4; "
                                         "its fused experts stay unquantized); transformers4: experts quantized "
@@ -61,23 +74,30 @@ def quantize(
     from moetool.checkpoint import open_checkpoint
     from moetool.ops.quantize import DEFAULT_CANDIDATES, QuantizeOptions
     from moetool.ops.quantize import quantize as run_quantize
+    from moetool.runner.distributed import is_primary
 
-    if bits_budget is None and (candidates or policy or budget_scope != "global" or profile or data):
-        raise UsageError("--candidates, --policy, --budget-scope, --profile and --data shape a --bits-budget "
-                         "allocation; give --bits-budget")
+    if bits_budget is None and (candidates or policy or budget_scope != "global" or profile or data or token_ids):
+        raise UsageError("--candidates, --policy, --budget-scope, --profile and --data/--token-ids shape a "
+                         "--bits-budget allocation; give --bits-budget")
     options = QuantizeOptions(
         format=format, bits_budget=bits_budget, candidates=candidates or DEFAULT_CANDIDATES,
-        budget_scope=budget_scope, policy=policy or "frequency", rules=tuple(rules or ()), profile=profile, data=data,
+        budget_scope=budget_scope, policy=policy or "frequency", rules=tuple(rules or ()), profile=profile,
+        calibration=calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size),
         layout=layout, llama_quantize=emit_llama_quantize, max_shard_size=parse_size(max_shard_size),
         command=shlex.join(["moetool", *sys.argv[1:]]) if sys.argv else "moetool quantize")
+    primary = is_primary()
+    dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints
+    quiet = json_out or not primary
     with open_checkpoint(model) as ckpt:
         bars = _Bars()
         try:
             report = run_quantize(ckpt, out, options, force=force, dry_run=dry_run,
-                                  analysis_progress=None if json_out else bars.measuring,
-                                  progress=None if json_out else bars.writing)
+                                  analysis_progress=None if quiet else bars.measuring,
+                                  progress=None if quiet else bars.writing)
         finally:
             bars.close()
+    if not primary:
+        return
     if json_out:
         emit_json(report.to_dict())
         return

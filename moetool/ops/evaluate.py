@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from moetool import __version__
+from moetool.arch import detect_family
 from moetool.checkpoint import Checkpoint
+from moetool.errors import UnsupportedError
+from moetool.ops.inspect import inspect_checkpoint
+from moetool.ops.profile import calibration_ids
+from moetool.runner import distributed, engine
+from moetool.runner.device import available_memory, pick_device, pick_dtype
+from moetool.runner.engine import ActivationStore, micro_batches
+from moetool.runner.model import load_model
 
 SCHEMA_VERSION = 1
 LOGIT_CHUNK = 1024   # tokens per lm_head chunk: logits never exist for all tokens at once
@@ -20,12 +28,15 @@ class EvalOptions:
     data: Path | None = None            # default: the built-in corpus's held-out play
     token_ids: Path | None = None
     field: str = "text"
+    chat_template: str | None = None
     max_tokens: int | None = 16384
     seq_len: int = 256
     batch_size: int = 8
     device: str | None = None
     dtype: str | None = None
     mode: str = "auto"
+    device_map: str | None = None
+    offload_dir: Path | None = None
     trust_remote_code: bool = False
 
 
@@ -55,102 +66,133 @@ class EvalReport:
                 **data}
 
 
-def _tokens(ckpt: Checkpoint, options: EvalOptions):
-    from moetool.ops.inspect import inspect_checkpoint
-    from moetool.runner import data
+class _Head:
+    """A model's output head and logit scaling, kept after the rest of the model is freed."""
 
-    if options.token_ids is not None:
-        ids = data.read_token_ids(options.token_ids)
-    else:
-        texts = data.read_texts(options.data or Path("builtin:heldout"), options.field)
-        if not texts:
-            raise data.DataError(f"{options.data}: holds no text")
-        ids = data.tokenize(texts, ckpt.root)
-    structure = inspect_checkpoint(ckpt)
-    config = ckpt.config or {}
-    return data.pack(ids, seq_len=options.seq_len, max_tokens=options.max_tokens, vocab_size=structure.vocab_size,
-                     max_positions=config.get("max_position_embeddings"))
+    def __init__(self, loaded):
+        self.module = loaded.model.get_output_embeddings()
+        self.scale = getattr(loaded.model.config, "logits_scaling", None) or 1.0   # Granite divides logits
 
+    def logprobs(self, hidden):
+        """(logits, log-softmax) of the predicting positions of HIDDEN [B, S, H] (all but the last),
+        in chunks of LOGIT_CHUNK tokens: [tokens, vocab] never exists whole."""
+        import torch
 
-def _hidden_states(loaded, ids, batch: int):
-    """Final hidden states [N, S, H] of every sequence (streamed: one forward for all, each layer read once)."""
-    import torch
-
-    step = ids.shape[0] if loaded.mode == "streamed" else max(1, batch)
-    out = []
-    with torch.no_grad():
-        for first in range(0, ids.shape[0], step):
-            chunk = ids[first:first + step].to(loaded.device)
-            out.append(loaded.base_forward(chunk).last_hidden_state)
-    return torch.cat(out)
+        flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        for start in range(0, flat.shape[0], LOGIT_CHUNK):
+            logits = self.module(flat[start:start + LOGIT_CHUNK]).float() / self.scale
+            yield logits, torch.log_softmax(logits, dim=-1)
 
 
-def _logprobs(loaded, hidden):
-    """Yield log-softmax over the vocabulary for chunks of predicting positions (all but the last)."""
-    import torch
+class _Metrics:
+    """Sums and maxima on the device, filled micro-batch by micro-batch."""
 
-    head = loaded.model.get_output_embeddings()
-    scale = getattr(loaded.model.config, "logits_scaling", None) or 1.0   # Granite divides logits
-    flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    for start in range(0, flat.shape[0], LOGIT_CHUNK):
-        logits = head(flat[start:start + LOGIT_CHUNK]).float() / scale
-        yield logits, torch.log_softmax(logits, dim=-1)
+    def __init__(self, device):
+        import torch
+
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        self.nll, self.ref_nll, self.kl_sum, self.agree = zero(), zero(), zero(), zero()
+        self.kl_max, self.max_diff = zero(), zero()
+        self.tokens = 0
+
+    def add(self, head: _Head, hidden, targets, ref_head: _Head | None = None, ref_hidden=None) -> None:
+        import torch
+
+        targets = targets.reshape(-1)
+        position = 0
+        ref_stream = ref_head.logprobs(ref_hidden) if ref_head is not None else None
+        for logits, lp in head.logprobs(hidden):
+            target = targets[position:position + lp.shape[0], None]
+            self.nll -= lp.gather(1, target).double().sum()
+            if ref_stream is not None:
+                ref_logits, ref_lp = next(ref_stream)
+                self.ref_nll -= ref_lp.gather(1, target).double().sum()
+                kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0)
+                self.kl_sum += kl.double().sum()
+                self.kl_max = torch.maximum(self.kl_max, kl.max().double())
+                self.agree += (ref_logits.argmax(-1) == logits.argmax(-1)).sum()
+                self.max_diff = torch.maximum(self.max_diff, (ref_logits - logits).abs().max().double())
+            position += lp.shape[0]
+        self.tokens += position
+
+    def reduce(self) -> None:
+        """Sum (and max) over torchrun ranks."""
+        import torch
+
+        sums = torch.stack([self.nll, self.ref_nll, self.kl_sum, self.agree,
+                            torch.tensor(float(self.tokens), dtype=torch.float64, device=self.nll.device)])
+        maxima = torch.stack([self.kl_max, self.max_diff])
+        distributed.all_reduce(sums, "sum")
+        distributed.all_reduce(maxima, "max")
+        self.nll, self.ref_nll, self.kl_sum, self.agree, tokens = sums.unbind()
+        self.tokens = int(tokens)
+        self.kl_max, self.max_diff = maxima.unbind()
 
 
-def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | None = None) -> EvalReport:
+def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | None = None,
+             progress=None) -> EvalReport:
     """Perplexity of CKPT on the data; with REFERENCE also KL(reference || model), top-1 agreement and
-    the largest absolute logit difference, token by token."""
+    the largest absolute logit difference, token by token. The reference runs first; its final
+    hidden states are kept (device, then host, then --offload-dir) and both heads are applied micro-batch
+    by micro-batch. Under torchrun each rank evaluates its share of the sequences."""
     import torch
-
-    from moetool.arch import detect_family
-    from moetool.errors import UnsupportedError
-    from moetool.runner.device import pick_device, pick_dtype
-    from moetool.runner.model import load_model
 
     for source in (ckpt, reference):
         family = detect_family(source.config) if source is not None else None
         if family is not None and family.decoder_offset is not None:
             raise UnsupportedError(f"{source.source}: eval supports decoder-only models; "
                                    f"{family.title} is an encoder-decoder")
-    ids = _tokens(ckpt, options)
-    device = pick_device(options.device)
+    world = distributed.world_from_env()
+    device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)
     dtype = pick_dtype(options.dtype, device)
+    distributed.init(world, device)
+    ids = calibration_ids(ckpt, options, default="builtin:heldout", vocab_size=inspect_checkpoint(ckpt).vocab_size)
+    first, count = distributed.share(ids.shape[0], world)
+    batches = micro_batches(ids[first:first + count], options.batch_size, first)
     start = time.perf_counter()
-    models = [(ckpt, "model")] + ([(reference, "reference")] if reference is not None else [])
-    hidden = {}
-    loaded = {}
-    for source, role in models:
-        loaded[role] = load_model(source, device=device, dtype=dtype, mode=options.mode, with_head=True,
-                                  trust_remote_code=options.trust_remote_code)
-        hidden[role] = _hidden_states(loaded[role], ids, options.batch_size)
-    targets = ids[:, 1:].reshape(-1).to(device)
-    nll = {role: 0.0 for role in hidden}
-    kl_sum, kl_max, agree, max_diff = 0.0, 0.0, 0, 0.0
-    streams = {role: _logprobs(loaded[role], hidden[role]) for role in hidden}
-    position = 0
-    with torch.no_grad():
-        for model_logits, model_lp in streams["model"]:
-            n = model_lp.shape[0]
-            target = targets[position:position + n]
-            nll["model"] += float(-model_lp.gather(1, target[:, None]).sum())
-            if reference is not None:
-                ref_logits, ref_lp = next(streams["reference"])
-                nll["reference"] += float(-ref_lp.gather(1, target[:, None]).sum())
-                kl = (ref_lp.exp() * (ref_lp - model_lp)).sum(-1).clamp_min(0)
-                kl_sum += float(kl.sum())
-                kl_max = max(kl_max, float(kl.max()))
-                agree += int((ref_logits.argmax(-1) == model_logits.argmax(-1)).sum())
-                max_diff = max(max_diff, float((ref_logits - model_logits).abs().max()))
-            position += n
-    tokens = position
-    report = EvalReport(model=ckpt.source, reference=reference.source if reference else None, tokens=tokens,
-                        sequences=ids.shape[0], seq_len=ids.shape[1], nll_mean=nll["model"] / tokens,
-                        perplexity=math.exp(nll["model"] / tokens), seconds=round(time.perf_counter() - start, 3),
-                        mode=loaded["model"].mode, device=str(device))
+    metrics = _Metrics(device)
+    ref_head, store = None, None
+    kwargs = dict(device=device, dtype=dtype, mode=options.mode, device_map=options.device_map, with_head=True,
+                  trust_remote_code=options.trust_remote_code)
+    try:
+        if reference is not None:
+            store = ActivationStore(device, device_budget=0 if device.type == "cpu" else
+                                    int(0.25 * available_memory(device)),
+                                    host_budget=0 if options.offload_dir else int(0.5 * available_memory(
+                                        torch.device("cpu"))), offload_dir=options.offload_dir)
+            loaded_ref = load_model(reference, **kwargs)
+            engine.run(loaded_ref, batches, on_final=lambda batch, hidden: store.put(batch.slot, hidden),
+                       progress=_labelled(progress, "reference"), offload_dir=options.offload_dir)
+            ref_head = _Head(loaded_ref)
+            del loaded_ref
+        loaded = load_model(ckpt, **kwargs)
+        head = _Head(loaded)
+
+        def on_final(batch, hidden):
+            targets = batch.ids[:, 1:].to(device)
+            metrics.add(head, hidden, targets, ref_head, store.get(batch.slot) if store is not None else None)
+
+        engine.run(loaded, batches, on_final=on_final, progress=_labelled(progress, "model"),
+                   offload_dir=options.offload_dir)
+    finally:
+        if store is not None:
+            store.close()
+    metrics.reduce()
+    tokens = max(1, metrics.tokens)
+    nll = float(metrics.nll) / tokens
+    report = EvalReport(model=ckpt.source, reference=reference.source if reference else None, tokens=metrics.tokens,
+                        sequences=ids.shape[0], seq_len=ids.shape[1], nll_mean=nll, perplexity=math.exp(nll),
+                        seconds=round(time.perf_counter() - start, 3), mode=loaded.mode, device=str(device))
     if reference is not None:
-        report.kl_mean = kl_sum / tokens
-        report.kl_max = kl_max
-        report.top1_agreement = agree / tokens
-        report.max_logit_diff = max_diff
-        report.reference_perplexity = math.exp(nll["reference"] / tokens)
+        report.kl_mean = float(metrics.kl_sum) / tokens
+        report.kl_max = float(metrics.kl_max)
+        report.top1_agreement = float(metrics.agree) / tokens
+        report.max_logit_diff = float(metrics.max_diff)
+        report.reference_perplexity = math.exp(float(metrics.ref_nll) / tokens)
     return report
+
+
+def _labelled(progress, role: str):
+    if progress is None:
+        return None
+    return lambda label, done, total: progress(f"{role}: {label}", done, total)

@@ -5,15 +5,22 @@ from __future__ import annotations
 import logging
 import math
 import resource
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from moetool import __version__
-from moetool.checkpoint import Checkpoint
-from moetool.errors import UnsupportedError
+from moetool.checkpoint import BYTES_READ, Checkpoint
+from moetool.errors import UnsupportedError, UsageError
 from moetool.ops import routing_stats as rs
+from moetool.ops.inspect import inspect_checkpoint
+from moetool.runner import data, distributed, engine
+from moetool.runner.capture import RouterCapture
+from moetool.runner.device import pick_device, pick_dtype
+from moetool.runner.engine import micro_batches
+from moetool.runner.model import load_model
+from moetool.runner.stats import LayerTotals, RoutingStats, window_unit
+from moetool.runner.trace import TraceWriter, open_trace
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +29,25 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class ProfileOptions:
-    data: Path | None = None            # text file, .jsonl, folder, or "builtin" (the default)
+    data: Path | None = None            # calibration data (runner/data.py formats), or "builtin" (the default)
     token_ids: Path | None = None       # token-id file, for models without a tokenizer
-    field: str = "text"                 # .jsonl field
+    field: str = "text"                 # field of .jsonl/parquet/arrow records
+    chat_template: str | None = None    # render chat records: "model" (the tokenizer's) or a Jinja file
     max_tokens: int | None = 8192
     seq_len: int = 512
-    batch_size: int = 8                 # sequences per forward in full mode
+    batch_size: int = 8                 # sequences per micro-batch
+    capacity_window: int | None = None  # tokens per capacity window (default: batch_size x seq_len)
     device: str | None = None
     dtype: str | None = None
     mode: str = "auto"                  # "full" | "streamed" | "auto"
+    device_map: str | None = None       # full mode: "auto" spreads the model over the node's GPUs (accelerate)
+    offload_dir: Path | None = None     # streamed: where hidden states go that fit neither device nor host
     ep: int | None = None               # devices for expert-parallel placement
     ep_replicas: int = 0                # extra copies of hot experts in the balanced placement
     saliency: bool = False              # also record expert output norms (REAP saliency); k more expert passes
+    trace: Path | None = None           # stream per-token routing to this folder
+    from_trace: Path | None = None      # compute the report from a trace instead of running the model
+    force: bool = False                 # replace an existing --trace folder
     trust_remote_code: bool = False
 
 
@@ -45,14 +59,14 @@ class LayerProfile:
     tokens: int
     counts: list[int]
     share: list[float]
-    weight_mass: list[float]
+    weight_mass: list[float] | None     # None: the routing came without gate weights (vLLM traces)
     saliency: list[float] | None        # mean of ||gate weight x expert output|| over the tokens routed to it
     activation_norm: list[float] | None  # EAN: mean ||expert output|| over the tokens routed to it
     dead_experts: list[int]
-    entropy_mean: float
-    entropy_normalized: float           # mean entropy / log(E): 1 = uniform routing
-    top1_prob_mean: float
-    margin_mean: float
+    entropy_mean: float | None
+    entropy_normalized: float | None    # mean entropy / log(E): 1 = uniform routing
+    top1_prob_mean: float | None
+    margin_mean: float | None
     imbalance: dict[str, float]
     capacity_drop: dict[str, float]     # capacity factor -> share of assignments dropped
     coactivation: list[list[int]]
@@ -66,15 +80,19 @@ class LayerProfile:
 class ProfileReport:
     source: str
     family: str
-    mode: str
+    mode: str                           # "full" | "streamed" | "trace"
     device: str
     dtype: str
     tokens: int
     sequences: int
-    seq_len: int
+    seq_len: int | None
     timing: dict[str, Any]
     memory: dict[str, Any]
     layers: list[LayerProfile]
+    capacity_window: int = 0
+    world_size: int = 1
+    io: dict[str, Any] = field(default_factory=dict)
+    trace: str | None = None
     notes: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
     moetool_version: str = __version__
@@ -85,157 +103,206 @@ class ProfileReport:
                 **data}
 
 
-def _token_ids(ckpt: Checkpoint, options: ProfileOptions) -> list[int]:
-    from moetool.runner import data
+def calibration_ids(ckpt: Checkpoint, options, *, default: str, vocab_size: int | None):
+    """The packed [N, seq_len] calibration tokens of OPTIONS (any options with the calibration fields:
+    data, token_ids, field, chat_template, max_tokens, seq_len)."""
+    config = ckpt.config or {}
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    max_positions = text_config.get("max_position_embeddings") or text_config.get("max_seq_len")
+    ids = data.calibration_ids(data=options.data, token_ids=options.token_ids, field=options.field,
+                               max_tokens=options.max_tokens, tokenizer_path=ckpt.root,
+                               chat_template=options.chat_template, default=default)
+    return data.pack(ids, seq_len=options.seq_len, max_tokens=options.max_tokens, vocab_size=vocab_size,
+                     max_positions=max_positions)
 
-    if options.token_ids is not None:
-        return data.read_token_ids(options.token_ids)
-    texts = data.read_texts(options.data or Path("builtin"), options.field)
-    if not texts:
-        raise data.DataError(f"{options.data}: holds no text")
-    return data.tokenize(texts, ckpt.root)
 
-
-def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> ProfileReport:
-    """Run the calibration tokens through CKPT's model and compute the routing statistics.
-
-    Args:
-        progress: optional callable(done_sequences, total_sequences).
-    """
-    import torch
-
-    from moetool.ops.inspect import inspect_checkpoint
-    from moetool.runner.capture import RouterCapture
-    from moetool.runner.data import pack
-    from moetool.runner.device import DeviceError, pick_device, pick_dtype
-    from moetool.runner.model import load_model
-
+def _structure(ckpt: Checkpoint):
     structure = inspect_checkpoint(ckpt)
     if not structure.moe_layers:
         raise UnsupportedError(f"{ckpt.source}: no MoE layers ({structure.family_title or 'unknown family'} "
                                "is dense), so there is no routing to profile")
-    config = ckpt.config or {}
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    max_positions = text_config.get("max_position_embeddings") or text_config.get("max_seq_len")
-    ids = pack(_token_ids(ckpt, options), seq_len=options.seq_len, max_tokens=options.max_tokens,
-               vocab_size=structure.vocab_size, max_positions=max_positions)
-    device = pick_device(options.device)
+    experts = {i.index: i.experts or structure.num_experts for i in structure.layers if i.index in structure.moe_layers}
+    top_k = {layer: structure.top_k[layer] if isinstance(structure.top_k, list) else structure.top_k
+             for layer in structure.moe_layers}
+    return structure, {layer: (experts[layer], top_k[layer]) for layer in structure.moe_layers}
+
+
+def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> ProfileReport:
+    """Run the calibration tokens through CKPT's model (or read a trace) and compute the routing
+    statistics; under torchrun each rank runs its share and the statistics are summed.
+
+    Args:
+        progress: optional callable(label, done_tokens, total_tokens), one label per pass.
+    """
+    import torch
+
+    structure, layers = _structure(ckpt)
+    if options.from_trace is not None:
+        return _from_trace(ckpt, structure, layers, options)
+    world = distributed.world_from_env()
+    if world.distributed and options.device_map:
+        raise UsageError("--device-map spreads one model over the node's GPUs; under torchrun each rank runs "
+                         "its own copy: use one or the other")
+    device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)
     dtype = pick_dtype(options.dtype, device)
-    loaded = load_model(ckpt, device=device, dtype=dtype, mode=options.mode,
+    distributed.init(world, device)
+    ids = calibration_ids(ckpt, options, default="builtin", vocab_size=structure.vocab_size)
+    seq_len = ids.shape[1]
+    window = options.capacity_window or max(1, options.batch_size) * seq_len
+    unit = window_unit(window, seq_len)
+    first_unit, unit_count = distributed.share(math.ceil(ids.shape[0] / unit), world)
+    first = first_unit * unit
+    local = ids[first:min(ids.shape[0], (first_unit + unit_count) * unit)]
+    read_before = BYTES_READ.value
+    loaded = load_model(ckpt, device=device, dtype=dtype, mode=options.mode, device_map=options.device_map,
                         trust_remote_code=options.trust_remote_code)
-    top_k = structure.top_k
-
-    def k_at(layer: int) -> int:
-        return top_k[layer] if isinstance(top_k, list) else top_k
-
-    capture = RouterCapture(loaded.model, loaded.family, config, structure.moe_layers, k_at,
-                            saliency=options.saliency)
-    layer_time = _time_layers(loaded)
-    # streamed: every sequence in one forward, so each layer's weights are read once
-    batch = ids.shape[0] if loaded.mode == "streamed" else max(1, options.batch_size)
+    stats = RoutingStats(layers, device, capacity_window=window, ep=options.ep)
+    trace = None
+    if options.trace is not None:
+        trace = TraceWriter(options.trace, world=world, layers=layers, sequences=local.shape[0],
+                            first_sequence=first, seq_len=seq_len, token_ids=local.numpy(),
+                            saliency=options.saliency, force=options.force,
+                            header={"source": ckpt.source, "family": structure.family, "mode": loaded.mode,
+                                    "dtype": str(dtype).removeprefix("torch."), "batch_size": options.batch_size,
+                                    "capacity_window": window, "moetool_version": __version__})
+    capture = RouterCapture(loaded.model, loaded.family, ckpt.config or {}, structure.moe_layers,
+                            lambda layer: layers[layer][1], stats=stats, trace=trace, saliency=options.saliency)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    batch_tokens = []
     try:
-        with torch.no_grad():
-            for first in range(0, ids.shape[0], batch):
-                chunk = ids[first:first + batch].to(device)
-                loaded.base_forward(chunk)
-                batch_tokens.append(chunk.numel())
-                if progress:
-                    progress(first + chunk.shape[0], ids.shape[0])
-    except torch.OutOfMemoryError:
-        raise DeviceError(f"{device}: out of memory running {batch} sequences of {ids.shape[1]} tokens",
-                          hint="use --mode streamed, a smaller --batch-size or --seq-len") from None
+        timing = engine.run(loaded, micro_batches(local, options.batch_size, first), capture=capture,
+                            progress=progress, offload_dir=options.offload_dir)
+        if trace is not None:
+            trace.close()
+    except BaseException:
+        if trace is not None:
+            trace.abort()
+        raise
     finally:
         capture.close()
-        layer_time.close()
-    seconds = time.perf_counter() - start
-    tokens = ids.numel()
-
-    layers = [_layer_profile(layer, capture.layers[layer], structure, k_at(layer), ids.shape[1], batch_tokens,
-                             options) for layer in structure.moe_layers]
-    memory = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if world.distributed:
+        stats.all_reduce()
+    totals = stats.totals()
+    memory = {"host_peak_rss_bytes": _peak_rss()}
     if device.type == "cuda":
         memory["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    timing = {"seconds": round(seconds, 4), "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
-              "layer_seconds": {str(k): round(v, 5) for k, v in sorted(layer_time.seconds.items())}}
+    if timing.store:
+        memory["activation_store_bytes"] = timing.store
+    seconds = _max_over_ranks(timing.seconds)
+    memory = {k: (int(_max_over_ranks(v)) if isinstance(v, int) else v) for k, v in memory.items()}
+    read = BYTES_READ.value - read_before   # this process (each rank reads the model once)
+    # full mode: transformers reads the weights itself, past moetool's counter
+    io = {"weight_bytes_read": read if loaded.mode == "streamed" else None, "checkpoint_bytes": ckpt.total_bytes}
+    report_timing = {"seconds": round(seconds, 4), "tokens_per_second": round(ids.numel() / seconds, 2)
+                     if seconds else None,
+                     "layer_seconds": {str(k): round(v, 5) for k, v in sorted(timing.layer_seconds.items())},
+                     "weight_wait_seconds": round(timing.weight_wait_seconds, 4)}
     return ProfileReport(ckpt.source, structure.family, loaded.mode, str(device), str(dtype).removeprefix("torch."),
-                         tokens, ids.shape[0], ids.shape[1], timing, memory, layers)
+                         ids.numel(), ids.shape[0], seq_len, report_timing, memory,
+                         [_layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
+                         capacity_window=window, world_size=world.size, io=io,
+                         trace=str(options.trace) if options.trace else None)
 
 
-class _time_layers:
-    """Wall time spent in each decoder layer (streamed mode: loading included)."""
-
-    def __init__(self, loaded):
-        self.seconds: dict[int, float] = {}
-        self._handles = []
-        for index, layer in enumerate(loaded.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._enter(index)))
-            self._handles.append(layer.register_forward_hook(self._leave(index)))
-        if loaded.mode == "streamed":   # loading happens in earlier-registered hooks: count it too
-            self.loaded = loaded
-
-    def _enter(self, index):
-        def hook(module, args):
-            self.seconds[index] = self.seconds.get(index, 0.0) - time.perf_counter()
-        return hook
-
-    def _leave(self, index):
-        def hook(module, args, output):
-            self.seconds[index] += time.perf_counter()
-        return hook
-
-    def close(self):
-        for handle in self._handles:
-            handle.remove()
-        loaded = getattr(self, "loaded", None)
-        if loaded is not None:
-            self.seconds = dict(loaded.layer_seconds)
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _layer_profile(layer: int, record, structure, k: int, seq_len: int, batch_tokens: list[int],
-                   options: ProfileOptions) -> LayerProfile:
-    info = next(i for i in structure.layers if i.index == layer)
-    experts = info.experts or structure.num_experts
-    index = record.cat("index")
-    weight = record.cat("weight")
-    counts = rs.expert_counts(index, experts)
-    total = max(1, int(counts.sum()))
-    entropy = record.cat("entropy")
-    cache_sizes = sorted({c for c in (k, 2 * k, experts // 4, experts // 2) if 0 < c < experts})
-    seq = rs.sequence_stats(index, seq_len, cache_sizes)
-    ep = None
-    if options.ep:
-        ep = _expert_parallel(index, counts.tolist(), options.ep, options.ep_replicas, seq_len)
+def _max_over_ranks(value: float) -> float:
+    return _reduce(value, "max")
+
+
+def _sum_over_ranks(value: float) -> float:
+    return _reduce(value, "sum")
+
+
+def _reduce(value: float, op: str) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    return float(distributed.all_reduce(tensor, op)[0])
+
+
+def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) -> ProfileReport:
+    """The report of a recorded trace (moetool's, or vLLM's routed experts), without the model."""
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    trace = open_trace(options.from_trace, moe_layers=structure.moe_layers,
+                       experts={layer: e for layer, (e, _) in layers.items()},
+                       top_k={layer: k for layer, (_, k) in layers.items()})
+    seq_len = trace.seq_len
+    window = options.capacity_window or trace.header.get("capacity_window") or \
+        max(1, options.batch_size) * (seq_len or options.seq_len)
+    stats = RoutingStats(layers, torch.device("cpu"), capacity_window=window, ep=options.ep)
+    for chunk in trace.chunks():
+        for layer in structure.moe_layers:
+            weight = chunk.weights[layer] if chunk.weights else None
+            stats[layer].update(chunk.experts[layer], chunk.first_sequence, weight,
+                                chunk.router[layer] if chunk.router else None)
+            if chunk.salience:
+                stats[layer].update_salience(chunk.experts[layer], weight, chunk.salience[layer])
+    totals = stats.totals()
+    seconds = time.perf_counter() - start
+    notes = [] if trace.has_weights else [
+        "routing without gate weights (vLLM routed experts): weight_mass, saliency, entropy, top-1 probability "
+        "and margin are not available"]
+    tokens = totals[structure.moe_layers[0]].tokens   # vLLM rows of prefix-cached positions are skipped
+    return ProfileReport(ckpt.source, structure.family, "trace", "cpu", trace.header.get("dtype", "n/a"),
+                         tokens, trace.sequences, seq_len,
+                         {"seconds": round(seconds, 4),
+                          "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
+                          "layer_seconds": {}, "weight_wait_seconds": 0.0},
+                         {"host_peak_rss_bytes": _peak_rss()},
+                         [_layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
+                         capacity_window=window, trace=str(options.from_trace), notes=notes)
+
+
+def _layer_profile(layer: int, t: LayerTotals, options: ProfileOptions) -> LayerProfile:
+    experts = t.experts
+    total = max(1, sum(t.counts))
+
+    def per_routed(sums):
+        return None if sums is None else [s / c if c else 0.0 for s, c in zip(sums, t.counts)]
+
+    def mean(value):
+        return None if value is None else value / max(1, t.tokens)
+
+    entropy = mean(t.entropy_sum)
+    ep = _expert_parallel(t, options.ep, options.ep_replicas) if options.ep else None
     return LayerProfile(
-        layer=layer, experts=experts, top_k=k, tokens=index.shape[0], counts=counts.tolist(),
-        share=[round(c / total, 6) for c in counts.tolist()],
-        weight_mass=[round(float(m), 6) for m in rs.weight_mass(index, weight, experts)],
-        saliency=(None if not record.salience else
-                  [float(v) for v in rs.saliency(index, record.cat("salience"), experts)]),
-        activation_norm=(None if not record.salience else
-                         [float(v) for v in rs.activation_norm(index, weight, record.cat("salience"), experts)]),
-        dead_experts=[e for e, c in enumerate(counts.tolist()) if c == 0],
-        entropy_mean=float(entropy.mean()), entropy_normalized=float(entropy.mean()) / math.log(experts),
-        top1_prob_mean=float(record.cat("top1").mean()), margin_mean=float(record.cat("margin").mean()),
-        imbalance=rs.imbalance(counts.tolist()), capacity_drop=rs.capacity_drops(index, experts, batch_tokens),
-        coactivation=rs.coactivation(index, experts).tolist(),
-        distinct_experts_per_sequence=seq.distinct_experts_mean, consecutive_reuse=seq.consecutive_reuse,
-        lru_hit_rate=seq.lru_hit_rate, ep=ep)
+        layer=layer, experts=experts, top_k=t.top_k, tokens=t.tokens, counts=t.counts,
+        share=[round(c / total, 6) for c in t.counts],
+        weight_mass=None if t.weight_mass is None else [round(m, 6) for m in t.weight_mass],
+        saliency=per_routed(t.salience_sum), activation_norm=per_routed(t.activation_norm_sum),
+        dead_experts=[e for e, c in enumerate(t.counts) if c == 0],
+        entropy_mean=entropy, entropy_normalized=None if entropy is None else entropy / math.log(experts),
+        top1_prob_mean=mean(t.top1_sum), margin_mean=mean(t.margin_sum),
+        imbalance=rs.imbalance(t.counts),
+        capacity_drop={f: (d / t.assignments if t.assignments else 0.0) for f, d in t.drops.items()},
+        coactivation=t.coactivation,
+        distinct_experts_per_sequence=t.distinct_sum / t.sequences if t.sequences else 0.0,
+        consecutive_reuse=t.reused / t.reuse_pairs if t.reuse_pairs else 0.0,
+        lru_hit_rate={c: (h / t.lookups if t.lookups else 0.0) for c, h in t.lru_hits.items()}, ep=ep)
 
 
-def _expert_parallel(index, counts: list[int], devices: int, replicas: int, seq_len: int) -> dict[str, Any]:
-    experts = len(counts)
+def _expert_parallel(t: LayerTotals, devices: int, replicas: int) -> dict[str, Any]:
+    experts = t.experts
     if devices < 1 or devices > experts:
         raise UnsupportedError(f"--ep {devices}: needs between 1 and {experts} devices")
     result = {}
     for name, placement in (("contiguous", rs.contiguous_placement(experts, devices)),
-                            ("balanced", rs.balanced_placement(counts, devices, replicas))):
-        load = rs.placement_load(counts, placement)
+                            ("balanced", rs.balanced_placement(t.counts, devices, replicas))):
+        load = rs.placement_load(t.counts, placement)
         mean = sum(load) / devices
-        traffic = rs.all_to_all(index, placement, seq_len, devices)
+        traffic = rs.all_to_all(t.ep_counts, placement)
         result[name] = {"placement": placement, "device_load": [round(x, 2) for x in load],
                         "busiest_over_mean": round(max(load) / mean, 4) if mean else 0.0,
                         "all_to_all_tokens": traffic,
@@ -244,18 +311,21 @@ def _expert_parallel(index, counts: list[int], devices: int, replicas: int, seq_
     return result
 
 
-def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, data: Path | None, max_tokens: int,
+def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, calibration: ProfileOptions | None,
                     saliency: bool) -> dict[int, dict[str, Any]]:
     """Per MoE layer, the fields of a profile (counts, weight_mass, saliency, ...): read from a
-    `moetool profile --json` file (refused if it is of another model) or measured on DATA."""
+    `moetool profile --json` file (refused if it is of another model) or measured on the CALIBRATION
+    data (its data, token_ids, max_tokens, seq_len, batch_size, device, mode... options; None: the
+    built-in corpus; seq_len None: 256 tokens, or the model's maximum positions if fewer)."""
     import json
 
-    from moetool.errors import UsageError
-
     if profile is None:
-        positions = (ckpt.config or {}).get("max_position_embeddings")
-        seq_len = min(256, positions) if isinstance(positions, int) and positions > 1 else 256
-        report = _run(ckpt, ProfileOptions(data=data, max_tokens=max_tokens, seq_len=seq_len, saliency=saliency))
+        calibration = calibration or ProfileOptions(seq_len=None)
+        if calibration.seq_len is None:   # 256, or fewer for models with fewer positions
+            positions = (ckpt.config or {}).get("max_position_embeddings")
+            calibration = replace(calibration, seq_len=min(256, positions) if isinstance(positions, int) and
+                                  positions > 1 else 256)
+        report = _run(ckpt, replace(calibration, saliency=saliency, trace=None, from_trace=None))
         return {lp.layer: lp.__dict__ for lp in report.layers}
     try:
         layers = {int(layer["layer"]): layer for layer in json.loads(Path(profile).read_text())["layers"]}

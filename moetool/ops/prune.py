@@ -31,6 +31,8 @@ from moetool.checkpoint.writer import (
     write_checkpoint,
 )
 from moetool.errors import MoetoolError, UnsupportedError, UsageError
+from moetool.ops.profile import ProfileOptions, routing_profile
+from moetool.quant.config import recorded_formats
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,7 @@ class PruneOptions:
     ratio: float | None = None          # share of experts removed per layer
     criterion: str = "frequency"
     profile: Path | None = None         # a `moetool profile --json` file
-    data: Path | None = None            # text to profile when no --profile (default: the built-in corpus)
-    max_tokens: int = 8192
+    calibration: ProfileOptions | None = None   # data to profile when no --profile (None: the built-in corpus)
     merge: bool = False                 # fold removed experts into their most similar kept expert
     scope: str = "per-layer"            # "per-layer" (same count everywhere) | "global" (ranked across layers)
     seed: int = 0
@@ -91,10 +92,8 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions
         gen = torch.Generator().manual_seed(options.seed)
         return ({layer: torch.rand(structure.num_experts, generator=gen).tolist() for layer in structure.moe_layers},
                 None)
-    from moetool.ops.profile import routing_profile
-
-    layers = routing_profile(ckpt, structure, profile=options.profile, data=options.data,
-                             max_tokens=options.max_tokens, saliency=options.criterion in ("reap", "ean"))
+    layers = routing_profile(ckpt, structure, profile=options.profile, calibration=options.calibration,
+                             saliency=options.criterion in ("reap", "ean"))
     mass = {layer: layers[layer]["weight_mass"] for layer in structure.moe_layers}
     if options.criterion == "random":
         gen = torch.Generator().manual_seed(options.seed)
@@ -122,7 +121,6 @@ def _kept_count(experts: int, top_k: int, options: PruneOptions) -> int:
 def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     """Choose the kept experts and plan every output tensor (reads headers, runs a profile if needed)."""
     from moetool.ops.inspect import inspect_checkpoint
-    from moetool.ops.quantize import recorded_formats
 
     family = detect_family(ckpt.config)
     structure = inspect_checkpoint(ckpt)

@@ -1,7 +1,7 @@
 """`moetool quantize`: quantize every routed expert on its own, with bits spent where routing says
 they matter.
 
-The source is read in the per-expert layout (the convert planner splits fused experts one expert
+The source is read in the per-expert layout (the tensor plan splits fused experts one expert
 at a time, dequantizes fp8/mxfp4 sources). Each routed expert gets one format for its matrices:
 one given format, or, under `--bits-budget`, the format chosen for it by a multiple-choice
 knapsack: every candidate format's measured squared reconstruction error on the expert, times
@@ -41,12 +41,13 @@ from moetool.checkpoint.writer import (
     write_checkpoint,
 )
 from moetool.errors import OutputWriteError, UnsupportedError, UsageError
-from moetool.ops.convert import FLOATS, ConvertOptions, family_context, plan_convert
+from moetool.layout.plan import FLOATS, PlanOptions, family_context, plan_tensors
+from moetool.ops.profile import ProfileOptions, routing_profile
+from moetool.quant.config import QUANT_METHOD, recorded_formats
 from moetool.quant.formats import Format, parse_format, slice_name
 
 log = logging.getLogger(__name__)
 
-QUANT_METHOD = "moetool"
 EXPERT_MATRICES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)
 # what --rules may quantize: matrices transformers holds in nn.Linear modules
 RULE_ROLES = frozenset({Role.ATTN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_GATE_UP,
@@ -66,8 +67,7 @@ class QuantizeOptions:
     policy: str = "frequency"           # importance: uniform | frequency | mass | saliency
     rules: tuple[str, ...] = ()         # "ROLE_OR_REGEX=FORMAT" for attention, shared experts, dense MLPs
     profile: Path | None = None         # a `moetool profile --json` file
-    data: Path | None = None            # text to profile without --profile (default: the built-in corpus)
-    max_tokens: int = 8192
+    calibration: ProfileOptions | None = None   # data to profile without --profile (None: the built-in corpus)
     layout: str = "moetool"             # "moetool" | "transformers" | "transformers4" (stock + bitsandbytes)
     llama_quantize: Path | None = None  # also write a llama-quantize --tensor-type-file
     max_shard_size: int = 5_000_000_000
@@ -179,14 +179,6 @@ def quant_config(formats: dict[str, Format], experts: list[ExpertQuant], stacked
             **({"stacked": stacked} if stacked else {})}
 
 
-def recorded_formats(config: dict | None) -> dict[str, Format] | None:
-    """Weight name -> format of a checkpoint moetool quantized (None for any other checkpoint)."""
-    qc = (config or {}).get("quantization_config") or {}
-    if qc.get("quant_method") != QUANT_METHOD:
-        return None
-    return {name: parse_format(fid) for name, fid in qc.get("tensors", {}).items()}
-
-
 # ---------------------------------------------------------------- allocation
 
 def _importance(ckpt: Checkpoint, options: QuantizeOptions, layers: list[int], experts: int
@@ -196,10 +188,9 @@ def _importance(ckpt: Checkpoint, options: QuantizeOptions, layers: list[int], e
     if key is None:
         return {layer: [1.0] * experts for layer in layers}
     from moetool.ops.inspect import inspect_checkpoint
-    from moetool.ops.profile import routing_profile
 
-    profile = routing_profile(ckpt, inspect_checkpoint(ckpt), profile=options.profile, data=options.data,
-                              max_tokens=options.max_tokens, saliency=options.policy == "saliency")
+    profile = routing_profile(ckpt, inspect_checkpoint(ckpt), profile=options.profile,
+                              calibration=options.calibration, saliency=options.policy == "saliency")
     out = {}
     for layer in layers:
         scores = profile[layer].get(key)
@@ -268,7 +259,7 @@ def _slope(a, b) -> float:
 
 @dataclass
 class _Weight:
-    tensor: OutputTensor                 # the source weight, as the convert planner reads it
+    tensor: OutputTensor                 # the source weight, as the tensor plan reads it
     layer: int | None
     expert: int | None
     role: Role
@@ -359,7 +350,7 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
     rules = check_options(options)
     quantized_source = any(r.dtype not in FLOATS for r in ckpt.tensors.values())
     per_expert = "per-expert" if "per-expert" in family.layouts else None   # stacked-only families keep theirs
-    base = plan_convert(ckpt, ConvertOptions(layout=per_expert, dequantize=quantized_source))
+    base = plan_tensors(ckpt, PlanOptions(layout=per_expert, dequantize=quantized_source))
     classifier = Classifier(family, offset)
     weights, stacked = [], {}
     for tensor in base.tensors:

@@ -3,32 +3,19 @@
 Per MoE layer and token: the chosen experts and their weights exactly as the family routes
 (taken from the router's own output, or recomputed from its logits with the family's maths
 where the module returns logits only), plus the router distribution's entropy, top-1
-probability and top-1/top-2 margin.
+probability and top-1/top-2 margin. They go to the run's on-device accumulators
+(runner/stats.py) and, with a trace, to its writer: the hooks themselves never copy to the host.
+
+A module that computes its router's logits without calling the router module (transformers'
+MXFP4 GPT-OSS MLP on CUDA does) would leave the hook silent: the router's parent module is
+watched too, and when its forward ran without the router firing, the router is called on the
+parent's input so that the routing is recorded all the same.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from moetool.arch import Family
 from moetool.errors import UnsupportedError
-
-
-@dataclass
-class LayerRouting:
-    """Everything recorded for one MoE layer, in token order (row-major over batch x position)."""
-
-    index: list = field(default_factory=list)      # [T, k] int tensors (CPU), per forward call
-    weight: list = field(default_factory=list)     # [T, k] float32
-    entropy: list = field(default_factory=list)    # [T] float32 (nats)
-    top1: list = field(default_factory=list)       # [T] top-1 probability
-    margin: list = field(default_factory=list)     # [T] top-1 minus top-2 probability
-    salience: list = field(default_factory=list)   # [T, k] ||gate weight x expert output|| (with saliency)
-
-    def cat(self, name: str):
-        import torch
-
-        return torch.cat(getattr(self, name)) if getattr(self, name) else torch.empty(0)
 
 
 def _distribution(logits, family: Family):
@@ -90,42 +77,75 @@ def _module_name(template, layer: int, decoder_offset: int) -> str:
 
 
 class RouterCapture:
-    """Forward hooks on the router of every MoE layer; removed by close()."""
+    """Forward hooks on the router of every MoE layer, feeding STATS (a RoutingStats) and TRACE (a
+    TraceWriter, optional); removed by close(). The engine calls set_batch() before each
+    micro-batch and step_done() after it."""
 
-    def __init__(self, model, family: Family, config: dict, moe_layers: list[int], top_k_at, keep_logits=False,
-                 saliency: bool = False):
-        import torch
-
+    def __init__(self, model, family: Family, config: dict, moe_layers: list[int], top_k_at, stats=None,
+                 trace=None, saliency: bool = False):
         if family.router_module is None:
             raise UnsupportedError(f"{family.title}: routing capture is not supported for this family")
         offset = family.decoder_offset(config) if family.decoder_offset else 0
-        self.layers: dict[int, LayerRouting] = {layer: LayerRouting() for layer in moe_layers}
-        self.logits: dict[int, list] = {layer: [] for layer in moe_layers} if keep_logits else {}
+        self.stats, self.trace = stats, trace
+        self.batch = (0, 1, 1)   # first sequence, sequences, positions of the running micro-batch
         self._handles = []
+        self._fired: dict[int, bool] = {}
         for layer in moe_layers:
             name = _module_name(family.router_module, layer, offset)
             try:
                 module = model.get_submodule(name)
             except AttributeError:
                 raise UnsupportedError(f"{family.title}: no router module {name} in the transformers model") from None
-
-            def hook(module, args, output, layer=layer):
-                with torch.no_grad():
-                    index, weight, logits = _parse(output, family, config, top_k_at(layer))
-                    probs = _distribution(logits, family)
-                    top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
-                    rec = self.layers[layer]
-                    rec.index.append(index.to(torch.int32).cpu())
-                    rec.weight.append(weight.float().cpu())
-                    rec.entropy.append(-(probs * torch.log(probs.clamp_min(1e-30))).sum(-1).cpu())
-                    rec.top1.append(top2[:, 0].cpu())
-                    rec.margin.append((top2[:, 0] - top2[:, -1]).cpu())
-                    if keep_logits:
-                        self.logits[layer].append(logits.float().cpu())
-
-            self._handles.append(module.register_forward_hook(hook))
+            self._handles.append(module.register_forward_hook(self._router_hook(family, config, layer,
+                                                                                top_k_at(layer))))
+            parent = name.rpartition(".")[0]
+            if parent:
+                self._watch_parent(model.get_submodule(parent), module, layer)
             if saliency:
                 self._handles.append(self._saliency_hook(model, family, layer))
+
+    def set_batch(self, first_sequence: int, sequences: int, positions: int) -> None:
+        self.batch = (first_sequence, sequences, positions)
+
+    def step_done(self) -> None:
+        if self.trace is not None:
+            self.trace.step_done()
+
+    def _router_hook(self, family: Family, config: dict, layer: int, k: int):
+        import torch
+
+        def hook(module, args, output):
+            self._fired[layer] = True
+            first, batch, seq = self.batch
+            with torch.no_grad():
+                index, weight, logits = _parse(output, family, config, k)
+                probs = _distribution(logits, family)
+                top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
+                entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+                router = torch.stack([entropy, top2[:, 0], top2[:, 0] - top2[:, -1]], dim=-1)
+                shape = (batch, seq, index.shape[-1])
+                index = index.reshape(shape).long()
+                weight = weight.reshape(shape).float()
+                router = router.reshape(batch, seq, 3).float()
+                if self.stats is not None:
+                    stats = self.stats[layer]
+                    stats.update(index.to(stats.device, non_blocking=True), first,
+                                 weight.to(stats.device, non_blocking=True),
+                                 router.to(stats.device, non_blocking=True))
+                if self.trace is not None:
+                    self.trace.add(layer, index, weight, router)
+        return hook
+
+    def _watch_parent(self, parent, router, layer: int) -> None:
+        """Call ROUTER on PARENT's input when PARENT's forward did not (see the module docstring)."""
+        def before(module, args):
+            self._fired[layer] = False
+
+        def after(module, args, output):
+            if not self._fired.get(layer, True) and args:
+                hidden = args[0]
+                router(hidden.reshape(-1, hidden.shape[-1]))
+        self._handles += [parent.register_forward_pre_hook(before), parent.register_forward_hook(after)]
 
     def _saliency_hook(self, model, family: Family, layer: int):
         """For each token and chosen slot j: the norm of the experts' output with only slot j's weight
@@ -145,7 +165,15 @@ class RouterCapture:
                     only = torch.zeros_like(weights)
                     only[:, slot] = weights[:, slot]
                     norms.append(module.forward(hidden, index, only).float().norm(dim=-1))
-                self.layers[layer].salience.append(torch.stack(norms, dim=1).cpu())
+                salience = torch.stack(norms, dim=1)
+                if self.stats is not None:
+                    stats = self.stats[layer]
+                    stats.update_salience(index.long().to(stats.device, non_blocking=True),
+                                          weights.to(stats.device, non_blocking=True),
+                                          salience.to(stats.device, non_blocking=True))
+                if self.trace is not None:
+                    first, batch, seq = self.batch
+                    self.trace.add_salience(layer, salience.reshape(batch, seq, -1))
 
         return module.register_forward_hook(hook, with_kwargs=True)
 

@@ -1,11 +1,21 @@
-"""Calibration input: text files, .jsonl, or token ids, packed into sequences of --seq-len tokens."""
+"""Calibration input: text, .jsonl, parquet, Arrow, saved Hugging Face datasets or token ids, tokenized lazily
+up to --max-tokens and packed into sequences of --seq-len tokens."""
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from moetool.errors import MoetoolError, UsageError
+
+log = logging.getLogger(__name__)
 
 
 class DataError(MoetoolError):
@@ -15,6 +25,79 @@ class DataError(MoetoolError):
 
 
 BUILTIN = {"builtin": "train", "builtin:train": "train", "builtin:heldout": "heldout"}
+BLOCK = 4 * 1024 * 1024                 # a text file larger than this is read and tokenized in blocks of about this
+TEXT_SUFFIXES = (".txt", ".md")
+ARROW_SUFFIXES = (".parquet", ".arrow")
+SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", *ARROW_SUFFIXES)
+BATCH_ROWS = 256                        # parquet rows read at a time
+NO_TOKENIZER_HINT = "give token ids with --token-ids instead of text"
+
+
+def calibration_ids(*, data: Path | str | None, token_ids: Path | None, field: str = "text",
+                    max_tokens: int | None, tokenizer_path: Path | None, chat_template: str | None = None,
+                    default: str = "builtin") -> np.ndarray:
+    """The calibration data's token ids (int64, 1-D), at most MAX_TOKENS of them.
+
+    Documents are read and tokenized one by one, and reading stops as soon as MAX_TOKENS ids exist: later
+    documents are never read or tokenized, and the last one's ids are cut.
+
+    Args:
+        data: what to read (None: DEFAULT; "builtin", "builtin:train" or "builtin:heldout": the built-in corpus):
+            - a .txt or .md file (any file whose ending is not listed here, too) is one document, tokenized as
+              ``tokenizer(text, add_special_tokens=True)``; a file larger than 4 MiB is read and tokenized in blocks
+              of about 4 MiB split at line boundaries, with the special tokens (BOS, EOS) only at the document's
+              start and end, so it never sits in memory whole;
+            - a .jsonl file: FIELD of each line, read line by line;
+            - a .parquet or .arrow file (Arrow IPC file or stream format): column FIELD, read in record batches
+              (needs pyarrow, ``pip install 'moetool[data]'``);
+            - a folder saved by ``datasets.Dataset.save_to_disk`` (``state.json``): its arrow files in the order
+              state.json lists; a ``DatasetDict`` folder (``dataset_dict.json``): its ``train`` split, else its
+              first (logged);
+            - any other folder: its own files of the kinds above, sorted by name; subfolders and hidden files are
+              not read (so train/ and test/ subfolders are never mixed).
+            Empty and whitespace-only texts are skipped (and null or non-text values of FIELD).
+        token_ids: a token-id file (a JSON list or list of lists, or whitespace-separated integers) instead of
+            DATA; cut at MAX_TOKENS too.
+        field: the field (jsonl) or column (parquet, arrow, datasets) of each record that holds its text or,
+            with CHAT_TEMPLATE, its list of chat messages.
+        max_tokens: at most this many ids (None: all).
+        tokenizer_path: the folder of the tokenizer that tokenizes text (read with ``AutoTokenizer``).
+        chat_template: None: FIELD holds text. Otherwise FIELD holds a list of messages
+            (``[{"role": ..., "content": ...}, ...]``), rendered with ``tokenizer.apply_chat_template(messages,
+            tokenize=False)`` and tokenized without adding special tokens again: "model" uses the tokenizer's
+            own template, anything else is the path of a Jinja template file to use instead.
+        default: what DATA None means ("builtin" for calibration, "builtin:heldout" for evaluation).
+
+    Raises:
+        DataError: a missing, unreadable or empty input, a bad record, no usable tokenizer, bad token ids.
+        UsageError: both DATA and TOKEN_IDS, or MAX_TOKENS below 1.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise UsageError(f"--max-tokens must be positive, not {max_tokens}")
+    if token_ids is not None:
+        if data is not None:
+            raise UsageError("give either --data or --token-ids, not both")
+        ids = np.asarray(read_token_ids(Path(token_ids)), dtype=np.int64)[:max_tokens]
+        if ids.size == 0:
+            raise DataError(f"{token_ids}: holds no token ids")
+        return ids
+    source = str(data) if data is not None else default
+    encoder = _Encoder(tokenizer_path, chat_template)
+    parts: list[np.ndarray] = []
+    count = 0
+    records = _records(source, field, chat=chat_template is not None)
+    try:
+        for where, value in records:
+            for piece in encoder.encode(where, value):
+                parts.append(np.asarray(piece, dtype=np.int64))
+                count += len(piece)
+                if max_tokens is not None and count >= max_tokens:
+                    return np.concatenate(parts)[:max_tokens]
+    finally:
+        records.close()
+    if count == 0:
+        raise DataError(f"{source}: holds no text")
+    return np.concatenate(parts)
 
 
 def builtin_texts(split: str) -> list[str]:
@@ -27,80 +110,309 @@ def builtin_texts(split: str) -> list[str]:
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
-    """Documents from a .txt file (one document), a .jsonl file (FIELD of each line), a folder of them,
-    or the built-in corpus ("builtin", "builtin:train", "builtin:heldout")."""
-    if str(path) in BUILTIN:
-        return builtin_texts(BUILTIN[str(path)])
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        texts = []
-        for child in sorted(path.iterdir()):
-            if child.suffix in (".txt", ".jsonl", ".md"):
-                texts.extend(read_texts(child, field))
-        return texts
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
-    if path.suffix != ".jsonl":
-        return [raw] if raw.strip() else []
-    texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)[field]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{number}: not a JSON object with a {field!r} field") from None
-        if isinstance(value, str) and value.strip():
-            texts.append(value)
-    return texts
+    """Documents of PATH, read whole (the formats of `calibration_ids`, without chat records)."""
+    return [value.read() if isinstance(value, _LargeText) else value
+            for _, value in _records(str(path), field, chat=False)]
 
 
 def read_token_ids(path: Path) -> list[int]:
     """Token ids from a JSON list (or list of lists) or whitespace-separated integers."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such token-id file")
     try:
         raw = path.read_text(encoding="utf-8")
         data = json.loads(raw) if raw.lstrip().startswith("[") else [int(t) for t in raw.split()]
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: not a token-id file (a JSON list or integers separated by spaces): {exc}") \
             from None
-    flat = [t for seq in data for t in seq] if data and isinstance(data[0], list) else data
-    if not all(isinstance(t, int) and t >= 0 for t in flat):
+    nested = bool(data) and isinstance(data[0], list)
+    if nested and not all(isinstance(seq, list) for seq in data):
+        raise DataError(f"{path}: a JSON list of token ids, or of lists of them, not a mix of both")
+    flat = [t for seq in data for t in seq] if nested else data
+    if not all(type(t) is int and 0 <= t < 2**63 for t in flat):
         raise DataError(f"{path}: token ids must be non-negative integers")
     return flat
 
 
 def tokenize(texts: list[str], tokenizer_path: Path) -> list[int]:
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except Exception as exc:   # no tokenizer files, or unreadable ones
-        raise DataError(f"{tokenizer_path}: no usable tokenizer ({type(exc).__name__})",
-                        hint="give token ids with --token-ids instead of text") from None
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=True)["input_ids"])
-    return ids
+    """The ids of TEXTS, each tokenized with its special tokens, one after the other."""
+    encoder = _Encoder(tokenizer_path, None)
+    return [t for text in texts for piece in encoder.encode("", text) for t in piece]
 
 
-def pack(ids: list[int], *, seq_len: int, max_tokens: int | None, vocab_size: int | None,
-         max_positions: int | None):
-    """A [N, seq_len] LongTensor of consecutive tokens (the remainder is dropped unless it is all)."""
+def pack(ids, *, seq_len: int, max_tokens: int | None, vocab_size: int | None, max_positions: int | None):
+    """A [N, seq_len] LongTensor of consecutive tokens of IDS (a list or 1-D array; the remainder is dropped
+    unless it is all)."""
     import torch
 
     if seq_len <= 0:
         raise UsageError("--seq-len must be positive")
     if max_positions and seq_len > max_positions:
         raise UsageError(f"--seq-len {seq_len} is beyond the model's maximum of {max_positions} positions")
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    if not ids:
+    if ids.size == 0:
         raise DataError("the calibration data holds no tokens")
-    if vocab_size and max(ids) >= vocab_size:
-        raise DataError(f"token id {max(ids)} is outside the model's vocabulary of {vocab_size}")
+    if vocab_size and int(ids.max()) >= vocab_size:
+        raise DataError(f"token id {int(ids.max())} is outside the model's vocabulary of {vocab_size}")
     count = max(1, len(ids) // seq_len)
     length = seq_len if len(ids) >= seq_len else len(ids)
     return torch.tensor(ids[: count * length], dtype=torch.long).reshape(count, length)
+
+
+# --- reading records -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _LargeText:
+    """A text file too large to read whole: one document, read in blocks split at line boundaries."""
+
+    path: Path
+
+    def blocks(self) -> Iterator[str]:
+        try:
+            with self.path.open(encoding="utf-8") as file:
+                parts: list[str] = []
+                size = 0
+                while line := file.readline(BLOCK):
+                    parts.append(line)
+                    size += len(line)
+                    if size >= BLOCK:
+                        yield "".join(parts)
+                        parts, size = [], 0
+                if parts:
+                    yield "".join(parts)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{self.path}: cannot be read as UTF-8 text ({exc})") from None
+
+    def read(self) -> str:
+        return "".join(self.blocks())
+
+
+def _records(source: str, field: str, chat: bool) -> Iterator[tuple[str, Any]]:
+    """(where, value) of each document of SOURCE, lazily: value is a text, a `_LargeText` or (CHAT) a list of
+    messages; where names the file and record, for errors."""
+    if source in BUILTIN:
+        if chat:
+            raise DataError(f"{source}: the built-in corpus is plain text, not chat records",
+                            hint="give chat records with --data, or no --chat-template")
+        yield source, builtin_texts(BUILTIN[source])[0]
+        return
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        yield from _file_records(path, field, chat)
+    elif (path / "dataset_dict.json").is_file():
+        splits = _json_file(path / "dataset_dict.json", "a datasets DatasetDict file").get("splits") or []
+        if not splits:
+            raise DataError(f"{path / 'dataset_dict.json'}: lists no splits")
+        split = "train" if "train" in splits else splits[0]
+        log.info("%s: a dataset with the splits %s; reading %r", path, ", ".join(map(str, splits)), split)
+        yield from _dataset_records(path / str(split), field, chat)
+    elif (path / "state.json").is_file():
+        yield from _dataset_records(path, field, chat)
+    else:
+        children = sorted(child for child in path.iterdir()
+                          if child.suffix.lower() in SUFFIXES and not child.name.startswith(".") and child.is_file())
+        if not children:
+            raise DataError(f"{path}: no {', '.join(SUFFIXES)} files in this folder (subfolders are not read)")
+        for child in children:
+            yield from _file_records(child, field, chat)
+
+
+def _json_file(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: not {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not {what} (not a JSON object)")
+    return data
+
+
+def _dataset_records(folder: Path, field: str, chat: bool) -> Iterator[tuple[str, Any]]:
+    """The records of a folder written by `datasets.Dataset.save_to_disk`, in the order its state.json lists."""
+    state = _json_file(folder / "state.json", "a datasets state file")
+    try:
+        names = [entry["filename"] for entry in state["_data_files"]]
+        assert all(isinstance(name, str) for name in names)
+    except (KeyError, TypeError, AssertionError):
+        raise DataError(f"{folder / 'state.json'}: not a datasets state file (no list of _data_files)") from None
+    for name in names:
+        if not (folder / name).is_file():
+            raise DataError(f"{folder / name}: no such file (listed in {folder / 'state.json'})")
+        yield from _arrow_records(folder / name, field, chat)
+
+
+def _file_records(path: Path, field: str, chat: bool) -> Iterator[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl_records(path, field, chat)
+    elif suffix in ARROW_SUFFIXES:
+        yield from _arrow_records(path, field, chat)
+    elif chat:
+        raise DataError(f"{path}: plain text holds no chat records",
+                        hint="chat records come from .jsonl, .parquet, .arrow files or saved datasets")
+    elif path.stat().st_size > BLOCK:
+        yield str(path), _LargeText(path)
+    else:
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+        if raw.strip():
+            yield str(path), raw
+
+
+def _jsonl_records(path: Path, field: str, chat: bool) -> Iterator[tuple[str, Any]]:
+    try:
+        with path.open(encoding="utf-8") as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                if not isinstance(record, dict) or (field not in record and not chat):
+                    raise DataError(f"{where}: not a JSON object with a {field!r} field")
+                value = _value(record.get(field), where, field, chat)
+                if value is not None:
+                    yield where, value
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+
+
+def _arrow_records(path: Path, field: str, chat: bool) -> Iterator[tuple[str, Any]]:
+    """FIELD of each row of a parquet or Arrow IPC (file or stream format) file, read in record batches."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet and Arrow files needs pyarrow",
+                        hint="pip install 'moetool[data]'") from None
+    kind = "parquet" if path.suffix.lower() == ".parquet" else "Arrow IPC"
+    try:
+        with pa.memory_map(str(path)) as source:
+            if kind == "parquet":
+                parquet = pq.ParquetFile(source)
+                schema = parquet.schema_arrow
+                batches: Iterable = parquet.iter_batches(batch_size=BATCH_ROWS, columns=[field]) \
+                    if field in schema.names else ()
+            else:
+                try:
+                    reader = pa.ipc.open_file(source)
+                    batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                except pa.ArrowInvalid:        # not the file format: the stream format (datasets writes it)
+                    source.seek(0)
+                    reader = pa.ipc.open_stream(source)
+                    batches = reader
+                schema = reader.schema
+            if field not in schema.names:
+                raise DataError(f"{path}: row 1: no {field!r} field (the columns are {', '.join(schema.names)})")
+            kind_of = schema.field(field).type
+            if not chat and not (pa.types.is_string(kind_of) or pa.types.is_large_string(kind_of)):
+                raise DataError(f"{path}: column {field!r} holds {kind_of}, not text")
+            row = 0
+            for batch in batches:
+                for value in batch.column(field).to_pylist():
+                    row += 1
+                    where = f"{path}: row {row}"
+                    value = _value(value, where, field, chat)
+                    if value is not None:
+                        yield where, value
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot be read as {kind} data ({type(exc).__name__}: {_line(exc)})") from None
+
+
+def _value(value: Any, where: str, field: str, chat: bool) -> Any:
+    """A record's usable FIELD: a non-blank text, or (CHAT) a list of messages; None for a text record to skip."""
+    if not chat:
+        return value if isinstance(value, str) and value.strip() else None
+    if value is None:
+        raise DataError(f"{where}: no {field!r} field (a list of chat messages)")
+    if not (isinstance(value, list) and value
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)):
+        raise DataError(f"{where}: {field!r} is not a list of chat messages "
+                        '([{"role": ..., "content": ...}, ...])')
+    return value
+
+
+def _line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+# --- tokenizing ------------------------------------------------------------------------------------------------
+
+def _load_tokenizer(path: Path | None):
+    if path is None:
+        raise DataError("no tokenizer to tokenize the text with", hint=NO_TOKENIZER_HINT)
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:   # no tokenizer files, or unreadable ones
+        raise DataError(f"{path}: no usable tokenizer ({type(exc).__name__})", hint=NO_TOKENIZER_HINT) from None
+
+
+class _Encoder:
+    """Token ids of records: the tokenizer (and chat template) are loaded at the first record."""
+
+    def __init__(self, tokenizer_path: Path | None, chat_template: str | None):
+        self.tokenizer_path = tokenizer_path
+        self.chat_template = chat_template
+
+    @cached_property
+    def tokenizer(self):
+        return _load_tokenizer(self.tokenizer_path)
+
+    @cached_property
+    def template(self) -> str | None:
+        """The template to give apply_chat_template (None: the tokenizer's own)."""
+        if self.chat_template == "model":
+            if not self.tokenizer.chat_template:
+                raise DataError(f"{self.tokenizer_path}: the tokenizer has no chat template",
+                                hint="give a Jinja template file with --chat-template FILE")
+            return None
+        try:
+            return Path(self.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{self.chat_template}: not a readable chat template file ({exc})") from None
+
+    def encode(self, where: str, value: Any) -> Iterator[list[int]]:
+        """The ids of one document, in one piece or (a large text file) one piece per block."""
+        if isinstance(value, _LargeText):
+            yield from self._blocks(value)
+        elif isinstance(value, str):
+            yield self.tokenizer(value, add_special_tokens=True)["input_ids"]
+        else:
+            template = self.template
+            try:
+                text = self.tokenizer.apply_chat_template(value, tokenize=False, chat_template=template)
+            except Exception as exc:   # the template's own errors (raise_exception), undefined names, ...
+                raise DataError(f"{where}: the chat template cannot render this record "
+                                f"({type(exc).__name__}: {_line(exc)})") from None
+            yield self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _blocks(self, value: _LargeText) -> Iterator[list[int]]:
+        prefix, suffix = self._special_tokens()
+        for number, block in enumerate(value.blocks()):
+            if prefix is None:                  # special tokens not found around a probe: the tokenizer's own
+                yield self.tokenizer(block, add_special_tokens=number == 0)["input_ids"]
+            else:
+                ids = self.tokenizer(block, add_special_tokens=False)["input_ids"]
+                yield prefix + ids if number == 0 else ids
+        if suffix:
+            yield suffix
+
+    def _special_tokens(self) -> tuple[list[int] | None, list[int]]:
+        """The ids the tokenizer adds before and after a text (None, [] where they cannot be told apart)."""
+        probe = "Hello world"
+        full = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+        bare = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        for start in range(len(full) - len(bare) + 1):
+            if bare and full[start:start + len(bare)] == bare:
+                return full[:start], full[start + len(bare):]
+        return None, []

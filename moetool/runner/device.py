@@ -11,11 +11,15 @@ class DeviceError(MoetoolError):
     exit_code = 10
 
 
-def pick_device(requested: str | None = None):
+def pick_device(requested: str | None = None, *, local_rank: int | None = None):
+    """The device asked for ("auto": CUDA when present). Under torchrun (LOCAL_RANK given), "auto" and
+    "cuda" mean cuda:LOCAL_RANK."""
     import torch
 
     if requested in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and local_rank is not None:
+        requested = f"cuda:{local_rank}"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {requested}: CUDA is not available here", hint="use --device cpu")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from moetool.arch import Family, detect_family
 from moetool.checkpoint import Checkpoint
-from moetool.errors import UnsupportedError
+from moetool.checkpoint.writer import materialize
+from moetool.errors import UnsupportedError, UsageError
+from moetool.layout.plan import PlanOptions, family_context, plan_tensors
+from moetool.quant.config import recorded_formats
 from moetool.runner.device import DeviceError, available_memory
-from moetool.runner.memory import release_heap
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +22,11 @@ class LoadedModel:
     model: object                   # the transformers *ForCausalLM
     family: Family
     mode: str                       # "full" | "streamed"
-    device: object
+    device: object                  # where inputs go (the embedding's device with a device map)
     dtype: object
     layers_name: str                # where the decoder layers are, e.g. "model.layers"
     layers: object                  # the ModuleList of decoder layers
-    layer_seconds: dict[int, float] = field(default_factory=dict)   # streamed: load + run time per layer
+    layer_plan: dict[int, list] = field(default_factory=dict)   # streamed: each layer's planned tensors
 
     def base_forward(self, input_ids, attention_mask=None):
         """Run the decoder stack without the lm_head (profiling needs no logits). Encoder-decoder
@@ -34,6 +36,35 @@ class LoadedModel:
                               use_cache=False)
         stack = self.model.get_submodule(self.layers_name.rpartition(".")[0])
         return stack(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    # ---------------------------------------------------------------- streamed mode: one layer at a time
+
+    @property
+    def largest_layer_bytes(self) -> int:
+        return max((sum(t.nbytes for t in tensors) for tensors in self.layer_plan.values()), default=0)
+
+    def read_layer(self, index: int) -> dict:
+        """Layer INDEX's weights as CPU tensors, read (and dequantized) from the checkpoint; safe to call
+        from a background thread."""
+        prefix = f"{self.layers_name}.{index}."
+        return {t.name[len(prefix):]: materialize(t) for t in self.layer_plan.get(index, [])}
+
+    def install_layer(self, index: int, tensors: dict) -> None:
+        import torch
+
+        try:
+            local = {name: t.to(self.device) for name, t in tensors.items()}
+            self.layers[index].load_state_dict(local, strict=False, assign=True)
+        except torch.OutOfMemoryError:
+            raise DeviceError(f"{self.device}: out of memory loading layer {index}",
+                              hint="use a smaller --batch-size or --seq-len") from None
+
+    def free_layer(self, index: int) -> None:
+        import torch
+
+        module = self.layers[index]
+        for name, param in list(module.named_parameters()):
+            _set(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
 
 
 def _decoder_layers(model) -> tuple[str, object]:
@@ -62,17 +93,37 @@ def _check_supported(ckpt: Checkpoint) -> Family:
 
 
 def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_remote_code: bool = False,
-               with_head: bool = False) -> LoadedModel:
+               with_head: bool = False, device_map: str | None = None) -> LoadedModel:
     """Build the model with transformers' own classes on DEVICE in DTYPE.
 
     Args:
-        mode: "full", "streamed" (one decoder layer in memory at a time) or "auto" (by free memory).
+        mode: "full", "streamed" (built on the meta device; the engine loads one decoder layer at a
+            time) or "auto" (by free memory).
         with_head: streamed mode: also load the lm_head (evaluation needs logits; profiling does not).
+        device_map: full mode: "auto" spreads the model over the node's GPUs with accelerate.
     """
+    with quiet_transformers():
+        return _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_map)
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' own progress bars ("Loading weights") off while moetool loads a model."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_map) -> LoadedModel:
     import torch
     import transformers
 
-    from moetool.ops.quantize import recorded_formats
     from moetool.runner.quantized import load_quantized
 
     family = _check_supported(ckpt)
@@ -85,6 +136,8 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
         raise UnsupportedError(f"{family.title}: streamed mode runs decoder-only models; use --mode full")
     if seq2seq:
         mode = "full"
+    if device_map is not None and mode != "full":
+        raise UsageError(f"--device-map {device_map} places a whole model: use it with --mode full")
     if mode == "full":
         auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
         formats = recorded_formats(ckpt.config)
@@ -96,12 +149,14 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
                 model = load_pretrained(ckpt.root, dtype=dtype, device=device,   # fused as it loads
                                         trust_remote_code=trust_remote_code)
             else:
-                model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=str(device),
+                model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=device_map or str(device),
                                              trust_remote_code=trust_remote_code)
         except torch.OutOfMemoryError:
             raise DeviceError(f"{device}: out of memory loading the whole model",
                               hint="use --mode streamed, a smaller --batch-size, or --dtype bf16") from None
         model.eval()
+        if device_map is not None:   # inputs go where the embedding is
+            device = model.get_input_embeddings().weight.device
         return LoadedModel(model, family, "full", device, dtype, *_decoder_layers(model))
     if mode != "streamed":
         raise UnsupportedError(f"--mode {mode}: use full, streamed or auto")
@@ -111,7 +166,6 @@ def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_rem
 def _has_per_expert(ckpt: Checkpoint, family: Family) -> bool:
     """Whether the checkpoint stores experts one tensor per expert."""
     from moetool.arch.matcher import Classifier
-    from moetool.ops.convert import family_context
 
     classifier = Classifier(family, family_context(ckpt)[2])
     return any(classifier.classify(name).layout == "per-expert" for name in ckpt.tensors)
@@ -119,13 +173,11 @@ def _has_per_expert(ckpt: Checkpoint, family: Family) -> bool:
 
 def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code: bool, with_head: bool
               ) -> LoadedModel:
-    """Meta-device model; each decoder layer is loaded right before it runs and freed after."""
+    """Meta-device model with everything but the decoder layers loaded; the engine loads each layer
+    (LoadedModel.read_layer / install_layer / free_layer)."""
     import torch
     import transformers
     from accelerate import init_empty_weights
-
-    from moetool.checkpoint.writer import materialize
-    from moetool.ops.convert import ConvertOptions, plan_convert
 
     config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
@@ -135,7 +187,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     layout = "fused" if "fused" in family.layouts else None   # transformers 5 holds experts fused
     quantized = any(r.dtype in ("U8", "I32", "F8_E4M3", "I8") for r in ckpt.tensors.values())
-    plan = plan_convert(ckpt, ConvertOptions(dtype=dtype_name, layout=layout, dequantize=quantized))
+    plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=quantized))
     prefix, layers = _decoder_layers(model)
     per_layer: dict[int, list] = {}
     rest = {}
@@ -160,34 +212,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     for name, buffer in model.named_buffers():
         if buffer.device != device and buffer.device.type != "meta":
             _set(model, name, buffer.to(device))
-    loaded = LoadedModel(model, family, "streamed", device, dtype, prefix, layers)
-
-    def load(index: int):
-        def hook(module, args, kwargs):
-            start = time.perf_counter()
-            local = {t.name[len(f"{prefix}.{index}."):]: materialize(t).to(device) for t in per_layer.get(index, [])}
-            try:
-                module.load_state_dict(local, strict=False, assign=True)
-            except torch.OutOfMemoryError:
-                raise DeviceError(f"{device}: out of memory loading layer {index}",
-                                  hint="use a smaller --batch-size or --max-tokens") from None
-            loaded.layer_seconds[index] = loaded.layer_seconds.get(index, 0.0) - start
-        return hook
-
-    def free(index: int):
-        def hook(module, args, output):
-            for name, param in list(module.named_parameters()):
-                _set(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
-            release_heap()
-            loaded.layer_seconds[index] = loaded.layer_seconds.get(index, 0.0) + time.perf_counter()
-        return hook
-
-    for index, layer in enumerate(layers):
-        layer.register_forward_pre_hook(load(index), with_kwargs=True)
-        layer.register_forward_hook(free(index))
-    return loaded
-
-
+    return LoadedModel(model, family, "streamed", device, dtype, prefix, layers, layer_plan=per_layer)
 
 
 def _set(root, dotted: str, value) -> None:
@@ -213,9 +238,6 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
     from accelerate import init_empty_weights
 
     from moetool.checkpoint import open_checkpoint
-    from moetool.checkpoint.writer import materialize
-    from moetool.ops.convert import ConvertOptions, plan_convert
-    from moetool.ops.quantize import recorded_formats
     from moetool.runner.quantized import load_quantized
 
     dtype = dtype or torch.float32
@@ -237,7 +259,7 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
                 setattr(layer_config, attribute, int(count))
                 layers[int(layer)] = type(layers[int(layer)])(layer_config, int(layer))
         layout = "fused" if "fused" in family.layouts else None
-        plan = plan_convert(ckpt, ConvertOptions(layout=layout))
+        plan = plan_tensors(ckpt, PlanOptions(layout=layout))
         own = dict(model.named_parameters()) | dict(model.named_buffers())
         state = {t.name: materialize(t).to(device=device, dtype=dtype if t.dtype in ("F32", "F16", "BF16")
                                           else None)

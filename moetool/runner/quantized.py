@@ -20,6 +20,7 @@ from moetool.arch import Family, Role
 from moetool.arch.matcher import Classifier
 from moetool.checkpoint import Checkpoint
 from moetool.errors import CheckpointFormatError
+from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant.formats import Format, stacked_slices
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,12 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
                    trust_remote_code: bool = False):
     """A transformers model of CKPT with its quantized weights kept quantized (FORMATS: name -> format)."""
     from moetool.checkpoint.writer import materialize
-    from moetool.ops.convert import ConvertOptions, family_context, plan_convert
 
     model, config = _empty_model(ckpt, family, dtype, trust_remote_code, experts_implementation="eager")
     _, _, offset = family_context(ckpt)
     classifier = Classifier(family, offset)
     fused = "fused" in family.layouts
-    plan = plan_convert(ckpt, ConvertOptions(layout="fused" if fused else None, dequantize=True))
+    plan = plan_tensors(ckpt, PlanOptions(layout="fused" if fused else None, dequantize=True))
 
     def weight(name: str) -> QuantizedWeight:
         fmt, shape = formats[name], _shape(ckpt, name, formats[name])

@@ -1,0 +1,1 @@
+"""Tensor layout: plans of a checkpoint's output tensors (expert layout, dtype, dequantization)."""

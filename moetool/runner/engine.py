@@ -1,0 +1,338 @@
+"""Running micro-batches through a loaded model: whole (`full`) or layer-major (`streamed`).
+
+full: each micro-batch of `batch_size` whole sequences goes through the model's own forward.
+
+streamed (layer-major): decoder layer i is loaded once, every micro-batch goes through it, then
+it is freed and layer i+1 (read, and dequantized, on a background thread while layer i ran) is
+loaded. The hidden states between layers live in an `ActivationStore`: on the device while they
+fit, then in host memory, then in a file under `offload_dir`. Each layer's other arguments
+(attention mask, rotary embeddings, position ids, whatever the family passes) are exactly what
+the model computes: the model's own forward is run with its decoder layers stubbed out, and the
+stub of layer i hands back what the model called it with. The final norm is applied the same way
+(the stack's forward with every layer stubbed, the first returning the last layer's output).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moetool.errors import OutputWriteError
+from moetool.runner.device import DeviceError, available_memory
+from moetool.runner.memory import release_heap
+
+log = logging.getLogger(__name__)
+
+HOST_SHARE = 0.5      # of MemAvailable the host tier of the activation store may use (without --offload-dir)
+DEVICE_SHARE = 0.5    # of the device memory left after two layers' weights
+
+
+@dataclass
+class MicroBatch:
+    slot: int                  # position in the run (activation store slot)
+    first_sequence: int        # global index of its first sequence
+    ids: object                # [B, S] LongTensor (host)
+
+
+@dataclass
+class RunTiming:
+    seconds: float = 0.0
+    layer_seconds: dict[int, float] = field(default_factory=dict)
+    weight_wait_seconds: float = 0.0       # streamed: time spent waiting for the next layer's weights
+    store: dict[str, int] = field(default_factory=dict)   # streamed: activation bytes per tier
+
+
+def micro_batches(ids, batch_size: int, first_sequence: int = 0) -> list[MicroBatch]:
+    """IDS [N, S] in micro-batches of BATCH_SIZE sequences, numbered from FIRST_SEQUENCE."""
+    step = max(1, batch_size)
+    return [MicroBatch(n, first_sequence + start, ids[start:start + step])
+            for n, start in enumerate(range(0, ids.shape[0], step))]
+
+
+class ActivationStore:
+    """One tensor per micro-batch slot, kept on the device while the device budget lasts, then in
+    host memory while the host budget lasts, then in one file under OFFLOAD_DIR (read and written
+    with pread/pwrite, so file pages are page cache, not process memory)."""
+
+    def __init__(self, device, *, device_budget: int, host_budget: int, offload_dir: Path | None):
+        self.device = device
+        self.budget = {"device": device_budget, "host": host_budget}
+        self.used = {"device": 0, "host": 0, "disk": 0}
+        self.slots: dict[int, tuple] = {}   # slot -> (tier, tensor | (offset, shape, dtype))
+        self._given_dir = offload_dir
+        self._dir: Path | None = None
+        self._fd: int | None = None
+        self._end = 0
+
+    def put(self, slot: int, tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if slot not in self.slots:
+            tier = next((t for t in ("device", "host") if self.used[t] + nbytes <= self.budget[t]), "disk")
+            if tier == "disk":
+                self.slots[slot] = ("disk", (self._allocate(nbytes), tuple(tensor.shape), tensor.dtype))
+            self.used[tier] += nbytes
+        else:
+            tier = self.slots[slot][0]
+        if tier == "device":
+            self.slots[slot] = ("device", tensor)
+        elif tier == "host":
+            self.slots[slot] = ("host", tensor if tensor.device.type == "cpu" else tensor.to("cpu"))
+        else:
+            offset = self.slots[slot][1][0]
+            self._write(offset, tensor)
+
+    def get(self, slot: int):
+        tier, value = self.slots[slot]
+        if tier != "disk":
+            return value.to(self.device) if tier == "host" and self.device.type != "cpu" else value
+        import torch
+
+        offset, shape, dtype = value
+        nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        buffer = bytearray(nbytes)
+        view, done = memoryview(buffer), 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise OutputWriteError(f"{self._dir}: the activation file ended early")
+            done += got
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape).to(self.device)
+
+    def _allocate(self, nbytes: int) -> int:
+        if self._fd is None:
+            if self._given_dir is not None:
+                self._given_dir.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="moetool-activations-",
+                                              dir=self._given_dir if self._given_dir is not None else None))
+            self._fd = os.open(self._dir / "hidden.bin", os.O_RDWR | os.O_CREAT, 0o600)
+        offset, self._end = self._end, self._end + nbytes
+        return offset
+
+    def _write(self, offset: int, tensor) -> None:
+        import torch
+
+        data = memoryview(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], offset + done)
+        except OSError as exc:
+            where = self._given_dir or self._dir
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutputWriteError(f"{where}: no space left for the offloaded activations "
+                                       f"({self._end / 1e9:.2f} GB needed)",
+                                       hint="give --offload-dir a disk with more room, or lower --max-tokens") \
+                    from None
+            raise OutputWriteError(f"{where}: cannot write the offloaded activations ({exc.strerror})") from None
+
+    def close(self) -> None:
+        self.slots.clear()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+class _Stubs:
+    """Stand-ins for the decoder layers' forwards, so that the model's own forward computes each
+    layer's arguments without running any layer."""
+
+    class Captured(Exception):
+        def __init__(self, args, kwargs):
+            self.args, self.kwargs = args, kwargs
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.mode, self.target, self.inject = "real", None, None
+        for index, layer in enumerate(loaded.layers):
+            layer.forward = self._stub(index, layer.forward)
+
+    def _stub(self, index: int, real):
+        def forward(*args, **kwargs):
+            if self.mode == "real":
+                return real(*args, **kwargs)
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if self.mode == "capture" and index == self.target:
+                raise _Stubs.Captured(args, kwargs)
+            if self.mode == "final" and index == 0:
+                return self.inject
+            return hidden
+        return forward
+
+    def inputs(self, index: int, ids):
+        """(hidden states, other args, kwargs) the model passes to decoder layer INDEX for IDS."""
+        self.mode, self.target = "capture", index
+        try:
+            self.loaded.base_forward(ids)
+        except _Stubs.Captured as call:
+            args, kwargs = list(call.args), dict(call.kwargs)
+            hidden = args.pop(0) if args else kwargs.pop("hidden_states")
+            return hidden, args, kwargs
+        finally:
+            self.mode = "real"
+        raise RuntimeError(f"decoder layer {index} was never called")   # pragma: no cover
+
+    def final(self, ids, hidden):
+        """The decoder stack's output (final norm applied) for the last layer's output HIDDEN."""
+        self.mode, self.inject = "final", hidden
+        try:
+            return self.loaded.base_forward(ids).last_hidden_state
+        finally:
+            self.mode, self.inject = "real", None
+
+    def close(self) -> None:
+        for layer in self.loaded.layers:
+            layer.__dict__.pop("forward", None)
+
+
+class _LayerReader:
+    """Reads (and dequantizes) decoder layers' weights on a background thread, one layer ahead."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetool-layer-reader")
+        self.pending: dict[int, object] = {}
+
+    def prefetch(self, index: int) -> None:
+        if index < len(self.loaded.layers) and index not in self.pending:
+            self.pending[index] = self.pool.submit(self.loaded.read_layer, index)
+
+    def take(self, index: int):
+        self.prefetch(index)
+        start = time.perf_counter()
+        tensors = self.pending.pop(index).result()
+        return tensors, time.perf_counter() - start
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def run(loaded, batches: list[MicroBatch], *, capture=None, on_final=None, progress=None,
+        offload_dir: Path | None = None) -> RunTiming:
+    """Run BATCHES through LOADED (full or streamed, as it was loaded).
+
+    Args:
+        capture: the RouterCapture (told each micro-batch before it runs, and when it is done).
+        on_final: callable(batch, hidden [B, S, H]) with the decoder stack's output, micro-batch by
+            micro-batch (evaluation applies the head to it); None skips the final norm in streamed mode.
+        progress: callable(label, done_tokens, total_tokens) — one label per pass.
+    """
+    import torch
+
+    timing = RunTiming()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if loaded.mode == "streamed":
+                _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, timing)
+            else:
+                _run_full(loaded, batches, capture, on_final, progress, timing)
+    except torch.OutOfMemoryError:
+        shape = tuple(batches[0].ids.shape) if batches else ()
+        raise DeviceError(f"{loaded.device}: out of memory running micro-batches of {shape[0] if shape else 0} "
+                          f"sequences of {shape[1] if shape else 0} tokens",
+                          hint="use --mode streamed, a smaller --batch-size or --seq-len") from None
+    timing.seconds = time.perf_counter() - start
+    return timing
+
+
+def _run_full(loaded, batches, capture, on_final, progress, timing) -> None:
+    total = sum(b.ids.numel() for b in batches)
+    handles = []
+    for index, layer in enumerate(loaded.layers):   # wall time per layer (host clock)
+        def enter(module, args, index=index):
+            timing.layer_seconds[index] = timing.layer_seconds.get(index, 0.0) - time.perf_counter()
+
+        def leave(module, args, output, index=index):
+            timing.layer_seconds[index] += time.perf_counter()
+        handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+    try:
+        _forward_batches(loaded, batches, capture, on_final, progress, total)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _forward_batches(loaded, batches, capture, on_final, progress, total) -> None:
+    done = 0
+    for batch in batches:
+        ids = batch.ids.to(loaded.device)
+        if capture is not None:
+            capture.set_batch(batch.first_sequence, *ids.shape)
+        output = loaded.base_forward(ids)
+        if capture is not None:
+            capture.step_done()
+        if on_final is not None:
+            on_final(batch, output.last_hidden_state)
+        done += ids.numel()
+        if progress:
+            progress("forward", done, total)
+
+
+def _store_budgets(loaded, offload_dir) -> tuple[int, int]:
+    import torch
+
+    if loaded.device.type == "cuda":
+        free = available_memory(loaded.device)
+        device_budget = int(DEVICE_SHARE * max(0, free - 2 * loaded.largest_layer_bytes))
+    else:
+        device_budget = 0   # on the CPU the device is the host
+    host_budget = 0 if offload_dir is not None else int(HOST_SHARE * available_memory(torch.device("cpu")))
+    return device_budget, host_budget
+
+
+def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, timing) -> None:
+    device_budget, host_budget = _store_budgets(loaded, offload_dir)
+    store = ActivationStore(loaded.device, device_budget=device_budget, host_budget=host_budget,
+                            offload_dir=offload_dir)
+    stubs = _Stubs(loaded)
+    reader = _LayerReader(loaded)
+    total = sum(b.ids.numel() for b in batches)
+    layers = len(loaded.layers)
+    try:
+        for index, layer in enumerate(loaded.layers):
+            began = time.perf_counter()
+            tensors, waited = reader.take(index)
+            reader.prefetch(index + 1)
+            timing.weight_wait_seconds += waited
+            loaded.install_layer(index, tensors)
+            del tensors
+            done = 0
+            for batch in batches:
+                ids = batch.ids.to(loaded.device)
+                hidden, args, kwargs = stubs.inputs(index, ids)
+                if index > 0:
+                    hidden = store.get(batch.slot)
+                if capture is not None:
+                    capture.set_batch(batch.first_sequence, *ids.shape)
+                output = layer(hidden, *args, **kwargs)
+                if capture is not None:
+                    capture.step_done()
+                store.put(batch.slot, output[0] if isinstance(output, tuple) else output)
+                del hidden, output, args, kwargs
+                done += ids.numel()
+                if progress:
+                    progress(f"layer {index + 1}/{layers}", done, total)
+            loaded.free_layer(index)
+            release_heap()
+            timing.layer_seconds[index] = time.perf_counter() - began
+        if on_final is not None:
+            for batch in batches:
+                ids = batch.ids.to(loaded.device)
+                on_final(batch, stubs.final(ids, store.get(batch.slot)))
+        timing.store = dict(store.used)
+    finally:
+        reader.close()
+        stubs.close()
+        store.close()

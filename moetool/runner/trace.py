@@ -1,0 +1,377 @@
+"""Routing traces: every token's routing streamed to disk as it is produced, and read back.
+
+A moetool trace is a folder (format "moetool-routing-trace", version 1):
+
+    trace.json                      header: source, family, seq_len, batch_size, capacity_window,
+                                    moe_layers, experts and top_k per layer, what is stored, and
+                                    the ranks: [{"rank", "dir", "first_sequence", "sequences"}]
+    rank-00/tokens.npy              int32   [sequences, seq_len]          token ids
+    rank-00/layer-003.experts.npy   int16   [sequences, seq_len, top_k]   chosen experts, in slot order
+    rank-00/layer-003.weights.npy   float16 [sequences, seq_len, top_k]   their gate weights
+    rank-00/layer-003.router.npy    float32 [sequences, seq_len, 3]       router entropy (nats), top-1
+                                                                          probability, top-1 - top-2
+    rank-00/layer-003.salience.npy  float32 [sequences, seq_len, top_k]   ||gate x expert output|| (--saliency)
+
+Plain .npy files (numpy's format, header first, data appended as micro-batches finish), so
+`numpy.load(path, mmap_mode="r")` reads any of them. Each rank of a torchrun job writes its own
+folder; rank 0 writes trace.json last and renames the folder into place, so a trace without
+trace.json is incomplete.
+
+vLLM's routed experts (`--enable-return-routed-experts`: int16 [tokens, moe_layers, top_k] per
+request, expert ids only; prefix-cached positions are -1) are read from a .npy file (one request)
+or a folder of .npy files (one request each, in name order); rows holding -1 are skipped.
+
+Writing makes no device->host copy in the hooks: a micro-batch's routing is gathered on the
+device and moved to the host with one non-blocking copy when the micro-batch is done, then
+written by a background thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moetool.errors import CheckpointFormatError, OutputExistsError, OutputWriteError, UsageError
+from moetool.runner import distributed
+
+log = logging.getLogger(__name__)
+
+FORMAT = "moetool-routing-trace"
+VERSION = 1
+HEADER = "trace.json"
+READ_SEQUENCES = 64   # sequences read at a time when a trace is read back
+
+
+class TraceError(CheckpointFormatError):
+    """A routing trace is truncated, malformed or not a trace (exit 4)."""
+
+
+def _layer_file(layer: int, what: str) -> str:
+    return f"layer-{layer:03d}.{what}.npy"
+
+
+class _NpyAppender:
+    """A .npy file whose header states its final shape, filled front to back."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.fh = open(path, "wb")
+        np.lib.format.write_array_header_1_0(self.fh, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                       "fortran_order": False, "shape": shape})
+        self.expected = self.fh.tell() + int(np.prod(shape)) * self.dtype.itemsize
+
+    def write(self, data: memoryview | bytes) -> None:
+        self.fh.write(data)
+
+    def close(self) -> None:
+        size = self.fh.tell()
+        self.fh.close()
+        if size != self.expected:
+            raise OutputWriteError(f"{self.path}: trace file holds {size} bytes, {self.expected} expected")
+
+
+class TraceWriter:
+    """Streams one rank's routing to PATH.partial/rank-NN (see the module docstring)."""
+
+    def __init__(self, path: Path, *, world, header: dict[str, Any], layers: dict[int, tuple[int, int]],
+                 sequences: int, first_sequence: int, seq_len: int, token_ids, saliency: bool, force: bool):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.world, self.header, self.layers = world, header, layers
+        self.sequences, self.first_sequence, self.seq_len = sequences, first_sequence, seq_len
+        self.saliency = saliency
+        if world.primary:
+            if self.path.exists() and not force:
+                raise OutputExistsError(f"{self.path}: exists", hint="use --force to replace it")
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.mkdir(parents=True)
+        distributed.barrier()
+        self.rank_dir = self.partial / f"rank-{world.rank:02d}"
+        self.rank_dir.mkdir()
+        tokens = _NpyAppender(self.rank_dir / "tokens.npy", np.int32, (sequences, seq_len))
+        tokens.write(np.ascontiguousarray(token_ids, dtype=np.int32).tobytes())
+        tokens.close()
+        self.files: dict[tuple[int, str], _NpyAppender] = {}
+        for layer, (_, k) in layers.items():
+            for what, dtype, width in (("experts", np.int16, k), ("weights", np.float16, k),
+                                       ("router", np.float32, 3)) + ((("salience", np.float32, k),) if saliency
+                                                                     else ()):
+                self.files[(layer, what)] = _NpyAppender(self.rank_dir / _layer_file(layer, what), dtype,
+                                                         (sequences, seq_len, width))
+        self.pending: list[tuple[int, str, Any]] = []
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._drain, name="moetool-trace-writer", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------ called from the hooks (device tensors)
+
+    def add(self, layer: int, index, weight, router) -> None:
+        import torch
+
+        self.pending += [(layer, "experts", index.to(torch.int16)), (layer, "weights", weight.to(torch.float16)),
+                         (layer, "router", router.to(torch.float32))]
+
+    def add_salience(self, layer: int, salience) -> None:
+        import torch
+
+        self.pending.append((layer, "salience", salience.to(torch.float32)))
+
+    def step_done(self) -> None:
+        """One micro-batch (full mode) or one layer of one micro-batch (streamed) is done: gather its
+        routing into one buffer, start one non-blocking copy to pinned host memory, queue the write."""
+        import torch
+
+        if self.error is not None:
+            raise self.error
+        if not self.pending:
+            return
+        parts, self.pending = self.pending, []
+        flat = [t.contiguous().reshape(-1).view(torch.uint8) for _, _, t in parts]
+        device_buffer = torch.cat(flat)
+        if device_buffer.device.type == "cuda":
+            host = torch.empty(device_buffer.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(device_buffer, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = device_buffer, None
+        layout = [(layer, what, t.numel() * t.element_size()) for layer, what, t in parts]
+        self.queue.put((host, event, layout))
+
+    def _drain(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            host, event, layout = item
+            try:
+                if event is not None:
+                    event.synchronize()
+                data = memoryview(host.numpy())
+                offset = 0
+                for layer, what, nbytes in layout:
+                    self.files[(layer, what)].write(data[offset:offset + nbytes])
+                    offset += nbytes
+            except BaseException as exc:   # reported to the main thread at the next step or at close
+                self.error = exc if not isinstance(exc, OSError) else OutputWriteError(
+                    f"{self.partial}: cannot write the trace ({exc.strerror})")
+
+    def close(self, stats_header: dict[str, Any] | None = None) -> None:
+        """Finish this rank's files; rank 0 writes trace.json and renames the folder into place."""
+        self.step_done()
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        for appender in self.files.values():
+            appender.close()
+        mine = {"rank": self.world.rank, "dir": self.rank_dir.name, "first_sequence": self.first_sequence,
+                "sequences": self.sequences}
+        ranks = _gather(mine, self.world)
+        if self.world.primary:
+            header = {"format": FORMAT, "version": VERSION, **self.header, "seq_len": self.seq_len,
+                      "sequences": sum(r["sequences"] for r in ranks),
+                      "moe_layers": sorted(self.layers),
+                      "experts": {str(layer): e for layer, (e, _) in self.layers.items()},
+                      "top_k": {str(layer): k for layer, (_, k) in self.layers.items()},
+                      "stored": ["tokens", "experts", "weights", "router"] + (["salience"] if self.saliency else []),
+                      "ranks": sorted(ranks, key=lambda r: r["first_sequence"])}
+            (self.partial / HEADER).write_text(json.dumps(header, indent=1))
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            os.replace(self.partial, self.path)
+        distributed.barrier()
+
+    def abort(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+        for appender in self.files.values():
+            appender.fh.close()
+        if self.world.primary:
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _gather(item: dict, world) -> list[dict]:
+    if not world.distributed:
+        return [item]
+    import torch.distributed as dist
+
+    out: list = [None] * world.size
+    distributed.collective("all_gather_object", dist.all_gather_object, out, item)
+    return out
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class TraceChunk:
+    """Whole sequences of a trace: expert ids [B, S, k] per MoE layer (int64), and, when stored,
+    gate weights, router statistics and salience."""
+
+    first_sequence: int
+    experts: dict[int, Any]
+    weights: dict[int, Any] | None
+    router: dict[int, Any] | None
+    salience: dict[int, Any] | None
+
+
+@dataclass
+class Trace:
+    kind: str                          # "moetool" | "vllm"
+    path: Path
+    header: dict[str, Any]
+    moe_layers: list[int]
+    experts: dict[int, int]            # moetool traces: as recorded; vLLM: from the model
+    top_k: dict[int, int]
+    seq_len: int | None                # None: sequences of different lengths (vLLM requests)
+    sequences: int
+    tokens: int
+    has_weights: bool
+    files: list[Path]                  # vLLM: one array per request
+
+    def chunks(self):
+        """TraceChunks in sequence order; memory bounded by READ_SEQUENCES sequences."""
+        return self._moetool_chunks() if self.kind == "moetool" else self._vllm_chunks()
+
+    def _moetool_chunks(self):
+        import torch
+
+        stored = set(self.header.get("stored", []))
+        for rank in self.header["ranks"]:
+            folder = self.path / rank["dir"]
+            arrays = {(layer, what): _open_npy(folder / _layer_file(layer, what),
+                                               (rank["sequences"], self.seq_len, 3 if what == "router"
+                                                else self.top_k[layer]))
+                      for layer in self.moe_layers for what in ("experts", "weights", "router", "salience")
+                      if what in stored}
+            for start in range(0, rank["sequences"], READ_SEQUENCES):
+                stop = min(start + READ_SEQUENCES, rank["sequences"])
+
+                part = {what: None if what not in stored else
+                        {layer: torch.from_numpy(np.array(arrays[(layer, what)][start:stop]))
+                         for layer in self.moe_layers}
+                        for what in ("experts", "weights", "router", "salience")}
+                experts = {layer: ids.to(torch.int64) for layer, ids in part["experts"].items()}
+                _check_ids(experts, self.experts, self.path)
+                floats = {what: None if part[what] is None else {layer: v.to(torch.float32)
+                                                                 for layer, v in part[what].items()}
+                          for what in ("weights", "router", "salience")}
+                yield TraceChunk(rank["first_sequence"] + start, experts, floats["weights"], floats["router"],
+                                 floats["salience"])
+
+    def _vllm_chunks(self):
+        import torch
+
+        for number, path in enumerate(self.files):
+            array = _open_vllm(path, len(self.moe_layers))
+            rows = np.asarray(array)
+            rows = rows[(rows >= 0).all(axis=(1, 2))]   # prefix-cached positions are -1
+            if not len(rows):
+                continue
+            experts = {layer: torch.from_numpy(rows[None, :, position, :].astype(np.int64))
+                       for position, layer in enumerate(self.moe_layers)}
+            _check_ids(experts, self.experts, path)
+            yield TraceChunk(number, experts, None, None, None)
+
+
+def _check_ids(experts: dict[int, Any], counts: dict[int, int], path: Path) -> None:
+    for layer, ids in experts.items():
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= counts[layer]):
+            raise UsageError(f"{path}: layer {layer} routes to expert {int(ids.max())}, but the model has "
+                             f"{counts[layer]} experts there (a trace of another model?)")
+
+
+def _open_npy(path: Path, shape: tuple[int, ...]):
+    """A stored array, memory-mapped, after checking it is whole and of the expected shape."""
+    if not path.is_file():
+        raise TraceError(f"{path}: missing from the trace")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise TraceError(f"{path}: truncated or not a .npy array ({exc})") from None
+    if tuple(array.shape) != tuple(shape):
+        raise TraceError(f"{path}: shape {tuple(array.shape)}, the header says {tuple(shape)}")
+    return array
+
+
+def _open_vllm(path: Path, moe_layers: int):
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise TraceError(f"{path}: truncated or not a .npy array ({exc})") from None
+    if array.ndim != 3 or array.dtype.kind not in "iu":
+        raise TraceError(f"{path}: not an integer [tokens, moe_layers, top_k] array (shape {array.shape}, "
+                         f"{array.dtype})")
+    if array.shape[1] != moe_layers:
+        raise UsageError(f"{path}: routing of {array.shape[1]} MoE layers, but the model has {moe_layers}")
+    return array
+
+
+def open_trace(path: Path, *, moe_layers: list[int], experts: dict[int, int], top_k: dict[int, int]) -> Trace:
+    """A moetool trace folder or vLLM routed-experts arrays, checked against the model's MoE layers,
+    expert counts and top-k (MOE_LAYERS, EXPERTS, TOP_K)."""
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"{path}: no such trace")
+    if path.is_dir() and (path / HEADER).is_file():
+        return _moetool_trace(path, moe_layers, experts, top_k)
+    if path.is_dir() and not any(path.glob("*.npy")):
+        raise TraceError(f"{path}: neither a moetool trace (no {HEADER}) nor a folder of .npy arrays")
+    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+    tokens = 0
+    for file in files:
+        array = _open_vllm(file, len(moe_layers))
+        k = array.shape[2]
+        for layer in moe_layers:
+            if k != top_k[layer]:
+                raise UsageError(f"{file}: {k} experts per token, but the model's layer {layer} routes to "
+                                 f"{top_k[layer]}")
+        tokens += array.shape[0]
+    return Trace("vllm", path, {}, list(moe_layers), dict(experts), dict(top_k), None, len(files), tokens, False,
+                 files)
+
+
+def _moetool_trace(path: Path, moe_layers, experts, top_k) -> Trace:
+    try:
+        header = json.loads((path / HEADER).read_text())
+        if header.get("format") != FORMAT:
+            raise TraceError(f"{path / HEADER}: not a {FORMAT} header")
+        if header.get("version") != VERSION:
+            raise TraceError(f"{path / HEADER}: trace version {header.get('version')}; this moetool reads "
+                             f"version {VERSION}")
+        layers = [int(v) for v in header["moe_layers"]]
+        recorded_experts = {int(k): int(v) for k, v in header["experts"].items()}
+        recorded_k = {int(k): int(v) for k, v in header["top_k"].items()}
+        seq_len, sequences = int(header["seq_len"]), int(header["sequences"])
+        ranks = header["ranks"]
+        if sum(int(r["sequences"]) for r in ranks) != sequences:
+            raise TraceError(f"{path / HEADER}: its ranks hold a different number of sequences than it says")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise TraceError(f"{path / HEADER}: unreadable trace header ({type(exc).__name__})") from None
+    if layers != list(moe_layers) or any(recorded_experts[layer] != experts[layer] or
+                                         recorded_k[layer] != top_k[layer] for layer in layers):
+        raise UsageError(f"{path}: this trace is of another model (MoE layers {layers}, experts "
+                         f"{sorted(set(recorded_experts.values()))}, top-k {sorted(set(recorded_k.values()))}; the "
+                         f"model has layers {list(moe_layers)}, experts {sorted(set(experts.values()))}, top-k "
+                         f"{sorted(set(top_k.values()))})")
+    for rank in ranks:   # every file whole, before anything is computed
+        folder = path / rank["dir"]
+        _open_npy(folder / "tokens.npy", (int(rank["sequences"]), seq_len))
+        for layer in layers:
+            for what in header.get("stored", []):
+                if what != "tokens":
+                    _open_npy(folder / _layer_file(layer, what),
+                              (int(rank["sequences"]), seq_len, 3 if what == "router" else top_k[layer]))
+    return Trace("moetool", path, header, layers, recorded_experts, recorded_k, seq_len, sequences,
+                 sequences * seq_len, "weights" in header.get("stored", []), [])

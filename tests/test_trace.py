@@ -1,0 +1,125 @@
+"""Routing traces: --trace streams the routing to disk, --from-trace recomputes the report from it
+(or from vLLM's routed-experts arrays) without running the model; bad traces are refused."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from moetool.checkpoint import open_checkpoint
+from moetool.errors import UsageError
+from moetool.ops.profile import ProfileOptions, profile
+from moetool.runner.trace import TraceError
+from tests.test_routing_stats import naive_lru_hits
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ids") / "ids.json"
+    path.write_text(json.dumps(torch.randint(0, 64, (960,), generator=torch.Generator().manual_seed(3)).tolist()))
+    return path
+
+
+def run(path, **kw):
+    with open_checkpoint(path) as ckpt:
+        return profile(ckpt, ProfileOptions(**kw))
+
+
+def test_from_trace_reproduces_the_report(tmp_path, tiny, token_file):
+    path = tiny("mixtral")
+    common = dict(seq_len=40, batch_size=3, ep=2, ep_replicas=1, saliency=True)
+    live = run(path, token_ids=token_file, trace=tmp_path / "trace", mode="streamed", **common)
+    header = json.loads((tmp_path / "trace" / "trace.json").read_text())
+    assert header["format"] == "moetool-routing-trace" and header["sequences"] == 24 and header["seq_len"] == 40
+    assert not (tmp_path / "trace.partial").exists()
+    tokens = np.load(tmp_path / "trace" / "rank-00" / "tokens.npy")
+    assert tokens.dtype == np.int32 and tokens.flatten().tolist() == json.loads(token_file.read_text())
+    assert np.load(tmp_path / "trace" / "rank-00" / "layer-000.experts.npy").dtype == np.int16
+    assert np.load(tmp_path / "trace" / "rank-00" / "layer-000.weights.npy").dtype == np.float16
+    again = run(path, from_trace=tmp_path / "trace", **common)
+    assert again.mode == "trace" and again.tokens == live.tokens and again.capacity_window == live.capacity_window
+    for a, b in zip(live.layers, again.layers):
+        for name in ("counts", "coactivation", "capacity_drop", "lru_hit_rate", "distinct_experts_per_sequence",
+                     "consecutive_reuse", "dead_experts", "imbalance", "ep", "tokens"):
+            assert getattr(a, name) == getattr(b, name), name
+        for name in ("entropy_mean", "top1_prob_mean", "margin_mean", "saliency"):
+            assert getattr(b, name) == pytest.approx(getattr(a, name), rel=1e-6), name
+        # gate weights are stored in float16
+        assert b.weight_mass == pytest.approx(a.weight_mass, rel=2e-3)
+        assert b.activation_norm == pytest.approx(a.activation_norm, rel=2e-3)
+
+
+def test_vllm_routed_experts(tmp_path, tiny):
+    """Arrays as vLLM returns them ([tokens, moe_layers, top_k] int16, one per request, prefix-cached rows
+    -1): the counts, co-activation and LRU figures are those computed here by hand."""
+    g = np.random.default_rng(0)
+    folder = tmp_path / "vllm"
+    folder.mkdir()
+    requests = []
+    for n, length in enumerate((30, 17, 45)):
+        array = np.stack([np.stack([g.permutation(4)[:2] for _ in range(2)]) for _ in range(length)]).astype(np.int16)
+        array[:3] = -1 if n == 1 else array[:3]          # request 1 starts with 3 prefix-cached positions
+        np.save(folder / f"{n:04d}.npy", array)
+        requests.append(array[3:] if n == 1 else array)
+    report = run(tiny("mixtral"), from_trace=folder, capacity_window=16)
+    assert report.tokens == 92 - 3 and report.sequences == 3          # prefix-cached rows skipped
+    assert any("without gate weights" in note for note in report.notes)
+    for position, layer in enumerate(report.layers):
+        rows = [row.tolist() for request in requests for row in request[:, position, :]]
+        assert layer.tokens == len(rows) == 89
+        assert layer.counts == [sum(r.count(e) for r in rows) for e in range(4)]
+        assert layer.coactivation == [[sum(1 for r in rows if i in r and j in r) for j in range(4)] for i in range(4)]
+        assert layer.weight_mass is None and layer.entropy_mean is None and layer.saliency is None
+        sequences = [[row.tolist() for row in request[:, position, :]] for request in requests]
+        for size, rate in layer.lru_hit_rate.items():
+            assert rate == pytest.approx(naive_lru_hits(sequences, int(size)) / (89 * 2))
+    single = run(tiny("mixtral"), from_trace=folder / "0000.npy")
+    assert single.sequences == 1 and single.layers[0].tokens == 30
+
+
+def test_bad_traces(tmp_path, tiny, token_file):
+    path = tiny("mixtral")
+    run(path, token_ids=token_file, seq_len=40, trace=tmp_path / "trace")
+    with pytest.raises(UsageError, match="another model"):                     # MoE layers differ
+        run(tiny("qwen2_moe"), from_trace=tmp_path / "trace")
+    shard = tmp_path / "trace" / "rank-00" / "layer-001.weights.npy"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(TraceError, match="truncated|shape"):
+        run(path, from_trace=tmp_path / "trace")
+    np.save(tmp_path / "wrong.npy", np.zeros((5, 3, 2), dtype=np.int16))        # 3 MoE layers, the model has 2
+    with pytest.raises(UsageError, match="3 MoE layers"):
+        run(path, from_trace=tmp_path / "wrong.npy")
+    np.save(tmp_path / "ids.npy", np.full((5, 2, 2), 9, dtype=np.int16))         # expert 9 of 4
+    with pytest.raises(UsageError, match="expert 9"):
+        run(path, from_trace=tmp_path / "ids.npy")
+
+
+def test_cli_trace_errors_are_one_line(tmp_path, tiny, token_file):
+    path = str(tiny("mixtral"))
+    base = [sys.executable, "-m", "moetool", "profile", path, "--token-ids", str(token_file), "--seq-len", "40"]
+    assert subprocess.run(base + ["--trace", str(tmp_path / "t")], capture_output=True).returncode == 0
+    proc = subprocess.run(base + ["--trace", str(tmp_path / "t")], capture_output=True, text=True)
+    assert proc.returncode == 8 and "exists" in proc.stderr                    # no --force
+    (tmp_path / "t" / "rank-00" / "tokens.npy").write_bytes(b"\x93NUMPY")
+    proc = subprocess.run([sys.executable, "-m", "moetool", "profile", path, "--from-trace", str(tmp_path / "t")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "tokens.npy" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tiny("qwen2_moe")), "--from-trace",
+                           str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert proc.returncode == 4 and "no such trace" in proc.stderr
+
+
+def test_a_failed_run_leaves_no_trace(tmp_path, tiny, token_file, monkeypatch):
+    from moetool.runner.model import LoadedModel
+
+    def fail(self, input_ids, attention_mask=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LoadedModel, "base_forward", fail)
+    with pytest.raises(RuntimeError):
+        run(tiny("mixtral"), token_ids=token_file, seq_len=40, trace=tmp_path / "trace", mode="full")
+    assert not (tmp_path / "trace").exists() and not (tmp_path / "trace.partial").exists()
