@@ -217,7 +217,7 @@ def test_max_tokens_stops_before_later_documents(tmp_path, tok_dir, oracle, coun
 def test_large_text_file_is_tokenized_in_blocks(tmp_path, tok_dir, oracle, counting, monkeypatch):
     rng = np.random.default_rng(0)
     line = " ".join(rng.choice(LONG_WORDS, 2000))          # long words: fewer tokens, a faster test
-    text = "\n".join(line for _ in range(data.BLOCK // len(line) + 40)) + "\n"   # a little over 4 MiB
+    text = "\n".join(line for _ in range(data.BLOCK // len(line) + 2)) + "\n"   # a little over one block
     path = tmp_path / "big.txt"
     path.write_text(text)
     assert path.stat().st_size > data.BLOCK
@@ -227,7 +227,7 @@ def test_large_text_file_is_tokenized_in_blocks(tmp_path, tok_dir, oracle, count
     blocks = [t for t in counting.texts if len(t) > 1000]
     assert len(blocks) == 2 and "".join(blocks) == text and all(b.endswith("\n") for b in blocks)
     # with smaller blocks (the same code), max_tokens stops after the first one
-    monkeypatch.setattr(data, "BLOCK", 64 * 1024)
+    monkeypatch.setattr(data, "BLOCK", 16 * 1024)
     counting.texts.clear()
     assert ids_of(path, tok_dir, max_tokens=100) == whole[:100]
     assert len([t for t in counting.texts if len(t) > 1000]) == 1

@@ -169,7 +169,7 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
         head = _Head(loaded)
 
         def on_final(batch, hidden):
-            targets = batch.ids[:, 1:].to(device)
+            targets = batch.ids.to(device, non_blocking=True)[:, 1:]
             metrics.add(head, hidden, targets, ref_head, store.get(batch.slot) if store is not None else None)
 
         engine.run(loaded, batches, on_final=on_final, progress=_labelled(progress, "model"),

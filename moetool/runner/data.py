@@ -25,7 +25,7 @@ class DataError(MoetoolError):
 
 
 BUILTIN = {"builtin": "train", "builtin:train": "train", "builtin:heldout": "heldout"}
-BLOCK = 4 * 1024 * 1024                 # a text file larger than this is read and tokenized in blocks of about this
+BLOCK = 64 * 1024                       # a text file larger than this is read and tokenized in blocks of about this
 TEXT_SUFFIXES = (".txt", ".md")
 ARROW_SUFFIXES = (".parquet", ".arrow")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", *ARROW_SUFFIXES)
@@ -44,8 +44,8 @@ def calibration_ids(*, data: Path | str | None, token_ids: Path | None, field: s
     Args:
         data: what to read (None: DEFAULT; "builtin", "builtin:train" or "builtin:heldout": the built-in corpus):
             - a .txt or .md file (any file whose ending is not listed here, too) is one document, tokenized as
-              ``tokenizer(text, add_special_tokens=True)``; a file larger than 4 MiB is read and tokenized in blocks
-              of about 4 MiB split at line boundaries, with the special tokens (BOS, EOS) only at the document's
+              ``tokenizer(text, add_special_tokens=True)``; a file larger than 64 KiB is read and tokenized in blocks
+              of about 64 KiB split at line boundaries, with the special tokens (BOS, EOS) only at the document's
               start and end, so it never sits in memory whole;
             - a .jsonl file: FIELD of each line, read line by line;
             - a .parquet or .arrow file (Arrow IPC file or stream format): column FIELD, read in record batches

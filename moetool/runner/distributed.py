@@ -70,6 +70,10 @@ def init(world: World, device) -> None:
         return
     timeout = float(os.environ.get("MOETOOL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
     try:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout),
                                 device_id=device if device.type == "cuda" else None)

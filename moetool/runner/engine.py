@@ -72,6 +72,8 @@ class ActivationStore:
         self._end = 0
 
     def put(self, slot: int, tensor) -> None:
+        import torch
+
         nbytes = tensor.numel() * tensor.element_size()
         if slot not in self.slots:
             tier = next((t for t in ("device", "host") if self.used[t] + nbytes <= self.budget[t]), "disk")
@@ -80,10 +82,14 @@ class ActivationStore:
             self.used[tier] += nbytes
         else:
             tier = self.slots[slot][0]
-        if tier == "device":
-            self.slots[slot] = ("device", tensor)
-        elif tier == "host":
-            self.slots[slot] = ("host", tensor if tensor.device.type == "cpu" else tensor.to("cpu"))
+        if tier == "device" or (tier == "host" and tensor.device.type == "cpu"):
+            self.slots[slot] = (tier, tensor)
+        elif tier == "host":   # pinned, copied without waiting (the stream keeps the order)
+            held = self.slots.get(slot, (None, None))[1]
+            if held is None or held.shape != tensor.shape:
+                held = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            held.copy_(tensor, non_blocking=True)
+            self.slots[slot] = ("host", held)
         else:
             offset = self.slots[slot][1][0]
             self._write(offset, tensor)
@@ -91,7 +97,7 @@ class ActivationStore:
     def get(self, slot: int):
         tier, value = self.slots[slot]
         if tier != "disk":
-            return value.to(self.device) if tier == "host" and self.device.type != "cpu" else value
+            return value.to(self.device, non_blocking=True) if tier == "host" and self.device.type != "cpu" else value
         import torch
 
         offset, shape, dtype = value
@@ -194,12 +200,24 @@ class _Stubs:
             layer.__dict__.pop("forward", None)
 
 
+def _lower_priority() -> None:
+    """The reader thread yields the CPU to the layer being computed: reading the next layer only has to
+    finish before this one does (on a CPU-bound machine it would otherwise slow the computation)."""
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):   # not Linux, or not allowed
+        pass
+
+
 class _LayerReader:
     """Reads (and dequantizes) decoder layers' weights on a background thread, one layer ahead."""
 
     def __init__(self, loaded):
         self.loaded = loaded
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetool-layer-reader")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moetool-layer-reader",
+                                       initializer=_lower_priority)
         self.pending: dict[int, object] = {}
 
     def prefetch(self, index: int) -> None:
@@ -231,6 +249,9 @@ def run(loaded, batches: list[MicroBatch], *, capture=None, on_final=None, progr
     import torch
 
     timing = RunTiming()
+    if loaded.device.type == "cuda":   # pinned, so that copying a micro-batch's ids never waits
+        for batch in batches:
+            batch.ids = batch.ids.pin_memory()
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -267,7 +288,7 @@ def _run_full(loaded, batches, capture, on_final, progress, timing) -> None:
 def _forward_batches(loaded, batches, capture, on_final, progress, total) -> None:
     done = 0
     for batch in batches:
-        ids = batch.ids.to(loaded.device)
+        ids = batch.ids.to(loaded.device, non_blocking=True)
         if capture is not None:
             capture.set_batch(batch.first_sequence, *ids.shape)
         output = loaded.base_forward(ids)
@@ -310,7 +331,7 @@ def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, tim
             del tensors
             done = 0
             for batch in batches:
-                ids = batch.ids.to(loaded.device)
+                ids = batch.ids.to(loaded.device, non_blocking=True)
                 hidden, args, kwargs = stubs.inputs(index, ids)
                 if index > 0:
                     hidden = store.get(batch.slot)
@@ -329,7 +350,7 @@ def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, tim
             timing.layer_seconds[index] = time.perf_counter() - began
         if on_final is not None:
             for batch in batches:
-                ids = batch.ids.to(loaded.device)
+                ids = batch.ids.to(loaded.device, non_blocking=True)
                 on_final(batch, stubs.final(ids, store.get(batch.slot)))
         timing.store = dict(store.used)
     finally:

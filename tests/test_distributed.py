@@ -1,0 +1,75 @@
+"""torchrun on the CPU (gloo): data-parallel profile, eval and prune give what one process gives,
+rank 0 alone prints and writes, and a failing rank stops the others instead of hanging them."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("moetool") is None, reason="the moetool console script is not on PATH")
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
+SMALL = ["--max-tokens", "4096", "--seq-len", "256", "--batch-size", "4"]
+
+
+def moetool(*args, torchrun=False, timeout=300):
+    cmd = (TORCHRUN if torchrun else [sys.executable, "-m"]) + ["moetool", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_profile_under_torchrun_equals_one_process(tmp_path):
+    two = moetool("profile", "builtin:tiny-moe", "--json", *SMALL, "--ep", "2", "--trace", str(tmp_path / "t"),
+                  torchrun=True)
+    assert two.returncode == 0, two.stderr
+    report = json.loads(two.stdout)                       # one report: rank 1 printed nothing
+    one = json.loads(moetool("profile", "builtin:tiny-moe", "--json", *SMALL, "--ep", "2").stdout)
+    assert report["world_size"] == 2 and report["tokens"] == one["tokens"] == 4096
+    for a, b in zip(report["layers"], one["layers"]):
+        for name in ("counts", "coactivation", "capacity_drop", "lru_hit_rate", "distinct_experts_per_sequence",
+                     "consecutive_reuse"):
+            assert a[name] == b[name], name
+        assert a["weight_mass"] == pytest.approx(b["weight_mass"], rel=1e-5)
+        assert a["ep"]["balanced"]["all_to_all_tokens"] == b["ep"]["balanced"]["all_to_all_tokens"]
+    header = json.loads((tmp_path / "t" / "trace.json").read_text())
+    assert [r["dir"] for r in header["ranks"]] == ["rank-00", "rank-01"] and header["sequences"] == 16
+    again = json.loads(moetool("profile", "builtin:tiny-moe", "--json", "--ep", "2", "--from-trace",
+                               str(tmp_path / "t")).stdout)
+    assert [x["counts"] for x in again["layers"]] == [x["counts"] for x in one["layers"]]
+    assert [x["capacity_drop"] for x in again["layers"]] == [x["capacity_drop"] for x in one["layers"]]
+
+
+def test_eval_and_prune_under_torchrun(tmp_path):
+    two = moetool("eval", "--json", "--max-tokens", "2048", "--seq-len", "128", "--reference", "builtin:tiny-moe",
+                  torchrun=True)
+    assert two.returncode == 0, two.stderr
+    one = moetool("eval", "--json", "--max-tokens", "2048", "--seq-len", "128", "--reference", "builtin:tiny-moe")
+    a, b = json.loads(two.stdout), json.loads(one.stdout)
+    assert a["tokens"] == b["tokens"] and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-9)
+    assert a["kl_mean"] == pytest.approx(0, abs=1e-9) and a["top1_agreement"] == 1.0
+    pruned = moetool("prune", "builtin:tiny-moe", str(tmp_path / "p2"), "--ratio", "0.25", "--json", *SMALL,
+                     torchrun=True)
+    assert pruned.returncode == 0, pruned.stderr
+    single = moetool("prune", "builtin:tiny-moe", str(tmp_path / "p1"), "--ratio", "0.25", "--json", *SMALL)
+    assert json.loads(pruned.stdout)["kept"] == json.loads(single.stdout)["kept"]
+    assert (tmp_path / "p2" / "config.json").exists()
+
+
+def test_a_failing_rank_stops_the_others(tmp_path):
+    """Rank 1 fails after joining the group (its data does not exist); rank 0 would wait for it in
+    all_reduce: torchrun stops it, and the run ends with the failing rank's one-line error."""
+    script = tmp_path / "rank.sh"
+    script.write_text("#!/bin/sh\nif [ \"$RANK\" = 1 ]; then exec moetool profile --data /nonexistent.txt; fi\n"
+                      "exec moetool profile --max-tokens 4096 --seq-len 256\n")
+    script.chmod(0o755)
+    start = time.monotonic()
+    proc = subprocess.run(TORCHRUN + [str(script)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "MOETOOL_DIST_TIMEOUT": "60"})
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 200
+    assert "Error: /nonexistent.txt: no such file" in proc.stderr
+    assert "/moetool/" not in proc.stderr           # no moetool traceback (torchrun prints its own summary)
+    assert "exitcode  : 11" in proc.stderr          # the data error's exit code, as torchrun reports it
