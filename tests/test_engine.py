@@ -180,3 +180,25 @@ def test_streamed_reads_each_weight_once(tokens):
         report = profile(ckpt, ProfileOptions(max_tokens=tokens, mode="streamed", batch_size=16))
     assert report.tokens == tokens
     assert report.io["weight_bytes_read"] == pytest.approx(report.io["checkpoint_bytes"], rel=0.05)
+
+
+def test_globally_pruned_checkpoint_profiles_in_both_modes(tmp_path, tiny, token_file):
+    """Layers keeping different numbers of experts (prune --scope global) are built with their own
+    counts in full and in streamed mode."""
+    from moetool.ops.prune import PruneOptions, prune
+
+    with open_checkpoint(tiny("qwen3_moe")) as ckpt:
+        prune(ckpt, tmp_path / "pruned", PruneOptions(ratio=0.25, scope="global", criterion="weight-norm"))
+    full = run(tmp_path / "pruned", token_file, mode="full")
+    streamed = run(tmp_path / "pruned", token_file, mode="streamed")
+    assert sorted({layer.experts for layer in full.layers}) != [4]             # really uneven, or fewer
+    for a, b in zip(full.layers, streamed.layers):
+        assert a.experts == b.experts and a.counts == b.counts and len(a.counts) == a.experts
+
+
+def test_trace_setup_failure_leaves_nothing(tmp_path, tiny, token_file):
+    from moetool.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="saliency"):   # JetMoE has no experts module to measure
+        run(tiny("jetmoe"), token_file, saliency=True, trace=tmp_path / "t")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()

@@ -40,7 +40,7 @@ def profile(
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 8,
     capacity_window: Annotated[int | None, typer.Option(min=1, help="Tokens per capacity window for the drop "
-                                                        "figures (default: --batch-size x --seq-len).")] = None,
+                                                        "figures (default: one sequence, --seq-len).")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     mode: ModeOpt = Mode.auto,

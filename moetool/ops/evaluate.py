@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -101,11 +102,13 @@ class _Metrics:
         targets = targets.reshape(-1)
         position = 0
         ref_stream = ref_head.logprobs(ref_hidden) if ref_head is not None else None
+        device = self.nll.device   # with a device map the head may sit on another GPU than the inputs
         for logits, lp in head.logprobs(hidden):
+            logits, lp = logits.to(device), lp.to(device)
             target = targets[position:position + lp.shape[0], None]
             self.nll -= lp.gather(1, target).double().sum()
             if ref_stream is not None:
-                ref_logits, ref_lp = next(ref_stream)
+                ref_logits, ref_lp = (t.to(device) for t in next(ref_stream))
                 self.ref_nll -= ref_lp.gather(1, target).double().sum()
                 kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0)
                 self.kl_sum += kl.double().sum()
@@ -164,7 +167,10 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
             engine.run(loaded_ref, batches, on_final=lambda batch, hidden: store.put(batch.slot, hidden),
                        progress=_labelled(progress, "reference"), offload_dir=options.offload_dir)
             ref_head = _Head(loaded_ref)
-            del loaded_ref
+            del loaded_ref   # free it (transformers models hold reference cycles) before the model loads
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         loaded = load_model(ckpt, **kwargs)
         head = _Head(loaded)
 

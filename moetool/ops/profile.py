@@ -11,7 +11,7 @@ from typing import Any
 
 from moetool import __version__
 from moetool.checkpoint import BYTES_READ, Checkpoint
-from moetool.errors import UnsupportedError, UsageError
+from moetool.errors import OutputExistsError, UnsupportedError, UsageError
 from moetool.ops import routing_stats as rs
 from moetool.ops.inspect import inspect_checkpoint
 from moetool.runner import data, distributed, engine
@@ -20,7 +20,7 @@ from moetool.runner.device import pick_device, pick_dtype
 from moetool.runner.engine import micro_batches
 from moetool.runner.model import load_model
 from moetool.runner.stats import LayerTotals, RoutingStats, window_unit
-from moetool.runner.trace import TraceWriter, open_trace
+from moetool.runner.trace import TraceError, TraceWriter, open_trace
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class ProfileOptions:
     max_tokens: int | None = 8192
     seq_len: int = 512
     batch_size: int = 8                 # sequences per micro-batch
-    capacity_window: int | None = None  # tokens per capacity window (default: batch_size x seq_len)
+    capacity_window: int | None = None  # tokens per capacity window (default: seq_len, one sequence)
     device: str | None = None
     dtype: str | None = None
     mode: str = "auto"                  # "full" | "streamed" | "auto"
@@ -143,12 +143,14 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     if world.distributed and options.device_map:
         raise UsageError("--device-map spreads one model over the node's GPUs; under torchrun each rank runs "
                          "its own copy: use one or the other")
+    if options.trace is not None and Path(options.trace).exists() and not options.force:
+        raise OutputExistsError(f"{options.trace}: exists", hint="use --force to replace it")
     device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)
     dtype = pick_dtype(options.dtype, device)
     distributed.init(world, device)
     ids = calibration_ids(ckpt, options, default="builtin", vocab_size=structure.vocab_size)
     seq_len = ids.shape[1]
-    window = options.capacity_window or max(1, options.batch_size) * seq_len
+    window = options.capacity_window or seq_len   # one sequence: every rank holds whole windows
     unit = window_unit(window, seq_len)
     first_unit, unit_count = distributed.share(math.ceil(ids.shape[0] / unit), world)
     first = first_unit * unit
@@ -157,19 +159,21 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     loaded = load_model(ckpt, device=device, dtype=dtype, mode=options.mode, device_map=options.device_map,
                         trust_remote_code=options.trust_remote_code)
     stats = RoutingStats(layers, device, capacity_window=window, ep=options.ep)
-    trace = None
-    if options.trace is not None:
-        trace = TraceWriter(options.trace, world=world, layers=layers, sequences=local.shape[0],
-                            first_sequence=first, seq_len=seq_len, token_ids=local.numpy(),
-                            saliency=options.saliency, force=options.force,
-                            header={"source": ckpt.source, "family": structure.family, "mode": loaded.mode,
-                                    "dtype": str(dtype).removeprefix("torch."), "batch_size": options.batch_size,
-                                    "capacity_window": window, "moetool_version": __version__})
-    capture = RouterCapture(loaded.model, loaded.family, ckpt.config or {}, structure.moe_layers,
-                            lambda layer: layers[layer][1], stats=stats, trace=trace, saliency=options.saliency)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    trace = capture = None
     try:
+        if options.trace is not None:
+            trace = TraceWriter(options.trace, world=world, layers=layers, sequences=local.shape[0],
+                                first_sequence=first, seq_len=seq_len, token_ids=local.numpy(),
+                                saliency=options.saliency, force=options.force,
+                                header={"source": ckpt.source, "family": structure.family, "mode": loaded.mode,
+                                        "dtype": str(dtype).removeprefix("torch."),
+                                        "batch_size": options.batch_size, "capacity_window": window,
+                                        "moetool_version": __version__})
+        capture = RouterCapture(loaded.model, loaded.family, ckpt.config or {}, structure.moe_layers,
+                                lambda layer: layers[layer][1], stats=stats, trace=trace,
+                                saliency=options.saliency)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         timing = engine.run(loaded, micro_batches(local, options.batch_size, first), capture=capture,
                             progress=progress, offload_dir=options.offload_dir)
         if trace is not None:
@@ -179,7 +183,8 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
             trace.abort()
         raise
     finally:
-        capture.close()
+        if capture is not None:
+            capture.close()
     if world.distributed:
         stats.all_reduce()
     totals = stats.totals()
@@ -239,26 +244,24 @@ def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) ->
                        experts={layer: e for layer, (e, _) in layers.items()},
                        top_k={layer: k for layer, (_, k) in layers.items()})
     seq_len = trace.seq_len
-    window = options.capacity_window or trace.header.get("capacity_window") or \
-        max(1, options.batch_size) * (seq_len or options.seq_len)
+    window = options.capacity_window or trace.header.get("capacity_window") or seq_len or options.seq_len
     stats = RoutingStats(layers, torch.device("cpu"), capacity_window=window, ep=options.ep)
-    for chunk in trace.chunks():
-        for layer in structure.moe_layers:
-            weight = chunk.weights[layer] if chunk.weights else None
-            stats[layer].update(chunk.experts[layer], chunk.first_sequence, weight,
-                                chunk.router[layer] if chunk.router else None)
-            if chunk.salience:
-                stats[layer].update_salience(chunk.experts[layer], weight, chunk.salience[layer])
+    for chunk in trace.chunks():   # each layer's chunks in sequence order
+        stats[chunk.layer].update(chunk.experts, chunk.first_sequence, chunk.weights, chunk.router)
+        if chunk.salience is not None:
+            stats[chunk.layer].update_salience(chunk.experts, chunk.weights, chunk.salience)
     totals = stats.totals()
     seconds = time.perf_counter() - start
     notes = [] if trace.has_weights else [
         "routing without gate weights (vLLM routed experts): weight_mass, saliency, entropy, top-1 probability "
         "and margin are not available"]
-    tokens = totals[structure.moe_layers[0]].tokens   # vLLM rows of prefix-cached positions are skipped
+    first = totals[structure.moe_layers[0]]   # vLLM rows of prefix-cached positions are skipped
+    if not first.tokens:
+        raise TraceError(f"{options.from_trace}: holds no routed tokens")
     return ProfileReport(ckpt.source, structure.family, "trace", "cpu", trace.header.get("dtype", "n/a"),
-                         tokens, trace.sequences, seq_len,
+                         first.tokens, first.sequences, seq_len,
                          {"seconds": round(seconds, 4),
-                          "tokens_per_second": round(tokens / seconds, 2) if seconds else None,
+                          "tokens_per_second": round(first.tokens / seconds, 2) if seconds else None,
                           "layer_seconds": {}, "weight_wait_seconds": 0.0},
                          {"host_peak_rss_bytes": _peak_rss()},
                          [_layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
@@ -283,7 +286,8 @@ def _layer_profile(layer: int, t: LayerTotals, options: ProfileOptions) -> Layer
         weight_mass=None if t.weight_mass is None else [round(m, 6) for m in t.weight_mass],
         saliency=per_routed(t.salience_sum), activation_norm=per_routed(t.activation_norm_sum),
         dead_experts=[e for e, c in enumerate(t.counts) if c == 0],
-        entropy_mean=entropy, entropy_normalized=None if entropy is None else entropy / math.log(experts),
+        entropy_mean=entropy,
+        entropy_normalized=None if entropy is None or experts < 2 else entropy / math.log(experts),
         top1_prob_mean=mean(t.top1_sum), margin_mean=mean(t.margin_sum),
         imbalance=rs.imbalance(t.counts),
         capacity_drop={f: (d / t.assignments if t.assignments else 0.0) for f, d in t.drops.items()},

@@ -127,11 +127,10 @@ class RouterCapture:
                 index = index.reshape(shape).long()
                 weight = weight.reshape(shape).float()
                 router = router.reshape(batch, seq, 3).float()
-                if self.stats is not None:
-                    stats = self.stats[layer]
-                    stats.update(index.to(stats.device, non_blocking=True), first,
-                                 weight.to(stats.device, non_blocking=True),
-                                 router.to(stats.device, non_blocking=True))
+                if self.stats is not None:   # to the run's device (a device map spreads layers over GPUs)
+                    device = self.stats[layer].device
+                    index, weight, router = (t.to(device, non_blocking=True) for t in (index, weight, router))
+                    self.stats[layer].update(index, first, weight, router)
                 if self.trace is not None:
                     self.trace.add(layer, index, weight, router)
         return hook
@@ -167,10 +166,10 @@ class RouterCapture:
                     norms.append(module.forward(hidden, index, only).float().norm(dim=-1))
                 salience = torch.stack(norms, dim=1)
                 if self.stats is not None:
-                    stats = self.stats[layer]
-                    stats.update_salience(index.long().to(stats.device, non_blocking=True),
-                                          weights.to(stats.device, non_blocking=True),
-                                          salience.to(stats.device, non_blocking=True))
+                    device = self.stats[layer].device
+                    salience = salience.to(device, non_blocking=True)
+                    self.stats[layer].update_salience(index.long().to(device, non_blocking=True),
+                                                      weights.to(device, non_blocking=True), salience)
                 if self.trace is not None:
                     first, batch, seq = self.batch
                     self.trace.add_salience(layer, salience.reshape(batch, seq, -1))

@@ -12,8 +12,8 @@ class DeviceError(MoetoolError):
 
 
 def pick_device(requested: str | None = None, *, local_rank: int | None = None):
-    """The device asked for ("auto": CUDA when present). Under torchrun (LOCAL_RANK given), "auto" and
-    "cuda" mean cuda:LOCAL_RANK."""
+    """The device asked for ("auto": CUDA when present), made the current CUDA device. Under torchrun
+    (LOCAL_RANK given), "auto" and "cuda" mean cuda:LOCAL_RANK."""
     import torch
 
     if requested in (None, "auto"):
@@ -23,6 +23,8 @@ def pick_device(requested: str | None = None, *, local_rank: int | None = None):
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {requested}: CUDA is not available here", hint="use --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)   # streams, events and pinned copies then default to it
     return device
 
 

@@ -10,6 +10,7 @@ forever for a rank on another machine that died.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ def init(world: World, device) -> None:
                                 device_id=device if device.type == "cuda" else None)
     except Exception as exc:   # rendezvous failures surface as several exception types
         raise DistributedError(f"rank {world.rank}: could not join the torch.distributed group ({exc})") from None
+    atexit.register(shutdown)
     log.info("rank %d of %d on %s (%s)", world.rank, world.size, device, backend)
 
 

@@ -75,6 +75,10 @@ class ActivationStore:
         import torch
 
         nbytes = tensor.numel() * tensor.element_size()
+        if self.device.type == "cuda":   # pinned host blocks are rounded up to a power of two
+            nbytes = 1 << max(0, nbytes - 1).bit_length()
+        if slot in self.slots and self._shape(slot) != (tuple(tensor.shape), tensor.dtype):
+            raise ValueError(f"activation slot {slot} holds {self._shape(slot)}, not {tuple(tensor.shape)}")
         if slot not in self.slots:
             tier = next((t for t in ("device", "host") if self.used[t] + nbytes <= self.budget[t]), "disk")
             if tier == "disk":
@@ -93,6 +97,10 @@ class ActivationStore:
         else:
             offset = self.slots[slot][1][0]
             self._write(offset, tensor)
+
+    def _shape(self, slot: int):
+        tier, value = self.slots[slot]
+        return (value[1], value[2]) if tier == "disk" else (tuple(value.shape), value.dtype)
 
     def get(self, slot: int):
         tier, value = self.slots[slot]
@@ -231,9 +239,8 @@ class _LayerReader:
         return tensors, time.perf_counter() - start
 
     def close(self) -> None:
-        for future in self.pending.values():
-            future.cancel()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)   # an interrupted run does not wait for a read
+        self.pending.clear()
 
 
 def run(loaded, batches: list[MicroBatch], *, capture=None, on_final=None, progress=None,

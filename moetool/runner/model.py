@@ -127,6 +127,8 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
     from moetool.runner.quantized import load_quantized
 
     family = _check_supported(ckpt)
+    if mode == "auto" and device_map is not None:   # a device map is for models too large for one device
+        mode = "full"
     if mode == "auto":
         need = ckpt.total_bytes * (torch.finfo(dtype).bits // 8) // 2 if dtype.is_floating_point else 0
         mode = "full" if need * 1.2 < available_memory(device) else "streamed"
@@ -141,13 +143,18 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
     if mode == "full":
         auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
         formats = recorded_formats(ckpt.config)
+        own_loader = (formats is not None or uneven_expert_counts(ckpt.config) or
+                      (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)))
+        if own_loader and device_map is not None:
+            raise UnsupportedError(f"{ckpt.source}: --device-map works for checkpoints transformers loads itself, "
+                                   "not for moetool-quantized, globally pruned or per-expert GPT-OSS/Llama 4 ones",
+                                   hint="use --mode streamed")
         try:
             if formats is not None:   # moetool's quantized experts stay quantized in memory
                 model = load_quantized(ckpt, family, formats, device=device, dtype=dtype,
                                        trust_remote_code=trust_remote_code)
-            elif not family.transformers_reads_per_expert and _has_per_expert(ckpt, family):
-                model = load_pretrained(ckpt.root, dtype=dtype, device=device,   # fused as it loads
-                                        trust_remote_code=trust_remote_code)
+            elif own_loader:   # fused as it loads, or layers with their own expert counts
+                model = load_pretrained(ckpt.root, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             else:
                 model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=device_map or str(device),
                                              trust_remote_code=trust_remote_code)
@@ -163,6 +170,31 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
     return _streamed(ckpt, family, device, dtype, trust_remote_code, with_head)
 
 
+def uneven_expert_counts(config: dict | None) -> dict[int, int]:
+    """Layer -> expert count of a globally pruned checkpoint (layers keeping different numbers)."""
+    return {int(k): int(v) for k, v in ((config or {}).get("moetool_experts_per_layer") or {}).items()}
+
+
+def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: bool):
+    """The transformers model on the meta device, each layer built with its own expert count where the
+    checkpoint records uneven ones; returns (config, model)."""
+    import copy
+
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        _, layers = _decoder_layers(model)
+        attribute = family.keys["num_experts"][0]
+        for layer, count in uneven_expert_counts(ckpt.config).items():
+            layer_config = copy.deepcopy(config)
+            setattr(layer_config, attribute, count)
+            layers[layer] = type(layers[layer])(layer_config, layer)
+    return config, model.eval()
+
+
 def _has_per_expert(ckpt: Checkpoint, family: Family) -> bool:
     """Whether the checkpoint stores experts one tensor per expert."""
     from moetool.arch.matcher import Classifier
@@ -176,14 +208,8 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     """Meta-device model with everything but the decoder layers loaded; the engine loads each layer
     (LoadedModel.read_layer / install_layer / free_layer)."""
     import torch
-    import transformers
-    from accelerate import init_empty_weights
 
-    config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                              trust_remote_code=trust_remote_code)
-    model.eval()
+    config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     layout = "fused" if "fused" in family.layouts else None   # transformers 5 holds experts fused
     quantized = any(r.dtype in ("U8", "I32", "F8_E4M3", "I8") for r in ckpt.tensors.values())
@@ -231,11 +257,7 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
     quantized, dequantized when used), and globally pruned ones whose layers keep different numbers
     of experts (recorded as "moetool_experts_per_layer" in the config): each such layer is built
     with its own expert count, then every weight is loaded."""
-    import copy
-
     import torch
-    import transformers
-    from accelerate import init_empty_weights
 
     from moetool.checkpoint import open_checkpoint
     from moetool.runner.quantized import load_quantized
@@ -247,17 +269,7 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
         if formats is not None:
             return load_quantized(ckpt, family, formats, device=device, dtype=dtype,
                                   trust_remote_code=trust_remote_code)
-        config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
-        counts = (ckpt.config or {}).get("moetool_experts_per_layer") or {}
-        with init_empty_weights(include_buffers=False):
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                                  trust_remote_code=trust_remote_code)
-            _, layers = _decoder_layers(model)
-            attribute = family.keys["num_experts"][0]
-            for layer, count in counts.items():
-                layer_config = copy.deepcopy(config)
-                setattr(layer_config, attribute, int(count))
-                layers[int(layer)] = type(layers[int(layer)])(layer_config, int(layer))
+        config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
         layout = "fused" if "fused" in family.layouts else None
         plan = plan_tensors(ckpt, PlanOptions(layout=layout))
         own = dict(model.named_parameters()) | dict(model.named_buffers())

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT = "moetool-routing-trace"
 VERSION = 1
 HEADER = "trace.json"
-READ_SEQUENCES = 64   # sequences read at a time when a trace is read back
+READ_TOKENS = 1 << 18   # tokens of one layer read at a time when a trace is read back
 
 
 class TraceError(CheckpointFormatError):
@@ -93,7 +93,10 @@ class TraceWriter:
             if self.path.exists() and not force:
                 raise OutputExistsError(f"{self.path}: exists", hint="use --force to replace it")
             shutil.rmtree(self.partial, ignore_errors=True)
-            self.partial.mkdir(parents=True)
+            try:
+                self.partial.mkdir(parents=True)
+            except OSError as exc:
+                raise OutputWriteError(f"{self.partial}: cannot create the trace folder ({exc.strerror})") from None
         distributed.barrier()
         self.rank_dir = self.partial / f"rank-{world.rank:02d}"
         self.rank_dir.mkdir()
@@ -139,10 +142,11 @@ class TraceWriter:
         flat = [t.contiguous().reshape(-1).view(torch.uint8) for _, _, t in parts]
         device_buffer = torch.cat(flat)
         if device_buffer.device.type == "cuda":
-            host = torch.empty(device_buffer.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(device_buffer, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            with torch.cuda.device(device_buffer.device):   # the copy and its event on that device's stream
+                host = torch.empty(device_buffer.shape, dtype=torch.uint8, pin_memory=True)
+                host.copy_(device_buffer, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(device_buffer.device))
         else:
             host, event = device_buffer, None
         layout = [(layer, what, t.numel() * t.element_size()) for layer, what, t in parts]
@@ -187,8 +191,10 @@ class TraceWriter:
                       "stored": ["tokens", "experts", "weights", "router"] + (["salience"] if self.saliency else []),
                       "ranks": sorted(ranks, key=lambda r: r["first_sequence"])}
             (self.partial / HEADER).write_text(json.dumps(header, indent=1))
-            if self.path.exists():
+            if self.path.is_dir() and not self.path.is_symlink():
                 shutil.rmtree(self.path)
+            elif self.path.exists() or self.path.is_symlink():
+                self.path.unlink()
             os.replace(self.partial, self.path)
         distributed.barrier()
 
@@ -216,14 +222,15 @@ def _gather(item: dict, world) -> list[dict]:
 
 @dataclass
 class TraceChunk:
-    """Whole sequences of a trace: expert ids [B, S, k] per MoE layer (int64), and, when stored,
-    gate weights, router statistics and salience."""
+    """Whole sequences of one MoE layer of a trace: expert ids [B, S, k] (int64) and, when stored,
+    gate weights, router statistics and salience (float32)."""
 
+    layer: int
     first_sequence: int
-    experts: dict[int, Any]
-    weights: dict[int, Any] | None
-    router: dict[int, Any] | None
-    salience: dict[int, Any] | None
+    experts: Any
+    weights: Any = None
+    router: Any = None
+    salience: Any = None
 
 
 @dataclass
@@ -241,55 +248,47 @@ class Trace:
     files: list[Path]                  # vLLM: one array per request
 
     def chunks(self):
-        """TraceChunks in sequence order; memory bounded by READ_SEQUENCES sequences."""
+        """TraceChunks, each layer's in sequence order; memory bounded by READ_TOKENS tokens of one layer."""
         return self._moetool_chunks() if self.kind == "moetool" else self._vllm_chunks()
 
     def _moetool_chunks(self):
         import torch
 
         stored = set(self.header.get("stored", []))
+        step = max(1, READ_TOKENS // max(1, self.seq_len))
         for rank in self.header["ranks"]:
             folder = self.path / rank["dir"]
-            arrays = {(layer, what): _open_npy(folder / _layer_file(layer, what),
-                                               (rank["sequences"], self.seq_len, 3 if what == "router"
-                                                else self.top_k[layer]))
-                      for layer in self.moe_layers for what in ("experts", "weights", "router", "salience")
-                      if what in stored}
-            for start in range(0, rank["sequences"], READ_SEQUENCES):
-                stop = min(start + READ_SEQUENCES, rank["sequences"])
-
-                part = {what: None if what not in stored else
-                        {layer: torch.from_numpy(np.array(arrays[(layer, what)][start:stop]))
-                         for layer in self.moe_layers}
-                        for what in ("experts", "weights", "router", "salience")}
-                experts = {layer: ids.to(torch.int64) for layer, ids in part["experts"].items()}
-                _check_ids(experts, self.experts, self.path)
-                floats = {what: None if part[what] is None else {layer: v.to(torch.float32)
-                                                                 for layer, v in part[what].items()}
-                          for what in ("weights", "router", "salience")}
-                yield TraceChunk(rank["first_sequence"] + start, experts, floats["weights"], floats["router"],
-                                 floats["salience"])
+            for layer in self.moe_layers:
+                width = {"router": 3}
+                arrays = {what: _open_npy(folder / _layer_file(layer, what),
+                                          (rank["sequences"], self.seq_len, width.get(what, self.top_k[layer])))
+                          for what in ("experts", "weights", "router", "salience") if what in stored}
+                for start in range(0, rank["sequences"], step):
+                    part = {what: torch.from_numpy(np.array(array[start:start + step]))
+                            for what, array in arrays.items()}
+                    experts = part.pop("experts").to(torch.int64)
+                    _check_ids(layer, experts, self.experts[layer], self.path)
+                    yield TraceChunk(layer, rank["first_sequence"] + start, experts,
+                                     **{what: value.to(torch.float32) for what, value in part.items()})
 
     def _vllm_chunks(self):
         import torch
 
-        for number, path in enumerate(self.files):
-            array = _open_vllm(path, len(self.moe_layers))
-            rows = np.asarray(array)
-            rows = rows[(rows >= 0).all(axis=(1, 2))]   # prefix-cached positions are -1
-            if not len(rows):
-                continue
-            experts = {layer: torch.from_numpy(rows[None, :, position, :].astype(np.int64))
-                       for position, layer in enumerate(self.moe_layers)}
-            _check_ids(experts, self.experts, path)
-            yield TraceChunk(number, experts, None, None, None)
+        for position, layer in enumerate(self.moe_layers):
+            for number, path in enumerate(self.files):
+                rows = np.asarray(_open_vllm(path, len(self.moe_layers)))
+                rows = rows[(rows >= 0).all(axis=(1, 2))]   # prefix-cached positions are -1
+                if not len(rows):
+                    continue
+                experts = torch.from_numpy(rows[None, :, position, :].astype(np.int64))
+                _check_ids(layer, experts, self.experts[layer], path)
+                yield TraceChunk(layer, number, experts)
 
 
-def _check_ids(experts: dict[int, Any], counts: dict[int, int], path: Path) -> None:
-    for layer, ids in experts.items():
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= counts[layer]):
-            raise UsageError(f"{path}: layer {layer} routes to expert {int(ids.max())}, but the model has "
-                             f"{counts[layer]} experts there (a trace of another model?)")
+def _check_ids(layer: int, ids, experts: int, path: Path) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= experts):
+        raise UsageError(f"{path}: layer {layer} routes to expert {int(ids.max())}, but the model has "
+                         f"{experts} experts there (a trace of another model?)")
 
 
 def _open_npy(path: Path, shape: tuple[int, ...]):
