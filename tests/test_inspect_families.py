@@ -65,6 +65,9 @@ def test_moe_family(tiny, family, fused):
     expected_active = (report.total_params - routed + len(moe_layers) * per_layer_routed * top_k / experts
                        - report.params["embedding"] * (0 if report.tied_embeddings else 1))
     assert report.active_params == pytest.approx(expected_active, abs=len(moe_layers))
+    # without input and output embeddings: the lm_head (or, tied, the shared matrix) out as well
+    head = report.params["embedding"] if report.tied_embeddings else report.params["lm_head"]
+    assert report.active_params_without_embeddings == report.active_params - head
 
 
 @pytest.mark.parametrize("family", sorted(DENSE))

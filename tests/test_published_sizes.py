@@ -19,6 +19,10 @@ def test_published_totals_and_actives(tmp_path, model):
     assert not report.errors, report.errors
     assert report.total_params == pytest.approx(total, rel=0.02)
     assert getattr(report, convention) == pytest.approx(active, rel=0.02)
+    # without the input embedding and without the lm_head (untied in all four)
+    assert not report.tied_embeddings
+    assert report.active_params_without_embeddings == report.active_params - report.params["lm_head"]
+    assert report.active_params_without_embeddings < report.active_params < report.active_params_with_embedding
 
 
 def test_deepseek_v3_structure(tmp_path):

@@ -31,6 +31,7 @@ class Role(str, Enum):
     EXPERT_DOWN = "expert_down"
     EXPERT_GATE_UP = "expert_gate_up"          # gate and up stored together
     EXPERT_GATE_UP_BIAS = "expert_gate_up_bias"
+    EXPERT_GATE_BIAS = "expert_gate_bias"      # GGUF: gate biases stored apart from up (gpt-oss)
     EXPERT_UP_BIAS = "expert_up_bias"
     EXPERT_DOWN_BIAS = "expert_down_bias"
     MOE_OUTPUT_BIAS = "moe_output_bias"        # JetMoE: one bias added after the experts
@@ -56,6 +57,7 @@ CATEGORY: dict[Role, str] = {
     Role.EXPERT_GATE: "routed_experts", Role.EXPERT_UP: "routed_experts",
     Role.EXPERT_DOWN: "routed_experts", Role.EXPERT_GATE_UP: "routed_experts",
     Role.EXPERT_GATE_UP_BIAS: "routed_experts", Role.EXPERT_UP_BIAS: "routed_experts",
+    Role.EXPERT_GATE_BIAS: "routed_experts",
     Role.EXPERT_DOWN_BIAS: "routed_experts", Role.MOE_OUTPUT_BIAS: "other",
     Role.SHARED_GATE: "shared_experts", Role.SHARED_UP: "shared_experts",
     Role.SHARED_DOWN: "shared_experts", Role.SHARED_GATE_UP: "shared_experts",
@@ -80,6 +82,7 @@ DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
     Role.EXPERT_GATE: ("I", "H"), Role.EXPERT_UP: ("I", "H"), Role.EXPERT_DOWN: ("H", "I"),
     Role.EXPERT_GATE_UP: ("2I", "H"), Role.EXPERT_GATE_UP_BIAS: ("2I",),
     Role.EXPERT_UP_BIAS: ("I",), Role.EXPERT_DOWN_BIAS: ("H",), Role.MOE_OUTPUT_BIAS: ("H",),
+    Role.EXPERT_GATE_BIAS: ("I",),
     Role.SHARED_GATE: ("S", "H"), Role.SHARED_UP: ("S", "H"), Role.SHARED_DOWN: ("H", "S"),
     Role.SHARED_GATE_UP: ("2S", "H"), Role.SHARED_ROUTER: ("1", "H"),
     Role.DENSE_GATE: ("D", "H"), Role.DENSE_UP: ("D", "H"), Role.DENSE_DOWN: ("H", "D"),
@@ -97,6 +100,8 @@ class Router:
     group_limited: bool = False     # choose groups first (n_group / topk_group)
     scaling_key: str | None = None  # config key of a factor applied to the weights
     notes: str = ""
+    group_keys: tuple[str, str] = ("n_group", "topk_group")   # config keys: groups, groups kept
+    method_key: str | None = "topk_method"   # config key naming greedy (no groups) selection
 
 
 Config = dict[str, Any]
@@ -155,6 +160,9 @@ class Family:
     mlp_module: str | None = None
     prune_unsupported: str | None = None     # why experts cannot be removed from this family, if so
     notes: str = ""
+    # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
+    # its templates are llama.cpp tensor names and its keys GGUF metadata keys
+    gguf_arch: str | None = None
 
     @property
     def layouts(self) -> tuple[str, ...]:

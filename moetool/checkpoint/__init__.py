@@ -30,8 +30,9 @@ def builtin_model_path(name: str) -> Path:
 
 
 def open_checkpoint(spec: str | Path, *, headers_only: bool = False) -> Checkpoint:
-    """Open a checkpoint from a folder, a .safetensors/.bin file, a hub id ``org/name[@rev]`` or a
-    built-in model ``builtin:tiny-moe`` / ``builtin:tiny-dense``.
+    """Open a checkpoint from a folder, a .safetensors/.bin/.gguf file (or a GGUF split set or the
+    folder holding it), a hub id ``org/name[@rev]`` or a built-in model ``builtin:tiny-moe`` /
+    ``builtin:tiny-dense``.
 
     Args:
         spec: the path, hub id or built-in name.
@@ -41,6 +42,10 @@ def open_checkpoint(spec: str | Path, *, headers_only: bool = False) -> Checkpoi
         return open_local(builtin_model_path(spec), source=spec)
     path = Path(spec).expanduser()
     if path.exists():
+        from moetool.checkpoint.gguf import is_gguf_source, open_gguf
+
+        if is_gguf_source(path):
+            return open_gguf(path, source=str(spec))
         return open_local(path, source=str(spec))
     from moetool.checkpoint.hub import looks_like_hub_id, open_hub
 

@@ -50,7 +50,7 @@ class Shard:
                  metadata: dict[str, str] | None = None):
         self.name = name          # file name relative to the checkpoint root
         self.path = path          # None for remote header-only shards
-        self.format = format      # "safetensors" | "bin" | "remote"
+        self.format = format      # "safetensors" | "bin" | "remote" | "gguf"
         self.size = size
         self.metadata = metadata or {}
         self._handle: Any = None
@@ -63,6 +63,9 @@ class Shard:
                     f"{self.name}: only the header was fetched from the hub; tensor data is not local",
                     hint="run without header-only mode (moetool downloads the weights), or download "
                          "the repository first")
+            if self.format == "gguf":
+                raise UnsupportedError(f"{self.name}: GGUF tensors are read with TensorRef.load() "
+                                       "(numpy), not through a shard handle")
             if self.format == "safetensors":
                 from safetensors import safe_open
                 self._handle = safe_open(str(self.path), framework="pt")
@@ -138,12 +141,15 @@ class Checkpoint:
     """A model checkpoint: its config and every stored tensor, by name."""
 
     source: str                     # what the user gave: path or hub id
-    kind: str                       # "dir" | "file" | "hub" | "hub-headers"
+    kind: str                       # "dir" | "file" | "hub" | "hub-headers" | "gguf"
     root: Path | None               # folder holding config and shards (None: remote)
     config: dict[str, Any] | None
     tensors: dict[str, TensorRef]
     shards: list[Shard]
     notes: list[str]                # non-fatal oddities found while opening
+    # GGUF only (kind "gguf"): every metadata key as stored; config then holds the keys of the
+    # file's architecture without their "{arch}." prefix
+    gguf_metadata: dict[str, Any] | None = None
 
     def close(self) -> None:
         for shard in self.shards:

@@ -10,7 +10,8 @@ from moetool.errors import ProblemsFoundError
 
 
 def inspect(
-    source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin file, or hub id org/name[@rev].")],
+    source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin/.gguf file "
+                                                     "(or GGUF split set), or hub id org/name[@rev].")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")] = False,
     layers: Annotated[bool, typer.Option("--layers", help="Print a per-layer table.")] = False,
     experts: Annotated[bool, typer.Option("--experts", help="Read expert weights: per-expert norms and "
@@ -86,7 +87,8 @@ def _render(report, *, layers: bool) -> None:
     active = ""
     if report.active_params is not None and n_moe:
         active = (f" · {count(report.active_params)} active per token "
-                  f"({count(report.active_params_with_embedding)} counting the input embedding)")
+                  f"({count(report.active_params_with_embedding)} counting the input embedding, "
+                  f"{count(report.active_params_without_embeddings)} without input and output embeddings)")
     grid.add_row("Parameters", f"{count(report.total_params)} total{active}")
     disk = report.disk
     dtypes = ", ".join(f"{k} {size(v)}" for k, v in disk["bytes_by_dtype"].items())

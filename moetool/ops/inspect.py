@@ -15,6 +15,8 @@ from typing import Any
 from moetool import __version__
 from moetool._util import gc_paused
 from moetool.arch import detect_family
+from moetool.arch.gguf import GENERIC as GENERIC_GGUF
+from moetool.arch.gguf import gguf_family
 from moetool.arch.matcher import AUX_ENDINGS, Classifier, Match
 from moetool.arch.schema import (
     CATEGORIES,
@@ -30,7 +32,7 @@ from moetool.arch.schema import (
 )
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.header import DTYPE_BYTES
-from moetool.errors import ConfigError
+from moetool.errors import ConfigError, UnsupportedError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class InspectReport:
     total_params: int
     active_params: int | None
     active_params_with_embedding: int | None
+    active_params_without_embeddings: int | None   # active, without the input embedding and the lm_head
     mtp_params: int
     buffer_params: int
     disk: dict[str, Any]
@@ -178,6 +181,7 @@ class _Tally:
     quantized: set[str] = field(default_factory=set)      # weights stored quantized by moetool (other shapes)
     sliced: dict[str, int] = field(default_factory=dict)  # one expert of a tensor stored stacked -> expert
     dtype_bytes: Counter = field(default_factory=Counter)   # elements per dtype
+    ggml_bytes: Counter = field(default_factory=Counter)    # GGUF: bytes per ggml type
 
 
 @gc_paused()
@@ -193,15 +197,25 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         progress: optional callable(done_bytes, total_bytes) for long reads.
     """
     config = ckpt.config or {}
-    family = detect_family(ckpt.config)
+    gguf = ckpt.kind == "gguf"
+    if gguf:
+        if experts or check_values:
+            raise UnsupportedError(f"{ckpt.source}: --experts and --check-values are not available for GGUF "
+                                   "files yet")
+        family = gguf_family(config, ckpt.tensors)
+    else:
+        family = detect_family(ckpt.config)
+    where = f"{ckpt.shards[0].path} (GGUF metadata)" if gguf and ckpt.shards else "config.json"
     cfg = config
     if family and family.config_root and isinstance(config.get(family.config_root), dict):
         cfg = {**config, **config[family.config_root]}
     problems: list[Problem] = [Problem("warning", "checkpoint", note) for note in ckpt.notes]
 
-    dims = _read_dims(family, cfg)
+    dims = _read_dims(family, cfg, where)
     guessed = family is None
     tally = _classify(ckpt, family, Classifier(family, dims.decoder_offset), dims, cfg)
+    if gguf:
+        _gguf_checks(family, dims, cfg, tally, problems)
     if guessed:
         _guess_dims(dims, tally, cfg)
         problems.append(Problem("warning", "guessed_architecture",
@@ -210,11 +224,12 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     if dims.num_layers is None:
         dims.num_layers = 1 + max((r.match.layer for r in tally.records if r.match.layer is not None), default=-1)
 
-    moe_layers = [L for L in range(dims.num_layers) if _is_moe(family, cfg, L, tally, guessed)]
+    by_tensors = {r.match.layer for r in tally.records if r.match.role in MOE_LAYER_ROLES} if gguf else set()
+    moe_layers = [L for L in range(dims.num_layers) if _is_moe(family, cfg, L, tally, guessed, by_tensors, where)]
     layout = _detect_layout(family, tally, problems)
     if family is not None:
         _check_expected(family, dims, moe_layers, layout, tally, problems)
-        _check_shapes(family, dims, tally, problems)
+        _check_shapes(family, dims, tally, problems, squeeze=gguf)
     layers, routed_active = _layer_table(family, dims, moe_layers, tally, problems)
     _apply_tie(dims, tally)
     for name in tally.unexpected[:1]:
@@ -228,13 +243,14 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
 
     total = sum(tally.params.values())
     routed_total = tally.params["routed_experts"]
-    active = active_emb = None
+    active = active_emb = active_bare = None
     if not moe_layers or all(info.top_k is not None for info in layers if info.kind == "moe"):
         non_routed = total - routed_total - tally.params["embedding"]
         embed = tally.params["embedding"]
         tied_head = embed if dims.tie and not tally.params["lm_head"] else 0
         active = non_routed + routed_active + tied_head
         active_emb = active + embed - tied_head
+        active_bare = active - tally.params["lm_head"] - tied_head
     elif moe_layers:
         problems.append(Problem("warning", "top_k_unknown", "top-k is not known, so active parameters are not"))
 
@@ -256,17 +272,19 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         for name, count in find_non_finite(ckpt, progress):
             problems.append(Problem("error", "non_finite", f"{name}: {count} NaN/Inf values"))
 
+    unknown_gguf = family is not None and family.name == GENERIC_GGUF
     return InspectReport(
-        source=ckpt.source, kind=ckpt.kind, family=family.name if family else None,
+        source=ckpt.source, kind=ckpt.kind, family=family.name if family and not unknown_gguf else None,
         family_title=family.title if family else None, model_type=config.get("model_type"),
-        guessed=guessed, layout=layout, num_layers=dims.num_layers, moe_layers=moe_layers,
+        guessed=guessed or unknown_gguf, layout=layout, num_layers=dims.num_layers, moe_layers=moe_layers,
         dense_layers=[i.index for i in layers if i.kind == "dense"], hidden_size=dims.hidden,
         vocab_size=dims.vocab, num_experts=dims.experts, top_k=dims.top_k, expert_ffn=dims.expert_ffn,
         num_shared_experts=dims.num_shared if moe_layers else 0,
         shared_ffn=dims.shared_ffn if dims.num_shared else None, dense_ffn=dims.dense_ffn,
         tied_embeddings=bool(dims.tie), router=_router_info(family, cfg, dims) if moe_layers else None,
         params={c: tally.params[c] for c in CATEGORIES}, total_params=total, active_params=active,
-        active_params_with_embedding=active_emb, mtp_params=tally.mtp, buffer_params=tally.buffers,
+        active_params_with_embedding=active_emb, active_params_without_embeddings=active_bare,
+        mtp_params=tally.mtp, buffer_params=tally.buffers,
         disk=_disk_info(ckpt, tally), memory=_memory(total, tally.quantizable),
         quantization=sorted(tally.quant_forms), tensor_count=len(ckpt.tensors), problems=problems,
         layers=layers, experts=expert_stats)
@@ -278,7 +296,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
 LIMITS = {"num_layers": 100_000, "num_experts": 1_000_000}
 
 
-def _read_dims(family: Family | None, cfg: dict) -> _Dims:
+def _read_dims(family: Family | None, cfg: dict, where: str = "config.json") -> _Dims:
     dims = _Dims()
     if family is None:
         return dims
@@ -288,16 +306,16 @@ def _read_dims(family: Family | None, cfg: dict) -> _Dims:
         try:
             val = derived(cfg) if derived else first_key(cfg, family.keys.get(key, ()))
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"config.json: cannot derive {key} ({exc})") from None
+            raise ConfigError(f"{where}: cannot derive {key} ({exc})") from None
         if val is None:
             if required:
-                raise ConfigError(f"config.json: the {family.name} config lacks {names}")
+                raise ConfigError(f"{where}: the {family.name} config lacks {names}")
             return None
         items = val if key == "top_k" and isinstance(val, list) else [val]
         if not items or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in items):
-            raise ConfigError(f"config.json: {names} must be a non-negative integer, got {val!r}")
+            raise ConfigError(f"{where}: {names} must be a non-negative integer, got {val!r}")
         if max(items) > LIMITS.get(key, 1 << 40):
-            raise ConfigError(f"config.json: {names} = {max(items)} is implausible "
+            raise ConfigError(f"{where}: {names} = {max(items)} is implausible "
                               f"(more than {LIMITS[key]:,})")
         return val
 
@@ -317,13 +335,17 @@ def _read_dims(family: Family | None, cfg: dict) -> _Dims:
     return dims
 
 
-def _is_moe(family: Family | None, cfg: dict, layer: int, tally: _Tally, guessed: bool) -> bool:
+def _is_moe(family: Family | None, cfg: dict, layer: int, tally: _Tally, guessed: bool,
+            by_tensors: set[int] = frozenset(), where: str = "config.json") -> bool:
     if not guessed:
         try:
-            return bool(family.is_moe_layer(cfg, layer))
+            rule = family.is_moe_layer(cfg, layer)
         except (TypeError, KeyError, ZeroDivisionError) as exc:
-            raise ConfigError(f"config.json: cannot tell which layers are MoE ({type(exc).__name__}: {exc})") \
+            raise ConfigError(f"{where}: cannot tell which layers are MoE ({type(exc).__name__}: {exc})") \
                 from None
+        if rule is None:   # GGUF metadata that does not say: the layer's tensors do, as for llama.cpp
+            return layer in by_tensors
+        return bool(rule)
     return any(r.match.layer == layer and r.match.role in EXPERT_ROLES for r in tally.records)
 
 
@@ -367,9 +389,12 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
 
     aux_forms: dict[str, str | None] = {}
     dtype_bytes = tally.dtype_bytes
+    ggml_bytes = tally.ggml_bytes if family is not None and family.gguf_arch else None
     for name, ref in names.items():
         numel = ref.numel
         dtype_bytes[ref.dtype] += numel
+        if ggml_bytes is not None:
+            ggml_bytes[ref.dtype] += ref.nbytes
         if name.endswith(AUX_ENDINGS):   # scales, absmax, ...: bytes on disk, not parameters
             tail = name.rsplit(".", 1)[-1]
             form = aux_forms[tail] if tail in aux_forms else aux_forms.setdefault(tail, _quant_form(name))
@@ -576,7 +601,12 @@ def _expected_shape(family: Family, dims: _Dims, role: Role, fused: bool) -> tup
     return None if any(d is None for d in shape) else shape
 
 
-def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Problem]) -> None:
+def _squeezed(shape: tuple) -> tuple:
+    return tuple(d for d in shape if d != 1)
+
+
+def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Problem], *,
+                  squeeze: bool = False) -> None:
     bad = []
     cache: dict[tuple, tuple | None] = {}
     for r in tally.records:
@@ -588,6 +618,8 @@ def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Pro
         want = cache[key] if key in cache else cache.setdefault(key, _expected_shape(family, dims, *key))
         shape = r.ref.shape
         if want is not None and shape != want:
+            if squeeze and _squeezed(shape) == _squeezed(want):
+                continue  # GGUF: llama.cpp accepts [1, E] for [E]
             if m.role in EXPERT_ROLES and m.expert is None and shape[1:] == want[1:]:
                 continue  # expert count differs: reported once per layer by the layer table
             bad.append(f"{r.ref.name} is {list(shape)}, config implies {list(want)}")
@@ -656,9 +688,11 @@ def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any
     if isinstance(renorm, str):
         renorm = bool(cfg.get(renorm, False))
     groups = None
-    if router.group_limited and (cfg.get("n_group") or 1) > 1 and \
-            cfg.get("topk_method", "group_limited_greedy") not in ("greedy", "gready"):
-        groups = {"n_group": cfg.get("n_group"), "topk_group": cfg.get("topk_group")}
+    group_key, kept_key = router.group_keys
+    if router.group_limited and (cfg.get(group_key) or 1) > 1 and (router.method_key is None or
+                                                                  cfg.get(router.method_key, "group_limited_greedy")
+                                                                  not in ("greedy", "gready")):
+        groups = {"n_group": cfg.get(group_key), "topk_group": cfg.get(kept_key)}
     scaling = cfg.get(router.scaling_key) if router.scaling_key else None
     parts = [router.score, f"top-{dims.top_k}"]
     if router.correction_bias:
@@ -677,7 +711,8 @@ def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any
 
 
 def _disk_info(ckpt: Checkpoint, tally: _Tally) -> dict[str, Any]:
-    by_dtype = Counter({dtype: n * DTYPE_BYTES[dtype] for dtype, n in tally.dtype_bytes.items()})
+    by_dtype = tally.ggml_bytes if tally.ggml_bytes else \
+        Counter({dtype: n * DTYPE_BYTES[dtype] for dtype, n in tally.dtype_bytes.items()})
     return {"bytes_by_dtype": dict(by_dtype.most_common()), "tensor_bytes": sum(by_dtype.values()),
             "shards": len(ckpt.shards), "files": [s.name for s in ckpt.shards]}
 
@@ -690,3 +725,20 @@ def _memory(total: int, quantizable: int) -> dict[str, int]:
         "fp8": quantizable + math.ceil(quantizable / (128 * 128)) * 4 + 2 * rest,
         "int4": math.ceil(quantizable * (0.5 + 4 / 64)) + 2 * rest,
     }
+
+
+# ---------------------------------------------------------------- GGUF
+
+_FLOAT_GGML = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
+
+
+def _gguf_checks(family: Family, dims: _Dims, cfg: dict, tally: _Tally, problems: list[Problem]) -> None:
+    """What GGUF metadata can say wrong beyond the tensor checks shared with safetensors."""
+    tally.quant_forms.update(f"ggml {t}" for t in tally.ggml_bytes if t not in _FLOAT_GGML)
+    k, experts = dims.top_k, dims.experts
+    if isinstance(k, int) and experts is not None and k > experts:
+        problems.append(Problem("error", "bad_metadata", f"expert_used_count {k} exceeds expert_count {experts}"))
+    if family.name == GENERIC_GGUF:
+        problems.append(Problem("warning", "guessed_architecture",
+                                f"{family.title}: its tensors were read by llama.cpp's common names; "
+                                "structure and counts may be incomplete"))

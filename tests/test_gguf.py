@@ -1,0 +1,371 @@
+"""inspect of GGUF files written from the tiny transformers models (tests/gguf_fixtures.py).
+
+Oracle: the same model saved with save_pretrained and inspected as safetensors, and
+transformers' own parameter count; for bytes, gguf-py's block sizes and the file itself.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from moetool.checkpoint import open_checkpoint
+from moetool.ops.inspect import inspect_checkpoint
+from tests.gguf_fixtures import (
+    EXPECTED_FAMILY,
+    FAMILY_ARCH,
+    build,
+    gguf_metadata,
+    gguf_tensors,
+    patch,
+    tensor_info_offsets,
+    write_family,
+    write_gguf,
+)
+from tests.tiny import param_count
+
+gguf = pytest.importorskip("gguf")
+
+# fields of the report that must not depend on the format the model is stored in
+SAME = ("moe_layers", "dense_layers", "num_layers", "hidden_size", "vocab_size", "num_experts", "top_k",
+        "expert_ffn", "num_shared_experts", "shared_ffn", "tied_embeddings", "params", "total_params",
+        "active_params", "active_params_with_embedding", "active_params_without_embeddings", "mtp_params",
+        "buffer_params")
+
+
+@pytest.fixture(scope="module")
+def models():
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = build(family)
+        return made[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def gguf_file(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    made = {}
+
+    def get(family, qtype="F32"):
+        key = (family, qtype)
+        if key not in made:
+            made[key] = write_family(family, root / f"{family}-{qtype}.gguf", qtype=qtype, model=models(family))[0]
+        return made[key]
+    return get
+
+
+def inspect(path):
+    with open_checkpoint(path) as ckpt:
+        return inspect_checkpoint(ckpt)
+
+
+def run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "MOETOOL_DEBUG"} | {"COLUMNS": "300"}
+    return subprocess.run([sys.executable, "-m", "moetool", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def assert_one_line_error(proc, code, *names):
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    for name in names:
+        assert str(name) in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- structure and counts
+
+@pytest.mark.parametrize("family", sorted(FAMILY_ARCH))
+def test_family_matches_safetensors(family, models, gguf_file, tmp_path):
+    model = models(family)
+    model.save_pretrained(tmp_path / "st")
+    st = inspect(tmp_path / "st")
+    report = inspect(gguf_file(family))
+    assert report.kind == "gguf" and report.family == EXPECTED_FAMILY[family] and not report.guessed
+    assert report.problems == [], report.problems
+    assert report.total_params == param_count(model)
+    for name in SAME:
+        assert getattr(report, name) == getattr(st, name), name
+    assert [(i.kind, i.experts, i.top_k, i.params, i.active_params) for i in report.layers] == \
+        [(i.kind, i.experts, i.top_k, i.params, i.active_params) for i in st.layers]
+    assert report.layout == "fused"
+    assert report.router["score"] and report.router["top_k"] == st.top_k
+    assert report.active_params_without_embeddings == report.active_params - report.params["lm_head"] - \
+        (report.params["embedding"] if report.tied_embeddings else 0)
+
+
+def test_router_semantics_from_metadata(gguf_file):
+    v3 = inspect(gguf_file("deepseek_v3"))
+    assert v3.family == "deepseek_v3" and v3.router["score"] == "sigmoid" and v3.router["correction_bias"]
+    assert v3.router["group_limited"] == {"n_group": 2, "topk_group": 1}
+    assert v3.router["scaling_factor"] == 2.5   # DeepseekV3Config default routed_scaling_factor
+    assert v3.buffer_params == 2 * 4   # exp_probs_b is a buffer in transformers: not a parameter
+    v2 = inspect(gguf_file("deepseek_v2"))
+    assert v2.family == "deepseek_v2" and v2.router["score"] == "softmax"
+    assert inspect(gguf_file("qwen3_moe")).router["renormalize"] is True   # llama.cpp's qwen3moe graph
+    assert inspect(gguf_file("gpt_oss")).router["score"] == "softmax over top-k logits"
+
+
+def test_dense_layer_found_from_tensors(gguf_file):
+    """Qwen2-MoE's metadata cannot say which layers are dense: the tensors do."""
+    report = inspect(gguf_file("qwen2_moe"))
+    assert report.moe_layers == [0, 2] and report.dense_layers == [1]
+    assert report.layers[1].kind == "dense" and report.dense_ffn == 24
+
+
+# ---------------------------------------------------------------- ggml types and bytes
+
+def _expected_bytes(path):
+    reader = gguf.GGUFReader(path)
+    by_type = {}
+    for t in reader.tensors:
+        block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_elements) // block * size
+    return by_type, reader
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0"])
+def test_quantized_types_count_logical_values(qtype, gguf_file, models):
+    path = gguf_file("qwen3_moe", qtype)
+    report = inspect(path)
+    reference = inspect(gguf_file("qwen3_moe"))
+    assert report.problems == []
+    for name in SAME:
+        assert getattr(report, name) == getattr(reference, name), name
+    by_type, reader = _expected_bytes(path)
+    assert report.disk["bytes_by_dtype"] == by_type
+    assert qtype in by_type and report.disk["tensor_bytes"] == sum(by_type.values())
+    # the data section holds exactly these bytes plus alignment padding
+    padding = os.path.getsize(path) - reader.data_offset - sum(by_type.values())
+    assert 0 <= padding < 32 * len(reader.tensors)
+    if qtype != "F16":
+        assert f"ggml {qtype}" in report.quantization
+
+
+def test_load_dequantizes_q8_0(gguf_file, models):
+    import numpy as np
+
+    tensors = dict(gguf_tensors("qwen3_moe", models("qwen3_moe")))
+    with open_checkpoint(gguf_file("qwen3_moe", "Q8_0")) as ckpt:
+        ref = ckpt.tensors["blk.0.ffn_gate_exps.weight"]
+        assert ref.dtype == "Q8_0" and ref.shape == (4, 16, 32)
+        assert ref.nbytes == 4 * 16 * 32 // 32 * 34
+        value = ref.load()
+    assert isinstance(value, np.ndarray) and value.shape == (4, 16, 32)
+    original = tensors["blk.0.ffn_gate_exps.weight"]
+    assert np.abs(value - original).max() <= np.abs(original).max() / 100
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_k_quants_byte_sizes(qtype, tmp_path):
+    model = build("qwen3_moe", hidden_size=256)   # rows of 256 values: whole K-quant blocks
+    path = write_family("qwen3_moe", tmp_path / "k.gguf", qtype=qtype, model=model)[0]
+    report = inspect(path)
+    assert report.problems == [] and report.total_params == param_count(model)
+    by_type, _ = _expected_bytes(path)
+    assert report.disk["bytes_by_dtype"] == by_type
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    with open_checkpoint(path) as ckpt:
+        ref = ckpt.tensors["blk.0.ffn_gate_exps.weight"]   # [E, I, H] = [4, 16, 256]
+        assert ref.dtype == qtype and ref.numel == 4 * 16 * 256
+        assert ref.end - ref.start == 4 * 16 * 256 // block * size
+        assert ckpt.tensors["blk.0.ffn_down_exps.weight"].dtype == "F16"   # rows of 16 values
+
+
+# ---------------------------------------------------------------- split sets
+
+@pytest.fixture(scope="module")
+def split_set(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    parts = write_family("qwen3_moe", root / "model.gguf", split_max_tensors=12, model=models("qwen3_moe"))
+    return parts
+
+
+def test_split_set_any_part_or_folder(split_set, gguf_file):
+    assert len(split_set) == 3 and split_set[0].name == "model-00001-of-00003.gguf"
+    single = inspect(gguf_file("qwen3_moe"))
+    for source in (split_set[0], split_set[2], split_set[0].parent):
+        report = inspect(source)
+        assert report.problems == []
+        assert report.disk["shards"] == 3 and report.disk["files"] == [p.name for p in split_set]
+        for name in SAME:
+            assert getattr(report, name) == getattr(single, name), name
+        assert report.tensor_count == single.tensor_count
+
+
+def test_split_part_missing(split_set, tmp_path):
+    for p in split_set:
+        shutil.copy(p, tmp_path / p.name)
+    (tmp_path / split_set[1].name).unlink()
+    assert_one_line_error(run("inspect", tmp_path / split_set[0].name), 4, split_set[1].name)
+
+
+@pytest.mark.parametrize("family, per_part", [("qwen3_moe", 8), ("mixtral", 8)],
+                         ids=["same-model-other-split", "other-model"])
+def test_split_part_from_another_set(split_set, models, tmp_path, family, per_part):
+    """A part of another split set named as part 2 of this one: another part count, or another
+    tensor count. (Parts of two models with the very same tensor names and count cannot be told
+    apart without reading values: gguf-split writes no set identifier.)"""
+    for p in split_set:
+        shutil.copy(p, tmp_path / p.name)
+    (tmp_path / "other").mkdir()
+    other = write_family(family, tmp_path / "other" / "model.gguf", split_max_tensors=per_part, model=models(family))
+    assert len(other) >= 3
+    shutil.copy(other[1], tmp_path / split_set[1].name)
+    line = assert_one_line_error(run("inspect", tmp_path / split_set[0].name), 4)
+    assert "split set" in line
+
+
+def test_folder_with_two_models_is_refused(gguf_file, tmp_path):
+    shutil.copy(gguf_file("qwen3_moe"), tmp_path / "a.gguf")
+    shutil.copy(gguf_file("olmoe"), tmp_path / "b.gguf")
+    assert_one_line_error(run("inspect", tmp_path), 2, "a.gguf", "b.gguf")
+
+
+# ---------------------------------------------------------------- bad input, through the CLI
+
+@pytest.fixture
+def copy(gguf_file, tmp_path):
+    def make(name="bad.gguf", family="qwen3_moe"):
+        path = tmp_path / name
+        shutil.copy(gguf_file(family), path)
+        return path
+    return make
+
+
+def test_truncated_data(copy):
+    path = copy()
+    os.truncate(path, os.path.getsize(path) - 100)
+    assert "truncated" in assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_truncated_header(copy):
+    path = copy()
+    os.truncate(path, 200)
+    assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_empty_and_tiny_files(tmp_path):
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(b"")
+    assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_wrong_magic(copy):
+    path = copy()
+    patch(path, 0, "4s", b"GGUX")
+    assert "magic" in assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_unsupported_version(copy):
+    path = copy()
+    patch(path, 4, "<I", 4)
+    assert "version 4" in assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_tensor_offset_beyond_file(copy):
+    path = copy()
+    at = tensor_info_offsets(path, "blk.1.ffn_down_exps.weight")["offset"]
+    patch(path, at, "<Q", os.path.getsize(path) * 2 // 32 * 32)
+    assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_tensor_size_beyond_file(copy):
+    path = copy()
+    at = tensor_info_offsets(path, "token_embd.weight")["dims"] + 8   # ne1: the vocabulary
+    patch(path, at, "<Q", 1 << 24)
+    assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_misaligned_offset(copy):
+    path = copy()
+    info = tensor_info_offsets(path, "blk.1.ffn_down_exps.weight")
+    with open(path, "rb") as fh:
+        fh.seek(info["offset"])
+        offset = int.from_bytes(fh.read(8), "little")
+    patch(path, info["offset"], "<Q", offset + 2)
+    assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_unknown_ggml_type(copy):
+    path = copy()
+    patch(path, tensor_info_offsets(path, "blk.0.attn_q.weight")["type"], "<I", 250)
+    assert "ggml type" in assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_named_as_single_file_but_a_split_part(split_set, tmp_path):
+    path = tmp_path / "renamed.gguf"
+    shutil.copy(split_set[1], path)
+    assert "split set" in assert_one_line_error(run("inspect", path), 4, path)
+
+
+def test_metadata_disagrees_with_tensors(models, tmp_path):
+    """expert_count and embedding_length that do not fit the tensors: problems, exit 6."""
+    path = write_family("qwen3_moe", tmp_path / "m.gguf", model=models("qwen3_moe"),
+                        metadata={"add_expert_count": 8})[0]
+    proc = run("inspect", path, "--json")
+    assert proc.returncode == 6, proc.stderr
+    codes = {p["code"] for p in json.loads(proc.stdout)["problems"]}
+    assert {"bad_shape", "expert_count_mismatch"} <= codes
+    path = write_family("qwen3_moe", tmp_path / "h.gguf", model=models("qwen3_moe"),
+                        metadata={"add_embedding_length": 48})[0]
+    proc = run("inspect", path, "--json")
+    assert proc.returncode == 6 and "bad_shape" in {p["code"] for p in json.loads(proc.stdout)["problems"]}
+
+
+def test_missing_tensor_and_bad_top_k(models, tmp_path):
+    path = write_family("qwen3_moe", tmp_path / "m.gguf", model=models("qwen3_moe"),
+                        drop=("blk.1.ffn_up_exps.weight",), metadata={"add_expert_used_count": 9})[0]
+    proc = run("inspect", path, "--json")
+    assert proc.returncode == 6
+    problems = json.loads(proc.stdout)["problems"]
+    assert {"missing_tensors", "bad_metadata"} <= {p["code"] for p in problems}
+    assert any("blk.1.ffn_up_exps.weight" in p["message"] for p in problems)
+
+
+def test_missing_required_key(models, tmp_path):
+    model = models("qwen3_moe")
+    md = {k: v for k, v in gguf_metadata("qwen3_moe", model).items() if k != "add_embedding_length"}
+    path = write_gguf(tmp_path / "k.gguf", "qwen3moe", md, gguf_tensors("qwen3_moe", model))[0]
+    assert "embedding_length" in assert_one_line_error(run("inspect", path), 5, path)
+
+
+def test_unknown_architecture_is_guessed(models, tmp_path):
+    model = models("qwen3_moe")
+    md = gguf_metadata("qwen3_moe", model)
+    path = write_gguf(tmp_path / "u.gguf", "futuremoe", md, gguf_tensors("qwen3_moe", model))[0]
+    report = inspect(path)
+    assert report.guessed and report.family is None and report.model_type == "futuremoe"
+    assert [p.code for p in report.problems] == ["guessed_architecture"]
+    assert report.total_params == param_count(model) and report.moe_layers == [0, 1]
+
+
+def test_cli_json_and_text(gguf_file):
+    proc = run("inspect", gguf_file("deepseek_v3", "Q8_0"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["kind"] == "gguf" and data["family"] == "deepseek_v3" and data["model_type"] == "deepseek2"
+    assert "Q8_0" in data["disk"]["bytes_by_dtype"] and data["active_params_without_embeddings"] > 0
+    text = run("inspect", gguf_file("deepseek_v3"), "--layers")
+    assert text.returncode == 0 and "without input and output embeddings" in text.stdout
+
+
+def test_experts_option_is_refused_for_now(gguf_file):
+    assert_one_line_error(run("inspect", gguf_file("qwen3_moe"), "--experts"), 7)
+
+
+def test_inspect_gguf_never_imports_torch(gguf_file):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "moetool", "inspect",
+                           str(gguf_file("qwen3_moe", "Q8_0"))], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line]
+    assert "gguf" in imported
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
