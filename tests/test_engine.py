@@ -202,3 +202,13 @@ def test_trace_setup_failure_leaves_nothing(tmp_path, tiny, token_file):
     with pytest.raises(UnsupportedError, match="saliency"):   # JetMoE has no experts module to measure
         run(tiny("jetmoe"), token_file, saliency=True, trace=tmp_path / "t")
     assert not (tmp_path / "t").exists() and not (tmp_path / "t.partial").exists()
+
+
+def test_gguf_models_are_refused_before_any_data_is_read(tmp_path):
+    from tests.gguf_fixtures import write_family
+
+    path = write_family("qwen3_moe", tmp_path / "m.gguf")[0]
+    for command in ("profile", "eval"):
+        proc = subprocess.run([sys.executable, "-m", "moetool", command, str(path), "--data", "/nonexistent"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 7 and "GGUF model" in proc.stderr and "Traceback" not in proc.stderr

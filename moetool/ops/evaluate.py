@@ -18,7 +18,7 @@ from moetool.ops.profile import calibration_ids
 from moetool.runner import distributed, engine
 from moetool.runner.device import available_memory, pick_device, pick_dtype
 from moetool.runner.engine import ActivationStore, micro_batches
-from moetool.runner.model import load_model
+from moetool.runner.model import check_runnable, load_model
 
 SCHEMA_VERSION = 1
 LOGIT_CHUNK = 1024   # tokens per lm_head chunk: logits never exist for all tokens at once
@@ -145,6 +145,9 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
         if family is not None and family.decoder_offset is not None:
             raise UnsupportedError(f"{source.source}: eval supports decoder-only models; "
                                    f"{family.title} is an encoder-decoder")
+    for source in (ckpt, reference):
+        if source is not None:
+            check_runnable(source)
     world = distributed.world_from_env()
     device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)
     dtype = pick_dtype(options.dtype, device)

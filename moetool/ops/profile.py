@@ -18,7 +18,7 @@ from moetool.runner import data, distributed, engine
 from moetool.runner.capture import RouterCapture
 from moetool.runner.device import pick_device, pick_dtype
 from moetool.runner.engine import micro_batches
-from moetool.runner.model import load_model
+from moetool.runner.model import check_runnable, load_model
 from moetool.runner.stats import LayerTotals, RoutingStats, window_unit
 from moetool.runner.trace import TraceError, TraceWriter, open_trace
 
@@ -143,6 +143,7 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     if world.distributed and options.device_map:
         raise UsageError("--device-map spreads one model over the node's GPUs; under torchrun each rank runs "
                          "its own copy: use one or the other")
+    check_runnable(ckpt)
     if options.trace is not None and Path(options.trace).exists() and not options.force:
         raise OutputExistsError(f"{options.trace}: exists", hint="use --force to replace it")
     device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)

@@ -83,7 +83,12 @@ def _decoder_layers(model) -> tuple[str, object]:
     return max(lists, key=lambda item: len(item[1]))
 
 
-def _check_supported(ckpt: Checkpoint) -> Family:
+def check_runnable(ckpt: Checkpoint) -> Family:
+    """The family of a checkpoint moetool can run (before any data is read); UnsupportedError otherwise."""
+    if ckpt.kind == "gguf":
+        raise UnsupportedError(f"{ckpt.source}: running a GGUF model (profile, eval, calibration) is not "
+                               "supported yet", hint="profile the safetensors checkpoint it was made from; prune "
+                               "takes that profile with --profile")
     family = detect_family(ckpt.config)
     if family is None:
         raise UnsupportedError(f"{ckpt.source}: the architecture is not known, so moetool cannot run it")
@@ -126,7 +131,7 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
 
     from moetool.runner.quantized import load_quantized
 
-    family = _check_supported(ckpt)
+    family = check_runnable(ckpt)
     if mode == "auto" and device_map is not None:   # a device map is for models too large for one device
         mode = "full"
     if mode == "auto":
@@ -264,7 +269,7 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
 
     dtype = dtype or torch.float32
     with open_checkpoint(path) as ckpt:
-        family = _check_supported(ckpt)
+        family = check_runnable(ckpt)
         formats = recorded_formats(ckpt.config)
         if formats is not None:
             return load_quantized(ckpt, family, formats, device=device, dtype=dtype,
