@@ -56,6 +56,10 @@ PER_EXPERT: dict[Role, str] = {
     Role.EXPERT_DOWN: BLK + "ffn_down.{E}.weight",
 }
 GATE_UP_MARK = "ffn_gate_up_exps.weight"   # a file storing gate and up together
+# Name parts of tensors that stack a layer's experts on their outermost axis in any architecture
+# (prune's fallback for such tensors a family's templates do not list, e.g. expert biases).
+EXPERT_STACKED_MARKS = ("_exps.", ".ffn_gate_inp.", ".exp_probs_b.")
+BLK_LAYER = r"^blk\.(\d+)\."            # the layer number of a per-layer tensor name
 
 # Attention and state-space mixers (any one of them per layer): classified as attention.
 _MIXERS = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "attn_q_a", "attn_q_b",

@@ -292,11 +292,12 @@ def _open_local(path: Path, source: str) -> Checkpoint:
             shard_paths = {f: unique.setdefault(p, p) for f in set(weight_map.values())
                            for p in (_safe_member(root, f, index),)}
             ckpt = _open_files(root, sorted(unique), config=config, kind="dir", source=source)
-            for name, shard_name in weight_map.items():
-                ref = ckpt.tensors.get(name)
-                if ref is None or ref.shard.path is not shard_paths[shard_name]:
-                    raise CheckpointFormatError(
-                        f"{index}: lists {name!r} in {shard_name}, but that shard does not hold it")
+            if not _index_agrees(ckpt, weight_map, shard_paths):
+                for name, shard_name in weight_map.items():
+                    ref = ckpt.tensors.get(name)
+                    if ref is None or ref.shard.path is not shard_paths[shard_name]:
+                        raise CheckpointFormatError(
+                            f"{index}: lists {name!r} in {shard_name}, but that shard does not hold it")
             extra = len(ckpt.tensors) - len(weight_map)
             if extra:
                 notes.append(f"{extra} tensors are in the shards but not in {index_name}")
@@ -312,6 +313,16 @@ def _open_local(path: Path, source: str) -> Checkpoint:
     return _open_files(root, files, config=config, kind="dir", source=source)
 
 
+def _index_agrees(ckpt: Checkpoint, weight_map: dict[str, str], shard_paths: dict[str, Path]) -> bool:
+    """Whether every tensor the index lists is in the shard it names, compared in bulk (a dict
+    items view subset test); False also when a shard file has two names in the index."""
+    file_names = {path: f for f, path in shard_paths.items()}
+    if len(file_names) != len(shard_paths):
+        return False
+    file_of = {shard: file_names[shard.path] for shard in ckpt.shards}
+    return weight_map.items() <= {name: file_of[ref.shard] for name, ref in ckpt.tensors.items()}.items()
+
+
 def _open_files(root: Path, files: list[Path], *, config, kind: str, source: str) -> Checkpoint:
     tensors: dict[str, TensorRef] = {}
     shards: list[Shard] = []
@@ -319,15 +330,16 @@ def _open_files(root: Path, files: list[Path], *, config, kind: str, source: str
         name = str(path.relative_to(root)) if kind == "dir" else path.name
         if path.suffix == ".safetensors":
             shard, infos = _safetensors_shard(path, name)
-            refs = [TensorRef(name, dtype, shape, shard, start, end) for name, dtype, shape, start, end in infos]
+            stored = {tensor: TensorRef(tensor, dtype, shape, shard, start, end)
+                      for tensor, dtype, shape, start, end in infos}
         elif path.suffix == ".bin":
             shard, refs = _bin_shard(path, name)
+            stored = {ref.name: ref for ref in refs}
         else:
             raise CheckpointFormatError(f"{path}: not a .safetensors or .bin file")
         shards.append(shard)
-        for ref in refs:
-            if ref.name in tensors:
-                raise CheckpointFormatError(
-                    f"{path}: tensor {ref.name!r} is also stored in {tensors[ref.name].shard.name}")
-            tensors[ref.name] = ref
+        if not tensors.keys().isdisjoint(stored):
+            twice = next(tensor for tensor in stored if tensor in tensors)
+            raise CheckpointFormatError(f"{path}: tensor {twice!r} is also stored in {tensors[twice].shard.name}")
+        tensors.update(stored)
     return Checkpoint(source, kind, root, config, tensors, shards, notes=[])

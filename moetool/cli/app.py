@@ -43,29 +43,29 @@ def _root(
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _register() -> None:
-    from moetool.cli import convert as convert_cmd
-    from moetool.cli import evaluate as eval_cmd
-    from moetool.cli import inspect as inspect_cmd
-    from moetool.cli import profile as profile_cmd
-    from moetool.cli import prune as prune_cmd
-    from moetool.cli import quantize as quantize_cmd
-    from moetool.cli import upcycle as upcycle_cmd
-
-    app.command("inspect")(inspect_cmd.inspect)
-    app.command("convert")(convert_cmd.convert)
-    app.command("profile")(profile_cmd.profile)
-    app.command("eval")(eval_cmd.evaluate)
-    app.command("upcycle")(upcycle_cmd.upcycle)
-    app.command("prune")(prune_cmd.prune)
-    app.command("quantize")(quantize_cmd.quantize)
+# command -> (module in moetool.cli, function): only the module of the command being run is
+# imported (each pulls in rich and its own options; `inspect --json` needs neither)
+COMMANDS = {"inspect": ("inspect", "inspect"), "convert": ("convert", "convert"), "profile": ("profile", "profile"),
+            "eval": ("evaluate", "evaluate"), "upcycle": ("upcycle", "upcycle"), "prune": ("prune", "prune"),
+            "quantize": ("quantize", "quantize")}
 
 
-_register()
+def _register(args: list[str]) -> None:
+    """Register the command ARGS run (the first argument that is not an option: the root
+    callback's options take no values), or all of them for help, errors and completion."""
+    from importlib import import_module
+
+    wanted = next((a for a in args if not a.startswith("-")), None)
+    for name, (module, function) in COMMANDS.items():
+        if wanted in COMMANDS and name != wanted:
+            continue
+        if not any(c.name == name for c in app.registered_commands):
+            app.command(name)(getattr(import_module(f"moetool.cli.{module}"), function))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning MoetoolError into a message and an exit code."""
+    _register(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="moetool")
     except MoetoolError as exc:

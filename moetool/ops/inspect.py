@@ -10,6 +10,7 @@ import logging
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from math import prod
 from typing import Any
 
 from moetool import __version__
@@ -157,7 +158,7 @@ class _Dims:
         return values[sym]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     ref: TensorRef
     match: Match
@@ -167,12 +168,13 @@ class _Record:
 
 @dataclass
 class _Tally:
-    """Everything accumulated in one pass over the tensors."""
+    """Everything accumulated in one pass over the tensors. (The sums are defaultdicts, not
+    Counters: adding to them 92,000 times is three times faster.)"""
 
     records: list[_Record] = field(default_factory=list)
-    params: Counter = field(default_factory=Counter)
-    layer_params: Counter = field(default_factory=Counter)
-    layer_routed: Counter = field(default_factory=Counter)
+    params: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    layer_params: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
+    layer_routed: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
     quantizable: int = 0
     mtp: int = 0
     buffers: int = 0
@@ -180,8 +182,8 @@ class _Tally:
     quant_forms: set[str] = field(default_factory=set)
     quantized: set[str] = field(default_factory=set)      # weights stored quantized by moetool (other shapes)
     sliced: dict[str, int] = field(default_factory=dict)  # one expert of a tensor stored stacked -> expert
-    dtype_bytes: Counter = field(default_factory=Counter)   # elements per dtype
-    ggml_bytes: Counter = field(default_factory=Counter)    # GGUF: bytes per ggml type
+    dtype_bytes: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))   # elements per dtype
+    ggml_bytes: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))    # GGUF: bytes per type
 
 
 @gc_paused()
@@ -378,65 +380,73 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     bnb4 = {n.rsplit(".quant_state.", 1)[0] for n in names if ".weight.quant_state.bitsandbytes__" in n}
     bits = _compressed_bits(cfg)
     moetool_formats = _moetool_formats(cfg)
-    from moetool.quant.formats import stacked_slices
+    slices = {}   # experts moetool stores one slice each, of a tensor stored stacked
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "moetool":
+        from moetool.quant.formats import stacked_slices
 
-    slices = stacked_slices(cfg)   # experts moetool stores one slice each, of a tensor stored stacked
+        slices = stacked_slices(cfg)
     buffers = family.buffers if family else frozenset()
     buffer_suffixes = family.buffer_suffixes if family else ()
     mtp_from = dims.num_layers if family is not None and family.mtp else None
     params_by, layer_params, layer_routed = tally.params, tally.layer_params, tally.layer_routed
-    records = tally.records
+    records, quant_forms, classify = tally.records, tally.quant_forms, classifier.classify
 
+    mtp = buffered = quantizable = 0
     aux_forms: dict[str, str | None] = {}
     dtype_bytes = tally.dtype_bytes
     ggml_bytes = tally.ggml_bytes if family is not None and family.gguf_arch else None
     for name, ref in names.items():
-        numel = ref.numel
-        dtype_bytes[ref.dtype] += numel
+        dtype, shape = ref.dtype, ref.shape
+        numel = prod(shape)
+        dtype_bytes[dtype] += numel
         if ggml_bytes is not None:
-            ggml_bytes[ref.dtype] += ref.nbytes
+            ggml_bytes[dtype] += ref.nbytes
         if name.endswith(AUX_ENDINGS):   # scales, absmax, ...: bytes on disk, not parameters
             tail = name.rsplit(".", 1)[-1]
-            form = aux_forms[tail] if tail in aux_forms else aux_forms.setdefault(tail, _quant_form(name))
-            if form:
-                tally.quant_forms.add(form)
+            if tail not in aux_forms:
+                form = aux_forms[tail] = _quant_form(name)
+                if form:
+                    quant_forms.add(form)
             continue
-        match = classifier.classify(slices[name][0] if name in slices else name)
-        if name in slices:
+        if slices and name in slices:
+            match = classify(slices[name][0])
             tally.sliced[name] = slices[name][1]
-        fmt = moetool_formats.get(name)
+        else:
+            match = classify(name)
+        fmt = moetool_formats.get(name) if moetool_formats else None
         if fmt is not None and fmt.kind != "keep":
-            params = 2 * numel if fmt.is_bnb4 else math.prod(fmt.original_shape(ref.shape))
-            tally.quant_forms.add(f"moetool {fmt.id}")
+            params = 2 * numel if fmt.is_bnb4 else prod(fmt.original_shape(shape))
+            quant_forms.add(f"moetool {fmt.id}")
             tally.quantized.add(name)
         elif match.packed:
-            params = numel * (2 if ref.dtype == "U8" else 32 // bits)
-            tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
-        elif ref.dtype == "U8" and name in bnb4:
+            params = numel * (2 if dtype == "U8" else 32 // bits)
+            quant_forms.add("mxfp4" if dtype == "U8" else f"compressed-tensors int{bits}")
+        elif dtype == "U8" and name in bnb4:
             params = numel * 2
         else:
             params = numel
-        if ref.dtype[0] == "F" and ref.dtype.startswith("F8"):
-            tally.quant_forms.add("fp8")
+        if dtype.startswith("F8"):
+            quant_forms.add("fp8")
 
-        layer = match.layer
+        layer, role = match.layer, match.role
         if (mtp_from is not None and layer is not None and layer >= mtp_from) or "mtp" in name:
-            tally.mtp += params
+            mtp += params
             continue
-        if match.guessed and match.role in _UNSTRUCTURED and "expert" in name:
+        if match.guessed and role in _UNSTRUCTURED and "expert" in name:
             tally.unexpected.append(name)
-        if match.role in buffers or (buffer_suffixes and name.endswith(buffer_suffixes)):
-            tally.buffers += params
+        if role in buffers or (buffer_suffixes and name.endswith(buffer_suffixes)):
+            buffered += params
             params = 0
-        category = CATEGORY[match.role]
+        category = CATEGORY[role]
         records.append(_Record(ref, match, category, params))
         params_by[category] += params
         if layer is not None:
             layer_params[layer] += params
             if category == "routed_experts":
                 layer_routed[layer] += params
-        if category in QUANTIZABLE and len(ref.shape) >= 2:
-            tally.quantizable += params
+        if category in QUANTIZABLE and len(shape) >= 2:
+            quantizable += params
+    tally.mtp, tally.buffers, tally.quantizable = mtp, buffered, quantizable
     return tally
 
 
@@ -609,14 +619,15 @@ def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Pro
                   squeeze: bool = False) -> None:
     bad = []
     cache: dict[tuple, tuple | None] = {}
+    quantized = tally.quantized
     for r in tally.records:
-        m = r.match
-        if m.guessed or m.aux or m.packed or (r.ref.dtype == "U8" and r.params == 2 * r.ref.numel) \
-                or r.ref.name in tally.quantized:
+        m, ref = r.match, r.ref
+        if m.guessed or m.aux or m.packed or (ref.dtype == "U8" and r.params == 2 * ref.numel) \
+                or (quantized and ref.name in quantized):
             continue
         key = (m.role, m.expert is None)
         want = cache[key] if key in cache else cache.setdefault(key, _expected_shape(family, dims, *key))
-        shape = r.ref.shape
+        shape = ref.shape
         if want is not None and shape != want:
             if squeeze and _squeezed(shape) == _squeezed(want):
                 continue  # GGUF: llama.cpp accepts [1, E] for [E]
@@ -634,15 +645,16 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
     per_expert: dict[int, set[int]] = defaultdict(set)
     fused_count: dict[int, int] = {}
     ffn: dict[int, int] = {}
+    sliced, gate_or_up = tally.sliced, (Role.EXPERT_GATE, Role.EXPERT_UP)
     for r in tally.records:
         m = r.match
         if m.role not in EXPERT_ROLES or m.layer is None or m.aux:
             continue
-        if r.ref.name in tally.sliced:
-            per_expert[m.layer].add(tally.sliced[r.ref.name])
+        if sliced and r.ref.name in sliced:
+            per_expert[m.layer].add(sliced[r.ref.name])
         elif m.expert is not None:
             per_expert[m.layer].add(m.expert)
-            if m.role in (Role.EXPERT_GATE, Role.EXPERT_UP) and not m.packed and len(r.ref.shape) == 2:
+            if m.role in gate_or_up and not m.packed and len(r.ref.shape) == 2:
                 ffn[m.layer] = r.ref.shape[0]
         elif r.ref.shape and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE):
             count = r.ref.shape[0]
@@ -711,7 +723,7 @@ def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any
 
 
 def _disk_info(ckpt: Checkpoint, tally: _Tally) -> dict[str, Any]:
-    by_dtype = tally.ggml_bytes if tally.ggml_bytes else \
+    by_dtype = Counter(tally.ggml_bytes) if tally.ggml_bytes else \
         Counter({dtype: n * DTYPE_BYTES[dtype] for dtype, n in tally.dtype_bytes.items()})
     return {"bytes_by_dtype": dict(by_dtype.most_common()), "tensor_bytes": sum(by_dtype.values()),
             "shards": len(ckpt.shards), "files": [s.name for s in ckpt.shards]}

@@ -149,16 +149,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
         kept = _global_choice(scores, experts, keep, top_k)
     elif options.scope == "per-layer":
         scores, mass = _scores(ckpt, structure, options)
-        if keep % groups:
-            raise UsageError(f"group-limited routing with {groups} groups: keep a multiple of {groups} experts "
-                             "per layer, so that every group keeps the same number")
-        size, per_group = experts // groups, keep // groups   # choose within each group: groups stay equal
-        if groups > 1 and per_group < 2:
-            raise UsageError("group-limited routing ranks each group by its best two experts: keep at least "
-                             f"2 per group ({2 * groups} per layer)")
-        kept = {layer: sorted(e for g in range(groups) for e in sorted(
-                    range(g * size, (g + 1) * size), key=lambda e: (-scores[layer][e], e))[:per_group])
-                for layer in structure.moe_layers}
+        kept = choose_per_layer(scores, structure.moe_layers, experts, keep, groups)
     else:
         raise UsageError(f"--scope {options.scope}: use per-layer or global")
     counts = {len(v) for v in kept.values()}
@@ -218,14 +209,34 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
                              "which its config cannot lower")
         _set_all(root, family.keys.get("top_k", ()), new_k)
         warnings.append(f"top-k lowered from {top_k} to {new_k}: only {keep} experts are left")
-    removed_mass = None
-    if mass is not None:
-        total_mass = sum(sum(v) for v in mass.values()) or 1.0
-        removed_mass = sum(v for layer, values in mass.items() for e, v in enumerate(values)
-                           if e not in kept[layer]) / total_mass
+    removed_mass = removed_share(mass, kept)
     report = PruneReport(ckpt.source, None, options.criterion, experts, keep, new_k, kept, removed_params,
                          removed_bytes, removed_mass, warnings)
     return tensors, config, report
+
+
+def removed_share(mass: dict[int, list] | None, kept: dict[int, list[int]]) -> float | None:
+    """The share of the gate-weight MASS the experts not KEPT carried (None without a mass)."""
+    if mass is None:
+        return None
+    total = sum(sum(v) for v in mass.values()) or 1.0
+    return sum(v for layer, values in mass.items() for e, v in enumerate(values) if e not in kept[layer]) / total
+
+
+def choose_per_layer(scores: dict[int, list[float]], layers: list[int], experts: int, keep: int,
+                     groups: int = 1) -> dict[int, list[int]]:
+    """The KEEP best-scored experts of every layer; with group-limited routing (GROUPS > 1) the
+    same number in every group, at least two (the group score sums its best two)."""
+    if keep % groups:
+        raise UsageError(f"group-limited routing with {groups} groups: keep a multiple of {groups} experts "
+                         "per layer, so that every group keeps the same number")
+    size, per_group = experts // groups, keep // groups   # choose within each group: groups stay equal
+    if groups > 1 and per_group < 2:
+        raise UsageError("group-limited routing ranks each group by its best two experts: keep at least "
+                         f"2 per group ({2 * groups} per layer)")
+    return {layer: sorted(e for g in range(groups) for e in sorted(
+                range(g * size, (g + 1) * size), key=lambda e: (-scores[layer][e], e))[:per_group])
+            for layer in layers}
 
 
 def _global_choice(scores: dict[int, list[float]], experts: int, keep: int, top_k: int) -> dict[int, list[int]]:
@@ -354,6 +365,10 @@ def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = F
           progress=None) -> PruneReport:
     """Prune CKPT into OUT (atomically); with DRY_RUN only choose the experts and report."""
     out = Path(out)
+    if ckpt.kind == "gguf":   # llama.cpp files: expert byte ranges copied into a GGUF of the same layout
+        from moetool.ops.prune_gguf import prune_gguf
+
+        return prune_gguf(ckpt, out, options, force=force, dry_run=dry_run, progress=progress)
     refuse_inside_source(out, ckpt)
     tensors, config, report = plan_prune(ckpt, options)
     if dry_run:
