@@ -10,7 +10,6 @@ forever for a rank on another machine that died.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -80,7 +79,6 @@ def init(world: World, device) -> None:
                                 device_id=device if device.type == "cuda" else None)
     except Exception as exc:   # rendezvous failures surface as several exception types
         raise DistributedError(f"rank {world.rank}: could not join the torch.distributed group ({exc})") from None
-    atexit.register(shutdown)
     log.info("rank %d of %d on %s (%s)", world.rank, world.size, device, backend)
 
 
@@ -117,10 +115,3 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         collective("barrier", dist.barrier)
-
-
-def shutdown() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
