@@ -16,7 +16,7 @@ from moetool.errors import UnsupportedError
 from moetool.ops.inspect import inspect_checkpoint
 from moetool.ops.profile import calibration_ids
 from moetool.runner import distributed, engine
-from moetool.runner.device import available_memory, pick_device, pick_dtype
+from moetool.runner.device import pick_device, pick_dtype
 from moetool.runner.engine import ActivationStore, micro_batches
 from moetool.runner.model import check_runnable, load_model
 
@@ -162,10 +162,8 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
                   trust_remote_code=options.trust_remote_code)
     try:
         if reference is not None:
-            store = ActivationStore(device, device_budget=0 if device.type == "cpu" else
-                                    int(0.25 * available_memory(device)),
-                                    host_budget=0 if options.offload_dir else int(0.5 * available_memory(
-                                        torch.device("cpu"))), offload_dir=options.offload_dir)
+            # a quarter of the device: the models run beside it
+            store = ActivationStore.sized(device, options.offload_dir, device_share=0.25)
             loaded_ref = load_model(reference, **kwargs)
             engine.run(loaded_ref, batches, on_final=lambda batch, hidden: store.put(batch.slot, hidden),
                        progress=_labelled(progress, "reference"), offload_dir=options.offload_dir)

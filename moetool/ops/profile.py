@@ -194,8 +194,8 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
         memory["device_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     if timing.store:
         memory["activation_store_bytes"] = timing.store
-    seconds = _max_over_ranks(timing.seconds)
-    memory = {k: (int(_max_over_ranks(v)) if isinstance(v, int) else v) for k, v in memory.items()}
+    seconds = distributed.reduce_scalar(timing.seconds, "max")
+    memory = {k: (int(distributed.reduce_scalar(v, "max")) if isinstance(v, int) else v) for k, v in memory.items()}
     read = BYTES_READ.value - read_before   # this process (each rank reads the model once)
     # full mode: transformers reads the weights itself, past moetool's counter
     io = {"weight_bytes_read": read if loaded.mode == "streamed" else None, "checkpoint_bytes": ckpt.total_bytes}
@@ -212,26 +212,6 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _max_over_ranks(value: float) -> float:
-    return _reduce(value, "max")
-
-
-def _sum_over_ranks(value: float) -> float:
-    return _reduce(value, "sum")
-
-
-def _reduce(value: float, op: str) -> float:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    return float(distributed.all_reduce(tensor, op)[0])
 
 
 def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) -> ProfileReport:

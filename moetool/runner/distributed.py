@@ -115,3 +115,16 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         collective("barrier", dist.barrier)
+
+
+def reduce_scalar(value: float, op: str) -> float:
+    """The sum (or max) of a host number over all ranks; VALUE itself in a single process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    return float(all_reduce(tensor, op)[0])

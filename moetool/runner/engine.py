@@ -71,6 +71,18 @@ class ActivationStore:
         self._fd: int | None = None
         self._end = 0
 
+    @classmethod
+    def sized(cls, device, offload_dir: Path | None, *, keep_free: int = 0, device_share: float = DEVICE_SHARE):
+        """A store with the default budgets: DEVICE_SHARE of the device memory left after KEEP_FREE bytes
+        (none on the CPU, where the device is the host), HOST_SHARE of the host's available memory (none
+        with OFFLOAD_DIR: the user asked for files)."""
+        import torch
+
+        device_budget = 0 if device.type != "cuda" else \
+            int(device_share * max(0, available_memory(device) - keep_free))
+        host_budget = 0 if offload_dir is not None else int(HOST_SHARE * available_memory(torch.device("cpu")))
+        return cls(device, device_budget=device_budget, host_budget=host_budget, offload_dir=offload_dir)
+
     def put(self, slot: int, tensor) -> None:
         import torch
 
@@ -308,22 +320,8 @@ def _forward_batches(loaded, batches, capture, on_final, progress, total) -> Non
             progress("forward", done, total)
 
 
-def _store_budgets(loaded, offload_dir) -> tuple[int, int]:
-    import torch
-
-    if loaded.device.type == "cuda":
-        free = available_memory(loaded.device)
-        device_budget = int(DEVICE_SHARE * max(0, free - 2 * loaded.largest_layer_bytes))
-    else:
-        device_budget = 0   # on the CPU the device is the host
-    host_budget = 0 if offload_dir is not None else int(HOST_SHARE * available_memory(torch.device("cpu")))
-    return device_budget, host_budget
-
-
 def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, timing) -> None:
-    device_budget, host_budget = _store_budgets(loaded, offload_dir)
-    store = ActivationStore(loaded.device, device_budget=device_budget, host_budget=host_budget,
-                            offload_dir=offload_dir)
+    store = ActivationStore.sized(loaded.device, offload_dir, keep_free=2 * loaded.largest_layer_bytes)
     stubs = _Stubs(loaded)
     reader = _LayerReader(loaded)
     total = sum(b.ids.numel() for b in batches)
