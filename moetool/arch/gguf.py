@@ -15,7 +15,8 @@ and keys. The llama.cpp architecture strings are those of gguf-py's ``MODEL_ARCH
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from moetool.arch.schema import Config, Family, Role, Router
 
@@ -265,3 +266,96 @@ def gguf_family(cfg: Config, names: Iterable[str]) -> Family:
         return Family(name=GENERIC, model_types=(), title=f"unknown llama.cpp architecture {arch!r}",
                       dense=not moe, **fields)
     return replace(base, **fields)
+
+
+# ---------------------------------------------------------------- running GGUF models with transformers
+# A GGUF of these families maps back onto transformers' model: its config from the metadata, its
+# tensors onto the hub names (the per-expert templates of the family for routers and experts, the
+# table below for the rest), each tensor dequantized as it is read.
+
+LAYER = "model.layers.{L}."
+# llama.cpp name -> transformers name of the tensors that are no experts or routers (Llama style)
+LLAMA_STYLE_NAMES: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    BLK + "attn_norm.weight": LAYER + "input_layernorm.weight",
+    BLK + "ffn_norm.weight": LAYER + "post_attention_layernorm.weight",
+    BLK + "attn_q_norm.weight": LAYER + "self_attn.q_norm.weight",
+    BLK + "attn_k_norm.weight": LAYER + "self_attn.k_norm.weight",
+    **{f"{BLK}attn_{gguf}.{kind}": f"{LAYER}self_attn.{hf}_proj.{kind}"
+       for gguf, hf in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")) for kind in ("weight", "bias")},
+}
+# roles whose transformers names come from the family's per-expert templates
+ROUTED_ROLES = (Role.ROUTER, Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.SHARED_GATE,
+                Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_ROUTER, Role.DENSE_GATE, Role.DENSE_UP,
+                Role.DENSE_DOWN)
+# config key -> metadata key, shared by the Llama-style architectures
+LLAMA_STYLE_KEYS: dict[str, str] = {
+    "max_position_embeddings": CONTEXT, "num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "head_dim": "attention.key_length",
+}
+ROPE_BASE, ROPE_SCALING = "rope.freq_base", "rope.scaling.type"
+ROPE_FACTOR, ROPE_ORIGINAL = "rope.scaling.factor", "rope.scaling.original_context_length"
+HEAD_COUNT, HEAD_COUNT_KV = "attention.head_count", "attention.head_count_kv"
+BOS_KEY, EOS_KEY = "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"
+
+
+@dataclass(frozen=True)
+class RunnableArch:
+    """How a GGUF of one family maps back onto transformers' model."""
+
+    model_type: str
+    architecture: str
+    keys: dict[str, str]                 # config key -> metadata key (without the "{arch}." prefix)
+    fixed: dict[str, Any]                # config values llama.cpp's graph fixes for the architecture
+    # convert_hf_to_gguf.py reorders q/k rows per head for llama.cpp's rope (LlamaModel.permute):
+    # llama.cpp tensor stem -> metadata key of its head count
+    permuted_heads: dict[str, str] = field(default_factory=dict)
+    # whether layers without routed experts are listed in the config (Qwen's mlp_only_layers)
+    dense_layers_key: str | None = None
+
+
+_QWEN_MOE_KEYS = {**LLAMA_STYLE_KEYS, "num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+                  "moe_intermediate_size": "expert_feed_forward_length"}
+RUNNABLE: dict[str, RunnableArch] = {   # registry family -> its mapping
+    "qwen3_moe": RunnableArch("qwen3_moe", "Qwen3MoeForCausalLM", _QWEN_MOE_KEYS,
+                              {"norm_topk_prob": LLAMA_CPP_NORM["qwen3moe"], "decoder_sparse_step": 1},
+                              dense_layers_key="mlp_only_layers"),
+    "qwen2_moe": RunnableArch("qwen2_moe", "Qwen2MoeForCausalLM",
+                              {**_QWEN_MOE_KEYS, "shared_expert_intermediate_size": SHARED_FFN},
+                              {"norm_topk_prob": LLAMA_CPP_NORM["qwen2moe"], "decoder_sparse_step": 1},
+                              dense_layers_key="mlp_only_layers"),
+    "mixtral": RunnableArch("mixtral", "MixtralForCausalLM",
+                            {**LLAMA_STYLE_KEYS, "num_local_experts": "expert_count",
+                             "num_experts_per_tok": "expert_used_count"},
+                            {"sliding_window": None},
+                            permuted_heads={"attn_q": HEAD_COUNT, "attn_k": HEAD_COUNT_KV}),
+}
+
+
+def transformers_config(cfg: Config, runnable: RunnableArch, *, vocab_size: int, tied: bool,
+                        dense_layers: list[int]) -> dict[str, Any]:
+    """The config.json a GGUF's metadata stands for (transformers 5 keys)."""
+    out: dict[str, Any] = {"model_type": runnable.model_type, "architectures": [runnable.architecture]}
+    out.update({key: cfg[source] for key, source in runnable.keys.items() if source in cfg})
+    out.setdefault("head_dim", out["hidden_size"] // out["num_attention_heads"])
+    out.update(runnable.fixed)
+    if WEIGHTS_NORM in cfg and "norm_topk_prob" in out:
+        out["norm_topk_prob"] = bool(cfg[WEIGHTS_NORM])
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.get(ROPE_BASE, 10000.0))}
+    scaling = cfg.get(ROPE_SCALING, "none")
+    if scaling in ("linear", "yarn"):
+        rope.update(rope_type=scaling, factor=float(cfg[ROPE_FACTOR]))
+        if scaling == "yarn":
+            rope["original_max_position_embeddings"] = cfg.get(ROPE_ORIGINAL, out.get("max_position_embeddings"))
+    elif scaling != "none":
+        raise ValueError(f"rope scaling {scaling!r}")
+    out["rope_parameters"] = rope
+    out["vocab_size"] = vocab_size
+    out["tie_word_embeddings"] = tied
+    if runnable.dense_layers_key:
+        out[runnable.dense_layers_key] = dense_layers
+    return out

@@ -18,7 +18,7 @@ from moetool.runner import data, distributed, engine
 from moetool.runner.capture import RouterCapture
 from moetool.runner.device import pick_device, pick_dtype
 from moetool.runner.engine import micro_batches
-from moetool.runner.model import check_runnable, load_model
+from moetool.runner.model import check_runnable, load_model, runnable
 from moetool.runner.stats import LayerTotals, RoutingStats, window_unit
 from moetool.runner.trace import TraceError, TraceWriter, open_trace
 
@@ -106,14 +106,18 @@ class ProfileReport:
 def calibration_ids(ckpt: Checkpoint, options, *, default: str, vocab_size: int | None):
     """The packed [N, seq_len] calibration tokens of OPTIONS (any options with the calibration fields:
     data, token_ids, field, chat_template, max_tokens, seq_len)."""
-    config = ckpt.config or {}
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    max_positions = text_config.get("max_position_embeddings") or text_config.get("max_seq_len")
     ids = data.calibration_ids(data=options.data, token_ids=options.token_ids, field=options.field,
-                               max_tokens=options.max_tokens, tokenizer_path=ckpt.root,
+                               max_tokens=options.max_tokens, tokenizer_path=data.tokenizer_source(ckpt),
                                chat_template=options.chat_template, default=default)
     return data.pack(ids, seq_len=options.seq_len, max_tokens=options.max_tokens, vocab_size=vocab_size,
-                     max_positions=max_positions)
+                     max_positions=max_positions(ckpt))
+
+
+def max_positions(ckpt: Checkpoint) -> int | None:
+    """The longest sequence the model takes (a GGUF: as its transformers config says)."""
+    config = runnable(ckpt).config or {}
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return text_config.get("max_position_embeddings") or text_config.get("max_seq_len")
 
 
 def _structure(ckpt: Checkpoint):
@@ -170,7 +174,7 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
                                         "dtype": str(dtype).removeprefix("torch."),
                                         "batch_size": options.batch_size, "capacity_window": window,
                                         "moetool_version": __version__})
-        capture = RouterCapture(loaded.model, loaded.family, ckpt.config or {}, structure.moe_layers,
+        capture = RouterCapture(loaded.model, loaded.family, loaded.config, structure.moe_layers,
                                 lambda layer: layers[layer][1], stats=stats, trace=trace,
                                 saliency=options.saliency)
         if device.type == "cuda":
@@ -307,7 +311,7 @@ def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, calibr
     if profile is None:
         calibration = calibration or ProfileOptions(seq_len=None)
         if calibration.seq_len is None:   # 256, or fewer for models with fewer positions
-            positions = (ckpt.config or {}).get("max_position_embeddings")
+            positions = max_positions(ckpt)
             calibration = replace(calibration, seq_len=min(256, positions) if isinstance(positions, int) and
                                   positions > 1 else 256)
         report = _run(ckpt, replace(calibration, saliency=saliency, trace=None, from_trace=None))

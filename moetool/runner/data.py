@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from moetool.checkpoint.gguf_view import VIEW_KIND
 from moetool.errors import MoetoolError, UsageError
 
 log = logging.getLogger(__name__)
@@ -346,12 +347,22 @@ def _line(exc: BaseException) -> str:
 
 # --- tokenizing ------------------------------------------------------------------------------------------------
 
+def tokenizer_source(ckpt) -> Path | None:
+    """Where CKPT's tokenizer is read from: its folder, or for a GGUF its (first) file, whose metadata
+    holds the vocabulary that transformers' GGUF integration builds a tokenizer from."""
+    if ckpt.kind in ("gguf", VIEW_KIND):
+        return ckpt.shards[0].path
+    return ckpt.root
+
+
 def _load_tokenizer(path: Path | None):
     if path is None:
         raise DataError("no tokenizer to tokenize the text with", hint=NO_TOKENIZER_HINT)
     try:
         from transformers import AutoTokenizer
 
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:   # no tokenizer files, or unreadable ones
         raise DataError(f"{path}: no usable tokenizer ({type(exc).__name__})", hint=NO_TOKENIZER_HINT) from None

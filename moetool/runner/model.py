@@ -6,8 +6,9 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from moetool.arch import Family, detect_family
+from moetool.arch import Family, detect_family, get_family
 from moetool.checkpoint import Checkpoint
+from moetool.checkpoint.gguf_view import VIEW_KIND, runnable_family, transformers_view
 from moetool.checkpoint.writer import materialize
 from moetool.errors import UnsupportedError, UsageError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
@@ -26,6 +27,7 @@ class LoadedModel:
     dtype: object
     layers_name: str                # where the decoder layers are, e.g. "model.layers"
     layers: object                  # the ModuleList of decoder layers
+    config: dict = field(default_factory=dict)   # the checkpoint's config.json (a GGUF's, as transformers'd read it)
     layer_plan: dict[int, list] = field(default_factory=dict)   # streamed: each layer's planned tensors
 
     def base_forward(self, input_ids, attention_mask=None):
@@ -86,15 +88,19 @@ def _decoder_layers(model) -> tuple[str, object]:
 def check_runnable(ckpt: Checkpoint) -> Family:
     """The family of a checkpoint moetool can run (before any data is read); UnsupportedError otherwise."""
     if ckpt.kind == "gguf":
-        raise UnsupportedError(f"{ckpt.source}: running a GGUF model (profile, eval, calibration) is not "
-                               "supported yet", hint="profile the safetensors checkpoint it was made from; prune "
-                               "takes that profile with --profile")
+        return get_family(runnable_family(ckpt))
     family = detect_family(ckpt.config)
     if family is None:
         raise UnsupportedError(f"{ckpt.source}: the architecture is not known, so moetool cannot run it")
     if ckpt.root is None or ckpt.kind == "file":
         raise UnsupportedError(f"{ckpt.source}: running a model needs its folder with config.json")
     return family
+
+
+def runnable(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint a model is built from: a GGUF as the transformers checkpoint it stands for (its
+    tensors dequantized as they are read), any other as it is."""
+    return transformers_view(ckpt) if ckpt.kind == "gguf" else ckpt
 
 
 def load_model(ckpt: Checkpoint, *, device, dtype, mode: str = "auto", trust_remote_code: bool = False,
@@ -131,11 +137,14 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
 
     from moetool.runner.quantized import load_quantized
 
+    ckpt = runnable(ckpt)
     family = check_runnable(ckpt)
     if mode == "auto" and device_map is not None:   # a device map is for models too large for one device
         mode = "full"
     if mode == "auto":
-        need = ckpt.total_bytes * (torch.finfo(dtype).bits // 8) // 2 if dtype.is_floating_point else 0
+        itemsize = torch.finfo(dtype).bits // 8
+        need = sum(t.numel for t in ckpt.tensors.values()) * itemsize if ckpt.kind == VIEW_KIND else \
+            ckpt.total_bytes * itemsize // 2   # a bf16/fp16 checkpoint in DTYPE
         mode = "full" if need * 1.2 < available_memory(device) else "streamed"
         log.info("mode auto: %s (weights %.1f GB, free %.1f GB)", mode, need / 1e9, available_memory(device) / 1e9)
     seq2seq = family.decoder_offset is not None
@@ -148,18 +157,19 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
     if mode == "full":
         auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
         formats = recorded_formats(ckpt.config)
-        own_loader = (formats is not None or uneven_expert_counts(ckpt.config) or
+        own_loader = (formats is not None or uneven_expert_counts(ckpt.config) or ckpt.kind == VIEW_KIND or
                       (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)))
         if own_loader and device_map is not None:
             raise UnsupportedError(f"{ckpt.source}: --device-map works for checkpoints transformers loads itself, "
-                                   "not for moetool-quantized, globally pruned or per-expert GPT-OSS/Llama 4 ones",
+                                   "not for GGUF, moetool-quantized, globally pruned or per-expert GPT-OSS/Llama 4 "
+                                   "ones",
                                    hint="use --mode streamed")
         try:
             if formats is not None:   # moetool's quantized experts stay quantized in memory
                 model = load_quantized(ckpt, family, formats, device=device, dtype=dtype,
                                        trust_remote_code=trust_remote_code)
             elif own_loader:   # fused as it loads, or layers with their own expert counts
-                model = load_pretrained(ckpt.root, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+                model = _load_planned(ckpt, family, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             else:
                 model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=device_map or str(device),
                                              trust_remote_code=trust_remote_code)
@@ -169,7 +179,7 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
         model.eval()
         if device_map is not None:   # inputs go where the embedding is
             device = model.get_input_embeddings().weight.device
-        return LoadedModel(model, family, "full", device, dtype, *_decoder_layers(model))
+        return LoadedModel(model, family, "full", device, dtype, *_decoder_layers(model), config=ckpt.config or {})
     if mode != "streamed":
         raise UnsupportedError(f"--mode {mode}: use full, streamed or auto")
     return _streamed(ckpt, family, device, dtype, trust_remote_code, with_head)
@@ -188,7 +198,10 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
     import transformers
     from accelerate import init_empty_weights
 
-    config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
+    if ckpt.kind == VIEW_KIND:
+        config = transformers.AutoConfig.for_model(**ckpt.config)
+    else:
+        config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         _, layers = _decoder_layers(model)
@@ -243,7 +256,8 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     for name, buffer in model.named_buffers():
         if buffer.device != device and buffer.device.type != "meta":
             _set(model, name, buffer.to(device))
-    return LoadedModel(model, family, "streamed", device, dtype, prefix, layers, layer_plan=per_layer)
+    return LoadedModel(model, family, "streamed", device, dtype, prefix, layers, config=ckpt.config or {},
+                       layer_plan=per_layer)
 
 
 def _set(root, dotted: str, value) -> None:
@@ -261,32 +275,42 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
     """A transformers model for any checkpoint moetool writes: quantized ones (their weights stay
     quantized, dequantized when used), and globally pruned ones whose layers keep different numbers
     of experts (recorded as "moetool_experts_per_layer" in the config): each such layer is built
-    with its own expert count, then every weight is loaded."""
+    with its own expert count, then every weight is loaded. Also GGUF files of the families moetool
+    runs from GGUF (dequantized to DTYPE)."""
     import torch
 
     from moetool.checkpoint import open_checkpoint
     from moetool.runner.quantized import load_quantized
 
     dtype = dtype or torch.float32
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(path) as source:
+        ckpt = runnable(source)
         family = check_runnable(ckpt)
         formats = recorded_formats(ckpt.config)
         if formats is not None:
             return load_quantized(ckpt, family, formats, device=device, dtype=dtype,
                                   trust_remote_code=trust_remote_code)
-        config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
-        layout = "fused" if "fused" in family.layouts else None
-        plan = plan_tensors(ckpt, PlanOptions(layout=layout))
-        own = dict(model.named_parameters()) | dict(model.named_buffers())
-        state = {t.name: materialize(t).to(device=device, dtype=dtype if t.dtype in ("F32", "F16", "BF16")
-                                          else None)
-                 for t in plan.tensors if t.name in own}
+        return _load_planned(ckpt, family, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remote_code: bool):
+    """Every weight read through the tensor plan (fused as transformers 5 holds experts) into the model
+    built on the meta device."""
+    import torch
+
+    config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
+    layout = "fused" if "fused" in family.layouts else None
+    plan = plan_tensors(ckpt, PlanOptions(layout=layout))
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    state = {t.name: materialize(t).to(device=device, dtype=dtype if t.dtype in ("F32", "F16", "BF16") else None)
+             for t in plan.tensors if t.name in own}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
-        raise UnsupportedError(f"{path}: {len(missing)} parameters are not in the checkpoint (first: {missing[0]})")
+        raise UnsupportedError(f"{ckpt.source}: {len(missing)} parameters are not in the checkpoint "
+                               f"(first: {missing[0]})")
     for name, buffer in model.named_buffers():
         if buffer.device.type != torch.device(device).type:
             _set(model, name, buffer.to(device))
