@@ -39,7 +39,8 @@ def runnable_metadata(family: str, model) -> dict:
 
 
 def tokenizer_metadata(tokenizer_json: Path) -> dict:
-    """llama.cpp's gpt2-style tokenizer keys for a byte-level BPE tokenizer.json."""
+    """llama.cpp's gpt2-style tokenizer keys for a byte-level BPE tokenizer.json with GPT-2's
+    pre-tokenizer regex (as the built-in model's; convert_hf_to_gguf.py names it "gpt-2")."""
     import gguf
 
     spec = json.loads(Path(tokenizer_json).read_text())
@@ -51,7 +52,7 @@ def tokenizer_metadata(tokenizer_json: Path) -> dict:
     types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     first = min(special) if special else 0
-    return {"add_tokenizer_model": "gpt2", "add_tokenizer_pre": "qwen2", "add_token_list": tokens,
+    return {"add_tokenizer_model": "gpt2", "add_tokenizer_pre": "gpt-2", "add_token_list": tokens,
             "add_token_types": types, "add_token_merges": merges, "add_bos_token_id": first,
             "add_eos_token_id": first, "add_add_bos_token": False}
 

@@ -173,19 +173,24 @@ def builtin_gguf(tmp_path_factory):
                           qtype="Q8_0", tokenizer=TINY_MOE / "tokenizer.json")[0]
 
 
-def test_tokenizer_from_gguf_metadata(builtin_gguf, tmp_path):
-    """Text is tokenized by the tokenizer transformers builds from the GGUF's vocabulary and merges:
-    on plain prose it gives the original tokenizer's ids."""
+def test_tokenizer_from_gguf_metadata(builtin_gguf):
+    """Text is tokenized by the tokenizer transformers builds from the GGUF's vocabulary, merges and
+    pre-tokenizer name: on the whole held-out corpus (digits, punctuation, newlines) it gives the
+    original tokenizer.json's ids."""
     import transformers
 
     from moetool.runner import data
 
-    text = "the quick brown fox jumps over the lazy dog while the cat watches from the old garden wall " * 8
-    (tmp_path / "prose.txt").write_text(text)
+    text = data.builtin_texts("heldout")[0]
+    want = transformers.AutoTokenizer.from_pretrained(TINY_MOE)(text)["input_ids"]
+    assert transformers.AutoTokenizer.from_pretrained(builtin_gguf.parent, gguf_file=builtin_gguf.name)(
+        text)["input_ids"] == want
     with open_checkpoint(builtin_gguf) as ckpt:
-        ids = data.calibration_ids(data=str(tmp_path / "prose.txt"), token_ids=None, field=None, max_tokens=None,
+        ids = data.calibration_ids(data="builtin:heldout", token_ids=None, field=None, max_tokens=None,
                                    tokenizer_path=data.tokenizer_source(ckpt), default="builtin")
-    assert list(ids) == transformers.AutoTokenizer.from_pretrained(TINY_MOE)(text)["input_ids"]
+    same = data.calibration_ids(data="builtin:heldout", token_ids=None, field=None, max_tokens=None,
+                                tokenizer_path=TINY_MOE, default="builtin")
+    assert len(ids) > 40_000 and list(ids) == list(same)
 
 
 def run(*args):
