@@ -58,7 +58,7 @@ def tokenizer_metadata(tokenizer_json: Path) -> dict:
 
 
 def write_runnable(family: str, path: Path, *, model=None, qtype: str = "F32", tokenizer: Path | None = None,
-                   split_max_tensors: int = 0) -> list[Path]:
+                   split_max_tensors: int = 0, metadata: dict | None = None) -> list[Path]:
     """FAMILY's tiny model (or MODEL) as a GGUF llama.cpp could run; returns the files written."""
     import gguf
 
@@ -76,5 +76,6 @@ def write_runnable(family: str, path: Path, *, model=None, qtype: str = "F32", t
     md = runnable_metadata(family, model)
     if tokenizer is not None:
         md |= tokenizer_metadata(tokenizer)
+    md |= metadata or {}
     arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, FAMILY_ARCH[family])]
     return write_gguf(path, arch, md, tensors, qtype=qtype, split_max_tensors=split_max_tensors)

@@ -6,13 +6,18 @@ transformers' own parameter count; for bytes, gguf-py's block sizes and the file
 
 import json
 import os
+import random
+import re
 import shutil
+import struct
 import subprocess
 import sys
 
 import pytest
 
 from moetool.checkpoint import open_checkpoint
+from moetool.checkpoint.gguf import GGML_TYPES, MAX_DECODED_ARRAY, GgufArray, ggml_type, read_header
+from moetool.errors import CheckpointFormatError
 from moetool.ops.inspect import inspect_checkpoint
 from tests.gguf_fixtures import (
     EXPECTED_FAMILY,
@@ -230,6 +235,160 @@ def test_folder_with_two_models_is_refused(gguf_file, tmp_path):
     assert_one_line_error(run("inspect", tmp_path), 2, "a.gguf", "b.gguf")
 
 
+# ---------------------------------------------------------------- the header parser against gguf-py's reader
+
+def reader_value(field):
+    """What open_gguf made of a gguf-py GGUFReader field when it read headers with it (the oracle)."""
+    kind = field.types[0].name
+    if kind == "STRING":
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    if kind != "ARRAY":
+        value = field.parts[field.data[0]][0].item()
+        return bool(value) if kind == "BOOL" else value
+    item = field.types[1].name if len(field.types) > 1 else "UNKNOWN"
+    if len(field.data) > MAX_DECODED_ARRAY or item in ("ARRAY", "UNKNOWN"):
+        return GgufArray(item, len(field.data))
+    if item == "STRING":
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    return [field.parts[i][0].item() for i in field.data]
+
+
+def assert_header_matches_reader(path):
+    header, reader = read_header(path), gguf.GGUFReader(path)
+    want = {k: reader_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert repr(header.metadata) == repr(want)   # repr: 1, 1.0 and True differ
+    assert header.alignment == reader.alignment and header.data_start == reader.data_offset
+    assert [(t.name, t.dims, t.type_name, t.start, t.nbytes) for t in header.tensors] == \
+        [(t.name, tuple(t.shape.tolist()), t.tensor_type.name, t.data_offset, t.n_bytes) for t in reader.tensors]
+    return header
+
+
+@pytest.mark.parametrize("family, qtype", [("qwen3_moe", "F32"), ("qwen3_moe", "Q8_0"), ("deepseek_v3", "F32"),
+                                           ("gpt_oss", "Q4_0"), ("llama4_text", "F16")])
+def test_header_matches_gguf_py(gguf_file, family, qtype):
+    assert_header_matches_reader(gguf_file(family, qtype))
+
+
+def test_header_of_split_parts_and_k_quants(split_set, tmp_path):
+    for part in split_set:
+        assert_header_matches_reader(part)
+    path = write_family("qwen3_moe", tmp_path / "k.gguf", qtype="Q4_K", model=build("qwen3_moe", hidden_size=256))[0]
+    assert "Q4_K" in {t.type_name for t in assert_header_matches_reader(path).tensors}
+
+
+@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
+def test_every_value_type_and_both_byte_orders(tmp_path, endian):
+    import numpy as np
+
+    path = tmp_path / "kinds.gguf"
+    writer = gguf.GGUFWriter(path, "testarch", endianess=gguf.GGUFEndian[endian])
+    for method, key, value in (("uint8", "u8", 200), ("int8", "i8", -5), ("uint16", "u16", 60000),
+                               ("int16", "i16", -300), ("uint32", "u32", 4000000000), ("int32", "i32", -7),
+                               ("float32", "f32", 1e-6), ("bool", "b", True), ("uint64", "u64", 2**63),
+                               ("int64", "i64", -2**40), ("float64", "f64", 0.1), ("string", "s", "h\u00e9llo")):
+        getattr(writer, f"add_{method}")(f"t.{key}", value)
+    for key, value in (("strs", ["x", "yz", ""]), ("ints", [1, 2, 3]), ("floats", [0.5, 1.5]), ("bools", [True, False]),
+                       ("long", list(range(MAX_DECODED_ARRAY + 1))), ("tokens", [f"t{i}" for i in range(1500)]),
+                       ("nested", [[1, 2], [3], ["a", "b", "c"]])):
+        writer.add_array(f"t.{key}", value)
+    writer.add_custom_alignment(64)
+    writer.add_tensor("w", np.ones((3, 32), dtype=np.float32))
+    writer.add_tensor("v", np.ones(5, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    header = assert_header_matches_reader(path)
+    assert header.byte_order == ("<" if endian == "LITTLE" else ">") and header.alignment == 64
+    meta = header.metadata
+    assert meta["t.tokens"] == GgufArray("STRING", 1500) and meta["t.nested"] == GgufArray("ARRAY", 6)
+    assert meta["t.bools"] == [True, False] and meta["t.s"] == "h\u00e9llo"
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.tensors["w"].shape == (3, 32) and ckpt.tensors["v"].start % 64 == 0
+
+
+def test_ggml_types_are_gguf_pys():
+    for qtype in gguf.GGMLQuantizationType:
+        want = (qtype.name, *gguf.GGML_QUANT_SIZES[qtype])
+        assert ggml_type(qtype.value) == want   # ids newer than the table come from gguf-py
+        assert GGML_TYPES.get(qtype.value, want) == want
+    assert ggml_type(250) is None
+
+
+def _string(text: bytes) -> bytes:
+    return struct.pack("<Q", len(text)) + text
+
+
+def raw_gguf(path, kvs: list[bytes], tensors: list[bytes] = (), data: bytes = b""):
+    """A GGUF file from raw key/value pairs and tensor infos (see kv and tensor_info)."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs)) + b"".join(kvs) + b"".join(tensors)
+    path.write_bytes(head + bytes(-len(head) % 32) + data)
+    return path
+
+
+def kv(key: bytes, kind: int, payload: bytes) -> bytes:
+    return _string(key) + struct.pack("<I", kind) + payload
+
+
+def tensor_info(name: bytes, dims: tuple[int, ...], kind: int = 0, offset: int = 0) -> bytes:
+    return _string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, kind, offset)
+
+
+ARCH = kv(b"general.architecture", 8, _string(b"testarch"))
+
+
+def test_empty_array_as_gguf_py_reads_it(tmp_path):
+    path = raw_gguf(tmp_path / "e.gguf", [ARCH, kv(b"t.empty", 9, struct.pack("<IQ", 8, 0)),
+                                          kv(b"t.empty_bad_type", 9, struct.pack("<IQ", 99, 0))])
+    header = assert_header_matches_reader(path)   # gguf-py types an array by its first item
+    assert header.metadata["t.empty"] == GgufArray("UNKNOWN", 0)
+
+
+@pytest.mark.parametrize("kvs, tensors, message", [
+    ([ARCH, ARCH], [], "'general.architecture' is stored twice"),
+    ([ARCH, kv(b"t.x", 13, b"")], [], "'t.x' has an unknown value type 13"),
+    ([ARCH, kv(b"t.x", 9, struct.pack("<IQ", 42, 1))], [], "'t.x' has an unknown value type 42"),
+    ([ARCH, kv(b"t.x", 9, struct.pack("<IQ", 8, 1 << 60))], [], "ends early"),
+    ([ARCH, kv(b"t.x", 8, _string(b"\xff"))], [], "'t.x' is malformed"),
+    ([ARCH, kv(b"t.\xff", 4, b"\0\0\0\0")], [], "not UTF-8"),
+    ([ARCH, kv(b"general.alignment", 4, struct.pack("<I", 48))], [], "general.alignment is 48"),
+    ([ARCH, kv(b"general.alignment", 10, struct.pack("<Q", 64))], [], "general.alignment is 64"),
+    ([ARCH], [tensor_info(b"a", (4,)), tensor_info(b"a", (4,), offset=32)], "'a' is stored twice"),
+    ([ARCH], [tensor_info(b"a", (16, 2), kind=8)], "rows of 16 values, not whole Q8_0 blocks of 32"),
+    ([ARCH], [tensor_info(b"a", (4,), kind=250)], "'a' has an unknown ggml type 250"),
+    ([ARCH], [tensor_info(b"a", (16,)), tensor_info(b"b", (4,), offset=32)], "'b' overlaps tensor 'a'"),
+], ids=["duplicate-key", "value-type", "item-type", "array-count", "value-utf8", "key-utf8", "alignment",
+        "alignment-type", "duplicate-tensor", "partial-block", "ggml-type", "overlap"])
+def test_malformed_headers(tmp_path, kvs, tensors, message):
+    path = raw_gguf(tmp_path / "bad.gguf", kvs, tensors, data=bytes(128))
+    with pytest.raises(CheckpointFormatError, match=message) as error:
+        open_checkpoint(path)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_any_truncation_or_damage_is_one_format_error(gguf_file, tmp_path):
+    """Cut anywhere in the header or with header bytes overwritten: it opens, or it fails with a
+    CheckpointFormatError (never another exception, never a long wait)."""
+    source = gguf_file("qwen3_moe")
+    data = source.read_bytes()
+    end = read_header(source).data_start
+    path = tmp_path / "cut.gguf"
+    for size in [*range(0, end, 7), end - 1]:
+        path.write_bytes(data[:size])
+        with pytest.raises(CheckpointFormatError, match=re.escape(str(path))):
+            open_checkpoint(path)
+    rng = random.Random(0)
+    for _ in range(300):
+        damaged = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            damaged[rng.randrange(end)] = rng.randrange(256)
+        path.write_bytes(damaged)
+        try:
+            open_checkpoint(path).close()
+        except CheckpointFormatError as exc:
+            assert "\n" not in str(exc)
+
+
 # ---------------------------------------------------------------- bad input, through the CLI
 
 @pytest.fixture
@@ -362,10 +521,16 @@ def test_experts_option_is_refused_for_now(gguf_file):
     assert_one_line_error(run("inspect", gguf_file("qwen3_moe"), "--experts"), 7)
 
 
-def test_inspect_gguf_never_imports_torch(gguf_file):
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "moetool", "inspect",
-                           str(gguf_file("qwen3_moe", "Q8_0"))], capture_output=True, text=True)
+def imported_modules(*args):
+    """The modules `moetool ARGS` imports (python -X importtime)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "moetool", *map(str, args)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line]
-    assert "gguf" in imported
-    assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
+    return [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line]
+
+
+def test_inspect_gguf_never_imports_torch(gguf_file):
+    """Nor gguf-py: the header is parsed with struct."""
+    imported = imported_modules("inspect", gguf_file("qwen3_moe", "Q8_0"))
+    assert "moetool.checkpoint.gguf" in imported
+    assert not [m for m in imported if m.split(".")[0] in ("torch", "gguf")]

@@ -17,7 +17,7 @@ from moetool.ops.prune import PruneOptions, prune
 from tests.gguf_fixtures import build, gguf_metadata, gguf_tensors
 from tests.gguf_fixtures import write_family as _write_family
 from tests.gguf_fixtures import write_gguf as _write_gguf
-from tests.test_gguf import run
+from tests.test_gguf import imported_modules, run
 
 gguf = pytest.importorskip("gguf")
 
@@ -227,7 +227,8 @@ def test_llama_cpp_runs_it(tmp_path):
     model = build("qwen3_moe")
     md = gguf_metadata("qwen3_moe", model) | {
         "add_tokenizer_model": "llama", "add_token_scores": [0.0] * 64,
-        "add_token_types": [1] * 64, "add_bos_token_id": 1, "add_eos_token_id": 2}
+        "add_token_types": [1] * 64, "add_bos_token_id": 1, "add_eos_token_id": 2,
+        "add_layer_norm_rms_eps": model.config.rms_norm_eps}   # llama.cpp requires it
     src = write_gguf(tmp_path / "src.gguf", "qwen3moe", md, gguf_tensors("qwen3_moe", model))[0]
     _prune(src, tmp_path / "out.gguf", keep=3)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "out.gguf"), n_ctx=32, verbose=False, logits_all=True)
@@ -261,10 +262,13 @@ def test_profile_of_the_safetensors_model_and_weight_norm_choose_as_for_safetens
 
 
 def test_data_criteria_need_a_profile_merge_and_global_scope_are_refused(tmp_path):
+    """Data criteria without --profile calibrate on the GGUF (tests/test_gguf_run.py), for the
+    architectures moetool runs; the others are refused with the hint."""
+    olmoe = write_family("olmoe", tmp_path / "olmoe.gguf")[0]
+    with pytest.raises(UnsupportedError, match="running a GGUF model") as info:
+        _prune(olmoe, tmp_path / "o.gguf", keep=2, criterion="reap")
+    assert info.value.exit_code == 7 and "--profile" in info.value.hint
     src = write_family("qwen3_moe", tmp_path / "m.gguf")[0]
-    with pytest.raises(UnsupportedError, match="--profile") as info:
-        _prune(src, tmp_path / "o.gguf", keep=2, criterion="reap")
-    assert info.value.exit_code == 7
     with pytest.raises(UnsupportedError, match="one expert count per model"):
         _prune(src, tmp_path / "o.gguf", keep=2, scope="global")
     with pytest.raises(UnsupportedError, match="merge"):
@@ -298,7 +302,8 @@ def test_cli_bad_requests(src, tmp_path):
     assert "0..3" in line
     assert_one_line_error(run("prune", src, out, "--keep", "9", "--criterion", "random"), 2)
     assert "one expert count" in assert_one_line_error(run("prune", src, out, "--keep", "2", "--scope", "global"), 7)
-    assert "--profile" in assert_one_line_error(run("prune", src, out, "--keep", "2"), 7)   # frequency by default
+    proc = run("prune", src, out, "--keep", "2")   # frequency by default: calibrates on the GGUF, which has no tokenizer
+    assert proc.returncode == 11 and "tokenizer" in proc.stderr and "--token-ids" in proc.stderr
     assert_one_line_error(run("prune", src.parent, src.parent / "p.gguf", "--keep", "2", "--criterion", "random"), 2,
                           src.parent)
     assert_one_line_error(run("prune", src, src, "--keep", "2", "--criterion", "random", "--force"), 2, src)
@@ -341,3 +346,36 @@ def test_disk_full_leaves_nothing(src, tmp_path, monkeypatch):
         (tmp_path / "taken.gguf").write_bytes(b"x")
         _prune(src, tmp_path / "taken.gguf", keep=2)
     assert (tmp_path / "taken.gguf").read_bytes() == b"x"
+
+
+def test_prune_imports_neither_torch_nor_gguf_py(src, tmp_path):
+    """Choosing experts from --experts or a --profile file and copying bytes needs neither."""
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"layers": [{"layer": i, "experts": 4, "counts": [5, 1, 3, 2],
+                                               "weight_mass": [0.4, 0.1, 0.3, 0.2]} for i in (0, 1)]}))
+    for options in (["--experts", "0:0,1,2;1:1,2,3"], ["--keep", "3", "--profile", profile]):
+        imported = imported_modules("prune", src, tmp_path / "o.gguf", *options, "--force")
+        assert "moetool.checkpoint.gguf_write" in imported
+        assert not [m for m in imported if m.split(".")[0] in ("torch", "gguf")], options
+
+
+def test_writeback_in_small_steps_writes_the_same_bytes(src, tmp_path, monkeypatch):
+    """The output's writeback is started every WRITEBACK_STEP bytes, over consecutive ranges."""
+    import moetool.checkpoint.gguf_write as gguf_write
+
+    _prune(src, tmp_path / "a.gguf", keep=3, seed=2)
+    real = gguf_write._sync_file_range()
+    ranges = []
+
+    def spy(fd, start, length, flags):
+        ranges.append((start, length))
+        return real(fd, start, length, flags) if real else 0
+
+    monkeypatch.setattr(gguf_write, "_sync_file_range", lambda: spy)
+    monkeypatch.setattr(gguf_write, "WRITEBACK_STEP", 4096)
+    _prune(src, tmp_path / "b.gguf", keep=3, seed=2)
+    data = (tmp_path / "b.gguf").read_bytes()
+    assert data == (tmp_path / "a.gguf").read_bytes()
+    assert len(ranges) > 3 and ranges[0][0] == 0
+    assert all(start + length == after for (start, length), (after, _) in zip(ranges, ranges[1:]))
+    assert all(length >= 4096 for _, length in ranges) and len(data) - sum(n for _, n in ranges) < 4096

@@ -232,3 +232,41 @@ def test_load_model_streamed_gguf(tmp_path):
         loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="streamed")
     assert loaded.mode == "streamed" and loaded.config["model_type"] == "mixtral"
     assert sorted(loaded.layer_plan) == [0, 1]
+
+
+@pytest.mark.parametrize("family", RUNNABLE)
+def test_llama_cpp_gives_the_runners_logits(tmp_path, family):
+    """llama.cpp itself (llama-cpp-python, when installed; not in CI) runs the same F32 file: its
+    logits equal those of the model moetool builds from the GGUF. (llama.cpp builds Qwen2-MoE with
+    experts in every layer.)"""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = source_model(family, **({"mlp_only_layers": []} if family == "qwen2_moe" else {}))
+    vocab = model.config.vocab_size
+    tokenizer = {"add_tokenizer_model": "llama", "add_token_scores": [0.0] * vocab, "add_token_types": [1] * vocab,
+                 "add_bos_token_id": 1, "add_eos_token_id": 2}
+    path = write_runnable(family, tmp_path / "m.gguf", model=model, metadata=tokenizer)[0]
+    tokens = torch.randint(3, vocab, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(tokens)
+    theirs = torch.from_numpy(np.asarray(llm.scores[:len(tokens)], dtype=np.float32))
+    with torch.no_grad():
+        ours = load_pretrained(path)(torch.tensor([tokens])).logits[0]
+    assert (ours - theirs).abs().max() <= 1e-3 * max(1.0, ours.abs().max().item())
+
+
+@pytest.mark.parametrize("criterion", ["frequency", "reap"])
+def test_prune_gguf_calibrated_on_the_gguf_itself(tmp_path, tiny_saved, token_file, criterion):
+    """Without --profile, prune of a GGUF profiles the GGUF: it keeps the experts prune of the
+    safetensors model keeps on the same tokens."""
+    from moetool.ops.prune import PruneOptions, prune
+
+    model = source_model("qwen3_moe")
+    folder = tiny_saved(model, tmp_path / "hf")
+    (tmp_path / "g").mkdir()
+    path = write_runnable("qwen3_moe", tmp_path / "g" / "m.gguf", model=model)[0]
+    calibration = ProfileOptions(token_ids=token_file, seq_len=40, batch_size=4, dtype="fp32")
+    kept = []
+    for src, out in ((folder, tmp_path / "st-out"), (path, tmp_path / "out.gguf")):
+        with open_checkpoint(src) as ckpt:
+            kept.append(prune(ckpt, out, PruneOptions(keep=2, criterion=criterion, calibration=calibration)).kept)
+    assert kept[0] == kept[1] and all(len(v) == 2 for v in kept[1].values())

@@ -1,19 +1,23 @@
 """GGUF files (llama.cpp) as a Checkpoint: one file, a split set, or the folder holding them.
 
-Opening reads the header with gguf-py's GGUFReader (a numpy memmap: no tensor data is read and
-torch is not imported). Every tensor becomes a GgufTensorRef: its ggml type name as ``dtype``,
-its logical shape in numpy order (gguf-py lists ne0 first; it is reversed here), its absolute
-byte range. ``config`` holds the metadata keys of the file's architecture without their
-``{arch}.`` prefix (plus ``model_type`` = the architecture and ``vocab_size``);
-``gguf_metadata`` holds every key as stored.
+Opening parses the header with struct over an mmap (read_header): the metadata and the tensor
+infos, long arrays (token lists, merges) stepped over without being decoded. No tensor data is
+read, and neither torch nor gguf-py is imported (gguf-py's GGUFReader builds numpy objects for
+every value: a large vocabulary costs it most of a second). Every tensor becomes a
+GgufTensorRef: its ggml type name as ``dtype``, its logical shape in numpy order (the file lists
+ne0 first; it is reversed here), its absolute byte range. ``config`` holds the metadata keys of
+the file's architecture without their ``{arch}.`` prefix (plus ``model_type`` = the architecture
+and ``vocab_size``); ``gguf_metadata`` holds every key as stored.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +30,43 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_DECODED_ARRAY = 1024   # longer metadata arrays (token lists, merges) are not decoded
+KV_START = 24              # magic, version, tensor count, key/value count; then the key/value pairs
+# the format's own key: where the data section and every tensor in it start
+ALIGNMENT_KEY, DEFAULT_ALIGNMENT = "general.alignment", 32
+
+# GGUF metadata value types: id -> name (gguf-py's GGUFValueType), struct format of the scalars
+VALUE_TYPES = {0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32", 7: "BOOL",
+               8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64"}
+SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+INT_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})
+UINT32, STRING, ARRAY, UINT64 = 4, 8, 9, 10
+
+# ggml tensor types: id -> (name, values per block, bytes per block), as gguf-py's GGML_QUANT_SIZES
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18),
+}
+
+
+def ggml_type(kind: int) -> tuple[str, int, int] | None:
+    """(name, values per block, bytes per block) of ggml type id KIND, or None if unknown (ids
+    newer than GGML_TYPES are looked up in gguf-py, when it knows them)."""
+    found = GGML_TYPES.get(kind)
+    if found is None:
+        try:
+            from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+            qtype = GGMLQuantizationType(kind)
+            found = (qtype.name, *GGML_QUANT_SIZES[qtype])
+        except (ImportError, ValueError, KeyError):
+            return None
+    return found
 
 
 class GgufArray(NamedTuple):
@@ -33,6 +74,205 @@ class GgufArray(NamedTuple):
 
     item_type: str
     count: int
+
+
+class GgufTensorInfo(NamedTuple):
+    """One tensor info of a GGUF header."""
+
+    name: str
+    dims: tuple[int, ...]   # ggml order: ne0 (the contiguous axis) first
+    type: int               # ggml type id
+    type_name: str
+    block: int              # values per ggml block
+    nbytes: int
+    start: int              # absolute offset of its data in the file
+
+
+@dataclass
+class GgufHeader:
+    """A GGUF file's header as stored."""
+
+    version: int
+    byte_order: str                          # struct prefix: "<" little-endian, ">" big-endian
+    metadata: dict[str, Any]                 # every key -> value (see _Reader.value)
+    scalars: dict[str, tuple[int, int]]      # key of a scalar -> (value type, file offset of the value)
+    kv_end: int                              # the key/value pairs are bytes [KV_START, kv_end) of the file
+    tensors: list[GgufTensorInfo]
+    alignment: int
+    data_start: int                          # file offset of the data section
+
+
+class _Ended(Exception):
+    """A read ran past the end of the file."""
+
+
+class _UnknownType(Exception):
+    """A metadata value type id that is not in VALUE_TYPES."""
+
+
+class _Reader:
+    """Sequential reads of a GGUF header from BUF (an mmap of the file) in its byte order."""
+
+    def __init__(self, buf, order: str, pos: int):
+        self.buf, self.order, self.pos, self.size = buf, order, pos, len(buf)
+        self._u32 = struct.Struct(order + "I").unpack_from
+        self._u64 = struct.Struct(order + "Q").unpack_from
+
+    def u32(self) -> int:
+        value, = self._u32(self.buf, self.pos)
+        self.pos += 4
+        return value
+
+    def u64(self) -> int:
+        value, = self._u64(self.buf, self.pos)
+        self.pos += 8
+        return value
+
+    def raw_string(self) -> bytes:
+        end = self.pos + 8 + self._u64(self.buf, self.pos)[0]
+        if end > self.size:
+            raise _Ended
+        data = self.buf[self.pos + 8:end]
+        self.pos = end
+        return data
+
+    def scalars(self, kind: int, count: int) -> tuple:
+        fmt = SCALAR_FORMATS[kind]
+        nbytes = struct.calcsize(fmt) * count
+        if self.pos + nbytes > self.size:
+            raise _Ended
+        values = struct.unpack_from(f"{self.order}{count}{fmt}", self.buf, self.pos)
+        self.pos += nbytes
+        return values
+
+    def value(self, kind: int) -> Any:
+        """A value of type KIND: strings decoded, scalars as Python values, arrays as lists, or
+        as GgufArray when longer than MAX_DECODED_ARRAY or holding arrays (as gguf-py's reader,
+        which types an array by its first item and counts the items of nested arrays)."""
+        if kind == STRING:
+            return self.raw_string().decode("utf-8")
+        if kind in SCALAR_FORMATS:
+            return self.scalars(kind, 1)[0]
+        if kind != ARRAY:
+            raise _UnknownType(kind)
+        item, count = self.u32(), self.u64()
+        if not count:
+            return GgufArray("UNKNOWN", 0)
+        if item not in VALUE_TYPES:
+            raise _UnknownType(item)
+        if item == ARRAY or count > MAX_DECODED_ARRAY:
+            return GgufArray(VALUE_TYPES[item], self.skip(item, count))
+        if item == STRING:
+            return [self.raw_string().decode("utf-8") for _ in range(count)]
+        return list(self.scalars(item, count))
+
+    def skip(self, kind: int, count: int) -> int:
+        """Step over COUNT values of type KIND without decoding them; returns how many strings
+        or scalars they are (the items of nested arrays counted, as gguf-py does)."""
+        if not count:
+            return 0
+        if kind == STRING:
+            if count > (self.size - self.pos) // 8:   # each takes 8 bytes at least: a corrupt count
+                raise _Ended
+            buf, at, u64 = self.buf, self.pos, self._u64
+            for _ in range(count):
+                at += 8 + u64(buf, at)[0]
+            if at > self.size:
+                raise _Ended
+            self.pos = at
+            return count
+        if kind == ARRAY:
+            items = 0
+            for _ in range(count):
+                item, n = self.u32(), self.u64()
+                if n and item not in VALUE_TYPES:
+                    raise _UnknownType(item)
+                items += self.skip(item, n)
+            return items
+        if kind not in SCALAR_FORMATS:
+            raise _UnknownType(kind)
+        self.pos += struct.calcsize(SCALAR_FORMATS[kind]) * count
+        if self.pos > self.size:
+            raise _Ended
+        return count
+
+
+def read_header(path: Path) -> GgufHeader:
+    """PATH's GGUF header; every way it can be bad is one CheckpointFormatError line."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < KV_START:
+                raise CheckpointFormatError(f"{path}: file is {size} bytes, too short to be GGUF")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse(path, buf)
+    except OSError as exc:
+        raise CheckpointFormatError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _parse(path: Path, buf) -> GgufHeader:
+    magic = buf[:4]
+    if magic != GGUF_MAGIC:
+        raise CheckpointFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    order = "<"
+    version, = struct.unpack_from(order + "I", buf, 4)
+    if not version & 0xFFFF:   # written on a big-endian machine
+        order = ">"
+        version, = struct.unpack_from(order + "I", buf, 4)
+    if version not in SUPPORTED_VERSIONS:
+        raise CheckpointFormatError(f"{path}: GGUF version {version} is not supported (supported: "
+                                    f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+    r = _Reader(buf, order, 8)
+    metadata: dict[str, Any] = {}
+    scalars: dict[str, tuple[int, int]] = {}
+    key = None
+    try:
+        n_tensors, n_kv = r.u64(), r.u64()
+        for _ in range(n_kv):
+            key = None   # until this pair's key is read
+            key = r.raw_string().decode("utf-8")
+            kind = r.u32()
+            if key in metadata:
+                raise CheckpointFormatError(f"{path}: metadata key {key!r} is stored twice")
+            if kind in SCALAR_FORMATS:
+                scalars[key] = (kind, r.pos)
+            metadata[key] = r.value(kind)
+        kv_end = r.pos
+        key = None
+        infos = []
+        for _ in range(n_tensors):
+            name = r.raw_string().decode("utf-8")
+            dims = r.scalars(UINT64, r.u32())
+            infos.append((name, dims, r.u32(), r.u64()))
+    except (struct.error, _Ended):
+        raise CheckpointFormatError(f"{path}: the header ends early: the file is truncated or corrupt") from None
+    except _UnknownType as exc:
+        raise CheckpointFormatError(f"{path}: metadata key {key!r} has an unknown value type {exc.args[0]}") from None
+    except UnicodeDecodeError:
+        raise CheckpointFormatError(f"{path}: " + (f"metadata key {key!r} is malformed" if key else
+                                                   "a metadata key or tensor name is not UTF-8")) from None
+    alignment = metadata.get(ALIGNMENT_KEY, DEFAULT_ALIGNMENT)
+    if ALIGNMENT_KEY in metadata and (scalars.get(ALIGNMENT_KEY, (None,))[0] != UINT32 or alignment <= 0
+                                      or alignment & (alignment - 1)):
+        raise CheckpointFormatError(f"{path}: {ALIGNMENT_KEY} is {alignment!r}; it must be a power of two "
+                                    "stored as UINT32")
+    data_start = r.pos + (-r.pos % alignment)
+    tensors = []
+    names = set()
+    for name, dims, kind, offset in infos:
+        if name in names:
+            raise CheckpointFormatError(f"{path}: tensor {name!r} is stored twice")
+        names.add(name)
+        found = ggml_type(kind)
+        if found is None:
+            raise CheckpointFormatError(f"{path}: tensor {name!r} has an unknown ggml type {kind}")
+        type_name, block, type_size = found
+        if dims and dims[0] % block:
+            raise CheckpointFormatError(f"{path}: tensor {name!r} has rows of {dims[0]} values, not whole "
+                                        f"{type_name} blocks of {block}")
+        tensors.append(GgufTensorInfo(name, dims, kind, type_name, block, prod(dims) // block * type_size,
+                                      data_start + offset))
+    return GgufHeader(version, order, metadata, scalars, kv_end, tensors, alignment, data_start)
 
 
 @dataclass(slots=True, eq=False)
@@ -49,7 +289,11 @@ class GgufTensorRef(TensorRef):
         import numpy as np
         from gguf import GGMLQuantizationType, dequantize, quant_shape_to_byte_shape
 
-        qtype = GGMLQuantizationType[self.dtype]
+        try:
+            qtype = GGMLQuantizationType[self.dtype]
+        except KeyError:
+            raise UnsupportedError(f"{self.shard.path}: gguf-py does not know ggml type {self.dtype} "
+                                   f"({self.name})") from None
         BYTES_READ.add(self.nbytes)
         try:
             raw = np.fromfile(self.shard.path, dtype=np.uint8, count=self.nbytes, offset=self.start)
@@ -93,17 +337,17 @@ def _open(path: Path, source: str) -> Checkpoint:
     if path.is_dir():
         path = _pick_in_folder(path, notes)
     parts = _split_parts(path)
-    readers = [_read(p) for p in parts]
-    metadata = [_metadata(r) for r in readers]
-    _check_split(parts, readers, metadata)
+    headers = [read_header(p) for p in parts]
+    metadata = [h.metadata for h in headers]
+    _check_split(parts, headers, metadata)
 
     shards: list[Shard] = []
     tensors: dict[str, TensorRef] = {}
-    for part, reader in zip(parts, readers):
+    for part, header in zip(parts, headers):
         size = os.path.getsize(part)
         shard = Shard(part.name, part, "gguf", size)
         shards.append(shard)
-        refs = _tensors(part, reader, shard, size)
+        refs = _tensors(part, header, shard, size)
         for ref in refs:
             if ref.name in tensors:
                 raise CheckpointFormatError(f"{part}: tensor {ref.name!r} is also stored in "
@@ -158,85 +402,7 @@ def _split_parts(path: Path) -> list[Path]:
     return parts
 
 
-def _read(path: Path):
-    """GGUFReader(path), with every way it can fail turned into one CheckpointFormatError line."""
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            head = fh.read(24)
-    except OSError as exc:
-        raise CheckpointFormatError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(head) < 24:
-        raise CheckpointFormatError(f"{path}: file is {size} bytes, too short to be GGUF")
-    if head[:4] != GGUF_MAGIC:
-        raise CheckpointFormatError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
-    version_le, = struct.unpack("<I", head[4:8])
-    version = version_le if version_le & 0xFFFF else struct.unpack(">I", head[4:8])[0]
-    if version not in SUPPORTED_VERSIONS:
-        raise CheckpointFormatError(f"{path}: GGUF version {version} is not supported (supported: "
-                                    f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(path)
-    except Exception as exc:   # gguf-py raises ValueError, KeyError, IndexError, struct and numpy errors
-        raise CheckpointFormatError(f"{path}: {_reason(exc)}") from None
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    if "GGMLQuantizationType" in text:
-        number = re.search(r"(\d+)\)? is not a valid", text)
-        return f"a tensor has an unknown ggml type {number.group(1) if number else text}"
-    if "GGUFValueType" in text or "field type" in text:
-        return f"a metadata value has an unknown type ({text})"
-    if "reshape" in text or "buffer is smaller" in text:
-        return ("tensor data runs beyond the end of the file: the file is truncated, or a tensor's "
-                "offset or shape is wrong")
-    if "duplicate" in text.lower():
-        return text
-    if isinstance(exc, (IndexError, struct.error)) or "index" in text:
-        return "the header ends early: the file is truncated or corrupt"
-    return f"cannot be read as GGUF ({type(exc).__name__}: {text}); the file is truncated or corrupt"
-
-
-_SCALARS = {"UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "UINT64", "INT64", "FLOAT64",
-            "BOOL"}
-
-
-def _metadata(reader) -> dict[str, Any]:
-    """Every key -> value; strings decoded, scalars as Python values, long arrays as GgufArray."""
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            out[key] = _value(field)
-        except (IndexError, UnicodeDecodeError, ValueError):
-            raise CheckpointFormatError(f"{reader.data.filename}: metadata key {key!r} is malformed") from None
-    return out
-
-
-def _value(field) -> Any:
-    kind = field.types[0].name
-    if kind == "STRING":
-        return bytes(field.parts[field.data[0]]).decode("utf-8")
-    if kind in _SCALARS:
-        value = field.parts[field.data[0]][0].item()
-        return bool(value) if kind == "BOOL" else value
-    if kind == "ARRAY":
-        item = field.types[1].name if len(field.types) > 1 else "UNKNOWN"
-        if len(field.data) > MAX_DECODED_ARRAY:
-            return GgufArray(item, len(field.data))
-        if item == "STRING":
-            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-        if item in _SCALARS:
-            return [field.parts[i][0].item() for i in field.data]
-        return GgufArray(item, len(field.data))
-    raise ValueError(kind)
-
-
-def _check_split(parts: list[Path], readers, metadata: list[dict]) -> None:
+def _check_split(parts: list[Path], headers: list[GgufHeader], metadata: list[dict]) -> None:
     count = len(parts)
     first = metadata[0]
     if count == 1:
@@ -260,27 +426,25 @@ def _check_split(parts: list[Path], readers, metadata: list[dict]) -> None:
         if i and arch is not None and arch != first.get(ARCH_KEY):
             raise CheckpointFormatError(f"{part}: architecture {arch!r} differs from {parts[0].name}'s "
                                         f"{first.get(ARCH_KEY)!r}: it belongs to another split set")
-    stored = sum(len(r.tensors) for r in readers)
+    stored = sum(len(h.tensors) for h in headers)
     if not isinstance(total, int) or stored != total:
         raise CheckpointFormatError(f"{parts[0]}: the split set holds {stored} tensors, its metadata says "
                                     f"{total!r}; a part is from another split set")
 
 
-def _tensors(path: Path, reader, shard: Shard, size: int) -> list[GgufTensorRef]:
+def _tensors(path: Path, header: GgufHeader, shard: Shard, size: int) -> list[GgufTensorRef]:
     refs = []
-    base, align = reader.data_offset, reader.alignment
+    base, align = header.data_start, header.alignment
     spans = []
-    for t in reader.tensors:
-        start = t.data_offset
-        end = start + t.n_bytes
+    for t in header.tensors:
+        start, end = t.start, t.start + t.nbytes
         if end > size:
             raise CheckpointFormatError(f"{path}: tensor {t.name!r} ends at byte {end}, beyond the end of the "
                                         f"file ({size} bytes); the file is truncated or corrupt")
         if (start - base) % align:
             raise CheckpointFormatError(f"{path}: tensor {t.name!r} starts at data offset {start - base}, "
                                         f"not a multiple of the alignment {align}")
-        refs.append(GgufTensorRef(t.name, t.tensor_type.name, tuple(reversed(t.shape.tolist())), shard,
-                                  start, end))
+        refs.append(GgufTensorRef(t.name, t.type_name, t.dims[::-1], shard, start, end))
         spans.append((start, end, t.name))
     spans.sort()
     for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):

@@ -57,8 +57,8 @@ def prune(
 ) -> None:
     """Remove the least important experts of every MoE layer."""
     from moetool.checkpoint import open_checkpoint
-    from moetool.ops.prune import PruneOptions, parse_experts
     from moetool.ops.prune import prune as run_prune
+    from moetool.ops.prune_choice import PruneOptions, parse_experts
     from moetool.runner.distributed import is_primary
 
     options = PruneOptions(keep=keep, ratio=ratio, experts=parse_experts(experts) if experts else None,

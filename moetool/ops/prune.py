@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any
 
 from moetool import __version__
 from moetool.arch import Role, detect_family
@@ -31,49 +29,21 @@ from moetool.checkpoint.writer import (
     write_checkpoint,
 )
 from moetool.errors import MoetoolError, UnsupportedError, UsageError
-from moetool.ops.profile import ProfileOptions, routing_profile
+from moetool.ops.profile import routing_profile
+from moetool.ops.prune_choice import (
+    CRITERIA,
+    EXPERT_INDEXED,
+    PROFILE_FIELD,
+    PruneOptions,
+    PruneReport,
+    choose_per_layer,
+    kept_count,
+    removed_share,
+)
+from moetool.ops.prune_gguf import prune_gguf
 from moetool.quant.config import recorded_formats
 
 log = logging.getLogger(__name__)
-
-CRITERIA = ("frequency", "soft-count", "reap", "ean", "weight-norm", "random")
-PROFILE_FIELD = {"frequency": "counts", "soft-count": "weight_mass", "reap": "saliency", "ean": "activation_norm"}
-# router-side tensors indexed by expert on their last axis
-EXPERT_INDEXED = (Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION)
-
-
-@dataclass
-class PruneOptions:
-    keep: int | None = None             # experts kept per layer
-    experts: dict[int, list[int]] | None = None   # or: the experts kept in each MoE layer, explicitly
-    ratio: float | None = None          # share of experts removed per layer
-    criterion: str = "frequency"
-    profile: Path | None = None         # a `moetool profile --json` file
-    calibration: ProfileOptions | None = None   # data to profile when no --profile (None: the built-in corpus)
-    merge: bool = False                 # fold removed experts into their most similar kept expert
-    scope: str = "per-layer"            # "per-layer" (same count everywhere) | "global" (ranked across layers)
-    seed: int = 0
-    max_shard_size: int = 5_000_000_000
-
-
-@dataclass
-class PruneReport:
-    source: str
-    out: str | None
-    criterion: str
-    experts_before: int
-    experts_after: int
-    top_k: int
-    kept: dict[int, list[int]]
-    params_removed: int
-    bytes_removed: int
-    routing_mass_removed: float | None  # share of gate-weight mass the removed experts carried
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": 1, "moetool_version": __version__, **self.__dict__,
-                "kept": {str(k): v for k, v in self.kept.items()}}
 
 
 def _scores(ckpt: Checkpoint, structure, options: PruneOptions
@@ -104,20 +74,6 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions
     return {layer: [float(v) for v in layers[layer][field]] for layer in structure.moe_layers}, mass
 
 
-def _kept_count(experts: int, top_k: int, options: PruneOptions) -> int:
-    if options.experts is not None:
-        counts = {len(v) for v in options.experts.values()}
-        if len(counts) != 1:
-            raise UsageError("--experts: every MoE layer must keep the same number of experts (per-layer scope)")
-        return counts.pop()
-    if (options.keep is None) == (options.ratio is None):
-        raise UsageError("give exactly one of --keep N, --ratio r and --experts SPEC")
-    keep = options.keep if options.keep is not None else experts - round(options.ratio * experts)
-    if not 1 <= keep <= experts:
-        raise UsageError(f"cannot keep {keep} of {experts} experts per layer")
-    return keep
-
-
 def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     """Choose the kept experts and plan every output tensor (reads headers, runs a profile if needed)."""
     from moetool.ops.inspect import inspect_checkpoint
@@ -134,7 +90,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     groups = (ckpt.config or {}).get("n_group") or 1
     experts = structure.num_experts
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
-    keep = _kept_count(experts, top_k, options)
+    keep = kept_count(experts, top_k, options)
     if options.experts is not None:
         if sorted(options.experts) != structure.moe_layers or any(
                 len(set(v)) != len(v) or not all(0 <= e < experts for e in v) for v in options.experts.values()):
@@ -215,30 +171,6 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     return tensors, config, report
 
 
-def removed_share(mass: dict[int, list] | None, kept: dict[int, list[int]]) -> float | None:
-    """The share of the gate-weight MASS the experts not KEPT carried (None without a mass)."""
-    if mass is None:
-        return None
-    total = sum(sum(v) for v in mass.values()) or 1.0
-    return sum(v for layer, values in mass.items() for e, v in enumerate(values) if e not in kept[layer]) / total
-
-
-def choose_per_layer(scores: dict[int, list[float]], layers: list[int], experts: int, keep: int,
-                     groups: int = 1) -> dict[int, list[int]]:
-    """The KEEP best-scored experts of every layer; with group-limited routing (GROUPS > 1) the
-    same number in every group, at least two (the group score sums its best two)."""
-    if keep % groups:
-        raise UsageError(f"group-limited routing with {groups} groups: keep a multiple of {groups} experts "
-                         "per layer, so that every group keeps the same number")
-    size, per_group = experts // groups, keep // groups   # choose within each group: groups stay equal
-    if groups > 1 and per_group < 2:
-        raise UsageError("group-limited routing ranks each group by its best two experts: keep at least "
-                         f"2 per group ({2 * groups} per layer)")
-    return {layer: sorted(e for g in range(groups) for e in sorted(
-                range(g * size, (g + 1) * size), key=lambda e: (-scores[layer][e], e))[:per_group])
-            for layer in layers}
-
-
 def _global_choice(scores: dict[int, list[float]], experts: int, keep: int, top_k: int) -> dict[int, list[int]]:
     """Rank experts across layers: every layer keeps at least its top-k best, the remaining slots
     (keep x layers in all) go to the best scores anywhere."""
@@ -284,15 +216,6 @@ def _weighted(parts: list[tuple[TensorRef, float]], dtype: str):
         return sum(ref.load().float() * weight for ref, weight in parts).to(TORCH_DTYPES[dtype])
 
     return compute
-
-
-def parse_experts(spec: str) -> dict[int, list[int]]:
-    """"3:0,1,5;4:2,3,7" -> {3: [0, 1, 5], 4: [2, 3, 7]} (the experts kept per MoE layer)."""
-    try:
-        return {int(layer): [int(e) for e in experts.split(",") if e.strip()]
-                for layer, experts in (part.split(":", 1) for part in spec.split(";") if part.strip())}
-    except ValueError:
-        raise UsageError(f"--experts {spec!r}: use LAYER:E,E,...;LAYER:E,... (experts kept per layer)") from None
 
 
 def _classifier(family, config: dict) -> Classifier:
@@ -366,8 +289,6 @@ def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = F
     """Prune CKPT into OUT (atomically); with DRY_RUN only choose the experts and report."""
     out = Path(out)
     if ckpt.kind == "gguf":   # llama.cpp files: expert byte ranges copied into a GGUF of the same layout
-        from moetool.ops.prune_gguf import prune_gguf
-
         return prune_gguf(ckpt, out, options, force=force, dry_run=dry_run, progress=progress)
     refuse_inside_source(out, ckpt)
     tensors, config, report = plan_prune(ckpt, options)

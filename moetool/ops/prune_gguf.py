@@ -27,14 +27,14 @@ from moetool.arch.schema import EXPERT_ROLES
 from moetool.checkpoint import Checkpoint
 from moetool.checkpoint.gguf_write import DROP, TensorEdit, check_outputs, read_expert, write_edited_gguf
 from moetool.errors import ConfigError, UnsupportedError, UsageError
-from moetool.ops.prune import (
+from moetool.ops.prune_choice import (
     CRITERIA,
     EXPERT_INDEXED,
     PROFILE_FIELD,
     PruneOptions,
     PruneReport,
-    _kept_count,
     choose_per_layer,
+    kept_count,
     removed_share,
 )
 
@@ -54,11 +54,6 @@ def _check_options(options: PruneOptions) -> None:
                                "expert count per model (its expert_count key): use --scope per-layer")
     if options.scope != "per-layer":
         raise UsageError(f"--scope {options.scope}: use per-layer or global")
-    if options.experts is None and options.profile is None and options.criterion not in ("random", "weight-norm"):
-        raise UnsupportedError(
-            f"--criterion {options.criterion} needs routing data, and moetool cannot profile GGUF files yet: give "
-            "--profile with a moetool profile --json of the model in safetensors form, or use --experts SPEC, "
-            "--criterion weight-norm or random")
 
 
 def _scores(ckpt: Checkpoint, structure, classifier: Classifier, options: PruneOptions):
@@ -67,8 +62,9 @@ def _scores(ckpt: Checkpoint, structure, classifier: Classifier, options: PruneO
 
     experts, layers = structure.num_experts, structure.moe_layers
     mass = None
-    if options.profile is not None:
-        profile = routing_profile(ckpt, structure, profile=options.profile, calibration=None,
+    if options.profile is not None or options.criterion not in ("random", "weight-norm"):
+        # a profile of this model (the GGUF itself or its safetensors form), or calibration on the GGUF
+        profile = routing_profile(ckpt, structure, profile=options.profile, calibration=options.calibration,
                                   saliency=options.criterion in ("reap", "ean"))
         mass = {layer: profile[layer]["weight_mass"] for layer in layers}
     if options.criterion == "random":   # torch's generator: the experts the safetensors prune of a seed keeps
@@ -116,7 +112,7 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions):
     if not isinstance(top_k, int):
         raise ConfigError(f"{ckpt.shards[0].path}: has no {arch}.expert_used_count (the top-k), so the experts kept "
                           "cannot be checked against it nor the top-k lowered")
-    keep = _kept_count(experts, top_k, options)
+    keep = kept_count(experts, top_k, options)
     groups = config.get(GROUP_COUNT) or 1
     if options.experts is not None:
         if sorted(options.experts) != layers or any(

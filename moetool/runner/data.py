@@ -365,6 +365,9 @@ def _load_tokenizer(path: Path | None):
             return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:   # no tokenizer files, or unreadable ones
+        if path.suffix == ".gguf":   # transformers says which tokenizer model the file names
+            raise DataError(f"{path}: no tokenizer transformers can build from its metadata ({_line(exc)})",
+                            hint=NO_TOKENIZER_HINT) from None
         raise DataError(f"{path}: no usable tokenizer ({type(exc).__name__})", hint=NO_TOKENIZER_HINT) from None
 
 

@@ -1,0 +1,99 @@
+"""What prune chooses, for safetensors and GGUF alike: the options, the report, how many experts
+each layer keeps and which."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moetool import __version__
+from moetool.arch import Role
+from moetool.errors import UsageError
+from moetool.ops.profile import ProfileOptions
+
+CRITERIA = ("frequency", "soft-count", "reap", "ean", "weight-norm", "random")
+PROFILE_FIELD = {"frequency": "counts", "soft-count": "weight_mass", "reap": "saliency", "ean": "activation_norm"}
+# router-side tensors indexed by expert on their last axis
+EXPERT_INDEXED = (Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION)
+
+
+@dataclass
+class PruneOptions:
+    keep: int | None = None             # experts kept per layer
+    experts: dict[int, list[int]] | None = None   # or: the experts kept in each MoE layer, explicitly
+    ratio: float | None = None          # share of experts removed per layer
+    criterion: str = "frequency"
+    profile: Path | None = None         # a `moetool profile --json` file
+    calibration: ProfileOptions | None = None   # data to profile when no --profile (None: the built-in corpus)
+    merge: bool = False                 # fold removed experts into their most similar kept expert
+    scope: str = "per-layer"            # "per-layer" (same count everywhere) | "global" (ranked across layers)
+    seed: int = 0
+    max_shard_size: int = 5_000_000_000
+
+
+@dataclass
+class PruneReport:
+    source: str
+    out: str | None
+    criterion: str
+    experts_before: int
+    experts_after: int
+    top_k: int
+    kept: dict[int, list[int]]
+    params_removed: int
+    bytes_removed: int
+    routing_mass_removed: float | None  # share of gate-weight mass the removed experts carried
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": 1, "moetool_version": __version__, **self.__dict__,
+                "kept": {str(k): v for k, v in self.kept.items()}}
+
+
+def kept_count(experts: int, top_k: int, options: PruneOptions) -> int:
+    if options.experts is not None:
+        counts = {len(v) for v in options.experts.values()}
+        if len(counts) != 1:
+            raise UsageError("--experts: every MoE layer must keep the same number of experts (per-layer scope)")
+        return counts.pop()
+    if (options.keep is None) == (options.ratio is None):
+        raise UsageError("give exactly one of --keep N, --ratio r and --experts SPEC")
+    keep = options.keep if options.keep is not None else experts - round(options.ratio * experts)
+    if not 1 <= keep <= experts:
+        raise UsageError(f"cannot keep {keep} of {experts} experts per layer")
+    return keep
+
+
+def removed_share(mass: dict[int, list] | None, kept: dict[int, list[int]]) -> float | None:
+    """The share of the gate-weight MASS the experts not KEPT carried (None without a mass)."""
+    if mass is None:
+        return None
+    total = sum(sum(v) for v in mass.values()) or 1.0
+    return sum(v for layer, values in mass.items() for e, v in enumerate(values) if e not in kept[layer]) / total
+
+
+def choose_per_layer(scores: dict[int, list[float]], layers: list[int], experts: int, keep: int,
+                     groups: int = 1) -> dict[int, list[int]]:
+    """The KEEP best-scored experts of every layer; with group-limited routing (GROUPS > 1) the
+    same number in every group, at least two (the group score sums its best two)."""
+    if keep % groups:
+        raise UsageError(f"group-limited routing with {groups} groups: keep a multiple of {groups} experts "
+                         "per layer, so that every group keeps the same number")
+    size, per_group = experts // groups, keep // groups   # choose within each group: groups stay equal
+    if groups > 1 and per_group < 2:
+        raise UsageError("group-limited routing ranks each group by its best two experts: keep at least "
+                         f"2 per group ({2 * groups} per layer)")
+    return {layer: sorted(e for g in range(groups) for e in sorted(
+                range(g * size, (g + 1) * size), key=lambda e: (-scores[layer][e], e))[:per_group])
+            for layer in layers}
+
+
+def parse_experts(spec: str) -> dict[int, list[int]]:
+    """"3:0,1,5;4:2,3,7" -> {3: [0, 1, 5], 4: [2, 3, 7]} (the experts kept per MoE layer)."""
+    try:
+        return {int(layer): [int(e) for e in experts.split(",") if e.strip()]
+                for layer, experts in (part.split(":", 1) for part in spec.split(";") if part.strip())}
+    except ValueError:
+        raise UsageError(f"--experts {spec!r}: use LAYER:E,E,...;LAYER:E,... (experts kept per layer)") from None
