@@ -236,15 +236,68 @@ def _quantize_4bit(F, weight, fmt: Format) -> dict[str, object]:
 # ---------------------------------------------------------------- group-wise integers
 
 def _scale_f16(scale):
-    """SCALE rounded to float16, upwards, so that no value falls outside the code range."""
+    """SCALE in float16 (nearest; codes are clamped, so a value just outside the range is clipped)."""
     import torch
 
     if not bool(torch.isfinite(scale).all()) or bool((scale > 65504.0).any()):
         raise UsageError("a weight group holds values too large (or not finite) for float16 scales; "
                          "use a bitsandbytes format for it")
-    half = scale.clamp(min=2.0 ** -24, max=65504.0).half()
-    low = half.float() < scale
-    return torch.where(low, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    return scale.clamp(min=2.0 ** -24, max=65504.0).half()
+
+
+# Clipping searched per group, as llama.cpp's and HQQ's quantizers do: the group's range times each
+# ratio, the one with the least squared error kept (earlier ratios win ties).
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(15))   # 1.0 .. 0.65
+
+
+def int_grid(w, fmt: Format, *, search: bool = True):
+    """Scale and zero point (codes) of each group of W [..., groups, group]: the 2**bits levels of
+    the format spread over the group's range (symmetric: codes -2**(bits-1) .. 2**(bits-1) - 1 over
+    [-absmax, absmax], as compressed-tensors does; asymmetric: 0 .. 2**bits - 1 over [min, max]
+    with zero inside), the range clipped by the searched ratio that rounds W with the least error
+    (symmetric: or stretched so that the top code holds +absmax).
+    Returns (scale float16, zero float32) shaped [..., groups]."""
+    import torch
+
+    w = w.float()
+    best_scale = best_zero = best_err = None
+    # symmetric: also the grid whose top code holds +absmax exactly (the lowest code then unused)
+    stretch = ((1 << fmt.bits) - 1) / 2 / ((1 << (fmt.bits - 1)) - 1) if fmt.symmetric else None
+    ratios = ((1.0,) if not search else CLIP_RATIOS) + ((stretch,) if search and stretch else ())
+    for ratio in ratios:
+        scale, zero = _range_grid(w, fmt, ratio)
+        err = (int_round(w, scale, zero, fmt) - w).square().sum(-1)
+        if best_err is None:
+            best_scale, best_zero, best_err = scale, zero, err
+            continue
+        better = err < best_err
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        best_err = torch.minimum(err, best_err)
+    return best_scale, best_zero
+
+
+def _range_grid(w, fmt: Format, ratio: float):
+    import torch
+
+    top = (1 << fmt.bits) - 1
+    if fmt.symmetric:
+        scale = _scale_f16(w.abs().amax(-1) * ratio / (top / 2))
+        return scale, torch.full_like(scale, 1 << (fmt.bits - 1), dtype=torch.float32)
+    low, high = w.amin(-1).clamp(max=0) * ratio, w.amax(-1).clamp(min=0) * ratio   # zero stays representable
+    scale = _scale_f16((high - low) / top)
+    return scale, torch.round(-low / scale.float()).clamp(0, top)
+
+
+def int_codes(w, scale, zero, fmt: Format):
+    """W [..., groups, group] rounded to the codes 0 .. 2**bits - 1 of the grid (SCALE, ZERO)."""
+    import torch
+
+    return (torch.round(w / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, (1 << fmt.bits) - 1)
+
+
+def int_round(w, scale, zero, fmt: Format):
+    """W rounded to the grid and back: what a weight quantized with (SCALE, ZERO) holds."""
+    return (int_codes(w, scale, zero, fmt) - zero.unsqueeze(-1)) * scale.float().unsqueeze(-1)
 
 
 def _quantize_int(weight, fmt: Format) -> dict[str, object]:
@@ -252,20 +305,10 @@ def _quantize_int(weight, fmt: Format) -> dict[str, object]:
 
     rows, cols = weight.shape
     w = weight.float().reshape(rows, cols // fmt.block, fmt.block)
-    top = (1 << fmt.bits) - 1
-    if fmt.symmetric:
-        half = (1 << (fmt.bits - 1)) - 1            # codes -half..half around the midpoint
-        scale = _scale_f16(w.abs().amax(-1) / half)
-        q = torch.round(w / scale.float().unsqueeze(-1)).clamp(-half, half) + (half + 1)
-        zeros = None
-    else:
-        low, high = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)   # zero stays representable
-        scale = _scale_f16((high - low) / top)
-        zeros = torch.round(-low / scale.float()).clamp(0, top)
-        q = (torch.round(w / scale.float().unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, top)
-    parts = {"": _pack(q.to(torch.uint8), fmt.bits), ".scales": scale}
-    if zeros is not None:
-        parts[".zeros"] = zeros.to(torch.uint8)
+    scale, zero = int_grid(w, fmt)
+    parts = {"": _pack(int_codes(w, scale, zero, fmt).to(torch.uint8), fmt.bits), ".scales": scale}
+    if not fmt.symmetric:
+        parts[".zeros"] = zero.to(torch.uint8)
     return parts
 
 
@@ -302,13 +345,6 @@ def _unpack(packed, bits: int, n: int):
     codes = (word.unsqueeze(-1) >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)
     return codes.reshape(*lead, n)
 
-
-def int_error_bound(parts: dict[str, object]):
-    """Largest possible |w - dequantized w| per group: half a quantization step."""
-    return parts[".scales"].float() / 2
-
-
-# ---------------------------------------------------------------- experts stored stacked
 
 def slice_name(stacked: str, expert: int) -> str:
     """The name moetool stores expert EXPERT of a stacked [E, out, in] tensor under (Granite's
