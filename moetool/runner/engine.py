@@ -256,7 +256,7 @@ class _LayerReader:
 
 
 def run(loaded, batches: list[MicroBatch], *, capture=None, on_final=None, progress=None,
-        offload_dir: Path | None = None) -> RunTiming:
+        offload_dir: Path | None = None, calibrate=None) -> RunTiming:
     """Run BATCHES through LOADED (full or streamed, as it was loaded).
 
     Args:
@@ -264,6 +264,10 @@ def run(loaded, batches: list[MicroBatch], *, capture=None, on_final=None, progr
         on_final: callable(batch, hidden [B, S, H]) with the decoder stack's output, micro-batch by
             micro-batch (evaluation applies the head to it); None skips the final norm in streamed mode.
         progress: callable(label, done_tokens, total_tokens) — one label per pass.
+        calibrate: sequential calibration (streamed mode): an object with ``observe(index, layer)``
+            (a context manager entered around each micro-batch's first pass through layer INDEX)
+            and ``update(index, layer)`` (compresses the layer in place); the layer then runs again,
+            compressed, and its outputs are what the next layer sees.
     """
     import torch
 
@@ -275,7 +279,9 @@ def run(loaded, batches: list[MicroBatch], *, capture=None, on_final=None, progr
     try:
         with torch.no_grad():
             if loaded.mode == "streamed":
-                _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, timing)
+                _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, timing, calibrate)
+            elif calibrate is not None:
+                raise ValueError("sequential calibration runs the model layer by layer: load it streamed")
             else:
                 _run_full(loaded, batches, capture, on_final, progress, timing)
     except torch.OutOfMemoryError:
@@ -320,7 +326,18 @@ def _forward_batches(loaded, batches, capture, on_final, progress, total) -> Non
             progress("forward", done, total)
 
 
-def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, timing) -> None:
+def _layer_inputs(batches, index: int, stubs, store, device):
+    """(micro-batch, its ids on the device, hidden states, args, kwargs) of layer INDEX, batch by batch:
+    the first layer's hidden states come from the embedding, the others' from the store."""
+    for batch in batches:
+        ids = batch.ids.to(device, non_blocking=True)
+        hidden, args, kwargs = stubs.inputs(index, ids)
+        if index > 0:
+            hidden = store.get(batch.slot)
+        yield batch, ids, hidden, args, kwargs
+
+
+def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, timing, calibrate=None) -> None:
     store = ActivationStore.sized(loaded.device, offload_dir, keep_free=2 * loaded.largest_layer_bytes)
     stubs = _Stubs(loaded)
     reader = _LayerReader(loaded)
@@ -334,12 +351,18 @@ def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, tim
             timing.weight_wait_seconds += waited
             loaded.install_layer(index, tensors)
             del tensors
+            if calibrate is not None:   # first pass: observe the layer's inputs, then compress it
+                done = 0
+                for _, ids, hidden, args, kwargs in _layer_inputs(batches, index, stubs, store, loaded.device):
+                    with calibrate.observe(index, layer):   # around the layer's own call only
+                        layer(hidden, *args, **kwargs)
+                    del hidden, args, kwargs
+                    done += ids.numel()
+                    if progress:
+                        progress(f"layer {index + 1}/{layers}: calibrating", done, total)
+                calibrate.update(index, layer)
             done = 0
-            for batch in batches:
-                ids = batch.ids.to(loaded.device, non_blocking=True)
-                hidden, args, kwargs = stubs.inputs(index, ids)
-                if index > 0:
-                    hidden = store.get(batch.slot)
+            for batch, ids, hidden, args, kwargs in _layer_inputs(batches, index, stubs, store, loaded.device):
                 if capture is not None:
                     capture.set_batch(batch.first_sequence, *ids.shape)
                 output = layer(hidden, *args, **kwargs)
