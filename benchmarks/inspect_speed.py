@@ -4,7 +4,7 @@ Writes, to a temporary folder, sparse files shaped like the released DeepSeek-V3
 tensor data a hole): 163 safetensors shards (~92,000 tensors, tests/headersets.py) and one GGUF
 as llama.cpp writes it (deepseek2, 61 blocks, Q4_K with Q6_K down projections and output, the
 129,280-token vocabulary with token types and 127,741 merges). Then times, as whole processes
-(best of N runs; the spread is printed too):
+(best of N runs, the commands taking turns; the spread is printed too):
   * moetool inspect FOLDER --json  vs  a process that opens every shard with safetensors.safe_open
     and reads every tensor's shape and dtype (the bare cost of reading the headers);
   * moetool inspect FILE.gguf --json  vs  a process that opens the file with gguf-py's GGUFReader.
@@ -111,13 +111,16 @@ def write_deepseek_v3_gguf(path: Path) -> Path:
     return path
 
 
-def timings(runs: int, argv: list[str]) -> list[float]:
-    times = []
+def timings(runs: int, commands: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Each command's times, sorted. The commands take turns (one run of each per round), so that a
+    change in the machine's load affects a command and its baseline alike."""
+    times: dict[str, list[float]] = {label: [] for label in commands}
     for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, capture_output=True)
-        times.append(time.perf_counter() - start)
-    return sorted(times)
+        for label, argv in commands.items():
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, capture_output=True)
+            times[label].append(time.perf_counter() - start)
+    return {label: sorted(t) for label, t in times.items()}
 
 
 def main() -> None:
@@ -129,11 +132,11 @@ def main() -> None:
         folder = write_header_set("deepseek_v3", Path(tmp) / "deepseek-v3")
         shards = len(list(folder.glob("*.safetensors")))
         gguf = write_deepseek_v3_gguf(Path(tmp) / "DeepSeek-V3-Q4_K_M.gguf")
-        rows = {"python startup alone": timings(args.runs, [sys.executable, "-c", "pass"]),
-                "safetensors (read all headers)": timings(args.runs, [sys.executable, "-c", BARE, str(folder)]),
-                "moetool inspect --json (safetensors)": timings(args.runs, [*inspect, str(folder), "--json"]),
-                "gguf-py GGUFReader(path)": timings(args.runs, [sys.executable, "-c", BARE_GGUF, str(gguf)]),
-                "moetool inspect --json (GGUF)": timings(args.runs, [*inspect, str(gguf), "--json"])}
+        rows = timings(args.runs, {"python startup alone": [sys.executable, "-c", "pass"],
+                                   "safetensors (read all headers)": [sys.executable, "-c", BARE, str(folder)],
+                                   "moetool inspect --json (safetensors)": [*inspect, str(folder), "--json"],
+                                   "gguf-py GGUFReader(path)": [sys.executable, "-c", BARE_GGUF, str(gguf)],
+                                   "moetool inspect --json (GGUF)": [*inspect, str(gguf), "--json"]})
     print(f"DeepSeek-V3: {shards} safetensors shards, and one GGUF; {args.runs} runs each, whole processes")
     for label, times in rows.items():
         print(f"  {label:38s} best {times[0]:6.3f} s   (median {times[len(times) // 2]:.3f}, worst {times[-1]:.3f})")

@@ -5,12 +5,15 @@ Matching is a dictionary lookup: every run of digits in a name is replaced by
 "model.layers.{L}.mlp.experts.{E}.up_proj.weight" share one key; the digits
 then fill the template's slots. This keeps 90,000-tensor checkpoints fast: a name's key and
 where its numbers sit are found once per masked form (every digit masked, one C call), not by a
-regular expression per name.
+regular expression per name; classify_all reads the numbers of all names of a masked form at once.
 """
 
 from __future__ import annotations
 
 import re
+from collections import defaultdict
+from itertools import repeat
+from operator import itemgetter
 from typing import NamedTuple
 
 from moetool.arch.schema import Family, Role
@@ -65,6 +68,34 @@ def split_quant_suffix(name: str) -> tuple[str, bool, bool]:
         if name.endswith(suffix):
             return name[: -len(suffix)] + replacement, False, True
     return name, False, False
+
+
+class NameGroup:
+    """Names that classify alike (one masked form, one template): one Match but for the numbers.
+    Those sit at the same places in each name; they are read, all at once, when first asked for."""
+
+    __slots__ = ("match", "members", "names", "_layer_at", "_layer_offset", "_expert_at", "_layers", "_experts")
+
+    def __init__(self, match: Match, members: list[int], names: list[str], layer_at: slice | None = None,
+                 layer_offset: int = 0, expert_at: slice | None = None, *,
+                 numbers: tuple[list, list] | None = None):
+        self.match = match        # its layer and expert are None: each name's are in layers and experts
+        self.members = members    # the names' positions in the list classified, ascending
+        self.names = names
+        self._layer_at, self._layer_offset, self._expert_at = layer_at, layer_offset, expert_at
+        self._layers, self._experts = numbers or (None, None)
+
+    @property
+    def layers(self) -> list[int | None]:
+        if self._layers is None:
+            self._layers = _numbers(self.names, self._layer_at, self._layer_offset)
+        return self._layers
+
+    @property
+    def experts(self) -> list[int | None]:
+        if self._experts is None:
+            self._experts = _numbers(self.names, self._expert_at)
+        return self._experts
 
 
 class _Candidate(NamedTuple):
@@ -161,6 +192,66 @@ class Classifier:
                            for c in rule.candidates)
         return _Reader(rule, candidates, at(rule.layer_pos))
 
+    def classify_all(self, names: list[str]) -> list[NameGroup]:
+        """classify() of every name in NAMES, in groups, ordered by their first member.
+
+        The names of one masked form have their numbers at the same places: a group's are read
+        with one slice each, over all its names in C (map), and its template is chosen once
+        (per name only where templates differ in literal digits, as Mixtral's w1/w2/w3)."""
+        by_mask: defaultdict[bytes, list[int]] = defaultdict(list)
+        groups: list[NameGroup] = []
+        if all(map(str.isascii, names)):
+            for i, masked in enumerate(map(bytes.translate, map(str.encode, names), repeat(_MASK))):
+                by_mask[masked].append(i)
+        else:   # \d also matches other scripts' digits: those names take the regex path, one by one
+            for i, name in enumerate(names):
+                if name.isascii():
+                    by_mask[name.encode().translate(_MASK)].append(i)
+                else:
+                    m = self.classify(name)
+                    groups.append(NameGroup(m._replace(layer=None, expert=None), [i], [name],
+                                            numbers=([m.layer], [m.expert])))
+        for masked, members in by_mask.items():
+            reader = self._readers.get(masked)
+            if reader is None:
+                reader = self._readers[masked] = self._reader(names[members[0]])
+            groups.extend(self._classify_alike(reader, names, members))
+        groups.sort(key=lambda g: g.members[0])
+        return groups
+
+    def _classify_alike(self, reader: _Reader, names: list[str], members: list[int]) -> list[NameGroup]:
+        """The groups of MEMBERS, names of READER's masked form."""
+        rule, candidates = reader.rule, reader.candidates
+        if not candidates or not candidates[0][3]:   # no template, or the first fits every name
+            parts = {0 if candidates else -1: members}
+        else:
+            parts: dict[int, list[int]] = {}
+            for i in members:
+                name = names[i]
+                chosen = next((k for k, (_, _, _, literals) in enumerate(candidates)
+                               if not any(name[at] != digits for at, digits in literals)), -1)
+                parts.setdefault(chosen, []).append(i)
+        out = []
+        for chosen, part in parts.items():
+            alike = list(map(names.__getitem__, part))
+            if chosen >= 0:
+                c, layer, expert, _ = candidates[chosen]
+                out.append(NameGroup(Match(c.role, None, None, c.layout, rule.aux, rule.packed), part, alike,
+                                     layer, c.layer_offset, expert))
+            elif self.family is not None and rule.role is not None:   # a generic role, one for the form
+                out.append(NameGroup(Match(rule.role, None, None, None, rule.aux, rule.packed, True), part, alike,
+                                     reader.layer))
+            else:   # guessed name by name: an unknown family's experts, or names no template here fits
+                guessed: dict[Match, tuple[list, list, list, list]] = {}
+                for i, name, layer in zip(part, alike, _numbers(alike, reader.layer)):
+                    m = self._generic(name, rule, layer)
+                    columns = guessed.setdefault(m._replace(layer=None, expert=None), ([], [], [], []))
+                    for column, value in zip(columns, (i, name, m.layer, m.expert)):
+                        column.append(value)
+                out.extend(NameGroup(m, index, alike_names, numbers=(layers, experts))
+                           for m, (index, alike_names, layers, experts) in guessed.items())
+        return out
+
     def classify(self, name: str) -> Match:
         if not name.isascii():   # \d also matches other scripts' digits: the regex path
             return self._classify(name, self._cached_rule(name), _DIGITS.findall(name))
@@ -193,6 +284,15 @@ class Classifier:
             if guess is not None:
                 return guess
         return Match(rule.role or generic_role(name), layer, None, None, rule.aux, rule.packed, guessed=True)
+
+
+def _numbers(names: list[str], where: slice | None, offset: int = 0) -> list[int | None]:
+    """The number at WHERE (a slice) in each of NAMES (plus OFFSET), or None for each without one."""
+    if where is None:
+        return [None] * len(names)
+    digits = list(map(itemgetter(where), names))
+    value = {text: int(text) + offset for text in set(digits)}   # a few hundred numbers at most
+    return list(map(value.__getitem__, digits))
 
 
 # ---- generic classification: non-MoE tensors of any family, and unknown families ----

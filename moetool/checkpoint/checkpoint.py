@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
+from itertools import repeat
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -243,16 +244,20 @@ def _safe_member(root: Path, name: str, index: Path) -> Path:
     return path
 
 
-def _read_index(index: Path) -> dict[str, str]:
+def _read_index(index: Path) -> tuple[dict[str, str], set[str]]:
+    """The index's weight_map, and the shard file names it holds."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
         weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        if not isinstance(weight_map, dict):
+            raise TypeError
+        files = set(weight_map.values())   # (a TypeError for unhashable values)
+        if not all(isinstance(f, str) for f in files):
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise CheckpointFormatError(f"{index}: not a valid index (needs a 'weight_map' object of "
                                     "tensor name -> shard file name)") from None
-    return weight_map
+    return weight_map, files
 
 
 def _safetensors_shard(path: Path, name: str) -> tuple[Shard, list[TensorInfo]]:
@@ -283,26 +288,10 @@ def _open_local(path: Path, source: str) -> Checkpoint:
                           hint="to look at a bare weights file, pass the file itself")
     config = read_config(config_path)
 
-    notes: list[str] = []
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = root / index_name
         if index.exists():
-            weight_map = _read_index(index)
-            unique: dict[Path, Path] = {}   # one Path object per file, so shards compare by identity
-            shard_paths = {f: unique.setdefault(p, p) for f in set(weight_map.values())
-                           for p in (_safe_member(root, f, index),)}
-            ckpt = _open_files(root, sorted(unique), config=config, kind="dir", source=source)
-            if not _index_agrees(ckpt, weight_map, shard_paths):
-                for name, shard_name in weight_map.items():
-                    ref = ckpt.tensors.get(name)
-                    if ref is None or ref.shard.path is not shard_paths[shard_name]:
-                        raise CheckpointFormatError(
-                            f"{index}: lists {name!r} in {shard_name}, but that shard does not hold it")
-            extra = len(ckpt.tensors) - len(weight_map)
-            if extra:
-                notes.append(f"{extra} tensors are in the shards but not in {index_name}")
-            ckpt.notes.extend(notes)
-            return ckpt
+            return _open_indexed(root, index, config, source)
 
     single = root / "model.safetensors"
     files = [single] if single.exists() else sorted(root.glob("*.safetensors"))
@@ -313,17 +302,38 @@ def _open_local(path: Path, source: str) -> Checkpoint:
     return _open_files(root, files, config=config, kind="dir", source=source)
 
 
-def _index_agrees(ckpt: Checkpoint, weight_map: dict[str, str], shard_paths: dict[str, Path]) -> bool:
-    """Whether every tensor the index lists is in the shard it names, compared in bulk (a dict
-    items view subset test); False also when a shard file has two names in the index."""
-    file_names = {path: f for f, path in shard_paths.items()}
-    if len(file_names) != len(shard_paths):
-        return False
-    file_of = {shard: file_names[shard.path] for shard in ckpt.shards}
-    return weight_map.items() <= {name: file_of[ref.shard] for name, ref in ckpt.tensors.items()}.items()
+def _open_indexed(root: Path, index: Path, config: dict[str, Any], source: str) -> Checkpoint:
+    """A folder whose index (weight_map: tensor -> shard file) names its shards, refusing an index
+    that lists a tensor in a shard that does not hold it."""
+    weight_map, files = _read_index(index)
+    listed = len(weight_map)
+    unique: dict[Path, Path] = {}   # one Path object per file, so shards compare by identity
+    shard_paths = {f: unique.setdefault(p, p) for f in files for p in (_safe_member(root, f, index),)}
+    file_names = {path: f for f, path in shard_paths.items()}   # (fewer, where a file has two names)
+    agreeing = 0
+
+    def count(shard: Shard, stored: dict[str, TensorRef]) -> None:
+        # the shard's tensors the index lists under the shard's name, counted in C; popped, so that
+        # the index's strings are freed (their memory reused) as the shards' are read
+        nonlocal agreeing
+        agreeing += list(map(weight_map.pop, stored, repeat(None))).count(file_names[shard.path])
+
+    ckpt = _open_files(root, sorted(unique), config=config, kind="dir", source=source, each=count)
+    if agreeing != listed or len(file_names) != len(shard_paths):   # what is wrong, in the index's order
+        for name, shard_name in _read_index(index)[0].items():
+            ref = ckpt.tensors.get(name)
+            if ref is None or ref.shard.path is not shard_paths[shard_name]:
+                raise CheckpointFormatError(
+                    f"{index}: lists {name!r} in {shard_name}, but that shard does not hold it")
+    extra = len(ckpt.tensors) - listed
+    if extra:
+        ckpt.notes.append(f"{extra} tensors are in the shards but not in {index.name}")
+    return ckpt
 
 
-def _open_files(root: Path, files: list[Path], *, config, kind: str, source: str) -> Checkpoint:
+def _open_files(root: Path, files: list[Path], *, config, kind: str, source: str, each=None) -> Checkpoint:
+    """The checkpoint of FILES (refusing a tensor stored twice); EACH(shard, its tensors by name), if
+    given, is called for every file read."""
     tensors: dict[str, TensorRef] = {}
     shards: list[Shard] = []
     for path in files:
@@ -342,4 +352,6 @@ def _open_files(root: Path, files: list[Path], *, config, kind: str, source: str
             twice = next(tensor for tensor in stored if tensor in tensors)
             raise CheckpointFormatError(f"{path}: tensor {twice!r} is also stored in {tensors[twice].shard.name}")
         tensors.update(stored)
+        if each is not None:
+            each(shard, stored)
     return Checkpoint(source, kind, root, config, tensors, shards, notes=[])

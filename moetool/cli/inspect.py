@@ -1,32 +1,63 @@
-"""`moetool inspect`: parse options, call ops.inspect, render."""
+"""`moetool inspect`: parse options, call ops.inspect, render.
+
+Neither typer nor rich is imported to run `inspect --json`: on a 90,000-tensor checkpoint it
+must stay within 2x the bare header read, and typer costs 70 ms of it, rich 20 ms. moetool.cli.app
+parses `inspect SOURCE [flags]` with fast_args; typer parses the rest (help, --duplicate-threshold,
+mistakes), with the command typer_command() builds.
+"""
 
 import json
 import sys
 from typing import Annotated
 
-import typer
-
 from moetool._util import gc_paused
 from moetool.errors import ProblemsFoundError
 
-# rich (moetool.cli.output, rich.table) is imported only to render text: `inspect --json` of a
-# 90,000-tensor checkpoint must stay within 2x the bare header read, and rich costs 20 ms of it
+DUPLICATE_THRESHOLD = 0.995
+# the flags fast_args reads: those of the typer command below (a test checks that they agree)
+FLAGS = {"--json": "json_out", "--layers": "layers", "--experts": "experts", "--check-values": "check_values",
+         "--strict": "strict"}
 
 
-def inspect(
-    source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin/.gguf file "
-                                                     "(or GGUF split set), or hub id org/name[@rev].")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")] = False,
-    layers: Annotated[bool, typer.Option("--layers", help="Print a per-layer table.")] = False,
-    experts: Annotated[bool, typer.Option("--experts", help="Read expert weights: per-expert norms and "
-                                          "pairwise similarity, flagging near-duplicate experts.")] = False,
-    check_values: Annotated[bool, typer.Option("--check-values", help="Scan every tensor for NaN/Inf.")] = False,
-    duplicate_threshold: Annotated[float, typer.Option(help="Cosine similarity at which two experts count "
-                                                       "as near-duplicates.", min=0.0, max=1.0)] = 0.995,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero on warnings too, not only on "
-                                         "errors (for CI).")] = False,
-) -> None:
-    """Show a checkpoint's family, experts, routing, parameters, memory and problems."""
+def fast_args(args: list[str]) -> dict | None:
+    """run_inspect's arguments for ARGS (those after `inspect`) when they are one source and
+    FLAGS, else None (typer then parses them)."""
+    sources = [a for a in args if not a.startswith("-")]
+    flags = [a for a in args if a.startswith("-")]
+    if len(sources) != 1 or not FLAGS.keys() >= set(flags):
+        return None
+    return {"source": sources[0], **{FLAGS[flag]: True for flag in flags}}
+
+
+def typer_command():
+    """The typer command: `moetool inspect`'s options, help and usage errors."""
+    import typer
+
+    def inspect(
+        source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin/.gguf file "
+                                                         "(or GGUF split set), or hub id org/name[@rev].")],
+        json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")] = False,
+        layers: Annotated[bool, typer.Option("--layers", help="Print a per-layer table.")] = False,
+        experts: Annotated[bool, typer.Option("--experts", help="Read expert weights: per-expert norms and "
+                                              "pairwise similarity, flagging near-duplicate experts.")] = False,
+        check_values: Annotated[bool, typer.Option("--check-values", help="Scan every tensor for NaN/Inf.")] = False,
+        duplicate_threshold: Annotated[float, typer.Option(
+            help="Cosine similarity at which two experts count as near-duplicates.", min=0.0, max=1.0,
+        )] = DUPLICATE_THRESHOLD,
+        strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero on warnings too, not only on "
+                                             "errors (for CI).")] = False,
+    ) -> None:
+        """Show a checkpoint's family, experts, routing, parameters, memory and problems."""
+        run_inspect(source, json_out=json_out, layers=layers, experts=experts, check_values=check_values,
+                    duplicate_threshold=duplicate_threshold, strict=strict)
+
+    return inspect
+
+
+def run_inspect(source: str, *, json_out: bool = False, layers: bool = False, experts: bool = False,
+                check_values: bool = False, duplicate_threshold: float = DUPLICATE_THRESHOLD,
+                strict: bool = False) -> None:
+    """`moetool inspect`, its options parsed."""
     # One collector pause from opening to the report: the ~100,000 acyclic objects of a large
     # index are freed before it ends, instead of rescanned (20 ms) when it resumes in between
     with gc_paused():

@@ -10,7 +10,9 @@ import logging
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from itertools import compress, repeat
 from math import prod
+from operator import attrgetter, ge, itemgetter, not_
 from typing import Any
 
 from moetool import __version__
@@ -18,7 +20,7 @@ from moetool._util import gc_paused
 from moetool.arch import detect_family
 from moetool.arch.gguf import GENERIC as GENERIC_GGUF
 from moetool.arch.gguf import gguf_family
-from moetool.arch.matcher import AUX_ENDINGS, Classifier, Match
+from moetool.arch.matcher import Classifier, Match
 from moetool.arch.schema import (
     CATEGORIES,
     CATEGORY,
@@ -160,18 +162,45 @@ class _Dims:
 
 @dataclass(slots=True)
 class _Record:
+    """One counted tensor (for expert statistics and the rarer per-tensor passes: _records)."""
+
     ref: TensorRef
     match: Match
     category: str
     params: int
 
 
+@dataclass(slots=True)
+class _Group:
+    """Counted tensors that classify alike (one masked name, one template): what the tally works
+    in, so that the work per tensor is done by map(), sum() and set() in C. Parallel lists, in
+    checkpoint order."""
+
+    match: Match               # its layer and expert are None: each tensor's are in layers and experts
+    category: str
+    index: list[int]           # the tensors' positions in the checkpoint ("first" and "last" follow them)
+    refs: list[TensorRef]
+    shapes: list[tuple[int, ...]]
+    layers: list[int | None]   # all numbers, or all None (names without a layer number)
+    experts: list[int | None]  # the same
+    params: list[int]
+    _pairs: set[tuple[int | None, int | None]] | None = None
+
+    def pairs(self) -> set[tuple[int | None, int | None]]:
+        """The (layer, expert) of each tensor, one of each (computed once)."""
+        if self._pairs is None:
+            self._pairs = set(zip(self.layers, self.experts))
+        return self._pairs
+
+
+_SHAPE, _DTYPE, _NBYTES = attrgetter("shape"), attrgetter("dtype"), attrgetter("nbytes")
+
+
 @dataclass
 class _Tally:
-    """Everything accumulated in one pass over the tensors. (The sums are defaultdicts, not
-    Counters: adding to them 92,000 times is three times faster.)"""
+    """Everything accumulated in one pass over the tensors, a group at a time (_Group)."""
 
-    records: list[_Record] = field(default_factory=list)
+    groups: list[_Group] = field(default_factory=list)
     params: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     layer_params: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
     layer_routed: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
@@ -182,8 +211,21 @@ class _Tally:
     quant_forms: set[str] = field(default_factory=set)
     quantized: set[str] = field(default_factory=set)      # weights stored quantized by moetool (other shapes)
     sliced: dict[str, int] = field(default_factory=dict)  # one expert of a tensor stored stacked -> expert
-    dtype_bytes: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))   # elements per dtype
-    ggml_bytes: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))    # GGUF: bytes per type
+    dtype_bytes: dict[str, int] = field(default_factory=dict)   # elements per dtype, in order of appearance
+    ggml_bytes: dict[str, int] = field(default_factory=dict)    # GGUF: bytes per type, the same
+
+
+def _records(tally: _Tally) -> list[_Record]:
+    """Every counted tensor, in checkpoint order."""
+    rows = [(i, _Record(ref, g.match._replace(layer=layer, expert=expert), g.category, params))
+            for g in tally.groups
+            for i, ref, layer, expert, params in zip(g.index, g.refs, g.layers, g.experts, g.params)]
+    rows.sort(key=itemgetter(0))
+    return [record for _, record in rows]
+
+
+def _layers_with(tally: _Tally, roles: frozenset[Role]) -> set[int | None]:
+    return set().union(*(g.layers for g in tally.groups if g.match.role in roles))
 
 
 @gc_paused()
@@ -224,10 +266,12 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
                                 f"unknown architecture (model_type={config.get('model_type')!r}); experts "
                                 "were found by name patterns, so structure and counts are a guess"))
     if dims.num_layers is None:
-        dims.num_layers = 1 + max((r.match.layer for r in tally.records if r.match.layer is not None), default=-1)
+        dims.num_layers = 1 + max((max(g.layers) for g in tally.groups if g.layers[0] is not None), default=-1)
 
-    by_tensors = {r.match.layer for r in tally.records if r.match.role in MOE_LAYER_ROLES} if gguf else set()
-    moe_layers = [L for L in range(dims.num_layers) if _is_moe(family, cfg, L, tally, guessed, by_tensors, where)]
+    # the layers whose tensors say they are MoE: where config and metadata do not say
+    by_tensors = _layers_with(tally, EXPERT_ROLES) if guessed else _layers_with(tally, MOE_LAYER_ROLES) if gguf \
+        else set()
+    moe_layers = [L for L in range(dims.num_layers) if _is_moe(family, cfg, L, guessed, by_tensors, where)]
     layout = _detect_layout(family, tally, problems)
     if family is not None:
         _check_expected(family, dims, moe_layers, layout, tally, problems)
@@ -260,7 +304,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     if experts and moe_layers:
         from moetool.ops.expert_stats import expert_statistics
 
-        expert_stats = expert_statistics(ckpt, tally.records, {i.index: i.experts for i in layers if i.kind == "moe"},
+        expert_stats = expert_statistics(ckpt, _records(tally), {i.index: i.experts for i in layers if i.kind == "moe"},
                                          duplicate_threshold, progress)
         for stats in expert_stats:
             if stats.near_duplicates:
@@ -337,8 +381,9 @@ def _read_dims(family: Family | None, cfg: dict, where: str = "config.json") -> 
     return dims
 
 
-def _is_moe(family: Family | None, cfg: dict, layer: int, tally: _Tally, guessed: bool,
-            by_tensors: set[int] = frozenset(), where: str = "config.json") -> bool:
+def _is_moe(family: Family | None, cfg: dict, layer: int, guessed: bool, by_tensors: set[int | None],
+            where: str = "config.json") -> bool:
+    """Whether LAYER is MoE: by the family's rule, else by BY_TENSORS (the layers holding experts)."""
     if not guessed:
         try:
             rule = family.is_moe_layer(cfg, layer)
@@ -348,12 +393,13 @@ def _is_moe(family: Family | None, cfg: dict, layer: int, tally: _Tally, guessed
         if rule is None:   # GGUF metadata that does not say: the layer's tensors do, as for llama.cpp
             return layer in by_tensors
         return bool(rule)
-    return any(r.match.layer == layer and r.match.role in EXPERT_ROLES for r in tally.records)
+    return layer in by_tensors
 
 
 def _guess_dims(dims: _Dims, tally: _Tally, cfg: dict) -> None:
     experts = set()
-    for r in tally.records:
+    records = _records(tally)
+    for r in records:
         m = r.match
         if m.role in EXPERT_ROLES:
             if m.expert is not None:
@@ -367,7 +413,7 @@ def _guess_dims(dims: _Dims, tally: _Tally, cfg: dict) -> None:
     dims.experts = len(experts) or None
     dims.top_k = next((cfg[k] for k in TOP_K_GUESS_KEYS if isinstance(cfg.get(k), int)), None)
     dims.num_layers = cfg.get("num_hidden_layers") if isinstance(cfg.get("num_hidden_layers"), int) else None
-    shared = {r.match.layer for r in tally.records if r.match.role in SHARED_ROLES}
+    shared = {r.match.layer for r in records if r.match.role in SHARED_ROLES}
     dims.num_shared = 1 if shared else 0
 
 
@@ -376,78 +422,151 @@ def _guess_dims(dims: _Dims, tally: _Tally, cfg: dict) -> None:
 def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, dims: _Dims,
               cfg: dict) -> _Tally:
     tally = _Tally()
-    names = ckpt.tensors
-    bnb4 = {n.rsplit(".quant_state.", 1)[0] for n in names if ".weight.quant_state.bitsandbytes__" in n}
+    names, refs = list(ckpt.tensors), list(ckpt.tensors.values())
     bits = _compressed_bits(cfg)
     moetool_formats = _moetool_formats(cfg)
-    slices = {}   # experts moetool stores one slice each, of a tensor stored stacked
+    slices = {}   # experts moetool stores one slice each, of a tensor stored stacked: classified as it
     if (cfg.get("quantization_config") or {}).get("quant_method") == "moetool":
         from moetool.quant.formats import stacked_slices
 
         slices = stacked_slices(cfg)
+    groups = classifier.classify_all([slices[n][0] if n in slices else n for n in names] if slices else names)
+    # the stored names (the classifier saw a slice's stacked tensor instead)
+    group_names = [list(map(names.__getitem__, g.members)) for g in groups] if slices else [g.names for g in groups]
+    # A group's names differ only in their digits, so a test for digit-free text (as "mtp" in name)
+    # that holds for its first name holds for all; not where slices were classified by another name.
+    alike = [not slices or slices.keys().isdisjoint(gnames) for gnames in group_names]
+    bnb4 = {n.rsplit(".quant_state.", 1)[0] for g_alike, gnames in zip(alike, group_names)
+            for n in (gnames if not g_alike or _BNB4_STATE in gnames[0] else ()) if _BNB4_STATE in n}
     buffers = family.buffers if family else frozenset()
     buffer_suffixes = family.buffer_suffixes if family else ()
     mtp_from = dims.num_layers if family is not None and family.mtp else None
-    params_by, layer_params, layer_routed = tally.params, tally.layer_params, tally.layer_routed
-    records, quant_forms, classify = tally.records, tally.quant_forms, classifier.classify
+    gguf = family is not None and family.gguf_arch
+    quant_forms = tally.quant_forms
 
-    mtp = buffered = quantizable = 0
-    aux_forms: dict[str, str | None] = {}
-    dtype_bytes = tally.dtype_bytes
-    ggml_bytes = tally.ggml_bytes if family is not None and family.gguf_arch else None
-    for name, ref in names.items():
-        dtype, shape = ref.dtype, ref.shape
-        numel = prod(shape)
-        dtype_bytes[dtype] += numel
-        if ggml_bytes is not None:
-            ggml_bytes[dtype] += ref.nbytes
-        if name.endswith(AUX_ENDINGS):   # scales, absmax, ...: bytes on disk, not parameters
-            tail = name.rsplit(".", 1)[-1]
-            if tail not in aux_forms:
-                form = aux_forms[tail] = _quant_form(name)
-                if form:
-                    quant_forms.add(form)
+    dtype_elements, dtype_first, ggml_bytes, ggml_first = defaultdict(int), {}, defaultdict(int), {}
+    aux_tails: dict[str, tuple[int, str]] = {}   # last name part of quantization companions -> first (index, name)
+    unexpected: list[tuple[int, str]] = []
+    weight_dtypes = set()   # of the tensors that are not quantization companions
+    for g, gnames, g_alike in zip(groups, group_names, alike):
+        m, index = g.match, g.members
+        grefs = list(map(refs.__getitem__, index))
+        shapes = list(map(_SHAPE, grefs))
+        uniform = shapes.count(shapes[0]) == len(shapes)   # one shape for all, as a group's experts have
+        numels = [prod(shapes[0])] * len(shapes) if uniform else list(map(prod, shapes))
+        dtypes = list(map(_DTYPE, grefs))
+        _add_by_key(dtype_elements, dtype_first, index, dtypes, numels)
+        if gguf:
+            _add_by_key(ggml_bytes, ggml_first, index, dtypes, list(map(_NBYTES, grefs)))
+        if m.aux:   # scales, absmax, ...: bytes on disk, not parameters; their forms by last name part
+            tail = gnames[0].rsplit(".", 1)[-1]
+            one_tail = g_alike and not any(map(str.isdigit, tail))
+            for i, name in [(index[0], gnames[0])] if one_tail else zip(index, gnames):
+                tail = name.rsplit(".", 1)[-1]
+                if tail not in aux_tails or i < aux_tails[tail][0]:
+                    aux_tails[tail] = (i, name)
             continue
-        if slices and name in slices:
-            match = classify(slices[name][0])
-            tally.sliced[name] = slices[name][1]
+        if moetool_formats or m.packed or (bnb4 and "U8" in dtypes):
+            params = [_stored_params(tally, name, ref, numel, m.packed, moetool_formats, bnb4, bits)
+                      for name, ref, numel in zip(gnames, grefs, numels)]
         else:
-            match = classify(name)
-        fmt = moetool_formats.get(name) if moetool_formats else None
-        if fmt is not None and fmt.kind != "keep":
-            params = 2 * numel if fmt.is_bnb4 else prod(fmt.original_shape(shape))
-            quant_forms.add(f"moetool {fmt.id}")
-            tally.quantized.add(name)
-        elif match.packed:
-            params = numel * (2 if dtype == "U8" else 32 // bits)
-            quant_forms.add("mxfp4" if dtype == "U8" else f"compressed-tensors int{bits}")
-        elif dtype == "U8" and name in bnb4:
-            params = numel * 2
-        else:
-            params = numel
-        if dtype.startswith("F8"):
-            quant_forms.add("fp8")
+            params = numels
+        weight_dtypes.update(dtypes)
+        if slices:
+            tally.sliced.update((name, slices[name][1]) for name in gnames if name in slices)
 
-        layer, role = match.layer, match.role
-        if (mtp_from is not None and layer is not None and layer >= mtp_from) or "mtp" in name:
-            mtp += params
+        # multi-token-prediction modules (layers past num_layers, or named so) are not counted
+        layers, experts = g.layers, g.experts
+        by_layer = mtp_from is not None and layers[0] is not None and max(layers) >= mtp_from
+        if not g_alike:
+            mtp = [("mtp" in name) or (by_layer and layer >= mtp_from) for name, layer in zip(gnames, layers)]
+        elif "mtp" in gnames[0]:
+            mtp = [True]
+        else:
+            mtp = list(map(ge, layers, repeat(mtp_from))) if by_layer else []
+        if mtp and all(mtp):
+            tally.mtp += sum(params)
             continue
-        if match.guessed and role in _UNSTRUCTURED and "expert" in name:
-            tally.unexpected.append(name)
-        if role in buffers or (buffer_suffixes and name.endswith(buffer_suffixes)):
-            buffered += params
-            params = 0
+        if any(mtp):
+            tally.mtp += sum(compress(params, mtp))
+            kept = list(map(not_, mtp))
+            index, grefs, shapes, gnames, layers, experts, params = (
+                list(compress(column, kept)) for column in (index, grefs, shapes, gnames, layers, experts, params))
+
+        role = m.role
+        if m.guessed and role in _UNSTRUCTURED:
+            unexpected.extend((i, name) for i, name in zip(index, gnames) if "expert" in name)
+        if role in buffers:
+            tally.buffers += sum(params)
+            params = [0] * len(params)
+        elif buffer_suffixes:
+            held = list(map(str.endswith, gnames, repeat(buffer_suffixes)))
+            if any(held):
+                tally.buffers += sum(compress(params, held))
+                params = [0 if h else p for p, h in zip(params, held)]
         category = CATEGORY[role]
-        records.append(_Record(ref, match, category, params))
-        params_by[category] += params
-        if layer is not None:
-            layer_params[layer] += params
+        tally.groups.append(_Group(m, category, index, grefs, shapes, layers, experts, params))
+        total = sum(params)
+        tally.params[category] += total
+        if layers[0] is not None:
+            _add_by_layer(tally.layer_params, layers, params)
             if category == "routed_experts":
-                layer_routed[layer] += params
-        if category in QUANTIZABLE and len(shape) >= 2:
-            quantizable += params
-    tally.mtp, tally.buffers, tally.quantizable = mtp, buffered, quantizable
+                _add_by_layer(tally.layer_routed, layers, params)
+        if category in QUANTIZABLE:   # linear weights: matrices
+            ndims = [len(shapes[0])] if uniform else list(map(len, shapes))
+            tally.quantizable += total if min(ndims) >= 2 else sum(compress(params, map(ge, ndims, repeat(2))))
+
+    for _, name in aux_tails.values():
+        form = _quant_form(name)
+        if form:
+            quant_forms.add(form)
+    if any(dtype.startswith("F8") for dtype in weight_dtypes):
+        quant_forms.add("fp8")
+    tally.unexpected = [name for _, name in sorted(unexpected)]
+    tally.dtype_bytes = {dtype: dtype_elements[dtype] for dtype in sorted(dtype_first, key=dtype_first.get)}
+    tally.ggml_bytes = {dtype: ggml_bytes[dtype] for dtype in sorted(ggml_first, key=ggml_first.get)}
     return tally
+
+
+_BNB4_STATE = ".weight.quant_state.bitsandbytes__"
+
+
+def _stored_params(tally: _Tally, name: str, ref: TensorRef, numel: int, packed: bool, moetool_formats: dict,
+                   bnb4: set[str], bits: int) -> int:
+    """The parameters a quantized weight holds (more than its stored elements), noting its form."""
+    fmt = moetool_formats.get(name) if moetool_formats else None
+    if fmt is not None and fmt.kind != "keep":
+        tally.quant_forms.add(f"moetool {fmt.id}")
+        tally.quantized.add(name)
+        return 2 * numel if fmt.is_bnb4 else prod(fmt.original_shape(ref.shape))
+    if packed:
+        tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
+        return numel * (2 if ref.dtype == "U8" else 32 // bits)
+    if ref.dtype == "U8" and name in bnb4:
+        return numel * 2
+    return numel
+
+
+def _add_by_key(sums: defaultdict, first: dict, index: list[int], keys: list, values: list[int]) -> None:
+    """Add VALUES to SUMS by KEYS, noting in FIRST the first index of each key."""
+    if keys.count(keys[0]) == len(keys):   # one key (dtype) for the whole group
+        sums[keys[0]] += sum(values)
+        first[keys[0]] = min(first.get(keys[0], index[0]), index[0])
+        return
+    for i, key, value in zip(index, keys, values):
+        sums[key] += value
+        if key not in first or i < first[key]:
+            first[key] = i
+
+
+def _add_by_layer(sums: defaultdict, layers: list[int], params: list[int]) -> None:
+    if params.count(params[0]) == len(params):   # one size (a group's experts): count the layers in C
+        size = params[0]
+        for layer, n in Counter(layers).items():
+            sums[layer] += n * size
+    else:
+        for layer, n in zip(layers, params):
+            sums[layer] += n
 
 
 def _moetool_formats(cfg: dict) -> dict:
@@ -485,24 +604,31 @@ def _apply_tie(dims: _Dims, tally: _Tally) -> None:
     if dims.tie is None:
         dims.tie = not has_head
     if dims.tie and has_head:
-        for r in tally.records:
-            if r.match.role == Role.LM_HEAD and r.params:
-                tally.params["lm_head"] -= r.params
-                if r.category in QUANTIZABLE:
-                    tally.quantizable -= r.params
-                r.params = 0
+        for g in tally.groups:
+            if g.match.role == Role.LM_HEAD:
+                total = sum(g.params)
+                tally.params["lm_head"] -= total
+                if g.category in QUANTIZABLE:
+                    tally.quantizable -= total
+                g.params = [0] * len(g.params)
 
 
 # ---------------------------------------------------------------- checks
 
 def _detect_layout(family: Family | None, tally: _Tally, problems: list[Problem]) -> str | None:
-    seen = Counter(r.match.layout for r in tally.records if r.match.layout and r.match.role in EXPERT_ROLES)
+    counts, first = Counter(), {}
+    for g in tally.groups:
+        layout = g.match.layout
+        if layout and g.match.role in EXPERT_ROLES:
+            counts[layout] += len(g.index)
+            first[layout] = min(first.get(layout, g.index[0]), g.index[0])
+    seen = Counter({layout: counts[layout] for layout in sorted(counts, key=first.get)})   # in checkpoint order
     if len(seen) > 1:
         problems.append(Problem("error", "mixed_layout",
                                 "expert tensors are stored in both the per-expert and the fused layout: "
                                 + ", ".join(f"{n} {k}" for k, n in seen.items())))
     if seen:
-        return seen.most_common(1)[0][0]
+        return max(seen, key=seen.get)   # the most common; of those, the first stored
     if family is not None and family.layouts:
         return family.layouts[0]
     return None
@@ -542,20 +668,28 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
                     continue
                 expected[(role, layer)] = tpl
 
-    found: dict[tuple, dict] = defaultdict(dict)   # (role, layer) -> {expert or None: name}
-    for r in tally.records:
-        m = r.match
-        if not m.aux and (m.layout is None or m.layout == layout):
-            found[(m.role, m.layer)][m.expert] = r.ref.name
+    # role -> {(layer, expert or None)} stored, and the layers and expert numbers among them: sets
+    # built in C, not a dict per tensor
+    found: dict[Role, set[tuple]] = defaultdict(set)
+    found_layers: dict[Role, set] = defaultdict(set)
+    found_experts: dict[Role, set] = defaultdict(set)
+    for g in tally.groups:
+        if g.match.layout is None or g.match.layout == layout:
+            found[g.match.role].update(g.pairs())
+            found_layers[g.match.role].update(g.layers)
+            found_experts[g.match.role].update(g.experts)
 
+    per_layer: dict[Role, Counter] = {}   # role -> layer -> experts found below the config's count
     missing_count, first_missing = 0, None
     for (role, layer), tpl in expected.items():
-        have = found.get((role, layer), {})
+        have = found.get(role, set())
         if "{E}" in tpl:
-            absent = experts - sum(1 for e in have if e is not None and e < experts)
-            example = next((e for e in range(experts) if e not in have), None) if absent else None
+            if role not in per_layer:
+                per_layer[role] = _experts_by_layer(have, found_experts.get(role, set()), experts)
+            absent = experts - per_layer[role][layer]
+            example = next((e for e in range(experts) if (layer, e) not in have), None) if absent else None
         else:
-            absent, example = (0, None) if None in have else (1, None)
+            absent, example = (0, None) if (layer, None) in have else (1, None)
         if absent:
             missing_count += absent
             if first_missing is None:
@@ -567,21 +701,44 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
                                                             f"are missing (first: {first_missing})"))
 
     structural = MOE_LAYER_ROLES | SHARED_ROLES | DENSE_ROLES
-    extra = []
-    for (role, layer), names in found.items():
-        if role not in structural or layer is None:
+    extra = set()   # (role, layer, expert) that the config has no place for
+    for role, pairs in found.items():
+        if role not in structural:
             continue
-        tpl = expected.get((role, layer))
-        for expert, name in names.items():
+        templates = {expected.get((role, layer)) for layer in found_layers[role] - {None}}
+        numbers = found_experts[role] - {None}
+        if None not in templates and all("{E}" in tpl for tpl in templates) and max(numbers, default=-1) < experts:
+            continue   # each layer expected, and expert numbers within the config's count (the usual case)
+        if None not in templates and not any("{E}" in tpl for tpl in templates) and not numbers:
+            continue
+        for layer, expert in pairs:
+            if layer is None:
+                continue
+            tpl = expected.get((role, layer))
             if tpl is None and role in SHARED_ROLES and not dims.num_shared:
                 continue   # a zero-size shared expert (Qwen2-MoE with shared_expert_intermediate_size 0)
             if tpl is None or (expert is not None and ("{E}" not in tpl or expert >= experts)):
-                extra.append(name)
+                extra.add((role, layer, expert))
     if extra:
+        names: dict[tuple, tuple[int, str]] = {}   # each the last tensor stored under it, as a dict keeps
+        for g in tally.groups:
+            if g.match.layout is None or g.match.layout == layout:
+                for i, ref, layer, expert in zip(g.index, g.refs, g.layers, g.experts):
+                    key = (g.match.role, layer, expert)
+                    if key in extra and i > names.get(key, (-1,))[0]:
+                        names[key] = (i, ref.name)
         problems.append(Problem("error", "unexpected_tensor",
                                 f"{len(extra)} tensors do not fit the config (MoE tensors in a dense layer, "
                                 f"an expert index beyond the expert count, or a layer beyond num_layers; "
-                                f"first: {sorted(extra)[0]})"))
+                                f"first: {min(name for _, name in names.values())})"))
+
+
+def _experts_by_layer(pairs: set[tuple], numbers: set, experts: int) -> Counter:
+    """layer -> how many expert numbers below EXPERTS the (layer, expert) PAIRS hold (NUMBERS: all
+    their expert numbers)."""
+    if None not in numbers and max(numbers, default=-1) < experts:   # all of them: counted in C
+        return Counter(map(itemgetter(0), pairs))
+    return Counter(layer for layer, e in pairs if e is not None and e < experts)
 
 
 def _check_experts_quantized(tally: _Tally, problems: list[Problem]) -> None:
@@ -589,7 +746,8 @@ def _check_experts_quantized(tally: _Tally, problems: list[Problem]) -> None:
     if not any(form.startswith("bitsandbytes") for form in tally.quant_forms):
         return
     matrices = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)   # not biases
-    full = sum(r.params for r in tally.records if r.match.role in matrices and r.ref.dtype in ("F32", "F16", "BF16"))
+    full = sum(params for g in tally.groups if g.match.role in matrices
+               for params, ref in zip(g.params, g.refs) if ref.dtype in ("F32", "F16", "BF16"))
     if full:
         problems.append(Problem("warning", "experts_not_quantized",
                                 f"the checkpoint is bitsandbytes-quantized, but {full:,} routed-expert parameters "
@@ -617,50 +775,68 @@ def _squeezed(shape: tuple) -> tuple:
 
 def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Problem], *,
                   squeeze: bool = False) -> None:
-    bad = []
+    bad = []   # (index, message)
     cache: dict[tuple, tuple | None] = {}
     quantized = tally.quantized
-    for r in tally.records:
-        m, ref = r.match, r.ref
-        if m.guessed or m.aux or m.packed or (ref.dtype == "U8" and r.params == 2 * ref.numel) \
-                or (quantized and ref.name in quantized):
+    for g in tally.groups:
+        m = g.match
+        if m.guessed or m.aux or m.packed:
             continue
-        key = (m.role, m.expert is None)
+        fused = g.experts[0] is None
+        key = (m.role, fused)
         want = cache[key] if key in cache else cache.setdefault(key, _expected_shape(family, dims, *key))
-        shape = ref.shape
-        if want is not None and shape != want:
+        if want is None or g.shapes.count(want) == len(g.shapes):
+            continue
+        for i, ref, params, shape in zip(g.index, g.refs, g.params, g.shapes):
+            if shape == want or (ref.dtype == "U8" and params == 2 * ref.numel) or \
+                    (quantized and ref.name in quantized):
+                continue
             if squeeze and _squeezed(shape) == _squeezed(want):
                 continue  # GGUF: llama.cpp accepts [1, E] for [E]
-            if m.role in EXPERT_ROLES and m.expert is None and shape[1:] == want[1:]:
+            if m.role in EXPERT_ROLES and fused and shape[1:] == want[1:]:
                 continue  # expert count differs: reported once per layer by the layer table
-            bad.append(f"{r.ref.name} is {list(shape)}, config implies {list(want)}")
+            bad.append((i, f"{ref.name} is {list(shape)}, config implies {list(want)}"))
     if bad:
-        problems.append(Problem("error", "bad_shape", f"{len(bad)} tensors have the wrong shape ({bad[0]})"))
+        problems.append(Problem("error", "bad_shape", f"{len(bad)} tensors have the wrong shape ({min(bad)[1]})"))
 
 
 def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tally: _Tally,
                  problems: list[Problem]) -> tuple[list[LayerInfo], int]:
     """Per-layer structure and counts; also returns the routed-expert parameters active per token."""
     moe = set(moe_layers)
-    per_expert: dict[int, set[int]] = defaultdict(set)
-    fused_count: dict[int, int] = {}
-    ffn: dict[int, int] = {}
+    expert_pairs: set[tuple[int, int]] = set()   # (layer, expert) stored one expert a tensor
+    ffn_parts, fused_parts = [], []              # (index, layers, shapes) that give the FFN size / expert count
     sliced, gate_or_up = tally.sliced, (Role.EXPERT_GATE, Role.EXPERT_UP)
-    for r in tally.records:
-        m = r.match
-        if m.role not in EXPERT_ROLES or m.layer is None or m.aux:
+    for g in tally.groups:
+        m = g.match
+        if m.role not in EXPERT_ROLES or g.layers[0] is None or m.aux:
             continue
-        if sliced and r.ref.name in sliced:
-            per_expert[m.layer].add(sliced[r.ref.name])
-        elif m.expert is not None:
-            per_expert[m.layer].add(m.expert)
-            if m.role in gate_or_up and not m.packed and len(r.ref.shape) == 2:
-                ffn[m.layer] = r.ref.shape[0]
-        elif r.ref.shape and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE):
-            count = r.ref.shape[0]
-            if family is not None and family.packed_experts and dims.expert_ffn:   # [E*I, H] (DBRX)
-                count //= dims.expert_ffn
-            fused_count[m.layer] = count
+        index, refs, shapes, layers, experts = g.index, g.refs, g.shapes, g.layers, g.experts
+        if sliced:
+            held = [ref.name in sliced for ref in refs]
+            if any(held):
+                expert_pairs.update((layer, sliced[ref.name]) for layer, ref in compress(zip(layers, refs), held))
+                kept = list(map(not_, held))
+                index, shapes, layers, experts = (list(compress(column, kept)) for column in
+                                                  (index, shapes, layers, experts))
+                if not index:
+                    continue
+        if experts[0] is not None:
+            expert_pairs.update(g.pairs() if index is g.index else zip(layers, experts))
+            if m.role in gate_or_up and not m.packed:
+                ffn_parts.append((index, layers, shapes))
+        elif m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE):
+            fused_parts.append((index, layers, shapes))
+    packed = family is not None and family.packed_experts and dims.expert_ffn
+
+    def expert_count(shape: tuple[int, ...]) -> int | None:
+        if not shape:
+            return None
+        return shape[0] // dims.expert_ffn if packed else shape[0]   # packed: [E*I, H] (DBRX)
+
+    per_expert = Counter(map(itemgetter(0), expert_pairs))
+    ffn = _last_by_layer(ffn_parts, lambda shape: shape[0] if len(shape) == 2 else None)
+    fused_count = _last_by_layer(fused_parts, expert_count)
 
     layers = []
     mismatched = []
@@ -668,7 +844,7 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
     for layer in range(dims.num_layers):
         info = LayerInfo(layer, "moe" if layer in moe else "dense", params=tally.layer_params[layer])
         if layer in moe:
-            info.experts = len(per_expert[layer]) if per_expert.get(layer) else fused_count.get(layer, 0)
+            info.experts = per_expert.get(layer) or fused_count.get(layer, 0)
             info.top_k = dims.k_at(layer)
             info.expert_ffn = ffn.get(layer, dims.expert_ffn)
             info.shared_experts = dims.num_shared
@@ -688,6 +864,21 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
                                 f"{len(mismatched)} MoE layers hold a different number of experts than the "
                                 f"config's {dims.experts} (layer {layer} has {count})"))
     return layers, routed_active
+
+
+def _last_by_layer(parts: list[tuple[list, list, list]], value) -> dict[int, int]:
+    """layer -> VALUE(shape) of the last tensor of PARTS [(index, layers, shapes)] in checkpoint order
+    for which it is not None: what assigning it tensor by tensor leaves."""
+    distinct = {shape for _, _, shapes in parts for shape in set(shapes)}
+    if len(distinct) == 1:   # one shape for all (the usual case): the order does not matter
+        v = value(next(iter(distinct)))
+        return {} if v is None else dict.fromkeys(set().union(*(layers for _, layers, _ in parts)), v)
+    out = {}
+    for _, layer, shape in sorted(row for part in parts for row in zip(*part)):
+        v = value(shape)
+        if v is not None:
+            out[layer] = v
+    return out
 
 
 # ---------------------------------------------------------------- summaries
