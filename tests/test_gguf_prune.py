@@ -302,7 +302,7 @@ def test_cli_bad_requests(src, tmp_path):
     assert "0..3" in line
     assert_one_line_error(run("prune", src, out, "--keep", "9", "--criterion", "random"), 2)
     assert "one expert count" in assert_one_line_error(run("prune", src, out, "--keep", "2", "--scope", "global"), 7)
-    proc = run("prune", src, out, "--keep", "2")   # frequency by default: calibrates on the GGUF, which has no tokenizer
+    proc = run("prune", src, out, "--keep", "2")   # frequency: calibrates on the GGUF, which has no tokenizer
     assert proc.returncode == 11 and "tokenizer" in proc.stderr and "--token-ids" in proc.stderr
     assert_one_line_error(run("prune", src.parent, src.parent / "p.gguf", "--keep", "2", "--criterion", "random"), 2,
                           src.parent)

@@ -65,3 +65,54 @@ def test_later_layers_see_the_compressed_outputs(tiny):
     assert torch.allclose(changed_run.inputs[1][0], seen["in"], atol=1e-5)
     assert not torch.allclose(plain.inputs[1][0], seen["in"], atol=1e-3)
     assert torch.allclose(got[:4], oracle, atol=1e-5)
+
+
+class HessianObserver:
+    def __init__(self):
+        self.found = {}
+
+    def observe(self, index, layer):
+        from moetool.runner.sequential import observe_experts
+
+        return observe_experts(layer, self.found.setdefault(index, {}))
+
+    def update(self, index, layer):
+        pass
+
+
+def test_each_expert_gets_the_hessians_of_its_routed_tokens(tiny):
+    """Oracle: the hub checkpoint's own per-expert weights and router, top-k of the router logits
+    on the MLP's input in transformers' full forward."""
+    import transformers
+
+    from moetool.checkpoint import open_checkpoint as open_ckpt
+
+    folder = tiny("qwen3_moe")
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(2))
+    observer = HessianObserver()
+    with open_ckpt(folder) as ckpt:
+        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="streamed")
+        run(loaded, micro_batches(ids, 2), calibrate=observer)
+        weights = {n: t.load().float() for n, t in ckpt.tensors.items()}
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    top_k = model.config.num_experts_per_tok
+    for layer in range(model.config.num_hidden_layers):
+        seen = {}
+        handle = model.model.layers[layer].mlp.register_forward_pre_hook(
+            lambda m, a, seen=seen: seen.setdefault("x", a[0]))
+        with torch.no_grad():
+            model.model(ids)
+        handle.remove()
+        x = seen["x"].reshape(-1, model.config.hidden_size)
+        p = f"model.layers.{layer}.mlp."
+        chosen = (x @ weights[p + "gate.weight"].T).topk(top_k, dim=-1).indices
+        inputs = observer.found[layer]["mlp.experts"]
+        for e in range(model.config.num_experts):
+            xe = x[(chosen == e).any(-1)]
+            assert inputs.tokens()[e] == xe.shape[0]
+            want = 2 * xe.T @ xe / max(1, xe.shape[0])
+            assert torch.allclose(inputs.gate_up[e].matrix(), want, atol=1e-5)
+            a = torch.nn.functional.silu(xe @ weights[p + f"experts.{e}.gate_proj.weight"].T) * \
+                (xe @ weights[p + f"experts.{e}.up_proj.weight"].T)
+            assert torch.allclose(inputs.down[e].matrix(), 2 * a.T @ a / max(1, a.shape[0]), atol=1e-5)
+        assert sum(inputs.tokens()) == top_k * x.shape[0]

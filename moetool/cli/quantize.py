@@ -39,8 +39,10 @@ def quantize(
     bits_budget: Annotated[float | None, typer.Option(min=1.0, help="Average bits per routed-expert parameter "
                                                       "(scales and state included); each expert's format is "
                                                       "chosen from --candidates.")] = None,
-    candidates: Annotated[str | None, typer.Option(help="Formats the budget chooses from (comma-separated).")
-                          ] = None,
+    candidates: Annotated[str | None, typer.Option(help="Formats the budget chooses from (comma-separated; default "
+                                                   "int2-g64-asym,int3-g128-asym,int4-g128-asym,nf4-b64-dq,"
+                                                   "int8-g128-sym, for compressed-tensors int4-g128-sym,"
+                                                   "int4-g32-sym,int8-g128-sym).")] = None,
     budget_scope: Annotated[str, typer.Option(help="global: one budget for all layers; layer: met in every "
                                               "layer.")] = "global",
     policy: Annotated[str | None, typer.Option(help="Expert importance under a budget: uniform, frequency "
@@ -60,7 +62,8 @@ def quantize(
     layout: Annotated[str, typer.Option(help="moetool: every expert quantized (load with moetool.load_model); "
                                         "transformers: what stock transformers 5 + bitsandbytes loads (nf4/fp4; "
                                         "its fused experts stay unquantized); transformers4: experts quantized "
-                                        "too, for transformers 4.")] = "moetool",
+                                        "too, for transformers 4; compressed-tensors: pack-quantized int4/int8 "
+                                        "for vLLM (a budget picks one format per MoE layer).")] = "moetool",
     emit_llama_quantize: Annotated[Path | None, typer.Option(help="Also write a llama-quantize "
                                                              "--tensor-type-file from the allocation.")] = None,
     max_shard_size: MaxShardSizeOpt = "5GB",
@@ -72,7 +75,7 @@ def quantize(
 ) -> None:
     """Quantize each routed expert on its own; under --bits-budget, spend bits where routing says they matter."""
     from moetool.checkpoint import open_checkpoint
-    from moetool.ops.quantize import DEFAULT_CANDIDATES, QuantizeOptions
+    from moetool.ops.quantize import QuantizeOptions
     from moetool.ops.quantize import quantize as run_quantize
     from moetool.runner.distributed import is_primary
 
@@ -80,7 +83,7 @@ def quantize(
         raise UsageError("--candidates, --policy, --budget-scope, --profile and --data/--token-ids shape a "
                          "--bits-budget allocation; give --bits-budget")
     options = QuantizeOptions(
-        format=format, bits_budget=bits_budget, candidates=candidates or DEFAULT_CANDIDATES,
+        format=format, bits_budget=bits_budget, candidates=candidates,
         budget_scope=budget_scope, policy=policy or "frequency", rules=tuple(rules or ()), profile=profile,
         calibration=calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size),
         layout=layout, llama_quantize=emit_llama_quantize, max_shard_size=parse_size(max_shard_size),

@@ -24,6 +24,7 @@ from moetool.checkpoint.checkpoint import TORCH_DTYPES
 from moetool.checkpoint.pieces import ComputedRef, computed_piece, rows_piece, tensor_pieces
 from moetool.checkpoint.writer import OutputTensor, Piece, ShardPlan, plan_shards, side_files
 from moetool.errors import UnsupportedError
+from moetool.quant import compressed_tensors as ct
 from moetool.quant.config import recorded_formats
 from moetool.quant.formats import stacked_slices
 
@@ -394,7 +395,11 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
     """Plan a conversion: every output tensor and the pieces it is made of (reads headers only)."""
     if ckpt.root is None:
         raise UnsupportedError("convert needs the weights; open the checkpoint without headers_only")
+    stored = ct.recorded_formats(ckpt.config, ckpt.tensors) if options.dequantize else None
+    if stored:   # a compressed-tensors checkpoint: its packed weights read as dequantized tensors
+        ckpt = ct.dequantized_view(ckpt, stored)
     planner = _Planner(ckpt, options)
+    planner.config_dequantized = bool(stored)
     source_layout, target_layout = planner.plan()
     config = _edited_config(ckpt, planner, options)
     files = side_files(ckpt)

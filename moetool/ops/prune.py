@@ -83,8 +83,8 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     if family is None or not structure.moe_layers:
         raise UsageError(f"{ckpt.source}: no MoE layers to prune")
     if recorded_formats(ckpt.config) is not None:
-        raise UsageError(f"{ckpt.source}: quantized by moetool; prune the original (or convert --dequantize it "
-                         "first), then quantize")
+        raise UsageError(f"{ckpt.source}: quantized (by moetool, or compressed-tensors); prune the original (or "
+                         "convert --dequantize it first), then quantize")
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
     groups = (ckpt.config or {}).get("n_group") or 1

@@ -9,6 +9,11 @@ the expert's importance from a routing profile, is minimised subject to the aver
 expert parameter (scales and state included). `--rules` quantize attention, shared experts or
 dense MLPs. Each quantized weight is written as its own tensors (codes, scales, state), streamed;
 `quantization_config` records every weight's format.
+
+`--layout compressed-tensors` writes the same integer quantization in compressed-tensors'
+pack-quantized format (int4/int8 only), for vLLM: one config group per format, routed experts
+targeted layer by layer, everything left unquantized ignored. vLLM's MoE kernels take one scheme per
+MoE layer, so a bits budget there chooses one format per layer (moetool/quant/compressed_tensors.py).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from moetool.checkpoint.writer import (
 from moetool.errors import OutputWriteError, UnsupportedError, UsageError
 from moetool.layout.plan import FLOATS, PlanOptions, family_context, plan_tensors
 from moetool.ops.profile import ProfileOptions, routing_profile
+from moetool.quant import compressed_tensors as ct
 from moetool.quant.config import QUANT_METHOD, recorded_formats
 from moetool.quant.formats import Format, parse_format, slice_name
 
@@ -53,22 +59,25 @@ EXPERT_MATRICES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPE
 RULE_ROLES = frozenset({Role.ATTN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_GATE_UP,
                         Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN})
 DEFAULT_CANDIDATES = "int2-g64-asym,int3-g128-asym,int4-g128-asym,nf4-b64-dq,int8-g128-sym"
+CT_CANDIDATES = "int4-g128-sym,int4-g32-sym,int8-g128-sym"   # --layout compressed-tensors: what vLLM runs
 POLICY_FIELD = {"uniform": None, "frequency": "counts", "mass": "weight_mass", "saliency": "saliency"}
 IMPORTANCE_FLOOR = 0.05   # share of the mean importance an expert the profile never chose still gets
-LAYOUTS = ("moetool", "transformers", "transformers4")
+CT_LAYOUT = "compressed-tensors"
+LAYOUTS = ("moetool", "transformers", "transformers4", CT_LAYOUT)
 
 
 @dataclass
 class QuantizeOptions:
     format: str = "nf4"                 # every routed expert's format (without a bits budget)
     bits_budget: float | None = None    # average bits per routed-expert parameter
-    candidates: str = DEFAULT_CANDIDATES
+    candidates: str | None = None       # None: DEFAULT_CANDIDATES (CT_CANDIDATES for compressed-tensors)
     budget_scope: str = "global"        # "global" | "layer"
     policy: str = "frequency"           # importance: uniform | frequency | mass | saliency
     rules: tuple[str, ...] = ()         # "ROLE_OR_REGEX=FORMAT" for attention, shared experts, dense MLPs
     profile: Path | None = None         # a `moetool profile --json` file
     calibration: ProfileOptions | None = None   # data to profile without --profile (None: the built-in corpus)
     layout: str = "moetool"             # "moetool" | "transformers" | "transformers4" (stock + bitsandbytes)
+                                        # | "compressed-tensors" (vLLM)
     llama_quantize: Path | None = None  # also write a llama-quantize --tensor-type-file
     max_shard_size: int = 5_000_000_000
     command: str = ""
@@ -151,18 +160,39 @@ def _rule_format(rules: list[tuple[str, Format]], name: str, role: Role) -> Form
     return None
 
 
+def candidate_formats(options: QuantizeOptions) -> list[Format]:
+    """The formats a bits budget chooses from (in the compressed-tensors layout, as it stores them)."""
+    spec = options.candidates or (CT_CANDIDATES if options.layout == CT_LAYOUT else DEFAULT_CANDIDATES)
+    formats = [parse_format(c) for c in spec.split(",") if c.strip()]
+    if not formats:
+        raise UsageError("--candidates: give at least one format")
+    if options.layout == CT_LAYOUT:
+        formats = [ct.compressed_format(f, "--candidates: ") for f in formats]
+    return formats
+
+
 def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
-    """Refuse bad options before any work; returns the parsed rules."""
-    parse_format(options.format)
+    """Refuse bad options before any work; returns the parsed rules (in the compressed-tensors
+    layout, their formats as it stores them)."""
+    fmt = parse_format(options.format)
     if options.layout not in LAYOUTS:
         raise UsageError(f"--layout {options.layout}: use {' or '.join(LAYOUTS)}")
+    if options.layout == CT_LAYOUT:   # formats it cannot hold are refused before anything is read
+        if options.bits_budget is None:
+            ct.compressed_format(fmt, "--format ")
+        else:
+            candidate_formats(options)
     if options.policy not in POLICY_FIELD:
         raise UsageError(f"--policy {options.policy}: use {', '.join(POLICY_FIELD)}")
     if options.budget_scope not in ("global", "layer"):
         raise UsageError(f"--budget-scope {options.budget_scope}: use global or layer")
     if options.llama_quantize is not None and not Path(options.llama_quantize).absolute().parent.is_dir():
         raise UsageError(f"--emit-llama-quantize {options.llama_quantize}: its folder does not exist")
-    return parse_rules(options.rules)
+    rules = parse_rules(options.rules)
+    if options.layout == CT_LAYOUT:
+        rules = [(key, f if f.kind == "keep" else ct.compressed_format(f, f"--rules {key}="))
+                 for key, f in rules]
+    return rules
 
 
 def quant_config(formats: dict[str, Format], experts: list[ExpertQuant], stacked: dict[str, int]
@@ -346,7 +376,8 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
     if family is None or family.dense:
         raise UsageError(f"{ckpt.source}: not a known MoE architecture; moetool quantizes routed experts")
     if recorded_formats(ckpt.config) is not None:
-        raise UsageError(f"{ckpt.source}: already quantized by moetool (convert --dequantize it first)")
+        raise UsageError(f"{ckpt.source}: already quantized by moetool or compressed-tensors (quantize its "
+                         "unquantized source)")
     rules = check_options(options)
     quantized_source = any(r.dtype not in FLOATS for r in ckpt.tensors.values())
     per_expert = "per-expert" if "per-expert" in family.layouts else None   # stacked-only families keep theirs
@@ -370,6 +401,9 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
                                    "so moetool cannot quantize them one by one")
         raise UsageError(f"{ckpt.source}: no routed expert weights found")
     warnings: list[str] = []
+    if options.layout == CT_LAYOUT and stacked:
+        raise UnsupportedError(f"{family.title}: its experts are stored stacked, not as one Linear module each, "
+                               "so compressed-tensors (and vLLM) cannot take them quantized; use --layout moetool")
 
     names = {key: [w.tensor.name for w in ws] for key, ws in experts.items()}
     errors: dict[str, tuple[float, float]] = {}
@@ -393,8 +427,47 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
             out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt, errors))
     report = _report(ckpt, options, family, experts, expert_choice, measured, base.tensors, out, formats, warnings)
     config = json.loads(json.dumps(base.config)) if base.config is not None else {}
-    config["quantization_config"] = quant_config(formats, report.experts, stacked)
+    if options.layout == CT_LAYOUT:
+        config["quantization_config"] = _ct_config(family, weights, experts, formats, warnings)
+    else:
+        config["quantization_config"] = quant_config(formats, report.experts, stacked)
     return QuantizePlan(out, config, report, names, errors)
+
+
+def _ct_config(family, weights: list[_Weight], experts: dict[tuple[int, int], list[_Weight]],
+               formats: dict[str, Format], warnings: list[str]) -> dict[str, Any]:
+    """compressed-tensors' quantization_config: a config group per format (the experts' first), whose
+    targets are the MoE layers it holds (every projection of every expert under them) and the other
+    modules it holds; `ignore` names every other matrix's module, and the output embedding. vLLM
+    looks each Linear module up in these, and refuses one that matches neither."""
+    expert_names = {w.tensor.name for ws in experts.values() for w in ws}
+    by_id = {fmt.id: fmt for fmt in formats.values()}
+    prefixes: dict[str, list[str]] = {}    # format -> `...experts.` of each MoE layer it holds
+    modules: dict[str, list[str]] = {}     # format -> other modules it holds
+    expert_weights = [w for ws in experts.values() for w in ws]
+    for w in expert_weights + [w for w in weights if w.tensor.name in formats and w.tensor.name not in expert_names]:
+        fid, module = formats[w.tensor.name].id, w.tensor.name.removesuffix(".weight")
+        prefix = ct.expert_prefix(module, w.expert) if w.tensor.name in expert_names else None
+        if prefix is None:   # not an expert, or no expert number in its name: the module itself
+            modules.setdefault(fid, []).append(module)
+        else:
+            prefixes.setdefault(fid, []).append(prefix)
+    order = dict.fromkeys([*prefixes, *modules])   # experts' formats first (transformers takes the first)
+    groups = [(by_id[fid], ct.patterns(prefixes.get(fid, []), ct.EXPERT_TAIL) + ct.patterns(modules.get(fid, [])))
+              for fid in order]
+    # every matrix left as it is (routers, attention, embeddings, ...), and the output embedding
+    ignore = [w.tensor.name.removesuffix(".weight") for w in weights
+              if w.tensor.name not in formats and len(w.tensor.shape) == 2 and w.tensor.name.endswith(".weight")]
+    head = family.templates(None).get(Role.LM_HEAD)
+    if isinstance(head, str) and head.removesuffix(".weight") not in ignore:
+        ignore.append(head.removesuffix(".weight"))   # tied to the embedding: vLLM still builds an lm_head
+    expert_formats = {formats[n] for n in expert_names}
+    other_formats = {f for n, f in formats.items() if n not in expert_names}
+    if len(expert_formats) > 1 or not next(iter(expert_formats)).symmetric or other_formats - expert_formats:
+        warnings.append("transformers 5 reads compressed-tensors experts in one symmetric scheme and other weights "
+                        "in the experts' scheme, so it cannot load this checkpoint; moetool.load_model and vLLM "
+                        "do, and compressed-tensors' CompressedTensorsDequantizer writes it back in bf16")
+    return ct.quantization_config(groups, ct.patterns(ignore))
 
 
 def _expert_slice(tensor: OutputTensor, expert: int) -> OutputTensor:
@@ -442,15 +515,16 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
                     ) -> tuple[dict[tuple[int, int], Format], dict[tuple[int, int], dict[str, Any]]]:
     """Each expert's format: the one given, or the budget's allocation. Also what was measured of
     each expert (relative error of its format, importance)."""
+    ct_layout = options.layout == CT_LAYOUT
     if options.bits_budget is None:
         fmt = parse_format(options.format)
+        fmt = ct.compressed_format(fmt) if ct_layout else fmt
         for ws in experts.values():
             for w in ws:
                 fmt.check(w.tensor.name, w.tensor.shape)
         return {key: fmt for key in experts}, {}
-    candidates = [parse_format(c) for c in options.candidates.split(",") if c.strip()]
-    if not candidates:
-        raise UsageError("--candidates: give at least one format")
+    candidates = candidate_formats(options)
+    by_id = {fmt.id: fmt for fmt in candidates}
     layers = sorted({layer for layer, _ in experts})
     count = 1 + max(e for _, e in experts)
     importance = _importance(ckpt, options, layers, count)
@@ -474,22 +548,51 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
         if progress:
             progress(nbytes)
     params = {key: sum(prod(w.tensor.shape) for w in ws) for key, ws in experts.items()}
-    choice: dict[tuple[int, int], str] = {}
-    groups = [list(experts)] if options.budget_scope == "global" else \
-        [[k for k in experts if k[0] == layer] for layer in layers]
+    # What gets a format: each expert, or in the compressed-tensors layout each MoE layer, since
+    # vLLM's MoE kernels take one scheme for all of a layer's experts and projections.
+    unit = (lambda key: key[0]) if ct_layout else (lambda key: key)
+    layer_of = (lambda u: u) if ct_layout else (lambda u: u[0])
+    unit_options = _unit_options(options_of, unit)
+    units = list(unit_options)
+    groups = [units] if options.budget_scope == "global" else \
+        [[u for u in units if layer_of(u) == layer] for layer in layers]
+    chosen: dict[Any, str] = {}
     for group in groups:
-        items = {k: options_of[k] for k in group}
-        total = sum(params[k] for k in group)
-        smallest = sum(min(o[0] for o in items[k]) for k in group)
+        items = {u: unit_options[u] for u in group}
+        total = sum(params[k] for k in experts if unit(k) in items)
+        smallest = sum(min(o[0] for o in items[u]) for u in group)
         if 8 * smallest > options.bits_budget * total:
             raise UsageError(f"--bits-budget {options.bits_budget}: the smallest candidate formats need "
                              f"{8 * smallest / total:.3f} bits per expert parameter")
-        choice.update(allocate(items, options.bits_budget * total / 8))
+        chosen.update(allocate(items, options.bits_budget * total / 8))
+    choice = {key: chosen[unit(key)] for key in experts}
     measured = {key: {"rel_error": (errors[key][fid] / norms[key]) ** 0.5 if norms[key] else 0.0,
                       "importance": importance[key[0]][key[1]]} for key, fid in choice.items()}
     warnings.extend(f"candidate {fid} was not used where it cannot hold the weights ({why})"
                     for fid, why in unusable.items())
-    return {key: parse_format(fid) for key, fid in choice.items()}, measured
+    if ct_layout:
+        warnings.append("--layout compressed-tensors: vLLM's MoE kernels take one scheme per MoE layer, so the "
+                        "budget was spent one format per layer (every expert's gate, up and down alike), not per "
+                        "expert")
+    return {key: by_id[fid] for key, fid in choice.items()}, measured
+
+
+def _unit_options(options_of: dict[Any, list[tuple[int, float, str]]], unit) -> dict[Any, list]:
+    """The options of experts grouped by UNIT(key): each format's bytes and cost summed over the
+    group, for the formats every expert of the group can take (per expert: the options themselves)."""
+    sums: dict[Any, dict[str, list]] = {}
+    members: dict[Any, int] = {}
+    for key, options in options_of.items():
+        u = unit(key)
+        members[u] = members.get(u, 0) + 1
+        for nbytes, cost, fid in options:
+            acc = sums.setdefault(u, {}).setdefault(fid, [0, 0.0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + nbytes, acc[1] + cost, acc[2] + 1
+    out = {u: [(b, c, fid) for fid, (b, c, n) in fids.items() if n == members[u]] for u, fids in sums.items()}
+    for u, options in out.items():
+        if not options:
+            raise UsageError(f"layer {u}: no candidate format fits all of its experts' matrices")
+    return out
 
 
 def _measure(ws: list[_Weight], key, candidates: list[Format]):
@@ -630,4 +733,7 @@ def _model_card(report: QuantizeReport, options: QuantizeOptions, out: Path) -> 
             f"```\n{options.command or 'moetool quantize'}\n```\n\n"
             f"- routed experts: {formats}; {budget}; {report.expert_bits:.3f} bits per expert parameter\n"
             f"- size: {report.bytes_before:,} -> {report.bytes_after:,} bytes\n"
-            "- load it with `moetool.load_model(path)`; `moetool convert --dequantize` writes it back in bf16\n")
+            + ("- compressed-tensors pack-quantized: serve it with vLLM, load it with `moetool.load_model(path)`, "
+               "or in transformers with `quantization_config=CompressedTensorsConfig(dequantize=True)` (one symmetric "
+               "expert format only)\n" if options.layout == CT_LAYOUT else
+               "- load it with `moetool.load_model(path)`; `moetool convert --dequantize` writes it back in bf16\n"))

@@ -256,10 +256,10 @@ def int_grid(w, fmt: Format, *, search: bool = True):
     [-absmax, absmax], as compressed-tensors does; asymmetric: 0 .. 2**bits - 1 over [min, max]
     with zero inside), the range clipped by the searched ratio that rounds W with the least error
     (symmetric: or stretched so that the top code holds +absmax).
-    Returns (scale float16, zero float32) shaped [..., groups]."""
+    Returns (scale float16, zero float32) shaped [..., groups]. Float64 W is searched in float64."""
     import torch
 
-    w = w.float()
+    w = w if w.dtype == torch.float64 else w.float()
     best_scale = best_zero = best_err = None
     # symmetric: also the grid whose top code holds +absmax exactly (the lowest code then unused)
     stretch = ((1 << fmt.bits) - 1) / 2 / ((1 << (fmt.bits - 1)) - 1) if fmt.symmetric else None
@@ -300,16 +300,23 @@ def int_round(w, scale, zero, fmt: Format):
     return (int_codes(w, scale, zero, fmt) - zero.unsqueeze(-1)) * scale.float().unsqueeze(-1)
 
 
-def _quantize_int(weight, fmt: Format) -> dict[str, object]:
+def int_parts(codes, scale, zero, fmt: Format) -> dict[str, object]:
+    """The stored tensors of an integer weight from its CODES [rows, groups, group] (0 .. 2**bits - 1),
+    SCALE float16 [rows, groups] and ZERO [rows, groups] (stored only when asymmetric; symmetric
+    formats imply 2**(bits-1)). Shared by round-to-nearest and GPTQ, so both write the same layout."""
     import torch
 
-    rows, cols = weight.shape
-    w = weight.float().reshape(rows, cols // fmt.block, fmt.block)
-    scale, zero = int_grid(w, fmt)
-    parts = {"": _pack(int_codes(w, scale, zero, fmt).to(torch.uint8), fmt.bits), ".scales": scale}
+    parts = {"": _pack(codes.to(torch.uint8), fmt.bits), ".scales": scale.half()}
     if not fmt.symmetric:
         parts[".zeros"] = zero.to(torch.uint8)
     return parts
+
+
+def _quantize_int(weight, fmt: Format) -> dict[str, object]:
+    rows, cols = weight.shape
+    w = weight.float().reshape(rows, cols // fmt.block, fmt.block)
+    scale, zero = int_grid(w, fmt)
+    return int_parts(int_codes(w, scale, zero, fmt), scale, zero, fmt)
 
 
 def _dequantize_int(parts: dict[str, object], fmt: Format, shape: tuple[int, ...]):

@@ -1,5 +1,7 @@
 """Run checkpoints `moetool quantize` wrote: each quantized weight stays quantized in memory and is
-dequantized when it is used (bitsandbytes' own kernels for its formats, on CUDA as on CPU).
+dequantized when it is used (bitsandbytes' own kernels for its formats, on CUDA as on CPU). Also
+compressed-tensors pack-quantized checkpoints (int4/int8 groups: what `--layout compressed-tensors`
+writes, and llm-compressor), dequantized exactly as that package does.
 
 * a quantized nn.Linear weight (attention, shared experts; experts of families transformers keeps
   as one Linear per expert) becomes a QuantLinear
@@ -21,6 +23,7 @@ from moetool.arch.matcher import Classifier
 from moetool.checkpoint import Checkpoint
 from moetool.errors import CheckpointFormatError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
+from moetool.quant import compressed_tensors as ct
 from moetool.quant.formats import Format, stacked_slices
 
 log = logging.getLogger(__name__)
@@ -29,9 +32,9 @@ log = logging.getLogger(__name__)
 class QuantizedWeight(nn.Module):
     """One weight matrix in its stored form (codes, scales, state as buffers)."""
 
-    def __init__(self, fmt: Format, shape: tuple[int, ...], parts: dict[str, torch.Tensor]):
+    def __init__(self, fmt: Format, shape: tuple[int, ...], parts: dict[str, torch.Tensor], name: str = ""):
         super().__init__()
-        self.fmt, self.shape = fmt, tuple(shape)
+        self.fmt, self.shape, self.name = fmt, tuple(shape), name
         self.suffixes = list(parts)
         self._state = None
         for i, tensor in enumerate(parts.values()):
@@ -155,7 +158,11 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     _, _, offset = family_context(ckpt)
     classifier = Classifier(family, offset)
     fused = "fused" in family.layouts
-    plan = plan_tensors(ckpt, PlanOptions(layout="fused" if fused else None, dequantize=True))
+    planned = ckpt
+    if ct.is_compressed_tensors(ckpt.config):   # its targets are patterns: match them against the names
+        formats = ct.recorded_formats(ckpt.config, ckpt.tensors)
+        planned = ct.dequantized_view(ckpt, formats)   # the plan lays out float weights
+    plan = plan_tensors(planned, PlanOptions(layout="fused" if fused else None, dequantize=True))
 
     def weight(name: str) -> QuantizedWeight:
         fmt, shape = formats[name], _shape(ckpt, name, formats[name])
@@ -165,7 +172,7 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
             if ref is None:
                 raise CheckpointFormatError(f"{ckpt.source}: {name + suffix} is missing")
             parts[suffix] = ref.load().to(device)
-        return QuantizedWeight(fmt, shape, parts)
+        return QuantizedWeight(fmt, shape, parts, name)
 
     per_expert: dict[tuple[int, Role, int], str] = {}
     slices = stacked_slices(ckpt.config)   # experts of tensors the family stores stacked (Granite)
@@ -232,5 +239,7 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
 
 
 def _shape(ckpt: Checkpoint, name: str, fmt: Format) -> tuple[int, ...]:
+    if isinstance(fmt, ct.CompressedFormat):   # compressed-tensors: X.weight_packed, no X.weight
+        return fmt.original_shape(ckpt.tensors[name + ct.PACKED].shape)
     blob = ckpt.tensors.get(f"{name}.quant_state.bitsandbytes__{fmt.kind}")
     return fmt.original_shape(ckpt.tensors[name].shape, blob.load if blob is not None else None)

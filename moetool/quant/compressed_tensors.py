@@ -1,0 +1,291 @@
+"""compressed-tensors' `pack-quantized` layout: what llm-compressor writes and vLLM serves.
+
+A weight ``X.weight`` in a group-wise integer format (int4 or int8, symmetric or asymmetric) is
+stored as compressed-tensors (0.20) stores the module ``X``:
+
+* ``X.weight_packed``      int32 ``[rows, cols * bits / 32]``: each code plus 2**(bits-1) (so
+  unsigned), 32 / bits codes a word, code i at bit i * bits (little-endian)
+* ``X.weight_scale``       the weight's dtype ``[rows, groups]`` (the package's convention: the
+  scale takes the dtype of the weight it was observed on)
+* ``X.weight_zero_point``  int32 ``[ceil(rows * bits / 32), groups]``, asymmetric only: the zero
+  points plus 2**(bits-1), packed the same way along the rows
+* ``X.weight_shape``       int64 ``[2]``: rows, cols
+
+moetool's integer parts convert without re-rounding: its codes are already unsigned with the
+symmetric zero at 2**(bits-1) (compressed-tensors' signed code + offset), its packed bytes are the
+same little-endian bit stream, and its zero points are compressed-tensors' plus the same offset.
+Only the float16 scales change dtype. Anything that returns moetool's parts (round-to-nearest,
+GPTQ) is written through `CompressedFormat.from_parts`.
+
+Dequantization follows the package's own (lifecycle/forward.py `_dequantize`) operation by
+operation, in the scale's dtype: ``(code - zero_point) * scale``, so the values are identical.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from math import ceil, prod
+
+from moetool.errors import UsageError
+from moetool.quant.formats import Format, parse_format
+
+QUANT_METHOD = "compressed-tensors"
+PACK_FORMAT = "pack-quantized"
+PACKAGE_VERSION = "0.20.1"    # the compressed-tensors release whose format this follows
+BITS = (4, 8)                 # what vLLM's WNA16 MoE kernels take
+# stored tensors of X.weight, as suffixes of that name: X.weight_packed, X.weight_scale, ...
+PACKED, SCALE, ZERO_POINT, SHAPE = "_packed", "_scale", "_zero_point", "_shape"
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+
+
+@dataclass(frozen=True)
+class CompressedFormat:
+    """A moetool integer format stored the compressed-tensors way; used wherever a Format is."""
+
+    base: Format
+
+    kind = "int"
+    is_bnb4 = False
+
+    @property
+    def id(self) -> str:
+        return self.base.id
+
+    @property
+    def bits(self) -> int:
+        return self.base.bits
+
+    @property
+    def block(self) -> int:
+        return self.base.block
+
+    @property
+    def symmetric(self) -> bool:
+        return self.base.symmetric
+
+    def describe(self) -> dict:
+        return scheme_weights(self)
+
+    # -- sizes
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        return (PACKED, SCALE, SHAPE) if self.symmetric else (PACKED, SCALE, ZERO_POINT, SHAPE)
+
+    def components(self, shape: tuple[int, ...], dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        rows, cols = shape
+        out = [(PACKED, "I32", (rows, ceil(cols * self.bits / 32))),
+               (SCALE, dtype if dtype in FLOAT_DTYPES else "F16", (rows, cols // self.block))]
+        if not self.symmetric:
+            out.append((ZERO_POINT, "I32", (ceil(rows * self.bits / 32), cols // self.block)))
+        return out + [(SHAPE, "I64", (2,))]
+
+    def nbytes(self, shape: tuple[int, ...], dtype: str) -> int:
+        from moetool.checkpoint.header import DTYPE_BYTES
+
+        return sum(prod(s) * DTYPE_BYTES[d] for _, d, s in self.components(shape, dtype))
+
+    def original_shape(self, packed_shape: tuple[int, ...], blob=None) -> tuple[int, ...]:
+        """The weight's shape from its weight_packed shape (columns are a multiple of 32 / bits)."""
+        rows, words = packed_shape
+        return rows, words * 32 // self.bits
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        self.base.check(name, shape)
+
+    # -- the work
+    def quantize(self, weight) -> dict[str, object]:
+        """Suffix -> stored tensor of WEIGHT (2-D torch): moetool's quantization, converted."""
+        return self.from_parts(self.base.quantize(weight), weight.dtype)
+
+    def from_parts(self, parts: dict[str, object], dtype) -> dict[str, object]:
+        """moetool's integer PARTS ("" codes, ".scales", ".zeros") as compressed-tensors' tensors,
+        scales in DTYPE (the weight's)."""
+        import torch
+
+        codes = parts[""]
+        rows, groups = codes.shape[0], codes.shape[1]
+        out = {PACKED: _words(codes.reshape(rows, -1), 8),   # the same bit stream, read as 32-bit words
+               SCALE: parts[".scales"].to(dtype)}
+        if not self.symmetric:   # moetool's unsigned zeros are compressed-tensors' zero points + offset
+            out[ZERO_POINT] = _words(parts[".zeros"].T, self.bits).T.contiguous()
+        out[SHAPE] = torch.tensor([rows, groups * self.block], dtype=torch.int64)
+        return out
+
+    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None):
+        """The weight in DTYPE (None: the scale's), computed as compressed-tensors' decompression
+        computes it: in the scale's dtype, the zero point subtracted, then times the scale."""
+        rows, cols = shape
+        offset = 1 << (self.bits - 1)
+        scale = parts[SCALE]
+        q = (_codes(parts[PACKED], self.bits, cols) - offset).reshape(rows, -1, self.block).to(scale.dtype)
+        if ZERO_POINT in parts:
+            zero = _codes(parts[ZERO_POINT].T, self.bits, rows).T - offset
+            q = q - zero.to(scale.dtype).unsqueeze(-1)
+        weight = (q * scale.unsqueeze(-1)).reshape(rows, cols)
+        return weight if dtype is None else weight.to(dtype)
+
+
+def compressed_format(fmt: Format | str, option: str = "") -> CompressedFormat:
+    """FMT in the compressed-tensors layout; a UsageError for a format the layout cannot hold
+    (OPTION: how the message names it before its id, e.g. "--format ")."""
+    fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
+    if isinstance(fmt, CompressedFormat):
+        return fmt
+    if fmt.kind != "int" or fmt.bits not in BITS:
+        raise UsageError("--layout compressed-tensors holds int4 and int8 group formats (e.g. int4-g128-sym, "
+                         f"int8-g32-asym), what vLLM's MoE kernels run; {option}{fmt.id} "
+                         "is not one of them")
+    return CompressedFormat(fmt)
+
+
+def _words(codes, bits: int):
+    """[..., n] unsigned codes below 2**BITS -> [..., ceil(n * BITS / 32)] int32 words, code i at bit
+    i * BITS, padded with zeros (compressed-tensors' pack_to_int32 for 4 and 8 bits)."""
+    import torch
+
+    per = 32 // bits
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, -codes.shape[-1] % per))
+    words = (c.reshape(*c.shape[:-1], -1, per) << (torch.arange(per) * bits)).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)   # two's complement
+
+
+def _codes(words, bits: int, n: int):
+    """The first N unsigned codes of each row of int32 WORDS (the inverse of _words), as int64."""
+    import torch
+
+    per = 32 // bits
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    codes = (unsigned.unsqueeze(-1) >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
+    return codes.reshape(*words.shape[:-1], -1)[..., :n]
+
+
+# ---------------------------------------------------------------- quantization_config
+
+def scheme_weights(fmt: CompressedFormat) -> dict:
+    """The `weights` QuantizationArgs of FMT as compressed-tensors serializes them."""
+    return {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric, "group_size": fmt.block,
+            "strategy": "group", "dynamic": False}
+
+
+def quantization_config(groups: list[tuple[CompressedFormat, list[str]]], ignore: list[str]) -> dict:
+    """config.json's quantization_config as compressed-tensors' ModelCompressor.update_config writes
+    it: one config group (in order) per format with its targets, IGNORE for modules left as they are."""
+    config_groups = {f"group_{i}": {"targets": targets, "weights": scheme_weights(fmt), "input_activations": None,
+                                    "output_activations": None, "format": PACK_FORMAT}
+                     for i, (fmt, targets) in enumerate(groups)}
+    return {"config_groups": config_groups, "format": PACK_FORMAT, "global_compression_ratio": None,
+            "ignore": ignore, "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": QUANT_METHOD,
+            "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
+            "version": PACKAGE_VERSION}
+
+
+def patterns(names: list[str], tail: str = "$") -> list[str]:
+    """`re:` targets matching exactly NAMES (module names; or prefixes, completed by TAIL): names
+    that differ only in their first number (the layer) share one pattern, e.g.
+    ``re:model\\.layers\\.(?:0|1|2)\\.self_attn\\.q_proj$``."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for name in sorted(set(names)):
+        found = re.search(r"\d+", name)
+        key = (name[:found.start()], name[found.end():]) if found else (name, "")
+        merged.setdefault(key, []).append(found.group() if found else "")
+    out = []
+    for (head, rest), numbers in merged.items():
+        if len(numbers) == 1 and tail == "$":   # one module: its name (an exact target)
+            out.append(head + numbers[0] + rest)
+            continue
+        middle = "" if numbers == [""] else numbers[0] if len(numbers) == 1 else \
+            "(?:" + "|".join(sorted(numbers, key=int)) + ")"
+        out.append("re:" + re.escape(head) + middle + re.escape(rest) + tail)
+    return out
+
+
+# Every projection directly under an expert's module. vLLM asks for the scheme of
+# `<experts>.0.gate_proj`, `.0.up_proj` and `.0.down_proj` whatever the family calls them.
+EXPERT_TAIL = r"\d+\.[^.]+$"
+
+
+def expert_prefix(module: str, expert: int) -> str | None:
+    """`...experts.` of an expert projection MODULE (`...experts.5.gate_proj`, expert 5; also
+    `...experts.expert_5.wi`): the name up to the expert's number, or None if it has none there."""
+    parent = module.rpartition(".")[0]
+    found = re.fullmatch(r"(.*\D)(\d+)", parent)
+    return found.group(1) if found and int(found.group(2)) == expert else None
+
+
+# ---------------------------------------------------------------- reading a checkpoint back
+
+def is_compressed_tensors(config: dict | None) -> bool:
+    qc = (config or {}).get("quantization_config") or {}
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def recorded_formats(config: dict | None, names=()) -> dict[str, CompressedFormat] | None:
+    """Weight name -> format of a compressed-tensors pack-quantized checkpoint moetool can run
+    (every config group a static int4/int8 group scheme of weights only), for the weights among
+    NAMES (tensor names) its groups target; None for any other checkpoint."""
+    qc = (config or {}).get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD or not isinstance(qc.get("config_groups"), dict):
+        return None
+    groups = []
+    for group in qc["config_groups"].values():
+        fmt = _group_format(group, qc.get("format"))
+        if fmt is None:
+            return None
+        groups.append((fmt, group.get("targets") or []))
+    ignore = qc.get("ignore") or []
+    out = {}
+    for name in names:
+        if not name.endswith(".weight" + PACKED):
+            continue
+        module = name.removesuffix(".weight" + PACKED)
+        if any(_match(module, target) for target in ignore):
+            continue
+        fmt = next((f for f, targets in groups if any(t == "Linear" or _match(module, t) for t in targets)), None)
+        if fmt is not None:
+            out[module + ".weight"] = fmt
+    return out
+
+
+def _group_format(group: dict, default_format: str | None) -> CompressedFormat | None:
+    weights = group.get("weights") or {}
+    if (group.get("format") or default_format) != PACK_FORMAT or group.get("input_activations") \
+            or group.get("output_activations") or weights.get("type", "int") != "int" \
+            or weights.get("strategy", "group") != "group" or weights.get("dynamic") \
+            or weights.get("actorder") not in (None, "weight", "static") or weights.get("num_bits") not in BITS:
+        return None
+    try:
+        fmt = parse_format(f"int{weights['num_bits']}-g{int(weights.get('group_size') or 0)}-"
+                           f"{'sym' if weights.get('symmetric', True) else 'asym'}")
+    except UsageError:
+        return None
+    return CompressedFormat(fmt)
+
+
+def _match(name: str, target: str) -> bool:
+    """compressed-tensors' match_name: a `re:` pattern matched at the start, else the exact name."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name
+
+
+def dequantized_view(ckpt, formats: dict[str, CompressedFormat]):
+    """CKPT with each of FORMATS' weights in place of its stored tensors, dequantized when read:
+    what the tensor plan (which knows moetool's and the releases' quantized forms) can lay out."""
+    from dataclasses import replace
+
+    from moetool.checkpoint.pieces import ComputedRef
+
+    owners = {name + suffix: name for name, fmt in formats.items() for suffix in fmt.suffixes}
+    tensors = {}
+    for stored, ref in ckpt.tensors.items():
+        name = owners.get(stored)
+        if name is None:
+            tensors[stored] = ref
+        elif stored == name + PACKED:
+            fmt = formats[name]
+            parts = {s: ckpt.tensors[name + s] for s in fmt.suffixes}
+            shape = fmt.original_shape(ref.shape)
+            tensors[name] = ComputedRef(name, parts[SCALE].dtype, shape, lambda fmt=fmt, parts=parts, shape=shape:
+                                        fmt.dequantize({s: r.load() for s, r in parts.items()}, shape, None))
+    return replace(ckpt, tensors=tensors)
