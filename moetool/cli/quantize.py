@@ -66,6 +66,17 @@ def quantize(
                                         "for vLLM (a budget picks one format per MoE layer).")] = "moetool",
     emit_llama_quantize: Annotated[Path | None, typer.Option(help="Also write a llama-quantize "
                                                              "--tensor-type-file from the allocation.")] = None,
+    method: Annotated[str, typer.Option(help="rtn: round to nearest; gptq: GPTQ per routed expert on the Hessian "
+                                        "of the calibration tokens routed to it (integer formats).")] = "rtn",
+    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential",
+                                             help="gptq: calibrate each layer on the outputs of the earlier "
+                                             "layers as quantized.")] = True,
+    act_order: Annotated[bool, typer.Option("--act-order", help="gptq: quantize columns in descending order of "
+                                            "the Hessian's diagonal (static groups).")] = False,
+    damp: Annotated[float, typer.Option(min=0.0, help="gptq: dampening, a share of the Hessian's mean "
+                                        "diagonal.")] = 0.01,
+    min_tokens: Annotated[int, typer.Option(min=0, help="gptq: experts routed fewer calibration tokens have "
+                                            "their Hessian blended with their layer's.")] = 128,
     max_shard_size: MaxShardSizeOpt = "5GB",
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
@@ -79,14 +90,16 @@ def quantize(
     from moetool.ops.quantize import quantize as run_quantize
     from moetool.runner.distributed import is_primary
 
-    if bits_budget is None and (candidates or policy or budget_scope != "global" or profile or data or token_ids):
+    if bits_budget is None and (candidates or policy or budget_scope != "global" or profile or
+                                (data or token_ids) and method != "gptq"):
         raise UsageError("--candidates, --policy, --budget-scope, --profile and --data/--token-ids shape a "
-                         "--bits-budget allocation; give --bits-budget")
+                         "--bits-budget allocation (or --method gptq's calibration); give --bits-budget")
     options = QuantizeOptions(
         format=format, bits_budget=bits_budget, candidates=candidates,
         budget_scope=budget_scope, policy=policy or "frequency", rules=tuple(rules or ()), profile=profile,
         calibration=calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size),
         layout=layout, llama_quantize=emit_llama_quantize, max_shard_size=parse_size(max_shard_size),
+        method=method, sequential=sequential, act_order=act_order, damp=damp, min_tokens=min_tokens,
         command=shlex.join(["moetool", *sys.argv[1:]]) if sys.argv else "moetool quantize")
     primary = is_primary()
     dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints
@@ -144,12 +157,19 @@ def _render(report, dry_run: bool, out: Path, experts_table: bool) -> None:
     if report.llama_quantize:
         stdout.print(f"  llama-quantize tensor types: {report.llama_quantize}" + (" (not written: dry run)"
                                                                                   if dry_run else ""))
+    if report.coverage:
+        counts = [n for layer in report.coverage.values() for n in layer]
+        stdout.print(f"  gptq: calibration tokens routed per expert: min {min(counts):,}, median "
+                     f"{sorted(counts)[len(counts) // 2]:,}, max {max(counts):,} (--experts for each)")
     if experts_table:
-        table = Table("layer", "expert", "format", "bits", "rel. error", "importance", "bytes")
+        columns = ("layer", "expert", "format", "bits", "rel. error", "importance", "bytes")
+        table = Table(*columns, *(("tokens",) if report.coverage else ()))
         for e in report.experts:
+            tokens = report.coverage.get(e.layer)
             table.add_row(str(e.layer), str(e.expert), e.format, f"{e.bits:.3f}",
                           "" if e.rel_error is None else f"{e.rel_error:.4f}",
-                          "" if e.importance is None else f"{e.importance:.3f}", f"{e.bytes:,}")
+                          "" if e.importance is None else f"{e.importance:.3f}", f"{e.bytes:,}",
+                          *((f"{tokens[e.expert]:,}" if tokens else "",) if report.coverage else ()))
         stdout.print(table)
     for warning in report.warnings:
         stdout.print(f"[yellow]warning[/] {warning}")

@@ -59,6 +59,8 @@ EXPERT_MATRICES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPE
 RULE_ROLES = frozenset({Role.ATTN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_GATE_UP,
                         Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN})
 DEFAULT_CANDIDATES = "int2-g64-asym,int3-g128-asym,int4-g128-asym,nf4-b64-dq,int8-g128-sym"
+GPTQ_CANDIDATES = "int2-g64-asym,int3-g128-asym,int4-g128-asym,int8-g128-sym"   # integers only
+METHODS = ("rtn", "gptq")
 CT_CANDIDATES = "int4-g128-sym,int4-g32-sym,int8-g128-sym"   # --layout compressed-tensors: what vLLM runs
 POLICY_FIELD = {"uniform": None, "frequency": "counts", "mass": "weight_mass", "saliency": "saliency"}
 IMPORTANCE_FLOOR = 0.05   # share of the mean importance an expert the profile never chose still gets
@@ -81,6 +83,11 @@ class QuantizeOptions:
     llama_quantize: Path | None = None  # also write a llama-quantize --tensor-type-file
     max_shard_size: int = 5_000_000_000
     command: str = ""
+    method: str = "rtn"                 # "rtn" (round to nearest) | "gptq" (routed experts, calibrated)
+    sequential: bool | None = None      # gptq: calibrate each layer on the quantized earlier ones (default on)
+    act_order: bool = False             # gptq: columns in descending Hessian-diagonal order
+    damp: float = 0.01                  # gptq: dampening, a share of the Hessian's mean diagonal
+    min_tokens: int = 128               # gptq: experts routed fewer tokens blend in the layer's Hessian
 
 
 @dataclass
@@ -117,6 +124,9 @@ class QuantizeReport:
     warnings: list[str] = field(default_factory=list)
     llama_quantize: str | None = None
     seconds: float = 0.0
+    method: str = "rtn"
+    # gptq: tokens routed to each expert of each layer during calibration (the calibration coverage)
+    coverage: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def expert_bits(self) -> float:
@@ -162,7 +172,8 @@ def _rule_format(rules: list[tuple[str, Format]], name: str, role: Role) -> Form
 
 def candidate_formats(options: QuantizeOptions) -> list[Format]:
     """The formats a bits budget chooses from (in the compressed-tensors layout, as it stores them)."""
-    spec = options.candidates or (CT_CANDIDATES if options.layout == CT_LAYOUT else DEFAULT_CANDIDATES)
+    spec = options.candidates or (CT_CANDIDATES if options.layout == CT_LAYOUT else
+                                  GPTQ_CANDIDATES if options.method == "gptq" else DEFAULT_CANDIDATES)
     formats = [parse_format(c) for c in spec.split(",") if c.strip()]
     if not formats:
         raise UsageError("--candidates: give at least one format")
@@ -182,6 +193,16 @@ def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
             ct.compressed_format(fmt, "--format ")
         else:
             candidate_formats(options)
+    if options.method not in METHODS:
+        raise UsageError(f"--method {options.method}: use rtn or gptq")
+    if options.method == "gptq":
+        if options.layout in ("transformers", "transformers4"):
+            raise UsageError(f"--method gptq quantizes to integer formats; --layout {options.layout} stores "
+                             "bitsandbytes ones")
+        for f in ([fmt] if options.bits_budget is None else candidate_formats(options)):
+            if f.kind != "int":
+                raise UsageError(f"--method gptq quantizes the integer formats int2/3/4/8; {f.id} is a bitsandbytes "
+                                 "format: use --method rtn, or integer --candidates")
     if options.policy not in POLICY_FIELD:
         raise UsageError(f"--policy {options.policy}: use {', '.join(POLICY_FIELD)}")
     if options.budget_scope not in ("global", "layer"):
@@ -322,10 +343,11 @@ class _Shared:
         return value.contiguous()
 
 
-def _quantized_tensors(name: str, source: OutputTensor, fmt: Format, errors: dict | None = None
-                       ) -> list[OutputTensor]:
+def _quantized_tensors(name: str, source: OutputTensor, fmt: Format, errors: dict | None = None,
+                       calibrated=None) -> list[OutputTensor]:
     """The stored tensors of SOURCE in FMT, computed together when the first is written; ERRORS[name]
-    gets (squared error, squared norm) of the weight (a few percent of the quantization's time)."""
+    gets (squared error, squared norm) of the weight (a few percent of the quantization's time).
+    CALIBRATED (a _CalibratedParts holding NAME) gives GPTQ's parts instead of rounding to nearest."""
     fmt.check(name, source.shape)
     components = fmt.components(source.shape, source.dtype)
 
@@ -333,7 +355,12 @@ def _quantized_tensors(name: str, source: OutputTensor, fmt: Format, errors: dic
         import torch
 
         weight = materialize(source)
-        parts = fmt.quantize(weight)
+        if calibrated is not None and name in calibrated:
+            parts = calibrated.parts(name)
+            if isinstance(fmt, ct.CompressedFormat):
+                parts = fmt.from_parts(parts, weight.dtype)
+        else:
+            parts = fmt.quantize(weight)
         if errors is not None:   # in slices: whole-matrix float temporaries would double the memory
             flat, back = weight.reshape(-1), fmt.dequantize(parts, tuple(weight.shape), torch.float32).reshape(-1)
             sse = norm = 0.0
@@ -360,6 +387,11 @@ class QuantizePlan:
     report: QuantizeReport
     expert_weights: dict[tuple[int, int], list[str]] = field(default_factory=dict)
     errors: dict[str, tuple[float, float]] = field(default_factory=dict)   # filled as weights are written
+    calibrated: Any = None              # GPTQ's parts, held in a temporary folder until written
+
+    def close(self) -> None:
+        if self.calibrated is not None:
+            self.calibrated.close()
 
     def fill_errors(self) -> None:
         """Each expert's relative error from what writing measured (where the budget did not already)."""
@@ -370,8 +402,10 @@ class QuantizePlan:
                 row.rel_error = (sse / norm) ** 0.5 if norm else 0.0
 
 
-def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> QuantizePlan:
-    """Choose every weight's format (measuring candidate errors under a bits budget) and plan the output."""
+def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, calibrate: bool = True
+                  ) -> QuantizePlan:
+    """Choose every weight's format (measuring candidate errors under a bits budget) and plan the output;
+    with --method gptq and CALIBRATE, also run the calibration and GPTQ (a dry run skips them)."""
     family, cfg, offset = family_context(ckpt)
     if family is None or family.dense:
         raise UsageError(f"{ckpt.source}: not a known MoE architecture; moetool quantizes routed experts")
@@ -418,20 +452,26 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None) -> 
             formats[w.tensor.name] = expert_choice[(w.layer, w.expert)]
     if rules:
         formats.update(_rule_formats(ckpt, family, weights, set(formats), rules, warnings))
+    calibrated = None
+    if options.method == "gptq" and calibrate:
+        calibrated = _gptq_experts(ckpt, options, experts, formats, warnings, progress)
     out = []
     for w in weights:
         fmt = formats.get(w.tensor.name)
         if fmt is None or fmt.kind == "keep":
             out.append(w.tensor)
         else:
-            out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt, errors))
+            out.extend(_quantized_tensors(w.tensor.name, w.tensor, fmt, errors, calibrated))
     report = _report(ckpt, options, family, experts, expert_choice, measured, base.tensors, out, formats, warnings)
     config = json.loads(json.dumps(base.config)) if base.config is not None else {}
     if options.layout == CT_LAYOUT:
         config["quantization_config"] = _ct_config(family, weights, experts, formats, warnings)
     else:
         config["quantization_config"] = quant_config(formats, report.experts, stacked)
-    return QuantizePlan(out, config, report, names, errors)
+    if calibrated is not None:
+        report.coverage = calibrated.coverage
+        report.method = "gptq"
+    return QuantizePlan(out, config, report, names, errors, calibrated)
 
 
 def _ct_config(family, weights: list[_Weight], experts: dict[tuple[int, int], list[_Weight]],
@@ -703,15 +743,18 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
         from moetool.errors import OutputExistsError
 
         raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
-    plan = plan_quantize(ckpt, options, analysis_progress)
+    plan = plan_quantize(ckpt, options, analysis_progress, calibrate=not dry_run)
     report = plan.report
-    if not dry_run:
-        shards = plan_shards(plan.tensors, options.max_shard_size)
-        write_checkpoint(Path(out), shards, op="quantize", config=plan.config, files=side_files(ckpt),
-                         readme=_model_card(report, options, Path(out)), force=force, progress=progress,
-                         workers=WRITER_THREADS, prefetch=WRITER_PREFETCH)
-        report.out = str(out)
-        plan.fill_errors()
+    try:
+        if not dry_run:
+            shards = plan_shards(plan.tensors, options.max_shard_size)
+            write_checkpoint(Path(out), shards, op="quantize", config=plan.config, files=side_files(ckpt),
+                             readme=_model_card(report, options, Path(out)), force=force, progress=progress,
+                             workers=WRITER_THREADS, prefetch=WRITER_PREFETCH)
+            report.out = str(out)
+            plan.fill_errors()
+    finally:
+        plan.close()
     if options.llama_quantize is not None:
         from moetool.quant.llama_cpp import tensor_type_lines
 
@@ -723,6 +766,112 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
         report.llama_quantize = str(options.llama_quantize)
     report.seconds = time.perf_counter() - start
     return report
+
+
+class _CalibratedParts:
+    """GPTQ's stored parts of the routed experts, one safetensors file per expert in a temporary
+    folder (memory stays at one layer's weights and Hessians), read back as each weight is written."""
+
+    def __init__(self):
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="moetool-gptq-")
+        self.files: dict[str, Path] = {}
+        self.coverage: dict[int, list[int]] = {}
+
+    def add(self, key: str, parts_by_name: dict[str, dict]) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(self._dir.name) / f"{key}.safetensors"
+        save_file({name + suffix: t.contiguous().cpu() for name, parts in parts_by_name.items()
+                   for suffix, t in parts.items()}, str(path))
+        self.files.update({name: path for name in parts_by_name})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def parts(self, name: str) -> dict:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return {key[len(name):]: f.get_tensor(key) for key in f.keys() if key.startswith(name)
+                    and key[len(name):] in ("", ".scales", ".zeros")}
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, formats: dict[str, Format],
+                  warnings: list[str], progress) -> _CalibratedParts:
+    """Run the calibration tokens layer by layer (streamed) and quantize every routed expert with GPTQ
+    on the Hessians of its own routed tokens; sequentially (the default), each layer sees the outputs
+    of the earlier layers as quantized."""
+    import torch
+
+    from moetool.ops.profile import calibration_ids
+    from moetool.runner.data import DataError
+    from moetool.runner.device import pick_device
+    from moetool.runner.engine import micro_batches, run
+    from moetool.runner.model import load_model
+    from moetool.runner.sequential import GptqExperts
+
+    roles = {Role.EXPERT_GATE: 0, Role.EXPERT_UP: 1, Role.EXPERT_DOWN: 2}
+    plan: dict[tuple[int, int], list] = {}
+    names: dict[tuple[int, int], dict[str, str]] = {}
+    for key, ws in experts.items():
+        chosen: list = [None, None, None]
+        for w in ws:
+            if w.role not in roles:
+                raise UnsupportedError(f"--method gptq: {w.tensor.name} holds gate and up together ({w.role.value}); "
+                                       "GPTQ per expert covers separate gate, up and down matrices")
+            fmt = formats[w.tensor.name]
+            chosen[roles[w.role]] = fmt.base if isinstance(fmt, ct.CompressedFormat) else fmt
+            names.setdefault(key, {})[("gate", "up", "down")[roles[w.role]]] = w.tensor.name
+        plan[key] = tuple(chosen)
+    calibration = options.calibration or ProfileOptions(seq_len=256)
+    if calibration.seq_len is None:
+        calibration = ProfileOptions(**{**calibration.__dict__, "seq_len": 256})
+    ids = calibration_ids(ckpt, calibration, default="builtin", vocab_size=None)
+    if ids.shape[1] < calibration.seq_len:   # GPTQ's Hessians need whole sequences of calibration text
+        raise DataError(f"the calibration data holds {ids.numel()} tokens, fewer than one sequence of "
+                        f"{calibration.seq_len}", hint="give more data, or a smaller --seq-len")
+    store = _CalibratedParts()
+    sequential = options.sequential is not False
+
+    def save(layer, expert, results):
+        store.add(f"{layer}-{expert}", {names[(layer, expert)][part]: r.parts for part, r in results.items()})
+
+    calibrator = GptqExperts(plan, save, min_tokens=options.min_tokens, damp=options.damp,
+                             act_order=options.act_order, write_back=sequential)
+    device = pick_device(calibration.device)
+    loaded = load_model(ckpt, device=device, dtype=torch.float32, mode="streamed",
+                        trust_remote_code=calibration.trust_remote_code)
+    seen = {"label": None, "done": 0}
+
+    def tokens_done(label, done, total):   # the engine counts tokens per pass; PROGRESS takes steps
+        if label != seen["label"]:
+            seen.update(label=label, done=0)
+        progress(done - seen["done"])
+        seen["done"] = done
+
+    try:
+        run(loaded, micro_batches(ids, calibration.batch_size), calibrate=calibrator,
+            progress=tokens_done if progress else None, offload_dir=calibration.offload_dir)
+    except BaseException:
+        store.close()
+        raise
+    store.coverage = calibrator.coverage
+    few = [(layer, e, n) for layer, counts in calibrator.coverage.items() for e, n in enumerate(counts)
+           if n < options.min_tokens]
+    if few:
+        listed = ", ".join(f"L{layer}E{e}={n}" for layer, e, n in few[:12]) + (" ..." if len(few) > 12 else "")
+        warnings.append(f"gptq: {len(few)} experts were routed fewer than {options.min_tokens} calibration tokens; "
+                        f"their Hessians were blended with their layer's (see coverage): {listed}")
+    warnings += [f"gptq fell back to round-to-nearest: {f}" for f in calibrator.fallbacks]
+    if formats.keys() - store.files.keys() - {w.tensor.name for ws in experts.values() for w in ws}:
+        warnings.append("gptq: weights quantized by --rules (attention, shared experts, dense MLPs) are rounded "
+                        "to nearest; GPTQ covers the routed experts")
+    return store
 
 
 def _model_card(report: QuantizeReport, options: QuantizeOptions, out: Path) -> str:

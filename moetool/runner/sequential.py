@@ -69,3 +69,87 @@ def observe_experts(layer, found: dict[str, ExpertInputs]):
             inputs = found.setdefault(name, ExpertInputs(module))
             stack.callback(module.register_forward_pre_hook(inputs.hook).remove)
         yield found
+
+
+class GptqExperts:
+    """Sequential GPTQ of the routed experts (the engine's ``calibrate``): each layer's experts are
+    quantized on the Hessians of their own routed tokens, as the compressed earlier layers deliver
+    them, and their dequantized weights put in place before the layer runs again.
+
+    Args:
+        formats: (layer, expert) -> (gate Format | None, up Format | None, down Format | None).
+        save: callable(layer, expert, {"gate"|"up"|"down": GptqResult}) for what is to be written.
+        min_tokens: experts routed fewer tokens get their Hessian blended with the layer's
+            all-token one (gate/up: every routed token's hidden state; down: the other experts'
+            activations), with the weight of MIN_TOKENS tokens.
+        write_back: put the quantized weights in place (sequential); False calibrates every layer
+            on the unquantized model's activations.
+    """
+
+    def __init__(self, formats: dict, save, *, min_tokens: int = 128, damp: float = 0.01,
+                 act_order: bool = False, write_back: bool = True):
+        self.formats, self.save, self.write_back = formats, save, write_back
+        self.min_tokens, self.damp, self.act_order = min_tokens, damp, act_order
+        self.inputs: dict[int, dict[str, ExpertInputs]] = {}
+        self.coverage: dict[int, list[int]] = {}        # layer -> tokens routed to each expert
+        self.fallbacks: list[str] = []
+
+    def observe(self, index: int, layer):
+        return observe_experts(layer, self.inputs.setdefault(index, {}))
+
+    def update(self, index: int, layer) -> None:
+        import torch
+
+        from moetool.quant.gptq import gptq
+
+        found = self.inputs.pop(index, {})
+        if len(found) > 1:
+            raise UnsupportedError(f"decoder layer {index} holds {len(found)} routed-experts modules; sequential "
+                                   "GPTQ handles one per layer")
+        for inputs in found.values():
+            tokens = inputs.tokens()
+            self.coverage[index] = tokens
+            all_gate_up, all_down = _pooled(inputs.gate_up), _pooled(inputs.down)
+            module = inputs.module
+            for e in range(inputs.experts):
+                gate_fmt, up_fmt, down_fmt = self.formats.get((index, e), (None, None, None))
+                h_gate_up = _blend(inputs.gate_up[e], all_gate_up, self.min_tokens)
+                h_down = _blend(inputs.down[e], all_down, self.min_tokens)
+                weights = module.gate_up_proj.data[e]
+                results = {}
+                for part, fmt, rows in (("gate", gate_fmt, slice(0, inputs.inter)),
+                                        ("up", up_fmt, slice(inputs.inter, 2 * inputs.inter))):
+                    if fmt is not None:
+                        results[part] = gptq(weights[rows], h_gate_up, fmt, damp=self.damp,
+                                             act_order=self.act_order, name=f"layer {index} expert {e} {part}")
+                        if self.write_back:
+                            weights[rows] = results[part].weight.to(weights.dtype)
+                if down_fmt is not None:
+                    down = module.down_proj.data
+                    results["down"] = gptq(down[e], h_down, down_fmt, damp=self.damp, act_order=self.act_order,
+                                           name=f"layer {index} expert {e} down")
+                    if self.write_back:
+                        down[e] = results["down"].weight.to(down.dtype)
+                self.fallbacks += [f"layer {index} expert {e} {p}: {r.fallback}" for p, r in results.items()
+                                   if r.fallback]
+                self.save(index, e, results)
+            del inputs
+        if found and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _pooled(hessians: list[Hessian]):
+    """The Hessian of every expert's tokens together (token-weighted)."""
+    total = Hessian(hessians[0].columns, device=hessians[0].sum.device)
+    for h in hessians:
+        total.merge(h)
+    return total
+
+
+def _blend(own: Hessian, pooled: Hessian, min_tokens: int):
+    """OWN's matrix, or for an expert routed fewer than MIN_TOKENS tokens, its tokens' Hessian and
+    the pooled one weighted as MIN_TOKENS - n more tokens."""
+    n = own.tokens
+    if n >= min_tokens or not pooled.tokens:
+        return own.matrix()
+    return (own.matrix() * n + pooled.matrix() * (min_tokens - n)) / min_tokens
