@@ -106,3 +106,24 @@ def test_bad_requests_write_nothing(tmp_path, tiny, calibration):
                                                            calibration=ProfileOptions(token_ids=short, seq_len=40)))
         report = quantize(ckpt, tmp_path / "d", QuantizeOptions(format="int4-g8-sym", method="gptq"), dry_run=True)
     assert report.coverage == {} and not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_cli(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MOETOOL_DEBUG"} | {"COLUMNS": "200"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "moetool", "quantize", "builtin:tiny-moe", *map(str, args)],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    bad = run(tmp_path / "a", "--format", "nf4", "--method", "gptq")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--method rtn" in bad.stderr
+    assert not (tmp_path / "a").exists()
+    ok = run(tmp_path / "b", "--format", "int4-g32-sym", "--method", "gptq", "--max-tokens", 1024, "--seq-len", 128,
+             "--json")
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["method"] == "gptq" and sum(report["coverage"]["0"]) == 2 * 1024
