@@ -286,28 +286,42 @@ class GgufTensorRef(TensorRef):
 
     def load(self):
         """The tensor as a float32 (or integer) numpy array, dequantized with gguf-py."""
+        return self.read_rows(0, self.rows).reshape(self.shape)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the tensor seen as a matrix [prod(shape[:-1]), shape[-1]]."""
+        return self.numel // self.shape[-1] if self.shape and self.shape[-1] else 1
+
+    def read_rows(self, start: int, stop: int):
+        """Rows [start, stop) of the tensor seen as a matrix [rows, shape[-1]], as numpy: floats
+        dequantized with gguf-py, F32/F16/integers as stored. ggml blocks run along the last axis, so
+        the rows are one contiguous byte range and only it is read."""
         import numpy as np
-        from gguf import GGMLQuantizationType, dequantize, quant_shape_to_byte_shape
+
+        cols = self.shape[-1] if self.shape else 1
+        row_bytes = self.nbytes // self.rows
+        count = (stop - start) * row_bytes
+        BYTES_READ.add(count)
+        try:
+            raw = np.fromfile(self.shard.path, dtype=np.uint8, count=count, offset=self.start + start * row_bytes)
+        except OSError as exc:
+            raise CheckpointFormatError(f"{self.shard.path}: cannot read {self.name} ({exc.strerror})") from None
+        if raw.size != count:
+            raise CheckpointFormatError(f"{self.shard.path}: ended early reading {self.name}")
+        native = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                  "I32": np.int32, "I64": np.int64}.get(self.dtype)
+        if native is not None:
+            return raw.view(native).reshape(stop - start, cols)
+        from gguf import GGMLQuantizationType, dequantize
 
         try:
             qtype = GGMLQuantizationType[self.dtype]
         except KeyError:
             raise UnsupportedError(f"{self.shard.path}: gguf-py does not know ggml type {self.dtype} "
                                    f"({self.name})") from None
-        BYTES_READ.add(self.nbytes)
         try:
-            raw = np.fromfile(self.shard.path, dtype=np.uint8, count=self.nbytes, offset=self.start)
-        except OSError as exc:
-            raise CheckpointFormatError(f"{self.shard.path}: cannot read {self.name} ({exc.strerror})") from None
-        if raw.size != self.nbytes:
-            raise CheckpointFormatError(f"{self.shard.path}: ended early reading {self.name}")
-        native = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
-                  "I32": np.int32, "I64": np.int64}.get(self.dtype)
-        if native is not None:
-            return raw.view(native).reshape(self.shape)
-        try:
-            data = raw.reshape(quant_shape_to_byte_shape(self.shape, qtype))
-            return dequantize(data, qtype).reshape(self.shape)
+            return dequantize(raw.reshape(stop - start, row_bytes), qtype).reshape(stop - start, cols)
         except NotImplementedError:
             raise UnsupportedError(f"{self.shard.path}: gguf-py cannot dequantize {self.dtype} "
                                    f"({self.name})") from None

@@ -15,6 +15,7 @@ import re
 
 from moetool.arch import Role, get_family
 from moetool.arch.gguf import (
+    BLK,
     BLK_LAYER,
     BOS_KEY,
     BUFFER_SUFFIXES,
@@ -27,7 +28,7 @@ from moetool.arch.gguf import (
     family_name,
     transformers_config,
 )
-from moetool.checkpoint.checkpoint import BYTES_READ, Checkpoint
+from moetool.checkpoint.checkpoint import Checkpoint
 from moetool.checkpoint.gguf import GgufTensorRef
 from moetool.checkpoint.pieces import ComputedRef
 from moetool.errors import CheckpointFormatError, UnsupportedError
@@ -62,7 +63,7 @@ def transformers_view(ckpt: Checkpoint) -> Checkpoint:
             continue   # tables llama.cpp generates (rope factors); transformers computes its own
         found = _LAYER.match(gguf_name)
         layer = int(found.group(1)) if found else None
-        masked = gguf_name if layer is None else "blk.{L}." + gguf_name[found.end():]
+        masked = gguf_name if layer is None else BLK + gguf_name[found.end():]
         target = names.get(masked)
         if target is None:
             raise UnsupportedError(f"{ckpt.source}: tensor {gguf_name!r} has no transformers counterpart "
@@ -79,11 +80,12 @@ def transformers_view(ckpt: Checkpoint) -> Checkpoint:
                 tensors[hf.replace("{E}", str(e))] = DequantizedRef(hf.replace("{E}", str(e)), ref, e, ref.shape[1:])
         else:
             tensors[hf] = DequantizedRef(hf, ref, None, _shape(role, ref), heads=heads)
-    embed = ckpt.tensors.get("token_embd.weight")
+    embed = ckpt.tensors.get(TENSORS[Role.EMBED])
     if embed is None:
-        raise CheckpointFormatError(f"{ckpt.source}: has no token_embd.weight")
+        raise CheckpointFormatError(f"{ckpt.source}: has no {TENSORS[Role.EMBED]}")
     try:
-        config = transformers_config(cfg, runnable, vocab_size=embed.shape[0], tied="output.weight" not in ckpt.tensors,
+        config = transformers_config(cfg, runnable, vocab_size=embed.shape[0],
+                                     tied=TENSORS[Role.LM_HEAD] not in ckpt.tensors,
                                      dense_layers=sorted(dense_layers - router_layers))
     except (KeyError, ValueError) as exc:
         raise UnsupportedError(f"{ckpt.source}: the metadata cannot be mapped to a transformers config ({exc})") \
@@ -109,7 +111,7 @@ def _name_table(family, runnable: RunnableArch) -> dict[str, tuple[str, object]]
 
 def _heads(cfg, runnable: RunnableArch, masked: str) -> int | None:
     """The head count whose rows convert_hf_to_gguf.py permuted in this tensor, if it did."""
-    stem = masked.removeprefix("blk.{L}.").split(".")[0]
+    stem = masked.removeprefix(BLK).split(".")[0]
     key = runnable.permuted_heads.get(stem)
     return int(cfg[key]) if key else None
 
@@ -129,7 +131,6 @@ class DequantizedRef(ComputedRef):
         super().__init__(name, "F32", tuple(shape))
         self.source, self.expert, self.heads = source, expert, heads
         self.rows = self.numel // self.shape[-1] if self.shape and self.shape[-1] else 1
-        self.row_bytes = source.nbytes // max(1, source.numel // (source.shape[-1] if source.shape else 1))
 
     def load(self):
         return self.load_rows(0, self.rows).reshape(self.shape)
@@ -149,30 +150,9 @@ class DequantizedRef(ComputedRef):
 
     def _read(self, start: int, stop: int):
         import numpy as np
-        from gguf import GGMLQuantizationType, dequantize
 
-        src = self.source
-        base = (self.expert or 0) * self.rows
-        offset = src.start + (base + start) * self.row_bytes
-        count = (stop - start) * self.row_bytes
-        BYTES_READ.add(count)
-        try:
-            raw = np.fromfile(src.shard.path, dtype=np.uint8, count=count, offset=offset)
-        except OSError as exc:
-            raise CheckpointFormatError(f"{src.shard.path}: cannot read {src.name} ({exc.strerror})") from None
-        if raw.size != count:
-            raise CheckpointFormatError(f"{src.shard.path}: ended early reading {src.name}")
-        cols = self.shape[-1] if self.shape else 1
-        native = {"F32": np.float32, "F16": np.float16}.get(src.dtype)
-        if native is not None:
-            values = raw.view(native)
-        else:
-            try:
-                values = dequantize(raw.reshape(stop - start, self.row_bytes), GGMLQuantizationType[src.dtype])
-            except (NotImplementedError, KeyError):
-                raise UnsupportedError(f"{src.shard.path}: gguf-py cannot dequantize {src.dtype} "
-                                       f"({src.name})") from None
-        return np.ascontiguousarray(values.reshape(stop - start, cols), dtype=np.float32)
+        base = (self.expert or 0) * self.rows   # an expert's rows follow the experts before it
+        return np.ascontiguousarray(self.source.read_rows(base + start, base + stop), dtype=np.float32)
 
 
 def _unpermute(rows, heads: int):

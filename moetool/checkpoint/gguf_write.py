@@ -269,19 +269,7 @@ def read_expert(ref, expert: int, experts: int):
     """Expert EXPERT of a GGUF tensor stacking EXPERTS on its outermost axis, as float32 numpy
     (dequantized with gguf-py): only that expert's bytes are read."""
     import numpy as np
-    from gguf import GGMLQuantizationType, dequantize, quant_shape_to_byte_shape
 
-    per = ref.nbytes // experts
+    per = ref.rows // experts
     shape = tuple(ref.shape[1:]) or (1,)
-    BYTES_READ.add(per)
-    raw = np.fromfile(ref.shard.path, dtype=np.uint8, count=per, offset=ref.start + expert * per)
-    if raw.size != per:
-        raise CheckpointFormatError(f"{ref.shard.path}: ended early reading {ref.name}")
-    native = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(ref.dtype)
-    if native is not None:
-        return raw.view(native).astype(np.float32).reshape(shape)
-    qtype = GGMLQuantizationType[ref.dtype]
-    try:
-        return dequantize(raw.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype).reshape(shape)
-    except NotImplementedError:
-        raise UnsupportedError(f"{ref.shard.path}: gguf-py cannot dequantize {ref.dtype} ({ref.name})") from None
+    return ref.read_rows(expert * per, (expert + 1) * per).astype(np.float32).reshape(shape)

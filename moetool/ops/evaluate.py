@@ -18,7 +18,7 @@ from moetool.ops.profile import calibration_ids
 from moetool.runner import distributed, engine
 from moetool.runner.device import pick_device, pick_dtype
 from moetool.runner.engine import ActivationStore, micro_batches
-from moetool.runner.model import check_runnable, load_model
+from moetool.runner.model import check_runnable, load_model, runnable
 
 SCHEMA_VERSION = 1
 LOGIT_CHUNK = 1024   # tokens per lm_head chunk: logits never exist for all tokens at once
@@ -148,11 +148,14 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
     for source in (ckpt, reference):
         if source is not None:
             check_runnable(source)
+    vocab_size = inspect_checkpoint(ckpt).vocab_size
+    ckpt = runnable(ckpt)   # a GGUF as the transformers checkpoint it stands for, built once
+    reference = runnable(reference) if reference is not None else None
     world = distributed.world_from_env()
     device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)
     dtype = pick_dtype(options.dtype, device)
     distributed.init(world, device)
-    ids = calibration_ids(ckpt, options, default="builtin:heldout", vocab_size=inspect_checkpoint(ckpt).vocab_size)
+    ids = calibration_ids(ckpt, options, default="builtin:heldout", vocab_size=vocab_size)
     first, count = distributed.share(ids.shape[0], world)
     batches = micro_batches(ids[first:first + count], options.batch_size, first)
     start = time.perf_counter()

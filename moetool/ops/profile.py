@@ -148,12 +148,13 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
         raise UsageError("--device-map spreads one model over the node's GPUs; under torchrun each rank runs "
                          "its own copy: use one or the other")
     check_runnable(ckpt)
+    model_ckpt = runnable(ckpt)   # a GGUF as the transformers checkpoint it stands for, built once
     if options.trace is not None and Path(options.trace).exists() and not options.force:
         raise OutputExistsError(f"{options.trace}: exists", hint="use --force to replace it")
     device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)
     dtype = pick_dtype(options.dtype, device)
     distributed.init(world, device)
-    ids = calibration_ids(ckpt, options, default="builtin", vocab_size=structure.vocab_size)
+    ids = calibration_ids(model_ckpt, options, default="builtin", vocab_size=structure.vocab_size)
     seq_len = ids.shape[1]
     window = options.capacity_window or seq_len   # one sequence: every rank holds whole windows
     unit = window_unit(window, seq_len)
@@ -161,7 +162,7 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     first = first_unit * unit
     local = ids[first:min(ids.shape[0], (first_unit + unit_count) * unit)]
     read_before = BYTES_READ.value
-    loaded = load_model(ckpt, device=device, dtype=dtype, mode=options.mode, device_map=options.device_map,
+    loaded = load_model(model_ckpt, device=device, dtype=dtype, mode=options.mode, device_map=options.device_map,
                         trust_remote_code=options.trust_remote_code)
     stats = RoutingStats(layers, device, capacity_window=window, ep=options.ep)
     trace = capture = None

@@ -25,7 +25,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,7 @@ class QuantizeOptions:
     max_shard_size: int = 5_000_000_000
     command: str = ""
     method: str = "rtn"                 # "rtn" (round to nearest) | "gptq" (routed experts, calibrated)
-    sequential: bool | None = None      # gptq: calibrate each layer on the quantized earlier ones (default on)
+    sequential: bool = True             # gptq: calibrate each layer on the quantized earlier ones
     act_order: bool = False             # gptq: columns in descending Hessian-diagonal order
     damp: float = 0.01                  # gptq: dampening, a share of the Hessian's mean diagonal
     min_tokens: int = 128               # gptq: experts routed fewer tokens blend in the layer's Hessian
@@ -828,21 +828,19 @@ def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, for
             chosen[roles[w.role]] = fmt.base if isinstance(fmt, ct.CompressedFormat) else fmt
             names.setdefault(key, {})[("gate", "up", "down")[roles[w.role]]] = w.tensor.name
         plan[key] = tuple(chosen)
-    calibration = options.calibration or ProfileOptions(seq_len=256)
-    if calibration.seq_len is None:
-        calibration = ProfileOptions(**{**calibration.__dict__, "seq_len": 256})
+    calibration = options.calibration or ProfileOptions()
+    calibration = replace(calibration, seq_len=calibration.seq_len or 256)
     ids = calibration_ids(ckpt, calibration, default="builtin", vocab_size=None)
     if ids.shape[1] < calibration.seq_len:   # GPTQ's Hessians need whole sequences of calibration text
         raise DataError(f"the calibration data holds {ids.numel()} tokens, fewer than one sequence of "
                         f"{calibration.seq_len}", hint="give more data, or a smaller --seq-len")
     store = _CalibratedParts()
-    sequential = options.sequential is not False
 
     def save(layer, expert, results):
         store.add(f"{layer}-{expert}", {names[(layer, expert)][part]: r.parts for part, r in results.items()})
 
     calibrator = GptqExperts(plan, save, min_tokens=options.min_tokens, damp=options.damp,
-                             act_order=options.act_order, write_back=sequential)
+                             act_order=options.act_order, write_back=options.sequential)
     device = pick_device(calibration.device)
     loaded = load_model(ckpt, device=device, dtype=torch.float32, mode="streamed",
                         trust_remote_code=calibration.trust_remote_code)
@@ -868,7 +866,7 @@ def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, for
         warnings.append(f"gptq: {len(few)} experts were routed fewer than {options.min_tokens} calibration tokens; "
                         f"their Hessians were blended with their layer's (see coverage): {listed}")
     warnings += [f"gptq fell back to round-to-nearest: {f}" for f in calibrator.fallbacks]
-    if formats.keys() - store.files.keys() - {w.tensor.name for ws in experts.values() for w in ws}:
+    if formats.keys() - {w.tensor.name for ws in experts.values() for w in ws}:
         warnings.append("gptq: weights quantized by --rules (attention, shared experts, dense MLPs) are rounded "
                         "to nearest; GPTQ covers the routed experts")
     return store

@@ -146,7 +146,7 @@ def _words(codes, bits: int):
 
     per = 32 // bits
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, -codes.shape[-1] % per))
-    words = (c.reshape(*c.shape[:-1], -1, per) << (torch.arange(per) * bits)).sum(-1)
+    words = (c.reshape(*c.shape[:-1], -1, per) << (torch.arange(per, device=c.device) * bits)).sum(-1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)   # two's complement
 
 
@@ -156,7 +156,7 @@ def _codes(words, bits: int, n: int):
 
     per = 32 // bits
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    codes = (unsigned.unsqueeze(-1) >> (torch.arange(per) * bits)) & ((1 << bits) - 1)
+    codes = (unsigned.unsqueeze(-1) >> (torch.arange(per, device=words.device) * bits)) & ((1 << bits) - 1)
     return codes.reshape(*words.shape[:-1], -1)[..., :n]
 
 

@@ -11,6 +11,7 @@ hidden states of its routed tokens for gate/up, and act(gate x) * up x of those 
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 from moetool.errors import UnsupportedError
 from moetool.quant.gptq import Hessian
@@ -66,7 +67,9 @@ def observe_experts(layer, found: dict[str, ExpertInputs]):
     """Accumulate into FOUND (name -> ExpertInputs, created on first use) while the block runs."""
     with ExitStack() as stack:
         for name, module in experts_modules(layer):
-            inputs = found.setdefault(name, ExpertInputs(module))
+            if name not in found:   # the Hessians are allocated once per layer, not per micro-batch
+                found[name] = ExpertInputs(module)
+            inputs = found[name]
             stack.callback(module.register_forward_pre_hook(inputs.hook).remove)
         yield found
 
@@ -107,35 +110,46 @@ class GptqExperts:
             raise UnsupportedError(f"decoder layer {index} holds {len(found)} routed-experts modules; sequential "
                                    "GPTQ handles one per layer")
         for inputs in found.values():
-            tokens = inputs.tokens()
-            self.coverage[index] = tokens
+            self.coverage[index] = inputs.tokens()
             all_gate_up, all_down = _pooled(inputs.gate_up), _pooled(inputs.down)
             module = inputs.module
             for e in range(inputs.experts):
                 gate_fmt, up_fmt, down_fmt = self.formats.get((index, e), (None, None, None))
                 h_gate_up = _blend(inputs.gate_up[e], all_gate_up, self.min_tokens)
                 h_down = _blend(inputs.down[e], all_down, self.min_tokens)
-                weights = module.gate_up_proj.data[e]
-                results = {}
-                for part, fmt, rows in (("gate", gate_fmt, slice(0, inputs.inter)),
-                                        ("up", up_fmt, slice(inputs.inter, 2 * inputs.inter))):
-                    if fmt is not None:
-                        results[part] = gptq(weights[rows], h_gate_up, fmt, damp=self.damp,
-                                             act_order=self.act_order, name=f"layer {index} expert {e} {part}")
-                        if self.write_back:
-                            weights[rows] = results[part].weight.to(weights.dtype)
+                weights, down = module.gate_up_proj.data[e], module.down_proj.data
+                results = self._gate_up(index, e, weights, h_gate_up, gate_fmt, up_fmt, inputs.inter)
                 if down_fmt is not None:
-                    down = module.down_proj.data
                     results["down"] = gptq(down[e], h_down, down_fmt, damp=self.damp, act_order=self.act_order,
                                            name=f"layer {index} expert {e} down")
-                    if self.write_back:
-                        down[e] = results["down"].weight.to(down.dtype)
+                if self.write_back:
+                    rows = {"gate": slice(0, inputs.inter), "up": slice(inputs.inter, 2 * inputs.inter)}
+                    for part, result in results.items():
+                        if part == "down":
+                            down[e] = result.weight.to(down.dtype)
+                        else:
+                            weights[rows[part]] = result.weight.to(weights.dtype)
                 self.fallbacks += [f"layer {index} expert {e} {p}: {r.fallback}" for p, r in results.items()
                                    if r.fallback]
                 self.save(index, e, results)
-            del inputs
         if found and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _gate_up(self, index: int, e: int, weights, hessian, gate_fmt, up_fmt, inter: int) -> dict:
+        """GPTQ of expert E's gate and up rows; in one call when they share a format (rows are
+        independent given the Hessian, so one factorisation serves both)."""
+        from moetool.quant.gptq import gptq
+
+        def run(rows, fmt, part):
+            return gptq(weights[rows], hessian, fmt, damp=self.damp, act_order=self.act_order,
+                        name=f"layer {index} expert {e} {part}")
+
+        if gate_fmt is not None and gate_fmt == up_fmt:
+            both = run(slice(0, 2 * inter), gate_fmt, "gate/up")
+            return {part: replace(both, weight=both.weight[rows], parts={k: v[rows] for k, v in both.parts.items()})
+                    for part, rows in (("gate", slice(0, inter)), ("up", slice(inter, 2 * inter)))}
+        return {part: run(rows, fmt, part) for part, fmt, rows in
+                (("gate", gate_fmt, slice(0, inter)), ("up", up_fmt, slice(inter, 2 * inter))) if fmt is not None}
 
 
 def _pooled(hessians: list[Hessian]):
