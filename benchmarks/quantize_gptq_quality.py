@@ -1,31 +1,43 @@
-"""GPTQ against round-to-nearest on builtin:tiny-moe, routed experts only.
+"""Sequential calibration on builtin:tiny-moe: GPTQ against round-to-nearest (routed experts only),
+and prune --sequential against per-layer scoring.
 
 Calibration: the first 16,384 tokens of the built-in training corpus (64 sequences of 256).
-Evaluation: KL(original || quantized) per token on the held-out play (moetool eval's defaults),
+Evaluation: KL(original || compressed) per token on the held-out play (moetool eval's defaults),
 with top-1 agreement and perplexity beside it. Rows: int4-g32-sym and int3-g32-sym by
-round-to-nearest, by GPTQ (sequential, the default), GPTQ without --sequential and with
---act-order; then a 3-bit budget over integer candidates with GPTQ, uniform against
-routing-aware (mass) allocation. The reference figures of issue 14 (llm-compressor 0.14 on the
-same model, tokens and text) are printed beside them.
+round-to-nearest, by GPTQ (the defaults: sequential, act-order), GPTQ --no-act-order and
+--no-sequential; a 3-bit budget over integer candidates with GPTQ (each candidate weighed by its
+measured GPTQ error), uniform against routing-aware (mass) allocation; then prune at 50% by
+frequency and REAP, per-layer against --sequential, on the same tokens and, to show how much one
+calibration set decides, on the next 16,384-token windows of the corpus (mean over WINDOWS). The
+reference figures of issue 14 (llm-compressor 0.14 on the same model, tokens and text) are printed
+beside them.
 
-Run: python benchmarks/quantize_gptq_quality.py
+Run: python benchmarks/quantize_gptq_quality.py [--windows 5]
 """
 
+import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from moetool.checkpoint import open_checkpoint
 from moetool.ops.evaluate import EvalOptions, evaluate
 from moetool.ops.profile import ProfileOptions, profile
+from moetool.ops.prune import PruneOptions, prune
 from moetool.ops.quantize import QuantizeOptions, quantize
+from moetool.runner import data
 
 CALIBRATION = ProfileOptions(max_tokens=16384, seq_len=256, batch_size=8)
 LLM_COMPRESSOR = {"int4": (0.0246, 0.0193, 0.0162), "int3": (0.0968, 0.0726, 0.0611)}   # rtn, gptq, per-expert gptq
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--windows", type=int, default=5, help="calibration windows of the prune comparison")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with open_checkpoint("builtin:tiny-moe") as original:
@@ -35,10 +47,10 @@ def main() -> None:
             for fmt in ("int4-g32-sym", "int3-g32-sym"):
                 runs += [(f"{fmt} rtn", QuantizeOptions(format=fmt)),
                          (f"{fmt} gptq", QuantizeOptions(format=fmt, method="gptq", calibration=CALIBRATION)),
+                         (f"{fmt} gptq --no-act-order", QuantizeOptions(format=fmt, method="gptq", act_order=False,
+                                                                       calibration=CALIBRATION)),
                          (f"{fmt} gptq --no-sequential", QuantizeOptions(format=fmt, method="gptq", sequential=False,
-                                                                        calibration=CALIBRATION)),
-                         (f"{fmt} gptq --act-order", QuantizeOptions(format=fmt, method="gptq", act_order=True,
-                                                                    calibration=CALIBRATION))]
+                                                                        calibration=CALIBRATION))]
             for policy in ("uniform", "mass"):
                 runs.append((f"3-bit budget, {policy}, gptq",
                              QuantizeOptions(bits_budget=3.0, policy=policy, profile=tmp / "profile.json",
@@ -55,6 +67,27 @@ def main() -> None:
                 kl[label] = result.kl_mean
                 print(f"{label:>34} {report.expert_bits:6.3f} {result.kl_mean:9.4f} {result.top1_agreement:7.1%} "
                       f"{result.perplexity:10.2f} {seconds:8.1f}")
+            print(f"{'prune 50%':>34} {'window':>6} {'KL mean':>9} {'top-1':>7} {'perplexity':>10} {'seconds':>8}")
+            windows = _windows(original, tmp, args.windows)
+            for w, calibration in enumerate(windows):
+                for criterion in ("frequency", "reap"):
+                    for sequential in (False, True):
+                        label = f"{criterion} {'--sequential' if sequential else 'per-layer'}"
+                        out = tmp / f"prune-{w}-{label}"
+                        start = time.perf_counter()
+                        prune(original, out, PruneOptions(ratio=0.5, criterion=criterion, sequential=sequential,
+                                                          calibration=calibration))
+                        seconds = time.perf_counter() - start
+                        with open_checkpoint(out) as pruned:
+                            result = evaluate(pruned, EvalOptions(), original)
+                        kl[(w, label)] = result.kl_mean
+                        if w == 0:
+                            print(f"{label:>34} {w:>6} {result.kl_mean:9.4f} {result.top1_agreement:7.1%} "
+                                  f"{result.perplexity:10.2f} {seconds:8.1f}")
+            for label in ("frequency per-layer", "frequency --sequential", "reap per-layer", "reap --sequential"):
+                values = [kl[(w, label)] for w in range(len(windows))]
+                print(f"{label:>34} {'mean':>6} {sum(values) / len(values):9.4f}  over {len(values)} windows: "
+                      + " ".join(f"{v:.4f}" for v in values))
     for fmt in ("int4-g32-sym", "int3-g32-sym"):
         rtn, ours = kl[f"{fmt} rtn"], kl[f"{fmt} gptq"]
         theirs = LLM_COMPRESSOR[fmt[:4]]
@@ -62,6 +95,22 @@ def main() -> None:
               f"per-expert gptq {theirs[2]}: moetool gptq {ours:.4f} {'<=' if ours <= theirs[2] else '>'} the best")
     uniform, mass = kl["3-bit budget, uniform, gptq"], kl["3-bit budget, mass, gptq"]
     print(f"3-bit budget with gptq: routing-aware (mass) {mass:.4f} vs uniform {uniform:.4f} ({mass / uniform:.2f}x)")
+    for criterion in ("frequency", "reap"):
+        flat, seq = kl[(0, f"{criterion} per-layer")], kl[(0, f"{criterion} --sequential")]
+        print(f"prune 50% {criterion}: --sequential {seq:.4f} vs per-layer {flat:.4f} ({seq / flat:.3f}x; goal <= 1)")
+
+
+def _windows(original, tmp: Path, count: int) -> list[ProfileOptions]:
+    """CALIBRATION, then the next COUNT - 1 windows of 16,384 tokens of the training corpus."""
+    ids = np.asarray(data.calibration_ids(data="builtin:train", token_ids=None, field="text", max_tokens=None,
+                                          tokenizer_path=data.tokenizer_source(original), chat_template=None,
+                                          default="builtin")).reshape(-1)
+    out = [CALIBRATION]
+    for w in range(1, min(count, ids.size // 16384)):
+        path = tmp / f"window{w}.json"
+        path.write_text(json.dumps(ids[w * 16384:(w + 1) * 16384].tolist()))
+        out.append(ProfileOptions(token_ids=path, max_tokens=16384, seq_len=256, batch_size=8))
+    return out
 
 
 if __name__ == "__main__":

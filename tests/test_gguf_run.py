@@ -254,10 +254,10 @@ def test_llama_cpp_gives_the_runners_logits(tmp_path, family):
     assert (ours - theirs).abs().max() <= 1e-3 * max(1.0, ours.abs().max().item())
 
 
-@pytest.mark.parametrize("criterion", ["frequency", "reap"])
-def test_prune_gguf_calibrated_on_the_gguf_itself(tmp_path, tiny_saved, token_file, criterion):
+@pytest.mark.parametrize("criterion, sequential", [("frequency", False), ("reap", False), ("reap", True)])
+def test_prune_gguf_calibrated_on_the_gguf_itself(tmp_path, tiny_saved, token_file, criterion, sequential):
     """Without --profile, prune of a GGUF profiles the GGUF: it keeps the experts prune of the
-    safetensors model keeps on the same tokens."""
+    safetensors model keeps on the same tokens (with --sequential too)."""
     from moetool.ops.prune import PruneOptions, prune
 
     model = source_model("qwen3_moe")
@@ -268,5 +268,6 @@ def test_prune_gguf_calibrated_on_the_gguf_itself(tmp_path, tiny_saved, token_fi
     kept = []
     for src, out in ((folder, tmp_path / "st-out"), (path, tmp_path / "out.gguf")):
         with open_checkpoint(src) as ckpt:
-            kept.append(prune(ckpt, out, PruneOptions(keep=2, criterion=criterion, calibration=calibration)).kept)
+            kept.append(prune(ckpt, out, PruneOptions(keep=2, criterion=criterion, calibration=calibration,
+                                                      sequential=sequential)).kept)
     assert kept[0] == kept[1] and all(len(v) == 2 for v in kept[1].values())

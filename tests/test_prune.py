@@ -231,11 +231,11 @@ def test_encoder_decoder_pruning_equals_the_masked_original(tmp_path, family):
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     weights = {}
     from moetool.arch import detect_family
-    from moetool.runner.capture import _module_name
+    from moetool.runner.capture import module_name
 
     fam = detect_family(model.config.to_dict())
     for layer in report.kept:
-        module = model.get_submodule(_module_name(fam.router_module, layer, fam.decoder_offset(model.config.to_dict())))
+        module = model.get_submodule(module_name(fam.router_module, layer, fam.decoder_offset(model.config.to_dict())))
         weights[layer] = module.classifier.weight
     with torch.no_grad(), routers_restricted(model, removed, weights):
         want = model(input_ids=ids, decoder_input_ids=ids).logits

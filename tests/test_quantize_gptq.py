@@ -60,7 +60,7 @@ def test_first_layer_experts_are_gptq_of_their_routed_tokens(tmp_path, tiny, cal
         xe = x[(chosen == e).any(-1)]
         assert report.coverage[0][e] == xe.shape[0]
         name = f"model.layers.0.mlp.experts.{e}.gate_proj.weight"
-        want = gptq(weights[name], 2 * xe.T @ xe / xe.shape[0], fmt)
+        want = gptq(weights[name], 2 * xe.T @ xe / xe.shape[0], fmt, act_order=True)   # the default
         got = _stored(tmp_path / "q", name)
         assert torch.equal(got[""], want.parts[""]) and torch.equal(got[".scales"], want.parts[".scales"])
 
@@ -127,3 +127,105 @@ def test_cli(tmp_path):
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["method"] == "gptq" and sum(report["coverage"]["0"]) == 2 * 1024
+
+
+def _inputs(model, module_name: str, ids, batch: int = 8):
+    """What transformers' own forward feeds MODULE_NAME, over IDS in micro-batches."""
+    seen = []
+    handle = model.get_submodule(module_name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch):
+            model.model(ids[start:start + batch])
+    handle.remove()
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in seen])
+
+
+def test_rules_weights_are_gptq_of_all_their_tokens(tmp_path, tiny, calibration):
+    """--rules under --method gptq: attention, shared experts and dense MLPs are GPTQ on the Hessian of
+    every token at their module (q, k and v share one), as transformers' forward delivers it."""
+    import transformers
+
+    folder = tiny("qwen2_moe")   # a shared expert in its MoE layers, a dense MLP in layer 1
+    rules = ("attention=int4-g8-sym", "shared_experts=int8-g8-sym", "dense_mlp=int4-g8-asym")
+    with open_checkpoint(folder) as ckpt:
+        report = quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4-g8-sym", method="gptq", rules=rules,
+                                                                sequential=False, calibration=calibration))
+        weights = {n: t.load().float() for n, t in ckpt.tensors.items()}
+    assert not any("rounded to nearest" in w for w in report.warnings), report.warnings
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(json.loads(calibration.token_ids.read_text())).reshape(16, 40)
+    checked = 0
+    for module, fmt in (("model.layers.0.self_attn.q_proj", "int4-g8-sym"),
+                        ("model.layers.0.self_attn.v_proj", "int4-g8-sym"),
+                        ("model.layers.2.self_attn.o_proj", "int4-g8-sym"),
+                        ("model.layers.0.mlp.shared_expert.up_proj", "int8-g8-sym"),
+                        ("model.layers.1.mlp.up_proj", "int4-g8-asym")):
+        name = module + ".weight"
+        assert report.rule_tensors[name] == fmt
+        x = _inputs(model, module, ids)
+        want = gptq(weights[name], 2 * x.T @ x / x.shape[0], parse_format(fmt), act_order=True)
+        got = _stored(tmp_path / "q", name)
+        rtn = parse_format(fmt).quantize(weights[name])
+        assert torch.equal(got[""], want.parts[""]) and not torch.equal(got[""], rtn[""])
+        checked += 1
+    assert checked == 5
+    with open_checkpoint(folder) as ckpt:   # non-integer rule formats are refused before any work
+        with pytest.raises(UsageError, match="integer"):
+            quantize(ckpt, tmp_path / "r", QuantizeOptions(format="int4-g8-sym", method="gptq",
+                                                           rules=("attention=nf4",)))
+    assert not (tmp_path / "r").exists()
+
+
+def test_budget_weighs_candidates_by_their_gptq_error(tmp_path, tiny, calibration):
+    """Under --bits-budget with GPTQ, a candidate's cost is its GPTQ output error on the expert's own
+    routed tokens, trace((W - Q) H (W - Q)^T): recomputed here for layer 0 from transformers' forward."""
+    import transformers
+
+    from moetool.quant.gptq import output_error
+    from moetool.runner import sequential
+
+    folder = tiny("qwen3_moe")
+    candidates = [parse_format(f) for f in ("int2-g8-asym", "int4-g8-sym")]
+    costs = {}
+    real = sequential.GptqCosts.update
+
+    def spy(self, index, layer):
+        real(self, index, layer)
+        costs.update(self.costs)
+
+    sequential.GptqCosts.update = spy
+    try:
+        with open_checkpoint(folder) as ckpt:
+            report = quantize(ckpt, tmp_path / "q", QuantizeOptions(
+                bits_budget=5.5, candidates="int2-g8-asym,int4-g8-sym", policy="uniform", method="gptq",
+                calibration=calibration, min_tokens=1))
+            weights = {n: t.load().float() for n, t in ckpt.tensors.items() if ".layers.0.mlp." in n}
+    finally:
+        sequential.GptqCosts.update = real
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(json.loads(calibration.token_ids.read_text())).reshape(16, 40)
+    x = _inputs(model, "model.layers.0.mlp", ids)
+    chosen = (x @ weights["model.layers.0.mlp.gate.weight"].T).topk(2, dim=-1).indices
+    for e in range(4):
+        xe = x[(chosen == e).any(-1)]
+        prefix = f"model.layers.0.mlp.experts.{e}."
+        gate_up = torch.cat([weights[prefix + "gate_proj.weight"], weights[prefix + "up_proj.weight"]])
+        down = weights[prefix + "down_proj.weight"]
+        g, u = (gate_up @ xe.T).T.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(g) * u
+        h_gate_up, h_down = 2 * xe.T @ xe / xe.shape[0], 2 * h.T @ h / h.shape[0]
+        for fmt in candidates:
+            want = (output_error(gate_up, gptq(gate_up, h_gate_up, fmt, act_order=True).weight, h_gate_up) +
+                    output_error(down, gptq(down, h_down, fmt, act_order=True).weight, h_down))
+            assert costs[(0, e)][fmt.id] == pytest.approx(want, rel=1e-3)
+    assert set(report.formats) == {"int2-g8-asym", "int4-g8-sym"}   # the budget mixes them
+    assert report.expert_bits <= 5.5
+    # and the allocation is the knapsack over those costs (uniform importance), not over rounding errors
+    from moetool.ops.quantize import allocate
+
+    rows = {(r.layer, r.expert): r for r in report.experts}
+    shapes = [tuple(weights[f"model.layers.0.mlp.experts.0.{p}_proj.weight"].shape) for p in ("gate", "up", "down")]
+    items = {key: [(sum(fmt.nbytes(shape, "float32") for shape in shapes), costs[key][fmt.id], fmt.id)
+                   for fmt in candidates] for key in rows}
+    want = allocate(items, 5.5 * sum(r.params for r in rows.values()) / 8)
+    assert {key: r.format for key, r in rows.items()} == want

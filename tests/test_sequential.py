@@ -19,7 +19,7 @@ class Recorder:
         self.changed, self.inputs, self.order = set(changed), {}, []
 
     @contextmanager
-    def observe(self, index, layer):
+    def observe(self, index, layer, batch, ids):
         self.order.append(("observe", index))
         handle = layer.register_forward_pre_hook(
             lambda module, args: self.inputs.setdefault(index, []).append(args[0].clone()))
@@ -71,7 +71,7 @@ class HessianObserver:
     def __init__(self):
         self.found = {}
 
-    def observe(self, index, layer):
+    def observe(self, index, layer, batch, ids):
         from moetool.runner.sequential import observe_experts
 
         return observe_experts(layer, self.found.setdefault(index, {}))

@@ -49,6 +49,9 @@ def prune(
                                        "moetool.load_model).")] = "per-layer",
     merge: Annotated[bool, typer.Option("--merge", help="Fold each removed expert into its most similar kept "
                                         "expert (routing-mass-weighted average) instead of dropping it.")] = False,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Score each layer on the outputs of the "
+                                             "already-pruned (or merged) earlier layers, layer by layer on "
+                                             "the calibration data.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
     max_shard_size: MaxShardSizeOpt = "5GB",
     dry_run: DryRunOpt = False,
@@ -64,7 +67,7 @@ def prune(
     options = PruneOptions(keep=keep, ratio=ratio, experts=parse_experts(experts) if experts else None,
                            criterion=criterion, profile=profile,
         calibration=calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size),
-        seed=seed, merge=merge, scope=scope,
+        seed=seed, merge=merge, scope=scope, sequential=sequential,
                            max_shard_size=parse_size(max_shard_size))
     primary = is_primary()
     dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints

@@ -71,8 +71,9 @@ def quantize(
     sequential: Annotated[bool, typer.Option("--sequential/--no-sequential",
                                              help="gptq: calibrate each layer on the outputs of the earlier "
                                              "layers as quantized.")] = True,
-    act_order: Annotated[bool, typer.Option("--act-order", help="gptq: quantize columns in descending order of "
-                                            "the Hessian's diagonal (static groups).")] = False,
+    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="gptq: quantize columns in "
+                                            "descending order of the Hessian's diagonal (static groups, as "
+                                            "llm-compressor does by default).")] = True,
     damp: Annotated[float, typer.Option(min=0.0, help="gptq: dampening, a share of the Hessian's mean "
                                         "diagonal.")] = 0.01,
     min_tokens: Annotated[int, typer.Option(min=0, help="gptq: experts routed fewer calibration tokens have "

@@ -210,7 +210,7 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
                      "weight_wait_seconds": round(timing.weight_wait_seconds, 4)}
     return ProfileReport(ckpt.source, structure.family, loaded.mode, str(device), str(dtype).removeprefix("torch."),
                          ids.numel(), ids.shape[0], seq_len, report_timing, memory,
-                         [_layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
+                         [layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
                          capacity_window=window, world_size=world.size, io=io,
                          trace=str(options.trace) if options.trace else None)
 
@@ -250,11 +250,11 @@ def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) ->
                           "tokens_per_second": round(first.tokens / seconds, 2) if seconds else None,
                           "layer_seconds": {}, "weight_wait_seconds": 0.0},
                          {"host_peak_rss_bytes": _peak_rss()},
-                         [_layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
+                         [layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
                          capacity_window=window, trace=str(options.from_trace), notes=notes)
 
 
-def _layer_profile(layer: int, t: LayerTotals, options: ProfileOptions) -> LayerProfile:
+def layer_profile(layer: int, t: LayerTotals, options: ProfileOptions) -> LayerProfile:
     experts = t.experts
     total = max(1, sum(t.counts))
 
@@ -310,12 +310,8 @@ def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, calibr
     import json
 
     if profile is None:
-        calibration = calibration or ProfileOptions(seq_len=None)
-        if calibration.seq_len is None:   # 256, or fewer for models with fewer positions
-            positions = max_positions(ckpt)
-            calibration = replace(calibration, seq_len=min(256, positions) if isinstance(positions, int) and
-                                  positions > 1 else 256)
-        report = _run(ckpt, replace(calibration, saliency=saliency, trace=None, from_trace=None))
+        report = _run(ckpt, replace(calibration_defaults(ckpt, calibration), saliency=saliency, trace=None,
+                                    from_trace=None))
         return {lp.layer: lp.__dict__ for lp in report.layers}
     try:
         layers = {int(layer["layer"]): layer for layer in json.loads(Path(profile).read_text())["layers"]}
@@ -329,6 +325,17 @@ def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, calibr
         raise UsageError(f"{profile}: this profile is of another model (its MoE layers or expert counts differ "
                          f"from {ckpt.source}'s)")
     return layers
+
+
+def calibration_defaults(ckpt: Checkpoint, calibration: ProfileOptions | None) -> ProfileOptions:
+    """CALIBRATION with the defaults of commands that calibrate on their own (prune, quantize):
+    None is the built-in corpus; seq_len None is 256 tokens, or the model's maximum positions if fewer."""
+    calibration = calibration or ProfileOptions(seq_len=None)
+    if calibration.seq_len is None:
+        positions = max_positions(ckpt)
+        calibration = replace(calibration, seq_len=min(256, positions) if isinstance(positions, int) and
+                              positions > 1 else 256)
+    return calibration
 
 
 _run = profile   # routing_profile's own `profile` argument hides the function

@@ -36,9 +36,12 @@ from moetool.ops.prune_choice import (
     PROFILE_FIELD,
     PruneOptions,
     PruneReport,
+    check_sequential,
     choose_per_layer,
     kept_count,
+    merge_group,
     removed_share,
+    sequential_choice,
 )
 from moetool.ops.prune_gguf import prune_gguf
 from moetool.quant.config import recorded_formats
@@ -87,16 +90,21 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
                          "convert --dequantize it first), then quantize")
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
+    check_sequential(options)
     groups = (ckpt.config or {}).get("n_group") or 1
     experts = structure.num_experts
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = kept_count(experts, top_k, options)
+    similarity = None
     if options.experts is not None:
         if sorted(options.experts) != structure.moe_layers or any(
                 len(set(v)) != len(v) or not all(0 <= e < experts for e in v) for v in options.experts.values()):
             raise UsageError(f"--experts must list distinct experts (0..{experts - 1}) for each MoE layer "
                              f"{structure.moe_layers}")
         kept, mass = {layer: sorted(v) for layer, v in options.experts.items()}, None
+    elif options.sequential:
+        similarity = _similarity(ckpt) if options.merge else None
+        kept, mass = sequential_choice(ckpt, structure, options, keep, groups, similarity)
     elif options.scope == "global":
         if groups > 1:
             raise UnsupportedError("--scope global with group-limited routing (n_group > 1) would unbalance "
@@ -111,7 +119,9 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
     counts = {len(v) for v in kept.values()}
     keep = max(counts)
     new_k = min(top_k, min(counts))
-    groups = _merge_groups(ckpt, kept, mass, experts) if options.merge else None
+    if options.merge and similarity is None:
+        similarity = _similarity(ckpt)
+    groups = _merge_groups(similarity, kept, mass, experts) if options.merge else None
 
     classifier = _classifier(family, ckpt.config or {})
     tensors: list[OutputTensor] = []
@@ -188,27 +198,19 @@ def _global_choice(scores: dict[int, list[float]], experts: int, keep: int, top_
     return {layer: sorted(v) for layer, v in kept.items()}
 
 
-def _merge_groups(ckpt: Checkpoint, kept: dict[int, list[int]], mass, experts: int
+def _merge_groups(similarity, kept: dict[int, list[int]], mass, experts: int
                   ) -> dict[int, dict[int, list[tuple[int, float]]]]:
-    """For each kept expert, the experts folded into it with their weights: every removed expert
-    goes to its most similar kept expert (cosine of the expert weights), weighted by the routing
-    mass each carried (M-SMoE's frequency-weighted merge)."""
-    from moetool.ops.inspect import inspect_checkpoint
-
+    """For each kept expert, the experts folded into it with their weights (`merge_group`)."""
     if mass is None:
         raise UsageError("--merge needs routing frequencies: give --profile or let moetool profile --data")
-    similarity = {s.layer: s.similarity for s in inspect_checkpoint(ckpt, experts=True).experts}
-    groups: dict[int, dict[int, list[tuple[int, float]]]] = {}
-    for layer, keep in kept.items():
-        members = {k: [k] for k in keep}
-        for e in range(experts):
-            if e not in members:
-                members[max(keep, key=lambda k: (similarity[layer][e][k], -k))].append(e)
-        groups[layer] = {}
-        for k, group in members.items():
-            total = sum(mass[layer][e] for e in group) or float(len(group))
-            groups[layer][k] = [(e, (mass[layer][e] or (0 if total else 1)) / total) for e in group]
-    return groups
+    return {layer: merge_group(similarity[layer], keep, mass[layer], experts) for layer, keep in kept.items()}
+
+
+def _similarity(ckpt: Checkpoint) -> dict[int, list[list[float]]]:
+    """Per MoE layer, the cosine similarity of every pair of experts' weights."""
+    from moetool.ops.inspect import inspect_checkpoint
+
+    return {s.layer: s.similarity for s in inspect_checkpoint(ckpt, experts=True).experts}
 
 
 def _weighted(parts: list[tuple[TensorRef, float]], dtype: str):

@@ -3,6 +3,7 @@ each layer keeps and which."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 from moetool import __version__
 from moetool.arch import Role
 from moetool.errors import UsageError
-from moetool.ops.profile import ProfileOptions
+from moetool.ops.profile import ProfileOptions, calibration_defaults, calibration_ids, layer_profile
+from moetool.runner import distributed
+
+log = logging.getLogger(__name__)
 
 CRITERIA = ("frequency", "soft-count", "reap", "ean", "weight-norm", "random")
 PROFILE_FIELD = {"frequency": "counts", "soft-count": "weight_mass", "reap": "saliency", "ean": "activation_norm"}
@@ -28,6 +32,7 @@ class PruneOptions:
     calibration: ProfileOptions | None = None   # data to profile when no --profile (None: the built-in corpus)
     merge: bool = False                 # fold removed experts into their most similar kept expert
     scope: str = "per-layer"            # "per-layer" (same count everywhere) | "global" (ranked across layers)
+    sequential: bool = False            # score each layer on the outputs of the already-pruned earlier layers
     seed: int = 0
     max_shard_size: int = 5_000_000_000
 
@@ -88,6 +93,83 @@ def choose_per_layer(scores: dict[int, list[float]], layers: list[int], experts:
     return {layer: sorted(e for g in range(groups) for e in sorted(
                 range(g * size, (g + 1) * size), key=lambda e: (-scores[layer][e], e))[:per_group])
             for layer in layers}
+
+
+def merge_group(similarity: list[list[float]], keep: list[int], mass: list[float], experts: int
+                ) -> dict[int, list[tuple[int, float]]]:
+    """For each kept expert of one layer, the experts folded into it with their weights: every removed
+    expert goes to its most similar kept expert (SIMILARITY: cosine of the expert weights), weighted
+    by the routing MASS each carried (M-SMoE's frequency-weighted merge)."""
+    members = {k: [k] for k in keep}
+    for e in range(experts):
+        if e not in members:
+            members[max(keep, key=lambda k: (similarity[e][k], -k))].append(e)
+    groups = {}
+    for k, group in members.items():
+        total = sum(mass[e] for e in group) or float(len(group))
+        groups[k] = [(e, (mass[e] or (0 if total else 1)) / total) for e in group]
+    return groups
+
+
+def check_sequential(options: PruneOptions) -> None:
+    """Refuse what --sequential cannot combine with, before any work."""
+    if not options.sequential:
+        return
+    if options.experts is not None or options.profile is not None:
+        raise UsageError("--sequential scores each layer as the earlier ones are pruned, on calibration data; "
+                         "it takes neither --experts nor --profile (a profile is of the unpruned model)")
+    if options.criterion in ("random", "weight-norm"):
+        raise UsageError(f"--sequential scores experts by routing; --criterion {options.criterion} does not use "
+                         "routing, so it would choose the same experts without it")
+    if options.scope != "per-layer":
+        raise UsageError("--sequential chooses layer by layer: use --scope per-layer")
+    if distributed.world_from_env().distributed:
+        raise UsageError("--sequential runs in one process: run it without torchrun")
+
+
+def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups: int = 1, similarity=None
+                      ) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+    """The kept experts and gate-weight mass of every MoE layer, chosen layer by layer on the streamed
+    runner: each layer's criterion is measured on the hidden states of the already-pruned (with
+    SIMILARITY given: already-merged) earlier layers, then the layer is pruned in place."""
+    import torch
+
+    from moetool.runner.device import pick_device, pick_dtype
+    from moetool.runner.engine import micro_batches, run
+    from moetool.runner.model import check_runnable, load_model, runnable
+    from moetool.runner.sequential_prune import SequentialPrune
+
+    check_sequential(options)
+    check_runnable(ckpt)
+    model_ckpt = runnable(ckpt)
+    calibration = calibration_defaults(ckpt, options.calibration)
+    ids = calibration_ids(model_ckpt, calibration, default="builtin", vocab_size=structure.vocab_size)
+    device = pick_device(calibration.device)
+    loaded = load_model(model_ckpt, device=device, dtype=pick_dtype(calibration.dtype, device), mode="streamed",
+                        trust_remote_code=calibration.trust_remote_code)
+    experts = structure.num_experts
+    top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
+    field = PROFILE_FIELD[options.criterion]
+    mass: dict[int, list[float]] = {}
+
+    def choose(layer, totals):
+        measured = layer_profile(layer, totals, calibration).__dict__
+        mass[layer] = measured["weight_mass"]
+        kept = choose_per_layer({layer: [float(v) for v in measured[field]]}, [layer], experts, keep, groups)[layer]
+        log.info("layer %d: kept experts %s (%s, measured after the earlier layers were pruned)", layer, kept,
+                 options.criterion)
+        return kept, merge_group(similarity[layer], kept, mass[layer], experts) if similarity else None
+
+    pruner = SequentialPrune(loaded.model, loaded.family, loaded.config,
+                             {layer: (experts, top_k) for layer in structure.moe_layers}, choose,
+                             saliency=options.criterion in ("reap", "ean"))
+    try:
+        with torch.no_grad():
+            run(loaded, micro_batches(ids, calibration.batch_size), calibrate=pruner,
+                offload_dir=calibration.offload_dir)
+    finally:
+        pruner.close()
+    return pruner.kept, mass
 
 
 def parse_experts(spec: str) -> dict[int, list[int]]:

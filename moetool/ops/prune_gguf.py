@@ -33,9 +33,11 @@ from moetool.ops.prune_choice import (
     PROFILE_FIELD,
     PruneOptions,
     PruneReport,
+    check_sequential,
     choose_per_layer,
     kept_count,
     removed_share,
+    sequential_choice,
 )
 
 WEIGHT_ROLES = frozenset(EXPERT_ROLES) - {r for r in EXPERT_ROLES if r.value.endswith("_bias")}
@@ -54,6 +56,7 @@ def _check_options(options: PruneOptions) -> None:
                                "expert count per model (its expert_count key): use --scope per-layer")
     if options.scope != "per-layer":
         raise UsageError(f"--scope {options.scope}: use per-layer or global")
+    check_sequential(options)
 
 
 def _scores(ckpt: Checkpoint, structure, classifier: Classifier, options: PruneOptions):
@@ -127,6 +130,8 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions):
                 raise UsageError(f"group-limited routing with {groups} groups of {size}: --experts must keep the "
                                  "same number of experts in every group, at least 2")
         mass = None
+    elif options.sequential:   # on the GGUF's transformers view
+        kept, mass = sequential_choice(ckpt, structure, options, keep, groups)
     else:
         scores, mass = _scores(ckpt, structure, classifier, options)
         kept = choose_per_layer(scores, layers, experts, keep, groups)

@@ -85,7 +85,7 @@ class QuantizeOptions:
     command: str = ""
     method: str = "rtn"                 # "rtn" (round to nearest) | "gptq" (routed experts, calibrated)
     sequential: bool = True             # gptq: calibrate each layer on the quantized earlier ones
-    act_order: bool = False             # gptq: columns in descending Hessian-diagonal order
+    act_order: bool = True              # gptq: columns in descending Hessian-diagonal order (static groups)
     damp: float = 0.01                  # gptq: dampening, a share of the Hessian's mean diagonal
     min_tokens: int = 128               # gptq: experts routed fewer tokens blend in the layer's Hessian
 
@@ -210,6 +210,11 @@ def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
     if options.llama_quantize is not None and not Path(options.llama_quantize).absolute().parent.is_dir():
         raise UsageError(f"--emit-llama-quantize {options.llama_quantize}: its folder does not exist")
     rules = parse_rules(options.rules)
+    if options.method == "gptq":
+        for key, f in rules:
+            if f.kind not in ("int", "keep"):
+                raise UsageError(f"--rules {key}={f.id}: --method gptq quantizes every weight to an integer format "
+                                 "(int2/3/4/8); use one, or --method rtn")
     if options.layout == CT_LAYOUT:
         rules = [(key, f if f.kind == "keep" else ct.compressed_format(f, f"--rules {key}="))
                  for key, f in rules]
@@ -572,9 +577,12 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
     errors: dict[tuple[int, int], dict[str, float]] = {}
     norms: dict[tuple[int, int], float] = {}
     unusable: dict[str, str] = {}   # candidate -> why it was not offered for some expert
-    # two experts at a time on the quantizer threads (the next is read while one is measured)
-    for key, norm, sse_by_format, misfits, nbytes in _QUANTIZER.map(lambda k: _measure(experts[k], k, candidates),
-                                                                      experts):
+    if options.method == "gptq":   # each candidate's GPTQ output error on the expert's routed tokens
+        costs, unusable = _gptq_costs(ckpt, options, candidates, progress)
+        measurements = ((key, None, costs.get(key, {}), {}, 0) for key in experts)
+    else:   # rounding error; two experts at a time on the quantizer threads (the next is read meanwhile)
+        measurements = _QUANTIZER.map(lambda k: _measure(experts[k], k, candidates), experts)
+    for key, norm, sse_by_format, misfits, nbytes in measurements:
         norms[key], errors[key] = norm, sse_by_format
         for fid, why in misfits.items():
             unusable.setdefault(fid, why)
@@ -606,7 +614,9 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
                              f"{8 * smallest / total:.3f} bits per expert parameter")
         chosen.update(allocate(items, options.bits_budget * total / 8))
     choice = {key: chosen[unit(key)] for key in experts}
-    measured = {key: {"rel_error": (errors[key][fid] / norms[key]) ** 0.5 if norms[key] else 0.0,
+    # rounding's error is the written one; GPTQ's is measured when it is written (QuantizePlan.fill_errors)
+    measured = {key: {"rel_error": None if norms[key] is None else
+                      (errors[key][fid] / norms[key]) ** 0.5 if norms[key] else 0.0,
                       "importance": importance[key[0]][key[1]]} for key, fid in choice.items()}
     warnings.extend(f"candidate {fid} was not used where it cannot hold the weights ({why})"
                     for fid, why in unusable.items())
@@ -801,11 +811,9 @@ class _CalibratedParts:
         self._dir.cleanup()
 
 
-def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, formats: dict[str, Format],
-                  warnings: list[str], progress) -> _CalibratedParts:
-    """Run the calibration tokens layer by layer (streamed) and quantize every routed expert with GPTQ
-    on the Hessians of its own routed tokens; sequentially (the default), each layer sees the outputs
-    of the earlier layers as quantized."""
+def _calibrate(ckpt: Checkpoint, options: QuantizeOptions, make_calibrator, progress):
+    """Run the calibration tokens layer by layer (streamed, float32) with the calibrator
+    MAKE_CALIBRATOR(loaded model) builds; returns it."""
     import torch
 
     from moetool.ops.profile import calibration_ids
@@ -813,6 +821,56 @@ def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, for
     from moetool.runner.device import pick_device
     from moetool.runner.engine import micro_batches, run
     from moetool.runner.model import load_model
+
+    calibration = options.calibration or ProfileOptions()
+    calibration = replace(calibration, seq_len=calibration.seq_len or 256)
+    ids = calibration_ids(ckpt, calibration, default="builtin", vocab_size=None)
+    if ids.shape[1] < calibration.seq_len:   # GPTQ's Hessians need whole sequences of calibration text
+        raise DataError(f"the calibration data holds {ids.numel()} tokens, fewer than one sequence of "
+                        f"{calibration.seq_len}", hint="give more data, or a smaller --seq-len")
+    device = pick_device(calibration.device)
+    loaded = load_model(ckpt, device=device, dtype=torch.float32, mode="streamed",
+                        trust_remote_code=calibration.trust_remote_code)
+    calibrator = make_calibrator(loaded)
+    seen = {"label": None, "done": 0}
+
+    def tokens_done(label, done, total):   # the engine counts tokens per pass; PROGRESS takes steps
+        if label != seen["label"]:
+            seen.update(label=label, done=0)
+        progress(done - seen["done"])
+        seen["done"] = done
+
+    run(loaded, micro_batches(ids, calibration.batch_size), calibrate=calibrator,
+        progress=tokens_done if progress else None, offload_dir=calibration.offload_dir)
+    return calibrator
+
+
+def _base(fmt: Format) -> Format:
+    """The integer format GPTQ rounds to (a compressed-tensors format stores one)."""
+    return fmt.base if isinstance(fmt, ct.CompressedFormat) else fmt
+
+
+def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[Format], progress):
+    """Each routed expert's GPTQ output error in every candidate format, measured layer by layer on
+    the unquantized model (`GptqCosts`): (layer, expert) -> format id -> error, and the misfits."""
+    from moetool.runner.sequential import GptqCosts
+
+    costs = _calibrate(ckpt, options, lambda loaded: GptqCosts(
+        [_base(f) for f in candidates], min_tokens=options.min_tokens, damp=options.damp,
+        act_order=options.act_order), progress)
+    by_base = {_base(f).id: f.id for f in candidates}
+    return ({key: {by_base[fid]: c for fid, c in row.items()} for key, row in costs.costs.items()},
+            {by_base[fid]: why for fid, why in costs.misfits.items()})
+
+
+def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, formats: dict[str, Format],
+                  warnings: list[str], progress) -> _CalibratedParts:
+    """Run the calibration tokens layer by layer (streamed) and quantize every routed expert with GPTQ
+    on the Hessians of its own routed tokens, and the other weights FORMATS holds (--rules) on the
+    Hessians of all tokens at their modules; sequentially (the default), each layer sees the outputs
+    of the earlier layers as quantized."""
+    import torch
+
     from moetool.runner.sequential import GptqExperts
 
     roles = {Role.EXPERT_GATE: 0, Role.EXPERT_UP: 1, Role.EXPERT_DOWN: 2}
@@ -824,37 +882,33 @@ def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, for
             if w.role not in roles:
                 raise UnsupportedError(f"--method gptq: {w.tensor.name} holds gate and up together ({w.role.value}); "
                                        "GPTQ per expert covers separate gate, up and down matrices")
-            fmt = formats[w.tensor.name]
-            chosen[roles[w.role]] = fmt.base if isinstance(fmt, ct.CompressedFormat) else fmt
+            chosen[roles[w.role]] = _base(formats[w.tensor.name])
             names.setdefault(key, {})[("gate", "up", "down")[roles[w.role]]] = w.tensor.name
         plan[key] = tuple(chosen)
-    calibration = options.calibration or ProfileOptions()
-    calibration = replace(calibration, seq_len=calibration.seq_len or 256)
-    ids = calibration_ids(ckpt, calibration, default="builtin", vocab_size=None)
-    if ids.shape[1] < calibration.seq_len:   # GPTQ's Hessians need whole sequences of calibration text
-        raise DataError(f"the calibration data holds {ids.numel()} tokens, fewer than one sequence of "
-                        f"{calibration.seq_len}", hint="give more data, or a smaller --seq-len")
+    expert_names = {n for row in names.values() for n in row.values()}
+    others = {name: fmt for name, fmt in formats.items() if name not in expert_names}
     store = _CalibratedParts()
 
     def save(layer, expert, results):
         store.add(f"{layer}-{expert}", {names[(layer, expert)][part]: r.parts for part, r in results.items()})
 
-    calibrator = GptqExperts(plan, save, min_tokens=options.min_tokens, damp=options.damp,
-                             act_order=options.act_order, write_back=options.sequential)
-    device = pick_device(calibration.device)
-    loaded = load_model(ckpt, device=device, dtype=torch.float32, mode="streamed",
-                        trust_remote_code=calibration.trust_remote_code)
-    seen = {"label": None, "done": 0}
+    def save_linear(name, result):
+        store.add(f"w{len(store.files)}", {name: result.parts})
 
-    def tokens_done(label, done, total):   # the engine counts tokens per pass; PROGRESS takes steps
-        if label != seen["label"]:
-            seen.update(label=label, done=0)
-        progress(done - seen["done"])
-        seen["done"] = done
+    def make(loaded):
+        linear = {}
+        for name, fmt in others.items():   # the module holding each weight --rules quantize
+            try:
+                module = loaded.model.get_submodule(name.removesuffix(".weight"))
+            except AttributeError:
+                module = None
+            if isinstance(module, torch.nn.Linear) and name.endswith(".weight"):
+                linear[module] = (name, _base(fmt))
+        return GptqExperts(plan, save, linear=linear, save_linear=save_linear, min_tokens=options.min_tokens,
+                           damp=options.damp, act_order=options.act_order, write_back=options.sequential)
 
     try:
-        run(loaded, micro_batches(ids, calibration.batch_size), calibrate=calibrator,
-            progress=tokens_done if progress else None, offload_dir=calibration.offload_dir)
+        calibrator = _calibrate(ckpt, options, make, progress)
     except BaseException:
         store.close()
         raise
@@ -866,9 +920,10 @@ def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, for
         warnings.append(f"gptq: {len(few)} experts were routed fewer than {options.min_tokens} calibration tokens; "
                         f"their Hessians were blended with their layer's (see coverage): {listed}")
     warnings += [f"gptq fell back to round-to-nearest: {f}" for f in calibrator.fallbacks]
-    if formats.keys() - {w.tensor.name for ws in experts.values() for w in ws}:
-        warnings.append("gptq: weights quantized by --rules (attention, shared experts, dense MLPs) are rounded "
-                        "to nearest; GPTQ covers the routed experts")
+    rounded = [name for name in others if name not in store]   # not an nn.Linear inside a decoder layer
+    if rounded:
+        warnings.append(f"gptq: {len(rounded)} weights --rules quantize are not in a decoder layer's nn.Linear "
+                        f"modules, so they were rounded to nearest (first: {rounded[0]})")
     return store
 
 

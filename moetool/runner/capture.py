@@ -66,7 +66,7 @@ def _parse(output, family: Family, config, top_k: int):
     return index, weight, logits
 
 
-def _module_name(template, layer: int, decoder_offset: int) -> str:
+def module_name(template, layer: int, decoder_offset: int) -> str:
     """The module of LAYER from a template, or from (encoder, decoder) templates for seq2seq models."""
     if isinstance(template, str):
         return template.replace("{L}", str(layer))
@@ -91,7 +91,7 @@ class RouterCapture:
         self._handles = []
         self._fired: dict[int, bool] = {}
         for layer in moe_layers:
-            name = _module_name(family.router_module, layer, offset)
+            name = module_name(family.router_module, layer, offset)
             try:
                 module = model.get_submodule(name)
             except AttributeError:
@@ -154,7 +154,7 @@ class RouterCapture:
         if family.experts_module is None:
             raise UnsupportedError(f"{family.title}: saliency needs an experts(hidden, index, weights) module, "
                                    "which this family does not have")
-        module = model.get_submodule(_module_name(family.experts_module, layer, 0))
+        module = model.get_submodule(module_name(family.experts_module, layer, 0))
 
         def hook(module, args, kwargs, output):
             hidden, index, weights = (list(args) + list(kwargs.values()))[:3]

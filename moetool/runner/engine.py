@@ -264,8 +264,9 @@ def run(loaded, batches: list[MicroBatch], *, capture=None, on_final=None, progr
         on_final: callable(batch, hidden [B, S, H]) with the decoder stack's output, micro-batch by
             micro-batch (evaluation applies the head to it); None skips the final norm in streamed mode.
         progress: callable(label, done_tokens, total_tokens) — one label per pass.
-        calibrate: sequential calibration (streamed mode): an object with ``observe(index, layer)``
-            (a context manager entered around each micro-batch's first pass through layer INDEX)
+        calibrate: sequential calibration (streamed mode): an object with ``observe(index, layer,
+            batch, ids)`` (a context manager entered around each micro-batch's first pass through
+            layer INDEX; IDS are the micro-batch's token ids on the device)
             and ``update(index, layer)`` (compresses the layer in place); the layer then runs again,
             compressed, and its outputs are what the next layer sees.
     """
@@ -353,8 +354,8 @@ def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, tim
             del tensors
             if calibrate is not None:   # first pass: observe the layer's inputs, then compress it
                 done = 0
-                for _, ids, hidden, args, kwargs in _layer_inputs(batches, index, stubs, store, loaded.device):
-                    with calibrate.observe(index, layer):   # around the layer's own call only
+                for batch, ids, hidden, args, kwargs in _layer_inputs(batches, index, stubs, store, loaded.device):
+                    with calibrate.observe(index, layer, batch, ids):   # around the layer's own call only
                         layer(hidden, *args, **kwargs)
                     del hidden, args, kwargs
                     done += ids.numel()

@@ -74,37 +74,59 @@ def observe_experts(layer, found: dict[str, ExpertInputs]):
         yield found
 
 
-class GptqExperts:
-    """Sequential GPTQ of the routed experts (the engine's ``calibrate``): each layer's experts are
-    quantized on the Hessians of their own routed tokens, as the compressed earlier layers deliver
-    them, and their dequantized weights put in place before the layer runs again.
+class LinearInputs:
+    """All-token input Hessians of a decoder layer's nn.Linear modules (attention, shared experts,
+    dense MLPs): modules called on the same input tensor (q, k and v; gate and up) share one."""
 
-    Args:
-        formats: (layer, expert) -> (gate Format | None, up Format | None, down Format | None).
-        save: callable(layer, expert, {"gate"|"up"|"down": GptqResult}) for what is to be written.
-        min_tokens: experts routed fewer tokens get their Hessian blended with the layer's
-            all-token one (gate/up: every routed token's hidden state; down: the other experts'
-            activations), with the weight of MIN_TOKENS tokens.
-        write_back: put the quantized weights in place (sequential); False calibrates every layer
-            on the unquantized model's activations.
-    """
+    def __init__(self):
+        self.hessians: dict[object, Hessian] = {}   # module -> its Hessian (shared ones appear twice)
+        self._last = (None, None)                    # (input tensor, Hessian) of the latest call
 
-    def __init__(self, formats: dict, save, *, min_tokens: int = 128, damp: float = 0.01,
-                 act_order: bool = False, write_back: bool = True):
-        self.formats, self.save, self.write_back = formats, save, write_back
+    @contextmanager
+    def observe(self, modules):
+        with ExitStack() as stack:
+            for module in modules:
+                stack.callback(module.register_forward_pre_hook(self._hook).remove)
+            yield
+        self._last = (None, None)
+
+    def _hook(self, module, args) -> None:
+        x = args[0]
+        if module not in self.hessians:   # first call: share the Hessian of a module fed the same tensor
+            last_x, last_h = self._last
+            self.hessians[module] = last_h if last_x is x else Hessian(x.shape[-1], device=x.device)
+            if last_x is x:
+                self._last = (x, last_h)
+                return
+        hessian = self.hessians[module]
+        if self._last[0] is x and self._last[1] is hessian:
+            return   # a sharing module: these tokens are in already
+        hessian.add(x.float())
+        self._last = (x, hessian)
+
+
+class _LayerCalibrator:
+    """Per-layer Hessians of the routed experts (and of the Linear modules in LINEAR), accumulated in
+    the engine's first pass over a layer; subclasses say what `update` does with them."""
+
+    def __init__(self, *, min_tokens: int, damp: float, act_order: bool, linear: dict | None = None):
         self.min_tokens, self.damp, self.act_order = min_tokens, damp, act_order
+        self.linear = linear or {}                      # nn.Linear module -> (weight name, Format)
         self.inputs: dict[int, dict[str, ExpertInputs]] = {}
+        self.linear_inputs: dict[int, LinearInputs] = {}
         self.coverage: dict[int, list[int]] = {}        # layer -> tokens routed to each expert
         self.fallbacks: list[str] = []
 
-    def observe(self, index: int, layer):
-        return observe_experts(layer, self.inputs.setdefault(index, {}))
+    @contextmanager
+    def observe(self, index: int, layer, batch=None, ids=None):
+        modules = [m for m in layer.modules() if m in self.linear]
+        with observe_experts(layer, self.inputs.setdefault(index, {})), \
+                self.linear_inputs.setdefault(index, LinearInputs()).observe(modules):
+            yield
 
-    def update(self, index: int, layer) -> None:
-        import torch
-
-        from moetool.quant.gptq import gptq
-
+    def _experts(self, index: int):
+        """(module, expert, gate/up weight rows [2I, H], gate/up Hessian, down Hessian) of every routed
+        expert of layer INDEX, its few-token experts' Hessians blended (see GptqExperts)."""
         found = self.inputs.pop(index, {})
         if len(found) > 1:
             raise UnsupportedError(f"decoder layer {index} holds {len(found)} routed-experts modules; sequential "
@@ -112,44 +134,121 @@ class GptqExperts:
         for inputs in found.values():
             self.coverage[index] = inputs.tokens()
             all_gate_up, all_down = _pooled(inputs.gate_up), _pooled(inputs.down)
-            module = inputs.module
             for e in range(inputs.experts):
-                gate_fmt, up_fmt, down_fmt = self.formats.get((index, e), (None, None, None))
-                h_gate_up = _blend(inputs.gate_up[e], all_gate_up, self.min_tokens)
-                h_down = _blend(inputs.down[e], all_down, self.min_tokens)
-                weights, down = module.gate_up_proj.data[e], module.down_proj.data
-                results = self._gate_up(index, e, weights, h_gate_up, gate_fmt, up_fmt, inputs.inter)
-                if down_fmt is not None:
-                    results["down"] = gptq(down[e], h_down, down_fmt, damp=self.damp, act_order=self.act_order,
-                                           name=f"layer {index} expert {e} down")
-                if self.write_back:
-                    rows = {"gate": slice(0, inputs.inter), "up": slice(inputs.inter, 2 * inputs.inter)}
-                    for part, result in results.items():
-                        if part == "down":
-                            down[e] = result.weight.to(down.dtype)
-                        else:
-                            weights[rows[part]] = result.weight.to(weights.dtype)
-                self.fallbacks += [f"layer {index} expert {e} {p}: {r.fallback}" for p, r in results.items()
-                                   if r.fallback]
-                self.save(index, e, results)
-        if found and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+                yield (inputs, e, _blend(inputs.gate_up[e], all_gate_up, self.min_tokens),
+                       _blend(inputs.down[e], all_down, self.min_tokens))
+
+    def _gptq(self, weight, hessian, fmt, name: str):
+        from moetool.quant.gptq import gptq
+
+        result = gptq(weight, hessian, fmt, damp=self.damp, act_order=self.act_order, name=name)
+        if result.fallback:
+            self.fallbacks.append(f"{name}: {result.fallback}")
+        return result
 
     def _gate_up(self, index: int, e: int, weights, hessian, gate_fmt, up_fmt, inter: int) -> dict:
         """GPTQ of expert E's gate and up rows; in one call when they share a format (rows are
         independent given the Hessian, so one factorisation serves both)."""
-        from moetool.quant.gptq import gptq
-
-        def run(rows, fmt, part):
-            return gptq(weights[rows], hessian, fmt, damp=self.damp, act_order=self.act_order,
-                        name=f"layer {index} expert {e} {part}")
-
         if gate_fmt is not None and gate_fmt == up_fmt:
-            both = run(slice(0, 2 * inter), gate_fmt, "gate/up")
+            both = self._gptq(weights[:2 * inter], hessian, gate_fmt, f"layer {index} expert {e} gate/up")
             return {part: replace(both, weight=both.weight[rows], parts={k: v[rows] for k, v in both.parts.items()})
                     for part, rows in (("gate", slice(0, inter)), ("up", slice(inter, 2 * inter)))}
-        return {part: run(rows, fmt, part) for part, fmt, rows in
-                (("gate", gate_fmt, slice(0, inter)), ("up", up_fmt, slice(inter, 2 * inter))) if fmt is not None}
+        return {part: self._gptq(weights[rows], hessian, fmt, f"layer {index} expert {e} {part}")
+                for part, fmt, rows in (("gate", gate_fmt, slice(0, inter)), ("up", up_fmt, slice(inter, 2 * inter)))
+                if fmt is not None}
+
+    def _done(self, index: int) -> None:
+        import torch
+
+        self.linear_inputs.pop(index, None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class GptqExperts(_LayerCalibrator):
+    """Sequential GPTQ (the engine's ``calibrate``): each layer's routed experts are quantized on the
+    Hessians of their own routed tokens, and the Linear modules --rules quantize (attention, shared
+    experts, dense MLPs) on the Hessians of all the layer's tokens, as the compressed earlier layers
+    deliver them; the dequantized weights are put in place before the layer runs again.
+
+    Args:
+        formats: (layer, expert) -> (gate Format | None, up Format | None, down Format | None).
+        save: callable(layer, expert, {"gate"|"up"|"down": GptqResult}) for what is to be written.
+        linear: nn.Linear module -> (weight name, Format) for the other weights GPTQ quantizes.
+        save_linear: callable(weight name, GptqResult).
+        min_tokens: experts routed fewer tokens get their Hessian blended with the layer's
+            all-token one (gate/up: every routed token's hidden state; down: the other experts'
+            activations), with the weight of MIN_TOKENS tokens.
+        write_back: put the quantized weights in place (sequential); False calibrates every layer
+            on the unquantized model's activations.
+    """
+
+    def __init__(self, formats: dict, save, *, linear: dict | None = None, save_linear=None, min_tokens: int = 128,
+                 damp: float = 0.01, act_order: bool = False, write_back: bool = True):
+        super().__init__(min_tokens=min_tokens, damp=damp, act_order=act_order, linear=linear)
+        self.formats, self.save, self.save_linear, self.write_back = formats, save, save_linear, write_back
+
+    def update(self, index: int, layer) -> None:
+        for inputs, e, h_gate_up, h_down in self._experts(index):
+            gate_fmt, up_fmt, down_fmt = self.formats.get((index, e), (None, None, None))
+            module = inputs.module
+            weights, down = module.gate_up_proj.data[e], module.down_proj.data
+            results = self._gate_up(index, e, weights, h_gate_up, gate_fmt, up_fmt, inputs.inter)
+            if down_fmt is not None:
+                results["down"] = self._gptq(down[e], h_down, down_fmt, f"layer {index} expert {e} down")
+            if self.write_back:
+                rows = {"gate": slice(0, inputs.inter), "up": slice(inputs.inter, 2 * inputs.inter)}
+                for part, result in results.items():
+                    if part == "down":
+                        down[e] = result.weight.to(down.dtype)
+                    else:
+                        weights[rows[part]] = result.weight.to(weights.dtype)
+            self.save(index, e, results)
+        for module, hessian in self.linear_inputs.get(index, LinearInputs()).hessians.items():
+            name, fmt = self.linear[module]
+            result = self._gptq(module.weight.data, hessian.matrix(), fmt, name)
+            if self.write_back:
+                module.weight.data.copy_(result.weight.to(module.weight.dtype))
+            self.save_linear(name, result)
+        self._done(index)
+
+
+class GptqCosts(_LayerCalibrator):
+    """What each candidate format costs each routed expert under GPTQ, measured layer by layer on the
+    unquantized model: the output error trace((W - Q) H (W - Q)^T) of gate, up and down together on
+    the expert's own Hessians (`costs[(layer, expert)][format id]`). Formats that cannot hold an
+    expert's matrices are left out (`misfits`: format id -> why)."""
+
+    def __init__(self, candidates: list, *, min_tokens: int = 128, damp: float = 0.01, act_order: bool = False):
+        super().__init__(min_tokens=min_tokens, damp=damp, act_order=act_order)
+        self.candidates = candidates
+        self.costs: dict[tuple[int, int], dict[str, float]] = {}
+        self.misfits: dict[str, str] = {}
+
+    def update(self, index: int, layer) -> None:
+        from moetool.errors import UsageError
+        from moetool.quant.gptq import output_error
+
+        for inputs, e, h_gate_up, h_down in self._experts(index):
+            weights, down = inputs.module.gate_up_proj.data[e], inputs.module.down_proj.data[e]
+            costs = self.costs.setdefault((index, e), {})
+            for fmt in self.candidates:
+                try:
+                    gate_up = self._gate_up(index, e, weights, h_gate_up, fmt, fmt, inputs.inter)
+                    quantized = self._gptq(down, h_down, fmt, f"layer {index} expert {e} down")
+                except UsageError as exc:   # the format cannot hold these matrices
+                    self.misfits.setdefault(fmt.id, str(exc))
+                    continue
+                both = gate_up["gate"].weight, gate_up["up"].weight
+                costs[fmt.id] = (output_error(weights, _cat(both), h_gate_up) +
+                                 output_error(down, quantized.weight, h_down))
+        self._done(index)
+
+
+def _cat(tensors):
+    import torch
+
+    return torch.cat(list(tensors))
 
 
 def _pooled(hessians: list[Hessian]):
