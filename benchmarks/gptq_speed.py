@@ -13,7 +13,8 @@ time: its weights and inputs are generated (not timed), quantized (timed), then 
 methods run alternately, --runs times each, and each one's fastest run is reported.
 
 * rtn: Format.quantize of gate, up and down
-* gptq: Hessian accumulation (timed on its own) and gptq() of [gate; up] and of down
+* gptq: Hessian accumulation (timed on its own) and gptq() of [gate; up] and of down, with
+  act_order (quantize --method gptq's default)
 
 Printed for each: seconds, GB/s of bf16 expert weights, the process's peak RSS and its RSS before
 the first expert; then the rate ratio, and GPTQ's output error trace((W-Q) H (W-Q)^T) over
@@ -88,7 +89,7 @@ def job(which: str, spec: str, experts: int, tokens: int) -> dict:
         H_in, H_mid = h_in.matrix(), h_mid.matrix()
         middle = time.perf_counter()
         gate_up = torch.cat([gate, up])
-        results = [gptq(gate_up, H_in, fmt), gptq(down, H_mid, fmt)]
+        results = [gptq(gate_up, H_in, fmt, act_order=True), gptq(down, H_mid, fmt, act_order=True)]
         end = time.perf_counter()
         hessian_s, seconds = hessian_s + middle - start, seconds + end - middle
         assert all(r.fallback is None for r in results)
@@ -100,7 +101,7 @@ def job(which: str, spec: str, experts: int, tokens: int) -> dict:
             h = Hessian(x.shape[1])
             h.add(x)
             H, rtn = h.matrix(), fmt.dequantize(fmt.quantize(w), tuple(w.shape), torch.float32)
-            errors.append(output_error(w, gptq(w, H, fmt).weight, H) / output_error(w, rtn, H))
+            errors.append(output_error(w, gptq(w, H, fmt, act_order=True).weight, H) / output_error(w, rtn, H))
     return {"seconds": seconds, "hessian_seconds": hessian_s, "bytes": nbytes, "peak": peak, "base": base,
             "error_ratios": errors, "threads": torch.get_num_threads()}
 

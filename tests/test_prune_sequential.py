@@ -163,3 +163,57 @@ def test_cli(tmp_path, source):
     report = json.loads(proc.stdout)
     assert len(report["kept"]) == LAYERS and all(len(v) == KEEP for v in report["kept"].values())
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def _randomize_correction_biases(model) -> int:
+    """Nonzero router correction biases (a sigmoid router adds them after the logits)."""
+    count = 0
+    with torch.no_grad():
+        for name, tensor in list(model.named_buffers()) + list(model.named_parameters()):
+            if name.endswith("e_score_correction_bias"):
+                tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(count)) * 3)
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", __import__("tests.test_prune", fromlist=["FAMILIES"]).FAMILIES)
+def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtype):
+    """moetool's in-place pruning (restrict_router on every MoE layer of the full model) gives the
+    logits of the pruned checkpoint in stock transformers, with nonzero correction biases, and in
+    bfloat16 too, where routers that compute in float32 cast their weight first."""
+    from moetool.arch import detect_family
+    from moetool.ops.inspect import inspect_checkpoint
+    from moetool.runner.sequential_prune import restrict_router
+    from tests.test_prune import _model
+
+    model = _model(family).eval()
+    _randomize_correction_biases(model)
+    model.save_pretrained(tmp_path / "src")
+    keep = 4 if family == "deepseek_v3" else 3
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=keep, criterion="random", seed=1))
+        layers = inspect_checkpoint(ckpt).moe_layers
+    model = model.to(dtype)
+    config = model.config.to_dict()
+    fam = detect_family(config)
+    decoder = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    handles = []
+    for layer in layers:
+        removed = [e for e in range(report.experts_before) if e not in report.kept[layer]]
+        handles += restrict_router(model, fam, config, layer, decoder[layer], removed)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    assert not any(h.unmasked for h in handles[1::2])   # every layer was restricted
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        unrestricted = model(ids).logits.float()
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype).eval()
+    with torch.no_grad():
+        want = pruned(ids).logits.float()
+    scale = want.abs().max().item()
+    assert (got - want).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
+    if dtype == torch.float32:
+        assert (unrestricted - want).abs().max() > 1e-4   # the removed experts did matter

@@ -229,3 +229,17 @@ def test_budget_weighs_candidates_by_their_gptq_error(tmp_path, tiny, calibratio
                    for fmt in candidates] for key in rows}
     want = allocate(items, 5.5 * sum(r.params for r in rows.values()) / 8)
     assert {key: r.format for key, r in rows.items()} == want
+
+
+def test_sequential_rules_weights_are_written_back(tmp_path, tiny, calibration):
+    """Sequentially, the quantized --rules weights are in place when the next layer is calibrated:
+    with attention quantized too, layer 2's experts see other inputs (and get other codes) than
+    without, while layer 0's experts (calibrated before any attention weight is rounded) do not."""
+    folder = tiny("qwen2_moe")
+    for rules in ((), ("attention=int2-g8-asym",)):
+        with open_checkpoint(folder) as ckpt:
+            quantize(ckpt, tmp_path / str(len(rules)), QuantizeOptions(format="int4-g8-sym", method="gptq",
+                                                                       rules=rules, calibration=calibration))
+    first, later = "model.layers.0.mlp.experts.0.up_proj.weight", "model.layers.2.mlp.experts.0.up_proj.weight"
+    assert torch.equal(_stored(tmp_path / "0", first)[""], _stored(tmp_path / "1", first)[""])
+    assert not torch.equal(_stored(tmp_path / "0", later)[""], _stored(tmp_path / "1", later)[""])

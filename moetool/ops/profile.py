@@ -120,7 +120,7 @@ def max_positions(ckpt: Checkpoint) -> int | None:
     return text_config.get("max_position_embeddings") or text_config.get("max_seq_len")
 
 
-def _structure(ckpt: Checkpoint):
+def routing_structure(ckpt: Checkpoint):
     structure = inspect_checkpoint(ckpt)
     if not structure.moe_layers:
         raise UnsupportedError(f"{ckpt.source}: no MoE layers ({structure.family_title or 'unknown family'} "
@@ -140,7 +140,7 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     """
     import torch
 
-    structure, layers = _structure(ckpt)
+    structure, layers = routing_structure(ckpt)
     if options.from_trace is not None:
         return _from_trace(ckpt, structure, layers, options)
     world = distributed.world_from_env()

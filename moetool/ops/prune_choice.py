@@ -11,7 +11,13 @@ from typing import Any
 from moetool import __version__
 from moetool.arch import Role
 from moetool.errors import UsageError
-from moetool.ops.profile import ProfileOptions, calibration_defaults, calibration_ids, layer_profile
+from moetool.ops.profile import (
+    ProfileOptions,
+    calibration_defaults,
+    calibration_ids,
+    layer_profile,
+    routing_structure,
+)
 from moetool.runner import distributed
 
 log = logging.getLogger(__name__)
@@ -147,26 +153,26 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     device = pick_device(calibration.device)
     loaded = load_model(model_ckpt, device=device, dtype=pick_dtype(calibration.dtype, device), mode="streamed",
                         trust_remote_code=calibration.trust_remote_code)
-    experts = structure.num_experts
-    top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
+    layers = routing_structure(ckpt)[1]   # MoE layer -> (experts, top-k)
     field = PROFILE_FIELD[options.criterion]
     mass: dict[int, list[float]] = {}
 
     def choose(layer, totals):
         measured = layer_profile(layer, totals, calibration).__dict__
         mass[layer] = measured["weight_mass"]
+        experts = layers[layer][0]
         kept = choose_per_layer({layer: [float(v) for v in measured[field]]}, [layer], experts, keep, groups)[layer]
         log.info("layer %d: kept experts %s (%s, measured after the earlier layers were pruned)", layer, kept,
                  options.criterion)
         return kept, merge_group(similarity[layer], kept, mass[layer], experts) if similarity else None
 
-    pruner = SequentialPrune(loaded.model, loaded.family, loaded.config,
-                             {layer: (experts, top_k) for layer in structure.moe_layers}, choose,
+    pruner = SequentialPrune(loaded.model, loaded.family, loaded.config, layers, choose,
                              saliency=options.criterion in ("reap", "ean"))
     try:
         with torch.no_grad():
             run(loaded, micro_batches(ids, calibration.batch_size), calibrate=pruner,
                 offload_dir=calibration.offload_dir)
+        pruner.check()
     finally:
         pruner.close()
     return pruner.kept, mass

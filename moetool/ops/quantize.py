@@ -409,8 +409,9 @@ class QuantizePlan:
 
 def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, calibrate: bool = True
                   ) -> QuantizePlan:
-    """Choose every weight's format (measuring candidate errors under a bits budget) and plan the output;
-    with --method gptq and CALIBRATE, also run the calibration and GPTQ (a dry run skips them)."""
+    """Choose every weight's format (measuring candidate errors under a bits budget; with --method gptq
+    that is a calibration pass of GPTQ per candidate, a dry run included) and plan the output; with
+    --method gptq and CALIBRATE, also run the GPTQ that is written (a dry run skips it)."""
     family, cfg, offset = family_context(ckpt)
     if family is None or family.dense:
         raise UsageError(f"{ckpt.source}: not a known MoE architecture; moetool quantizes routed experts")

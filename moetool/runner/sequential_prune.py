@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
+from moetool.arch import Role
 from moetool.errors import UnsupportedError
 from moetool.runner.capture import RouterCapture, module_name
 from moetool.runner.sequential import experts_modules
@@ -30,23 +31,97 @@ def _router_weight(router):
     return weight
 
 
+def _correction_bias(model, family, index: int, offset: int):
+    """The router's correction bias in the built model (DeepSeek-V3, GLM-4.5, dots1, ERNIE), or None."""
+    for layout in ("fused", None):
+        template = family.templates(layout).get(Role.ROUTER_CORRECTION)
+        if template is None:
+            continue
+        name = module_name(template, index, offset)
+        owner, _, attr = name.rpartition(".")
+        try:
+            return getattr(model.get_submodule(owner), attr)
+        except AttributeError:
+            continue
+    return None
+
+
+# casts a router may apply to its weight before F.linear (DeepSeek-V3: self.weight.type(torch.float32))
+_CASTS = ("type", "to", "float", "double", "half", "bfloat16", "contiguous", "detach")
+
+
+def _same(a, b) -> bool:
+    """A and B are one tensor (or views of the same memory with the same shape and dtype)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype)
+
+
 def _masking_mode(weight, removed: list[int]):
-    """A torch function mode: the outputs of F.linear with WEIGHT get -inf in the REMOVED columns."""
+    """A torch function mode: the outputs of F.linear with WEIGHT (or a cast of it) get -inf in the
+    REMOVED columns; `masked` counts the calls it changed."""
     import torch
     from torch.overrides import TorchFunctionMode
 
     linear = torch.nn.functional.linear
-    gone = torch.tensor(removed, dtype=torch.long, device=weight.device)
+    casts = {getattr(torch.Tensor, name) for name in _CASTS}
+    gone = torch.tensor(removed, dtype=torch.long)
 
     class RestrictRouter(TorchFunctionMode):
+        masked = 0
+
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func is linear and len(args) > 1 and args[1].data_ptr() == weight.data_ptr() and \
-                    args[1].shape == weight.shape:
-                out = out.index_fill(-1, gone.to(out.device), float("-inf"))
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in casts and args and any(args[0] is t for t in self.tracked):
+                self.tracked.append(out)
+            elif func is linear:
+                w = args[1] if len(args) > 1 else kwargs.get("weight")
+                if isinstance(w, torch.Tensor) and any(_same(w, t) for t in self.tracked):
+                    out = out.index_fill(-1, gone.to(out.device), float("-inf"))
+                    self.masked += 1
             return out
 
-    return RestrictRouter()
+    mode = RestrictRouter()
+    mode.tracked = [weight]   # the weight and what casts made of it during this call
+    return mode
+
+
+def restrict_router(model, family, config: dict, index: int, layer, removed: list[int]) -> list:
+    """Make MoE layer INDEX (in the decoder layer LAYER) route as if its REMOVED experts were pruned, on
+    every call from now on: their router logits -inf wherever the router's weight is applied, and
+    their correction bias (if any) -inf too, since a sigmoid router adds it after the logits (a
+    pruned checkpoint has neither). Returns the hook handles; `handles[-1].unmasked` lists the
+    calls in which the router's weight was never seen (nothing was restricted)."""
+    offset = family.decoder_offset(config) if family.decoder_offset else 0
+    name = module_name(family.router_module, index, offset)
+    router = model.get_submodule(name)
+    # the hooks go on the router's parent (the MoE block): the engine also calls the decoder layer
+    # with its forward stubbed out, to learn each layer's arguments
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+    bias = _correction_bias(model, family, index, offset)
+    state: dict = {}
+    unmasked: list[int] = []
+
+    def enter(module, args):   # the weight as installed now (streamed layers are installed per pass)
+        import torch
+
+        if bias is not None:
+            state["bias"] = bias.data.clone()
+            bias.data[..., torch.tensor(removed, device=bias.device)] = float("-inf")
+        state["mode"] = _masking_mode(_router_weight(router), removed)
+        state["mode"].__enter__()
+
+    def leave(module, args, output):
+        mode = state.pop("mode", None)
+        if mode is not None:
+            mode.__exit__(None, None, None)
+            if not mode.masked:
+                unmasked.append(index)
+        if "bias" in state:
+            bias.data.copy_(state.pop("bias"))
+
+    handles = [parent.register_forward_pre_hook(enter), parent.register_forward_hook(leave, always_call=True)]
+    handles[-1].unmasked = unmasked
+    return handles
 
 
 class SequentialPrune:
@@ -92,38 +167,24 @@ class SequentialPrune:
     def update(self, index: int, layer) -> None:
         if index not in self.layers:
             return
-        if self._capture is None:
+        totals = None
+        if self._capture is not None:
+            self._capture.close()
+            totals = self._stats[index].totals()
+            self._capture = self._stats = None
+        if totals is None or not totals.tokens:
             raise UnsupportedError(f"layer {index}: its router never ran, so its experts cannot be scored")
-        self._capture.close()
-        totals = self._stats[index].totals()
-        self._capture = self._stats = None
         kept, groups = self.choose(index, totals)
         self.kept[index], self.totals[index] = kept, totals
         experts = self.layers[index][0]
         if groups:
             self._fold(index, layer, groups, experts)
         removed = [e for e in range(experts) if e not in kept]
-        if not removed:
-            return
-        router = self.model.get_submodule(module_name(self.family.router_module, index, self.offset))
-        state = {}
-
-        def enter(module, args):   # the weight as installed now (streamed layers are installed per pass)
-            state["mode"] = _masking_mode(_router_weight(router), removed)
-            state["mode"].__enter__()
-
-        def leave(module, args, output):
-            mode = state.pop("mode", None)
-            if mode is not None:
-                mode.__exit__(None, None, None)
-
-        self._handles += [layer.register_forward_pre_hook(enter),
-                          layer.register_forward_hook(leave, always_call=True)]
+        if removed:
+            self._handles += restrict_router(self.model, self.family, self.config, index, layer, removed)
 
     def _fold(self, index: int, layer, groups: dict[int, list[tuple[int, float]]], experts: int) -> None:
         """Each kept expert's stacked weights (and biases) replaced by the weighted sum of its group."""
-        import torch
-
         found = experts_modules(layer)
         if len(found) != 1:
             raise UnsupportedError(f"layer {index}: --merge with --sequential needs the layer's experts in one "
@@ -132,10 +193,17 @@ class SequentialPrune:
         for _, param in module.named_parameters(recurse=False):
             if param.ndim < 2 or param.shape[0] != experts:
                 continue
-            source = param.data.float().clone()
+            # a kept expert's row is read only by its own group, and removed rows are never written
             for k, members in groups.items():
-                merged = sum(source[e] * w for e, w in members)
-                param.data[k] = torch.as_tensor(merged).to(param.dtype)
+                merged = sum(param.data[e].float() * w for e, w in members)
+                param.data[k] = merged.to(param.dtype)
+
+    def check(self) -> None:
+        """Raise if a pruned layer ran without its router being restricted (call after the run)."""
+        unmasked = sorted({i for h in self._handles for i in getattr(h, "unmasked", ())})
+        if unmasked:
+            raise UnsupportedError(f"layers {unmasked}: the router's weight was never applied where moetool "
+                                   "looks for it (F.linear), so the pruned layers could not be run pruned")
 
     def close(self) -> None:
         if self._capture is not None:
