@@ -67,6 +67,27 @@ def test_later_layers_see_the_compressed_outputs(tiny):
     assert torch.allclose(got[:4], oracle, atol=1e-5)
 
 
+def test_a_calibration_that_changes_nothing_runs_each_layer_once(tiny):
+    """changes_layers = False: the first pass's outputs go on to the next layer (no second pass),
+    and the model's outputs are those of a run without calibration."""
+    folder = tiny("qwen3_moe")
+    ids = torch.randint(0, 64, (6, 10), generator=torch.Generator().manual_seed(0))
+    batches = micro_batches(ids, 4)
+    with open_checkpoint(folder) as ckpt:
+        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="streamed")
+        want = _final_states(loaded, batches, None)
+        once = Recorder()
+        once.changes_layers = False
+        calls = []
+        handles = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))   # not stubbed
+                   for i, layer in enumerate(loaded.layers)]
+        got = _final_states(loaded, batches, once)
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(got, want)
+    assert calls == [0, 0, 1, 1]   # two micro-batches, one pass per layer
+
+
 class HessianObserver:
     def __init__(self):
         self.found = {}

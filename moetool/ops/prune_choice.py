@@ -10,7 +10,7 @@ from typing import Any
 
 from moetool import __version__
 from moetool.arch import Role
-from moetool.errors import UsageError
+from moetool.errors import UnsupportedError, UsageError
 from moetool.ops.profile import (
     ProfileOptions,
     calibration_defaults,
@@ -143,6 +143,7 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     from moetool.runner.device import pick_device, pick_dtype
     from moetool.runner.engine import micro_batches, run
     from moetool.runner.model import check_runnable, load_model, runnable
+    from moetool.runner.sequential import experts_modules
     from moetool.runner.sequential_prune import SequentialPrune
 
     check_sequential(options)
@@ -154,6 +155,11 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     loaded = load_model(model_ckpt, device=device, dtype=pick_dtype(calibration.dtype, device), mode="streamed",
                         trust_remote_code=calibration.trust_remote_code)
     layers = routing_structure(ckpt)[1]   # MoE layer -> (experts, top-k)
+    if similarity is not None:   # merging in place needs transformers 5's stacked experts: refuse now
+        for layer in layers:
+            if len(experts_modules(loaded.layers[layer])) != 1:
+                raise UnsupportedError(f"layer {layer}: --merge with --sequential needs the layer's experts in "
+                                       "one stacked experts module (transformers 5's layout)")
     field = PROFILE_FIELD[options.criterion]
     mass: dict[int, list[float]] = {}
 

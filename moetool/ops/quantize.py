@@ -579,7 +579,7 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
     norms: dict[tuple[int, int], float] = {}
     unusable: dict[str, str] = {}   # candidate -> why it was not offered for some expert
     if options.method == "gptq":   # each candidate's GPTQ output error on the expert's routed tokens
-        costs, unusable = _gptq_costs(ckpt, options, candidates, progress)
+        costs, unusable = _gptq_costs(ckpt, options, candidates, progress, warnings)
         measurements = ((key, None, costs.get(key, {}), {}, 0) for key in experts)
     else:   # rounding error; two experts at a time on the quantizer threads (the next is read meanwhile)
         measurements = _QUANTIZER.map(lambda k: _measure(experts[k], k, candidates), experts)
@@ -851,7 +851,8 @@ def _base(fmt: Format) -> Format:
     return fmt.base if isinstance(fmt, ct.CompressedFormat) else fmt
 
 
-def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[Format], progress):
+def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[Format], progress,
+                warnings: list[str]):
     """Each routed expert's GPTQ output error in every candidate format, measured layer by layer on
     the unquantized model (`GptqCosts`): (layer, expert) -> format id -> error, and the misfits."""
     from moetool.runner.sequential import GptqCosts
@@ -860,6 +861,9 @@ def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[For
         [_base(f) for f in candidates], min_tokens=options.min_tokens, damp=options.damp,
         act_order=options.act_order), progress)
     by_base = {_base(f).id: f.id for f in candidates}
+    if costs.fallbacks:
+        warnings.append(f"gptq: measuring the candidates, {len(costs.fallbacks)} weights fell back to "
+                        f"round-to-nearest (first: {costs.fallbacks[0]})")
     return ({key: {by_base[fid]: c for fid, c in row.items()} for key, row in costs.costs.items()},
             {by_base[fid]: why for fid, why in costs.misfits.items()})
 

@@ -268,7 +268,8 @@ def run(loaded, batches: list[MicroBatch], *, capture=None, on_final=None, progr
             batch, ids)`` (a context manager entered around each micro-batch's first pass through
             layer INDEX; IDS are the micro-batch's token ids on the device)
             and ``update(index, layer)`` (compresses the layer in place); the layer then runs again,
-            compressed, and its outputs are what the next layer sees.
+            compressed, and its outputs are what the next layer sees (unless the calibrator's
+            ``changes_layers`` is False: then the first pass's outputs are kept).
     """
     import torch
 
@@ -352,18 +353,24 @@ def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, tim
             timing.weight_wait_seconds += waited
             loaded.install_layer(index, tensors)
             del tensors
+            # a calibration that leaves the layer as it was (GPTQ --no-sequential, measuring) keeps
+            # the first pass's outputs instead of running the layer again
+            once = calibrate is not None and capture is None and not getattr(calibrate, "changes_layers", True)
             if calibrate is not None:   # first pass: observe the layer's inputs, then compress it
                 done = 0
                 for batch, ids, hidden, args, kwargs in _layer_inputs(batches, index, stubs, store, loaded.device):
                     with calibrate.observe(index, layer, batch, ids):   # around the layer's own call only
-                        layer(hidden, *args, **kwargs)
-                    del hidden, args, kwargs
+                        output = layer(hidden, *args, **kwargs)
+                    if once:
+                        store.put(batch.slot, output[0] if isinstance(output, tuple) else output)
+                    del hidden, args, kwargs, output
                     done += ids.numel()
                     if progress:
                         progress(f"layer {index + 1}/{layers}: calibrating", done, total)
                 calibrate.update(index, layer)
             done = 0
-            for batch, ids, hidden, args, kwargs in _layer_inputs(batches, index, stubs, store, loaded.device):
+            for batch, ids, hidden, args, kwargs in ([] if once else
+                                                     _layer_inputs(batches, index, stubs, store, loaded.device)):
                 if capture is not None:
                     capture.set_batch(batch.first_sequence, *ids.shape)
                 output = layer(hidden, *args, **kwargs)

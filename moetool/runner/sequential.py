@@ -187,6 +187,7 @@ class GptqExperts(_LayerCalibrator):
                  damp: float = 0.01, act_order: bool = False, write_back: bool = True):
         super().__init__(min_tokens=min_tokens, damp=damp, act_order=act_order, linear=linear)
         self.formats, self.save, self.save_linear, self.write_back = formats, save, save_linear, write_back
+        self.changes_layers = write_back   # the engine's cue: without write-back, no second pass
 
     def update(self, index: int, layer) -> None:
         for inputs, e, h_gate_up, h_down in self._experts(index):
@@ -218,6 +219,8 @@ class GptqCosts(_LayerCalibrator):
     unquantized model: the output error trace((W - Q) H (W - Q)^T) of gate, up and down together on
     the expert's own Hessians (`costs[(layer, expert)][format id]`). Formats that cannot hold an
     expert's matrices are left out (`misfits`: format id -> why)."""
+
+    changes_layers = False   # measures only: the engine keeps each layer's first-pass outputs
 
     def __init__(self, candidates: list, *, min_tokens: int = 128, damp: float = 0.01, act_order: bool = False):
         super().__init__(min_tokens=min_tokens, damp=damp, act_order=act_order)
