@@ -71,6 +71,11 @@ class PassProgress:
         rate = f"{task.speed:,.0f}" if task.speed else ""
         self._bar.update(self._task, completed=done, total=total, rate=rate)
 
-    def __exit__(self, *exc):
+    def close(self) -> None:
+        """Stop showing (rich shows one live display at a time: call before another bar starts)."""
         if self.enabled:
             self._bar.stop()
+            self.enabled = False
+
+    def __exit__(self, *exc):
+        self.close()

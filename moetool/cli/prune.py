@@ -22,7 +22,24 @@ from moetool.cli.options import (
     TokenIdsOpt,
     calibration_options,
 )
-from moetool.cli.output import emit_json, size, stdout
+from moetool.cli.output import PassProgress, emit_json, size, stdout
+
+
+class _LazyBar:
+    """The writing bar, shown from its first bytes, once the calibration's bars (BEFORE) are closed."""
+
+    def __init__(self, before: PassProgress):
+        self.bar, self.before = None, before
+
+    def advance(self, n: int) -> None:
+        if self.bar is None:
+            self.before.close()
+            self.bar = _Bar()
+        self.bar.advance(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def prune(
@@ -72,10 +89,12 @@ def prune(
     primary = is_primary()
     dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints
     with open_checkpoint(model) as ckpt:
-        bar = None if json_out or dry_run else _Bar()
+        passes = PassProgress(enabled=primary and not json_out)   # the calibration, layer by layer
+        bar = None if json_out or dry_run else _LazyBar(passes)
         try:
-            report = run_prune(ckpt, out, options, force=force, dry_run=dry_run,
-                               progress=bar.advance if bar else None)
+            with passes:
+                report = run_prune(ckpt, out, options, force=force, dry_run=dry_run,
+                                   progress=bar.advance if bar else None, analysis_progress=passes.update)
         finally:
             if bar:
                 bar.close()

@@ -302,7 +302,7 @@ def _expert_parallel(t: LayerTotals, devices: int, replicas: int) -> dict[str, A
 
 
 def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, calibration: ProfileOptions | None,
-                    saliency: bool) -> dict[int, dict[str, Any]]:
+                    saliency: bool, progress=None) -> dict[int, dict[str, Any]]:
     """Per MoE layer, the fields of a profile (counts, weight_mass, saliency, ...): read from a
     `moetool profile --json` file (refused if it is of another model) or measured on the CALIBRATION
     data (its data, token_ids, max_tokens, seq_len, batch_size, device, mode... options; None: the
@@ -311,7 +311,7 @@ def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, calibr
 
     if profile is None:
         report = _run(ckpt, replace(calibration_defaults(ckpt, calibration), saliency=saliency, trace=None,
-                                    from_trace=None))
+                                    from_trace=None), progress)
         return {lp.layer: lp.__dict__ for lp in report.layers}
     try:
         layers = {int(layer["layer"]): layer for layer in json.loads(Path(profile).read_text())["layers"]}

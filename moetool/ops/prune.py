@@ -49,7 +49,7 @@ from moetool.quant.config import recorded_formats
 log = logging.getLogger(__name__)
 
 
-def _scores(ckpt: Checkpoint, structure, options: PruneOptions
+def _scores(ckpt: Checkpoint, structure, options: PruneOptions, progress=None
             ) -> tuple[dict[int, list[float]], dict[int, list] | None]:
     """Per MoE layer: the criterion's score of each expert, and its gate-weight mass."""
     import torch
@@ -66,7 +66,7 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions
         return ({layer: torch.rand(structure.num_experts, generator=gen).tolist() for layer in structure.moe_layers},
                 None)
     layers = routing_profile(ckpt, structure, profile=options.profile, calibration=options.calibration,
-                             saliency=options.criterion in ("reap", "ean"))
+                             saliency=options.criterion in ("reap", "ean"), progress=progress)
     mass = {layer: layers[layer]["weight_mass"] for layer in structure.moe_layers}
     if options.criterion == "random":
         gen = torch.Generator().manual_seed(options.seed)
@@ -77,8 +77,9 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions
     return {layer: [float(v) for v in layers[layer][field]] for layer in structure.moe_layers}, mass
 
 
-def plan_prune(ckpt: Checkpoint, options: PruneOptions):
-    """Choose the kept experts and plan every output tensor (reads headers, runs a profile if needed)."""
+def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
+    """Choose the kept experts and plan every output tensor (reads headers, runs a profile if needed;
+    PROGRESS(label, done tokens, total tokens) follows its passes)."""
     from moetool.ops.inspect import inspect_checkpoint
 
     family = detect_family(ckpt.config)
@@ -104,15 +105,15 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions):
         kept, mass = {layer: sorted(v) for layer, v in options.experts.items()}, None
     elif options.sequential:
         similarity = _similarity(ckpt) if options.merge else None
-        kept, mass = sequential_choice(ckpt, structure, options, keep, groups, similarity)
+        kept, mass = sequential_choice(ckpt, structure, options, keep, groups, similarity, progress)
     elif options.scope == "global":
         if groups > 1:
             raise UnsupportedError("--scope global with group-limited routing (n_group > 1) would unbalance "
                                    "the expert groups")
-        scores, mass = _scores(ckpt, structure, options)
+        scores, mass = _scores(ckpt, structure, options, progress)
         kept = _global_choice(scores, experts, keep, top_k)
     elif options.scope == "per-layer":
-        scores, mass = _scores(ckpt, structure, options)
+        scores, mass = _scores(ckpt, structure, options, progress)
         kept = choose_per_layer(scores, structure.moe_layers, experts, keep, groups)
     else:
         raise UsageError(f"--scope {options.scope}: use per-layer or global")
@@ -287,13 +288,15 @@ def _set_all(config: dict, keys: tuple[str, ...], value: int) -> None:
 
 
 def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = False, dry_run: bool = False,
-          progress=None) -> PruneReport:
-    """Prune CKPT into OUT (atomically); with DRY_RUN only choose the experts and report."""
+          progress=None, analysis_progress=None) -> PruneReport:
+    """Prune CKPT into OUT (atomically); with DRY_RUN only choose the experts and report. PROGRESS(bytes)
+    follows the writing, ANALYSIS_PROGRESS(label, done tokens, total tokens) the calibration passes."""
     out = Path(out)
     if ckpt.kind == "gguf":   # llama.cpp files: expert byte ranges copied into a GGUF of the same layout
-        return prune_gguf(ckpt, out, options, force=force, dry_run=dry_run, progress=progress)
+        return prune_gguf(ckpt, out, options, force=force, dry_run=dry_run, progress=progress,
+                          analysis_progress=analysis_progress)
     refuse_inside_source(out, ckpt)
-    tensors, config, report = plan_prune(ckpt, options)
+    tensors, config, report = plan_prune(ckpt, options, analysis_progress)
     if dry_run:
         return report
     start = time.perf_counter()

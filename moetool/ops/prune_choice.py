@@ -133,8 +133,8 @@ def check_sequential(options: PruneOptions) -> None:
         raise UsageError("--sequential runs in one process: run it without torchrun")
 
 
-def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups: int = 1, similarity=None
-                      ) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups: int = 1, similarity=None,
+                      progress=None) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
     """The kept experts and gate-weight mass of every MoE layer, chosen layer by layer on the streamed
     runner: each layer's criterion is measured on the hidden states of the already-pruned (with
     SIMILARITY given: already-merged) earlier layers, then the layer is pruned in place."""
@@ -176,7 +176,7 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
                              saliency=options.criterion in ("reap", "ean"))
     try:
         with torch.no_grad():
-            run(loaded, micro_batches(ids, calibration.batch_size), calibrate=pruner,
+            run(loaded, micro_batches(ids, calibration.batch_size), calibrate=pruner, progress=progress,
                 offload_dir=calibration.offload_dir)
         pruner.check()
     finally:

@@ -59,7 +59,7 @@ def _check_options(options: PruneOptions) -> None:
     check_sequential(options)
 
 
-def _scores(ckpt: Checkpoint, structure, classifier: Classifier, options: PruneOptions):
+def _scores(ckpt: Checkpoint, structure, classifier: Classifier, options: PruneOptions, progress=None):
     """Per MoE layer: the criterion's score of each expert, and its gate-weight mass (or None)."""
     from moetool.ops.profile import routing_profile
 
@@ -68,7 +68,7 @@ def _scores(ckpt: Checkpoint, structure, classifier: Classifier, options: PruneO
     if options.profile is not None or options.criterion not in ("random", "weight-norm"):
         # a profile of this model (the GGUF itself or its safetensors form), or calibration on the GGUF
         profile = routing_profile(ckpt, structure, profile=options.profile, calibration=options.calibration,
-                                  saliency=options.criterion in ("reap", "ean"))
+                                  saliency=options.criterion in ("reap", "ean"), progress=progress)
         mass = {layer: profile[layer]["weight_mass"] for layer in layers}
     if options.criterion == "random":   # torch's generator: the experts the safetensors prune of a seed keeps
         import torch
@@ -98,7 +98,7 @@ def _weight_norms(ckpt: Checkpoint, classifier: Classifier, layers: list[int], e
     return {layer: [v ** 0.5 for v in values] for layer, values in squares.items()}
 
 
-def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions):
+def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
     """Choose the kept experts; return (tensor edits, metadata updates, report)."""
     from moetool.ops.inspect import inspect_checkpoint
 
@@ -131,9 +131,9 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions):
                                  "same number of experts in every group, at least 2")
         mass = None
     elif options.sequential:   # on the GGUF's transformers view
-        kept, mass = sequential_choice(ckpt, structure, options, keep, groups)
+        kept, mass = sequential_choice(ckpt, structure, options, keep, groups, progress=progress)
     else:
-        scores, mass = _scores(ckpt, structure, classifier, options)
+        scores, mass = _scores(ckpt, structure, classifier, options, progress)
         kept = choose_per_layer(scores, layers, experts, keep, groups)
     new_k = min(top_k, keep)
 
@@ -191,14 +191,14 @@ def _refuse_inside_source(out: Path, ckpt: Checkpoint) -> None:
 
 
 def prune_gguf(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = False, dry_run: bool = False,
-               progress=None) -> PruneReport:
+               progress=None, analysis_progress=None) -> PruneReport:
     """Prune the GGUF file or split set CKPT into OUT (a .gguf name; a split set is written as
     OUT's stem with the source's part numbering), atomically; with DRY_RUN only report."""
     out = Path(out)
     sources = [shard.path for shard in ckpt.shards]
     _refuse_inside_source(out, ckpt)
     check_outputs(sources, out, force=force or dry_run)   # a bad or taken name fails before any work
-    edits, metadata, report = plan_prune_gguf(ckpt, options)
+    edits, metadata, report = plan_prune_gguf(ckpt, options, analysis_progress)
     if dry_run:
         return report
     start = time.perf_counter()
