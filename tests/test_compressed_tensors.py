@@ -224,8 +224,13 @@ def test_names_and_groups_follow_vllms_loader(tmp_path, tiny, family):
         assert len(found) == 1 and group_format[found.pop()] == layers[int(re.search(r"\.(\d+)\.", prefix)[1])]
 
 
-def test_budget_is_one_format_per_moe_layer(tmp_path):
-    out, report = _write(tmp_path, "builtin:tiny-moe", bits_budget=6.0, policy="uniform")
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_budget_is_one_format_per_moe_layer(tmp_path, method):
+    """With GPTQ too: each layer's candidates weighed by their GPTQ errors summed over its experts."""
+    from moetool.ops.profile import ProfileOptions
+
+    gptq = dict(method="gptq", calibration=ProfileOptions(max_tokens=2048, seq_len=128)) if method == "gptq" else {}
+    out, report = _write(tmp_path, "builtin:tiny-moe", bits_budget=6.0, policy="uniform", **gptq)
     assert report.expert_bits <= 6.0 and len(report.formats) == 2
     for layer in range(4):
         assert len({e.format for e in report.experts if e.layer == layer}) == 1
