@@ -183,12 +183,12 @@ def _randomize_correction_biases(model) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", __import__("tests.test_prune", fromlist=["FAMILIES"]).FAMILIES)
 def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtype):
-    """moetool's in-place pruning (restrict_router on every MoE layer of the full model) gives the
+    """moetool's in-place pruning (RouterRestriction on every MoE layer of the full model) gives the
     logits of the pruned checkpoint in stock transformers, with nonzero correction biases, and in
     bfloat16 too, where routers that compute in float32 cast their weight first."""
     from moetool.arch import detect_family
     from moetool.ops.inspect import inspect_checkpoint
-    from moetool.runner.sequential_prune import restrict_router
+    from moetool.runner.sequential_prune import RouterRestriction
     from tests.test_prune import _model
 
     model = _model(family).eval()
@@ -202,16 +202,14 @@ def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtyp
     config = model.config.to_dict()
     fam = detect_family(config)
     decoder = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
-    handles = []
-    for layer in layers:
-        removed = [e for e in range(report.experts_before) if e not in report.kept[layer]]
-        handles += restrict_router(model, fam, config, layer, decoder[layer], removed)
+    restrictions = [RouterRestriction(model, fam, config, layer, decoder[layer],
+                                      [e for e in range(report.experts_before) if e not in report.kept[layer]])
+                    for layer in layers]   # each raises if its router's weight goes unseen
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = model(ids).logits.float()
-    assert not any(h.unmasked for h in handles[1::2])   # every layer was restricted
-    for h in handles:
-        h.remove()
+    for restriction in restrictions:
+        restriction.remove()
     with torch.no_grad():
         unrestricted = model(ids).logits.float()
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype).eval()
@@ -221,3 +219,46 @@ def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtyp
     assert (got - want).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
     if dtype == torch.float32:
         assert (unrestricted - want).abs().max() > 1e-4   # the removed experts did matter
+
+
+def test_a_router_it_cannot_restrict_is_an_error_not_a_no_op(tmp_path, source):
+    """A router that applies its weight other than through F.linear cannot be restricted: the call
+    raises (after putting everything back) instead of routing as if nothing were pruned."""
+    from moetool.arch import detect_family
+    from moetool.errors import UnsupportedError
+    from moetool.runner.sequential_prune import RouterRestriction
+
+    path, _, ids = source
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    gate = model.model.layers[0].mlp.gate
+    real = type(gate).forward
+
+    def matmul_router(hidden):
+        logits = hidden.reshape(-1, hidden.shape[-1]) @ gate.weight.T   # no F.linear
+        weights, index = torch.topk(torch.softmax(logits, dim=-1), 2, dim=-1)
+        return logits, weights, index
+
+    config = model.config.to_dict()
+    restriction = RouterRestriction(model, detect_family(config), config, 0, model.model.layers[0], [1, 2])
+    gate.forward = matmul_router
+    try:
+        with pytest.raises(UnsupportedError, match="never applied"), torch.no_grad():
+            model(ids[:1])
+    finally:
+        gate.forward = real.__get__(gate)
+        restriction.remove()
+    with torch.no_grad():   # nothing left behind: the mode is gone
+        assert torch.isfinite(model.model.layers[0].mlp.gate(torch.randn(3, 32))[0]).all()
+
+
+def test_merge_in_place_needs_stacked_experts(tmp_path):
+    """gpt-oss keeps its experts transposed with biases: --sequential --merge is refused before any
+    calibration runs."""
+    from moetool.errors import UnsupportedError
+    from tests.tiny import save_tiny
+
+    folder = save_tiny("gpt_oss", tmp_path / "src")
+    with open_checkpoint(folder) as ckpt:
+        with pytest.raises(UnsupportedError, match="without --sequential"):
+            prune(ckpt, tmp_path / "out", PruneOptions(keep=2, sequential=True, merge=True))
+    assert not (tmp_path / "out").exists()

@@ -104,8 +104,8 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                              f"{structure.moe_layers}")
         kept, mass = {layer: sorted(v) for layer, v in options.experts.items()}, None
     elif options.sequential:
-        similarity = _similarity(ckpt) if options.merge else None
-        kept, mass = sequential_choice(ckpt, structure, options, keep, groups, similarity, progress)
+        kept, mass, similarity = sequential_choice(ckpt, structure, options, keep, groups,
+                                                   (lambda: _similarity(ckpt)) if options.merge else None, progress)
     elif options.scope == "global":
         if groups > 1:
             raise UnsupportedError("--scope global with group-limited routing (n_group > 1) would unbalance "

@@ -134,10 +134,12 @@ def check_sequential(options: PruneOptions) -> None:
 
 
 def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups: int = 1, similarity=None,
-                      progress=None) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+                      progress=None) -> tuple[dict[int, list[int]], dict[int, list[float]], Any]:
     """The kept experts and gate-weight mass of every MoE layer, chosen layer by layer on the streamed
-    runner: each layer's criterion is measured on the hidden states of the already-pruned (with
-    SIMILARITY given: already-merged) earlier layers, then the layer is pruned in place."""
+    runner: each layer's criterion is measured on the hidden states of the already-pruned earlier
+    layers, then the layer is pruned in place. With SIMILARITY (a callable giving, per MoE layer,
+    the experts' pairwise weight similarity), removed experts are merged in place instead, and the
+    similarity is returned third."""
     import torch
 
     from moetool.runner.device import pick_device, pick_dtype
@@ -150,16 +152,22 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     check_runnable(ckpt)
     model_ckpt = runnable(ckpt)
     calibration = calibration_defaults(ckpt, options.calibration)
-    ids = calibration_ids(model_ckpt, calibration, default="builtin", vocab_size=structure.vocab_size)
     device = pick_device(calibration.device)
     loaded = load_model(model_ckpt, device=device, dtype=pick_dtype(calibration.dtype, device), mode="streamed",
-                        trust_remote_code=calibration.trust_remote_code)
+                        trust_remote_code=calibration.trust_remote_code)   # streamed: no weight read yet
     layers = routing_structure(ckpt)[1]   # MoE layer -> (experts, top-k)
     if similarity is not None:   # merging in place needs transformers 5's stacked experts: refuse now
         for layer in layers:
-            if len(experts_modules(loaded.layers[layer])) != 1:
-                raise UnsupportedError(f"layer {layer}: --merge with --sequential needs the layer's experts in "
-                                       "one stacked experts module (transformers 5's layout)")
+            try:
+                stacked = len(experts_modules(loaded.layers[layer])) == 1
+            except UnsupportedError:   # transposed, interleaved or with biases
+                stacked = False
+            if not stacked:
+                raise UnsupportedError(f"{loaded.family.title}: --merge with --sequential merges experts in place, "
+                                       "which needs each layer's experts in one stacked [gate; up] experts module "
+                                       "without biases; use --merge without --sequential")
+        similarity = similarity()
+    ids = calibration_ids(model_ckpt, calibration, default="builtin", vocab_size=structure.vocab_size)
     field = PROFILE_FIELD[options.criterion]
     mass: dict[int, list[float]] = {}
 
@@ -178,10 +186,9 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
         with torch.no_grad():
             run(loaded, micro_batches(ids, calibration.batch_size), calibrate=pruner, progress=progress,
                 offload_dir=calibration.offload_dir)
-        pruner.check()
     finally:
         pruner.close()
-    return pruner.kept, mass
+    return pruner.kept, mass, similarity
 
 
 def parse_experts(spec: str) -> dict[int, list[int]]:

@@ -131,7 +131,7 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
                                  "same number of experts in every group, at least 2")
         mass = None
     elif options.sequential:   # on the GGUF's transformers view
-        kept, mass = sequential_choice(ckpt, structure, options, keep, groups, progress=progress)
+        kept, mass, _ = sequential_choice(ckpt, structure, options, keep, groups, progress=progress)
     else:
         scores, mass = _scores(ckpt, structure, classifier, options, progress)
         kept = choose_per_layer(scores, layers, experts, keep, groups)

@@ -862,7 +862,7 @@ def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[For
         act_order=options.act_order), progress)
     by_base = {_base(f).id: f.id for f in candidates}
     if costs.fallbacks:
-        warnings.append(f"gptq: measuring the candidates, {len(costs.fallbacks)} weights fell back to "
+        warnings.append(f"gptq: measuring the candidates, {len(costs.fallbacks)} GPTQ runs fell back to "
                         f"round-to-nearest (first: {costs.fallbacks[0]})")
     return ({key: {by_base[fid]: c for fid, c in row.items()} for key, row in costs.costs.items()},
             {by_base[fid]: why for fid, why in costs.misfits.items()})

@@ -32,8 +32,9 @@ def _router_weight(router):
 
 
 def _correction_bias(model, family, index: int, offset: int):
-    """The router's correction bias in the built model (DeepSeek-V3, GLM-4.5, dots1, ERNIE), or None."""
-    for layout in ("fused", None):
+    """The router's correction bias in the built model (DeepSeek-V3, GLM-4.5, dots1, ERNIE), or None
+    for routers without one."""
+    for layout in ("fused", "per-expert"):
         template = family.templates(layout).get(Role.ROUTER_CORRECTION)
         if template is None:
             continue
@@ -43,6 +44,9 @@ def _correction_bias(model, family, index: int, offset: int):
             return getattr(model.get_submodule(owner), attr)
         except AttributeError:
             continue
+    if family.router is not None and family.router.correction_bias:
+        raise UnsupportedError(f"{family.title}: layer {index}'s router correction bias is not where moetool "
+                               "looks for it in the built model, so its removed experts cannot be restricted")
     return None
 
 
@@ -52,7 +56,8 @@ _CASTS = ("type", "to", "float", "double", "half", "bfloat16", "contiguous", "de
 
 def _same(a, b) -> bool:
     """A and B are one tensor (or views of the same memory with the same shape and dtype)."""
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype)
+    return a is b or (a.data_ptr() != 0 and a.data_ptr() == b.data_ptr() and a.shape == b.shape and
+                      a.dtype == b.dtype)
 
 
 def _masking_mode(weight, removed: list[int]):
@@ -71,7 +76,7 @@ def _masking_mode(weight, removed: list[int]):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            if func in casts and args and any(args[0] is t for t in self.tracked):
+            if func in casts and args and isinstance(out, torch.Tensor) and any(args[0] is t for t in self.tracked):
                 self.tracked.append(out)
             elif func is linear:
                 w = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -85,43 +90,55 @@ def _masking_mode(weight, removed: list[int]):
     return mode
 
 
-def restrict_router(model, family, config: dict, index: int, layer, removed: list[int]) -> list:
-    """Make MoE layer INDEX (in the decoder layer LAYER) route as if its REMOVED experts were pruned, on
-    every call from now on: their router logits -inf wherever the router's weight is applied, and
+class RouterRestriction:
+    """Forward hooks that make MoE layer INDEX route as if its REMOVED experts were pruned, on every
+    call until `remove()`: their router logits -inf wherever the router's weight is applied, and
     their correction bias (if any) -inf too, since a sigmoid router adds it after the logits (a
-    pruned checkpoint has neither). Returns the hook handles; `handles[-1].unmasked` lists the
-    calls in which the router's weight was never seen (nothing was restricted)."""
-    offset = family.decoder_offset(config) if family.decoder_offset else 0
-    name = module_name(family.router_module, index, offset)
-    router = model.get_submodule(name)
-    # the hooks go on the router's parent (the MoE block): the engine also calls the decoder layer
-    # with its forward stubbed out, to learn each layer's arguments
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-    bias = _correction_bias(model, family, index, offset)
-    state: dict = {}
-    unmasked: list[int] = []
+    pruned checkpoint has neither). A call in which the router's weight was never seen raises
+    UnsupportedError (nothing could be restricted: never a silent no-op)."""
 
-    def enter(module, args):   # the weight as installed now (streamed layers are installed per pass)
+    def __init__(self, model, family, config: dict, index: int, layer, removed: list[int]):
+        offset = family.decoder_offset(config) if family.decoder_offset else 0
+        name = module_name(family.router_module, index, offset)
+        self.router = model.get_submodule(name)
+        # the hooks go on the router's parent (the MoE block): the engine also calls the decoder
+        # layer with its forward stubbed out, to learn each layer's arguments
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+        self.bias = _correction_bias(model, family, index, offset)
+        self.index, self.removed = index, removed
+        self._mode = self._saved_bias = None
+        self._handles = [parent.register_forward_pre_hook(self._enter),
+                         parent.register_forward_hook(self._leave, always_call=True)]
+
+    def _enter(self, module, args) -> None:   # the weight as installed now (streamed layers change)
         import torch
 
-        if bias is not None:
-            state["bias"] = bias.data.clone()
-            bias.data[..., torch.tensor(removed, device=bias.device)] = float("-inf")
-        state["mode"] = _masking_mode(_router_weight(router), removed)
-        state["mode"].__enter__()
+        if self.bias is not None:
+            self._saved_bias = self.bias.data.clone()
+            self.bias.data[..., torch.tensor(self.removed, device=self.bias.device)] = float("-inf")
+        self._mode = _masking_mode(_router_weight(self.router), self.removed)
+        self._mode.__enter__()
 
-    def leave(module, args, output):
-        mode = state.pop("mode", None)
+    def _leave(self, module, args, output) -> None:
+        masked = self._restore()
+        if not masked:   # (after a failed forward torch silences this, and the real error goes on)
+            raise UnsupportedError(f"layer {self.index}: the router's weight was never applied through F.linear, "
+                                   "so moetool cannot run the layer pruned")
+
+    def _restore(self) -> int | None:
+        """Leave the mode and put the bias back (also after an interrupted call); the masked count."""
+        mode, self._mode = self._mode, None
         if mode is not None:
             mode.__exit__(None, None, None)
-            if not mode.masked:
-                unmasked.append(index)
-        if "bias" in state:
-            bias.data.copy_(state.pop("bias"))
+        if self._saved_bias is not None:
+            self.bias.data.copy_(self._saved_bias)
+            self._saved_bias = None
+        return None if mode is None else mode.masked
 
-    handles = [parent.register_forward_pre_hook(enter), parent.register_forward_hook(leave, always_call=True)]
-    handles[-1].unmasked = unmasked
-    return handles
+    def remove(self) -> None:
+        self._restore()
+        for handle in self._handles:
+            handle.remove()
 
 
 class SequentialPrune:
@@ -147,7 +164,7 @@ class SequentialPrune:
         self.totals: dict[int, object] = {}
         self._capture: RouterCapture | None = None
         self._stats: RoutingStats | None = None
-        self._handles: list = []
+        self._restrictions: list[RouterRestriction] = []
 
     def observe(self, index: int, layer, batch, ids):
         if index not in self.layers:
@@ -181,7 +198,7 @@ class SequentialPrune:
             self._fold(index, layer, groups, experts)
         removed = [e for e in range(experts) if e not in kept]
         if removed:
-            self._handles += restrict_router(self.model, self.family, self.config, index, layer, removed)
+            self._restrictions.append(RouterRestriction(self.model, self.family, self.config, index, layer, removed))
 
     def _fold(self, index: int, layer, groups: dict[int, list[tuple[int, float]]], experts: int) -> None:
         """Each kept expert's stacked weights (and biases) replaced by the weighted sum of its group."""
@@ -198,17 +215,10 @@ class SequentialPrune:
                 merged = sum(param.data[e].float() * w for e, w in members)
                 param.data[k] = merged.to(param.dtype)
 
-    def check(self) -> None:
-        """Raise if a pruned layer ran without its router being restricted (call after the run)."""
-        unmasked = sorted({i for h in self._handles for i in getattr(h, "unmasked", ())})
-        if unmasked:
-            raise UnsupportedError(f"layers {unmasked}: the router's weight was never applied where moetool "
-                                   "looks for it (F.linear), so the pruned layers could not be run pruned")
-
     def close(self) -> None:
         if self._capture is not None:
             self._capture.close()
             self._capture = None
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for restriction in self._restrictions:
+            restriction.remove()
+        self._restrictions.clear()
