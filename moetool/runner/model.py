@@ -14,6 +14,7 @@ from moetool.errors import UnsupportedError, UsageError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant.config import recorded_formats
 from moetool.runner.device import DeviceError, available_memory
+from moetool.runner.modules import set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class LoadedModel:
 
         module = self.layers[index]
         for name, param in list(module.named_parameters()):
-            _set(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+            set_tensor(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
 
 
 def _decoder_layers(model) -> tuple[str, object]:
@@ -255,20 +256,9 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         model.tie_weights()
     for name, buffer in model.named_buffers():
         if buffer.device != device and buffer.device.type != "meta":
-            _set(model, name, buffer.to(device))
+            set_tensor(model, name, buffer.to(device))
     return LoadedModel(model, family, "streamed", device, dtype, prefix, layers, config=ckpt.config or {},
                        layer_plan=per_layer)
-
-
-def _set(root, dotted: str, value) -> None:
-    owner_name, _, attr = dotted.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    if isinstance(value, __import__("torch").nn.Parameter):
-        owner._parameters[attr] = value
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        setattr(owner, attr, value)
 
 
 def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool = False):
@@ -313,5 +303,5 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
                                f"(first: {missing[0]})")
     for name, buffer in model.named_buffers():
         if buffer.device.type != torch.device(device).type:
-            _set(model, name, buffer.to(device))
+            set_tensor(model, name, buffer.to(device))
     return model.eval()

@@ -25,6 +25,7 @@ from moetool.errors import CheckpointFormatError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant import compressed_tensors as ct
 from moetool.quant.formats import Format, stacked_slices
+from moetool.runner.modules import set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +233,7 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
                                     f"(first: {missing[0]})")
     for name, buffer in list(model.named_buffers()):
         if buffer.device.type != torch.device(device).type:
-            from moetool.runner.model import _set
-
-            _set(model, name, buffer.to(device))
+            set_tensor(model, name, buffer.to(device))
     return model.eval()
 
 
