@@ -10,6 +10,7 @@ forever for a rank on another machine that died.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -79,7 +80,19 @@ def init(world: World, device) -> None:
                                 device_id=device if device.type == "cuda" else None)
     except Exception as exc:   # rendezvous failures surface as several exception types
         raise DistributedError(f"rank {world.rank}: could not join the torch.distributed group ({exc})") from None
+    atexit.register(_leave)   # the group's threads stopped before interpreter shutdown, not during it
     log.info("rank %d of %d on %s (%s)", world.rank, world.size, device, backend)
+
+
+def _leave() -> None:
+    """Destroy the process group at exit (a local operation: no peer is waited for)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:   # exiting anyway: say so, do not mask the exit status
+            log.debug("destroying the process group failed: %s", exc)
 
 
 def share(units: int, world: World) -> tuple[int, int]:
