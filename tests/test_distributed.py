@@ -73,3 +73,18 @@ def test_a_failing_rank_stops_the_others(tmp_path):
     assert "Error: /nonexistent.txt: no such file" in proc.stderr
     assert "/moetool/" not in proc.stderr           # no moetool traceback (torchrun prints its own summary)
     assert "exitcode  : 11" in proc.stderr          # the data error's exit code, as torchrun reports it
+
+
+@pytest.mark.parametrize("extra", [("--criterion", "reap"), ("--merge",)])
+def test_sequential_prune_under_torchrun_equals_one_process(tmp_path, extra):
+    """Each rank runs half the sequences; every layer's statistics are summed over the ranks before
+    its experts are chosen, so both ranks prune (and merge) the same experts as one process does."""
+    args = ["--ratio", "0.5", "--sequential", "--json", *SMALL, *extra]
+    two = moetool("prune", "builtin:tiny-moe", str(tmp_path / "p2"), *args, torchrun=True)
+    assert two.returncode == 0, two.stderr
+    one = moetool("prune", "builtin:tiny-moe", str(tmp_path / "p1"), *args)
+    assert one.returncode == 0, one.stderr
+    a, b = json.loads(two.stdout), json.loads(one.stdout)
+    assert a["kept"] == b["kept"]
+    assert a["routing_mass_removed"] == pytest.approx(b["routing_mass_removed"], rel=1e-6)
+    assert (tmp_path / "p2" / "config.json").exists()

@@ -129,8 +129,6 @@ def check_sequential(options: PruneOptions) -> None:
                          "routing, so it would choose the same experts without it")
     if options.scope != "per-layer":
         raise UsageError("--sequential chooses layer by layer: use --scope per-layer")
-    if distributed.world_from_env().distributed:
-        raise UsageError("--sequential runs in one process: run it without torchrun")
 
 
 def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups: int = 1, similarity=None,
@@ -152,7 +150,9 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     check_runnable(ckpt)
     model_ckpt = runnable(ckpt)
     calibration = calibration_defaults(ckpt, options.calibration)
-    device = pick_device(calibration.device)
+    world = distributed.world_from_env()
+    device = pick_device(calibration.device, local_rank=world.local_rank if world.distributed else None)
+    distributed.init(world, device)
     loaded = load_model(model_ckpt, device=device, dtype=pick_dtype(calibration.dtype, device), mode="streamed",
                         trust_remote_code=calibration.trust_remote_code)   # streamed: no weight read yet
     layers = routing_structure(ckpt)[1]   # MoE layer -> (experts, top-k)
@@ -180,12 +180,14 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
                  options.criterion)
         return kept, merge_group(similarity[layer], kept, mass[layer], experts) if similarity else None
 
+    first, count = distributed.share(ids.shape[0], world)   # torchrun: each rank its share of the sequences
     pruner = SequentialPrune(loaded.model, loaded.family, loaded.config, layers, choose,
-                             saliency=options.criterion in ("reap", "ean"))
+                             saliency=options.criterion in ("reap", "ean"), device=device, seq_len=ids.shape[1],
+                             distributed=world.distributed)
     try:
         with torch.no_grad():
-            run(loaded, micro_batches(ids, calibration.batch_size), calibrate=pruner, progress=progress,
-                offload_dir=calibration.offload_dir)
+            run(loaded, micro_batches(ids[first:first + count], calibration.batch_size, first), calibrate=pruner,
+                progress=progress, offload_dir=calibration.offload_dir)
     finally:
         pruner.close()
     return pruner.kept, mass, similarity

@@ -151,14 +151,18 @@ class SequentialPrune:
         choose: callable(layer, LayerTotals) -> (kept experts, merge groups or None), the merge
             groups mapping each kept expert to [(expert, weight), ...] folded into it.
         saliency: measure REAP's terms as well (criteria reap and ean).
+        device, seq_len: where the statistics are kept, and the calibration sequences' length.
+        distributed: under torchrun, each rank runs its share of the sequences and the layer's
+            statistics are summed over the ranks before the choice, so every rank chooses the same.
     """
 
     def __init__(self, model, family, config: dict, layers: dict[int, tuple[int, int]], choose, *,
-                 saliency: bool = False):
+                 saliency: bool = False, device=None, seq_len: int = 1, distributed: bool = False):
         if family.router_module is None:
             raise UnsupportedError(f"{family.title}: routing capture is not supported for this family")
         self.model, self.family, self.config, self.layers = model, family, config, layers
         self.choose, self.saliency = choose, saliency
+        self.device, self.seq_len, self.distributed = device, seq_len, distributed
         self.offset = family.decoder_offset(config) if family.decoder_offset else 0
         self.kept: dict[int, list[int]] = {}
         self.totals: dict[int, object] = {}
@@ -174,22 +178,23 @@ class SequentialPrune:
     @contextmanager
     def _observing(self, index: int, batch, ids):
         if self._capture is None:   # this layer's router hooked for its first pass only
-            experts, top_k = self.layers[index]
-            self._stats = RoutingStats({index: (experts, top_k)}, ids.device, capacity_window=ids.shape[1])
+            top_k = self.layers[index][1]
             self._capture = RouterCapture(self.model, self.family, self.config, [index], lambda _: top_k,
-                                          stats=self._stats, saliency=self.saliency)
+                                          stats=self._layer_stats(index, ids.device), saliency=self.saliency)
         self._capture.set_batch(batch.first_sequence, *ids.shape)
         yield
 
     def update(self, index: int, layer) -> None:
         if index not in self.layers:
             return
-        totals = None
         if self._capture is not None:
             self._capture.close()
-            totals = self._stats[index].totals()
-            self._capture = self._stats = None
-        if totals is None or not totals.tokens:
+        stats = self._layer_stats(index, self.device)   # (a rank given no sequences has none of its own)
+        self._capture = self._stats = None
+        if self.distributed:
+            stats.all_reduce()
+        totals = stats[index].totals()
+        if not totals.tokens:
             raise UnsupportedError(f"layer {index}: its router never ran, so its experts cannot be scored")
         kept, groups = self.choose(index, totals)
         self.kept[index], self.totals[index] = kept, totals
@@ -199,6 +204,11 @@ class SequentialPrune:
         removed = [e for e in range(experts) if e not in kept]
         if removed:
             self._restrictions.append(RouterRestriction(self.model, self.family, self.config, index, layer, removed))
+
+    def _layer_stats(self, index: int, device) -> RoutingStats:
+        if self._stats is None:
+            self._stats = RoutingStats({index: self.layers[index]}, device, capacity_window=self.seq_len)
+        return self._stats
 
     def _fold(self, index: int, layer, groups: dict[int, list[tuple[int, float]]], experts: int) -> None:
         """Each kept expert's stacked weights (and biases) replaced by the weighted sum of its group."""
