@@ -3,11 +3,12 @@ states that the already-pruned earlier layers deliver, then the layer is pruned 
 for the next layer (llm-compressor's REAP with ``propagate_error`` works this way).
 
 Pruning a layer in place means routing as the pruned checkpoint routes: a model pruned to a subset
-S of experts equals the original whose router logits outside S are -inf before top-k
-(tests/test_prune.py checks this for every family prune supports). So the layer's second pass runs
-under a torch function mode that sets those logits to -inf wherever the router's weight is applied
-(`F.linear(x, router.weight)`, inside the router module or not). With ``--merge``, the kept experts'
-stacked weights are replaced by the weighted sums the output checkpoint will hold.
+S of experts equals the original whose router logits outside S are -inf before top-k (and, for
+sigmoid routers, whose correction biases outside S are -inf too). So from its second pass on, the
+layer's MoE block runs under a torch function mode that sets those logits to -inf wherever the
+router's weight, or a cast of it, is applied (`RouterRestriction`; tests/test_prune_sequential.py
+checks the result against the pruned checkpoints of 21 families). With ``--merge``, the kept
+experts' stacked weights are replaced by the weighted sums the output checkpoint will hold.
 """
 
 from __future__ import annotations
@@ -163,9 +164,7 @@ class SequentialPrune:
         self.model, self.family, self.config, self.layers = model, family, config, layers
         self.choose, self.saliency = choose, saliency
         self.device, self.seq_len, self.distributed = device, seq_len, distributed
-        self.offset = family.decoder_offset(config) if family.decoder_offset else 0
         self.kept: dict[int, list[int]] = {}
-        self.totals: dict[int, object] = {}
         self._capture: RouterCapture | None = None
         self._stats: RoutingStats | None = None
         self._restrictions: list[RouterRestriction] = []
@@ -197,7 +196,7 @@ class SequentialPrune:
         if not totals.tokens:
             raise UnsupportedError(f"layer {index}: its router never ran, so its experts cannot be scored")
         kept, groups = self.choose(index, totals)
-        self.kept[index], self.totals[index] = kept, totals
+        self.kept[index] = kept
         experts = self.layers[index][0]
         if groups:
             self._fold(index, layer, groups, experts)
