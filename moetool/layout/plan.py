@@ -88,7 +88,7 @@ class _Entry:
 
 
 class _Planner:
-    def __init__(self, ckpt: Checkpoint, options: PlanOptions):
+    def __init__(self, ckpt: Checkpoint, options: PlanOptions, *, dequantized: bool = False):
         self.ckpt, self.options = ckpt, options
         self.family, self.cfg, self.decoder_offset = family_context(ckpt)
         self.classifier = Classifier(self.family, self.decoder_offset)
@@ -97,7 +97,7 @@ class _Planner:
         self.actions: dict[str, int] = defaultdict(int)
         self.notes: list[str] = []
         self.out: list[OutputTensor] = []
-        self.config_dequantized = False
+        self.config_dequantized = dequantized   # the config's quantization_config goes (set as weights are)
 
     # -- helpers
     def out_dtype(self, entry: _Entry) -> str:
@@ -398,8 +398,7 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
     stored = ct.recorded_formats(ckpt.config, ckpt.tensors) if options.dequantize else None
     if stored:   # a compressed-tensors checkpoint: its packed weights read as dequantized tensors
         ckpt = ct.dequantized_view(ckpt, stored)
-    planner = _Planner(ckpt, options)
-    planner.config_dequantized = bool(stored)
+    planner = _Planner(ckpt, options, dequantized=bool(stored))
     source_layout, target_layout = planner.plan()
     config = _edited_config(ckpt, planner, options)
     files = side_files(ckpt)

@@ -146,8 +146,7 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     from moetool.runner.sequential import experts_modules
     from moetool.runner.sequential_prune import SequentialPrune
 
-    check_sequential(options)
-    check_runnable(ckpt)
+    check_runnable(ckpt)   # (the options were checked before any work: check_sequential)
     model_ckpt = runnable(ckpt)
     calibration = calibration_defaults(ckpt, options.calibration)
     world = distributed.world_from_env()

@@ -860,12 +860,10 @@ def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[For
     costs = _calibrate(ckpt, options, lambda loaded: GptqCosts(
         [_base(f) for f in candidates], min_tokens=options.min_tokens, damp=options.damp,
         act_order=options.act_order), progress)
-    by_base = {_base(f).id: f.id for f in candidates}
     if costs.fallbacks:
         warnings.append(f"gptq: measuring the candidates, {len(costs.fallbacks)} GPTQ runs fell back to "
                         f"round-to-nearest (first: {costs.fallbacks[0]})")
-    return ({key: {by_base[fid]: c for fid, c in row.items()} for key, row in costs.costs.items()},
-            {by_base[fid]: why for fid, why in costs.misfits.items()})
+    return costs.costs, costs.misfits   # a compressed-tensors format's id is its integer format's
 
 
 def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, formats: dict[str, Format],

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from math import ceil, prod
+from math import ceil
 
 from moetool.errors import UsageError
 from moetool.quant.formats import Format, parse_format
@@ -64,9 +64,6 @@ class CompressedFormat:
     def symmetric(self) -> bool:
         return self.base.symmetric
 
-    def describe(self) -> dict:
-        return scheme_weights(self)
-
     # -- sizes
     @property
     def suffixes(self) -> tuple[str, ...]:
@@ -80,10 +77,7 @@ class CompressedFormat:
             out.append((ZERO_POINT, "I32", (ceil(rows * self.bits / 32), cols // self.block)))
         return out + [(SHAPE, "I64", (2,))]
 
-    def nbytes(self, shape: tuple[int, ...], dtype: str) -> int:
-        from moetool.checkpoint.header import DTYPE_BYTES
-
-        return sum(prod(s) * DTYPE_BYTES[d] for _, d, s in self.components(shape, dtype))
+    nbytes = Format.nbytes   # the bytes of its components, as for any format
 
     def original_shape(self, packed_shape: tuple[int, ...], blob=None) -> tuple[int, ...]:
         """The weight's shape from its weight_packed shape (columns are a multiple of 32 / bits)."""
@@ -214,11 +208,6 @@ def expert_prefix(module: str, expert: int) -> str | None:
 
 
 # ---------------------------------------------------------------- reading a checkpoint back
-
-def is_compressed_tensors(config: dict | None) -> bool:
-    qc = (config or {}).get("quantization_config") or {}
-    return qc.get("quant_method") == QUANT_METHOD
-
 
 def recorded_formats(config: dict | None, names=()) -> dict[str, CompressedFormat] | None:
     """Weight name -> format of a compressed-tensors pack-quantized checkpoint moetool can run

@@ -157,7 +157,7 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
         raise UsageError(f"--device-map {device_map} places a whole model: use it with --mode full")
     if mode == "full":
         auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-        formats = recorded_formats(ckpt.config)
+        formats = recorded_formats(ckpt.config, ckpt.tensors)
         own_loader = (formats is not None or uneven_expert_counts(ckpt.config) or ckpt.kind == VIEW_KIND or
                       (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)))
         if own_loader and device_map is not None:
@@ -276,7 +276,7 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
     with open_checkpoint(path) as source:
         ckpt = runnable(source)
         family = check_runnable(ckpt)
-        formats = recorded_formats(ckpt.config)
+        formats = recorded_formats(ckpt.config, ckpt.tensors)
         if formats is not None:
             return load_quantized(ckpt, family, formats, device=device, dtype=dtype,
                                   trust_remote_code=trust_remote_code)

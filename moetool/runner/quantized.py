@@ -35,7 +35,7 @@ class QuantizedWeight(nn.Module):
 
     def __init__(self, fmt: Format, shape: tuple[int, ...], parts: dict[str, torch.Tensor], name: str = ""):
         super().__init__()
-        self.fmt, self.shape, self.name = fmt, tuple(shape), name
+        self.fmt, self.shape, self.name = fmt, tuple(shape), name   # NAME: the stored weight's
         self.suffixes = list(parts)
         self._state = None
         for i, tensor in enumerate(parts.values()):
@@ -159,11 +159,8 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     _, _, offset = family_context(ckpt)
     classifier = Classifier(family, offset)
     fused = "fused" in family.layouts
-    planned = ckpt
-    if ct.is_compressed_tensors(ckpt.config):   # its targets are patterns: match them against the names
-        formats = ct.recorded_formats(ckpt.config, ckpt.tensors)
-        planned = ct.dequantized_view(ckpt, formats)   # the plan lays out float weights
-    plan = plan_tensors(planned, PlanOptions(layout="fused" if fused else None, dequantize=True))
+    # (a compressed-tensors checkpoint's packed weights are planned as the float weights they hold)
+    plan = plan_tensors(ckpt, PlanOptions(layout="fused" if fused else None, dequantize=True))
 
     def weight(name: str) -> QuantizedWeight:
         fmt, shape = formats[name], _shape(ckpt, name, formats[name])

@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 
-from moetool.errors import UnsupportedError
+from moetool.errors import UnsupportedError, UsageError
 from moetool.quant.gptq import Hessian
 
 
@@ -229,29 +229,21 @@ class GptqCosts(_LayerCalibrator):
         self.misfits: dict[str, str] = {}
 
     def update(self, index: int, layer) -> None:
-        from moetool.errors import UsageError
         from moetool.quant.gptq import output_error
 
         for inputs, e, h_gate_up, h_down in self._experts(index):
-            weights, down = inputs.module.gate_up_proj.data[e], inputs.module.down_proj.data[e]
+            gate_up, down = inputs.module.gate_up_proj.data[e], inputs.module.down_proj.data[e]
             costs = self.costs.setdefault((index, e), {})
             for fmt in self.candidates:
-                try:
-                    gate_up = self._gate_up(index, e, weights, h_gate_up, fmt, fmt, inputs.inter)
-                    quantized = self._gptq(down, h_down, fmt, f"layer {index} expert {e} down")
+                try:   # gate and up share the format: one GPTQ of the stacked [gate; up] rows
+                    q_gate_up = self._gptq(gate_up, h_gate_up, fmt, f"layer {index} expert {e} gate/up")
+                    q_down = self._gptq(down, h_down, fmt, f"layer {index} expert {e} down")
                 except UsageError as exc:   # the format cannot hold these matrices
                     self.misfits.setdefault(fmt.id, str(exc))
                     continue
-                both = gate_up["gate"].weight, gate_up["up"].weight
-                costs[fmt.id] = (output_error(weights, _cat(both), h_gate_up) +
-                                 output_error(down, quantized.weight, h_down))
+                costs[fmt.id] = (output_error(gate_up, q_gate_up.weight, h_gate_up) +
+                                 output_error(down, q_down.weight, h_down))
         self._done(index)
-
-
-def _cat(tensors):
-    import torch
-
-    return torch.cat(list(tensors))
 
 
 def _pooled(hessians: list[Hessian]):
