@@ -212,10 +212,7 @@ class Classifier:
                     groups.append(NameGroup(m._replace(layer=None, expert=None), [i], [name],
                                             numbers=([m.layer], [m.expert])))
         for masked, members in by_mask.items():
-            reader = self._readers.get(masked)
-            if reader is None:
-                reader = self._readers[masked] = self._reader(names[members[0]])
-            groups.extend(self._classify_alike(reader, names, members))
+            groups.extend(self._classify_alike(self._reader_for(masked, names[members[0]]), names, members))
         groups.sort(key=lambda g: g.members[0])
         return groups
 
@@ -227,10 +224,7 @@ class Classifier:
         else:
             parts: dict[int, list[int]] = {}
             for i in members:
-                name = names[i]
-                chosen = next((k for k, (_, _, _, literals) in enumerate(candidates)
-                               if not any(name[at] != digits for at, digits in literals)), -1)
-                parts.setdefault(chosen, []).append(i)
+                parts.setdefault(_first_fit(candidates, names[i]), []).append(i)
         out = []
         for chosen, part in parts.items():
             alike = list(map(names.__getitem__, part))
@@ -255,19 +249,23 @@ class Classifier:
     def classify(self, name: str) -> Match:
         if not name.isascii():   # \d also matches other scripts' digits: the regex path
             return self._classify(name, self._cached_rule(name), _DIGITS.findall(name))
-        masked = name.encode().translate(_MASK)
-        reader = self._readers.get(masked)
-        if reader is None:
-            reader = self._readers[masked] = self._reader(name)
+        reader = self._reader_for(name.encode().translate(_MASK), name)
         rule = reader.rule
-        for c, layer, expert, literals in reader.candidates:
-            if literals and any(name[at] != digits for at, digits in literals):
-                continue
+        chosen = _first_fit(reader.candidates, name)
+        if chosen >= 0:
+            c, layer, expert, _ = reader.candidates[chosen]
             # (tuple.__new__: Match(...) without NamedTuple's Python-level __new__, 2.5x faster)
             return tuple.__new__(Match, (c.role, None if layer is None else int(name[layer]) + c.layer_offset,
                                          None if expert is None else int(name[expert]), c.layout, rule.aux,
                                          rule.packed, False))
         return self._generic(name, rule, None if reader.layer is None else int(name[reader.layer]))
+
+    def _reader_for(self, masked: bytes, name: str) -> _Reader:
+        """The reader of names whose digits are masked to MASKED (built from NAME once, then cached)."""
+        reader = self._readers.get(masked)
+        if reader is None:
+            reader = self._readers[masked] = self._reader(name)
+        return reader
 
     def _classify(self, name: str, rule: _Rule, numbers: list[str]) -> Match:
         for c in rule.candidates:
@@ -363,3 +361,11 @@ def generic_expert_match(name: str) -> Match | None:
     if _ROUTER.search(base) and "attn" not in base and "attention" not in base:
         return Match(Role.ROUTER, layer, None, None, aux, packed, True)
     return None
+
+
+def _first_fit(candidates, name: str) -> int:
+    """The index of the first of a reader's CANDIDATES whose literal digits NAME has, or -1."""
+    for k, (_, _, _, literals) in enumerate(candidates):
+        if not literals or not any(name[at] != digits for at, digits in literals):
+            return k
+    return -1

@@ -30,7 +30,11 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_DECODED_ARRAY = 1024   # longer metadata arrays (token lists, merges) are not decoded
-KV_START = 24              # magic, version, tensor count, key/value count; then the key/value pairs
+HEADER = struct.Struct("<4sIQQ")   # magic, version, tensor count, key/value count (little-endian files)
+KV_START = HEADER.size             # then the key/value pairs
+# stored types numpy reads as they are (numpy dtype names: numpy is imported only to read data)
+NATIVE_DTYPES = {"F32": "float32", "F16": "float16", "F64": "float64", "I8": "int8", "I16": "int16",
+                 "I32": "int32", "I64": "int64"}
 # the format's own key: where the data section and every tensor in it start
 ALIGNMENT_KEY, DEFAULT_ALIGNMENT = "general.alignment", 32
 
@@ -100,6 +104,7 @@ class GgufHeader:
     tensors: list[GgufTensorInfo]
     alignment: int
     data_start: int                          # file offset of the data section
+    size: int                                # the file's size in bytes
 
 
 class _Ended(Exception):
@@ -272,7 +277,12 @@ def _parse(path: Path, buf) -> GgufHeader:
                                         f"{type_name} blocks of {block}")
         tensors.append(GgufTensorInfo(name, dims, kind, type_name, block, prod(dims) // block * type_size,
                                       data_start + offset))
-    return GgufHeader(version, order, metadata, scalars, kv_end, tensors, alignment, data_start)
+    return GgufHeader(version, order, metadata, scalars, kv_end, tensors, alignment, data_start, len(buf))
+
+
+def matrix_rows(numel: int, shape) -> int:
+    """Rows of a tensor of SHAPE seen as a matrix [prod(shape[:-1]), shape[-1]]."""
+    return numel // shape[-1] if shape and shape[-1] else 1
 
 
 @dataclass(slots=True, eq=False)
@@ -291,7 +301,16 @@ class GgufTensorRef(TensorRef):
     @property
     def rows(self) -> int:
         """Rows of the tensor seen as a matrix [prod(shape[:-1]), shape[-1]]."""
-        return self.numel // self.shape[-1] if self.shape and self.shape[-1] else 1
+        return matrix_rows(self.numel, self.shape)
+
+    def read_expert(self, expert: int, experts: int):
+        """Expert EXPERT of this tensor stacking EXPERTS on its outermost axis, as float32 numpy
+        (dequantized with gguf-py): only that expert's bytes are read."""
+        import numpy as np
+
+        per = self.rows // experts
+        shape = tuple(self.shape[1:]) or (1,)
+        return self.read_rows(expert * per, (expert + 1) * per).astype(np.float32).reshape(shape)
 
     def read_rows(self, start: int, stop: int):
         """Rows [start, stop) of the tensor seen as a matrix [rows, shape[-1]], as numpy: floats
@@ -309,8 +328,7 @@ class GgufTensorRef(TensorRef):
             raise CheckpointFormatError(f"{self.shard.path}: cannot read {self.name} ({exc.strerror})") from None
         if raw.size != count:
             raise CheckpointFormatError(f"{self.shard.path}: ended early reading {self.name}")
-        native = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
-                  "I32": np.int32, "I64": np.int64}.get(self.dtype)
+        native = NATIVE_DTYPES.get(self.dtype)
         if native is not None:
             return raw.view(native).reshape(stop - start, cols)
         from gguf import GGMLQuantizationType, dequantize
@@ -352,23 +370,21 @@ def _open(path: Path, source: str) -> Checkpoint:
         path = _pick_in_folder(path, notes)
     parts = _split_parts(path)
     headers = [read_header(p) for p in parts]
-    metadata = [h.metadata for h in headers]
-    _check_split(parts, headers, metadata)
+    _check_split(parts, headers)
 
     shards: list[Shard] = []
     tensors: dict[str, TensorRef] = {}
     for part, header in zip(parts, headers):
-        size = os.path.getsize(part)
-        shard = Shard(part.name, part, "gguf", size)
+        shard = Shard(part.name, part, "gguf", header.size)
         shards.append(shard)
-        refs = _tensors(part, header, shard, size)
+        refs = _tensors(part, header, shard, header.size)
         for ref in refs:
             if ref.name in tensors:
                 raise CheckpointFormatError(f"{part}: tensor {ref.name!r} is also stored in "
                                             f"{tensors[ref.name].shard.name}; the parts are from different "
                                             "split sets")
             tensors[ref.name] = ref
-    meta = metadata[0]
+    meta = headers[0].metadata
     arch = meta.get(ARCH_KEY)
     if not isinstance(arch, str) or not arch:
         raise CheckpointFormatError(f"{parts[0]}: has no {ARCH_KEY} metadata key")
@@ -416,7 +432,8 @@ def _split_parts(path: Path) -> list[Path]:
     return parts
 
 
-def _check_split(parts: list[Path], headers: list[GgufHeader], metadata: list[dict]) -> None:
+def _check_split(parts: list[Path], headers: list[GgufHeader]) -> None:
+    metadata = [h.metadata for h in headers]
     count = len(parts)
     first = metadata[0]
     if count == 1:

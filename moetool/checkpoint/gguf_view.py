@@ -29,7 +29,7 @@ from moetool.arch.gguf import (
     transformers_config,
 )
 from moetool.checkpoint.checkpoint import Checkpoint
-from moetool.checkpoint.gguf import GgufTensorRef
+from moetool.checkpoint.gguf import GgufTensorRef, matrix_rows
 from moetool.checkpoint.pieces import ComputedRef
 from moetool.errors import CheckpointFormatError, UnsupportedError
 
@@ -130,7 +130,7 @@ class DequantizedRef(ComputedRef):
     def __init__(self, name: str, source: GgufTensorRef, expert: int | None, shape, heads: int | None = None):
         super().__init__(name, "F32", tuple(shape))
         self.source, self.expert, self.heads = source, expert, heads
-        self.rows = self.numel // self.shape[-1] if self.shape and self.shape[-1] else 1
+        self.rows = matrix_rows(self.numel, self.shape)
 
     def load(self):
         return self.load_rows(0, self.rows).reshape(self.shape)

@@ -22,11 +22,9 @@ from pathlib import Path
 
 from moetool.arch.gguf import SPLIT_TENSORS
 from moetool.checkpoint.checkpoint import BYTES_READ
-from moetool.checkpoint.gguf import GGUF_MAGIC, INT_TYPES, KV_START, SCALAR_FORMATS, SPLIT_NAME, read_header
+from moetool.checkpoint.gguf import GGUF_MAGIC, HEADER, INT_TYPES, KV_START, SCALAR_FORMATS, SPLIT_NAME, read_header
 from moetool.checkpoint.writer import _copy_range, _write_all
 from moetool.errors import CheckpointFormatError, OutputExistsError, OutputWriteError, UnsupportedError, UsageError
-
-HEADER = struct.Struct("<4sIQQ")   # magic, version, tensor count, key/value count
 
 
 @dataclass(frozen=True)
@@ -263,13 +261,3 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def read_expert(ref, expert: int, experts: int):
-    """Expert EXPERT of a GGUF tensor stacking EXPERTS on its outermost axis, as float32 numpy
-    (dequantized with gguf-py): only that expert's bytes are read."""
-    import numpy as np
-
-    per = ref.rows // experts
-    shape = tuple(ref.shape[1:]) or (1,)
-    return ref.read_rows(expert * per, (expert + 1) * per).astype(np.float32).reshape(shape)

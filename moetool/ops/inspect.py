@@ -489,9 +489,8 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
             continue
         if any(mtp):
             tally.mtp += sum(compress(params, mtp))
-            kept = list(map(not_, mtp))
-            index, grefs, shapes, gnames, layers, experts, params = (
-                list(compress(column, kept)) for column in (index, grefs, shapes, gnames, layers, experts, params))
+            index, grefs, shapes, gnames, layers, experts, params = _drop(
+                mtp, index, grefs, shapes, gnames, layers, experts, params)
 
         role = m.role
         if m.guessed and role in _UNSTRUCTURED:
@@ -816,9 +815,7 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
             held = [ref.name in sliced for ref in refs]
             if any(held):
                 expert_pairs.update((layer, sliced[ref.name]) for layer, ref in compress(zip(layers, refs), held))
-                kept = list(map(not_, held))
-                index, shapes, layers, experts = (list(compress(column, kept)) for column in
-                                                  (index, shapes, layers, experts))
+                index, shapes, layers, experts = _drop(held, index, shapes, layers, experts)
                 if not index:
                     continue
         if experts[0] is not None:
@@ -945,3 +942,9 @@ def _gguf_checks(family: Family, dims: _Dims, cfg: dict, tally: _Tally, problems
         problems.append(Problem("warning", "guessed_architecture",
                                 f"{family.title}: its tensors were read by llama.cpp's common names; "
                                 "structure and counts may be incomplete"))
+
+
+def _drop(mask: list[bool], *columns: list) -> list[list]:
+    """Each of COLUMNS without the entries MASK marks."""
+    kept = list(map(not_, mask))
+    return [list(compress(column, kept)) for column in columns]

@@ -25,7 +25,7 @@ from moetool.arch.gguf import (
 from moetool.arch.matcher import Classifier
 from moetool.arch.schema import EXPERT_ROLES
 from moetool.checkpoint import Checkpoint
-from moetool.checkpoint.gguf_write import DROP, TensorEdit, check_outputs, read_expert, write_edited_gguf
+from moetool.checkpoint.gguf_write import DROP, TensorEdit, check_outputs, write_edited_gguf
 from moetool.errors import ConfigError, UnsupportedError, UsageError
 from moetool.ops.prune_choice import (
     CRITERIA,
@@ -93,7 +93,7 @@ def _weight_norms(ckpt: Checkpoint, classifier: Classifier, layers: list[int], e
         if m.layer not in squares or m.role not in WEIGHT_ROLES or m.guessed:
             continue
         for e in range(experts) if m.expert is None else (m.expert,):
-            values = read_expert(ref, e, experts) if m.expert is None else ref.load()
+            values = ref.read_expert(e, experts) if m.expert is None else ref.load()
             squares[m.layer][e] += float(np.square(values, dtype=np.float64).sum())
     return {layer: [v ** 0.5 for v in values] for layer, values in squares.items()}
 
