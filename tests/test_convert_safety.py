@@ -57,6 +57,32 @@ def test_output_inside_source_is_refused(tmp_path, tiny):
     assert digest(src) == before and not (src / "converted").exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["convert", "{src}", "{out}"], ["convert", "{src}/model.safetensors", "{out}"],
+    ["convert", "{src}/model.safetensors", "{src}/model.safetensors"],
+    ["prune", "{src}", "{out}", "--keep", "2", "--criterion", "random"],
+    ["quantize", "{src}", "{out}", "--format", "int4-g8-sym"],
+    ["upcycle", "{dense}", "{out}", "--experts", "2"],
+    ["profile", "{src}", "--trace", "{out}", "--max-tokens", "64"],
+    ["quantize", "{src}", "{tmp}/q", "--format", "int4-g8-sym", "--emit-llama-quantize", "{src}/types.txt"],
+])
+def test_force_never_replaces_a_folder_holding_the_source(tmp_path, tiny, command):
+    """--force replaces OUT; where OUT is the source, or holds it, that would delete the input."""
+    import shutil
+
+    parent = tmp_path / "parent"
+    src, dense = parent / "src", parent / "dense"
+    shutil.copytree(tiny("mixtral"), src)
+    shutil.copytree(tiny("llama"), dense)
+    (parent / "mine.txt").write_text("mine")
+    before = digest(parent)
+    args = [a.format(src=src, dense=dense, out=parent, tmp=tmp_path) for a in command]
+    proc = cli(*args, "--force")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the input is never overwritten" in proc.stderr or "inside the source" in proc.stderr
+    assert digest(parent) == before and not (tmp_path / "q").exists()
+
+
 def test_dry_run_writes_nothing(tmp_path, tiny):
     proc = cli("convert", str(tiny("qwen3_moe")), str(tmp_path / "out"), "--layout", "fused", "--dtype", "bf16",
                "--max-shard-size", "30KB", "--dry-run", "--json")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from moetool.checkpoint import open_checkpoint
-from moetool.errors import MoetoolError, UsageError
+from moetool.errors import MoetoolError, UnsupportedError, UsageError
 from moetool.ops.evaluate import EvalOptions, evaluate
 from moetool.ops.profile import ProfileOptions
 from moetool.ops.quantize import QuantizeOptions, quantize
@@ -104,8 +104,18 @@ def test_bad_requests_write_nothing(tmp_path, tiny, calibration):
         with pytest.raises(MoetoolError, match="fewer than one sequence"):
             quantize(ckpt, tmp_path / "c", QuantizeOptions(format="int4-g8-sym", method="gptq",
                                                            calibration=ProfileOptions(token_ids=short, seq_len=40)))
-        report = quantize(ckpt, tmp_path / "d", QuantizeOptions(format="int4-g8-sym", method="gptq"), dry_run=True)
-    assert report.coverage == {} and not any((tmp_path / n).exists() for n in "abcd")
+        with pytest.raises(MoetoolError, match="outside the model's vocabulary"):   # a dry run checks the data too
+            short.write_text(json.dumps([1, 2, 99] * 40))
+            quantize(ckpt, tmp_path / "d", QuantizeOptions(format="int4-g8-sym", method="gptq",
+                                                           calibration=ProfileOptions(token_ids=short, seq_len=40)),
+                     dry_run=True)
+        with pytest.raises(MoetoolError, match="turns the text into no tokens"):   # no vocabulary: no text
+            quantize(ckpt, tmp_path / "d", QuantizeOptions(format="int4-g8-sym", method="gptq"), dry_run=True)
+        short.write_text(json.dumps([1, 2, 3] * 40))
+        report = quantize(ckpt, tmp_path / "d", QuantizeOptions(format="int4-g8-sym", method="gptq", calibration=
+                                                                ProfileOptions(token_ids=short, seq_len=40)),
+                          dry_run=True)
+    assert report.coverage == {} and report.method == "gptq" and not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_cli(tmp_path):
@@ -127,6 +137,23 @@ def test_cli(tmp_path):
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["method"] == "gptq" and sum(report["coverage"]["0"]) == 2 * 1024
+    for args, said in ((["--format", "int4-g32-sym", "--damp", "0.5"], "options of --method gptq"),
+                       (["--format", "int4-g32-sym", "--max-tokens", "99"], "nothing is calibrated"),
+                       (["--format", "int4-g32-sym", "--bits-budget", "4"], "give one of the two"),
+                       (["--bits-budget", "inf", "--policy", "uniform"], "bits-budget"),
+                       (["--format", "int4-g32-sym", "--emit-llama-quantize", tmp_path], "is a folder")):
+        bad = run(tmp_path / "c", *args)   # options that would be ignored, or fail after the work: refused first
+        assert bad.returncode == 2 and said in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+        assert not (tmp_path / "c").exists()
+
+
+def test_experts_it_cannot_calibrate_are_refused(tmp_path, tiny, calibration):
+    """Llama 4 stores its experts [E, H, 2I] without saying so (no is_transposed): refused, not misread."""
+    with open_checkpoint(tiny("llama4_text")) as ckpt:
+        with pytest.raises(UnsupportedError, match="transposed"):
+            quantize(ckpt, tmp_path / "out", QuantizeOptions(format="int4-g8-sym", method="gptq",
+                                                             calibration=calibration))
+    assert not (tmp_path / "out").exists()
 
 
 def _inputs(model, module_name: str, ids, batch: int = 8):

@@ -105,6 +105,8 @@ class Router:
 
 
 Config = dict[str, Any]
+MTP_MARK = "mtp"                         # in the names of MTP tensors not numbered as layers (Qwen3-Next, ERNIE)
+MTP_KEYS = ("num_nextn_predict_layers",)   # config keys counting the MTP modules
 Template = str | tuple[str, ...]   # one name template, or alternatives (encoder/decoder)
 
 
@@ -133,7 +135,7 @@ class Family:
     buffer_suffixes: tuple[str, ...] = ()    # other stored buffers, by name ending
     config_root: str | None = None           # e.g. "text_config" for multimodal wrappers
     name_prefixes: tuple[tuple[str, str], ...] = ()  # (old, new) prefix rewrites before matching
-    mtp: bool = False                        # layers >= num_hidden_layers are MTP modules
+    mtp: bool = False                        # layers >= num_hidden_layers, and mtp* tensors, are MTP modules
     dense: bool = False                      # a dense (non-MoE) upcycling source
     packed_experts: bool = False             # experts stacked on axis 0 as [E*I, ...] (DBRX)
     fused_transposed: bool = False           # fused experts are [E, in, out] (Llama 4, GPT-OSS), not [E, out, in]
@@ -163,6 +165,16 @@ class Family:
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys
     gguf_arch: str | None = None
+
+    def is_mtp(self, cfg: Config, name: str, layer: int | None) -> bool:
+        """Whether tensor NAME (of LAYER) belongs to a multi-token-prediction module, which
+        transformers neither loads nor runs."""
+        if not self.mtp:
+            return False
+        if MTP_MARK in name:
+            return True
+        layers = first_key(cfg, self.keys.get("num_layers", ()))
+        return layer is not None and isinstance(layers, int) and layer >= layers
 
     @property
     def layouts(self) -> tuple[str, ...]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from moetool.checkpoint.checkpoint import BYTES_READ
 from moetool.checkpoint.header import DTYPE_BYTES
-from moetool.errors import MoetoolError, OutputExistsError
+from moetool.errors import MoetoolError, OutputExistsError, OutputWriteError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -273,14 +273,25 @@ def side_files(ckpt) -> list[Path]:
             and not p.name.startswith(".")]
 
 
-def refuse_inside_source(out: Path, ckpt) -> None:
-    """An output inside the source folder would be read while it is written (and mix the two)."""
-    from moetool.errors import UsageError
+def _source_folder(ckpt) -> Path | None:
+    """The folder a checkpoint was given as (None for a file, or a remote checkpoint)."""
+    if ckpt.root is not None and (ckpt.kind in ("dir", "hub") or Path(ckpt.source).is_dir()):
+        return ckpt.root.resolve()
+    return None
 
-    if ckpt.root is not None and ckpt.kind != "file":
-        root = ckpt.root.resolve()
-        if out.resolve() == root or out.resolve().is_relative_to(root):
+
+def refuse_inside_source(out: Path, *ckpts) -> None:
+    """Writing OUT may neither touch a source nor replace a folder holding one: an output inside a
+    source folder would be read while it is written, and --force would delete a source inside OUT."""
+    target = Path(out).resolve()
+    for ckpt in ckpts:
+        folder = _source_folder(ckpt)
+        if folder is not None and (target == folder or target.is_relative_to(folder)):
             raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
+        for path in [folder] * (folder is not None) + [s.path.resolve() for s in ckpt.shards if s.path is not None]:
+            if path == target or path.is_relative_to(target):
+                raise UsageError(f"{out}: the output would replace the source {path}; the input is never "
+                                 "overwritten", hint="write to a new path")
 
 
 def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dict | None, files: list[Path],
@@ -289,7 +300,6 @@ def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dic
     """Write a whole checkpoint folder atomically: shards (+ index), config.json, copied side files and
     a model card; CHECK(tmp folder) runs before the rename. A write failure leaves nothing behind."""
     from moetool import __version__
-    from moetool.errors import OutputWriteError
 
     metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": op}
     try:

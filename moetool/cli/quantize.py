@@ -10,8 +10,6 @@ from rich.table import Table
 
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import (
-    BatchSizeOpt,
-    CalibMaxTokensOpt,
     CalibSeqLenOpt,
     ChatTemplateOpt,
     DryRunOpt,
@@ -33,12 +31,13 @@ from moetool.errors import UsageError
 def quantize(
     model: ModelArg,
     out: OutArg,
-    format: Annotated[str, typer.Option("--format", help="Every routed expert's format: nf4, fp4 (-b32..-b256 "
-                                        "block, -dq double quantization), bnb8 (-b<block>), int8/int4/int3/int2 "
-                                        "(-g<group>, -sym/-asym), e.g. nf4-b64-dq, int3-g128-asym.")] = "nf4",
-    bits_budget: Annotated[float | None, typer.Option(min=1.0, help="Average bits per routed-expert parameter "
-                                                      "(scales and state included); each expert's format is "
-                                                      "chosen from --candidates.")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="Every routed expert's format: nf4 (the "
+                                               "default), fp4 (-b32..-b256 block, -dq double quantization), bnb8 "
+                                               "(-b<block>), int8/int4/int3/int2 (-g<group>, -sym/-asym), e.g. "
+                                               "nf4-b64-dq, int3-g128-asym.")] = None,
+    bits_budget: Annotated[float | None, typer.Option(min=1.0, max=32.0, help="Average bits per routed-expert "
+                                                      "parameter (scales and state included); each expert's "
+                                                      "format is chosen from --candidates.")] = None,
     candidates: Annotated[str | None, typer.Option(help="Formats the budget chooses from (comma-separated; default "
                                                    "int2-g64-asym,int3-g128-asym,int4-g128-asym,nf4-b64-dq,"
                                                    "int8-g128-sym, for compressed-tensors int4-g128-sym,"
@@ -56,9 +55,10 @@ def quantize(
     token_ids: TokenIdsOpt = None,
     field: FieldOpt = "text",
     chat_template: ChatTemplateOpt = None,
-    max_tokens: CalibMaxTokensOpt = 8192,
+    max_tokens: Annotated[int | None, typer.Option(min=2, help="Calibrate on at most this many tokens (default: "
+                                                   "8192).")] = None,
     seq_len: CalibSeqLenOpt = None,
-    batch_size: BatchSizeOpt = 8,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Sequences per micro-batch (default: 8).")] = None,
     layout: Annotated[str, typer.Option(help="moetool: every expert quantized (load with moetool.load_model); "
                                         "transformers: what stock transformers 5 + bitsandbytes loads (nf4/fp4; "
                                         "its fused experts stay unquantized); transformers4: experts quantized "
@@ -68,16 +68,17 @@ def quantize(
                                                              "--tensor-type-file from the allocation.")] = None,
     method: Annotated[str, typer.Option(help="rtn: round to nearest; gptq: GPTQ per routed expert on the Hessian "
                                         "of the calibration tokens routed to it (integer formats).")] = "rtn",
-    sequential: Annotated[bool, typer.Option("--sequential/--no-sequential",
-                                             help="gptq: calibrate each layer on the outputs of the earlier "
-                                             "layers as quantized.")] = True,
-    act_order: Annotated[bool, typer.Option("--act-order/--no-act-order", help="gptq: quantize columns in "
-                                            "descending order of the Hessian's diagonal (static groups, as "
-                                            "llm-compressor does by default).")] = True,
-    damp: Annotated[float, typer.Option(min=0.0, help="gptq: dampening, a share of the Hessian's mean "
-                                        "diagonal.")] = 0.01,
-    min_tokens: Annotated[int, typer.Option(min=0, help="gptq: experts routed fewer calibration tokens have "
-                                            "their Hessian blended with their layer's.")] = 128,
+    sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential",
+                                                    help="gptq: calibrate each layer on the outputs of the earlier "
+                                                    "layers as quantized (the default).")] = None,
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="gptq: quantize columns "
+                                                   "in descending order of the Hessian's diagonal (static groups, "
+                                                   "as llm-compressor does by default; the default).")] = None,
+    damp: Annotated[float | None, typer.Option(min=0.0, help="gptq: dampening, a share of the Hessian's mean "
+                                               "diagonal (default: 0.01).")] = None,
+    min_tokens: Annotated[int | None, typer.Option(min=0, help="gptq: experts routed fewer calibration tokens "
+                                                   "have their Hessian blended with their layer's (default: "
+                                                   "128).")] = None,
     max_shard_size: MaxShardSizeOpt = "5GB",
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
@@ -91,16 +92,32 @@ def quantize(
     from moetool.ops.quantize import quantize as run_quantize
     from moetool.runner.distributed import is_primary
 
-    if bits_budget is None and (candidates or policy or budget_scope != "global" or profile or
-                                (data or token_ids) and method != "gptq"):
-        raise UsageError("--candidates, --policy, --budget-scope, --profile and --data/--token-ids shape a "
-                         "--bits-budget allocation (or --method gptq's calibration); give --bits-budget")
+    if bits_budget is None and (candidates or policy or budget_scope != "global" or profile):
+        raise UsageError("--candidates, --policy, --budget-scope and --profile shape a --bits-budget allocation; "
+                         "give --bits-budget")
+    if bits_budget is not None and format is not None:
+        raise UsageError("--format gives every expert one format, --bits-budget chooses them from --candidates: "
+                         "give one of the two")
+    gptq_only = {"--sequential/--no-sequential": sequential, "--act-order/--no-act-order": act_order,
+                 "--damp": damp, "--min-tokens": min_tokens}
+    given = [name for name, value in gptq_only.items() if value is not None]
+    if given and method != "gptq":
+        raise UsageError(f"{', '.join(given)}: options of --method gptq")
+    calibrating = method == "gptq" or bits_budget is not None and profile is None and policy != "uniform"
+    calibration_only = {"--data/--token-ids": data or token_ids, "--chat-template": chat_template,
+                        "--max-tokens": max_tokens, "--seq-len": seq_len, "--batch-size": batch_size}
+    given = [name for name, value in calibration_only.items() if value is not None]
+    if given and not calibrating:
+        raise UsageError(f"{', '.join(given)}: nothing is calibrated here (calibration runs for --method gptq, "
+                         "and for a --bits-budget by routing without a --profile)")
     options = QuantizeOptions(
-        format=format, bits_budget=bits_budget, candidates=candidates,
+        format=format or "nf4", bits_budget=bits_budget, candidates=candidates,
         budget_scope=budget_scope, policy=policy or "frequency", rules=tuple(rules or ()), profile=profile,
-        calibration=calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size),
+        calibration=calibration_options(data, token_ids, field, chat_template, max_tokens or 8192, seq_len,
+                                        batch_size or 8),
         layout=layout, llama_quantize=emit_llama_quantize, max_shard_size=parse_size(max_shard_size),
-        method=method, sequential=sequential, act_order=act_order, damp=damp, min_tokens=min_tokens,
+        method=method, sequential=sequential is not False, act_order=act_order is not False,
+        damp=0.01 if damp is None else damp, min_tokens=128 if min_tokens is None else min_tokens,
         command=shlex.join(["moetool", *sys.argv[1:]]) if sys.argv else "moetool quantize")
     primary = is_primary()
     dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints

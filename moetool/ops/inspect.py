@@ -28,6 +28,7 @@ from moetool.arch.schema import (
     DENSE_ROLES,
     EXPERT_ROLES,
     MOE_LAYER_ROLES,
+    MTP_MARK,
     SHARED_ROLES,
     Family,
     Role,
@@ -479,8 +480,8 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
         layers, experts = g.layers, g.experts
         by_layer = mtp_from is not None and layers[0] is not None and max(layers) >= mtp_from
         if not g_alike:
-            mtp = [("mtp" in name) or (by_layer and layer >= mtp_from) for name, layer in zip(gnames, layers)]
-        elif "mtp" in gnames[0]:
+            mtp = [(MTP_MARK in name) or (by_layer and layer >= mtp_from) for name, layer in zip(gnames, layers)]
+        elif MTP_MARK in gnames[0]:
             mtp = [True]
         else:
             mtp = list(map(ge, layers, repeat(mtp_from))) if by_layer else []

@@ -11,6 +11,7 @@ from typing import Any
 
 from moetool import __version__
 from moetool.checkpoint import BYTES_READ, Checkpoint
+from moetool.checkpoint.writer import refuse_inside_source
 from moetool.errors import OutputExistsError, UnsupportedError, UsageError
 from moetool.ops import routing_stats as rs
 from moetool.ops.inspect import inspect_checkpoint
@@ -149,6 +150,8 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
                          "its own copy: use one or the other")
     check_runnable(ckpt)
     model_ckpt = runnable(ckpt)   # a GGUF as the transformers checkpoint it stands for, built once
+    if options.trace is not None:
+        refuse_inside_source(Path(options.trace), ckpt)
     if options.trace is not None and Path(options.trace).exists() and not options.force:
         raise OutputExistsError(f"{options.trace}: exists", hint="use --force to replace it")
     device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)

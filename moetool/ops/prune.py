@@ -17,7 +17,7 @@ from pathlib import Path
 from moetool import __version__
 from moetool.arch import Role, detect_family
 from moetool.arch.matcher import Classifier
-from moetool.arch.schema import EXPERT_ROLES, get_path
+from moetool.arch.schema import EXPERT_ROLES, MTP_KEYS, get_path
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
 from moetool.checkpoint.pieces import computed_piece, rows_piece, tensor_pieces
@@ -29,6 +29,7 @@ from moetool.checkpoint.writer import (
     write_checkpoint,
 )
 from moetool.errors import MoetoolError, UnsupportedError, UsageError
+from moetool.layout.plan import family_context
 from moetool.ops.profile import routing_profile
 from moetool.ops.prune_choice import (
     CRITERIA,
@@ -128,11 +129,17 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     tensors: list[OutputTensor] = []
     removed_params = removed_bytes = 0
     per_expert: dict[tuple, dict[int, TensorRef]] = {}   # (layer, role, aux name tail) -> expert -> tensor
+    cfg = family_context(ckpt)[1]
+    mtp = {name for name in ckpt.tensors if family.is_mtp(cfg, name, classifier.classify(name).layer)}
+    for name in mtp:
+        removed_bytes += ckpt.tensors[name].nbytes
     for name, ref in ckpt.tensors.items():
         m = classifier.classify(name)
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:
             per_expert.setdefault((m.layer, m.role, name.rsplit(".", 1)[-1]), {})[m.expert] = ref
     for name, ref in ckpt.tensors.items():
+        if name in mtp:
+            continue
         m = classifier.classify(name)
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:       # one tensor per expert
             if m.expert not in kept[m.layer]:
@@ -166,6 +173,11 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         config.get(family.config_root), dict) else config
     _set_all(root, family.keys["num_experts"], keep)
     warnings = []
+    if mtp:   # no calibration reaches them (transformers does not run them), so they cannot be pruned alike
+        _set_all(root, MTP_KEYS, 0)
+        warnings.append(f"dropped the {len(mtp)} tensors of the multi-token-prediction module(s), which transformers "
+                        "does not run, so their experts could not be chosen alike; the output has none (no MTP "
+                        "speculative decoding)")
     if len(counts) > 1:
         root["moetool_experts_per_layer"] = {str(layer): len(v) for layer, v in kept.items()}
         warnings.append("layers keep different numbers of experts, which stock transformers cannot load: "

@@ -26,6 +26,7 @@ from moetool.arch.matcher import Classifier
 from moetool.arch.schema import EXPERT_ROLES
 from moetool.checkpoint import Checkpoint
 from moetool.checkpoint.gguf_write import DROP, TensorEdit, check_outputs, write_edited_gguf
+from moetool.checkpoint.writer import refuse_inside_source
 from moetool.errors import ConfigError, UnsupportedError, UsageError
 from moetool.ops.prune_choice import (
     CRITERIA,
@@ -181,22 +182,13 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
     return edits, metadata, report
 
 
-def _refuse_inside_source(out: Path, ckpt: Checkpoint) -> None:
-    """OUT may not be inside a source given as a folder (the folder would then hold two models)."""
-    source = Path(ckpt.source)
-    if source.is_dir():
-        root = source.resolve()
-        if out.resolve() == root or out.resolve().is_relative_to(root):
-            raise UsageError(f"{out}: the output may not be inside the source folder {source}")
-
-
 def prune_gguf(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = False, dry_run: bool = False,
                progress=None, analysis_progress=None) -> PruneReport:
     """Prune the GGUF file or split set CKPT into OUT (a .gguf name; a split set is written as
     OUT's stem with the source's part numbering), atomically; with DRY_RUN only report."""
     out = Path(out)
     sources = [shard.path for shard in ckpt.shards]
-    _refuse_inside_source(out, ckpt)
+    refuse_inside_source(out, ckpt)
     check_outputs(sources, out, force=force or dry_run)   # a bad or taken name fails before any work
     edits, metadata, report = plan_prune_gguf(ckpt, options, analysis_progress)
     if dry_run:

@@ -45,7 +45,7 @@ from moetool.checkpoint.writer import (
     side_files,
     write_checkpoint,
 )
-from moetool.errors import OutputWriteError, UnsupportedError, UsageError
+from moetool.errors import OutputExistsError, OutputWriteError, UnsupportedError, UsageError
 from moetool.layout.plan import FLOATS, PlanOptions, family_context, plan_tensors
 from moetool.ops.profile import ProfileOptions, routing_profile
 from moetool.quant import compressed_tensors as ct
@@ -186,6 +186,8 @@ def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
     """Refuse bad options before any work; returns the parsed rules (in the compressed-tensors
     layout, their formats as it stores them)."""
     fmt = parse_format(options.format)
+    if options.bits_budget is not None and not 1 <= options.bits_budget <= 32:   # (also NaN and infinity)
+        raise UsageError(f"--bits-budget {options.bits_budget}: give 1 to 32 bits per expert parameter")
     if options.layout not in LAYOUTS:
         raise UsageError(f"--layout {options.layout}: use {' or '.join(LAYOUTS)}")
     if options.layout == CT_LAYOUT:   # formats it cannot hold are refused before anything is read
@@ -318,7 +320,7 @@ class _Weight:
     tensor: OutputTensor                 # the source weight, as the tensor plan reads it
     layer: int | None
     expert: int | None
-    role: Role
+    role: Role | None                    # None: passed through (MTP modules)
 
 
 # Quantization runs on torch's threads (both cores); two weights at a time keep the cores busy
@@ -423,10 +425,13 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     per_expert = "per-expert" if "per-expert" in family.layouts else None   # stacked-only families keep theirs
     base = plan_tensors(ckpt, PlanOptions(layout=per_expert, dequantize=quantized_source))
     classifier = Classifier(family, offset)
-    weights, stacked = [], {}
+    weights, stacked, mtp = [], {}, 0
     for tensor in base.tensors:
         m = classifier.classify(tensor.name)
-        if m.role in EXPERT_MATRICES and m.expert is None and len(tensor.shape) == 3:
+        if family.is_mtp(cfg, tensor.name, m.layer):   # not run by transformers: no calibration reaches it
+            weights.append(_Weight(tensor, m.layer, None, None))
+            mtp += 1
+        elif m.role in EXPERT_MATRICES and m.expert is None and len(tensor.shape) == 3:
             stacked[tensor.name] = tensor.shape[0]   # stored stacked (Granite): one slice per expert
             weights.extend(_Weight(_expert_slice(tensor, e), m.layer, e, m.role) for e in range(tensor.shape[0]))
         else:
@@ -441,6 +446,9 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
                                    "so moetool cannot quantize them one by one")
         raise UsageError(f"{ckpt.source}: no routed expert weights found")
     warnings: list[str] = []
+    if mtp:
+        warnings.append(f"the {mtp} tensors of the multi-token-prediction module(s) were kept as they are: "
+                        "transformers does not run them, so neither routing nor calibration reaches them")
     if options.layout == CT_LAYOUT and stacked:
         raise UnsupportedError(f"{family.title}: its experts are stored stacked, not as one Linear module each, "
                                "so compressed-tensors (and vLLM) cannot take them quantized; use --layout moetool")
@@ -461,6 +469,8 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     calibrated = None
     if options.method == "gptq" and calibrate:
         calibrated = _gptq_experts(ckpt, options, experts, formats, warnings, progress)
+    elif options.method == "gptq":   # a dry run: the data the real run would calibrate on is checked
+        _calibration_ids(ckpt, options)
     out = []
     for w in weights:
         fmt = formats.get(w.tensor.name)
@@ -474,9 +484,9 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
         config["quantization_config"] = _ct_config(family, weights, experts, formats, warnings)
     else:
         config["quantization_config"] = quant_config(formats, report.experts, stacked)
+    report.method = options.method
     if calibrated is not None:
         report.coverage = calibrated.coverage
-        report.method = "gptq"
     return QuantizePlan(out, config, report, names, errors, calibrated)
 
 
@@ -537,7 +547,8 @@ def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, 
     out, skipped = {}, []
     for w in weights:
         name = w.tensor.name
-        fmt = None if name in taken or len(w.tensor.shape) != 2 else _rule_format(rules, name, w.role)
+        passed = name in taken or w.role is None or len(w.tensor.shape) != 2   # (role None: MTP, kept as is)
+        fmt = None if passed else _rule_format(rules, name, w.role)
         if fmt is None or fmt.kind == "keep":
             continue
         if (w.role in RULE_ROLES or w.role == Role.OTHER) and name in linear and w.tensor.dtype in FLOATS:
@@ -707,7 +718,7 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
     v4 = options.layout == "transformers4" or family.bnb_linear_experts
     if v4:   # transformers 4 (and 5 for Llama 4) holds each expert's matrices in nn.Linear modules
         linear |= {w.tensor.name for w in weights if w.role in EXPERT_MATRICES and w.expert is not None}
-        linear |= {w.tensor.name for w in weights if CATEGORY[w.role] == "router" and len(w.tensor.shape) == 2}
+        linear |= {w.tensor.name for w in weights if CATEGORY.get(w.role) == "router" and len(w.tensor.shape) == 2}
     formats = {w.tensor.name: fmt for w in weights if w.tensor.name in linear and len(w.tensor.shape) == 2
                and w.tensor.dtype in FLOATS and CATEGORY[w.role] not in ("router", "lm_head", "embedding")}
     # module names as they are: transformers 4 matches them as substrings, 5 as regexes with module
@@ -750,10 +761,13 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
     check_options(options)                # bad options fail before any work
     if out is not None:
         refuse_inside_source(Path(out), ckpt)
-    if out is not None and not dry_run and Path(out).exists() and not force:
-        from moetool.errors import OutputExistsError
-
-        raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
+    if options.llama_quantize is not None:
+        refuse_inside_source(Path(options.llama_quantize), ckpt)
+        if Path(options.llama_quantize).is_dir():
+            raise UsageError(f"--emit-llama-quantize {options.llama_quantize}: is a folder; give a file name")
+    for path in (out, options.llama_quantize):
+        if path is not None and not dry_run and Path(path).exists() and not force:
+            raise OutputExistsError(f"{path}: already exists", hint="use --force to replace it")
     plan = plan_quantize(ckpt, options, analysis_progress, calibrate=not dry_run)
     report = plan.report
     try:
@@ -771,7 +785,10 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
 
         if not dry_run:
             try:
-                Path(options.llama_quantize).write_text("\n".join(tensor_type_lines(report.experts)) + "\n")
+                path = Path(options.llama_quantize)
+                tmp = path.with_name(f".{path.name}.moetool-tmp")
+                tmp.write_text("\n".join(tensor_type_lines(report.experts)) + "\n")
+                tmp.replace(path)
             except OSError as exc:
                 raise OutputWriteError(f"{options.llama_quantize}: {exc.strerror or exc}") from None
         report.llama_quantize = str(options.llama_quantize)
@@ -812,23 +829,32 @@ class _CalibratedParts:
         self._dir.cleanup()
 
 
+def _calibration_ids(ckpt: Checkpoint, options: QuantizeOptions):
+    """The calibration options (sequences of 256 tokens unless told) and token ids, checked: ids within
+    the vocabulary, at least one whole sequence (GPTQ's Hessians need whole sequences)."""
+    from moetool.ops.inspect import inspect_checkpoint
+    from moetool.ops.profile import calibration_ids
+    from moetool.runner.data import DataError
+
+    calibration = options.calibration or ProfileOptions()
+    calibration = replace(calibration, seq_len=calibration.seq_len or 256)
+    ids = calibration_ids(ckpt, calibration, default="builtin", vocab_size=inspect_checkpoint(ckpt).vocab_size)
+    if ids.shape[1] < calibration.seq_len:
+        raise DataError(f"the calibration data holds {ids.numel()} tokens, fewer than one sequence of "
+                        f"{calibration.seq_len}", hint="give more data, or a smaller --seq-len")
+    return calibration, ids
+
+
 def _calibrate(ckpt: Checkpoint, options: QuantizeOptions, make_calibrator, progress):
     """Run the calibration tokens layer by layer (streamed, float32) with the calibrator
     MAKE_CALIBRATOR(loaded model) builds; returns it."""
     import torch
 
-    from moetool.ops.profile import calibration_ids
-    from moetool.runner.data import DataError
     from moetool.runner.device import pick_device
     from moetool.runner.engine import micro_batches, run
     from moetool.runner.model import load_model
 
-    calibration = options.calibration or ProfileOptions()
-    calibration = replace(calibration, seq_len=calibration.seq_len or 256)
-    ids = calibration_ids(ckpt, calibration, default="builtin", vocab_size=None)
-    if ids.shape[1] < calibration.seq_len:   # GPTQ's Hessians need whole sequences of calibration text
-        raise DataError(f"the calibration data holds {ids.numel()} tokens, fewer than one sequence of "
-                        f"{calibration.seq_len}", hint="give more data, or a smaller --seq-len")
+    calibration, ids = _calibration_ids(ckpt, options)
     device = pick_device(calibration.device)
     loaded = load_model(ckpt, device=device, dtype=torch.float32, mode="streamed",
                         trust_remote_code=calibration.trust_remote_code)

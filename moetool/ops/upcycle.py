@@ -498,7 +498,7 @@ def upcycle(ckpt: Checkpoint, out: Path, options: UpcycleOptions, *, force: bool
             others: list[Checkpoint] = ()) -> dict[str, Any]:
     """Write the upcycled checkpoint into OUT (atomically); return the plan summary and timing."""
     out = Path(out)
-    refuse_inside_source(out, ckpt)
+    refuse_inside_source(out, ckpt, *others)
     plan = plan_upcycle(ckpt, options, others)
     start = time.perf_counter()
     readme = (f"---\nbase_model: {plan.source}\ntags:\n- moetool\n- mixture-of-experts\n- upcycled\n---\n\n"

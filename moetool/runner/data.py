@@ -87,8 +87,10 @@ def calibration_ids(*, data: Path | str | None, token_ids: Path | None, field: s
     parts: list[np.ndarray] = []
     count = 0
     records = _records(source, field, chat=chat_template is not None)
+    texts = False
     try:
         for where, value in records:
+            texts = texts or bool(value)
             for piece in encoder.encode(where, value):
                 parts.append(np.asarray(piece, dtype=np.int64))
                 count += len(piece)
@@ -96,6 +98,9 @@ def calibration_ids(*, data: Path | str | None, token_ids: Path | None, field: s
                     return np.concatenate(parts)[:max_tokens]
     finally:
         records.close()
+    if count == 0 and texts:   # transformers builds an empty tokenizer from a config without vocabulary files
+        raise DataError(f"{tokenizer_path}: its tokenizer turns the text into no tokens (no vocabulary files?)",
+                        hint=NO_TOKENIZER_HINT)
     if count == 0:
         raise DataError(f"{source}: holds no text")
     return np.concatenate(parts)

@@ -23,8 +23,10 @@ def experts_modules(layer) -> list[tuple[str, object]]:
     for name, module in layer.named_modules():
         gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
         if getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(module, "act_fn"):
-            if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True) or \
-                    getattr(module, "has_bias", False):
+            # [E, 2I, H] and [E, H, I]; Llama 4's are [E, H, 2I] and [E, I, H] without saying so
+            stacked = down.shape[1] == gate_up.shape[2] and 2 * down.shape[2] == gate_up.shape[1]
+            if not stacked or getattr(module, "is_transposed", False) or \
+                    not getattr(module, "is_concatenated", True) or getattr(module, "has_bias", False):
                 raise UnsupportedError(f"{type(module).__name__}: its experts are stored transposed, interleaved or "
                                        "with biases; per-expert calibration covers the [gate; up] layout without "
                                        "biases")
