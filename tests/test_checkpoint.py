@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from moetool.checkpoint import open_checkpoint
 from moetool.checkpoint.hub import checkpoint_from_remote_metadata, looks_like_hub_id, split_hub_id
-from moetool.errors import SourceNotFoundError
+from moetool.errors import CheckpointFormatError, SourceNotFoundError
 
 
 def test_sharded_folder_reads_like_safetensors(tmp_path, tiny):
@@ -71,6 +71,61 @@ def test_pytorch_bin_is_read_with_weights_only(tmp_path, tiny):
         assert ref.dtype == "F32" and ref.shape == (16, 32)
         assert torch.equal(ref.load(), tensors[ref.name])
         assert torch.equal(ref.load_slice(slice(0, 4)), tensors[ref.name][:4])
+
+
+def _state_dict(src):
+    with safe_open(src / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("saved", [
+    lambda sd: {"state_dict": sd, "epoch": 3},        # a training checkpoint
+    lambda sd: {"model": [sd], "step": 10},
+    lambda sd: {"epoch": 3},                          # no tensors at all
+    lambda sd: {},
+], ids=["training-checkpoint", "list-of-state-dicts", "no-tensors", "empty"])
+def test_bin_that_is_not_a_flat_state_dict_is_refused(tmp_path, tiny, saved):
+    src = tiny("mixtral")
+    out = tmp_path / "b3"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    torch.save(saved(_state_dict(src)), out / "pytorch_model.bin")
+    with pytest.raises(CheckpointFormatError, match="pytorch_model.bin: (is not a flat state dict|holds no tensors)"
+                       ) as err:
+        open_checkpoint(out)
+    assert "state_dict()" in err.value.hint and "\n" not in str(err.value)
+
+
+def test_bin_with_non_tensor_values_keeps_its_tensors(tmp_path, tiny):
+    src = tiny("mixtral")
+    tensors = _state_dict(src)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({**tensors, "version": 2}, path)
+    with open_checkpoint(path) as ckpt:
+        assert set(ckpt.tensors) == set(tensors)
+
+
+def test_legacy_non_zip_bin_is_read(tmp_path, tiny):
+    src = tiny("mixtral")
+    out = tmp_path / "legacy"
+    out.mkdir()
+    shutil.copy(src / "config.json", out / "config.json")
+    torch.save(_state_dict(src), out / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match="mmap"):   # what the first try meets
+        torch.load(out / "pytorch_model.bin", weights_only=True, mmap=True)
+    oracle = torch.load(out / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    with open_checkpoint(out) as ckpt:
+        assert set(ckpt.tensors) == set(oracle)
+        for name, ref in ckpt.tensors.items():
+            assert ref.shape == tuple(oracle[name].shape)
+            assert torch.equal(ref.load(), oracle[name])
+
+
+def test_legacy_bin_is_still_unpickled_with_weights_only(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.ones(2), "f": shutil.copy}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointFormatError, match="cannot be loaded safely"):
+        open_checkpoint(path)
 
 
 def test_hub_id_parsing():
@@ -166,3 +221,50 @@ def test_hub_id_online_reads_only_headers(monkeypatch, tiny):
     with open_checkpoint(src) as local:
         assert report.total_params == inspect_checkpoint(local).total_params
     assert report.kind == "hub-headers" and report.problems == []
+
+
+def test_partly_cached_hub_snapshot_is_completed_not_used(monkeypatch, tmp_path, tiny):
+    """An index naming two shards, only the first cached: the snapshot is downloaded, not opened as is."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    src = tiny("qwen3_moe")
+    tensors = _state_dict(src)
+    names = sorted(tensors)
+    full = tmp_path / "full"
+    full.mkdir()
+    shutil.copy(src / "config.json", full / "config.json")
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        file = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, full / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (full / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    snapshot = _fake_hub_cache("acme/partial-moe", full)
+    (snapshot / "model-00002-of-00002.safetensors").unlink()
+
+    # offline, the partial snapshot is not in the cache: no "names shard ... which does not exist"
+    with pytest.raises(SourceNotFoundError, match="HF_HUB_OFFLINE"):
+        open_checkpoint("acme/partial-moe")
+
+    real = huggingface_hub.snapshot_download
+    downloads = []
+
+    def fake_snapshot_download(repo, revision=None, local_files_only=False, **kwargs):
+        if local_files_only:
+            return real(repo, revision=revision, local_files_only=True, **kwargs)
+        downloads.append(repo)   # the network: fetch what is missing into the snapshot
+        shutil.copy(full / "model-00002-of-00002.safetensors", snapshot)
+        return str(snapshot)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with open_checkpoint("acme/partial-moe") as ckpt:
+        assert downloads == ["acme/partial-moe"] and ckpt.kind == "hub"
+        assert set(ckpt.tensors) == set(tensors)
+        for name, ref in ckpt.tensors.items():
+            assert torch.equal(ref.load(), tensors[name])
+    # complete now: the cache is used, nothing downloaded
+    with open_checkpoint("acme/partial-moe") as ckpt:
+        assert downloads == ["acme/partial-moe"] and len(ckpt.tensors) == len(tensors)

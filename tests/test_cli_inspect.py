@@ -110,3 +110,21 @@ def test_deepseek_v3_sized_header_set_under_one_second(tmp_path):
     # shared machine, a 2 s bound still catches a regression without failing on noise.
     limit = 2.0 if os.environ.get("CI") else 1.0
     assert best < limit, f"inspect took {best:.2f} s"
+
+
+def test_json_stays_strict_when_a_weight_holds_nan(tmp_path, tiny):
+    """A NaN weight has a NaN norm; JSON has no NaN, so it is written as null."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "nan"
+    shutil.copytree(tiny("mixtral"), src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.0.block_sparse_moe.experts.1.w1.weight"][0, 0] = float("nan")
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    proc = run("inspect", str(src), "--experts", "--check-values", "--json", check=False)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(proc.stdout, parse_constant=refuse)
+    assert report["experts"][0]["norms"][1] is None and None not in report["experts"][0]["norms"][2:]

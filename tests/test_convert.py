@@ -342,3 +342,31 @@ def test_transformers_4_57_reads_the_converted_checkpoint(tmp_path, tiny):
     assert torch.allclose(got, logits(tmp_path / "bf16", torch.tensor([[1, 5, 9, 3, 7]])), atol=1e-4)
     source = subprocess.run([sys.executable, "-c", V4_SCRIPT, str(src)], capture_output=True, text=True, env=env)
     assert source.returncode != 0 and "size mismatch" in source.stderr
+
+
+def test_experts_of_different_shapes_are_not_stacked(tmp_path, tiny):
+    """One expert stored transposed (the same number of values) would be scrambled into the fused tensor."""
+    from moetool.errors import CheckpointFormatError
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny("mixtral"), src)
+    state = load_file(src / "model.safetensors")
+    name = "model.layers.0.block_sparse_moe.experts.2.w1.weight"
+    state[name] = state[name].T.contiguous()
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(src) as ckpt, pytest.raises(CheckpointFormatError, match="experts.2.w1"):
+        convert(ckpt, tmp_path / "out", ConvertOptions(layout="fused"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_and_plain_dequantize_are_said_plainly(tmp_path, tiny):
+    from moetool.errors import UnsupportedError
+    from tests.gguf_fixtures import write_family
+
+    gguf = write_family("qwen3_moe", tmp_path / "m.gguf", qtype="Q8_0")[0]
+    with open_checkpoint(gguf) as ckpt, pytest.raises(UnsupportedError, match="GGUF"):
+        convert(ckpt, tmp_path / "out", ConvertOptions())
+    with open_checkpoint(tiny("mixtral")) as ckpt:   # nothing to dequantize: the dtype stays what it is
+        convert(ckpt, tmp_path / "plain", ConvertOptions(dequantize=True))
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config.get("torch_dtype", config.get("dtype")) in (None, "float32")

@@ -65,6 +65,17 @@ def test_encoder_decoder_is_refused(tiny, token_file):
         run(tiny("switch_transformers"), token_file)
 
 
+def test_what_cannot_be_measured_is_refused_before_the_runs(tmp_path, tiny, token_file):
+    from moetool.errors import MoetoolError, UsageError
+
+    with pytest.raises(UsageError, match="vocabulary"):   # KL over different tokens means nothing
+        run(tiny("olmoe"), token_file, reference="builtin:tiny-moe")
+    one = tmp_path / "one.txt"
+    one.write_text("5")
+    with open_checkpoint(tiny("olmoe")) as ckpt, pytest.raises(MoetoolError, match="predict nothing"):
+        evaluate(ckpt, EvalOptions(token_ids=one, seq_len=30))   # one token: no next token to predict
+
+
 def test_cli_json(tiny, token_file):
     proc = subprocess.run([sys.executable, "-m", "moetool", "eval", str(tiny("olmoe")), "--reference",
                            str(tiny("olmoe")), "--token-ids", str(token_file), "--seq-len", "30", "--json"],

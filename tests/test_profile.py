@@ -193,3 +193,15 @@ def test_saliency_runs_for_families_with_an_experts_module(tiny, token_file, fam
 def test_saliency_unsupported_family_says_so(tiny, token_file):
     with pytest.raises(UnsupportedError, match="saliency"):
         run(tiny("llama4_text"), token_file, saliency=True, max_tokens=200)
+
+
+def test_expert_parallelism_over_too_many_devices_is_refused_before_the_run(tmp_path, monkeypatch):
+    from moetool.errors import UsageError
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the model ran before the refusal")
+
+    monkeypatch.setattr("moetool.ops.profile.load_model", no_run)
+    with open_checkpoint("builtin:tiny-moe") as ckpt, pytest.raises(UsageError, match="--ep 9"):
+        profile(ckpt, ProfileOptions(ep=9, trace=tmp_path / "trace"))
+    assert not any(tmp_path.iterdir())

@@ -245,3 +245,56 @@ def test_encoder_decoder_pruning_equals_the_masked_original(tmp_path, family):
     # NLLB's combine weights are softmax probabilities themselves (not renormalised over the top-k):
     # a softmax over 3 terms and one over 4 with exp(-inf) = 0 differ in the last bits
     assert (got - want).abs().max() <= (1e-5 if family == "switch_transformers" else 2e-4)
+
+
+@pytest.mark.parametrize("family, why", [("phimoe", "sparsemixer"), ("jamba", "dense MLP"),
+                                         ("glm4_moe", "best two")])
+def test_a_layer_keeps_what_its_router_needs(tmp_path, tiny, family, why):
+    """Below these, transformers' forward breaks: PhiMoE's sparsemixer gives NaN with one expert, Jamba
+    builds a dense MLP (random weights) for one, GLM/DeepSeek-V3 routers take the top-2 of a group."""
+    with open_checkpoint(tiny(family)) as ckpt, pytest.raises(UsageError, match=why):
+        prune(ckpt, tmp_path / "x", PruneOptions(keep=1, criterion="random"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_profile_options_combine_with_every_criterion(tmp_path, tiny, monkeypatch):
+    from moetool.ops.inspect import inspect_checkpoint
+
+    src = tiny("qwen3_moe")
+    profile_path, profile = _profile_json(tmp_path, src)
+    with open_checkpoint(src) as ckpt:
+        norms = {s.layer: s.norms for s in inspect_checkpoint(ckpt, experts=True).experts}
+        by_norm = prune(ckpt, tmp_path / "wn", PruneOptions(keep=2, criterion="weight-norm", profile=profile_path,
+                                                            merge=True))   # mass from the profile
+        assert by_norm.kept[0] == sorted(sorted(range(4), key=lambda e: (-norms[0][e], e))[:2])
+        explicit = prune(ckpt, tmp_path / "ex", PruneOptions(experts={0: [0, 1], 1: [2, 3]}, profile=profile_path,
+                                                             merge=True))
+        mass = profile["layers"][0]["weight_mass"]
+        assert explicit.routing_mass_removed == pytest.approx(
+            (sum(mass[2:]) + sum(profile["layers"][1]["weight_mass"][:2])) / (sum(mass) + sum(
+                profile["layers"][1]["weight_mass"])))
+        counts_only = json.loads(profile_path.read_text())   # as a profile of a vLLM trace: no gate weights
+        for layer in counts_only["layers"]:
+            layer["weight_mass"] = None
+        (tmp_path / "counts.json").write_text(json.dumps(counts_only))
+        report = prune(ckpt, tmp_path / "c", PruneOptions(keep=2, profile=tmp_path / "counts.json"))
+        assert report.routing_mass_removed is None
+        with pytest.raises(UsageError, match="gate-weight mass"):
+            prune(ckpt, tmp_path / "m", PruneOptions(keep=2, profile=tmp_path / "counts.json", merge=True))
+        with pytest.raises(UsageError, match="exactly one"):
+            prune(ckpt, tmp_path / "k", PruneOptions(experts={0: [0, 1], 1: [2, 3]}, keep=3))
+
+        def no_calibration(*args, **kwargs):
+            raise AssertionError("calibrated before refusing")
+
+        monkeypatch.setattr("moetool.ops.prune_choice.routing_profile", no_calibration)
+        monkeypatch.setattr("moetool.ops.prune_choice.sequential_choice", no_calibration)
+        (tmp_path / "taken").mkdir()
+        from moetool.errors import OutputExistsError
+
+        with pytest.raises(OutputExistsError):
+            prune(ckpt, tmp_path / "taken", PruneOptions(keep=2, criterion="reap"))
+        with pytest.raises(UsageError, match="--criterion bogus"):
+            prune(ckpt, tmp_path / "b", PruneOptions(keep=2, criterion="bogus", sequential=True))
+    with open_checkpoint(tiny("qwen3_moe", fused=True)) as ckpt, pytest.raises(UnsupportedError, match="per-expert"):
+        prune(ckpt, tmp_path / "f", PruneOptions(keep=2, sequential=True, merge=True))

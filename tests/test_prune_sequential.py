@@ -255,6 +255,6 @@ def test_merge_in_place_needs_stacked_experts(tmp_path):
 
     folder = save_tiny("gpt_oss", tmp_path / "src")
     with open_checkpoint(folder) as ckpt:
-        with pytest.raises(UnsupportedError, match="without --sequential"):
+        with pytest.raises(UnsupportedError, match="without --sequential|--layout per-expert"):
             prune(ckpt, tmp_path / "out", PruneOptions(keep=2, sequential=True, merge=True))
     assert not (tmp_path / "out").exists()

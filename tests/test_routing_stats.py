@@ -157,7 +157,8 @@ def test_placements():
     random.seed(0)
     counts = [random.randint(0, 1000) for _ in range(16)] + [5000, 4000]
     contiguous = rs.contiguous_placement(18, 4)
-    assert sorted(e for d in contiguous for e in d) == list(range(18))
+    assert contiguous == [list(range(0, 5)), list(range(5, 10)), list(range(10, 14)), list(range(14, 18))]
+    assert rs.contiguous_placement(8, 7) == [[0, 1], [2], [3], [4], [5], [6], [7]]   # no device left empty
     balanced = rs.balanced_placement(counts, 4)
     assert sorted(e for d in balanced for e in d) == list(range(18))
     load_c, load_b = rs.placement_load(counts, contiguous), rs.placement_load(counts, balanced)

@@ -1,13 +1,14 @@
 """`moetool upcycle`: exact at initialisation against the dense model's logits in transformers."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moetool.checkpoint import open_checkpoint
 from moetool.errors import UnsupportedError, UsageError
@@ -235,3 +236,146 @@ def test_olmoe_target_warns_and_loads(tmp_path, tiny):
     ids = torch.randint(0, 64, (1, 7))
     got, want = logits(tmp_path / "moe", ids), logits(tiny("llama"), ids)
     assert got.isfinite().all() and (got - want).abs().max() > 1e-4   # not the dense model, as warned
+
+
+# ---------------------------------------------------------------- bad inputs are refused before anything is written
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "moetool", "upcycle", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def assert_refused(proc, code, out, *words):
+    """Exit CODE, one "Error:" line (and perhaps its hint), no traceback, no output folder."""
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("Error: ") and all(line.startswith("Hint: ") for line in lines[1:2]), proc.stderr
+    assert len(lines) <= 2 and "Traceback" not in proc.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not out.exists()
+
+
+def variant(src, path, config=None, edit=None):
+    """A copy of SRC with config keys changed (None: removed) and its tensors changed by EDIT(dict)."""
+    shutil.copytree(src, path)
+    if edit:
+        tensors = load_file(path / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(config)
+        (path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return path
+
+
+def save_model(family, path, randomise_biases=True, **overrides):
+    """The tiny model of FAMILY with other config values; biases random (transformers starts them at 0)."""
+    from tests.tiny import TINY
+
+    cls_name, kwargs = TINY[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**{**kwargs, **overrides}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") and randomise_biases:
+                param.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return path
+
+
+def test_mlp_shapes_must_match_the_config(tmp_path, tiny):
+    """Experts are byte ranges of the dense MLP: an up_proj of 20 rows where the config says 24 would
+    have each expert's last rows read from the next tensor in the file."""
+    name = "model.layers.1.mlp.up_proj.weight"
+    short = variant(tiny("llama"), tmp_path / "short", edit=lambda t: t.update({name: t[name][:20].clone()}))
+    assert_refused(cli(short, tmp_path / "out", "--experts", "2"), 4, tmp_path / "out", name, "[20, 32]", "24")
+    wide = "model.layers.0.mlp.down_proj.weight"
+    bad = variant(tiny("qwen3"), tmp_path / "wide", edit=lambda t: t.update({wide: torch.cat([t[wide]] * 2, 1)}))
+    assert_refused(cli(bad, tmp_path / "out", "--experts", "2", "--layers", "1"), 4, tmp_path / "out", wide)
+    missing = variant(tiny("llama"), tmp_path / "missing", edit=lambda t: t.pop(name))
+    assert_refused(cli(missing, tmp_path / "out", "--experts", "2"), 4, tmp_path / "out", name, "missing")
+    # --from: a second source of other shapes is not the same model
+    assert_refused(cli(tiny("llama"), tmp_path / "out", "--experts", "2", "--from", short), 2, tmp_path / "out",
+                   "same architecture and shapes")
+
+
+def test_incomplete_config_gguf_and_bad_layers_are_one_line_errors(tmp_path, tiny):
+    from tests.gguf_fixtures import write_family
+
+    out = tmp_path / "out"
+    no_ffn = variant(tiny("llama"), tmp_path / "no-ffn", config={"intermediate_size": None})
+    assert_refused(cli(no_ffn, out, "--experts", "2"), 5, out, "intermediate_size")
+    gguf = write_family("mixtral", tmp_path / "model.gguf")[0]
+    assert_refused(cli(gguf, out, "--experts", "2"), 7, out, "GGUF", "safetensors")
+    for layers in ("every:0", "every:abc", "every:-2", "1,x"):
+        assert_refused(cli(tiny("qwen3"), out, "--experts", "2", "--layers", layers), 2, out, repr(layers))
+
+
+@pytest.mark.parametrize("layers, family", [("", None), ("", "glm4_moe"), ("every:3", None), ("every:9", "glm4_moe")])
+def test_no_moe_layer_is_refused(tmp_path, tiny, layers, family):
+    """An "MoE" without MoE layers is the dense model under another name: refused (2 layers here)."""
+    src = tiny("qwen3" if family is None else "llama")
+    args = ["--experts", "2", "--layers", layers] + (["--family", family] if family else [])
+    assert_refused(cli(src, tmp_path / "out", *args), 2, tmp_path / "out", "none of the 2 layers")
+    with open_checkpoint(src) as ckpt, pytest.raises(UsageError, match="none of the 2 layers"):
+        plan_upcycle(ckpt, UpcycleOptions(experts=2, layers=[]))
+
+
+@pytest.mark.parametrize("bias, family", [("attention_bias", "mixtral"), ("attention_bias", "glm4_moe"),
+                                          ("mlp_bias", "mixtral"), ("mlp_bias", "glm4_moe"), ("mlp_bias", "olmoe")])
+def test_biases_the_target_cannot_hold_are_refused(tmp_path, bias, family):
+    """transformers drops biases the target class has no place for (Mixtral: none; GLM-4.5: none on the
+    attention output; no target's experts have biases): that would change the model silently."""
+    src = save_model("llama", tmp_path / "dense", **{bias: True})
+    assert_refused(cli(src, tmp_path / "out", "--experts", "2", "--family", family), 7, tmp_path / "out", bias)
+
+
+def test_attention_biases_the_target_holds_stay_exact(tmp_path):
+    """Qwen3-MoE's attention_bias covers the same q/k/v/o biases as Qwen3's: kept, and exact."""
+    src = save_model("qwen3", tmp_path / "dense", attention_bias=True)
+    run(src, tmp_path / "moe", experts=4, top_k=2)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    want = logits(src, ids)
+    assert (logits(tmp_path / "moe", ids) - want).abs().max() <= 1e-5
+    zeroed = save_model("qwen3", tmp_path / "zero", randomise_biases=False, attention_bias=True)
+    assert (logits(zeroed, ids) - want).abs().max() > 1e-3    # the biases matter to the output
+
+
+def window_bites(path, ids):
+    """Whether the model's output changes when its sliding window is switched off."""
+    full = variant(path, path.with_name(path.name + "-full"), config={"use_sliding_window": False, "layer_types": None})
+    return (logits(full, ids) - logits(path, ids)).abs().max() > 1e-3
+
+
+def test_qwen3_sliding_window_only_where_exact(tmp_path):
+    """Qwen3 slides its window on layers max_window_layers.. only, Qwen3-MoE on every layer: refused
+    unless every layer slides, which is exact."""
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(7))
+    some = save_model("qwen3", tmp_path / "some", use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    assert window_bites(some, ids)
+    assert_refused(cli(some, tmp_path / "out", "--experts", "2"), 7, tmp_path / "out", "sliding window", "[1]")
+    every = save_model("qwen3", tmp_path / "every", use_sliding_window=True, sliding_window=3, max_window_layers=0)
+    assert window_bites(every, ids)
+    run(every, tmp_path / "moe", experts=4, top_k=2)
+    assert (logits(tmp_path / "moe", ids) - logits(every, ids)).abs().max() <= 1e-5
+
+
+def test_qwen2_sliding_window_pattern_is_kept(tmp_path):
+    """Without layer_types in config.json, Qwen2 slides from max_window_layers on while Qwen2-MoE would
+    derive its own alternating pattern: the source's pattern is written out, so the MoE stays exact."""
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(8))
+    src = save_model("qwen2", tmp_path / "src", use_sliding_window=True, sliding_window=3, max_window_layers=1)
+    src = variant(src, tmp_path / "no-types", config={"layer_types": None})
+    assert window_bites(src, ids)
+    run(src, tmp_path / "moe", experts=4, top_k=2)
+    assert (logits(tmp_path / "moe", ids) - logits(src, ids)).abs().max() <= 1e-5
+
+
+def test_mistral_window_into_glm_warns(tmp_path):
+    """GLM-4.5 has no sliding window: a Mistral whose window is shorter than its context says so."""
+    src = save_model("mistral", tmp_path / "src", sliding_window=4)
+    summary = run(src, tmp_path / "moe", experts=2, top_k=1, target="glm4_moe")
+    assert any("sliding window of 4 tokens" in w for w in summary["warnings"])
+    ids = torch.randint(0, 64, (1, 11))
+    assert (logits(tmp_path / "moe", ids) - logits(src, ids)).abs().max() > 1e-3   # as warned

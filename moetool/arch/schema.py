@@ -161,6 +161,8 @@ class Family:
     # a dense family's MLP module (its input is what an upcycled router will see)
     mlp_module: str | None = None
     prune_unsupported: str | None = None     # why experts cannot be removed from this family, if so
+    # the fewest experts a layer may keep and still run as an MoE in transformers, and why
+    min_kept: tuple[int, str] = (1, "")
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys

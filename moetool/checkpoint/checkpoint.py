@@ -167,11 +167,34 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def _load_bin(path: Path) -> dict:
+def _is_tensor(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def _holds_tensors(value) -> bool:
+    """VALUE is a tensor, or a dict/list/tuple with a tensor somewhere inside."""
+    if isinstance(value, dict):
+        return any(map(_holds_tensors, value.values()))
+    if isinstance(value, (list, tuple)):
+        return any(map(_holds_tensors, value))
+    return _is_tensor(value)
+
+
+def _torch_load(path: Path):
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):
+            raise
+    # a legacy (pre-zip) file cannot be mmap'd: read it whole; weights_only still guards the unpickling
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_bin(path: Path) -> dict:
+    try:
+        state = _torch_load(path)
     except Exception as exc:  # torch raises many types for bad pickles
         raise CheckpointFormatError(
             f"{path}: cannot be loaded safely as a PyTorch state dict ({type(exc).__name__}: "
@@ -182,10 +205,17 @@ def _load_bin(path: Path) -> dict:
     for key, value in state.items():
         if not isinstance(key, str):
             raise CheckpointFormatError(f"{path}: state dict key {key!r} is not a string")
-        if hasattr(value, "shape") and hasattr(value, "dtype"):
+        if _is_tensor(value):
             if str(value.dtype).removeprefix("torch.") not in _TORCH_TO_ST:
                 raise CheckpointFormatError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}")
             tensors[key] = value
+        elif _holds_tensors(value):   # dropping it would silently lose the model's weights
+            raise CheckpointFormatError(
+                f"{path}: is not a flat state dict: {key!r} holds a dict or list of tensors",
+                hint="a nested state_dict, e.g. a training checkpoint; save model.state_dict() itself")
+        # other values (an epoch count, a version string) are not weights: skipped
+    if not tensors:
+        raise CheckpointFormatError(f"{path}: holds no tensors", hint="save model.state_dict() itself")
     return tensors
 
 
@@ -244,7 +274,7 @@ def _safe_member(root: Path, name: str, index: Path) -> Path:
     return path
 
 
-def _read_index(index: Path) -> tuple[dict[str, str], set[str]]:
+def read_index(index: Path) -> tuple[dict[str, str], set[str]]:
     """The index's weight_map, and the shard file names it holds."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
@@ -305,7 +335,7 @@ def _open_local(path: Path, source: str) -> Checkpoint:
 def _open_indexed(root: Path, index: Path, config: dict[str, Any], source: str) -> Checkpoint:
     """A folder whose index (weight_map: tensor -> shard file) names its shards, refusing an index
     that lists a tensor in a shard that does not hold it."""
-    weight_map, files = _read_index(index)
+    weight_map, files = read_index(index)
     listed = len(weight_map)
     unique: dict[Path, Path] = {}   # one Path object per file, so shards compare by identity
     shard_paths = {f: unique.setdefault(p, p) for f in files for p in (_safe_member(root, f, index),)}
@@ -320,7 +350,7 @@ def _open_indexed(root: Path, index: Path, config: dict[str, Any], source: str) 
 
     ckpt = _open_files(root, sorted(unique), config=config, kind="dir", source=source, each=count)
     if agreeing != listed or len(file_names) != len(shard_paths):   # what is wrong, in the index's order
-        for name, shard_name in _read_index(index)[0].items():
+        for name, shard_name in read_index(index)[0].items():
             ref = ckpt.tensors.get(name)
             if ref is None or ref.shard.path is not shard_paths[shard_name]:
                 raise CheckpointFormatError(

@@ -290,6 +290,8 @@ class GgufTensorRef(TensorRef):
     """A tensor of a GGUF file. ``dtype`` is the ggml type name (F32, F16, Q8_0, Q4_K, ...),
     ``shape`` the logical shape in numpy order, ``numel`` its logical values (n_elements)."""
 
+    byte_order: str = "<"   # the file's (GgufHeader.byte_order): how F32/F16/integers are stored
+
     @property
     def nbytes(self) -> int:
         return self.end - self.start
@@ -330,7 +332,15 @@ class GgufTensorRef(TensorRef):
             raise CheckpointFormatError(f"{self.shard.path}: ended early reading {self.name}")
         native = NATIVE_DTYPES.get(self.dtype)
         if native is not None:
-            return raw.view(native).reshape(stop - start, cols)
+            stored = np.dtype(native).newbyteorder(self.byte_order)   # the file's order, not the machine's
+            values = raw.view(stored)
+            return (values if stored.isnative else values.astype(native)).reshape(stop - start, cols)
+        if self.byte_order != "<":
+            # gguf-py dequantizes little-endian blocks; which fields of a block a big-endian writer
+            # swapped is not defined by the format
+            raise UnsupportedError(f"{self.shard.path}: {self.name} is {self.dtype} in a big-endian GGUF file; "
+                                   "only F32, F16, F64 and integer tensors are read from big-endian files",
+                                   hint="convert the file to little-endian (gguf-py's gguf_convert_endian.py)")
         from gguf import GGMLQuantizationType, dequantize
 
         try:
@@ -475,7 +485,7 @@ def _tensors(path: Path, header: GgufHeader, shard: Shard, size: int) -> list[Gg
         if (start - base) % align:
             raise CheckpointFormatError(f"{path}: tensor {t.name!r} starts at data offset {start - base}, "
                                         f"not a multiple of the alignment {align}")
-        refs.append(GgufTensorRef(t.name, t.type_name, t.dims[::-1], shard, start, end))
+        refs.append(GgufTensorRef(t.name, t.type_name, t.dims[::-1], shard, start, end, header.byte_order))
         spans.append((start, end, t.name))
     spans.sort()
     for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):

@@ -13,7 +13,16 @@ import os
 import re
 from pathlib import Path
 
-from moetool.checkpoint.checkpoint import Checkpoint, Shard, TensorRef, open_local, read_config
+from moetool.checkpoint.checkpoint import (
+    BIN_INDEX,
+    SAFETENSORS_INDEX,
+    Checkpoint,
+    Shard,
+    TensorRef,
+    open_local,
+    read_config,
+    read_index,
+)
 from moetool.checkpoint.header import parse_header
 from moetool.errors import CheckpointFormatError, SourceNotFoundError
 
@@ -43,7 +52,8 @@ def open_hub(spec: str, *, headers_only: bool) -> Checkpoint:
         ckpt.kind = "hub"
         return ckpt
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise SourceNotFoundError(f"{spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+        raise SourceNotFoundError(f"{spec}: not (or not wholly) in the local Hugging Face cache and "
+                                  "HF_HUB_OFFLINE is set",
                                   hint="unset HF_HUB_OFFLINE or download the model first")
     if headers_only:
         return _open_remote_headers(repo, revision, spec)
@@ -64,8 +74,18 @@ def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
         path = Path(snapshot_download(repo, revision=revision, local_files_only=True))
     except Exception:  # not cached (the exact error type varies by hub version)
         return None
+    if not (path / "config.json").exists():
+        return None
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):   # the index open_local would use
+        if (path / index_name).exists():
+            # a download cut short leaves some shards cached: complete only with every one
+            try:
+                files = read_index(path / index_name)[1]
+            except CheckpointFormatError:
+                return path   # a bad index: open_local says what is wrong with it
+            return path if all((path / f).is_file() for f in files) else None
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    return path if (path / "config.json").exists() and has_weights else None
+    return path if has_weights else None
 
 
 def _download(repo: str, revision: str | None, spec: str) -> Checkpoint:

@@ -6,8 +6,6 @@ parses `inspect SOURCE [flags]` with fast_args; typer parses the rest (help, --d
 mistakes), with the command typer_command() builds.
 """
 
-import json
-import sys
 from typing import Annotated
 
 from moetool._util import gc_paused
@@ -62,8 +60,10 @@ def run_inspect(source: str, *, json_out: bool = False, layers: bool = False, ex
     # index are freed before it ends, instead of rescanned (20 ms) when it resumes in between
     with gc_paused():
         report = _report(source, experts, check_values, duplicate_threshold, progress_bar=not json_out)
-    if json_out:   # as moetool.cli.output.emit_json writes it
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    if json_out:
+        from moetool.cli.output import emit_json
+
+        emit_json(report.to_dict())
     else:
         _render(report, layers=layers)
     failing = report.errors + (report.warnings if strict else [])

@@ -1,6 +1,7 @@
 """Rendering helpers shared by commands: JSON to stdout, rich tables, human units."""
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -11,7 +12,18 @@ stderr = Console(stderr=True, highlight=False)
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """DATA as strict JSON: NaN and infinities (a weight holding NaN has a NaN norm) become null."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def count(n: int | None) -> str:

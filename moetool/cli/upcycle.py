@@ -17,13 +17,15 @@ def _parse_layers(text: str | None, count: int | None = None) -> list[int] | Non
     """"all", "every:K" (layers K-1, 2K-1, ...) or a comma list "1,3,5"."""
     if text in (None, "all"):
         return None
-    if text.startswith("every:"):
-        step = int(text.split(":", 1)[1])
-        return list(range(step - 1, count or 10_000, step))
     try:
+        if text.startswith("every:"):
+            step = int(text.split(":", 1)[1])
+            if step < 1:
+                raise ValueError
+            return list(range(step - 1, count or 10_000, step))
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"--layers {text!r}: use all, every:K, or a comma-separated list") from None
+        raise UsageError(f"--layers {text!r}: use all, every:K (K >= 1), or a comma-separated list") from None
 
 
 def upcycle(

@@ -23,7 +23,7 @@ from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
 from moetool.checkpoint.pieces import ComputedRef, computed_piece, rows_piece, tensor_pieces
 from moetool.checkpoint.writer import OutputTensor, Piece, ShardPlan, plan_shards, side_files
-from moetool.errors import UnsupportedError
+from moetool.errors import CheckpointFormatError, UnsupportedError
 from moetool.quant import compressed_tensors as ct
 from moetool.quant.config import recorded_formats
 from moetool.quant.formats import stacked_slices
@@ -300,6 +300,8 @@ class _Planner:
             ups = [have[Role.EXPERT_UP][e] for e in experts]
             downs = [have[Role.EXPERT_DOWN][e] for e in experts]
             n, (inter, hidden) = len(experts), gates[0].ref.shape
+            for group, shape in ((gates, (inter, hidden)), (ups, (inter, hidden)), (downs, (hidden, inter))):
+                _same_shapes(group, shape, layer)
             dtype = self.out_dtype(gates[0])
             name_gu = self.name_for(any_entry.name, Role.EXPERT_GATE_UP, target, layer, None)
             name_d = self.name_for(any_entry.name, Role.EXPERT_DOWN, target, layer, None)
@@ -374,10 +376,19 @@ class _Planner:
             if experts != list(range(len(experts))):
                 raise UnsupportedError(f"layer {layer}: experts are incomplete; cannot stack them")
             first = by_expert[0]
+            _same_shapes([by_expert[e] for e in experts], tuple(first.ref.shape), layer)
             dtype = self.out_dtype(first)
             pieces = [p for e in experts for p in tensor_pieces(by_expert[e].ref, dtype)]
             self.emit(self.name_for(first.name, role, target, layer, None), dtype, (len(experts), *first.ref.shape),
                       pieces, "stacked", first.ref.dtype)
+
+
+def _same_shapes(entries: list[_Entry], shape: tuple[int, ...], layer: int) -> None:
+    """Experts stacked into one tensor must share one shape: an odd one would be scrambled into it."""
+    for e in entries:
+        if tuple(e.ref.shape) != shape:
+            raise CheckpointFormatError(f"{e.name}: shape {list(e.ref.shape)}, where layer {layer}'s experts "
+                                        f"make {list(shape)}; cannot stack the experts into one tensor")
 
 
 def _first(template) -> str:
@@ -395,6 +406,10 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
     """Plan a conversion: every output tensor and the pieces it is made of (reads headers only)."""
     if ckpt.root is None:
         raise UnsupportedError("convert needs the weights; open the checkpoint without headers_only")
+    if ckpt.kind == "gguf":
+        raise UnsupportedError(f"{ckpt.source}: convert writes safetensors from safetensors or .bin checkpoints; "
+                               "a GGUF file is llama.cpp's", hint="prune a GGUF as it is, or convert the model it "
+                               "was made from")
     stored = ct.recorded_formats(ckpt.config, ckpt.tensors) if options.dequantize else None
     if stored:   # a compressed-tensors checkpoint: its packed weights read as dequantized tensors
         ckpt = ct.dequantized_view(ckpt, stored)
@@ -414,7 +429,7 @@ def _edited_config(ckpt: Checkpoint, planner: _Planner, options: PlanOptions) ->
     if ckpt.config is None:
         return None
     config = json.loads(json.dumps(ckpt.config))
-    dtype = planner.target_dtype or ("BF16" if options.dequantize else None)
+    dtype = planner.target_dtype or ("BF16" if planner.config_dequantized else None)   # (only what was dequantized)
     if dtype:
         config["torch_dtype"] = TORCH_NAME[dtype]
         if "dtype" in config:

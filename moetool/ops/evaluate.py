@@ -12,10 +12,11 @@ from typing import Any
 from moetool import __version__
 from moetool.arch import detect_family
 from moetool.checkpoint import Checkpoint
-from moetool.errors import UnsupportedError
+from moetool.errors import UnsupportedError, UsageError
 from moetool.ops.inspect import inspect_checkpoint
 from moetool.ops.profile import calibration_ids
 from moetool.runner import distributed, engine
+from moetool.runner.data import DataError
 from moetool.runner.device import pick_device, pick_dtype
 from moetool.runner.engine import ActivationStore, micro_batches
 from moetool.runner.model import check_runnable, load_model, runnable
@@ -149,6 +150,10 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
         if source is not None:
             check_runnable(source)
     vocab_size = inspect_checkpoint(ckpt).vocab_size
+    ref_vocab = inspect_checkpoint(reference).vocab_size if reference is not None else None
+    if None not in (ref_vocab, vocab_size) and ref_vocab != vocab_size:   # before both runs, not after them
+        raise UsageError(f"{reference.source}: its vocabulary ({ref_vocab}) is not {ckpt.source}'s ({vocab_size}); "
+                         "KL and top-1 agreement compare distributions over the same tokens")
     ckpt = runnable(ckpt)   # a GGUF as the transformers checkpoint it stands for, built once
     reference = runnable(reference) if reference is not None else None
     world = distributed.world_from_env()
@@ -156,6 +161,9 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
     dtype = pick_dtype(options.dtype, device)
     distributed.init(world, device)
     ids = calibration_ids(ckpt, options, default="builtin:heldout", vocab_size=vocab_size)
+    if ids.shape[1] < 2:   # each token predicts the next: one-token sequences predict nothing
+        raise DataError(f"the evaluation text holds sequences of {ids.shape[1]} token, which predict nothing",
+                        hint="give more text, or a --seq-len of at least 2")
     first, count = distributed.share(ids.shape[0], world)
     batches = micro_batches(ids[first:first + count], options.batch_size, first)
     start = time.perf_counter()

@@ -28,16 +28,14 @@ from moetool.checkpoint.writer import (
     side_files,
     write_checkpoint,
 )
-from moetool.errors import MoetoolError, UnsupportedError, UsageError
+from moetool.errors import MoetoolError, OutputExistsError, UnsupportedError, UsageError
 from moetool.layout.plan import family_context
-from moetool.ops.profile import routing_profile
 from moetool.ops.prune_choice import (
-    CRITERIA,
     EXPERT_INDEXED,
-    PROFILE_FIELD,
     PruneOptions,
     PruneReport,
     check_sequential,
+    choice_scores,
     choose_per_layer,
     kept_count,
     merge_group,
@@ -50,32 +48,13 @@ from moetool.quant.config import recorded_formats
 log = logging.getLogger(__name__)
 
 
-def _scores(ckpt: Checkpoint, structure, options: PruneOptions, progress=None
-            ) -> tuple[dict[int, list[float]], dict[int, list] | None]:
-    """Per MoE layer: the criterion's score of each expert, and its gate-weight mass."""
-    import torch
+def _scores(ckpt: Checkpoint, structure, options: PruneOptions, progress=None):
+    def weight_norms():
+        from moetool.ops.inspect import inspect_checkpoint
 
-    if options.criterion not in CRITERIA:
-        raise UsageError(f"--criterion {options.criterion}: use one of {', '.join(CRITERIA)}")
-    if options.experts is not None or (options.profile is None and options.criterion in ("random", "weight-norm")):
-        if options.criterion == "weight-norm":   # the experts' own weight norms: no routing needed
-            from moetool.ops.inspect import inspect_checkpoint
+        return {s.layer: s.norms for s in inspect_checkpoint(ckpt, experts=True).experts}
 
-            stats = inspect_checkpoint(ckpt, experts=True).experts
-            return {s.layer: s.norms for s in stats}, None
-        gen = torch.Generator().manual_seed(options.seed)
-        return ({layer: torch.rand(structure.num_experts, generator=gen).tolist() for layer in structure.moe_layers},
-                None)
-    layers = routing_profile(ckpt, structure, profile=options.profile, calibration=options.calibration,
-                             saliency=options.criterion in ("reap", "ean"), progress=progress)
-    mass = {layer: layers[layer]["weight_mass"] for layer in structure.moe_layers}
-    if options.criterion == "random":
-        gen = torch.Generator().manual_seed(options.seed)
-        return {layer: torch.rand(len(mass[layer]), generator=gen).tolist() for layer in mass}, mass
-    field = PROFILE_FIELD[options.criterion]
-    if any(layers[layer].get(field) is None for layer in structure.moe_layers):
-        raise UsageError(f"the profile has no {field} (for reap and ean, profile with --saliency)")
-    return {layer: [float(v) for v in layers[layer][field]] for layer in structure.moe_layers}, mass
+    return choice_scores(ckpt, structure, options, weight_norms, progress)
 
 
 def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
@@ -93,17 +72,23 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
     check_sequential(options)
+    classifier = _classifier(family, ckpt.config or {})
+    if options.merge and any(m.role in EXPERT_ROLES and m.expert is None and not m.guessed
+                             for m in map(classifier.classify, ckpt.tensors)):
+        raise UnsupportedError("--merge supports experts stored one tensor per expert; convert to "
+                               "--layout per-expert first")
     groups = (ckpt.config or {}).get("n_group") or 1
     experts = structure.num_experts
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
-    keep = kept_count(experts, top_k, options)
+    keep = kept_count(experts, top_k, options, family)
     similarity = None
     if options.experts is not None:
         if sorted(options.experts) != structure.moe_layers or any(
                 len(set(v)) != len(v) or not all(0 <= e < experts for e in v) for v in options.experts.values()):
             raise UsageError(f"--experts must list distinct experts (0..{experts - 1}) for each MoE layer "
                              f"{structure.moe_layers}")
-        kept, mass = {layer: sorted(v) for layer, v in options.experts.items()}, None
+        kept = {layer: sorted(v) for layer, v in options.experts.items()}
+        mass = _scores(ckpt, structure, options, progress)[1] if options.merge else None
     elif options.sequential:
         kept, mass, similarity = sequential_choice(ckpt, structure, options, keep, groups,
                                                    (lambda: _similarity(ckpt)) if options.merge else None, progress)
@@ -125,7 +110,6 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         similarity = _similarity(ckpt)
     groups = _merge_groups(similarity, kept, mass, experts) if options.merge else None
 
-    classifier = _classifier(family, ckpt.config or {})
     tensors: list[OutputTensor] = []
     removed_params = removed_bytes = 0
     per_expert: dict[tuple, dict[int, TensorRef]] = {}   # (layer, role, aux name tail) -> expert -> tensor
@@ -157,9 +141,6 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                                         ref.dtype, ref.shape, pieces, "kept expert"))
             continue
         if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
-            if groups is not None and m.role in EXPERT_ROLES:
-                raise UnsupportedError("--merge supports experts stored one tensor per expert; convert to "
-                                       "--layout per-expert first")
             sliced = _slice_experts(ref, m.role, kept[m.layer], experts, family.packed_experts)
             removed_bytes += ref.nbytes - sliced.nbytes
             if not m.aux and m.role not in family.buffers:
@@ -215,7 +196,8 @@ def _merge_groups(similarity, kept: dict[int, list[int]], mass, experts: int
                   ) -> dict[int, dict[int, list[tuple[int, float]]]]:
     """For each kept expert, the experts folded into it with their weights (`merge_group`)."""
     if mass is None:
-        raise UsageError("--merge needs routing frequencies: give --profile or let moetool profile --data")
+        raise UsageError("--merge weighs the experts it folds by their gate-weight mass, which this profile lacks "
+                         "(a profile of a vLLM trace holds counts only)", hint="give --data, or a moetool profile")
     return {layer: merge_group(similarity[layer], keep, mass[layer], experts) for layer, keep in kept.items()}
 
 
@@ -308,6 +290,8 @@ def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = F
         return prune_gguf(ckpt, out, options, force=force, dry_run=dry_run, progress=progress,
                           analysis_progress=analysis_progress)
     refuse_inside_source(out, ckpt)
+    if out.exists() and not force and not dry_run:   # before the calibration, not after it
+        raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
     tensors, config, report = plan_prune(ckpt, options, analysis_progress)
     if dry_run:
         return report

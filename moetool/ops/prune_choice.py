@@ -16,6 +16,7 @@ from moetool.ops.profile import (
     calibration_defaults,
     calibration_ids,
     layer_profile,
+    routing_profile,
     routing_structure,
 )
 from moetool.runner import distributed
@@ -63,18 +64,56 @@ class PruneReport:
                 "kept": {str(k): v for k, v in self.kept.items()}}
 
 
-def kept_count(experts: int, top_k: int, options: PruneOptions) -> int:
+def kept_count(experts: int, top_k: int, options: PruneOptions, family=None) -> int:
+    """How many experts every layer keeps (at least FAMILY's minimum)."""
+    if sum(x is not None for x in (options.keep, options.ratio, options.experts)) != 1:
+        raise UsageError("give exactly one of --keep N, --ratio r and --experts SPEC")
     if options.experts is not None:
         counts = {len(v) for v in options.experts.values()}
         if len(counts) != 1:
             raise UsageError("--experts: every MoE layer must keep the same number of experts (per-layer scope)")
-        return counts.pop()
-    if (options.keep is None) == (options.ratio is None):
-        raise UsageError("give exactly one of --keep N, --ratio r and --experts SPEC")
-    keep = options.keep if options.keep is not None else experts - round(options.ratio * experts)
+        keep = counts.pop()
+    else:
+        keep = options.keep if options.keep is not None else experts - round(options.ratio * experts)
     if not 1 <= keep <= experts:
         raise UsageError(f"cannot keep {keep} of {experts} experts per layer")
+    least, why = family.min_kept if family is not None else (1, "")
+    if keep < least:
+        raise UsageError(f"{family.title}: keep at least {least} experts per layer ({why})")
     return keep
+
+
+def choice_scores(ckpt, structure, options: PruneOptions, weight_norms, progress=None
+                  ) -> tuple[dict[int, list[float]] | None, dict[int, list] | None]:
+    """Per MoE layer: the criterion's score of each expert (None with --experts), and its gate-weight
+    mass: from a profile, or calibration when the criterion or --merge needs routing (None where
+    nothing routed, or the profile holds none, as one from a vLLM trace). WEIGHT_NORMS() gives the
+    experts' weight norms (weight-norm)."""
+    if options.criterion not in CRITERIA:
+        raise UsageError(f"--criterion {options.criterion}: use one of {', '.join(CRITERIA)}")
+    layers = structure.moe_layers
+    routed = options.experts is None and options.criterion in PROFILE_FIELD
+    profile = None
+    if routed or options.merge or options.profile is not None:
+        profile = routing_profile(ckpt, structure, profile=options.profile, calibration=options.calibration,
+                                  saliency=routed and options.criterion in ("reap", "ean"), progress=progress)
+    mass = None
+    if profile is not None and all(profile[layer].get("weight_mass") is not None for layer in layers):
+        mass = {layer: profile[layer]["weight_mass"] for layer in layers}
+    if options.experts is not None:
+        return None, mass
+    if options.criterion == "weight-norm":   # the experts' own weights: no routing needed
+        return weight_norms(), mass
+    if options.criterion == "random":   # torch's generator: the same experts for a seed, safetensors or GGUF
+        import torch
+
+        gen = torch.Generator().manual_seed(options.seed)
+        return {layer: torch.rand(structure.num_experts, generator=gen).tolist() for layer in layers}, mass
+    field = PROFILE_FIELD[options.criterion]
+    if any(profile[layer].get(field) is None for layer in layers):
+        raise UsageError(f"the profile has no {field}", hint="for reap and ean, profile with --saliency; a "
+                         "profile of a vLLM trace holds expert counts only")
+    return {layer: [float(v) for v in profile[layer][field]] for layer in layers}, mass
 
 
 def removed_share(mass: dict[int, list] | None, kept: dict[int, list[int]]) -> float | None:
@@ -121,6 +160,8 @@ def check_sequential(options: PruneOptions) -> None:
     """Refuse what --sequential cannot combine with, before any work."""
     if not options.sequential:
         return
+    if options.criterion not in CRITERIA:
+        raise UsageError(f"--criterion {options.criterion}: use one of {', '.join(CRITERIA)}")
     if options.experts is not None or options.profile is not None:
         raise UsageError("--sequential scores each layer as the earlier ones are pruned, on calibration data; "
                          "it takes neither --experts nor --profile (a profile is of the unpruned model)")

@@ -31,10 +31,10 @@ from moetool.errors import ConfigError, UnsupportedError, UsageError
 from moetool.ops.prune_choice import (
     CRITERIA,
     EXPERT_INDEXED,
-    PROFILE_FIELD,
     PruneOptions,
     PruneReport,
     check_sequential,
+    choice_scores,
     choose_per_layer,
     kept_count,
     removed_share,
@@ -61,27 +61,9 @@ def _check_options(options: PruneOptions) -> None:
 
 
 def _scores(ckpt: Checkpoint, structure, classifier: Classifier, options: PruneOptions, progress=None):
-    """Per MoE layer: the criterion's score of each expert, and its gate-weight mass (or None)."""
-    from moetool.ops.profile import routing_profile
-
-    experts, layers = structure.num_experts, structure.moe_layers
-    mass = None
-    if options.profile is not None or options.criterion not in ("random", "weight-norm"):
-        # a profile of this model (the GGUF itself or its safetensors form), or calibration on the GGUF
-        profile = routing_profile(ckpt, structure, profile=options.profile, calibration=options.calibration,
-                                  saliency=options.criterion in ("reap", "ean"), progress=progress)
-        mass = {layer: profile[layer]["weight_mass"] for layer in layers}
-    if options.criterion == "random":   # torch's generator: the experts the safetensors prune of a seed keeps
-        import torch
-
-        gen = torch.Generator().manual_seed(options.seed)
-        return {layer: torch.rand(experts, generator=gen).tolist() for layer in layers}, mass
-    if options.criterion == "weight-norm":
-        return _weight_norms(ckpt, classifier, layers, experts), mass
-    field = PROFILE_FIELD[options.criterion]
-    if any(profile[layer].get(field) is None for layer in layers):
-        raise UsageError(f"the profile has no {field} (for reap and ean, profile with --saliency)")
-    return {layer: [float(v) for v in profile[layer][field]] for layer in layers}, mass
+    return choice_scores(ckpt, structure, options,
+                         lambda: _weight_norms(ckpt, classifier, structure.moe_layers, structure.num_experts),
+                         progress)
 
 
 def _weight_norms(ckpt: Checkpoint, classifier: Classifier, layers: list[int], experts: int) -> dict[int, list[float]]:

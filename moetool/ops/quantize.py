@@ -203,8 +203,9 @@ def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
                              "bitsandbytes ones")
         for f in ([fmt] if options.bits_budget is None else candidate_formats(options)):
             if f.kind != "int":
-                raise UsageError(f"--method gptq quantizes the integer formats int2/3/4/8; {f.id} is a bitsandbytes "
-                                 "format: use --method rtn, or integer --candidates")
+                what = "leaves the experts unquantized" if f.kind == "keep" else "is a bitsandbytes format"
+                raise UsageError(f"--method gptq quantizes the integer formats int2/3/4/8; {f.id} {what}: use "
+                                 "--method rtn, or integer --candidates")
     if options.policy not in POLICY_FIELD:
         raise UsageError(f"--policy {options.policy}: use {', '.join(POLICY_FIELD)}")
     if options.budget_scope not in ("global", "layer"):
@@ -421,6 +422,9 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
         raise UsageError(f"{ckpt.source}: already quantized by moetool or compressed-tensors (quantize its "
                          "unquantized source)")
     rules = check_options(options)
+    if options.method == "gptq" and family.decoder_offset is not None:
+        raise UnsupportedError(f"{family.title}: --method gptq calibrates decoder-only models layer by layer; "
+                               "use --method rtn")
     quantized_source = any(r.dtype not in FLOATS for r in ckpt.tensors.values())
     per_expert = "per-expert" if "per-expert" in family.layouts else None   # stacked-only families keep theirs
     base = plan_tensors(ckpt, PlanOptions(layout=per_expert, dequantize=quantized_source))

@@ -21,8 +21,10 @@ def imbalance(counts) -> dict[str, float]:
 # ---------------------------------------------------------------- expert-parallel placement
 
 def contiguous_placement(experts: int, devices: int) -> list[list[int]]:
-    per = math.ceil(experts / devices)
-    return [list(range(d * per, min((d + 1) * per, experts))) for d in range(devices)]
+    """Experts in order, the first E mod D devices one more than the rest (as vLLM's expert map)."""
+    base, extra = divmod(experts, devices)
+    starts = [d * base + min(d, extra) for d in range(devices + 1)]
+    return [list(range(starts[d], starts[d + 1])) for d in range(devices)]
 
 
 def balanced_placement(counts: list[float], devices: int, replicas: int = 0) -> list[list[int]]:

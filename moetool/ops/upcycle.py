@@ -35,7 +35,7 @@ from moetool.checkpoint.writer import (
     side_files,
     write_checkpoint,
 )
-from moetool.errors import UnsupportedError, UsageError
+from moetool.errors import CheckpointFormatError, ConfigError, UnsupportedError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ INEXACT = {"gemma2": "Gemma 2 normalises around the MLP (pre/post feed-forward n
 GEMMA = ("gemma", "gemma2", "gemma3")
 INEXACT_TARGETS = {"olmoe": "OLMoE normalises queries and keys (q_norm/k_norm, started at 1), which the dense "
                             "model does not, so the MoE's output differs from the dense model's"}
+DENSE_MLP = (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN)
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
 
@@ -118,6 +119,9 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
             from source e mod (1 + len(others)); attention, norms and embeddings come from CKPT, or
             are averaged over all sources with options.average_shared.
     """
+    for src in (ckpt, *others):
+        if src.kind == "gguf":
+            raise UnsupportedError(f"{src.source}: upcycle reads safetensors and .bin checkpoints, not GGUF")
     source = detect_family(ckpt.config)
     if source is None or not source.dense:
         raise UsageError(f"{ckpt.source}: upcycle needs a dense model (Llama, Mistral, Qwen3); this is "
@@ -139,11 +143,14 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     if options.granularity < 1 or not 0 <= options.drop_ratio <= 1 or options.noise < 0:
         raise UsageError("--granularity must be >= 1, --drop-ratio in [0, 1], --noise >= 0")
     config = json.loads(json.dumps(ckpt.config))
-    layers = config["num_hidden_layers"]
-    inter = config["intermediate_size"]
+    layers, inter, hidden = (_positive(ckpt, config, key)
+                             for key in ("num_hidden_layers", "intermediate_size", "hidden_size"))
+    _refuse_inexact_attention(ckpt, config, source, target, layers)
     if inter % options.granularity:
         raise UsageError(f"--granularity {options.granularity} does not divide the FFN size {inter}")
     moe_layers = sorted(set(options.layers)) if options.layers is not None else list(range(layers))
+    if not moe_layers:
+        raise UsageError(f"--layers selects none of the {layers} layers: an MoE needs at least one MoE layer")
     if any(not 0 <= layer < layers for layer in moe_layers):
         raise UsageError(f"--layers must be between 0 and {layers - 1}")
     if target_name in ("mixtral", "olmoe") and len(moe_layers) != layers:
@@ -161,13 +168,11 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
             raise UsageError(f"{other.source}: not the same architecture and shapes as {ckpt.source}")
     classifier = Classifier(source)
     tensors: list[OutputTensor] = []
-    dense: list[dict[int, dict[Role, TensorRef]]] = [{} for _ in sources]
+    dense = [_dense_mlp(src, source, classifier, layers, inter, hidden) for src in sources]
     gemma = source.name in GEMMA
     for name, ref in ckpt.tensors.items():
         m = classifier.classify(name)
-        if m.role in (Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN) and m.layer in moe_layers:
-            for i, src in enumerate(sources):
-                dense[i].setdefault(m.layer, {})[m.role] = src.tensors[name]
+        if m.role in DENSE_MLP and m.layer in moe_layers:
             continue
         if gemma:
             tensors.extend(_from_gemma(name, ref, m.role, config, target))
@@ -188,7 +193,6 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     router_rows = (_router_rows(ckpt, source, options, moe_layers)
                    if options.router_init in ("hidden-kmeans", "prompts") else {})
     for layer in moe_layers:
-        hidden = dense[0][layer][Role.DENSE_GATE].shape[1]
         dtype = dense[0][layer][Role.DENSE_GATE].dtype
         for role, width in ((Role.Q_NORM, config["num_attention_heads"]), (Role.K_NORM, config["num_key_value_heads"])):
             if role in templates:   # OLMoE's query/key norms over the whole projection, started at 1
@@ -246,16 +250,81 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
                       mlp_only_layers=[i for i in range(layers) if i not in moe_layers])
     if target_name == "qwen2_moe":
         config["shared_expert_intermediate_size"] = options.shared_experts * inter
+        # Qwen2-MoE derives its own (alternating) window pattern when layer_types is absent: give Qwen2's
+        config["layer_types"] = ["sliding_attention" if sliding else "full_attention"
+                                 for sliding in _sliding_layers(config, layers)]
     config.setdefault("router_aux_loss_coef", 0.001)
     notes = v4_compatible(config, target)
     warnings = [w for w in (INEXACT.get(source.name), INEXACT_TARGETS.get(target_name)) if w]
     log.debug("config: %s", "; ".join(notes))
+    window = config.get("sliding_window")
+    if source.name == "mistral" and target_name == "glm4_moe" and window and window < config.get(
+            "max_position_embeddings", math.inf):
+        warnings.append(f"Mistral attends through a sliding window of {window} tokens, GLM-4.5 to the whole "
+                        f"context: on sequences longer than {window} tokens the MoE's output differs")
     if others:
         warnings.append(f"{len(sources)} sources: experts come from different models, so the MoE equals none of them")
     if options.noise or options.drop_ratio:
         warnings.append("--noise/--drop-ratio: the experts differ from the dense MLP, so the MoE's output does too")
     files = side_files(ckpt)
     return UpcyclePlan(ckpt.source, source.name, target_name, n, k, moe_layers, tensors, config, files, warnings)
+
+
+def _positive(ckpt: Checkpoint, config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{ckpt.source}: config.json has no {key} (a positive integer), which upcycle needs")
+    return value
+
+
+def _dense_mlp(ckpt: Checkpoint, family, classifier: Classifier, layers: int, inter: int,
+               hidden: int) -> dict[int, dict[Role, TensorRef]]:
+    """Every layer's dense gate/up/down, checked against the config: experts are byte ranges of
+    these, so a tensor smaller than the config says would be read past its end."""
+    found: dict[int, dict[Role, TensorRef]] = {layer: {} for layer in range(layers)}
+    for name, ref in ckpt.tensors.items():
+        m = classifier.classify(name)
+        if m.role in DENSE_MLP and m.layer in found:
+            want = (hidden, inter) if m.role == Role.DENSE_DOWN else (inter, hidden)
+            if tuple(ref.shape) != want:
+                raise CheckpointFormatError(f"{ckpt.source}: {name} is {list(ref.shape)}, but hidden_size {hidden} "
+                                            f"and intermediate_size {inter} make it {list(want)}")
+            found[m.layer][m.role] = ref
+    for layer, parts in found.items():
+        for role in DENSE_MLP:
+            if role not in parts:
+                name = family.templates(None)[role].replace("{L}", str(layer))
+                raise CheckpointFormatError(f"{ckpt.source}: {name} is missing (layer {layer} of {layers})")
+    return found
+
+
+def _sliding_layers(config: dict, layers: int) -> list[bool]:
+    """Which layers of a Qwen2/Qwen3 model attend through a sliding window, by transformers' rule:
+    none without use_sliding_window, else layer_types, else the layers from max_window_layers on."""
+    if not config.get("use_sliding_window") or config.get("sliding_window", 4096) is None:   # 4096: its default
+        return [False] * layers
+    types = config.get("layer_types") or ["sliding_attention" if i >= config.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(layers)]
+    return [t == "sliding_attention" for t in types]
+
+
+def _refuse_inexact_attention(ckpt: Checkpoint, config: dict, source, target, layers: int) -> None:
+    """Refuse what the target's attention or MLP cannot hold: transformers would drop it on load,
+    silently changing the model."""
+    if config.get("mlp_bias"):
+        raise UnsupportedError(f"{ckpt.source}: mlp_bias is set, and {target.title}'s experts have no biases")
+    held = {"mixtral": "Mixtral's attention has no biases", "glm4_moe": "GLM-4.5 has no attention output bias"}
+    if config.get("attention_bias") and target.name in held:
+        hint = ("OLMoE's attention holds them (--family olmoe), though OLMoE is not exact either"
+                if "olmoe" in TARGETS[source.name] else None)
+        raise UnsupportedError(f"{ckpt.source}: attention_bias is set (biases on the q/k/v/o projections), and "
+                               f"{held[target.name]}", hint=hint)
+    sliding = _sliding_layers(config, layers) if source.name == "qwen3" else []
+    if any(sliding) and not all(sliding):
+        raise UnsupportedError(
+            f"{ckpt.source}: Qwen3 applies its sliding window on layers {[i for i, s in enumerate(sliding) if s]} "
+            "only (max_window_layers), Qwen3-MoE on every layer, so the MoE would differ from the dense model",
+            hint="if no sequence exceeds sliding_window, set use_sliding_window to false in config.json first")
 
 
 def _shared_expert(target, options: UpcycleOptions, layer: int, parts: dict[Role, TensorRef], hidden: int,

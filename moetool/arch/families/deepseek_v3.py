@@ -30,5 +30,6 @@ FAMILY = Family(
     buffers=frozenset({Role.ROUTER_CORRECTION}),
     fp32_roles=frozenset({Role.ROUTER, Role.ROUTER_CORRECTION}),
     mtp=True,
+    min_kept=(2, "its router ranks expert groups by their best two experts (n_group 1 included)"),
     notes="multi-head latent attention (MLA); layers past num_hidden_layers are MTP modules",
 )

@@ -29,4 +29,5 @@ FAMILY = Family(
     router_module="model.layers.{L}.feed_forward.router",
     router_output="topk",
     experts_module="model.layers.{L}.feed_forward.experts",
+    min_kept=(2, "transformers builds a dense MLP instead of experts for a layer of one expert"),
 )

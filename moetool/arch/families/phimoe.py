@@ -14,4 +14,5 @@ FAMILY = Family(
     fused={Role.ROUTER: "model.layers.{L}.mlp.router.weight", **QWEN_FUSED},
     router_module="model.layers.{L}.mlp.router",
     router_output="topk",
+    min_kept=(2, "its sparsemixer router always picks two experts"),
 )
