@@ -277,3 +277,23 @@ def test_convert_dequantize_and_streamed_runs_read_the_layout(tmp_path):
         with open_checkpoint(tmp_path / "q") as ckpt, open_checkpoint("builtin:tiny-moe") as ref:
             reports.append(evaluate(ckpt, EvalOptions(token_ids=token_file, seq_len=64, mode=mode), reference=ref))
     assert reports[0].kl_mean > 0 and reports[0].kl_mean == pytest.approx(reports[1].kl_mean, rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["int8-g32-sym", "int8-g16-asym", "int4-g32-sym"])
+def test_bf16_weights_are_rounded_on_the_stored_grid(spec):
+    """A bf16 weight's scales are stored in bf16: its codes must be the nearest ones on that stored
+    grid (codes chosen on float16 scales, then stored on a rounded scale, are off it). (The package's
+    own compress divides in bf16, whose quotients are coarser than the grid: not an oracle here.)"""
+    fmt = ct.compressed_format(spec)
+    w = (torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    parts = fmt.quantize(w)
+    scale = parts[ct.SCALE].float().repeat_interleave(fmt.block, 1)
+    offset = 1 << (fmt.bits - 1)
+    zero = offset if fmt.symmetric else (ct._codes(parts[ct.ZERO_POINT].T, fmt.bits, 32).T - offset).repeat_interleave(
+        fmt.block, 1) + offset
+    nearest = (torch.round(w.float() / scale) + zero).clamp(0, (1 << fmt.bits) - 1)
+    assert torch.equal(ct._codes(parts[ct.PACKED], fmt.bits, 64), nearest.long())
+    on_f16 = fmt.from_parts(fmt.base.quantize(w), w.dtype)   # as before: chosen on float16 scales
+    error = {name: (fmt.dequantize(p, (32, 64), torch.float32) - w.float()).norm()
+             for name, p in (("bf16", parts), ("f16", on_f16))}
+    assert error["bf16"] <= error["f16"]

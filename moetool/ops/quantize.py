@@ -472,7 +472,8 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
         formats.update(_rule_formats(ckpt, family, weights, set(formats), rules, warnings))
     calibrated = None
     if options.method == "gptq" and calibrate:
-        calibrated = _gptq_experts(ckpt, options, experts, formats, warnings, progress)
+        calibrated = _gptq_experts(ckpt, options, experts, formats, {w.tensor.name: w.tensor.dtype for w in weights},
+                                   warnings, progress)
     elif options.method == "gptq":   # a dry run: the data the real run would calibrate on is checked
         _calibration_ids(ckpt, options)
     out = []
@@ -594,7 +595,8 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
     norms: dict[tuple[int, int], float] = {}
     unusable: dict[str, str] = {}   # candidate -> why it was not offered for some expert
     if options.method == "gptq":   # each candidate's GPTQ output error on the expert's routed tokens
-        costs, unusable = _gptq_costs(ckpt, options, candidates, progress, warnings)
+        dtype = next(iter(experts.values()))[0].tensor.dtype   # the experts' (compressed-tensors scales')
+        costs, unusable = _gptq_costs(ckpt, options, candidates, dtype, progress, warnings)
         measurements = ((key, None, costs.get(key, {}), {}, 0) for key in experts)
     else:   # rounding error; two experts at a time on the quantizer threads (the next is read meanwhile)
         measurements = _QUANTIZER.map(lambda k: _measure(experts[k], k, candidates), experts)
@@ -876,19 +878,19 @@ def _calibrate(ckpt: Checkpoint, options: QuantizeOptions, make_calibrator, prog
     return calibrator
 
 
-def _base(fmt: Format) -> Format:
-    """The integer format GPTQ rounds to (a compressed-tensors format stores one)."""
-    return fmt.base if isinstance(fmt, ct.CompressedFormat) else fmt
+def _base(fmt: Format, dtype: str) -> Format:
+    """The integer format GPTQ rounds a weight stored in DTYPE to (a compressed-tensors format stores one)."""
+    return fmt.base_for(dtype) if isinstance(fmt, ct.CompressedFormat) else fmt
 
 
-def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[Format], progress,
+def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[Format], dtype: str, progress,
                 warnings: list[str]):
     """Each routed expert's GPTQ output error in every candidate format, measured layer by layer on
     the unquantized model (`GptqCosts`): (layer, expert) -> format id -> error, and the misfits."""
     from moetool.runner.sequential import GptqCosts
 
     costs = _calibrate(ckpt, options, lambda loaded: GptqCosts(
-        [_base(f) for f in candidates], min_tokens=options.min_tokens, damp=options.damp,
+        [_base(f, dtype) for f in candidates], min_tokens=options.min_tokens, damp=options.damp,
         act_order=options.act_order), progress)
     if costs.fallbacks:
         warnings.append(f"gptq: measuring the candidates, {len(costs.fallbacks)} GPTQ runs fell back to "
@@ -897,7 +899,7 @@ def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[For
 
 
 def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, formats: dict[str, Format],
-                  warnings: list[str], progress) -> _CalibratedParts:
+                  dtypes: dict[str, str], warnings: list[str], progress) -> _CalibratedParts:
     """Run the calibration tokens layer by layer (streamed) and quantize every routed expert with GPTQ
     on the Hessians of its own routed tokens, and the other weights FORMATS holds (--rules) on the
     Hessians of all tokens at their modules; sequentially (the default), each layer sees the outputs
@@ -915,7 +917,7 @@ def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, for
             if w.role not in roles:
                 raise UnsupportedError(f"--method gptq: {w.tensor.name} holds gate and up together ({w.role.value}); "
                                        "GPTQ per expert covers separate gate, up and down matrices")
-            chosen[roles[w.role]] = _base(formats[w.tensor.name])
+            chosen[roles[w.role]] = _base(formats[w.tensor.name], w.tensor.dtype)
             names.setdefault(key, {})[("gate", "up", "down")[roles[w.role]]] = w.tensor.name
         plan[key] = tuple(chosen)
     expert_names = {n for row in names.values() for n in row.values()}
@@ -936,7 +938,7 @@ def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, for
             except AttributeError:
                 module = None
             if isinstance(module, torch.nn.Linear) and name.endswith(".weight"):
-                linear[module] = (name, _base(fmt))
+                linear[module] = (name, _base(fmt, dtypes[name]))
         return GptqExperts(plan, save, linear=linear, save_linear=save_linear, min_tokens=options.min_tokens,
                            damp=options.damp, act_order=options.act_order, write_back=options.sequential)
 

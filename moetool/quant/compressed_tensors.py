@@ -14,7 +14,8 @@ stored as compressed-tensors (0.20) stores the module ``X``:
 moetool's integer parts convert without re-rounding: its codes are already unsigned with the
 symmetric zero at 2**(bits-1) (compressed-tensors' signed code + offset), its packed bytes are the
 same little-endian bit stream, and its zero points are compressed-tensors' plus the same offset.
-Only the float16 scales change dtype. Anything that returns moetool's parts (round-to-nearest,
+Only the scales change dtype: chosen in float16, or for a bf16 weight in bfloat16 (`base_for`),
+then stored in the weight's dtype, exactly. Anything that returns moetool's parts (round-to-nearest,
 GPTQ) is written through `CompressedFormat.from_parts`.
 
 Dequantization follows the package's own (lifecycle/forward.py `_dequantize`) operation by
@@ -24,7 +25,7 @@ operation, in the scale's dtype: ``(code - zero_point) * scale``, so the values 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import ceil
 
 from moetool.errors import UsageError
@@ -88,9 +89,16 @@ class CompressedFormat:
         self.base.check(name, shape)
 
     # -- the work
+    def base_for(self, dtype) -> Format:
+        """The integer format that rounds a weight stored in DTYPE (torch dtype or safetensors name): its
+        scales are chosen in the dtype they are stored in (bfloat16 for a bf16 weight: codes chosen on
+        float16 scales would be off the stored grid)."""
+        bf16 = str(dtype).removeprefix("torch.") in ("bfloat16", "BF16")
+        return replace(self.base, scale_dtype="BF16") if bf16 else self.base
+
     def quantize(self, weight) -> dict[str, object]:
         """Suffix -> stored tensor of WEIGHT (2-D torch): moetool's quantization, converted."""
-        return self.from_parts(self.base.quantize(weight), weight.dtype)
+        return self.from_parts(self.base_for(weight.dtype).quantize(weight), weight.dtype)
 
     def from_parts(self, parts: dict[str, object], dtype) -> dict[str, object]:
         """moetool's integer PARTS ("" codes, ".scales", ".zeros") as compressed-tensors' tensors,

@@ -44,6 +44,7 @@ class Format:
     block: int = 0              # bitsandbytes block size or integer group size
     double_quant: bool = False  # bitsandbytes 4-bit: absmax quantized too
     symmetric: bool = True      # integers
+    scale_dtype: str = "F16"    # integers: the scales' dtype (compressed-tensors stores the weight's)
 
     @property
     def id(self) -> str:
@@ -78,7 +79,8 @@ class Format:
         if self.kind == "int":
             rows, cols = shape
             groups = cols // self.block
-            out = [("", "U8", (rows, groups, self.block * self.bits // 8)), (".scales", "F16", (rows, groups))]
+            out = [("", "U8", (rows, groups, self.block * self.bits // 8)), (".scales", self.scale_dtype,
+                                                                             (rows, groups))]
             return out + ([] if self.symmetric else [(".zeros", "U8", (rows, groups))])
         blocks = ceil(n / self.block)
         if self.kind == "bnb8":
@@ -235,10 +237,16 @@ def _quantize_4bit(F, weight, fmt: Format) -> dict[str, object]:
 
 # ---------------------------------------------------------------- group-wise integers
 
-def _scale_f16(scale):
-    """SCALE in float16 (nearest; codes are clamped, so a value just outside the range is clipped)."""
+def _stored_scale(scale, fmt: Format):
+    """SCALE rounded to the dtype it is stored in (nearest), so that codes are chosen on the stored
+    grid: float16 (moetool's layout; codes are clamped, so a value just outside the range is clipped)
+    or bfloat16 (compressed-tensors' scales of bf16 weights)."""
     import torch
 
+    if fmt.scale_dtype == "BF16":
+        if not bool(torch.isfinite(scale).all()):
+            raise UsageError("a weight group holds values that are not finite; they cannot be quantized")
+        return scale.clamp(min=2.0 ** -126).to(torch.bfloat16)
     if not bool(torch.isfinite(scale).all()) or bool((scale > 65504.0).any()):
         raise UsageError("a weight group holds values too large (or not finite) for float16 scales; "
                          "use a bitsandbytes format for it")
@@ -256,7 +264,7 @@ def int_grid(w, fmt: Format, *, search: bool = True):
     [-absmax, absmax], as compressed-tensors does; asymmetric: 0 .. 2**bits - 1 over [min, max]
     with zero inside), the range clipped by the searched ratio that rounds W with the least error
     (symmetric: or stretched so that the top code holds +absmax).
-    Returns (scale float16, zero float32) shaped [..., groups]. Float64 W is searched in float64."""
+    Returns (scale in the format's scale dtype, zero float32) shaped [..., groups]. Float64 W is searched in float64."""
     import torch
 
     w = w if w.dtype == torch.float64 else w.float()
@@ -281,10 +289,10 @@ def _range_grid(w, fmt: Format, ratio: float):
 
     top = (1 << fmt.bits) - 1
     if fmt.symmetric:
-        scale = _scale_f16(w.abs().amax(-1) * ratio / (top / 2))
+        scale = _stored_scale(w.abs().amax(-1) * ratio / (top / 2), fmt)
         return scale, torch.full_like(scale, 1 << (fmt.bits - 1), dtype=torch.float32)
     low, high = w.amin(-1).clamp(max=0) * ratio, w.amax(-1).clamp(min=0) * ratio   # zero stays representable
-    scale = _scale_f16((high - low) / top)
+    scale = _stored_scale((high - low) / top, fmt)
     return scale, torch.round(-low / scale.float()).clamp(0, top)
 
 
@@ -302,11 +310,12 @@ def int_round(w, scale, zero, fmt: Format):
 
 def int_parts(codes, scale, zero, fmt: Format) -> dict[str, object]:
     """The stored tensors of an integer weight from its CODES [rows, groups, group] (0 .. 2**bits - 1),
-    SCALE float16 [rows, groups] and ZERO [rows, groups] (stored only when asymmetric; symmetric
+    SCALE [rows, groups] (in the format's scale dtype) and ZERO [rows, groups] (stored only when asymmetric; symmetric
     formats imply 2**(bits-1)). Shared by round-to-nearest and GPTQ, so both write the same layout."""
     import torch
 
-    parts = {"": _pack(codes.to(torch.uint8), fmt.bits), ".scales": scale.half()}
+    scale = scale.to(getattr(torch, TORCH_NAMES[fmt.scale_dtype]))
+    parts = {"": _pack(codes.to(torch.uint8), fmt.bits), ".scales": scale}
     if not fmt.symmetric:
         parts[".zeros"] = zero.to(torch.uint8)
     return parts

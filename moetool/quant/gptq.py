@@ -37,7 +37,7 @@ import logging
 from dataclasses import dataclass
 
 from moetool.errors import UsageError
-from moetool.quant.formats import Format, int_codes, int_grid, int_parts
+from moetool.quant.formats import TORCH_NAMES, Format, int_codes, int_grid, int_parts
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _quantize_columns(W, U, fmt: Format, perm, block_size: int, search: bool):
 
     rows, cols = W.shape
     G, groups, top = fmt.block, cols // fmt.block, (1 << fmt.bits) - 1
-    scale = torch.empty(rows, groups, dtype=torch.float16, device=W.device)
+    scale = torch.empty(rows, groups, dtype=getattr(torch, TORCH_NAMES[fmt.scale_dtype]), device=W.device)
     zero = torch.empty(rows, groups, dtype=W.dtype, device=W.device)
     if perm is not None:   # static groups: every grid from the original weights, then the columns permuted
         scale[:], zero[:] = int_grid(W.reshape(rows, groups, G), fmt, search=search)
