@@ -88,3 +88,31 @@ def test_sequential_prune_under_torchrun_equals_one_process(tmp_path, extra):
     assert a["kept"] == b["kept"]
     assert a["routing_mass_removed"] == pytest.approx(b["routing_mass_removed"], rel=1e-6)
     assert (tmp_path / "p2" / "config.json").exists()
+
+
+@pytest.mark.parametrize("sequential, agreement", [("--no-sequential", 0.9999), ("--sequential", 0.95)])
+def test_gptq_under_torchrun_equals_one_process(tmp_path, sequential, agreement):
+    """Each rank calibrates half the sequences; every layer's Hessians are summed over the ranks before
+    GPTQ, so the checkpoint is one process's but for sums taken in another order: on the same inputs
+    (--no-sequential) a byte in 10^5 differs; sequentially, later layers' inputs went through those
+    codes, so their Hessians (and a token's route, now and then) differ a little more."""
+    from safetensors import safe_open
+
+    args = ["--format", "int4-g32-sym", "--method", "gptq", sequential, "--max-tokens", "1024", "--seq-len", "128",
+            "--json"]
+    two = moetool("quantize", "builtin:tiny-moe", str(tmp_path / "q2"), *args, torchrun=True)
+    assert two.returncode == 0, two.stderr
+    one = moetool("quantize", "builtin:tiny-moe", str(tmp_path / "q1"), *args)
+    assert one.returncode == 0, one.stderr
+    a, b = json.loads(two.stdout), json.loads(one.stdout)   # one report: rank 1 printed nothing
+    assert a["coverage"]["0"] == b["coverage"]["0"] and sum(a["coverage"]["0"]) == 2 * 1024
+    assert all(sum(a["coverage"][layer]) == sum(b["coverage"][layer]) for layer in b["coverage"])
+    same = total = 0
+    with safe_open(str(tmp_path / "q2" / "model.safetensors"), "pt") as f2, \
+            safe_open(str(tmp_path / "q1" / "model.safetensors"), "pt") as f1:
+        assert set(f1.keys()) == set(f2.keys())
+        for name in f1.keys():
+            if ".experts." in name and name.endswith(".weight"):   # the packed codes
+                x, y = f1.get_tensor(name), f2.get_tensor(name)
+                same, total = same + int((x == y).sum()), total + x.numel()
+    assert total and same / total > agreement

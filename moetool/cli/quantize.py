@@ -119,8 +119,7 @@ def quantize(
         method=method, sequential=sequential is not False, act_order=act_order is not False,
         damp=0.01 if damp is None else damp, min_tokens=128 if min_tokens is None else min_tokens,
         command=shlex.join(["moetool", *sys.argv[1:]]) if sys.argv else "moetool quantize")
-    primary = is_primary()
-    dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints
+    primary = is_primary()   # torchrun: every rank calibrates its share, rank 0 alone writes and prints
     quiet = json_out or not primary
     with open_checkpoint(model) as ckpt:
         bars = _Bars()

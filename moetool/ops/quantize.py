@@ -51,6 +51,7 @@ from moetool.ops.profile import ProfileOptions, routing_profile
 from moetool.quant import compressed_tensors as ct
 from moetool.quant.config import QUANT_METHOD, recorded_formats
 from moetool.quant.formats import Format, parse_format, slice_name
+from moetool.runner import distributed
 
 log = logging.getLogger(__name__)
 
@@ -774,10 +775,11 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
     for path in (out, options.llama_quantize):
         if path is not None and not dry_run and Path(path).exists() and not force:
             raise OutputExistsError(f"{path}: already exists", hint="use --force to replace it")
-    plan = plan_quantize(ckpt, options, analysis_progress, calibrate=not dry_run)
+    plan = plan_quantize(ckpt, options, analysis_progress, calibrate=not dry_run)   # (every rank: GPTQ's share)
     report = plan.report
+    write = not dry_run and distributed.is_primary()   # torchrun: rank 0 alone writes
     try:
-        if not dry_run:
+        if write:
             shards = plan_shards(plan.tensors, options.max_shard_size)
             write_checkpoint(Path(out), shards, op="quantize", config=plan.config, files=side_files(ckpt),
                              readme=_model_card(report, options, Path(out)), force=force, progress=progress,
@@ -789,7 +791,7 @@ def quantize(ckpt: Checkpoint, out: Path | None, options: QuantizeOptions, *, fo
     if options.llama_quantize is not None:
         from moetool.quant.llama_cpp import tensor_type_lines
 
-        if not dry_run:
+        if write:
             try:
                 path = Path(options.llama_quantize)
                 tmp = path.with_name(f".{path.name}.moetool-tmp")
@@ -853,15 +855,24 @@ def _calibration_ids(ckpt: Checkpoint, options: QuantizeOptions):
 
 def _calibrate(ckpt: Checkpoint, options: QuantizeOptions, make_calibrator, progress):
     """Run the calibration tokens layer by layer (streamed, float32) with the calibrator
-    MAKE_CALIBRATOR(loaded model) builds; returns it."""
+    MAKE_CALIBRATOR(loaded model) builds; returns it. Under torchrun each rank runs its share of the
+    sequences on its own device (the calibrators sum their Hessians over the ranks)."""
     import torch
 
+    from moetool.runner.data import DataError
     from moetool.runner.device import pick_device
     from moetool.runner.engine import micro_batches, run
     from moetool.runner.model import load_model
 
     calibration, ids = _calibration_ids(ckpt, options)
-    device = pick_device(calibration.device)
+    world = distributed.world_from_env()
+    if ids.shape[0] < world.size:   # a rank without sequences would miss the layers' collectives
+        raise DataError(f"{ids.shape[0]} calibration sequences for {world.size} ranks: give each rank one at least",
+                        hint="give more data, or a smaller --seq-len")
+    device = pick_device(calibration.device, local_rank=world.local_rank if world.distributed else None)
+    distributed.init(world, device)
+    first, count = distributed.share(ids.shape[0], world)
+    ids = ids[first:first + count]
     loaded = load_model(ckpt, device=device, dtype=torch.float32, mode="streamed",
                         trust_remote_code=calibration.trust_remote_code)
     calibrator = make_calibrator(loaded)
@@ -873,7 +884,7 @@ def _calibrate(ckpt: Checkpoint, options: QuantizeOptions, make_calibrator, prog
         progress(done - seen["done"])
         seen["done"] = done
 
-    run(loaded, micro_batches(ids, calibration.batch_size), calibrate=calibrator,
+    run(loaded, micro_batches(ids, calibration.batch_size, first), calibrate=calibrator,
         progress=tokens_done if progress else None, offload_dir=calibration.offload_dir)
     return calibrator
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from moetool.errors import UnsupportedError, UsageError
 from moetool.quant.gptq import Hessian
+from moetool.runner import distributed
 
 
 def experts_modules(layer) -> list[tuple[str, object]]:
@@ -128,8 +129,16 @@ class _LayerCalibrator:
 
     def _experts(self, index: int):
         """(module, expert, gate/up weight rows [2I, H], gate/up Hessian, down Hessian) of every routed
-        expert of layer INDEX, its few-token experts' Hessians blended (see GptqExperts)."""
+        expert of layer INDEX, its few-token experts' Hessians blended (see GptqExperts). Under
+        torchrun every Hessian of the layer is first summed over the ranks (each ran its share of the
+        sequences), so every rank quantizes the layer as one process would."""
         found = self.inputs.pop(index, {})
+        linear = self.linear_inputs.get(index, LinearInputs()).hessians.values()
+        hessians = [h for inputs in found.values() for h in inputs.gate_up + inputs.down] + list(
+            {id(h): h for h in linear}.values())   # (shared Hessians appear once per module)
+        for h in hessians:   # the same tensors in the same order on every rank; a no-op in one process
+            distributed.all_reduce(h.sum)
+            distributed.all_reduce(h.count)
         if len(found) > 1:
             raise UnsupportedError(f"decoder layer {index} holds {len(found)} routed-experts modules; sequential "
                                    "GPTQ handles one per layer")
