@@ -379,3 +379,29 @@ def test_writeback_in_small_steps_writes_the_same_bytes(src, tmp_path, monkeypat
     assert len(ranges) > 3 and ranges[0][0] == 0
     assert all(start + length == after for (start, length), (after, _) in zip(ranges, ranges[1:]))
     assert all(length >= 4096 for _, length in ranges) and len(data) - sum(n for _, n in ranges) < 4096
+
+
+def test_multi_token_prediction_blocks_are_dropped(tmp_path):
+    """GLM-4.5's GGUF counts its MTP (nextn) blocks in block_count; no routing reaches them, so prune
+    drops them and says so: the rest equals the pruned file that never had them."""
+    import gguf as gg
+
+    model = build("glm4_moe")
+    arch = gg.MODEL_ARCH_NAMES[gg.MODEL_ARCH.GLM4_MOE]
+    tensors, metadata = gguf_tensors("glm4_moe", model), gguf_metadata("glm4_moe", model)
+    blocks = model.config.num_hidden_layers
+    last = f"blk.{blocks - 1}."
+    mtp = [(f"blk.{blocks}." + n.removeprefix(last), a) for n, a in tensors if n.startswith(last)]
+    mtp += [(f"blk.{blocks}.nextn.eh_proj.weight", np.ones((32, 64), np.float32)),
+            (f"blk.{blocks}.nextn.enorm.weight", np.ones(32, np.float32))]
+    plain = write_gguf(tmp_path / "plain.gguf", arch, metadata, tensors)[0]
+    with_mtp = write_gguf(tmp_path / "mtp.gguf", arch, metadata | {"add_block_count": blocks + 1,
+                                                                   "add_nextn_predict_layers": 1}, tensors + mtp)[0]
+    experts = {layer: [0, 2] for layer in range(1, blocks)}
+    want = _prune(plain, tmp_path / "plain-out.gguf", experts=experts)
+    got = _prune(with_mtp, tmp_path / "mtp-out.gguf", experts=experts)
+    assert got.kept == want.kept and any("multi-token-prediction" in w for w in got.warnings)
+    a, b = gg.GGUFReader(tmp_path / "mtp-out.gguf"), gg.GGUFReader(tmp_path / "plain-out.gguf")
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all(_raw(x) == _raw(y) for x, y in zip(a.tensors, b.tensors))
+    assert _fields(a)[f"{arch}.block_count"] == blocks and _fields(a)[f"{arch}.nextn_predict_layers"] == 0

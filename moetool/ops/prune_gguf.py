@@ -19,8 +19,10 @@ from moetool.arch.gguf import (
     BLK_LAYER,
     EXPERT_STACKED_MARKS,
     GROUP_COUNT,
+    NEXTN,
     PER_EXPERT,
     gguf_family,
+    gguf_num_layers,
 )
 from moetool.arch.matcher import Classifier
 from moetool.arch.schema import EXPERT_ROLES
@@ -122,11 +124,19 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
 
     edits: dict[str, TensorEdit | None] = {}
     removed_params = removed_bytes = 0
+    nextn = config.get(NEXTN)
+    first_mtp = gguf_num_layers(config) if isinstance(nextn, int) and nextn > 0 else None
+    mtp = 0
     for name, ref in ckpt.tensors.items():
         m = classifier.classify(name)
         layer = m.layer
         if layer is None and (found := _LAYER.match(name)):
             layer = int(found.group(1))
+        if first_mtp is not None and layer is not None and layer >= first_mtp:
+            edits[name] = DROP   # a multi-token-prediction block: no routing reaches it (see prune.py)
+            removed_bytes += ref.nbytes
+            mtp += 1
+            continue
         stacked = ((m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed) or \
             any(mark in name for mark in EXPERT_STACKED_MARKS)
         if m.role in EXPERT_ROLES and m.expert is not None and not m.guessed:   # one tensor per expert
@@ -155,6 +165,11 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
 
     metadata = {f"{arch}.expert_count": keep}
     warnings = []
+    if mtp:
+        metadata |= {f"{arch}.block_count": first_mtp, f"{arch}.{NEXTN}": 0}
+        warnings.append(f"dropped the {nextn} multi-token-prediction block(s) ({mtp} tensors), which no "
+                        "calibration reaches, so their experts could not be chosen alike; the output has none "
+                        "(no MTP speculative decoding)")
     if new_k != top_k:
         metadata[f"{arch}.expert_used_count"] = new_k
         warnings.append(f"top-k lowered from {top_k} to {new_k}: only {keep} experts are left")
