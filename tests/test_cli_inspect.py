@@ -128,3 +128,12 @@ def test_json_stays_strict_when_a_weight_holds_nan(tmp_path, tiny):
 
     report = json.loads(proc.stdout, parse_constant=refuse)
     assert report["experts"][0]["norms"][1] is None and None not in report["experts"][0]["norms"][2:]
+
+
+def test_a_top_k_beyond_the_experts_is_an_error(tmp_path, tiny):
+    src = tmp_path / "k"
+    shutil.copytree(tiny("mixtral"), src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"num_experts_per_tok": 9}))   # of 4 experts
+    proc = run("inspect", str(src), "--json", check=False)
+    assert proc.returncode == 6 and "bad_top_k" in {p["code"] for p in json.loads(proc.stdout)["problems"]}

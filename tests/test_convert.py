@@ -370,3 +370,20 @@ def test_gguf_and_plain_dequantize_are_said_plainly(tmp_path, tiny):
         convert(ckpt, tmp_path / "plain", ConvertOptions(dequantize=True))
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert config.get("torch_dtype", config.get("dtype")) in (None, "float32")
+
+
+def test_float16_refuses_values_it_would_make_infinite(tmp_path, tiny):
+    from moetool.errors import UsageError
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny("mixtral"), src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.0.block_sparse_moe.experts.1.w1.weight"][0, 0] = 1e6   # beyond float16's 65504
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(src) as ckpt:
+        with pytest.raises(UsageError, match="experts.1.w1.weight: holds values beyond float16"):
+            convert(ckpt, tmp_path / "out", ConvertOptions(dtype="fp16"))
+        assert not (tmp_path / "out").exists()
+        convert(ckpt, tmp_path / "bf16", ConvertOptions(dtype="bf16"))   # bf16 holds it
+    assert torch.isfinite(load_file(tmp_path / "bf16" / "model.safetensors")[
+        "model.layers.0.block_sparse_moe.experts.1.w1.weight"]).all()

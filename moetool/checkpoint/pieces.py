@@ -12,6 +12,7 @@ from math import prod
 from moetool.checkpoint.checkpoint import TORCH_DTYPES, TensorRef
 from moetool.checkpoint.header import DTYPE_BYTES
 from moetool.checkpoint.writer import ComputedPiece, Piece, RawPiece
+from moetool.errors import UsageError
 
 CHUNK_BYTES = 16 << 20   # bytes of source rows per computed piece
 
@@ -70,7 +71,19 @@ def rows_piece(ref: TensorRef, start: int, stop: int, dtype: str) -> Piece:
     if dtype == ref.dtype and ref.shard.format == "safetensors":
         itemsize = DTYPE_BYTES[ref.dtype]
         return RawPiece(ref.shard.path, ref.start + start * cols * itemsize, length)
-    return ComputedPiece(lambda: ref.load_rows(start, stop).to(TORCH_DTYPES[dtype]), length)
+    return ComputedPiece(lambda: cast(ref.load_rows(start, stop), dtype, ref.name), length)
+
+
+def cast(values, dtype: str, name: str):
+    """VALUES in DTYPE; refused where float16 would turn finite values infinite (beyond +-65504)."""
+    import torch
+
+    out = values.to(TORCH_DTYPES[dtype])
+    if dtype == "F16" and values.dtype in (torch.float32, torch.bfloat16, torch.float64) and bool(
+            (torch.isinf(out) & torch.isfinite(values)).any()):
+        raise UsageError(f"{name}: holds values beyond float16's range (+-65504), which float16 would make "
+                         "infinite", hint="use --dtype bf16 (float32's range), or keep the dtype")
+    return out
 
 
 def tensor_pieces(ref: TensorRef, dtype: str) -> list[Piece]:

@@ -837,7 +837,7 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
     fused_count = _last_by_layer(fused_parts, expert_count)
 
     layers = []
-    mismatched = []
+    mismatched, bad_k = [], []
     routed_active = 0
     for layer in range(dims.num_layers):
         info = LayerInfo(layer, "moe" if layer in moe else "dense", params=tally.layer_params[layer])
@@ -847,6 +847,8 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
             info.expert_ffn = ffn.get(layer, dims.expert_ffn)
             info.shared_experts = dims.num_shared
             routed = tally.layer_routed[layer]
+            if info.top_k is not None and info.experts and not 1 <= info.top_k <= info.experts:
+                bad_k.append((layer, info.top_k, info.experts))
             if info.top_k is not None and info.experts:
                 active = round(routed * min(info.top_k, info.experts) / info.experts)
                 info.active_params = info.params - routed + active
@@ -856,6 +858,11 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
         else:
             info.active_params = info.params
         layers.append(info)
+    if bad_k:   # transformers' topk fails (k > experts) or routes nothing (k = 0)
+        layer, k, experts = bad_k[0]
+        problems.append(Problem("error", "bad_top_k", f"top-k {k} of {experts} experts (layer {layer}"
+                                f"{f' and {len(bad_k) - 1} more' if len(bad_k) > 1 else ''}): a layer routes each "
+                                "token to 1 to all of its experts"))
     if mismatched:
         layer, count = mismatched[0]
         problems.append(Problem("error", "expert_count_mismatch",
