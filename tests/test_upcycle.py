@@ -359,6 +359,9 @@ def test_qwen3_sliding_window_only_where_exact(tmp_path):
     assert window_bites(every, ids)
     run(every, tmp_path / "moe", experts=4, top_k=2)
     assert (logits(tmp_path / "moe", ids) - logits(every, ids)).abs().max() <= 1e-5
+    none = save_model("qwen3", tmp_path / "none", use_sliding_window=True, sliding_window=3, max_window_layers=2)
+    run(none, tmp_path / "moe-none", experts=4, top_k=2)   # no layer slides: the MoE's window is turned off
+    assert (logits(tmp_path / "moe-none", ids) - logits(none, ids)).abs().max() <= 1e-5
 
 
 def test_qwen2_sliding_window_pattern_is_kept(tmp_path):

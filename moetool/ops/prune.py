@@ -88,7 +88,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
             raise UsageError(f"--experts must list distinct experts (0..{experts - 1}) for each MoE layer "
                              f"{structure.moe_layers}")
         kept = {layer: sorted(v) for layer, v in options.experts.items()}
-        mass = _scores(ckpt, structure, options, progress)[1] if options.merge else None
+        mass = _scores(ckpt, structure, options, progress)[1] if options.merge or options.profile else None
     elif options.sequential:
         kept, mass, similarity = sequential_choice(ckpt, structure, options, keep, groups,
                                                    (lambda: _similarity(ckpt)) if options.merge else None, progress)
@@ -117,6 +117,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     mtp = {name for name in ckpt.tensors if family.is_mtp(cfg, name, classifier.classify(name).layer)}
     for name in mtp:
         removed_bytes += ckpt.tensors[name].nbytes
+        removed_params += ckpt.tensors[name].numel
     for name, ref in ckpt.tensors.items():
         m = classifier.classify(name)
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:

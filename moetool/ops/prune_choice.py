@@ -113,6 +113,9 @@ def choice_scores(ckpt, structure, options: PruneOptions, weight_norms, progress
     if any(profile[layer].get(field) is None for layer in layers):
         raise UsageError(f"the profile has no {field}", hint="for reap and ean, profile with --saliency; a "
                          "profile of a vLLM trace holds expert counts only")
+    if any(v is None for layer in layers for v in profile[layer][field]):   # JSON writes NaN as null
+        raise UsageError(f"the profile's {field} holds null (NaN) values: the model's weights or activations "
+                         "are not finite", hint="moetool inspect --check-values finds the tensors")
     return {layer: [float(v) for v in profile[layer][field]] for layer in layers}, mass
 
 

@@ -253,6 +253,8 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
         # Qwen2-MoE derives its own (alternating) window pattern when layer_types is absent: give Qwen2's
         config["layer_types"] = ["sliding_attention" if sliding else "full_attention"
                                  for sliding in _sliding_layers(config, layers)]
+    if source.name == "qwen3" and config.get("use_sliding_window") and not any(_sliding_layers(config, layers)):
+        config["use_sliding_window"] = False   # no Qwen3 layer slides (max_window_layers); Qwen3-MoE would slide all
     config.setdefault("router_aux_loss_coef", 0.001)
     notes = v4_compatible(config, target)
     warnings = [w for w in (INEXACT.get(source.name), INEXACT_TARGETS.get(target_name)) if w]
