@@ -190,6 +190,10 @@ def test_remote_headers_build_a_header_only_checkpoint(tiny):
     from moetool.errors import UnsupportedError
     with pytest.raises(UnsupportedError):
         next(iter(ckpt.tensors.values())).load()
+    twice = meta.files_metadata["model.safetensors"]   # a second shard holding the same tensors
+    meta.files_metadata["model-2.safetensors"] = twice
+    with pytest.raises(CheckpointFormatError, match="also stored in"):
+        checkpoint_from_remote_metadata(meta, config, "acme/mixtral")
 
 
 def test_hub_id_online_reads_only_headers(monkeypatch, tiny):

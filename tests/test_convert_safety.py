@@ -125,6 +125,10 @@ def test_write_failure_leaves_nothing(tmp_path, tiny, monkeypatch):
     assert not (tmp_path / "out").exists()
     assert leftovers(tmp_path, "out") == []
     assert digest(src) == before
+    calls["n"] = 0   # folders made for OUT go too
+    with open_checkpoint(src) as ckpt, pytest.raises(OutputWriteError):
+        convert(ckpt, tmp_path / "new" / "deeper" / "out", ConvertOptions(dtype="bf16", max_shard_size=10_000))
+    assert not (tmp_path / "new").exists()
 
 
 def test_interrupt_removes_the_temporary_folder(tmp_path):

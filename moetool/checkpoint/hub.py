@@ -129,5 +129,8 @@ def checkpoint_from_remote_metadata(meta, config: dict, spec: str) -> Checkpoint
         infos, _ = parse_header(json.dumps(raw).encode(), where=f"{spec}/{file_name}", data_start=0,
                                 file_size=None)
         for name, dtype, shape, start, end in infos:
+            if name in tensors:   # as a local checkpoint is refused (open_local)
+                raise CheckpointFormatError(f"{spec}/{file_name}: tensor {name!r} is also stored in "
+                                            f"{tensors[name].shard.name}")
             tensors[name] = TensorRef(name, dtype, shape, shard, start, end)
     return Checkpoint(spec, "hub-headers", None, config, tensors, shards, notes=[])

@@ -219,6 +219,7 @@ def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
     out = out.absolute()
     if out.exists() and not force:
         raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
+    created = [p for p in out.parents if not p.exists()]   # removed again if the write fails
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.moetool-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -234,6 +235,11 @@ def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:   # innermost first; only while still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
 
 
