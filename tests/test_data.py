@@ -371,3 +371,23 @@ def test_old_entry_points_still_work(tmp_path, tok_dir, oracle):
     write_jsonl(tmp_path / "d.jsonl", "content", TEXTS)
     assert read_texts(tmp_path / "d.jsonl", "content") == TEXTS
     assert tokenize(TEXTS, tok_dir) == expected(oracle, TEXTS)
+
+
+def test_a_line_longer_than_a_block_is_cut_between_words(tmp_path, tok_dir, oracle, counting, monkeypatch):
+    monkeypatch.setattr(data, "BLOCK", 16 * 1024)
+    rng = np.random.default_rng(1)
+    text = " ".join(rng.choice(LONG_WORDS, 6000))   # one line of about three blocks, no newline
+    path = tmp_path / "one-line.txt"
+    path.write_text(text)
+    assert path.stat().st_size > 2 * data.BLOCK
+    assert ids_of(path, tok_dir) == oracle(text, add_special_tokens=True)["input_ids"]
+    blocks = [t for t in counting.texts if len(t) > 1000]
+    assert len(blocks) >= 2 and "".join(blocks) == text and all(b[0] == " " for b in blocks[1:])
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, tok_dir, oracle):
+    """Windows tools start UTF-8 files with a byte-order mark; it is not part of the first record."""
+    for name, body in (("bom.txt", TEXTS[0]), ("bom.jsonl", json.dumps({"text": TEXTS[0]}) + "\n")):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert ids_of(path, tok_dir) == oracle(TEXTS[0])["input_ids"], name

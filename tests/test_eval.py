@@ -53,11 +53,29 @@ def test_against_itself_and_a_perturbed_copy(tmp_path, tiny, token_file):
     assert other.reference_perplexity == pytest.approx(same.perplexity)
 
 
-def test_streamed_matches_full(tiny, token_file):
-    full = run(tiny("deepseek_v3"), token_file, mode="full")
-    streamed = run(tiny("deepseek_v3"), token_file, mode="streamed")
+@pytest.mark.parametrize("family", ["deepseek_v3", "gemma2"])   # a dense model too: an upcycle's reference
+def test_streamed_matches_full(tiny, token_file, family):
+    full = run(tiny(family), token_file, mode="full")
+    streamed = run(tiny(family), token_file, mode="streamed")
     assert streamed.mode == "streamed" and full.mode == "full"
     assert streamed.nll_mean == pytest.approx(full.nll_mean, rel=1e-6)
+
+
+def test_gemma2_logits_are_soft_capped(tmp_path, token_file):
+    """Gemma 2 caps its logits (30 tanh(x / 30)): with a head large enough for the cap to bite, the
+    perplexity is still transformers' own."""
+    from tests.tiny import build_model
+
+    model = build_model("gemma2")
+    model.config.tie_word_embeddings = False   # a head of its own, 200 times the embedding
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 200)
+    model.save_pretrained(tmp_path / "g")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g", dtype=torch.float32).eval()
+    ids = torch.tensor(json.loads(token_file.read_text())).reshape(20, 30)
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+        assert (model(ids).logits.abs().max() - 30).abs() < 1   # the cap is reached
+    assert run(tmp_path / "g", token_file).nll_mean == pytest.approx(float(loss), rel=1e-5)
 
 
 def test_encoder_decoder_is_refused(tiny, token_file):

@@ -205,3 +205,16 @@ def test_expert_parallelism_over_too_many_devices_is_refused_before_the_run(tmp_
     with open_checkpoint("builtin:tiny-moe") as ckpt, pytest.raises(UsageError, match="--ep 9"):
         profile(ckpt, ProfileOptions(ep=9, trace=tmp_path / "trace"))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_device_or_offload_folder_is_a_one_line_error(tmp_path, tiny, token_file):
+    from moetool.errors import OutputWriteError
+
+    with pytest.raises(UsageError, match="--device foo"):
+        run(tiny("mixtral"), token_file, device="foo")
+    with pytest.raises(UsageError, match="--dtype fp8"):
+        run(tiny("mixtral"), token_file, dtype="fp8")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.raises(OutputWriteError, match="offloaded activations"):
+        run(tiny("mixtral"), token_file, mode="streamed", offload_dir=not_a_folder)

@@ -80,9 +80,25 @@ def test_vllm_routed_experts(tmp_path, tiny):
     assert single.sequences == 1 and single.layers[0].tokens == 30
 
 
+def test_vllm_arrays_indexed_by_decoder_layer(tmp_path, tiny):
+    """vLLM's (and SGLang's) capturer sizes the layer axis num_hidden_layers (int32), dense layers'
+    slots zero: DeepSeek-V3's first layer is dense, so its slot is not routing."""
+    g = np.random.default_rng(1)
+    moe = np.stack([np.stack([g.permutation(4)[:2] for _ in range(2)]) for _ in range(40)]).astype(np.int32)
+    full = np.concatenate([np.zeros((40, 1, 2), np.int32), moe], axis=1)   # [tokens, 3 layers, top_k]
+    np.save(tmp_path / "full.npy", full)
+    np.save(tmp_path / "moe.npy", moe)
+    by_layer, by_moe_layer = (run(tiny("deepseek_v3"), from_trace=tmp_path / n) for n in ("full.npy", "moe.npy"))
+    assert [lp.layer for lp in by_layer.layers] == [1, 2]
+    for a, b, position in zip(by_layer.layers, by_moe_layer.layers, range(2)):
+        assert a.counts == b.counts == [int((moe[:, position] == e).sum()) for e in range(4)]
+
+
 def test_bad_traces(tmp_path, tiny, token_file):
     path = tiny("mixtral")
     run(path, token_ids=token_file, seq_len=40, trace=tmp_path / "trace")
+    with pytest.raises(UsageError, match="--capacity-window 7"):                # as a live run refuses it
+        run(path, from_trace=tmp_path / "trace", capacity_window=7)
     with pytest.raises(UsageError, match="another model"):                     # MoE layers differ
         run(tiny("qwen2_moe"), from_trace=tmp_path / "trace")
     shard = tmp_path / "trace" / "rank-00" / "layer-001.weights.npy"
@@ -90,7 +106,7 @@ def test_bad_traces(tmp_path, tiny, token_file):
     with pytest.raises(TraceError, match="truncated|shape"):
         run(path, from_trace=tmp_path / "trace")
     np.save(tmp_path / "wrong.npy", np.zeros((5, 3, 2), dtype=np.int16))        # 3 MoE layers, the model has 2
-    with pytest.raises(UsageError, match="3 MoE layers"):
+    with pytest.raises(UsageError, match="3 layers, but the model has 2 decoder layers"):
         run(path, from_trace=tmp_path / "wrong.npy")
     np.save(tmp_path / "ids.npy", np.full((5, 2, 2), 9, dtype=np.int16))         # expert 9 of 4
     with pytest.raises(UsageError, match="expert 9"):

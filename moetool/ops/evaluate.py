@@ -74,6 +74,7 @@ class _Head:
     def __init__(self, loaded):
         self.module = loaded.model.get_output_embeddings()
         self.scale = getattr(loaded.model.config, "logits_scaling", None) or 1.0   # Granite divides logits
+        self.softcap = getattr(loaded.model.config, "final_logit_softcapping", None)   # Gemma 2: c * tanh(x / c)
 
     def logprobs(self, hidden):
         """(logits, log-softmax) of the predicting positions of HIDDEN [B, S, H] (all but the last),
@@ -83,6 +84,8 @@ class _Head:
         flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         for start in range(0, flat.shape[0], LOGIT_CHUNK):
             logits = self.module(flat[start:start + LOGIT_CHUNK]).float() / self.scale
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
             yield logits, torch.log_softmax(logits, dim=-1)
 
 

@@ -234,9 +234,11 @@ def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) ->
     start = time.perf_counter()
     trace = open_trace(options.from_trace, moe_layers=structure.moe_layers,
                        experts={layer: e for layer, (e, _) in layers.items()},
-                       top_k={layer: k for layer, (_, k) in layers.items()})
+                       top_k={layer: k for layer, (_, k) in layers.items()}, num_layers=structure.num_layers)
     seq_len = trace.seq_len
     window = options.capacity_window or trace.header.get("capacity_window") or seq_len or options.seq_len
+    if seq_len:   # windows of a live run's shape (vLLM requests differ in length: windows span them)
+        window_unit(window, seq_len)
     stats = RoutingStats(layers, torch.device("cpu"), capacity_window=window, ep=options.ep)
     for chunk in trace.chunks():   # each layer's chunks in sequence order
         stats[chunk.layer].update(chunk.experts, chunk.first_sequence, chunk.weights, chunk.router)

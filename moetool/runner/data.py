@@ -25,6 +25,7 @@ class DataError(MoetoolError):
     exit_code = 11
 
 
+UTF8 = "utf-8-sig"   # UTF-8, a leading byte-order mark (Windows exports) dropped
 BUILTIN = {"builtin": "train", "builtin:train": "train", "builtin:heldout": "heldout"}
 BLOCK = 64 * 1024                       # a text file larger than this is read and tokenized in blocks of about this
 TEXT_SUFFIXES = (".txt", ".md")
@@ -126,7 +127,7 @@ def read_token_ids(path: Path) -> list[int]:
     if not path.is_file():
         raise DataError(f"{path}: no such token-id file")
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding=UTF8)
         data = json.loads(raw) if raw.lstrip().startswith("[") else [int(t) for t in raw.split()]
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: not a token-id file (a JSON list or integers separated by spaces): {exc}") \
@@ -177,15 +178,20 @@ class _LargeText:
 
     def blocks(self) -> Iterator[str]:
         try:
-            with self.path.open(encoding="utf-8") as file:
+            with self.path.open(encoding=UTF8) as file:
                 parts: list[str] = []
                 size = 0
                 while line := file.readline(BLOCK):
                     parts.append(line)
                     size += len(line)
                     if size >= BLOCK:
-                        yield "".join(parts)
-                        parts, size = [], 0
+                        text = "".join(parts)
+                        # a line longer than a block: cut before a space, not inside a word
+                        cut = len(text) if text.endswith("\n") else text.rfind(" ")
+                        cut = cut if cut > 0 else len(text)
+                        yield text[:cut]
+                        parts = [text[cut:]] if cut < len(text) else []
+                        size = len(text) - cut
                 if parts:
                     yield "".join(parts)
         except (OSError, UnicodeDecodeError) as exc:
@@ -229,7 +235,7 @@ def _records(source: str, field: str, chat: bool) -> Iterator[tuple[str, Any]]:
 
 def _json_file(path: Path, what: str) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=UTF8))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: not {what} ({exc})") from None
     if not isinstance(data, dict):
@@ -264,7 +270,7 @@ def _file_records(path: Path, field: str, chat: bool) -> Iterator[tuple[str, Any
         yield str(path), _LargeText(path)
     else:
         try:
-            raw = path.read_text(encoding="utf-8")
+            raw = path.read_text(encoding=UTF8)
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
         if raw.strip():
@@ -273,7 +279,7 @@ def _file_records(path: Path, field: str, chat: bool) -> Iterator[tuple[str, Any
 
 def _jsonl_records(path: Path, field: str, chat: bool) -> Iterator[tuple[str, Any]]:
     try:
-        with path.open(encoding="utf-8") as file:
+        with path.open(encoding=UTF8) as file:
             for number, line in enumerate(file, 1):
                 if not line.strip():
                     continue
@@ -396,7 +402,7 @@ class _Encoder:
                                 hint="give a Jinja template file with --chat-template FILE")
             return None
         try:
-            return Path(self.chat_template).read_text(encoding="utf-8")
+            return Path(self.chat_template).read_text(encoding=UTF8)
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{self.chat_template}: not a readable chat template file ({exc})") from None
 

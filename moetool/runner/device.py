@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moetool.errors import MoetoolError
+from moetool.errors import MoetoolError, UsageError
 
 
 class DeviceError(MoetoolError):
@@ -20,7 +20,10 @@ def pick_device(requested: str | None = None, *, local_rank: int | None = None):
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and local_rank is not None:
         requested = f"cuda:{local_rank}"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"--device {requested}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"--device {requested}: CUDA is not available here", hint="use --device cpu")
     if device.type == "cuda" and device.index is not None:
@@ -36,7 +39,7 @@ def pick_dtype(requested: str | None, device):
     if requested in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if requested not in names:
-        raise MoetoolError(f"--dtype {requested}: use one of {', '.join(names)}")
+        raise UsageError(f"--dtype {requested}: use one of auto, {', '.join(names)}")
     return names[requested]
 
 

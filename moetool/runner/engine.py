@@ -133,11 +133,16 @@ class ActivationStore:
 
     def _allocate(self, nbytes: int) -> int:
         if self._fd is None:
-            if self._given_dir is not None:
-                self._given_dir.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="moetool-activations-",
-                                              dir=self._given_dir if self._given_dir is not None else None))
-            self._fd = os.open(self._dir / "hidden.bin", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if self._given_dir is not None:
+                    self._given_dir.mkdir(parents=True, exist_ok=True)
+                self._dir = Path(tempfile.mkdtemp(prefix="moetool-activations-",
+                                                  dir=self._given_dir if self._given_dir is not None else None))
+                self._fd = os.open(self._dir / "hidden.bin", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as exc:   # not a folder, not writable, ...
+                raise OutputWriteError(f"{self._given_dir or tempfile.gettempdir()}: cannot hold the offloaded "
+                                       f"activations ({exc.strerror or exc})",
+                                       hint="give --offload-dir a writable folder") from None
         offset, self._end = self._end, self._end + nbytes
         return offset
 

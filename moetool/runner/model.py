@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from moetool.arch import Family, detect_family, get_family
+from moetool.arch.matcher import Classifier
+from moetool.arch.schema import EXPERT_ROLES
 from moetool.checkpoint import Checkpoint
 from moetool.checkpoint.gguf_view import VIEW_KIND, runnable_family, transformers_view
 from moetool.checkpoint.writer import materialize
@@ -159,7 +161,8 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
         auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
         formats = recorded_formats(ckpt.config, ckpt.tensors)
         own_loader = (formats is not None or uneven_expert_counts(ckpt.config) or ckpt.kind == VIEW_KIND or
-                      (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)))
+                      (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)) or
+                      _bnb_experts(ckpt, family))
         if own_loader and device_map is not None:
             raise UnsupportedError(f"{ckpt.source}: --device-map works for checkpoints transformers loads itself, "
                                    "not for GGUF, moetool-quantized, globally pruned or per-expert GPT-OSS/Llama 4 "
@@ -205,19 +208,34 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
         config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        _, layers = _decoder_layers(model)
-        attribute = family.keys["num_experts"][0]
-        for layer, count in uneven_expert_counts(ckpt.config).items():
+        uneven = uneven_expert_counts(ckpt.config)
+        _, layers = _decoder_layers(model) if uneven else (None, None)
+        for layer, count in uneven.items():   # (a pruned --scope global checkpoint; dense models have none)
+            attribute = family.keys["num_experts"][0]
             layer_config = copy.deepcopy(config)
             setattr(layer_config, attribute, count)
             layers[layer] = type(layers[layer])(layer_config, layer)
     return config, model.eval()
 
 
+QUANTIZED_DTYPES = ("U8", "I32", "F8_E4M3", "I8")   # stored codes, dequantized through the tensor plan
+
+
+def _quantized(ckpt: Checkpoint) -> bool:
+    return any(r.dtype in QUANTIZED_DTYPES for r in ckpt.tensors.values())
+
+
+def _bnb_experts(ckpt: Checkpoint, family: Family) -> bool:
+    """Bitsandbytes-quantized experts, one tensor per expert (transformers 4's layout): transformers 5
+    fuses experts as it loads them, which packed codes do not survive."""
+    if ((ckpt.config or {}).get("quantization_config") or {}).get("quant_method") != "bitsandbytes":
+        return False
+    classifier = Classifier(family, family_context(ckpt)[2])
+    return any(r.dtype == "U8" and classifier.classify(name).role in EXPERT_ROLES for name, r in ckpt.tensors.items())
+
+
 def _has_per_expert(ckpt: Checkpoint, family: Family) -> bool:
     """Whether the checkpoint stores experts one tensor per expert."""
-    from moetool.arch.matcher import Classifier
-
     classifier = Classifier(family, family_context(ckpt)[2])
     return any(classifier.classify(name).layout == "per-expert" for name in ckpt.tensors)
 
@@ -231,8 +249,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     layout = "fused" if "fused" in family.layouts else None   # transformers 5 holds experts fused
-    quantized = any(r.dtype in ("U8", "I32", "F8_E4M3", "I8") for r in ckpt.tensors.values())
-    plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=quantized))
+    plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=_quantized(ckpt)))
     prefix, layers = _decoder_layers(model)
     per_layer: dict[int, list] = {}
     rest = {}
@@ -290,7 +307,7 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
 
     config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
     layout = "fused" if "fused" in family.layouts else None
-    plan = plan_tensors(ckpt, PlanOptions(layout=layout))
+    plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt)))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     state = {t.name: materialize(t).to(device=device, dtype=dtype if t.dtype in ("F32", "F16", "BF16") else None)
              for t in plan.tensors if t.name in own}

@@ -17,8 +17,9 @@ Plain .npy files (numpy's format, header first, data appended as micro-batches f
 folder; rank 0 writes trace.json last and renames the folder into place, so a trace without
 trace.json is incomplete.
 
-vLLM's routed experts (`--enable-return-routed-experts`: int16 [tokens, moe_layers, top_k] per
-request, expert ids only; prefix-cached positions are -1) are read from a .npy file (one request)
+vLLM's routed experts (`--enable-return-routed-experts`: int32 [tokens, num_hidden_layers, top_k]
+per request, dense layers' slots zero, or the MoE layers alone; expert ids only; prefix-cached
+positions are -1) are read from a .npy file (one request)
 or a folder of .npy files (one request each, in name order); rows holding -1 are skipped.
 
 Writing makes no device->host copy in the hooks: a micro-batch's routing is gathered on the
@@ -246,6 +247,7 @@ class Trace:
     tokens: int
     has_weights: bool
     files: list[Path]                  # vLLM: one array per request
+    num_layers: int | None = None      # vLLM: the model's decoder layers (the arrays' layer axis may be all of them)
 
     def chunks(self):
         """TraceChunks, each layer's in sequence order; memory bounded by READ_TOKENS tokens of one layer."""
@@ -276,7 +278,7 @@ class Trace:
 
         for position, layer in enumerate(self.moe_layers):
             for number, path in enumerate(self.files):
-                rows = np.asarray(_open_vllm(path, len(self.moe_layers)))
+                rows = np.asarray(_open_vllm(path, self.moe_layers, self.num_layers))
                 rows = rows[(rows >= 0).all(axis=(1, 2))]   # prefix-cached positions are -1
                 if not len(rows):
                     continue
@@ -304,22 +306,29 @@ def _open_npy(path: Path, shape: tuple[int, ...]):
     return array
 
 
-def _open_vllm(path: Path, moe_layers: int):
+def _open_vllm(path: Path, moe_layers: list[int], num_layers: int | None):
+    """The [tokens, MoE layers, top_k] routing of one request. vLLM's and SGLang's capturers index
+    the layer axis by decoder layer (dense layers' slots zero); arrays of the MoE layers alone are
+    read too."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise TraceError(f"{path}: truncated or not a .npy array ({exc})") from None
     if array.ndim != 3 or array.dtype.kind not in "iu":
-        raise TraceError(f"{path}: not an integer [tokens, moe_layers, top_k] array (shape {array.shape}, "
+        raise TraceError(f"{path}: not an integer [tokens, layers, top_k] array (shape {array.shape}, "
                          f"{array.dtype})")
-    if array.shape[1] != moe_layers:
-        raise UsageError(f"{path}: routing of {array.shape[1]} MoE layers, but the model has {moe_layers}")
-    return array
+    if array.shape[1] == len(moe_layers):
+        return array
+    if array.shape[1] == num_layers:
+        return array[:, moe_layers]
+    raise UsageError(f"{path}: routing of {array.shape[1]} layers, but the model has {num_layers} decoder layers, "
+                     f"{len(moe_layers)} of them MoE")
 
 
-def open_trace(path: Path, *, moe_layers: list[int], experts: dict[int, int], top_k: dict[int, int]) -> Trace:
+def open_trace(path: Path, *, moe_layers: list[int], experts: dict[int, int], top_k: dict[int, int],
+               num_layers: int | None = None) -> Trace:
     """A moetool trace folder or vLLM routed-experts arrays, checked against the model's MoE layers,
-    expert counts and top-k (MOE_LAYERS, EXPERTS, TOP_K)."""
+    expert counts and top-k (MOE_LAYERS, EXPERTS, TOP_K) and its NUM_LAYERS decoder layers."""
     path = Path(path)
     if not path.exists():
         raise TraceError(f"{path}: no such trace")
@@ -330,7 +339,7 @@ def open_trace(path: Path, *, moe_layers: list[int], experts: dict[int, int], to
     files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
     tokens = 0
     for file in files:
-        array = _open_vllm(file, len(moe_layers))
+        array = _open_vllm(file, moe_layers, num_layers)
         k = array.shape[2]
         for layer in moe_layers:
             if k != top_k[layer]:
@@ -338,7 +347,7 @@ def open_trace(path: Path, *, moe_layers: list[int], experts: dict[int, int], to
                                  f"{top_k[layer]}")
         tokens += array.shape[0]
     return Trace("vllm", path, {}, list(moe_layers), dict(experts), dict(top_k), None, len(files), tokens, False,
-                 files)
+                 files, num_layers)
 
 
 def _moetool_trace(path: Path, moe_layers, experts, top_k) -> Trace:
