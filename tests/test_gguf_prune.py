@@ -405,3 +405,40 @@ def test_multi_token_prediction_blocks_are_dropped(tmp_path):
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     assert all(_raw(x) == _raw(y) for x, y in zip(a.tensors, b.tensors))
     assert _fields(a)[f"{arch}.block_count"] == blocks and _fields(a)[f"{arch}.nextn_predict_layers"] == 0
+
+
+def test_a_split_set_losing_tensors_counts_them_in_every_part(tmp_path):
+    """split.tensors.count is the set's total: dropping tensors from one part (here the MTP block, in
+    the last) lowers it in every part, or llama.cpp and moetool refuse the set."""
+    import gguf as gg
+
+    model = build("glm4_moe")
+    arch = gg.MODEL_ARCH_NAMES[gg.MODEL_ARCH.GLM4_MOE]
+    tensors, metadata = gguf_tensors("glm4_moe", model), gguf_metadata("glm4_moe", model)
+    blocks = model.config.num_hidden_layers
+    mtp = [(f"blk.{blocks}." + n.removeprefix(f"blk.{blocks - 1}."), a) for n, a in tensors
+           if n.startswith(f"blk.{blocks - 1}.")]
+    parts = write_gguf(tmp_path / "src" / "m.gguf", arch, metadata | {"add_block_count": blocks + 1,
+                                                                       "add_nextn_predict_layers": 1},
+                       tensors + mtp, split_max_tensors=20)
+    assert len(parts) > 2
+    _prune(parts[0], tmp_path / "out" / "p.gguf", keep=2)
+    out = sorted((tmp_path / "out").glob("*.gguf"))
+    readers = [gg.GGUFReader(p) for p in out]
+    total = sum(len(r.tensors) for r in readers)
+    assert total == len(tensors) and all(_fields(r)["split.tensors.count"] == total for r in readers)
+    with open_checkpoint(out[0]) as ckpt:
+        assert inspect_checkpoint(ckpt).problems == []
+
+
+def test_what_llama_cpp_cannot_route_is_refused(tmp_path):
+    """llama.cpp asserts expert_group_count < expert_count (convert_hf_to_gguf.py writes a count of 1
+    for GLM-4.5 and Kimi-K2); and a token's best groups must still hold its top-k experts."""
+    glm = write_family("glm4_moe", tmp_path / "glm.gguf", metadata={"add_expert_group_count": 1,
+                                                                    "add_expert_group_used_count": 1})[0]
+    assert "expert_group_count is 1" in assert_one_line_error(
+        run("prune", glm, tmp_path / "o.gguf", "--keep", "1", "--criterion", "random"), 2)
+    model = build("deepseek_v3", n_routed_experts=16, n_group=4, topk_group=1, num_experts_per_tok=4)
+    v3 = write_family("deepseek_v3", tmp_path / "v3" / "m.gguf", model=model)[0]
+    line = assert_one_line_error(run("prune", v3, tmp_path / "o.gguf", "--keep", "8", "--criterion", "random"), 2)
+    assert "fewer than its top-4" in line

@@ -321,7 +321,13 @@ def test_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "bits per parameter" in proc.stdout and "Warning" not in proc.stderr and "kernels" not in proc.stderr
     lines = llama.read_text().split()
-    assert len(lines) == 12 and all(line.startswith(r"^blk\.") and "_exps" in line for line in lines)
+    import re
+
+    import gguf  # gguf-py's names of the stacked expert weights (gate and up alone, or fused)
+    names = [gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, t)].format(bid=layer) + ".weight"
+             for layer in range(4) for t in ("FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP", "FFN_GATE_UP_EXP")]
+    assert len(lines) == 16 and [n for n in names if not any(re.search(line.split("=")[0], n) for line in lines)] == []
+    assert all(sum(bool(re.search(line.split("=")[0], n)) for line in lines) == 1 for n in names)
     assert {line.split("=")[1] for line in lines} <= {"q2_K", "q3_K", "q4_K"}
     assert cli().returncode == 8   # exists
     assert cli("--format", "int5", "--force").returncode == 2

@@ -71,6 +71,8 @@ class _PartPlan:
     """One output part: its header bytes and, per tensor, the source byte ranges to copy."""
 
     def __init__(self, source: Path, edits: dict[str, TensorEdit | None], metadata: dict[str, int]):
+        """(EDITS name the tensors of the whole set: split.tensors.count, the set's total, is lowered by
+        every tensor dropped from any part.)"""
         self.source = source
         head = read_header(source)
         if head.byte_order != "<":
@@ -78,12 +80,11 @@ class _PartPlan:
         self.alignment = head.alignment
         self.tensors: list[tuple[str, list[tuple[int, int]]]] = []   # (name, [(start, length)])
         infos = bytearray()
-        offset = dropped = 0
+        offset = 0
         for t in head.tensors:
             name, dims, nbytes = t.name, t.dims, t.nbytes
             edit = edits.get(name, TensorEdit())
             if edit is DROP:
-                dropped += 1
                 continue
             ranges = [(t.start, nbytes)]
             if edit.kept is not None:
@@ -106,6 +107,7 @@ class _PartPlan:
             fh.seek(KV_START)
             kv = bytearray(fh.read(head.kv_end - KV_START))
         updates = dict(metadata)
+        dropped = sum(1 for e in edits.values() if e is DROP)
         if dropped and isinstance(head.metadata.get(SPLIT_TENSORS), int):
             updates[SPLIT_TENSORS] = head.metadata[SPLIT_TENSORS] - dropped
         for key, value in updates.items():

@@ -34,6 +34,7 @@ from moetool.ops.prune_choice import (
     EXPERT_INDEXED,
     PruneOptions,
     PruneReport,
+    check_group_routing,
     check_sequential,
     choice_scores,
     choose_per_layer,
@@ -77,10 +78,12 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                              for m in map(classifier.classify, ckpt.tensors)):
         raise UnsupportedError("--merge supports experts stored one tensor per expert; convert to "
                                "--layout per-expert first")
-    groups = (ckpt.config or {}).get("n_group") or 1
+    group_key, used_key = family.router.group_keys if family.router else ("n_group", "topk_group")
+    groups = (ckpt.config or {}).get(group_key) or 1
     experts = structure.num_experts
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = kept_count(experts, top_k, options, family)
+    check_group_routing(keep, top_k, groups, (ckpt.config or {}).get(used_key))
     similarity = None
     if options.experts is not None:
         if sorted(options.experts) != structure.moe_layers or any(

@@ -119,6 +119,24 @@ def choice_scores(ckpt, structure, options: PruneOptions, weight_norms, progress
     return {layer: [float(v) for v in profile[layer][field]] for layer in layers}, mass
 
 
+def check_group_routing(keep: int, top_k: int, groups: int, groups_used: int | None) -> None:
+    """Refuse (before any work) a KEEP that group-limited routing over GROUPS cannot take: every group
+    keeps the same number, at least two (a group's score sums its best two), and a token's GROUPS_USED
+    best groups must still hold its top-k experts, or the router picks among masked ones."""
+    if groups <= 1:
+        return
+    if keep % groups:
+        raise UsageError(f"group-limited routing with {groups} groups: keep a multiple of {groups} experts "
+                         "per layer, so that every group keeps the same number")
+    if keep // groups < 2:
+        raise UsageError("group-limited routing ranks each group by its best two experts: keep at least "
+                         f"2 per group ({2 * groups} per layer)")
+    if groups_used and groups_used * (keep // groups) < min(top_k, keep):
+        raise UsageError(f"keeping {keep} experts in {groups} groups, a token's {groups_used} best groups hold "
+                         f"{groups_used * (keep // groups)} experts, fewer than its top-{min(top_k, keep)}",
+                         hint=f"keep at least {-(-top_k // groups_used) * groups} experts per layer")
+
+
 def removed_share(mass: dict[int, list] | None, kept: dict[int, list[int]]) -> float | None:
     """The share of the gate-weight MASS the experts not KEPT carried (None without a mass)."""
     if mass is None:
@@ -130,14 +148,8 @@ def removed_share(mass: dict[int, list] | None, kept: dict[int, list[int]]) -> f
 def choose_per_layer(scores: dict[int, list[float]], layers: list[int], experts: int, keep: int,
                      groups: int = 1) -> dict[int, list[int]]:
     """The KEEP best-scored experts of every layer; with group-limited routing (GROUPS > 1) the
-    same number in every group, at least two (the group score sums its best two)."""
-    if keep % groups:
-        raise UsageError(f"group-limited routing with {groups} groups: keep a multiple of {groups} experts "
-                         "per layer, so that every group keeps the same number")
+    same number in every group (`check_group_routing` said how many may be kept)."""
     size, per_group = experts // groups, keep // groups   # choose within each group: groups stay equal
-    if groups > 1 and per_group < 2:
-        raise UsageError("group-limited routing ranks each group by its best two experts: keep at least "
-                         f"2 per group ({2 * groups} per layer)")
     return {layer: sorted(e for g in range(groups) for e in sorted(
                 range(g * size, (g + 1) * size), key=lambda e: (-scores[layer][e], e))[:per_group])
             for layer in layers}

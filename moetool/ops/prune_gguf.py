@@ -19,6 +19,7 @@ from moetool.arch.gguf import (
     BLK_LAYER,
     EXPERT_STACKED_MARKS,
     GROUP_COUNT,
+    GROUP_USED,
     NEXTN,
     PER_EXPERT,
     gguf_family,
@@ -35,6 +36,7 @@ from moetool.ops.prune_choice import (
     EXPERT_INDEXED,
     PruneOptions,
     PruneReport,
+    check_group_routing,
     check_sequential,
     choice_scores,
     choose_per_layer,
@@ -102,6 +104,10 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
                           "cannot be checked against it nor the top-k lowered")
     keep = kept_count(experts, top_k, options)
     groups = config.get(GROUP_COUNT) or 1
+    if config.get(GROUP_COUNT) == 1 and keep == 1:   # llama.cpp asserts fewer groups than experts (more: below)
+        raise UsageError(f"{arch}.{GROUP_COUNT} is 1: keep at least 2 experts, as llama.cpp needs more experts than "
+                         "groups")
+    check_group_routing(keep, top_k, groups, config.get(GROUP_USED))
     if options.experts is not None:
         if sorted(options.experts) != layers or any(
                 len(set(v)) != len(v) or not all(0 <= e < experts for e in v) for v in options.experts.values()):

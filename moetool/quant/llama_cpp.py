@@ -8,10 +8,17 @@ expressions, as llama-quantize searches them in tensor names.
 
 from __future__ import annotations
 
+import re
+
+from moetool.arch import Role
+from moetool.arch.gguf import TENSORS
+
 # llama.cpp type name -> bits per weight (block bytes * 8 / block size, from ggml's type traits)
 LLAMA_TYPES = (("q2_K", 2.625), ("q3_K", 3.4375), ("q4_K", 4.5), ("q5_K", 5.5), ("q6_K", 6.5625),
                ("q8_0", 8.5), ("bf16", 16.0))
-PROJECTIONS = ("gate", "up", "down")
+# the stacked expert weights of a layer; gate and up fused where the converter was asked to
+# (convert_hf_to_gguf.py --fuse-gate-up-exps): a line matching no tensor is harmless
+EXPERT_WEIGHTS = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)
 
 
 def nearest_type(bits: float) -> str:
@@ -27,5 +34,5 @@ def tensor_type_lines(experts) -> list[str]:
     lines = []
     for layer, (bits, params) in sorted(per_layer.items()):
         kind = nearest_type(bits / params)
-        lines += [rf"^blk\.{layer}\.ffn_{proj}_exps\.weight$={kind}" for proj in PROJECTIONS]
+        lines += [f"^{re.escape(TENSORS[role].format(L=layer))}$={kind}" for role in EXPERT_WEIGHTS]
     return lines
