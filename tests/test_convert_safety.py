@@ -36,6 +36,7 @@ def leftovers(parent, name):
 def test_existing_output_needs_force(tmp_path, tiny):
     src = tiny("mixtral")
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")   # an earlier output
     (tmp_path / "out" / "keep.txt").write_text("mine")
     proc = cli("convert", str(src), str(tmp_path / "out"))
     assert proc.returncode == 8 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
@@ -81,6 +82,23 @@ def test_force_never_replaces_a_folder_holding_the_source(tmp_path, tiny, comman
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "the input is never overwritten" in proc.stderr or "inside the source" in proc.stderr
     assert digest(parent) == before and not (tmp_path / "q").exists()
+
+
+def test_force_replaces_earlier_outputs_only(tmp_path):
+    """An empty OUT is the current folder; --force would delete it, a device at OUT, or a folder of
+    the user's files: each is refused (exit 2), and nothing is touched."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    os.mkfifo(tmp_path / "fifo")
+    before = digest(tmp_path)
+    for out, said in (("", "current folder"), (".", "current folder"), ("..", "current folder"),
+                      ("mine", "no earlier output"), ("fifo", "not a folder"), ("link", "not a folder")):
+        proc = cli("convert", "builtin:tiny-moe", out, "--force", cwd=tmp_path)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, (out, proc.stderr)
+    assert digest(tmp_path) == before and (tmp_path / "fifo").exists()
+    gguf = cli("prune", "builtin:tiny-moe", "fifo", "--force", cwd=tmp_path)   # (a folder output: the same check)
+    assert gguf.returncode == 2
 
 
 def test_dry_run_writes_nothing(tmp_path, tiny):

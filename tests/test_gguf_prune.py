@@ -341,7 +341,7 @@ def test_disk_full_leaves_nothing(src, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_write, "_copy_range", failing)
     with pytest.raises(OutputWriteError, match="No space left"):
         _prune(parts[0], tmp_path / "out" / "p.gguf", keep=2)
-    assert calls["n"] == 30 and list((tmp_path / "out").iterdir()) == []
+    assert calls["n"] == 30 and not (tmp_path / "out").exists()   # (the folder made for it goes too)
     with pytest.raises(OutputExistsError):
         (tmp_path / "taken.gguf").write_bytes(b"x")
         _prune(src, tmp_path / "taken.gguf", keep=2)

@@ -114,9 +114,12 @@ def test_bad_traces(tmp_path, tiny, token_file):
     np.save(tmp_path / "cached.npy", np.full((5, 2, 2), -1, dtype=np.int16))     # every position prefix-cached
     with pytest.raises(TraceError, match="no routed tokens"):
         run(path, from_trace=tmp_path / "cached.npy")
-    (tmp_path / "file").write_text("not a trace")                               # --force replaces a file too
-    run(path, token_ids=token_file, seq_len=40, trace=tmp_path / "file", force=True)
-    assert (tmp_path / "file" / "trace.json").is_file()
+    (tmp_path / "file").write_text("not a trace")            # --force replaces an earlier trace, not a file
+    with pytest.raises(UsageError, match="not a folder"):
+        run(path, token_ids=token_file, seq_len=40, trace=tmp_path / "file", force=True)
+    assert (tmp_path / "file").read_text() == "not a trace"
+    run(path, token_ids=token_file, seq_len=40, trace=tmp_path / "trace", force=True)   # an earlier trace: replaced
+    assert (tmp_path / "trace" / "trace.json").is_file()
 
 
 def test_cli_trace_errors_are_one_line(tmp_path, tiny, token_file):

@@ -23,7 +23,7 @@ from pathlib import Path
 from moetool.arch.gguf import SPLIT_TENSORS
 from moetool.checkpoint.checkpoint import BYTES_READ
 from moetool.checkpoint.gguf import GGUF_MAGIC, HEADER, INT_TYPES, KV_START, SCALAR_FORMATS, SPLIT_NAME, read_header
-from moetool.checkpoint.writer import _copy_range, _write_all
+from moetool.checkpoint.writer import _copy_range, _write_all, missing_parents, remove_empty
 from moetool.errors import CheckpointFormatError, OutputExistsError, OutputWriteError, UnsupportedError, UsageError
 
 
@@ -149,6 +149,9 @@ def check_outputs(sources: list[Path], out: Path, *, force: bool) -> list[Path]:
     for path in outputs:
         if path.resolve() in resolved or any(path.exists() and os.path.samefile(path, s) for s in sources):
             raise UsageError(f"{path}: is a file of the source; the input is never overwritten")
+    odd = [p for p in outputs if (p.exists() or p.is_symlink()) and (not p.is_file() or p.is_symlink())]
+    if odd:   # --force replaces an earlier output file, never a folder, a device or a link
+        raise UsageError(f"{odd[0]}: exists and is not a regular file", hint="write to a new path")
     existing = [p for p in outputs if p.exists()]
     if existing and not force:
         raise OutputExistsError(f"{existing[0]}: already exists", hint="use --force to replace it")
@@ -163,6 +166,7 @@ def write_edited_gguf(sources: list[Path], out: Path, edits: dict[str, TensorEdi
     outputs = check_outputs(sources, out, force=force)
     plans = [_PartPlan(s, edits, metadata) for s in sources]
     temps: list[Path] = []
+    created = missing_parents(outputs[0])
     try:
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
         for plan, path in zip(plans, outputs):
@@ -178,6 +182,8 @@ def write_edited_gguf(sources: list[Path], out: Path, edits: dict[str, TensorEdi
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+        if temps:   # (cleared once every part is in place)
+            remove_empty(created)
     return outputs
 
 

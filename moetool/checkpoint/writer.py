@@ -217,9 +217,8 @@ def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
     An existing OUT is refused unless FORCE, and then replaced only after the new one is complete.
     """
     out = out.absolute()
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
-    created = [p for p in out.parents if not p.exists()]   # removed again if the write fails
+    check_replaceable(out, force, ("config.json", "*.safetensors"))
+    created = missing_parents(out)   # removed again if the write fails
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.moetool-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -235,11 +234,7 @@ def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
             tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:   # innermost first; only while still empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty(created)
         raise
 
 
@@ -284,6 +279,38 @@ def _source_folder(ckpt) -> Path | None:
     if ckpt.root is not None and (ckpt.kind in ("dir", "hub") or Path(ckpt.source).is_dir()):
         return ckpt.root.resolve()
     return None
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """The folders above PATH that do not exist yet, innermost first (made for an output, removed
+    again with `remove_empty` if writing it fails)."""
+    return [p for p in Path(path).absolute().parents if not p.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    for folder in folders:   # innermost first; only while still empty
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def check_replaceable(out: Path, force: bool, markers: tuple[str, ...]) -> None:
+    """Refuse an output folder OUT that would replace what it must not: the current folder or one
+    holding it (an empty OUT is the current folder), something not a folder, or (with FORCE) a folder
+    holding files but none of MARKERS (glob patterns of what an earlier output holds)."""
+    target, here = out.resolve(), Path.cwd().resolve()
+    if target == here or here.is_relative_to(target):
+        raise UsageError(f"{out}: is the current folder, or holds it; the output must be a new folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise UsageError(f"{out}: exists and is not a folder; the output is a folder", hint="write to a new path")
+    if not force:
+        raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
+    if any(out.iterdir()) and not any(next(out.glob(m), None) for m in markers):
+        raise UsageError(f"{out}: holds files, but no earlier output ({', '.join(markers)}); --force replaces "
+                         "outputs only", hint="remove it yourself, or write to a new folder")
 
 
 def refuse_inside_source(out: Path, *ckpts) -> None:

@@ -89,10 +89,21 @@ def _fast_inspect(args: list[str]) -> dict | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning MoetoolError into a message and an exit code."""
     args = sys.argv[1:] if argv is None else argv
+    parse_error: tuple = ()   # typer's exception classes, once typer is imported (not for fast inspect)
+    abort: tuple = ()
     try:
         fast = _fast_inspect(args)
         if fast is None:
+            import typer
+
+            parse_error, abort = (typer.TyperException,), (typer.Abort,)
+        if fast is None and not [a for a in args if a != "--debug"]:   # typer's own help, for no command
             _typer_app(args)(args=argv, prog_name="moetool")
+        elif fast is None:   # click's errors come back here, to be said in one line as moetool's are
+            code = _typer_app(args)(args=argv, prog_name="moetool", standalone_mode=False)
+            if code == 130:   # typer's answer to a KeyboardInterrupt
+                sys.stderr.write("Interrupted\n")
+            sys.exit(code if isinstance(code, int) else 0)
         else:
             _configure_logging(False)
             run_inspect(**fast)
@@ -104,6 +115,18 @@ def main(argv: list[str] | None = None) -> None:
         if exc.hint:
             sys.stderr.write(f"Hint: {exc.hint}\n")
         sys.exit(exc.exit_code)
+    except abort:
+        sys.stderr.write("Interrupted\n")
+        sys.exit(130)
+    except parse_error as exc:   # a bad option or argument (exit 2)
+        if _state["debug"]:
+            raise
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        sys.stderr.write(f"Error: {message}\n")
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            sys.stderr.write(f"Hint: see '{ctx.command_path} --help'\n")
+        sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted\n")
         sys.exit(130)

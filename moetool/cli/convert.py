@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from moetool.checkpoint.writer import refuse_inside_source
 from moetool.cli.options import DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
-from moetool.cli.output import emit_json, size, stderr, stdout
+from moetool.cli.output import emit_json, esc, report_json, size, stderr, stdout
 from moetool.errors import UsageError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
@@ -67,9 +68,10 @@ def convert(
                              cast_fp32_roles=cast_routers,
                              command=shlex.join(["moetool", *sys.argv[1:]]) if sys.argv else "moetool convert")
     with open_checkpoint(source) as ckpt:
-        if dry_run:
+        if dry_run:   # the checks of OUT the run makes first, but for an existing OUT (the run needs --force)
+            refuse_inside_source(out, ckpt)
             plan = plan_convert(ckpt, options)
-            emit_json(plan.summary()) if json_out else _render_plan(plan.summary(), out)
+            emit_json(report_json(plan.summary())) if json_out else _render_plan(plan.summary(), out)
             return
         bar = None if json_out else _Bar()
         try:
@@ -82,7 +84,8 @@ def convert(
     else:
         _render_plan(report.plan, out)
         rate = report.bytes_written / report.seconds if report.seconds else 0
-        stdout.print(f"Wrote {out} ({size(report.bytes_written)} in {report.seconds:.1f} s, {size(int(rate))}/s)"
+        stdout.print(f"Wrote {esc(str(out))} ({size(report.bytes_written)} in {report.seconds:.1f} s, "
+                     f"{size(int(rate))}/s)"
                      + (", verified" if report.verified else ""))
 
 
@@ -106,15 +109,15 @@ def _render_plan(plan: dict, out: Path) -> None:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("Source", f"{plan['source']} ({plan['family'] or 'unknown family'})")
-    grid.add_row("Output", str(out))
+    grid.add_row("Source", esc(f"{plan['source']} ({plan['family'] or 'unknown family'})"))
+    grid.add_row("Output", esc(str(out)))
     if plan["source_layout"]:
         grid.add_row("Expert layout", f"{plan['source_layout']} -> {plan['target_layout']}")
     grid.add_row("Tensors", f"{plan['tensors']:,} ({size(plan['output_bytes'])}) in {len(plan['shards'])} shard"
                             f"{'s' if len(plan['shards']) != 1 else ''}")
     grid.add_row("Actions", ", ".join(f"{k} {v:,}" for k, v in sorted(plan["actions"].items())) or "copy only")
     if plan["files_copied"]:
-        grid.add_row("Also copied", ", ".join(plan["files_copied"]))
+        grid.add_row("Also copied", esc(", ".join(plan["files_copied"])))
     for note in plan["notes"]:
-        grid.add_row("Note", note)
+        grid.add_row("Note", esc(note))
     stdout.print(grid)

@@ -22,7 +22,7 @@ from moetool.cli.options import (
     TokenIdsOpt,
     TrustRemoteCodeOpt,
 )
-from moetool.cli.output import PassProgress, emit_json, stdout
+from moetool.cli.output import PassProgress, emit_json, esc, stdout
 
 
 def evaluate(
@@ -67,11 +67,11 @@ def evaluate(
     if json_out:
         emit_json(report.to_dict())
         return
-    stdout.print(f"[bold]{report.model}[/]: perplexity {report.perplexity:.3f} (mean NLL {report.nll_mean:.4f}) "
+    stdout.print(f"[bold]{esc(report.model)}[/]: perplexity {report.perplexity:.3f} (mean NLL {report.nll_mean:.4f}) "
                  f"over {report.tokens:,} predicted tokens ({report.sequences} x {report.seq_len}), "
                  f"{report.mode} mode on {report.device}")
     if report.reference is not None:
-        stdout.print(f"against [bold]{report.reference}[/] (perplexity {report.reference_perplexity:.3f}): "
+        stdout.print(f"against [bold]{esc(report.reference)}[/] (perplexity {report.reference_perplexity:.3f}): "
                      f"KL(reference || model) mean {report.kl_mean:.6g} nats, max {report.kl_max:.6g}; "
                      f"top-1 agreement {report.top1_agreement:.2%}; largest logit difference "
                      f"{report.max_logit_diff:.4g}")

@@ -111,16 +111,16 @@ class _progress:
 def _render(report, *, layers: bool) -> None:
     from rich.table import Table
 
-    from moetool.cli.output import count, size, stdout
+    from moetool.cli.output import count, esc, size, stdout
 
     out = stdout
-    family = f"{report.family_title} ({report.family})" if report.family else "unknown"
+    family = esc(f"{report.family_title} ({report.family})") if report.family else "unknown"
     if report.guessed:
         family += " [yellow](guessed from tensor names)[/]"
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    grid.add_row("Source", f"{report.source} ({report.kind})")
+    grid.add_row("Source", esc(f"{report.source} ({report.kind})"))
     grid.add_row("Family", family + (f", {report.layout} layout" if report.layout else ""))
     n_moe = len(report.moe_layers)
     grid.add_row("Layers", f"{report.num_layers} ({n_moe} MoE, {len(report.dense_layers)} dense)")
@@ -185,7 +185,7 @@ def _render(report, *, layers: bool) -> None:
         out.print("[bold]Problems[/]")
         colour = {"error": "red", "warning": "yellow", "info": "blue"}
         for p in report.problems:
-            out.print(f"  [{colour[p.severity]}]{p.severity}[/] {p.code}: {p.message}", markup=True)
+            out.print(f"  [{colour[p.severity]}]{p.severity}[/] {p.code}: {esc(p.message)}", markup=True)
     else:
         out.print("[bold]Problems[/]  none found")
 

@@ -13,7 +13,7 @@ class Mode(str, Enum):
     streamed = "streamed"
 
 
-ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or builtin:tiny-moe (the default).")]
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or a built-in model (builtin:tiny-moe).")]
 TokenIdsOpt = Annotated[Path | None, typer.Option(help="Token ids (JSON list or whitespace-separated) instead of "
                                                   "text, for models without a tokenizer.")]
 DataOpt = Annotated[Path | None, typer.Option(help="Calibration data: .txt/.md, .jsonl, .parquet, .arrow, a "

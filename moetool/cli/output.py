@@ -6,9 +6,22 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 stdout = Console(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
+
+
+def esc(text: str) -> str:
+    """TEXT (a path, a name, a message) to print as it is, not as rich markup ("[/b]" in a path)."""
+    return escape(text)
+
+
+def report_json(data: dict, out=None) -> dict:
+    """A plan or summary as the reports' JSON: the schema and version first, OUT (None: not written)."""
+    from moetool import __version__
+
+    return {"schema_version": 1, "moetool_version": __version__, "out": None if out is None else str(out), **data}
 
 
 def emit_json(data: Any) -> None:

@@ -14,7 +14,6 @@ from moetool.cli.options import (
     DeviceOpt,
     DtypeOpt,
     FieldOpt,
-    ForceOpt,
     JsonOpt,
     MaxTokensOpt,
     Mode,
@@ -25,7 +24,7 @@ from moetool.cli.options import (
     TokenIdsOpt,
     TrustRemoteCodeOpt,
 )
-from moetool.cli.output import PassProgress, emit_json, stdout
+from moetool.cli.output import PassProgress, emit_json, esc, stdout
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
@@ -56,12 +55,12 @@ def profile(
     from_trace: Annotated[Path | None, typer.Option(help="Compute the report from a trace (moetool's, or vLLM "
                                                     "routed-experts .npy arrays) instead of running the model; "
                                                     "MODEL gives the structure.")] = None,
-    force: ForceOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier --trace folder.")] = False,
     json_out: JsonOpt = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-expert rows as CSV.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write the figures as a PNG (needs moetool[plot]).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the figures as a PNG (needs moetool\\[plot]).")] = None,
     html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report (needs "
-                                                  "moetool[plot]).")] = None,
+                                                  "moetool\\[plot]).")] = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Run text through the model and report how it routes tokens to experts."""
@@ -80,6 +79,9 @@ def profile(
     primary = is_primary()
     if plot or html_out:
         profile_files.require_matplotlib()   # before the run, not after it
+    for path in (csv_out, plot, html_out):
+        if path is not None:
+            profile_files.check_report_path(path)
     with open_checkpoint(model, headers_only=from_trace is not None) as ckpt:
         with PassProgress(enabled=primary and not json_out) as progress:
             report = run_profile(ckpt, options, progress=progress.update)
@@ -104,8 +106,8 @@ def _num(value, spec: str) -> str:
 def _render(report) -> None:
     shape = f"sequences of {report.seq_len}" if report.seq_len else "sequences"
     ranks = f" x {report.world_size} ranks" if report.world_size > 1 else ""
-    stdout.print(f"[bold]{report.source}[/] ({report.family}): {report.tokens:,} tokens in {report.sequences} "
-                 f"{shape}, {report.mode} mode on {report.device}{ranks} ({report.dtype}), "
+    stdout.print(f"[bold]{esc(report.source)}[/] ({esc(str(report.family))}): {report.tokens:,} tokens in "
+                 f"{report.sequences} {shape}, {report.mode} mode on {report.device}{ranks} ({report.dtype}), "
                  f"{report.timing['tokens_per_second']} tokens/s")
     table = Table(show_edge=False, title="Routing per MoE layer (all figures: --json, --html)",
                   title_justify="left")
@@ -131,4 +133,4 @@ def _render(report) -> None:
                          f"{ep['balanced']['busiest_over_mean']:.2f}; cross-device tokens "
                          f"{ep['contiguous']['cross_device_tokens']:,} -> {ep['balanced']['cross_device_tokens']:,}")
     for note in report.notes:
-        stdout.print(f"[yellow]note[/] {note}")
+        stdout.print(f"[yellow]note[/] {esc(note)}")

@@ -22,7 +22,7 @@ from moetool.cli.options import (
     TokenIdsOpt,
     calibration_options,
 )
-from moetool.cli.output import PassProgress, emit_json, size, stdout
+from moetool.cli.output import PassProgress, emit_json, esc, size, stdout
 
 
 class _LazyBar:
@@ -104,10 +104,10 @@ def prune(
         emit_json(report.to_dict())
         return
     mass = "" if report.routing_mass_removed is None else f", {report.routing_mass_removed:.1%} of the routing mass"
-    stdout.print(f"{report.source}: {report.experts_before} -> {report.experts_after} experts per layer "
+    stdout.print(f"{esc(report.source)}: {report.experts_before} -> {report.experts_after} experts per layer "
                  f"({report.criterion}), top-{report.top_k}; {report.params_removed:,} parameters and "
-                 f"{size(report.bytes_removed)} removed{mass}" + ("" if dry_run else f"; written to {out}"))
+                 f"{size(report.bytes_removed)} removed{mass}" + ("" if dry_run else f"; written to {esc(str(out))}"))
     for layer, kept in report.kept.items():
         stdout.print(f"  layer {layer}: kept {kept}")
     for warning in report.warnings:
-        stdout.print(f"[yellow]warning[/] {warning}")
+        stdout.print(f"[yellow]warning[/] {esc(warning)}")

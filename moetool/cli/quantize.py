@@ -24,7 +24,7 @@ from moetool.cli.options import (
     TokenIdsOpt,
     calibration_options,
 )
-from moetool.cli.output import emit_json, size, stdout
+from moetool.cli.output import emit_json, esc, size, stdout
 from moetool.errors import UsageError
 
 
@@ -164,15 +164,15 @@ class _Bars:
 def _render(report, dry_run: bool, out: Path, experts_table: bool) -> None:
     formats = ", ".join(f"{fid} x{n}" for fid, n in sorted(report.formats.items()))
     budget = f" (budget {report.bits_budget}, policy {report.policy})" if report.bits_budget else ""
-    stdout.print(f"{report.source} ({report.family}): {len(report.experts)} experts -> {formats}{budget}")
+    stdout.print(f"{esc(report.source)} ({report.family}): {len(report.experts)} experts -> {formats}{budget}")
     stdout.print(f"  routed experts: {report.expert_bits:.3f} bits per parameter, {size(report.expert_bytes_before)}"
                  f" -> {size(report.expert_bytes_after)}")
     if report.rule_tensors:
         stdout.print(f"  other weights quantized by rules: {len(report.rule_tensors)}")
     stdout.print(f"  checkpoint: {size(report.bytes_before)} -> {size(report.bytes_after)}"
-                 + ("" if dry_run else f"; written to {out}"))
+                 + ("" if dry_run else f"; written to {esc(str(out))}"))
     if report.llama_quantize:
-        stdout.print(f"  llama-quantize tensor types: {report.llama_quantize}" + (" (not written: dry run)"
+        stdout.print(f"  llama-quantize tensor types: {esc(report.llama_quantize)}" + (" (not written: dry run)"
                                                                                   if dry_run else ""))
     if report.coverage:
         counts = [n for layer in report.coverage.values() for n in layer]
@@ -189,4 +189,4 @@ def _render(report, dry_run: bool, out: Path, experts_table: bool) -> None:
                           *((f"{tokens[e.expert]:,}" if tokens else "",) if report.coverage else ()))
         stdout.print(table)
     for warning in report.warnings:
-        stdout.print(f"[yellow]warning[/] {warning}")
+        stdout.print(f"[yellow]warning[/] {esc(warning)}")

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
+from moetool.checkpoint.writer import refuse_inside_source
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
-from moetool.cli.output import emit_json, size, stdout
+from moetool.cli.output import emit_json, esc, report_json, size, stdout
 from moetool.errors import UsageError
 
 
@@ -81,7 +82,8 @@ def upcycle(
                                  average_shared=average_shared, shared_experts=shared_experts,
                                  max_shard_size=parse_size(max_shard_size),
                                  command=shlex.join(["moetool", *sys.argv[1:]]))
-        if dry_run:
+        if dry_run:   # the checks of OUT the run makes first, but for an existing OUT (the run needs --force)
+            refuse_inside_source(out, ckpt, *others)
             summary = plan_upcycle(ckpt, options, others).summary()
         else:
             bar = None if json_out else _Bar()
@@ -92,11 +94,11 @@ def upcycle(
                 if bar:
                     bar.close()
     if json_out:
-        emit_json(summary)
+        emit_json(report_json(summary, None if dry_run else out))
         return
-    stdout.print(f"{summary['source']} ({summary['source_family']}) -> {summary['target_family']}: "
+    stdout.print(f"{esc(summary['source'])} ({summary['source_family']}) -> {summary['target_family']}: "
                  f"{summary['experts']} experts, top-{summary['top_k']}, MoE layers {summary['moe_layers']}, "
                  f"{summary['tensors']} tensors, {size(summary['output_bytes'])}"
-                 + ("" if dry_run else f", written to {out} in {summary['seconds']} s"))
+                 + ("" if dry_run else f", written to {esc(str(out))} in {summary['seconds']} s"))
     for warning in summary["warnings"]:
-        stdout.print(f"[yellow]warning[/] {warning}")
+        stdout.print(f"[yellow]warning[/] {esc(warning)}")

@@ -11,8 +11,8 @@ from typing import Any
 
 from moetool import __version__
 from moetool.checkpoint import BYTES_READ, Checkpoint
-from moetool.checkpoint.writer import refuse_inside_source
-from moetool.errors import OutputExistsError, UnsupportedError, UsageError
+from moetool.checkpoint.writer import check_replaceable, refuse_inside_source
+from moetool.errors import UnsupportedError, UsageError
 from moetool.ops import routing_stats as rs
 from moetool.ops.inspect import inspect_checkpoint
 from moetool.runner import data, distributed, engine
@@ -21,7 +21,7 @@ from moetool.runner.device import pick_device, pick_dtype
 from moetool.runner.engine import micro_batches
 from moetool.runner.model import check_runnable, load_model, runnable
 from moetool.runner.stats import LayerTotals, RoutingStats, window_unit
-from moetool.runner.trace import TraceError, TraceWriter, open_trace
+from moetool.runner.trace import HEADER, TraceError, TraceWriter, open_trace
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,9 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
                          "its own copy: use one or the other")
     check_runnable(ckpt)
     model_ckpt = runnable(ckpt)   # a GGUF as the transformers checkpoint it stands for, built once
-    if options.trace is not None:
+    if options.trace is not None:   # before the run, not after it
         refuse_inside_source(Path(options.trace), ckpt)
-    if options.trace is not None and Path(options.trace).exists() and not options.force:
-        raise OutputExistsError(f"{options.trace}: exists", hint="use --force to replace it")
+        check_replaceable(Path(options.trace).absolute(), options.force, (HEADER, "rank-*"))
     device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)
     dtype = pick_dtype(options.dtype, device)
     distributed.init(world, device)

@@ -45,14 +45,15 @@ _BLUE, _MEAN, _DEAD = "#3b6ea8", "#222222", "#d62728"
 
 def write_csv(report: ProfileReport, path: Path) -> None:
     """One row per (layer, expert)."""
-    with open(path, "w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["layer", "expert", "tokens", "share", "weight_mass", "saliency", "dead"])
-        for layer in report.layers:
-            for e in range(layer.experts):
-                out.writerow([layer.layer, e, layer.counts[e], layer.share[e],
-                              "" if layer.weight_mass is None else layer.weight_mass[e],
-                              "" if layer.saliency is None else layer.saliency[e], int(e in layer.dead_experts)])
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(["layer", "expert", "tokens", "share", "weight_mass", "saliency", "dead"])
+    for layer in report.layers:
+        for e in range(layer.experts):
+            out.writerow([layer.layer, e, layer.counts[e], layer.share[e],
+                          "" if layer.weight_mass is None else layer.weight_mass[e],
+                          "" if layer.saliency is None else layer.saliency[e], int(e in layer.dead_experts)])
+    _write(path, text.getvalue().encode("utf-8"))
 
 
 def require_matplotlib() -> None:
@@ -363,10 +364,24 @@ def _png(fig: Figure, dpi: int) -> bytes:
     return buffer.getvalue()
 
 
+def check_report_path(path: Path) -> None:
+    """Refuse, before the run, a report file that cannot be written: a folder, or in none."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputWriteError(f"{path}: is a folder; give a file name")
+    if not path.absolute().parent.is_dir():
+        raise OutputWriteError(f"{path}: its folder does not exist")
+
+
 def _write(path: Path, data: bytes) -> None:
+    """DATA as PATH, whole or not at all (a temporary file beside it, renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.moetool-tmp")
     try:
-        Path(path).write_bytes(data)
+        tmp.write_bytes(data)
+        tmp.replace(path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise OutputWriteError(f"{path}: writing failed ({exc.strerror or exc})") from None
 
 

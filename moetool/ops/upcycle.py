@@ -140,8 +140,9 @@ def plan_upcycle(ckpt: Checkpoint, options: UpcycleOptions, others: list[Checkpo
     if options.shared_experts and target.shared_ffn is None:
         raise UsageError(f"{target.title} has no shared experts (--shared-experts works for Qwen2-MoE and "
                          "GLM-4.5 / DeepSeek-V3-style targets)")
-    if options.granularity < 1 or not 0 <= options.drop_ratio <= 1 or options.noise < 0:
-        raise UsageError("--granularity must be >= 1, --drop-ratio in [0, 1], --noise >= 0")
+    if options.granularity < 1 or not 0 <= options.drop_ratio <= 1 or not 0 <= options.noise <= 1 \
+            or not 0 <= options.router_std <= 1:
+        raise UsageError("--granularity must be >= 1, --drop-ratio, --noise and --router-std in [0, 1]")
     config = json.loads(json.dumps(ckpt.config))
     layers, inter, hidden = (_positive(ckpt, config, key)
                              for key in ("num_hidden_layers", "intermediate_size", "hidden_size"))

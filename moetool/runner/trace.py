@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from moetool.errors import CheckpointFormatError, OutputExistsError, OutputWriteError, UsageError
+from moetool.checkpoint.writer import check_replaceable, missing_parents, remove_empty
+from moetool.errors import CheckpointFormatError, OutputWriteError, UsageError
 from moetool.runner import distributed
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,9 @@ class TraceWriter:
         self.sequences, self.first_sequence, self.seq_len = sequences, first_sequence, seq_len
         self.saliency = saliency
         if world.primary:
-            if self.path.exists() and not force:
-                raise OutputExistsError(f"{self.path}: exists", hint="use --force to replace it")
+            check_replaceable(self.path, force, (HEADER, "rank-*"))
             shutil.rmtree(self.partial, ignore_errors=True)
+            self.created = missing_parents(self.partial)
             try:
                 self.partial.mkdir(parents=True)
             except OSError as exc:
@@ -206,6 +207,7 @@ class TraceWriter:
             appender.fh.close()
         if self.world.primary:
             shutil.rmtree(self.partial, ignore_errors=True)
+            remove_empty(self.created)
 
 
 def _gather(item: dict, world) -> list[dict]:
