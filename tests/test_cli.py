@@ -39,3 +39,11 @@ def test_report_files_are_checked_before_the_run(tmp_path):
     assert proc.returncode == 9 and "folder does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("profile", "--csv", tmp_path)
     assert proc.returncode == 9 and "is a folder" in proc.stderr
+
+
+def test_odd_sources_are_refused_plainly(tmp_path):
+    for source, code, said in (("", 2, "empty path"), ("/dev/null", 4, "neither a file nor a folder")):
+        proc = cli("inspect", source, cwd=tmp_path)
+        assert proc.returncode == code and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = cli("profile", "--token-ids", "/dev/null")
+    assert proc.returncode == 11 and "not a regular file" in proc.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moetool.checkpoint.checkpoint import BYTES_READ, Checkpoint, Shard, TensorRef, open_local
-from moetool.errors import SourceNotFoundError
+from moetool.errors import CheckpointFormatError, SourceNotFoundError, UsageError
 
 __all__ = ["BYTES_READ", "Checkpoint", "Shard", "TensorRef", "open_checkpoint"]
 
@@ -40,7 +40,11 @@ def open_checkpoint(spec: str | Path, *, headers_only: bool = False) -> Checkpoi
     """
     if isinstance(spec, str) and spec.startswith("builtin:"):
         return open_local(builtin_model_path(spec), source=spec)
+    if str(spec) == "":   # Path("") is the current folder
+        raise UsageError("no checkpoint given (an empty path)")
     path = Path(spec).expanduser()
+    if path.exists() and not (path.is_dir() or path.is_file()):
+        raise CheckpointFormatError(f"{path}: neither a file nor a folder (a device or a pipe?)")
     if path.exists():
         from moetool.checkpoint.gguf import is_gguf_source, open_gguf
 

@@ -76,6 +76,8 @@ def calibration_ids(*, data: Path | str | None, token_ids: Path | None, field: s
     """
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be positive, not {max_tokens}")
+    if "" in (str(data) if data is not None else None, str(token_ids) if token_ids is not None else None):
+        raise UsageError("--data / --token-ids: an empty path (it would read the current folder)")
     if token_ids is not None:
         if data is not None:
             raise UsageError("give either --data or --token-ids, not both")
@@ -125,7 +127,7 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
 def read_token_ids(path: Path) -> list[int]:
     """Token ids from a JSON list (or list of lists) or whitespace-separated integers."""
     if not path.is_file():
-        raise DataError(f"{path}: no such token-id file")
+        raise DataError(f"{path}: {'not a regular file' if path.exists() else 'no such token-id file'}")
     try:
         raw = path.read_text(encoding=UTF8)
         data = json.loads(raw) if raw.lstrip().startswith("[") else [int(t) for t in raw.split()]
