@@ -321,10 +321,11 @@ def refuse_inside_source(out: Path, *ckpts) -> None:
         folder = _source_folder(ckpt)
         if folder is not None and (target == folder or target.is_relative_to(folder)):
             raise UsageError(f"{out}: the output may not be inside the source folder {ckpt.root}")
-        for path in [folder] * (folder is not None) + [s.path.resolve() for s in ckpt.shards if s.path is not None]:
-            if path == target or path.is_relative_to(target):
-                raise UsageError(f"{out}: the output would replace the source {path}; the input is never "
-                                 "overwritten", hint="write to a new path")
+        sources = ([folder] if folder is not None else []) + [s.path.resolve() for s in ckpt.shards if s.path]
+        touched = next((p for p in sources if p == target or p.is_relative_to(target)), None)
+        if touched is not None:
+            raise UsageError(f"{out}: the output would replace the source {touched}; the input is never "
+                             "overwritten", hint="write to a new path")
 
 
 def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dict | None, files: list[Path],

@@ -97,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
             import typer
 
             parse_error, abort = (typer.TyperException,), (typer.Abort,)
-        if fast is None and not [a for a in args if a != "--debug"]:   # typer's own help, for no command
-            _typer_app(args)(args=argv, prog_name="moetool")
-        elif fast is None:   # click's errors come back here, to be said in one line as moetool's are
-            code = _typer_app(args)(args=argv, prog_name="moetool", standalone_mode=False)
+            # parse errors come back here, to be said in one line as moetool's are (with no command at
+            # all, typer shows its own help)
+            standalone = not [a for a in args if a != "--debug"]
+            code = _typer_app(args)(args=argv, prog_name="moetool", standalone_mode=standalone)
             if code == 130:   # typer's answer to a KeyboardInterrupt
                 sys.stderr.write("Interrupted\n")
             sys.exit(code if isinstance(code, int) else 0)

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from moetool import __version__
+
 stdout = Console(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
 
@@ -19,8 +21,6 @@ def esc(text: str) -> str:
 
 def report_json(data: dict, out=None) -> dict:
     """A plan or summary as the reports' JSON: the schema and version first, OUT (None: not written)."""
-    from moetool import __version__
-
     return {"schema_version": 1, "moetool_version": __version__, "out": None if out is None else str(out), **data}
 
 

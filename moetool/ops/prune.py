@@ -34,8 +34,8 @@ from moetool.ops.prune_choice import (
     EXPERT_INDEXED,
     PruneOptions,
     PruneReport,
+    check_choice,
     check_group_routing,
-    check_sequential,
     choice_scores,
     choose_per_layer,
     kept_count,
@@ -72,10 +72,12 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                          "convert --dequantize it first), then quantize")
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
-    check_sequential(options)
-    classifier = _classifier(family, ckpt.config or {})
+    check_choice(options)
+    _, cfg, offset = family_context(ckpt)
+    classifier = Classifier(family, offset)
+    matches = {name: classifier.classify(name) for name in ckpt.tensors}   # classified once, used below
     if options.merge and any(m.role in EXPERT_ROLES and m.expert is None and not m.guessed
-                             for m in map(classifier.classify, ckpt.tensors)):
+                             for m in matches.values()):
         raise UnsupportedError("--merge supports experts stored one tensor per expert; convert to "
                                "--layout per-expert first")
     group_key, used_key = family.router.group_keys if family.router else ("n_group", "topk_group")
@@ -116,19 +118,18 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     tensors: list[OutputTensor] = []
     removed_params = removed_bytes = 0
     per_expert: dict[tuple, dict[int, TensorRef]] = {}   # (layer, role, aux name tail) -> expert -> tensor
-    cfg = family_context(ckpt)[1]
-    mtp = {name for name in ckpt.tensors if family.is_mtp(cfg, name, classifier.classify(name).layer)}
+    mtp = {name for name, m in matches.items() if family.is_mtp(cfg, name, m.layer)}
     for name in mtp:
         removed_bytes += ckpt.tensors[name].nbytes
         removed_params += ckpt.tensors[name].numel
     for name, ref in ckpt.tensors.items():
-        m = classifier.classify(name)
+        m = matches[name]
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:
             per_expert.setdefault((m.layer, m.role, name.rsplit(".", 1)[-1]), {})[m.expert] = ref
     for name, ref in ckpt.tensors.items():
         if name in mtp:
             continue
-        m = classifier.classify(name)
+        m = matches[name]
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:       # one tensor per expert
             if m.expert not in kept[m.layer]:
                 removed_bytes += ref.nbytes
@@ -140,8 +141,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                 group = groups[m.layer][m.expert]
                 pieces = [computed_piece(_weighted([(siblings[e], w) for e, w in group], ref.dtype), ref.shape,
                                          ref.dtype)]
-            tensors.append(OutputTensor(_renumbered(name, m.expert, kept[m.layer].index(m.expert), family,
-                                                    ckpt.config or {}),
+            tensors.append(OutputTensor(_renumbered(name, m, kept[m.layer].index(m.expert), classifier),
                                         ref.dtype, ref.shape, pieces, "kept expert"))
             continue
         if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
@@ -219,14 +219,9 @@ def _weighted(parts: list[tuple[TensorRef, float]], dtype: str):
     return compute
 
 
-def _classifier(family, config: dict) -> Classifier:
-    return Classifier(family, family.decoder_offset(config) if family.decoder_offset else 0)
-
-
-def _renumbered(name: str, old: int, new: int, family, config: dict) -> str:
-    """NAME with its expert index OLD replaced by NEW (the expert slot of the family's template)."""
-    classifier = _classifier(family, config)
-    m = classifier.classify(name)
+def _renumbered(name: str, m, new: int, classifier: Classifier) -> str:
+    """NAME (classified as M) with its expert index replaced by NEW (the slot of the family's template)."""
+    old = m.expert
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part == str(old) or part == f"expert_{old}":

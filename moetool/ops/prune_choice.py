@@ -88,9 +88,7 @@ def choice_scores(ckpt, structure, options: PruneOptions, weight_norms, progress
     """Per MoE layer: the criterion's score of each expert (None with --experts), and its gate-weight
     mass: from a profile, or calibration when the criterion or --merge needs routing (None where
     nothing routed, or the profile holds none, as one from a vLLM trace). WEIGHT_NORMS() gives the
-    experts' weight norms (weight-norm)."""
-    if options.criterion not in CRITERIA:
-        raise UsageError(f"--criterion {options.criterion}: use one of {', '.join(CRITERIA)}")
+    experts' weight norms (weight-norm). (The options were checked first: check_choice.)"""
     layers = structure.moe_layers
     routed = options.experts is None and options.criterion in PROFILE_FIELD
     profile = None
@@ -171,12 +169,12 @@ def merge_group(similarity: list[list[float]], keep: list[int], mass: list[float
     return groups
 
 
-def check_sequential(options: PruneOptions) -> None:
-    """Refuse what --sequential cannot combine with, before any work."""
-    if not options.sequential:
-        return
+def check_choice(options: PruneOptions) -> None:
+    """Refuse, before any work, an unknown criterion and what --sequential cannot combine with."""
     if options.criterion not in CRITERIA:
         raise UsageError(f"--criterion {options.criterion}: use one of {', '.join(CRITERIA)}")
+    if not options.sequential:
+        return
     if options.experts is not None or options.profile is not None:
         raise UsageError("--sequential scores each layer as the earlier ones are pruned, on calibration data; "
                          "it takes neither --experts nor --profile (a profile is of the unpruned model)")
@@ -202,7 +200,7 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     from moetool.runner.sequential import experts_modules
     from moetool.runner.sequential_prune import SequentialPrune
 
-    check_runnable(ckpt)   # (the options were checked before any work: check_sequential)
+    check_runnable(ckpt)   # (the options were checked before any work: check_choice)
     model_ckpt = runnable(ckpt)
     calibration = calibration_defaults(ckpt, options.calibration)
     world = distributed.world_from_env()

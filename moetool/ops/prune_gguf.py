@@ -32,12 +32,11 @@ from moetool.checkpoint.gguf_write import DROP, TensorEdit, check_outputs, write
 from moetool.checkpoint.writer import refuse_inside_source
 from moetool.errors import ConfigError, UnsupportedError, UsageError
 from moetool.ops.prune_choice import (
-    CRITERIA,
     EXPERT_INDEXED,
     PruneOptions,
     PruneReport,
+    check_choice,
     check_group_routing,
-    check_sequential,
     choice_scores,
     choose_per_layer,
     kept_count,
@@ -50,8 +49,7 @@ _LAYER = re.compile(BLK_LAYER)
 
 
 def _check_options(options: PruneOptions) -> None:
-    if options.criterion not in CRITERIA:
-        raise UsageError(f"--criterion {options.criterion}: use one of {', '.join(CRITERIA)}")
+    check_choice(options)
     if options.merge:
         raise UnsupportedError("--merge averages expert weights, which a GGUF file holds quantized: GGUF prune "
                                "copies the kept experts' bytes as they are; merge the safetensors model, then "
@@ -61,7 +59,6 @@ def _check_options(options: PruneOptions) -> None:
                                "expert count per model (its expert_count key): use --scope per-layer")
     if options.scope != "per-layer":
         raise UsageError(f"--scope {options.scope}: use per-layer or global")
-    check_sequential(options)
 
 
 def _scores(ckpt: Checkpoint, structure, classifier: Classifier, options: PruneOptions, progress=None):

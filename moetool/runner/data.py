@@ -76,7 +76,7 @@ def calibration_ids(*, data: Path | str | None, token_ids: Path | None, field: s
     """
     if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be positive, not {max_tokens}")
-    if "" in (str(data) if data is not None else None, str(token_ids) if token_ids is not None else None):
+    if any(path is not None and str(path) == "" for path in (data, token_ids)):
         raise UsageError("--data / --token-ids: an empty path (it would read the current folder)")
     if token_ids is not None:
         if data is not None:
