@@ -18,6 +18,9 @@ def cli(*args, cwd=None):
     (["prune", "builtin:tiny-moe", "out", "--bogus"], "No such option: --bogus"),
     (["bogus"], "No such command 'bogus'"),
     (["convert", "builtin:tiny-moe", "out", "--dtype", "fp8"], "Invalid value for '--dtype'"),
+    # pathlib reads "" as the current folder: --data "" would calibrate on every file in it
+    (["profile", "builtin:tiny-moe", "--data", ""], "Invalid value for '--data': an empty path"),
+    (["eval", "builtin:tiny-moe", "--token-ids", ""], "Invalid value for '--token-ids': an empty path"),
 ])
 def test_parse_errors_are_one_line(tmp_path, args, said):
     proc = cli(*args, cwd=tmp_path)

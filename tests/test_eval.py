@@ -101,3 +101,27 @@ def test_cli_json(tiny, token_file):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["schema_version"] == 1 and data["kl_mean"] == 0 and data["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("where", ["model", "reference"])
+def test_non_finite_logits_are_an_error_not_a_result(tmp_path, tiny, token_file, where):
+    """A NaN in the weights makes every log-probability NaN: eval refuses to report it (exit 6)."""
+    from safetensors.torch import load_file, save_file
+
+    from moetool.errors import ProblemsFoundError
+
+    broken = tmp_path / "nan"
+    with open_checkpoint(tiny("olmoe")) as ckpt:
+        convert(ckpt, broken, ConvertOptions())
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n in tensors if n.endswith("norm.weight"))
+    tensors[name][0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    model, reference = (broken, tiny("olmoe")) if where == "model" else (tiny("olmoe"), broken)
+    with pytest.raises(ProblemsFoundError, match="not finite") as err:
+        run(model, token_file, reference=reference)
+    assert str(broken) in str(err.value)
+    proc = subprocess.run([sys.executable, "-m", "moetool", "eval", str(model), "--reference", str(reference),
+                           "--token-ids", str(token_file), "--seq-len", "30"], capture_output=True, text=True)
+    assert proc.returncode == 6 and "not finite" in proc.stderr and "Traceback" not in proc.stderr

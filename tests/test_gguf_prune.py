@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,9 +46,9 @@ def assert_one_line_error(proc, code, *names):
     return lines[0]
 
 
-def _prune(src, out, **options):
+def _prune(src, out, force=False, **options):
     with open_checkpoint(src) as ckpt:
-        return prune(ckpt, out, PruneOptions(**{"criterion": "random", **options}))
+        return prune(ckpt, out, PruneOptions(**{"criterion": "random", **options}), force=force)
 
 
 def _raw(t) -> bytes:
@@ -346,6 +347,33 @@ def test_disk_full_leaves_nothing(src, tmp_path, monkeypatch):
         (tmp_path / "taken.gguf").write_bytes(b"x")
         _prune(src, tmp_path / "taken.gguf", keep=2)
     assert (tmp_path / "taken.gguf").read_bytes() == b"x"
+
+
+def test_a_failed_rename_leaves_the_earlier_split_set_whole(tmp_path, monkeypatch):
+    """--force over an earlier split set: if renaming the new parts into place fails part-way, every
+    earlier part is back as it was (never a set that is part new and part old), and no file is left over."""
+    import moetool.checkpoint.gguf_write as gguf_write
+
+    parts = write_family("qwen3_moe", tmp_path / "split" / "m.gguf", split_max_tensors=12)
+    _prune(parts[0], tmp_path / "out" / "p.gguf", keep=3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert len(before) == 3
+    real, calls = os.replace, []
+
+    def failing(src, dst):
+        calls.append(Path(src).name)
+        if ".moetool-tmp-" in calls[-1] and sum(".moetool-tmp-" in c for c in calls) == 2:   # the second new part
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(gguf_write.os, "replace", failing)
+    with pytest.raises(OutputWriteError, match="Input/output error"):
+        _prune(parts[0], tmp_path / "out" / "p.gguf", keep=2, force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    monkeypatch.setattr(gguf_write.os, "replace", real)
+    _prune(parts[0], tmp_path / "out" / "p.gguf", keep=2, force=True)   # and with no failure: replaced, no leftovers
+    after = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in after] == sorted(before) and any(p.read_bytes() != before[p.name] for p in after)
 
 
 def test_prune_imports_neither_torch_nor_gguf_py(src, tmp_path):

@@ -9,7 +9,8 @@ key/value bytes, with the replaced integer values patched in place, types kept),
 tensor order; tensor data is copied range by range in the kernel (copy_file_range), never held in
 memory, and its writeback to disk is started as it goes (sync_file_range), so that the final
 fsync finds little left to write. Every part is written to a temporary file beside its output
-and renamed only when all parts are complete.
+and renamed only when all parts are complete; the outputs they replace are moved aside first and
+put back if a rename fails.
 """
 
 from __future__ import annotations
@@ -173,8 +174,7 @@ def write_edited_gguf(sources: list[Path], out: Path, edits: dict[str, TensorEdi
             tmp = path.with_name(f".{path.name}.moetool-tmp-{os.getpid()}")
             temps.append(tmp)
             _write_part(plan, tmp, progress)
-        for tmp, path in zip(temps, outputs):
-            os.replace(tmp, path)
+        _put_in_place(temps, outputs)
         temps.clear()
         _fsync_dir(outputs[0].parent)
     except OSError as exc:
@@ -185,6 +185,30 @@ def write_edited_gguf(sources: list[Path], out: Path, edits: dict[str, TensorEdi
         if temps:   # (cleared once every part is in place)
             remove_empty(created)
     return outputs
+
+
+def _put_in_place(temps: list[Path], outputs: list[Path]) -> None:
+    """Rename the written TEMPS to OUTPUTS as one step: earlier outputs (--force) are first moved
+    aside, and put back if any rename fails, so a split set is never part new and part old."""
+    moved: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path in outputs:
+            if path.exists():
+                aside = path.with_name(f".{path.name}.moetool-old-{os.getpid()}")
+                os.replace(path, aside)
+                moved.append((aside, path))
+        for tmp, path in zip(temps, outputs):
+            os.replace(tmp, path)
+            placed.append(path)
+    except OSError:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        for aside, path in moved:
+            os.replace(aside, path)
+        raise
+    for aside, _ in moved:
+        aside.unlink()
 
 
 def _write_part(plan: _PartPlan, tmp: Path, progress) -> None:

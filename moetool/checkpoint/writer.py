@@ -86,10 +86,14 @@ class ShardPlan:
 def plan_shards(tensors: list[OutputTensor], max_shard_size: int) -> list[ShardPlan]:
     """Fill shards in order up to MAX_SHARD_SIZE bytes (a larger tensor gets a shard of its own)."""
     shards: list[ShardPlan] = []
+    filled = 0   # bytes in the last shard, kept as we go: summing it per tensor was quadratic
     for tensor in tensors:
-        if not shards or (shards[-1].tensors and shards[-1].nbytes + tensor.nbytes > max_shard_size):
+        size = tensor.nbytes
+        if not shards or (shards[-1].tensors and filled + size > max_shard_size):
             shards.append(ShardPlan(""))
+            filled = 0
         shards[-1].tensors.append(tensor)
+        filled += size
     count = len(shards)
     for i, shard in enumerate(shards):
         shard.file = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"

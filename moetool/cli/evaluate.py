@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from moetool.cli.options import (
+    PATH,
     BatchSizeOpt,
     ChatTemplateOpt,
     DeviceMapOpt,
@@ -29,7 +30,7 @@ def evaluate(
     model: ModelArg = "builtin:tiny-moe",
     reference: Annotated[str | None, typer.Option(help="Compare with this checkpoint: KL(reference || model), "
                                                   "top-1 agreement, largest logit difference.")] = None,
-    data: Annotated[Path | None, typer.Option(help="Evaluation data (formats as for profile --data; default: "
+    data: Annotated[Path | None, typer.Option(**PATH, help="Evaluation data (formats as for profile --data; default: "
                                               "builtin:heldout, the built-in corpus's held-out play).")] = None,
     token_ids: TokenIdsOpt = None,
     field: FieldOpt = "text",

@@ -7,6 +7,15 @@ from typing import Annotated
 import typer
 
 
+def _path(value: str) -> Path:
+    """A path option's value. An empty one is refused here, since pathlib reads "" as the current folder."""
+    if not value:
+        raise typer.BadParameter("an empty path")
+    return Path(value)
+
+
+PATH = {"parser": _path, "metavar": "<path>"}   # every Path option and argument: non-empty, shown as before
+
 class Mode(str, Enum):
     auto = "auto"
     full = "full"
@@ -14,16 +23,16 @@ class Mode(str, Enum):
 
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or a built-in model (builtin:tiny-moe).")]
-TokenIdsOpt = Annotated[Path | None, typer.Option(help="Token ids (JSON list or whitespace-separated) instead of "
-                                                  "text, for models without a tokenizer.")]
-DataOpt = Annotated[Path | None, typer.Option(help="Calibration data: .txt/.md, .jsonl, .parquet, .arrow, a "
+TokenIdsOpt = Annotated[Path | None, typer.Option(**PATH, help="Token ids (JSON list or whitespace-separated) "
+                                                  "instead of text, for models without a tokenizer.")]
+DataOpt = Annotated[Path | None, typer.Option(**PATH, help="Calibration data: .txt/.md, .jsonl, .parquet, .arrow, a "
                                               "folder of them, a dataset saved with datasets' save_to_disk, or "
                                               "builtin / builtin:heldout (the built-in sample corpus).")]
 FieldOpt = Annotated[str, typer.Option(help="Field (column) of .jsonl/parquet/arrow records: text, or chat "
                                        "messages with --chat-template.")]
 ChatTemplateOpt = Annotated[str | None, typer.Option(help="Records are chat messages: render them with the "
                                                      "model's chat template (model) or a Jinja template FILE.")]
-OffloadDirOpt = Annotated[Path | None, typer.Option(help="Streamed mode: hidden states that do not fit on the "
+OffloadDirOpt = Annotated[Path | None, typer.Option(**PATH, help="Streamed mode: hidden states that do not fit on the "
                                                     "device go to files here instead of host memory (default: "
                                                     "host memory, then a temporary folder).")]
 DeviceMapOpt = Annotated[str | None, typer.Option(help="Full mode: auto spreads the model over the node's GPUs "
@@ -46,11 +55,11 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; writ
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
 
 # where routing statistics come from (prune, quantize)
-ProfileFileOpt = Annotated[Path | None, typer.Option("--profile", help="A `moetool profile --json` file (with "
+ProfileFileOpt = Annotated[Path | None, typer.Option("--profile", **PATH, help="A `moetool profile --json` file (with "
                                                      "--saliency for reap, ean and the saliency policy).")]
-ProfileDataOpt = Annotated[Path | None, typer.Option("--data", help="Without --profile: calibration data to profile "
-                                                     "(formats as for moetool profile; default: the built-in "
-                                                     "corpus).")]
+ProfileDataOpt = Annotated[Path | None, typer.Option("--data", **PATH, help="Without --profile: calibration data "
+                                                     "to profile (formats as for moetool profile; default: the "
+                                                     "built-in corpus).")]
 
 
 # calibration data of the writing commands that profile first (prune, quantize)

@@ -7,6 +7,7 @@ import typer
 from rich.table import Table
 
 from moetool.cli.options import (
+    PATH,
     BatchSizeOpt,
     ChatTemplateOpt,
     DataOpt,
@@ -50,16 +51,17 @@ def profile(
                                              "placement.")] = 0,
     saliency: Annotated[bool, typer.Option("--saliency", help="Also measure each expert's REAP saliency (gate "
                                            "weight x output norm); costs top-k extra expert passes.")] = False,
-    trace: Annotated[Path | None, typer.Option(help="Stream every token's routing to this folder (format in "
+    trace: Annotated[Path | None, typer.Option(**PATH, help="Stream every token's routing to this folder (format in "
                                                "README).")] = None,
-    from_trace: Annotated[Path | None, typer.Option(help="Compute the report from a trace (moetool's, or vLLM "
+    from_trace: Annotated[Path | None, typer.Option(**PATH, help="Compute the report from a trace (moetool's, or vLLM "
                                                     "routed-experts .npy arrays) instead of running the model; "
                                                     "MODEL gives the structure.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier --trace folder.")] = False,
     json_out: JsonOpt = False,
-    csv_out: Annotated[Path | None, typer.Option("--csv", help="Write per-expert rows as CSV.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write the figures as a PNG (needs moetool\\[plot]).")] = None,
-    html_out: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report (needs "
+    csv_out: Annotated[Path | None, typer.Option("--csv", **PATH, help="Write per-expert rows as CSV.")] = None,
+    plot: Annotated[Path | None, typer.Option(**PATH, help="Write the figures as a PNG (needs "
+                                              "moetool\\[plot]).")] = None,
+    html_out: Annotated[Path | None, typer.Option("--html", **PATH, help="Write a self-contained HTML report (needs "
                                                   "moetool\\[plot]).")] = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import (
+    PATH,
     CalibSeqLenOpt,
     ChatTemplateOpt,
     DryRunOpt,
@@ -64,7 +65,7 @@ def quantize(
                                         "its fused experts stay unquantized); transformers4: experts quantized "
                                         "too, for transformers 4; compressed-tensors: pack-quantized int4/int8 "
                                         "for vLLM (a budget picks one format per MoE layer).")] = "moetool",
-    emit_llama_quantize: Annotated[Path | None, typer.Option(help="Also write a llama-quantize "
+    emit_llama_quantize: Annotated[Path | None, typer.Option(**PATH, help="Also write a llama-quantize "
                                                              "--tensor-type-file from the allocation.")] = None,
     method: Annotated[str, typer.Option(help="rtn: round to nearest; gptq: GPTQ per routed expert on the Hessian "
                                         "of the calibration tokens routed to it (integer formats).")] = "rtn",

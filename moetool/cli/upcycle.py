@@ -9,7 +9,7 @@ import typer
 
 from moetool.checkpoint.writer import refuse_inside_source
 from moetool.cli.convert import _Bar, parse_size
-from moetool.cli.options import DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
+from moetool.cli.options import PATH, DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
 from moetool.cli.output import emit_json, esc, report_json, size, stdout
 from moetool.errors import UsageError
 
@@ -40,9 +40,9 @@ def upcycle(
     router_init: Annotated[str, typer.Option(help="random, zeros, hidden-kmeans (k-means centroids of the MLP "
                                              "inputs of --data) or prompts (each expert's mean over its "
                                              "--prompts).")] = "random",
-    data: Annotated[Path | None, typer.Option(help="Calibration text for hidden-kmeans (default: the built-in "
+    data: Annotated[Path | None, typer.Option(**PATH, help="Calibration text for hidden-kmeans (default: the built-in "
                                               "corpus).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="For --router-init prompts: a JSON list with one list of "
+    prompts: Annotated[Path | None, typer.Option(**PATH, help="For --router-init prompts: a JSON list with one list of "
                                                  "prompts per expert.")] = None,
     router_std: Annotated[float, typer.Option(min=0.0, help="Standard deviation of a random router.")] = 0.02,
     noise: Annotated[float, typer.Option(min=0.0, help="Relative Gaussian noise on each expert copy.")] = 0.0,

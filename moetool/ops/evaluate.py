@@ -12,7 +12,7 @@ from typing import Any
 from moetool import __version__
 from moetool.arch import detect_family
 from moetool.checkpoint import Checkpoint
-from moetool.errors import UnsupportedError, UsageError
+from moetool.errors import ProblemsFoundError, UnsupportedError, UsageError
 from moetool.ops.inspect import inspect_checkpoint
 from moetool.ops.profile import calibration_ids
 from moetool.runner import distributed, engine
@@ -201,6 +201,12 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
     metrics.reduce()
     tokens = max(1, metrics.tokens)
     nll = float(metrics.nll) / tokens
+    for source, value in ((reference, metrics.ref_nll), (ckpt, metrics.nll)):
+        if source is not None and not math.isfinite(float(value)):   # a NaN perplexity is not a result
+            raise ProblemsFoundError(f"{source.source}: its log-probabilities are not finite (NaN or inf), so its "
+                                     "perplexity and divergence mean nothing",
+                                     hint="its weights may hold NaN or inf (moetool inspect reads the config, not "
+                                          "the values), or --dtype overflows: try --dtype float32")
     report = EvalReport(model=ckpt.source, reference=reference.source if reference else None, tokens=metrics.tokens,
                         sequences=ids.shape[0], seq_len=ids.shape[1], nll_mean=nll, perplexity=math.exp(nll),
                         seconds=round(time.perf_counter() - start, 3), mode=loaded.mode, device=str(device))
