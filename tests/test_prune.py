@@ -132,6 +132,17 @@ def test_top_k_is_lowered_and_bad_requests_are_refused(tmp_path, tiny):
         prune(ckpt, tmp_path / "x", PruneOptions(keep=2, profile=other))
 
 
+@pytest.mark.parametrize("extra", [["--criterion", "weight-norm", "--max-tokens", "100"],
+                                   ["--criterion", "random", "--batch-size", "2"],
+                                   ["--experts", "0:0,1;1:2,3", "--data", "builtin"]])
+def test_calibration_options_that_would_go_unused_are_refused(tmp_path, tiny, extra):
+    proc = subprocess.run([sys.executable, "-m", "moetool", "prune", str(tiny("olmoe")), str(tmp_path / "out"),
+                           *([] if "--experts" in extra else ["--keep", "2"]), *extra],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "nothing is calibrated here" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli(tmp_path, tiny):
     proc = subprocess.run([sys.executable, "-m", "moetool", "prune", str(tiny("olmoe")), str(tmp_path / "out"),
                            "--keep", "2", "--criterion", "random", "--json"], capture_output=True, text=True)
@@ -208,6 +219,8 @@ def test_global_scope_loads_with_moetool_and_matches_the_masked_original(tmp_pat
                                                             scope="global"))
     counts = [len(v) for v in report.kept.values()]
     assert counts == [4, 2]                           # 6 kept in all, at least top-k (2) per layer
+    assert report.experts_after_text == "2-4" and list(report.to_dict()["experts_per_layer"].values()) == [4, 2]
+    assert "4 -> 2-4 experts per layer" in (tmp_path / "out" / "README.md").read_text()
     assert "moetool.load_model" in report.warnings[-1]
     with pytest.raises(RuntimeError):                 # stock transformers cannot load different counts
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -123,14 +123,14 @@ def _render(report, *, layers: bool) -> None:
     grid.add_row("Source", esc(f"{report.source} ({report.kind})"))
     grid.add_row("Family", family + (f", {report.layout} layout" if report.layout else ""))
     n_moe = len(report.moe_layers)
-    grid.add_row("Layers", f"{report.num_layers} ({n_moe} MoE, {len(report.dense_layers)} dense)")
+    grid.add_row("Layers", f"{known(report.num_layers)} ({n_moe} MoE, {len(report.dense_layers)} dense)")
     if n_moe:
-        shared = (f"{report.num_shared_experts} shared (FFN {report.shared_ffn})" if report.num_shared_experts
-                  else "no shared experts")
-        grid.add_row("Experts", f"{report.num_experts} routed, top-{report.top_k}, expert FFN "
-                                f"{report.expert_ffn}; {shared}")
+        shared = (f"{report.num_shared_experts} shared (FFN {known(report.shared_ffn)})"
+                  if report.num_shared_experts else "no shared experts")
+        grid.add_row("Experts", f"{known(report.num_experts)} routed, top-{known(report.top_k)}, expert FFN "
+                                f"{known(report.expert_ffn)}; {shared}")
         grid.add_row("Router", report.router["description"])
-    grid.add_row("Hidden / vocab", f"{report.hidden_size} / {report.vocab_size}"
+    grid.add_row("Hidden / vocab", f"{known(report.hidden_size)} / {known(report.vocab_size)}"
                  + ("  (tied embeddings)" if report.tied_embeddings else ""))
     active = ""
     if report.active_params is not None and n_moe:
@@ -197,3 +197,8 @@ def _most_similar(sim: list[list[float]]):
             if best is None or row[j] > best[2]:
                 best = (i, j, row[j])
     return best
+
+
+def known(value) -> str:
+    """VALUE as text, "unknown" where the checkpoint does not say (a bare file has no config)."""
+    return "unknown" if value is None else str(value)

@@ -22,7 +22,8 @@ class Mode(str, Enum):
     streamed = "streamed"
 
 
-ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or a built-in model (builtin:tiny-moe).")]
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder, .gguf file, hub id, or a built-in model "
+                                         "(builtin:tiny-moe).")]
 TokenIdsOpt = Annotated[Path | None, typer.Option(**PATH, help="Token ids (JSON list or whitespace-separated) "
                                                   "instead of text, for models without a tokenizer.")]
 DataOpt = Annotated[Path | None, typer.Option(**PATH, help="Calibration data: .txt/.md, .jsonl, .parquet, .arrow, a "
@@ -55,8 +56,12 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; writ
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
 
 # where routing statistics come from (prune, quantize)
-ProfileFileOpt = Annotated[Path | None, typer.Option("--profile", **PATH, help="A `moetool profile --json` file (with "
-                                                     "--saliency for reap, ean and the saliency policy).")]
+PruneProfileOpt = Annotated[Path | None, typer.Option("--profile", **PATH, help="A `moetool profile --json` file of "
+                                                      "this model instead of calibrating here (profiled with "
+                                                      "--saliency for reap and ean).")]
+QuantizeProfileOpt = Annotated[Path | None, typer.Option("--profile", **PATH, help="A `moetool profile --json` file "
+                                                         "of this model instead of calibrating here (profiled "
+                                                         "with --saliency for the saliency policy).")]
 ProfileDataOpt = Annotated[Path | None, typer.Option("--data", **PATH, help="Without --profile: calibration data "
                                                      "to profile (formats as for moetool profile; default: the "
                                                      "built-in corpus).")]
@@ -65,7 +70,9 @@ ProfileDataOpt = Annotated[Path | None, typer.Option("--data", **PATH, help="Wit
 # calibration data of the writing commands that profile first (prune, quantize)
 CalibSeqLenOpt = Annotated[int | None, typer.Option(min=2, help="Tokens per calibration sequence (default: 256, "
                                                     "or the model's maximum positions if fewer).")]
-CalibMaxTokensOpt = Annotated[int, typer.Option(min=2, help="Calibrate on at most this many tokens.")]
+CalibMaxTokensOpt = Annotated[int | None, typer.Option(min=2, help="Calibrate on at most this many tokens "
+                                                       "(default: 8192).")]
+CalibBatchSizeOpt = Annotated[int | None, typer.Option(min=1, help="Sequences per micro-batch (default: 8).")]
 
 
 def calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size):

@@ -6,7 +6,7 @@ import typer
 
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import (
-    BatchSizeOpt,
+    CalibBatchSizeOpt,
     CalibMaxTokensOpt,
     CalibSeqLenOpt,
     ChatTemplateOpt,
@@ -18,11 +18,12 @@ from moetool.cli.options import (
     ModelArg,
     OutArg,
     ProfileDataOpt,
-    ProfileFileOpt,
+    PruneProfileOpt,
     TokenIdsOpt,
     calibration_options,
 )
 from moetool.cli.output import PassProgress, emit_json, esc, size, stdout
+from moetool.errors import UsageError
 
 
 class _LazyBar:
@@ -48,19 +49,19 @@ def prune(
     keep: Annotated[int | None, typer.Option(min=1, help="Experts kept in every MoE layer.")] = None,
     ratio: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Share of each layer's experts "
                                                 "removed.")] = None,
-    experts: Annotated[str | None, typer.Option(help="The experts kept per MoE layer, e.g. 0:1,2,5;1:0,3,4 "
-                                                "(instead of --keep/--ratio).")] = None,
+    experts: Annotated[str | None, typer.Option(help="The experts kept in each MoE layer, every one listed, "
+                                                "e.g. 0:1,2,5;1:0,3,4 (instead of --keep/--ratio).")] = None,
     criterion: Annotated[str, typer.Option(help="frequency (tokens routed), soft-count (gate-weight mass), reap "
                                            "(gate weight x output norm), ean (output norm), weight-norm or "
                                            "random.")] = "frequency",
-    profile: ProfileFileOpt = None,
+    profile: PruneProfileOpt = None,
     data: ProfileDataOpt = None,
     token_ids: TokenIdsOpt = None,
     field: FieldOpt = "text",
     chat_template: ChatTemplateOpt = None,
-    max_tokens: CalibMaxTokensOpt = 8192,
+    max_tokens: CalibMaxTokensOpt = None,
     seq_len: CalibSeqLenOpt = None,
-    batch_size: BatchSizeOpt = 8,
+    batch_size: CalibBatchSizeOpt = None,
     scope: Annotated[str, typer.Option(help="per-layer: the same count in every layer (stock transformers loads "
                                        "it); global: experts ranked across layers (load with "
                                        "moetool.load_model).")] = "per-layer",
@@ -78,14 +79,21 @@ def prune(
     """Remove the least important experts of every MoE layer."""
     from moetool.checkpoint import open_checkpoint
     from moetool.ops.prune import prune as run_prune
-    from moetool.ops.prune_choice import PruneOptions, parse_experts
+    from moetool.ops.prune_choice import PruneOptions, calibrates, parse_experts
     from moetool.runner.distributed import is_primary
 
     options = PruneOptions(keep=keep, ratio=ratio, experts=parse_experts(experts) if experts else None,
                            criterion=criterion, profile=profile,
-        calibration=calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size),
+        calibration=calibration_options(data, token_ids, field, chat_template, max_tokens or 8192, seq_len,
+                                        batch_size or 8),
         seed=seed, merge=merge, scope=scope, sequential=sequential,
                            max_shard_size=parse_size(max_shard_size))
+    calibration_only = {"--data/--token-ids": data or token_ids, "--chat-template": chat_template,
+                        "--max-tokens": max_tokens, "--seq-len": seq_len, "--batch-size": batch_size}
+    given = [name for name, value in calibration_only.items() if value is not None]
+    if given and not calibrates(options):
+        raise UsageError(f"{', '.join(given)}: nothing is calibrated here (a --profile gives the routing; "
+                         f"--experts, weight-norm and random need none)")
     primary = is_primary()
     dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints
     with open_checkpoint(model) as ckpt:
@@ -104,7 +112,7 @@ def prune(
         emit_json(report.to_dict())
         return
     mass = "" if report.routing_mass_removed is None else f", {report.routing_mass_removed:.1%} of the routing mass"
-    stdout.print(f"{esc(report.source)}: {report.experts_before} -> {report.experts_after} experts per layer "
+    stdout.print(f"{esc(report.source)}: {report.experts_before} -> {report.experts_after_text} experts per layer "
                  f"({report.criterion}), top-{report.top_k}; {report.params_removed:,} parameters and "
                  f"{size(report.bytes_removed)} removed{mass}" + ("" if dry_run else f"; written to {esc(str(out))}"))
     for layer, kept in report.kept.items():

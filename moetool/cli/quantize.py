@@ -11,6 +11,8 @@ from rich.table import Table
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import (
     PATH,
+    CalibBatchSizeOpt,
+    CalibMaxTokensOpt,
     CalibSeqLenOpt,
     ChatTemplateOpt,
     DryRunOpt,
@@ -18,10 +20,9 @@ from moetool.cli.options import (
     ForceOpt,
     JsonOpt,
     MaxShardSizeOpt,
-    ModelArg,
     OutArg,
     ProfileDataOpt,
-    ProfileFileOpt,
+    QuantizeProfileOpt,
     TokenIdsOpt,
     calibration_options,
 )
@@ -30,19 +31,22 @@ from moetool.errors import UsageError
 
 
 def quantize(
-    model: ModelArg,
+    model: Annotated[str, typer.Argument(help="Checkpoint folder, hub id, or a built-in model (builtin:tiny-moe); "
+                                         "not a GGUF file (llama-quantize quantizes those).")],
     out: OutArg,
     format: Annotated[str | None, typer.Option("--format", help="Every routed expert's format: nf4 (the "
                                                "default), fp4 (-b32..-b256 block, -dq double quantization), bnb8 "
                                                "(-b<block>), int8/int4/int3/int2 (-g<group>, -sym/-asym), e.g. "
-                                               "nf4-b64-dq, int3-g128-asym.")] = None,
+                                               "nf4-b64-dq, int3-g128-asym; keep leaves them as they are (to "
+                                               "quantize only what --rules name).")] = None,
     bits_budget: Annotated[float | None, typer.Option(min=1.0, max=32.0, help="Average bits per routed-expert "
                                                       "parameter (scales and state included); each expert's "
                                                       "format is chosen from --candidates.")] = None,
     candidates: Annotated[str | None, typer.Option(help="Formats the budget chooses from (comma-separated; default "
                                                    "int2-g64-asym,int3-g128-asym,int4-g128-asym,nf4-b64-dq,"
-                                                   "int8-g128-sym, for compressed-tensors int4-g128-sym,"
-                                                   "int4-g32-sym,int8-g128-sym).")] = None,
+                                                   "int8-g128-sym; without nf4-b64-dq for --method gptq; for "
+                                                   "compressed-tensors int4-g128-sym,int4-g32-sym,"
+                                                   "int8-g128-sym).")] = None,
     budget_scope: Annotated[str, typer.Option(help="global: one budget for all layers; layer: met in every "
                                               "layer.")] = "global",
     policy: Annotated[str | None, typer.Option(help="Expert importance under a budget: uniform, frequency "
@@ -51,15 +55,14 @@ def quantize(
     rules: Annotated[list[str] | None, typer.Option(help="ROLE_OR_REGEX=FORMAT for other weights: attention, "
                                                     "shared_experts, dense_mlp, a role (attn, shared_down) or a "
                                                     "regular expression; comma-separated or repeated.")] = None,
-    profile: ProfileFileOpt = None,
+    profile: QuantizeProfileOpt = None,
     data: ProfileDataOpt = None,
     token_ids: TokenIdsOpt = None,
     field: FieldOpt = "text",
     chat_template: ChatTemplateOpt = None,
-    max_tokens: Annotated[int | None, typer.Option(min=2, help="Calibrate on at most this many tokens (default: "
-                                                   "8192).")] = None,
+    max_tokens: CalibMaxTokensOpt = None,
     seq_len: CalibSeqLenOpt = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Sequences per micro-batch (default: 8).")] = None,
+    batch_size: CalibBatchSizeOpt = None,
     layout: Annotated[str, typer.Option(help="moetool: every expert quantized (load with moetool.load_model); "
                                         "transformers: what stock transformers 5 + bitsandbytes loads (nf4/fp4; "
                                         "its fused experts stay unquantized); transformers4: experts quantized "

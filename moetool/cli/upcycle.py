@@ -30,13 +30,14 @@ def _parse_layers(text: str | None, count: int | None = None) -> list[int] | Non
 
 
 def upcycle(
-    dense: Annotated[str, typer.Argument(help="Dense checkpoint (Llama, Mistral, Qwen3), hub id or "
-                                         "builtin:tiny-dense.")],
+    dense: Annotated[str, typer.Argument(help="Dense checkpoint (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3), "
+                                         "hub id or builtin:tiny-dense.")],
     out: OutArg,
     experts: Annotated[int, typer.Option(min=1, help="Experts per MoE layer (before --granularity).")] = 8,
     top_k: Annotated[int, typer.Option(min=1, help="Experts per token (before --granularity).")] = 2,
-    family: Annotated[str | None, typer.Option(help="Target family (default: mixtral for Llama/Mistral, "
-                                               "qwen3_moe for Qwen3).")] = None,
+    family: Annotated[str | None, typer.Option(help="Target family (default: mixtral for Llama, Mistral and "
+                                               "Gemma, qwen2_moe for Qwen2, qwen3_moe for Qwen3; Llama and "
+                                               "Mistral also take glm4_moe or olmoe).")] = None,
     router_init: Annotated[str, typer.Option(help="random, zeros, hidden-kmeans (k-means centroids of the MLP "
                                              "inputs of --data) or prompts (each expert's mean over its "
                                              "--prompts).")] = "random",
@@ -52,8 +53,8 @@ def upcycle(
                                              "top-k K*G), output unchanged at init.")] = 1,
     layers: Annotated[str | None, typer.Option(help="MoE layers: all, every:K, or a list like 1,3,5 "
                                                "(families with dense layers).")] = None,
-    shared_experts: Annotated[int, typer.Option(min=0, help="Qwen2-MoE: a shared expert of this many times the "
-                                                "FFN size, starting as the dense MLP.")] = 0,
+    shared_experts: Annotated[int, typer.Option(min=0, help="Qwen2-MoE and GLM-4.5 targets: a shared expert of "
+                                                "this many times the FFN size, starting as the dense MLP.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the router, noise and dropped neurons.")] = 0,
     also: Annotated[list[str] | None, typer.Option("--from", help="More dense sources of the same architecture "
                                                    "(repeat): expert e comes from source e mod the number of "

@@ -298,7 +298,8 @@ def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = F
     kept = "".join(f"- layer {layer}: experts {experts}\n" for layer, experts in report.kept.items())
     readme = (f"---\nbase_model: {ckpt.source}\ntags:\n- moetool\n- mixture-of-experts\n- pruned\n---\n\n"
               f"# {out.name}\n\nPruned from `{ckpt.source}` by moetool {__version__} ({report.criterion}): "
-              f"{report.experts_before} -> {report.experts_after} experts per layer, top-{report.top_k}.\n\n{kept}")
+              f"{report.experts_before} -> {report.experts_after_text} experts per layer, "
+              f"top-{report.top_k}.\n\n{kept}")
     write_checkpoint(out, plan_shards(tensors, options.max_shard_size), op="prune", config=config,
                      files=side_files(ckpt), readme=readme, force=force, progress=progress)
     report.out = str(out)

@@ -61,7 +61,15 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": 1, "moetool_version": __version__, **self.__dict__,
-                "kept": {str(k): v for k, v in self.kept.items()}}
+                "kept": {str(k): v for k, v in self.kept.items()},
+                "experts_per_layer": {str(k): len(v) for k, v in self.kept.items()}}
+
+    @property
+    def experts_after_text(self) -> str:
+        """"6", or "4-7" when the layers keep different numbers (--scope global); experts_after is the
+        largest, the count the config holds."""
+        counts = sorted({len(v) for v in self.kept.values()}) or [self.experts_after]
+        return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
 
 
 def kept_count(experts: int, top_k: int, options: PruneOptions, family=None) -> int:
@@ -92,7 +100,7 @@ def choice_scores(ckpt, structure, options: PruneOptions, weight_norms, progress
     layers = structure.moe_layers
     routed = options.experts is None and options.criterion in PROFILE_FIELD
     profile = None
-    if routed or options.merge or options.profile is not None:
+    if calibrates(options) or options.profile is not None:
         profile = routing_profile(ckpt, structure, profile=options.profile, calibration=options.calibration,
                                   saliency=routed and options.criterion in ("reap", "ean"), progress=progress)
     mass = None
@@ -115,6 +123,12 @@ def choice_scores(ckpt, structure, options: PruneOptions, weight_norms, progress
         raise UsageError(f"the profile's {field} holds null (NaN) values: the model's weights or activations "
                          "are not finite", hint="moetool inspect --check-values finds the tensors")
     return {layer: [float(v) for v in profile[layer][field]] for layer in layers}, mass
+
+
+def calibrates(options: PruneOptions) -> bool:
+    """Whether the choice runs the model on calibration data (else the data options go unused)."""
+    routed = options.experts is None and options.criterion in PROFILE_FIELD
+    return options.profile is None and (routed or options.merge or options.sequential)
 
 
 def check_group_routing(keep: int, top_k: int, groups: int, groups_used: int | None) -> None:
