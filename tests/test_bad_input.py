@@ -196,6 +196,12 @@ CORRUPT_SAFETENSORS: dict[str, Callable[[], bytes]] = {
     "negative_shape": edit_entry(W1, shape=[-4, -8]),       # product 32 matches the span
     "float_shape": edit_entry(W1, shape=[4.0, 8]),
     "bool_shape": edit_entry(NORM, shape=[8, True]),       # True == 1 would match the span
+    "header_nested_deeply": lambda: st_bytes(None, raw_header=b"[" * 200_000 + b"]" * 200_000),
+    # no bytes, but a dimension no reader can hold (convert wrote it into an unreadable output)
+    "dim_beyond_64_bits": with_header(lambda header, data: header.update(
+        {"model.extra.weight": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [len(data)] * 2}})),
+    "element_count_beyond_64_bits": with_header(lambda header, data: header.update(
+        {"model.extra.weight": {"dtype": "F32", "shape": [2**32, 2**32, 0], "data_offsets": [len(data)] * 2}})),
 }
 
 
@@ -223,7 +229,27 @@ LAXER_THAN_SAFETENSORS: dict[str, Callable[[], bytes]] = {
     "duplicate_tensor_name_in_header": lambda: st_bytes(None, bytes(8), raw_header=json.dumps(
         {"a": _one_f32()})[:-1].encode() + b', "a": ' + json.dumps(_one_f32((4, 8))).encode() + b"}"),
     "metadata_value_not_string": lambda: st_bytes({"__metadata__": {"format": 1}, "a": _one_f32()}, bytes(4)),
+    "dim_beyond_64_bits": lambda: st_bytes({"a": _one_f32(), "z": {"dtype": "F32", "shape": [0, 2**64],
+                                                                   "data_offsets": [4, 4]}}, bytes(4)),
+    "element_count_beyond_64_bits": lambda: st_bytes({"a": _one_f32(), "z": {
+        "dtype": "F32", "shape": [2**32, 2**32, 0], "data_offsets": [4, 4]}}, bytes(4)),
 }
+
+
+def test_shapes_safetensors_reads_are_read(tmp_path):
+    """The 64-bit limits are safetensors' own: a shape whose element count stays within 64 bits at every
+    step (here with a zero) is read by both."""
+    from safetensors import safe_open
+
+    from moetool.checkpoint.header import read_header
+
+    path = tmp_path / "weights.safetensors"
+    for shape in ([0, 2**64 - 1], [2**62, 0, 2**62], [2**32, 2**32 - 1, 0]):
+        path.write_bytes(st_bytes({"a": _one_f32(), "z": {"dtype": "F32", "shape": shape, "data_offsets": [4, 4]}},
+                                  bytes(4)))
+        assert read_header(path)[0][1][2] == tuple(shape)
+        with safe_open(str(path), framework="numpy") as f:
+            assert sorted(f.keys()) == ["a", "z"]
 
 
 @pytest.mark.parametrize("case", LAXER_THAN_SAFETENSORS)
@@ -317,7 +343,16 @@ BAD_INDEX: dict[str, Callable[[Path], tuple[Path, str]]] = {
     "tensor_listed_in_wrong_shard": _index_wrong_shard,
     "tensor_listed_but_stored_nowhere": _index_phantom_tensor,
     "same_tensor_in_two_shards": _same_tensor_in_two_shards,
+    "nested_deeply": _index_replace(raw=b'{"weight_map": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"),
+    "shard_linked_outside_folder": lambda tmp_path: _norm_linked_outside(tmp_path),
 }
+
+
+def _norm_linked_outside(tmp_path: Path) -> tuple[Path, str]:
+    """The index names a shard inside the folder, but that file is a symlink to one outside it."""
+    folder, _ = _norm_outside(tmp_path, lambda p: "model-norm.safetensors")
+    (folder / "model-norm.safetensors").symlink_to("../outside.safetensors")
+    return folder, "model-norm.safetensors"
 
 
 
@@ -331,6 +366,28 @@ def test_same_tensor_in_two_unindexed_shards(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt", file_name=SHARDS[0])
     (folder / SHARDS[1]).write_bytes(valid_st_bytes({NORM: [8]}))
     assert_clean_error(inspect(tmp_path, folder), 4, NORM, SHARDS[0])
+
+
+@pytest.mark.parametrize("linked", ["model.safetensors", "config.json"])
+def test_file_linked_out_of_the_folder(tmp_path, linked):
+    """A shard (or config.json) that is a symlink to a file outside the checkpoint folder is refused,
+    not read: the folder is what was asked for."""
+    folder = write_checkpoint(tmp_path / "ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (folder / linked).rename(elsewhere / linked)
+    (folder / linked).symlink_to(f"../elsewhere/{linked}")
+    assert_clean_error(inspect(tmp_path, folder), 4, linked, "outside the checkpoint folder")
+
+
+def test_hub_cache_snapshot_linked_out_of_its_repository(tmp_path):
+    """A snapshot's files may lead into its repository's blobs/, not further."""
+    repo = tmp_path / "models--acme--tiny"
+    snapshot_dir = repo / "snapshots" / "abc123"
+    write_config(snapshot_dir)
+    (tmp_path / "f00d").write_bytes(valid_st_bytes())
+    (snapshot_dir / "model.safetensors").symlink_to("../../../f00d")
+    assert_clean_error(inspect(tmp_path, snapshot_dir), 4, "model.safetensors", "outside the checkpoint folder")
 
 
 @pytest.mark.parametrize("indexed", [False, True], ids=["no_index", "index"])
@@ -368,6 +425,7 @@ BAD_CONFIG: dict[str, bytes | None] = {
     # bounds that keep a hostile config from hanging inspect
     "ten_million_layers": json.dumps(_config(num_hidden_layers=10**7)).encode(),
     "hundred_million_experts": json.dumps(_config(num_local_experts=10**8)).encode(),
+    "nested_deeply": b'{"model_type": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
 }
 
 

@@ -161,6 +161,28 @@ def test_hub_id_offline_uses_the_cache(tiny):
         open_checkpoint("acme/not-cached")
 
 
+def test_hub_cache_snapshot_of_links_to_blobs(tiny, tmp_path):
+    """As huggingface_hub lays out its cache: every file of a snapshot a symlink to ../../blobs/HASH.
+    Those links leave the snapshot folder but not the repository's: they are read, and side files
+    are copied into an output as files."""
+    from moetool.checkpoint.writer import side_files
+    from moetool.ops.convert import ConvertOptions, convert
+
+    snapshot = _fake_hub_cache("acme/linked-moe", tiny("qwen3_moe"))
+    (snapshot / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    blobs = snapshot.parents[1] / "blobs"
+    blobs.mkdir()
+    for n, file in enumerate(sorted(snapshot.iterdir())):
+        file.rename(blobs / f"{n:040x}")
+        file.symlink_to(f"../../blobs/{n:040x}")
+    with open_checkpoint("acme/linked-moe") as ckpt:
+        assert ckpt.kind == "hub" and ckpt.tensors["model.layers.0.mlp.gate.weight"].load().shape == (4, 32)
+        assert "tokenizer_config.json" in [p.name for p in side_files(ckpt)]
+        convert(ckpt, tmp_path / "out", ConvertOptions())
+    copied = tmp_path / "out" / "tokenizer_config.json"
+    assert not copied.is_symlink() and json.loads(copied.read_text()) == {"model_max_length": 64}
+
+
 def _remote_metadata(src):
     """What HfApi.get_safetensors_metadata returns for a repo holding SRC/model.safetensors."""
     from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo

@@ -44,6 +44,39 @@ def test_report_files_are_checked_before_the_run(tmp_path):
     assert proc.returncode == 9 and "is a folder" in proc.stderr
 
 
+def test_report_files_never_replace_the_model_or_the_inputs(tmp_path):
+    """--csv/--plot/--html: an existing file needs --force (exit 8), and a file of the source model (or inside
+    its folder), an input, or one file for two reports is refused even with --force (exit 2), before the run."""
+    from moetool.checkpoint import builtin_model_path
+
+    model = tmp_path / "m"
+    shutil.copytree(builtin_model_path("tiny-moe"), model)
+    weights = (model / "model.safetensors").read_bytes()
+    ids = tmp_path / "ids.txt"
+    ids.write_text(" ".join(str(i % 50) for i in range(64)))
+    (tmp_path / "link.csv").symlink_to(model / "model.safetensors")
+    run = ("profile", model, "--token-ids", ids, "--seq-len", "16")
+    for extra, said in (
+            (["--csv", model / "model.safetensors"], "already exists"),
+            (["--csv", model / "model.safetensors", "--force"], "may not be inside the source folder"),
+            (["--html", model / "report.html", "--force"], "may not be inside the source folder"),
+            (["--csv", tmp_path / "link.csv", "--force"], "may not be inside the source folder"),
+            (["--csv", ids, "--force"], "would replace the --token-ids input"),
+            (["--csv", tmp_path / "r", "--html", tmp_path / "r"], "given to both --csv and --html")):
+        proc = cli(*run, *extra)
+        code = 8 if said == "already exists" else 2
+        assert proc.returncode == code and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert (model / "model.safetensors").read_bytes() == weights and sorted(p.name for p in model.iterdir()) \
+            == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert ids.read_text().startswith("0 1 2") and not (tmp_path / "r").exists()
+    (tmp_path / "old.csv").write_text("mine")
+    proc = cli(*run, "--csv", tmp_path / "old.csv")
+    assert proc.returncode == 8 and "use --force" in proc.stderr and (tmp_path / "old.csv").read_text() == "mine"
+    proc = cli(*run, "--csv", tmp_path / "old.csv", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "old.csv").read_text().startswith("layer,expert,tokens")
+
+
 def test_odd_sources_are_refused_plainly(tmp_path):
     for source, code, said in (("", 2, "empty path"), ("/dev/null", 4, "neither a file nor a folder")):
         proc = cli("inspect", source, cwd=tmp_path)

@@ -255,6 +255,22 @@ def test_formats_it_cannot_hold_are_refused(tmp_path, tiny):
     assert not (tmp_path / "q").exists()
 
 
+def test_integers_default_to_symmetric_and_asymmetric_experts_are_flagged_for_vllm(tmp_path):
+    """vLLM's WNA16 MoE methods (vllm/model_executor/layers/quantization/compressed_tensors/
+    compressed_tensors_moe.py: CompressedTensorsWNA16MarlinMoEMethod and CompressedTensorsWNA16MoEMethod
+    both `assert weight_quant.symmetric`) serve symmetric experts only: in this layout an integer
+    format without -sym/-asym is symmetric, and asymmetric experts get a warning that vLLM cannot serve them."""
+    out, report = _write(tmp_path, "builtin:tiny-moe", format="int4-g32", rules=("attention=int8",))
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert [g["weights"]["symmetric"] for g in qc["config_groups"].values()] == [True, True]
+    assert report.formats == {"int4-g32-sym": 32} and not any("vLLM cannot" in w for w in report.warnings)
+    _, report = _write(tmp_path, "builtin:tiny-moe", "a", format="int4-g32-asym")
+    assert report.formats == {"int4-g32-asym": 32} and any("vLLM cannot serve" in w for w in report.warnings)
+    _, report = _write(tmp_path, "builtin:tiny-moe", "b", bits_budget=5.0, candidates="int4-g32,int8-g32")
+    assert set(report.formats) <= {"int4-g32-sym", "int8-g32-sym"}
+    assert QuantizeOptions(format="int4").format == "int4"   # other layouts keep their own default (asym below 8 bits)
+
+
 def test_convert_dequantize_and_streamed_runs_read_the_layout(tmp_path):
     """The tensor plan reads compressed-tensors weights dequantized: `convert --dequantize` gives the
     values moetool.load_model holds, and a streamed eval equals a full one."""

@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from moetool.checkpoint import open_checkpoint
-from moetool.errors import OutputWriteError
+from moetool.errors import OutputWriteError, UsageError
 from moetool.ops.convert import ConvertOptions, convert
 from tests.headersets import write_header_set
 
@@ -35,8 +36,8 @@ def leftovers(parent, name):
 
 def test_existing_output_needs_force(tmp_path, tiny):
     src = tiny("mixtral")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "config.json").write_text("{}")   # an earlier output
+    with open_checkpoint(src) as ckpt:   # an earlier output
+        convert(ckpt, tmp_path / "out", ConvertOptions())
     (tmp_path / "out" / "keep.txt").write_text("mine")
     proc = cli("convert", str(src), str(tmp_path / "out"))
     assert proc.returncode == 8 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
@@ -194,3 +195,99 @@ def test_cli_json_report_and_verify(tmp_path, tiny):
     assert report["bytes_written"] == sum(s["bytes"] for s in report["plan"]["shards"])
     card = (tmp_path / "out" / "README.md").read_text()
     assert "moetool convert" in card and "--layout fused" in card
+
+
+def test_a_side_file_linked_out_of_the_source_is_refused(tmp_path, tiny):
+    """tokenizer.json -> a file elsewhere would be copied into OUT (which may then be published): refused,
+    exit 4, nothing written. A link to a file inside the source folder is copied as the file."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny("mixtral"), src)
+    (tmp_path / "secret.txt").write_text("TOP SECRET")
+    (src / "tokenizer.json").symlink_to(tmp_path / "secret.txt")
+    proc = cli("convert", str(src), str(tmp_path / "out"))
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    assert "tokenizer.json" in proc.stderr and "outside the checkpoint folder" in proc.stderr
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path, "moetool-") == []
+    (src / "tokenizer.json").unlink()
+    (src / "shared").mkdir()
+    (src / "shared" / "tok.json").write_text('{"inside": true}')
+    (src / "tokenizer.json").symlink_to("shared/tok.json")
+    with open_checkpoint(src) as ckpt:
+        convert(ckpt, tmp_path / "out", ConvertOptions())
+    copied = tmp_path / "out" / "tokenizer.json"
+    assert not copied.is_symlink() and copied.read_text() == '{"inside": true}'
+
+
+def _earlier_output(tiny, out):
+    with open_checkpoint(tiny("mixtral")) as ckpt:
+        convert(ckpt, out, ConvertOptions(max_shard_size=20_000))   # (several shards, each marked)
+    return out
+
+
+@pytest.mark.parametrize("case", ["project", "downloaded", "subfolder", "foreign_shard", "marked_shard_in_project"])
+def test_force_replaces_only_a_folder_moetool_wrote(tmp_path, tiny, case):
+    """--force deletes OUT: a folder of the user's that merely holds a config.json (or a checkpoint
+    moetool did not write) is refused with exit 2 and left as it was; so is an earlier output the user
+    has since put a folder or another shard into."""
+    out = tmp_path / "out"
+    if case == "project":
+        out.mkdir()
+        (out / "config.json").write_text('{"db": "x"}')
+        (out / "main.py").write_text("print(1)")
+        (out / "src").mkdir()
+        (out / "src" / "important.txt").write_text("data")
+    elif case == "downloaded":   # a checkpoint from the hub: config.json and shards, no moetool mark
+        shutil.copytree(tiny("mixtral"), out)
+    elif case == "subfolder":
+        _earlier_output(tiny, out)
+        (out / "notes").mkdir()
+        (out / "notes" / "todo.txt").write_text("mine")
+    elif case == "foreign_shard":
+        _earlier_output(tiny, out)
+        shutil.copy(tiny("mixtral") / "model.safetensors", out / "mine.safetensors")
+    else:   # a shard moetool wrote, copied into a folder that holds a subfolder
+        _earlier_output(tiny, tmp_path / "earlier")
+        out.mkdir()
+        shutil.copy(next((tmp_path / "earlier").glob("*.safetensors")), out)
+        (out / "src").mkdir()
+        (out / "src" / "main.py").write_text("print(1)")
+    before = digest(out)
+    with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(UsageError, match="no earlier output") as error:
+        convert(ckpt, out, ConvertOptions(), force=True)
+    assert "remove it yourself" in error.value.hint
+    assert digest(out) == before and leftovers(tmp_path, "moetool-") == []
+
+
+def test_force_replaces_an_earlier_output(tmp_path, tiny):
+    out = _earlier_output(tiny, tmp_path / "out")
+    assert len(list(out.glob("*.safetensors"))) > 1
+    with open_checkpoint(tiny("mixtral")) as ckpt:
+        convert(ckpt, out, ConvertOptions(dtype="bf16"), force=True)
+    with open_checkpoint(out) as ckpt:
+        assert {t.dtype for t in ckpt.tensors.values()} == {"BF16"}
+        assert all(s.metadata["moetool_op"] == "convert" for s in ckpt.shards)
+    assert leftovers(tmp_path, "moetool-") == []
+
+
+@pytest.mark.parametrize("failure", ["oserror", "interrupt"])
+def test_force_puts_the_earlier_output_back_if_the_new_one_cannot_take_its_place(tmp_path, tiny, monkeypatch,
+                                                                                 failure):
+    """--force moves the earlier output aside, then renames the new one into place: if that rename fails,
+    or Ctrl-C lands between the two, the earlier output is back at OUT and nothing else is left."""
+    from pathlib import Path
+
+    out = _earlier_output(tiny, tmp_path / "out")
+    before = digest(out)
+    real = Path.rename
+
+    def rename(self, target):
+        if ".moetool-tmp-" in self.name:   # the new folder into place, after OUT went aside
+            assert not out.exists()
+            raise KeyboardInterrupt if failure == "interrupt" else OSError(errno.ENOSPC, "No space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(
+            KeyboardInterrupt if failure == "interrupt" else OutputWriteError):
+        convert(ckpt, out, ConvertOptions(dtype="bf16"), force=True)
+    assert digest(out) == before and leftovers(tmp_path, "moetool-") == []

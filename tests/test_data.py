@@ -330,6 +330,99 @@ def test_token_ids(tmp_path):
     assert read_token_ids(tmp_path / "ids") == [1]
 
 
+def test_token_ids_are_read_only_up_to_max_tokens(tmp_path, monkeypatch):
+    """A token-id file is read block by block until --max-tokens ids exist: what follows is never read, so a
+    tail that is not token ids is refused only when it would be read."""
+    monkeypatch.setattr(data, "BLOCK", 64)
+    head = list(range(500))
+    for name, text in (("ids.txt", " ".join(map(str, head)) + " not-an-id"),
+                       ("ids.json", "[" + ", ".join(map(str, head)) + ', "not an id"'),
+                       ("nested.json", "[[" + ", ".join(map(str, head)) + "], [1.5, {}")):
+        (tmp_path / name).write_text(text)
+        out = calibration_ids(data=None, token_ids=tmp_path / name, max_tokens=300, tokenizer_path=None)
+        assert out.tolist() == head[:300]
+        assert read_token_ids(tmp_path / name, 7) == head[:7]
+        with pytest.raises(DataError, match=f"{name}: "):
+            calibration_ids(data=None, token_ids=tmp_path / name, max_tokens=None, tokenizer_path=None)
+
+
+def test_token_ids_never_held_as_one_python_list(tmp_path):
+    import tracemalloc
+
+    ids = np.random.default_rng(0).integers(0, 50_000, 300_000)
+    (tmp_path / "ids.txt").write_text(" ".join(map(str, ids.tolist())) + "\n")    # 1.8 MB of text
+    (tmp_path / "ids.json").write_text(json.dumps([ids[:1000].tolist(), ids[1000:].tolist()]))
+    for name in ("ids.txt", "ids.json"):
+        tracemalloc.start()
+        try:
+            small = calibration_ids(data=None, token_ids=tmp_path / name, max_tokens=1000, tokenizer_path=None)
+            assert tracemalloc.get_traced_memory()[1] < 4_000_000      # a block or two, never the whole file
+            tracemalloc.reset_peak()
+            whole = calibration_ids(data=None, token_ids=tmp_path / name, max_tokens=None, tokenizer_path=None)
+            assert tracemalloc.get_traced_memory()[1] < 12_000_000     # the int64 arrays: 2.4 MB, and their join
+        finally:
+            tracemalloc.stop()
+        assert small.tolist() == ids[:1000].tolist() and np.array_equal(whole, ids)
+
+
+def test_token_ids_split_across_blocks(tmp_path, monkeypatch):
+    """Whatever the block size, a file gives the ids (or the error) the whole-file JSON parser gives."""
+    cases = {"12 345\n6789  0": [12, 345, 6789, 0], "[12, 345 ,6789,0]": [12, 345, 6789, 0],
+             "[[12, 345], [], [6789,0] ]  \n": [12, 345, 6789, 0], "[ ]": [], "[[]]": [],
+             "[12, 34": None, "[12,,34]": None, "[12, 34,]": None, "[12 34]": None, "[[1], [2]] x": None,
+             "[[1], 2]": None, "[1, [2]]": None, "[[1, [2]]]": None, "[012]": None, "[1e3]": None,
+             '["1"]': None, "1 2x 3": None, "[true, 1]": None, "[-1]": None, "[9223372036854775808]": None}
+    for block in (1, 2, 3, 7, 64 * 1024):
+        monkeypatch.setattr(data, "BLOCK", block)
+        for text, want in cases.items():
+            (tmp_path / "ids").write_text(text)
+            if want is None:
+                with pytest.raises(DataError):
+                    read_token_ids(tmp_path / "ids")
+            else:
+                assert read_token_ids(tmp_path / "ids") == want, (text, block)
+
+
+def test_deeply_nested_json_is_a_one_line_error(tmp_path, tok_dir):
+    (tmp_path / "ids.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="ids.json: not a token-id file .*nested deeper"):
+        calibration_ids(data=None, token_ids=tmp_path / "ids.json", max_tokens=None, tokenizer_path=None)
+    (tmp_path / "flat.json").write_text("[1, " + '{"a": ' * 100_000 + "1" + "}" * 100_000 + "]")
+    with pytest.raises(DataError, match="flat.json: not a token-id file"):
+        calibration_ids(data=None, token_ids=tmp_path / "flat.json", max_tokens=None, tokenizer_path=None)
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="state.json: not a datasets state file .*nested too deeply"):
+        ids_of(tmp_path / "ds", tok_dir)
+
+
+def test_saved_dataset_names_only_its_own_files(tmp_path, tok_dir, oracle):
+    """state.json and dataset_dict.json may name files and splits inside their folder only: an absolute
+    name, "..", or a symbolic link out of the folder is refused, never read."""
+    save_dataset(tmp_path / "elsewhere", "text", TEXTS)
+    outside = tmp_path / "elsewhere" / json.loads((tmp_path / "elsewhere" / "state.json").read_text()
+                                                  )["_data_files"][0]["filename"]
+    save_dataset(tmp_path / "ds", "text", TEXTS[:1])
+    assert ids_of(tmp_path / "ds", tok_dir) == expected(oracle, TEXTS[:1])
+    state = json.loads((tmp_path / "ds" / "state.json").read_text())
+    (tmp_path / "ds" / "link.arrow").symlink_to(outside)
+    for name in (f"../elsewhere/{outside.name}", str(outside), "link.arrow", "", ".", "a\0b"):
+        state["_data_files"] = [{"filename": name}]
+        (tmp_path / "ds" / "state.json").write_text(json.dumps(state))
+        with pytest.raises(DataError, match="state.json: names .*, not a file inside"):
+            ids_of(tmp_path / "ds", tok_dir)
+    save_dataset(tmp_path / "dd", "text", TEXTS, splits=["train"])
+    (tmp_path / "dd" / "link").symlink_to(tmp_path / "elsewhere")
+    for split in ("../elsewhere", str(tmp_path / "elsewhere"), "link", "."):
+        (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": [split]}))
+        with pytest.raises(DataError, match="dataset_dict.json: names .*, not a file inside"):
+            ids_of(tmp_path / "dd", tok_dir)
+    for splits in ("train", [1], {"train": {}}):
+        (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
+        with pytest.raises(DataError, match="dataset_dict.json: not a datasets DatasetDict file"):
+            ids_of(tmp_path / "dd", tok_dir)
+
+
 def test_errors(tmp_path, tok_dir):
     assert one_line_error(tmp_path / "none.txt", tok_dir) == f"{tmp_path / 'none.txt'}: no such file or folder"
     (tmp_path / "blank.txt").write_text("  \n")

@@ -572,3 +572,20 @@ def test_inspect_gguf_never_imports_torch(gguf_file):
     imported = imported_modules("inspect", gguf_file("qwen3_moe", "Q8_0"))
     assert "moetool.checkpoint.gguf" in imported
     assert not [m for m in imported if m.split(".")[0] in ("torch", "gguf")]
+
+
+def test_deeply_nested_arrays(tmp_path):
+    """Arrays nested 20,000 deep (a hostile file; a recursive reader overflows the stack) are stepped over,
+    their items counted as gguf-py counts them (which it does, shallower, for the same layout)."""
+    leaf = struct.pack("<IQ2I", 4, 2, 7, 8)   # two UINT32
+    deep = raw_gguf(tmp_path / "deep.gguf", [ARCH, kv(b"t.deep", 9, struct.pack("<IQ", 9, 1) * 19_999 + leaf),
+                                             kv(b"t.after", 4, struct.pack("<I", 5))])
+    header = read_header(deep)
+    assert header.metadata["t.deep"] == GgufArray("ARRAY", 2) and header.metadata["t.after"] == 5
+    two = struct.pack("<IQ", 9, 2) + leaf + struct.pack("<IQ", 8, 1) + _string(b"ab")
+    shallow = raw_gguf(tmp_path / "shallow.gguf", [ARCH, kv(b"t.n", 9, struct.pack("<IQ", 9, 3) + two * 3),
+                                                   kv(b"t.after", 4, struct.pack("<I", 5))])
+    assert assert_header_matches_reader(shallow).metadata["t.n"] == GgufArray("ARRAY", 9)
+    cut = struct.pack("<IQ", 9, 1) * 19_999 + struct.pack("<IQ", 9, 1 << 40)   # more arrays than the file holds
+    with pytest.raises(CheckpointFormatError, match="ends early"):
+        open_checkpoint(raw_gguf(tmp_path / "cut.gguf", [ARCH, kv(b"t.deep", 9, cut)]))

@@ -376,6 +376,30 @@ def test_a_failed_rename_leaves_the_earlier_split_set_whole(tmp_path, monkeypatc
     assert [p.name for p in after] == sorted(before) and any(p.read_bytes() != before[p.name] for p in after)
 
 
+@pytest.mark.parametrize("at", range(1, 7))
+def test_an_interrupted_rename_leaves_the_earlier_split_set_whole(tmp_path, monkeypatch, at):
+    """Ctrl-C at any of the renames (3 earlier parts aside, 3 new ones into place): every earlier part is
+    back as it was, and no file is left over."""
+    import moetool.checkpoint.gguf_write as gguf_write
+
+    parts = write_family("qwen3_moe", tmp_path / "split" / "m.gguf", split_max_tensors=12)
+    _prune(parts[0], tmp_path / "out" / "p.gguf", keep=3)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    real, calls = os.replace, []
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(gguf_write.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prune(parts[0], tmp_path / "out" / "p.gguf", keep=2, force=True)
+    monkeypatch.setattr(gguf_write.os, "replace", real)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
 def test_prune_imports_neither_torch_nor_gguf_py(src, tmp_path):
     """Choosing experts from --experts or a --profile file and copying bytes needs neither."""
     profile = tmp_path / "profile.json"

@@ -271,3 +271,13 @@ def test_prune_gguf_calibrated_on_the_gguf_itself(tmp_path, tiny_saved, token_fi
             kept.append(prune(ckpt, out, PruneOptions(keep=2, criterion=criterion, calibration=calibration,
                                                       sequential=sequential)).kept)
     assert kept[0] == kept[1] and all(len(v) == 2 for v in kept[1].values())
+
+
+def test_quantize_refuses_a_gguf_plainly(tmp_path):
+    """quantize writes safetensors from safetensors (a GGUF is requantized by llama-quantize): exit 7,
+    one line naming GGUF, nothing written."""
+    path = write_runnable("qwen3_moe", tmp_path / "m.gguf")[0]
+    proc = subprocess.run([sys.executable, "-m", "moetool", "quantize", str(path), str(tmp_path / "q")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 7 and "not GGUF" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "q").exists()

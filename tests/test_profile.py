@@ -218,3 +218,63 @@ def test_a_bad_device_or_offload_folder_is_a_one_line_error(tmp_path, tiny, toke
     not_a_folder.write_text("x")
     with pytest.raises(OutputWriteError, match="offloaded activations"):
         run(tiny("mixtral"), token_file, mode="streamed", offload_dir=not_a_folder)
+
+
+def test_a_malformed_profile_file_names_the_file_and_the_field(tmp_path):
+    """prune/quantize --profile FILE: every layer's fields are checked (one-line UsageError naming the file
+    and the field), never a KeyError, TypeError or ValueError from deep inside a command."""
+    from moetool.ops.inspect import inspect_checkpoint
+    from moetool.ops.profile import routing_profile
+
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        structure = inspect_checkpoint(ckpt)
+
+        def read(report):
+            path = tmp_path / "profile.json"
+            path.write_text(json.dumps(report))
+            return routing_profile(ckpt, structure, profile=path, calibration=None, saliency=False)
+
+        def good():
+            return {"layers": [{"layer": info.index, "experts": info.experts, "top_k": 2,
+                                "counts": list(range(info.experts)), "weight_mass": [1.5] * info.experts,
+                                "saliency": None} for info in structure.layers if info.index in structure.moe_layers]}
+
+        layers = read(good())
+        assert sorted(layers) == structure.moe_layers and layers[structure.moe_layers[0]]["counts"] == list(range(8))
+        cases = [
+            (lambda r: r["layers"][0].pop("experts"), r"layers\[0\]\.experts is missing"),
+            (lambda r: r["layers"][0].pop("layer"), r"layers\[0\]\.layer is missing"),
+            (lambda r: r["layers"][0].update(layer="0"), r"layers\[0\]\.layer is \"0\", not a non-negative integer"),
+            (lambda r: r["layers"][0].update(experts=8.0), r"layers\[0\]\.experts is 8.0"),
+            (lambda r: r["layers"][0].update(counts=["a"] * 8), r"layers\[0\]\.counts holds \"a\""),
+            (lambda r: r["layers"][0].update(counts=[float("nan")] * 8), r"layers\[0\]\.counts holds NaN"),
+            (lambda r: r["layers"][0].update(counts=[-1] * 8), r"layers\[0\]\.counts holds -1"),
+            (lambda r: r["layers"][0].update(counts=5), r"layers\[0\]\.counts is 5, not a list of 8 values"),
+            (lambda r: r["layers"][2].update(weight_mass=[1.0] * 7), r"layers\[2\]\.weight_mass is \[1.0"),
+            (lambda r: r["layers"][1].update(saliency=[True] * 8), r"layers\[1\]\.saliency holds true"),
+            (lambda r: r["layers"][1]["weight_mass"].__setitem__(2, float("nan")),
+             r"layers\[1\]\.weight_mass holds NaN, not a finite number"),
+            (lambda r: r["layers"][3].update(saliency=[float("inf")] * 8), r"layers\[3\]\.saliency holds Infinity"),
+            (lambda r: r["layers"][1].update(activation_norm={"0": 1}), r"layers\[1\]\.activation_norm is"),
+            (lambda r: r.update(layers=[1, 2]), r"layers\[0\] is not a JSON object"),
+            (lambda r: r.update(layers={}), r"its layers are not a list"),
+            (lambda r: r.pop("layers"), r"its layers are missing"),
+            (lambda r: r["layers"].append(dict(r["layers"][0])), r"layers\[4\]\.layer repeats layer"),
+        ]
+        for mutate, message in cases:
+            report = good()
+            mutate(report)
+            with pytest.raises(UsageError, match=r"profile\.json: not a moetool profile --json file: " + message):
+                read(report)
+        for text in ("[1, 2]", "{", "[" * 100_000):
+            (tmp_path / "profile.json").write_text(text)
+            with pytest.raises(UsageError, match=r"profile\.json: not a moetool profile --json file"):
+                routing_profile(ckpt, structure, profile=tmp_path / "profile.json", calibration=None, saliency=False)
+        null = good()
+        null["layers"][1]["weight_mass"][3] = None                      # --json writes a NaN as null
+        assert read(null)[structure.moe_layers[1]]["weight_mass"][3] is None
+        other = good()
+        for entry in other["layers"]:
+            entry.update(experts=4, counts=[1] * 4, weight_mass=None)
+        with pytest.raises(UsageError, match="another model"):
+            read(other)

@@ -89,6 +89,30 @@ def test_pruned_model_equals_the_masked_original(tmp_path, family):
     assert src_bytes - out_bytes == pytest.approx(report.bytes_removed, abs=4096)   # headers differ a little
 
 
+@pytest.mark.parametrize("method, keep", [("group_limited_greedy", 2), ("greedy", 3)])
+def test_deepseek_v2_groups_as_its_router_uses_them(tmp_path, method, keep):
+    """DeepSeek-V2 ranks a group by its best expert (one per group may be kept), and with topk_method
+    greedy it ignores n_group altogether (any count); either way the pruned model equals the original
+    with the removed experts masked."""
+    from tests.tiny import TINY
+
+    cls, kwargs = TINY["deepseek_v2"]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{
+        **kwargs, "n_routed_experts": 8, "n_group": 2, "topk_group": 1, "topk_method": method,
+        "num_experts_per_tok": 1})).eval()
+    model.save_pretrained(tmp_path / "src")
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=keep, criterion="random", seed=3))
+    removed = {layer: [e for e in range(8) if e not in kept] for layer, kept in report.kept.items()}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), routers_restricted(model, removed, _router_weights(model, "deepseek_v2", report.kept)):
+        want = model(ids).logits
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (pruned(ids).logits - want).abs().max() <= 1e-5
+
+
 def _profile_json(tmp_path, path, tokens=600):
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps(torch.randint(0, 64, (tokens,), generator=torch.Generator().manual_seed(2)).tolist()))

@@ -254,7 +254,7 @@ def test_refusals(tmp_path, tiny):
         quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4"))
         with pytest.raises(UsageError, match="bits budget|--bits-budget"):
             quantize(ckpt, tmp_path / "y", QuantizeOptions(bits_budget=1.5, policy="uniform"))
-    with open_checkpoint(tmp_path / "q") as ckpt, pytest.raises(UsageError, match="already quantized"):
+    with open_checkpoint(tmp_path / "q") as ckpt, pytest.raises(UnsupportedError, match="already quantized"):
         quantize(ckpt, tmp_path / "z", QuantizeOptions())
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
@@ -464,7 +464,7 @@ def test_quantized_checkpoints_survive_other_commands(tmp_path):
     with open_checkpoint(tmp_path / "q") as ckpt:
         report = convert(ckpt, tmp_path / "cast", ConvertOptions(dtype="fp16"))
         assert report.plan["actions"]["kept (quantization state)"] > 0
-        with pytest.raises(UsageError, match="quantized \\(by moetool"):
+        with pytest.raises(UnsupportedError, match="quantized \\(by moetool"):
             prune(ckpt, tmp_path / "p", PruneOptions(keep=6, criterion="random"))
     ids = torch.randint(0, 2000, (1, 32), generator=torch.Generator().manual_seed(0))
     original, cast = moetool.load_model(tmp_path / "q"), moetool.load_model(tmp_path / "cast")
@@ -653,3 +653,177 @@ def test_stock_layouts_run_in_moetool_as_dequantized(tmp_path, tiny, layout):
             loaded = load_runner(ckpt, device=pick_device("cpu"), dtype=torch.float32, mode="full")
             with torch.no_grad():
                 assert torch.equal(loaded.model(ids).logits, want)
+
+
+# ---------------------------------------------------------------- non-finite weights, scale limits, tampered state
+
+NON_FINITE_SPECS = ["nf4-b64", "nf4-b64-dq", "fp4-b128", "bnb8-b256", "int4-g32-asym", "int8-g128-sym"]
+
+
+@pytest.mark.parametrize("spec", NON_FINITE_SPECS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_in_every_format_naming_the_tensor(spec, value):
+    """bitsandbytes writes NaN/inf without complaint (nf4-dq spreads one over the whole matrix
+    through its absmax mean): every format but keep refuses the weight, naming it, and suggests
+    no bitsandbytes format."""
+    fmt = parse_format(spec)
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    w[5, 7] = value
+    if fmt.is_bnb4:   # what bitsandbytes itself would have written
+        q, state = F.quantize_4bit(w, blocksize=fmt.block, quant_type=fmt.kind, compress_statistics=fmt.double_quant)
+        spread = int((~torch.isfinite(F.dequantize_4bit(q, state))).sum())
+        assert spread >= fmt.block and (not fmt.double_quant or spread > w.numel() // 4)
+    with pytest.raises(UsageError) as info:
+        fmt.quantize(w, "model.layers.1.mlp.experts.3.gate_proj.weight")
+    message = str(info.value)
+    assert message.startswith("model.layers.1.mlp.experts.3.gate_proj.weight: 1 of 32768 values are not finite")
+    assert "[5, 7]" in message and "bitsandbytes" not in message and "\n" not in message
+    assert parse_format("keep").quantize(w, "x")[""] is w
+
+
+def test_too_large_weights_name_the_tensor_and_suggest_bitsandbytes_which_holds_them():
+    """Finite values beyond float16 scales: the integer formats refuse, naming the tensor and
+    suggesting bitsandbytes, whose absmax are float32: it holds them, bit for bit its own."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 1e7
+    with pytest.raises(UsageError, match=r"^experts\.0\.up_proj\.weight: .*too large for float16 scales; use a "
+                                         r"bitsandbytes format"):
+        parse_format("int4-g32-asym").quantize(w, "experts.0.up_proj.weight")
+    fmt = parse_format("nf4-b64-dq")
+    parts = fmt.quantize(w, "experts.0.up_proj.weight")
+    q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(parts[""], q)
+    assert torch.equal(fmt.dequantize(parts, (64, 128), torch.float32), F.dequantize_4bit(q, state))
+
+
+def _non_finite_source(tmp_path: Path) -> Path:
+    """builtin:tiny-moe with one NaN in layer 1 expert 3's gate_proj."""
+    from safetensors.torch import load_file, save_file
+
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        convert(ckpt, tmp_path / "src", ConvertOptions())
+    file = next((tmp_path / "src").glob("*.safetensors"))
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.experts.3.gate_proj.weight"][5, 7] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    return tmp_path / "src"
+
+
+def test_quantize_refuses_a_non_finite_expert_and_writes_nothing(tmp_path):
+    src = _non_finite_source(tmp_path)
+    name = "model.layers.1.mlp.experts.3.gate_proj.weight"
+    with open_checkpoint(src) as ckpt:
+        with pytest.raises(UsageError, match=rf"^{name}: 1 of 16384 values are not finite"):
+            quantize(ckpt, tmp_path / "q", QuantizeOptions(format="nf4-b64-dq"))
+        # under a budget every candidate refuses it: the error says why
+        with pytest.raises(UsageError, match=rf"layer 1 expert 3: no candidate format fits .*{name}: 1 of 16384 "
+                                             "values are not finite"):
+            quantize(ckpt, tmp_path / "b", QuantizeOptions(bits_budget=4.0, policy="uniform"))
+    assert not (tmp_path / "q").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast", "ignore:invalid value encountered in multiply")
+@pytest.mark.parametrize("spec,absmax", [("int2-g8-sym", 70000.0), ("int4-g8-sym", 470000.0),
+                                         ("int3-g16-sym", 200000.0)])
+def test_symmetric_stretch_grid_is_skipped_where_float16_cannot_hold_its_scale(spec, absmax):
+    """A group whose plain grid's scale fits float16 but whose stretched grid's does not is still
+    quantized (on the plain or a clipped grid), no worse than the plain grid (numpy, below); the
+    other groups still get the better of both grids."""
+    fmt = parse_format(spec)
+    group = fmt.block
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 4 * group, generator=gen)
+    w[0, :group] = torch.linspace(-1, 1, group) * absmax
+    assert absmax / (((1 << fmt.bits) - 1) / 2) <= 65504 < absmax / ((1 << (fmt.bits - 1)) - 1)
+    back = fmt.dequantize(fmt.quantize(w, "w"), tuple(w.shape), torch.float32)
+    ours = (w - back).double().reshape(16, -1, group).square().sum(-1)
+    plain = _full_range_error(w, fmt.bits, group, True)
+    energy = w.double().reshape(16, -1, group).square().sum(-1)
+    assert (ours <= plain * (1 + 2e-3) + 1e-6 * energy).all()
+    assert float(ours[0, 0]) < 0.25 * float(energy[0, 0])   # (int2 on 8 values: about 10%)
+    best = torch.minimum(plain, _full_range_error(w, fmt.bits, group, True, top_code_exact=True))
+    assert (ours[1:] <= best[1:] * (1 + 2e-3) + 1e-6 * energy[1:]).all()
+
+
+def test_bf16_switch_transformers_runs_quantized_linears_in_bf16(tmp_path):
+    """T5-style DenseActDense casts its hidden states to `wo.weight.dtype`: a QuantLinear's .weight
+    is in the model's dtype (bf16 loaded, or cast to it), so logits equal transformers' on the same
+    weights dequantized first, in bf16, exactly."""
+    from tests.tiny import build_model
+
+    build_model("switch_transformers").to(torch.bfloat16).save_pretrained(tmp_path / "src", save_original_format=True)
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4-g8-asym", rules=("dense_mlp=int8-g8-sym",)))
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True, dtype="bf16"))
+    reference = transformers.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "d", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(ids, decoder_input_ids=ids).logits
+    loaded = moetool.load_model(tmp_path / "q", dtype=torch.bfloat16)
+    cast = moetool.load_model(tmp_path / "q", dtype=torch.float32).to(torch.bfloat16)
+    for model in (loaded, cast):
+        linears = [m for m in model.modules() if type(m).__name__ == "QuantLinear"]
+        assert linears and {m.weight.dtype for m in linears} == {torch.bfloat16}
+        with torch.no_grad():
+            assert torch.equal(model(ids, decoder_input_ids=ids).logits, want)
+    assert {m.weight.dtype for m in cast.float().modules() if type(m).__name__ == "QuantLinear"} == {torch.float32}
+
+
+def _tamper_bnb4(src: Path, out: Path, how: str) -> str:
+    """A copy of moetool nf4 checkpoint SRC with one weight's quant_state (or absmax) tampered."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    file = next(out.glob("*.safetensors"))
+    tensors = load_file(file)
+    key = next(k for k in sorted(tensors) if k.endswith(".quant_state.bitsandbytes__nf4"))
+    state = json.loads(bytes(tensors[key].tolist()).decode())
+    if how == "garbage":
+        raw = b"\xff\xfenot json"
+    elif how == "huge":
+        raw = json.dumps({**state, "shape": [128, 10 ** 10]}).encode()
+    elif how == "not-json-object":
+        raw = b"[1, 2]"
+    else:
+        raw = bytes(tensors[key].tolist())
+    tensors[key] = torch.tensor(list(raw), dtype=torch.uint8)
+    name = key.rsplit(".quant_state.", 1)[0]
+    if how == "absmax":
+        tensors[name + ".absmax"] = tensors[name + ".absmax"][:-1].clone()
+    save_file(tensors, file, metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("how", ["garbage", "huge", "not-json-object", "absmax"])
+def test_a_tampered_bnb4_state_is_a_one_line_checkpoint_error(tmp_path, how):
+    """The quant_state blob is read, not trusted: convert --dequantize and load_model refuse it with
+    CheckpointFormatError (exit 4, one line, no traceback); the intact checkpoint dequantizes as
+    bitsandbytes' own dequantize_4bit of the stored tensors."""
+    from moetool.errors import CheckpointFormatError
+
+    with open_checkpoint("builtin:tiny-moe") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="nf4"))
+    name = _tamper_bnb4(tmp_path / "q", tmp_path / "t", how)
+    with open_checkpoint(tmp_path / "t") as ckpt, pytest.raises(CheckpointFormatError, match="quant_state"):
+        convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True))
+    with pytest.raises(CheckpointFormatError, match="quant_state"):
+        moetool.load_model(tmp_path / "t")
+    # the reader itself names the weight (given the name, as the loaders pass it)
+    stored = _stored_parts(tmp_path / "t", name)
+    fmt = parse_format("nf4")
+    with pytest.raises(CheckpointFormatError, match=rf"^{name}: its bitsandbytes quant_state"):
+        shape = fmt.original_shape(tuple(stored[""].shape), lambda: stored[".quant_state.bitsandbytes__nf4"], name,
+                                   {k: tuple(v.shape) for k, v in stored.items()})
+        fmt.dequantize(stored, shape, torch.float32, name=name)
+    proc = subprocess.run([sys.executable, "-m", "moetool", "convert", str(tmp_path / "t"), str(tmp_path / "d"),
+                           "--dequantize"], capture_output=True, text=True)
+    assert proc.returncode == 4 and "Traceback" not in proc.stderr, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("Error")][0].count("quant_state") == 1
+    assert not (tmp_path / "d").exists()
+    # the untampered weight, through the same reader, is bitsandbytes' own result
+    parts = _stored_parts(tmp_path / "q", name)
+    own = F.QuantState.from_dict({k.lstrip("."): v for k, v in parts.items() if k}, device=torch.device("cpu"))
+    assert torch.equal(fmt.dequantize(parts, tuple(own.shape), torch.float32, name=name),
+                       F.dequantize_4bit(parts[""], own))

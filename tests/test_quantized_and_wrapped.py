@@ -111,3 +111,60 @@ def test_multimodal_wrappers(tmp_path, family):
     assert report.params["embedding"] == 64 * 32   # the token embedding only, not the vision tower's
     if family == "llama4":
         assert report.moe_layers == [1] and report.num_experts == 4 and report.num_shared_experts == 1
+
+
+def _stock_bnb4(double_quant: bool):
+    """A weight as transformers + bitsandbytes store it: packed codes under "weight", its companions
+    by bitsandbytes' own serialization (as_dict(packed=True))."""
+    from moetool.quant import bnb
+
+    F = bnb()
+    w = torch.randn(48, 80, generator=torch.Generator().manual_seed(0))
+    q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    return {"weight": q, **state.as_dict(packed=True)}, F.dequantize_4bit(q, state)
+
+
+def _blob(items) -> torch.Tensor:
+    raw = items if isinstance(items, bytes) else json.dumps(items).encode()
+    return torch.tensor(list(raw), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_stock_bitsandbytes_quant_state_is_checked_before_it_is_trusted(double_quant):
+    """dequant.bnb4_shape / dequantize_bnb4 (convert --dequantize of transformers' bitsandbytes
+    checkpoints): intact, bitsandbytes' own dequantize_4bit; a blob that is not UTF-8 JSON, a shape
+    the packed bytes cannot hold, or companions of the wrong size: CheckpointFormatError, one line."""
+    from moetool.errors import CheckpointFormatError
+    from moetool.quant import dequant
+
+    parts, want = _stock_bnb4(double_quant)
+    key = "quant_state.bitsandbytes__nf4"
+    shapes = {k: tuple(v.shape) for k, v in parts.items() if k != "weight"}
+    assert dequant.bnb4_shape(parts[key], tuple(parts["weight"].shape), parts=shapes) == (48, 80)
+    assert torch.equal(dequant.dequantize_bnb4(parts, torch.float32), want)
+    items = json.loads(bytes(parts[key].tolist()).decode())
+    tampered = {
+        "not UTF-8": {key: _blob(b"\xff\xfenot json")},
+        "not JSON": {key: _blob(b"{shape: 1")},
+        "a list": {key: _blob([1, 2])},
+        "huge": {key: _blob({**items, "shape": [128, 10 ** 10]})},
+        "other size": {key: _blob({**items, "shape": [40, 80]})},
+        "negative": {key: _blob({**items, "shape": [-48, -80]})},
+        "bad blocksize": {key: _blob({**items, "blocksize": 0})},
+        "bad quant_type": {key: _blob({**items, "quant_type": "int4"})},
+        "bad dtype": {key: _blob({**items, "dtype": "Tensor"})},
+        "extra item": {key: _blob({**items, "code": 1})},
+        "short absmax": {"absmax": parts["absmax"][:-1]},
+        "wrong map": {"quant_map": parts["quant_map"][:8]},
+    }
+    if double_quant:
+        tampered["no offset"] = {key: _blob({k: v for k, v in items.items() if k != "nested_offset"})}
+        tampered["short nested absmax"] = {"nested_absmax": parts["nested_absmax"][:0]}
+    for why, change in tampered.items():
+        bad = {**parts, **change}
+        with pytest.raises(CheckpointFormatError, match=r"^w\.weight: its bitsandbytes quant_state") as info:
+            dequant.dequantize_bnb4(bad, torch.float32, name="w.weight")
+        assert "\n" not in str(info.value), why
+        if key in change:   # from the blob and the packed shape alone, before anything is read
+            with pytest.raises(CheckpointFormatError):
+                dequant.bnb4_shape(bad[key], tuple(parts["weight"].shape))

@@ -148,3 +148,143 @@ def test_a_failed_run_leaves_no_trace(tmp_path, tiny, token_file, monkeypatch):
     with pytest.raises(RuntimeError):
         run(tiny("mixtral"), token_ids=token_file, seq_len=40, trace=tmp_path / "trace", mode="full")
     assert not (tmp_path / "trace").exists() and not (tmp_path / "trace.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory, tiny, token_file):
+    """A trace of the tiny Mixtral, recorded once (tests copy it)."""
+    path = tmp_path_factory.mktemp("recorded") / "trace"
+    run(tiny("mixtral"), token_ids=token_file, seq_len=40, trace=path)
+    return path
+
+
+def _digest(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _tampered(recorded, tmp_path, change):
+    import shutil
+
+    path = tmp_path / "trace"
+    shutil.copytree(recorded, path)
+    header = json.loads((path / "trace.json").read_text())
+    replaced = change(header, path)
+    (path / "trace.json").write_text(json.dumps(header if replaced is None else replaced))
+    return path
+
+
+def _outside_rank(header, path, name):
+    import shutil
+
+    shutil.copytree(path / "rank-00", path.parent / "outside" / "rank-00")
+    shutil.rmtree(path / "rank-00")
+    header["ranks"][0]["dir"] = name(path)
+
+
+def _linked_rank(header, path):
+    import shutil
+
+    shutil.move(path / "rank-00", path.parent / "rank-00")
+    (path / "rank-00").symlink_to(path.parent / "rank-00")
+
+
+TAMPERED = {
+    "dir_absolute": lambda h, p: _outside_rank(h, p, lambda p: str(p.parent / "outside" / "rank-00")),
+    "dir_dotdot": lambda h, p: _outside_rank(h, p, lambda p: "../outside/rank-00"),
+    "dir_linked_outside": _linked_rank,
+    "dir_missing": lambda h, p: h["ranks"][0].pop("dir"),
+    "dir_integer": lambda h, p: h["ranks"][0].update(dir=5),
+    "ranks_a_string": lambda h, p: h.update(ranks="rank-00"),
+    "rank_a_list": lambda h, p: h.update(ranks=[[1]]),
+    "first_sequence_a_string": lambda h, p: h["ranks"][0].update(first_sequence="x"),
+    "sequences_negative": lambda h, p: h["ranks"][0].update(sequences=-1),
+    "stored_an_integer": lambda h, p: h.update(stored=5),
+    "stored_null": lambda h, p: h.update(stored=None),
+    "stored_without_experts": lambda h, p: h.update(stored=["tokens", "weights"]),
+    "top_k_missing_a_layer": lambda h, p: h["top_k"].pop("0"),
+    "experts_a_float": lambda h, p: h["experts"].update({"0": 4.5}),
+    "seq_len_negative": lambda h, p: h.update(seq_len=-40),
+    "capacity_window_a_string": lambda h, p: h.update(capacity_window="x"),
+    "header_a_list": lambda h, p: [h],
+    "header_nested_deeply": lambda h, p: None,   # (written below)
+}
+
+
+@pytest.mark.parametrize("case", TAMPERED)
+def test_tampered_trace_header_is_one_format_error(tmp_path, tiny, recorded, case):
+    """Every field of trace.json is checked before anything is read: a rank folder named by an absolute
+    path, '..' or a link leading out of the trace is not read; a field of the wrong type is one line (exit
+    4), never a traceback."""
+    path = _tampered(recorded, tmp_path, TAMPERED[case])
+    if case == "header_nested_deeply":
+        (path / "trace.json").write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(TraceError) as error:
+        run(tiny("mixtral"), from_trace=path)
+    assert "\n" not in str(error.value)
+    proc = subprocess.run([sys.executable, "-m", "moetool", "profile", str(tiny("mixtral")), "--from-trace",
+                           str(path)], capture_output=True, text=True) if case.startswith("dir_") else None
+    if proc is not None:
+        assert proc.returncode == 4 and "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr
+
+
+@pytest.mark.parametrize("case", ["other_json", "user_folder", "extra_file", "linked_rank", "partial_of_the_user"])
+def test_force_replaces_only_a_trace_moetool_wrote(tmp_path, tiny, token_file, recorded, case):
+    """--force deletes the folder: one holding a trace.json that is not moetool's, or moetool's beside
+    the user's files or folders, is refused (exit 2) and left as it was."""
+    import shutil
+
+    path = tmp_path / "trace"
+    if case == "partial_of_the_user":   # TRACE.partial is where the trace is written: never the user's
+        (tmp_path / "trace.partial").mkdir()
+        (tmp_path / "trace.partial" / "main.py").write_text("print(1)")
+    elif case == "other_json":
+        path.mkdir()
+        (path / "trace.json").write_text('{"spans": []}')
+        (path / "rank-00").mkdir()
+        (path / "rank-00" / "mine.txt").write_text("mine")
+    else:
+        shutil.copytree(recorded, path)
+        if case == "user_folder":
+            (path / "src").mkdir()
+            (path / "src" / "main.py").write_text("print(1)")
+        elif case == "extra_file":
+            (path / "notes.txt").write_text("mine")
+        else:
+            shutil.move(path / "rank-00", tmp_path / "elsewhere")
+            (path / "rank-00").symlink_to(tmp_path / "elsewhere")
+    before = _digest(tmp_path)
+    with pytest.raises(UsageError, match="not an unfinished trace" if case == "partial_of_the_user" else
+                       "no earlier output"):
+        run(tiny("mixtral"), token_ids=token_file, seq_len=40, trace=path, force=True)
+    assert _digest(tmp_path) == before
+    assert (tmp_path / "trace.partial").exists() == (case == "partial_of_the_user")
+
+
+@pytest.mark.parametrize("failure", ["oserror", "interrupt"])
+def test_force_keeps_the_earlier_trace_if_the_new_one_cannot_take_its_place(tmp_path, tiny, token_file, recorded,
+                                                                            monkeypatch, failure):
+    """--force: the earlier trace is moved aside, not deleted, until the new one is in place; if the rename
+    fails (one line, exit 9) or is interrupted, the earlier trace is back and nothing else is left."""
+    import os
+    import shutil
+
+    from moetool.errors import OutputWriteError
+
+    path = tmp_path / "trace"
+    shutil.copytree(recorded, path)
+    before = _digest(path)
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".partial"):
+            assert not path.exists()   # (the earlier trace is aside)
+            raise KeyboardInterrupt if failure == "interrupt" else OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt if failure == "interrupt" else OutputWriteError) as error:
+        run(tiny("mixtral"), token_ids=token_file, seq_len=40, trace=path, force=True)
+    if failure == "oserror":
+        assert "No space left" in str(error.value) and "earlier trace is kept" in str(error.value)
+    assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace"]

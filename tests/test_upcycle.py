@@ -138,6 +138,40 @@ def test_prompts_router_init(tmp_path):
         run("builtin:tiny-dense", tmp_path / "bad", experts=4, router_init="prompts", prompts=tmp_path / "three.json")
 
 
+def test_bad_prompts_are_one_line_errors_before_any_work(tmp_path, monkeypatch):
+    """--prompts: every prompt a text that is not blank and gives token ids of the model's vocabulary; a bad
+    one is a UsageError naming the file, list and prompt, and nothing is written."""
+    from moetool.runner import data
+
+    cases = {'[[1], [2]]': r"list 1, prompt 1 is 1: each prompt must be a text",
+             '[[""], ["b"]]': r"list 1, prompt 1 is \"\": each prompt must be a text that is not blank",
+             '[["a"], ["b", " \\n"]]': r"list 2, prompt 2 is \" \\n\"",
+             '[["a"], [null]]': r"list 2, prompt 1 is null", '[["a"], [["b"]]]': r"list 2, prompt 1 is \[\"b\"\]",
+             '[["a"], []]': r"not a JSON list of non-empty prompt lists", '[[1], [2]': r"not a JSON list",
+             "[" * 100_000: r"not a JSON list", '{"a": ["b"]}': r"not a JSON list"}
+    for n, (text, message) in enumerate(cases.items()):
+        (tmp_path / f"p{n}.json").write_text(text)
+        with pytest.raises(UsageError, match=rf"p{n}\.json: {message}"):
+            run("builtin:tiny-dense", tmp_path / "out", experts=2, top_k=1, router_init="prompts",
+                prompts=tmp_path / f"p{n}.json")
+    (tmp_path / "ok.json").write_text(json.dumps([["To be, or not to be"], ["Friends, Romans"]]))
+    tokenize = data.tokenize
+    fake = {"none": lambda texts, path: [] if texts == ["Friends, Romans"] else tokenize(texts, path),
+            "outside": lambda texts, path: [5, 10**6]}
+    for name, message in (("none", r"list 2, prompt 1 gives no tokens"),
+                          ("outside", r"list 1, prompt 1 gives token id 1000000, outside the model's vocabulary")):
+        monkeypatch.setattr(data, "tokenize", fake[name])
+        with pytest.raises(UsageError, match=r"ok\.json: " + message):
+            run("builtin:tiny-dense", tmp_path / "out", experts=2, top_k=1, router_init="prompts",
+                prompts=tmp_path / "ok.json")
+    monkeypatch.setattr(data, "tokenize", tokenize)
+    assert not (tmp_path / "out").exists()
+    cli = subprocess.run([sys.executable, "-m", "moetool", "upcycle", "builtin:tiny-dense", str(tmp_path / "out"),
+                          "--experts", "2", "--top-k", "1", "--router-init", "prompts", "--prompts",
+                          str(tmp_path / "p1.json")], capture_output=True, text=True)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr and "list 1, prompt 1" in cli.stderr
+
+
 @pytest.mark.parametrize("average", [False, True])
 def test_several_sources(tmp_path, tiny, average):
     """Branch-Train-MiX: expert e from source e mod 2; shared tensors from the first or averaged."""

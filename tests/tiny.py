@@ -142,3 +142,28 @@ def save_tiny(family: str, path: Path, *, fused: bool = False, seed: int = 0) ->
     model.save_pretrained(path, save_original_format=not fused)
     (path / "expected.json").write_text(json.dumps({"params": param_count(model)}))
     return path
+
+
+# Variants of a family's tiny model that exercise what its usual config does not (not in TINY, which
+# lists one model per family): name -> (family, overrides of its TINY kwargs)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    # Granite 4.0 dense hybrid (as granite-4.0-micro / -h-1b): no experts, shared_mlp in every layer
+    "granitemoehybrid-dense": ("granitemoehybrid", dict(num_local_experts=0, num_experts_per_tok=0)),
+    # ERNIE with biases on attention, on every MLP (dense and shared experts) and on the tied lm_head
+    "ernie4_5_moe-bias": ("ernie4_5_moe", dict(use_bias=True)),
+    "ernie4_5_moe-bias-untied": ("ernie4_5_moe", dict(use_bias=True, tie_word_embeddings=False)),
+    # PhiMoE whose config asks for one expert a token (transformers' sparsemixer routes two anyway)
+    "phimoe-k1": ("phimoe", dict(num_experts_per_tok=1)),
+}
+
+
+def build_variant(name: str, seed: int = 0, **overrides):
+    """Instantiate variant NAME (see VARIANTS) with random weights; OVERRIDES change its config further."""
+    import torch
+    import transformers
+
+    family, changes = VARIANTS[name]
+    cls_name, kwargs = TINY[family]
+    config = getattr(transformers, cls_name)(**{**kwargs, **changes, **overrides})
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()

@@ -330,7 +330,8 @@ def generic_role(name: str) -> Role:
     last = name.rsplit(".", 2)
     tail = ".".join(last[-2:]).lower()
     if "lm_head" in name or name in ("output.weight", "embed_out.weight"):
-        return Role.LM_HEAD
+        # a bias of its own is never tied with the embedding (ERNIE's use_bias, PhiMoE's lm_head_bias)
+        return Role.LM_HEAD_BIAS if name.endswith(".bias") else Role.LM_HEAD
     dotted = "." + name
     if any(word in dotted for word in _TOKEN_EMBEDDINGS) or dotted.endswith(".shared.weight"):
         return Role.EMBED

@@ -19,6 +19,7 @@ class Role(str, Enum):
 
     EMBED = "embed"
     LM_HEAD = "lm_head"
+    LM_HEAD_BIAS = "lm_head_bias"              # not tied with the embedding when the weight is (ERNIE's use_bias)
     ATTN = "attn"
     NORM = "norm"
     Q_NORM = "q_norm"                         # norms on queries and keys (OLMoE)
@@ -40,9 +41,13 @@ class Role(str, Enum):
     SHARED_DOWN = "shared_down"
     SHARED_GATE_UP = "shared_gate_up"
     SHARED_ROUTER = "shared_router"            # Qwen2-MoE's sigmoid gate on the shared expert
+    SHARED_GATE_BIAS = "shared_gate_bias"      # ERNIE's use_bias
+    SHARED_UP_BIAS = "shared_up_bias"
+    SHARED_DOWN_BIAS = "shared_down_bias"
     DENSE_GATE = "dense_gate"
     DENSE_UP = "dense_up"
     DENSE_DOWN = "dense_down"
+    DENSE_GATE_BIAS = "dense_gate_bias"
     DENSE_UP_BIAS = "dense_up_bias"
     DENSE_DOWN_BIAS = "dense_down_bias"
     OTHER = "other"
@@ -50,7 +55,8 @@ class Role(str, Enum):
 
 # Parameter-count categories (what inspect reports) for every role.
 CATEGORY: dict[Role, str] = {
-    Role.EMBED: "embedding", Role.LM_HEAD: "lm_head", Role.ATTN: "attention", Role.NORM: "other",
+    Role.EMBED: "embedding", Role.LM_HEAD: "lm_head", Role.LM_HEAD_BIAS: "lm_head", Role.ATTN: "attention",
+    Role.NORM: "other",
     Role.Q_NORM: "attention", Role.K_NORM: "attention",
     Role.ROUTER: "router", Role.ROUTER_BIAS: "router", Role.ROUTER_CORRECTION: "router",
     Role.SHARED_ROUTER: "router",
@@ -61,8 +67,11 @@ CATEGORY: dict[Role, str] = {
     Role.EXPERT_DOWN_BIAS: "routed_experts", Role.MOE_OUTPUT_BIAS: "other",
     Role.SHARED_GATE: "shared_experts", Role.SHARED_UP: "shared_experts",
     Role.SHARED_DOWN: "shared_experts", Role.SHARED_GATE_UP: "shared_experts",
+    Role.SHARED_GATE_BIAS: "shared_experts", Role.SHARED_UP_BIAS: "shared_experts",
+    Role.SHARED_DOWN_BIAS: "shared_experts",
     Role.DENSE_GATE: "dense_mlp", Role.DENSE_UP: "dense_mlp", Role.DENSE_DOWN: "dense_mlp",
-    Role.DENSE_UP_BIAS: "dense_mlp", Role.DENSE_DOWN_BIAS: "dense_mlp", Role.OTHER: "other",
+    Role.DENSE_GATE_BIAS: "dense_mlp", Role.DENSE_UP_BIAS: "dense_mlp", Role.DENSE_DOWN_BIAS: "dense_mlp",
+    Role.OTHER: "other",
 }
 CATEGORIES = ("embedding", "lm_head", "attention", "router", "routed_experts", "shared_experts",
               "dense_mlp", "other")
@@ -85,8 +94,9 @@ DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
     Role.EXPERT_GATE_BIAS: ("I",),
     Role.SHARED_GATE: ("S", "H"), Role.SHARED_UP: ("S", "H"), Role.SHARED_DOWN: ("H", "S"),
     Role.SHARED_GATE_UP: ("2S", "H"), Role.SHARED_ROUTER: ("1", "H"),
+    Role.SHARED_GATE_BIAS: ("S",), Role.SHARED_UP_BIAS: ("S",), Role.SHARED_DOWN_BIAS: ("H",),
     Role.DENSE_GATE: ("D", "H"), Role.DENSE_UP: ("D", "H"), Role.DENSE_DOWN: ("H", "D"),
-    Role.DENSE_UP_BIAS: ("D",), Role.DENSE_DOWN_BIAS: ("H",),
+    Role.DENSE_GATE_BIAS: ("D",), Role.DENSE_UP_BIAS: ("D",), Role.DENSE_DOWN_BIAS: ("H",),
 }
 
 
@@ -101,7 +111,31 @@ class Router:
     scaling_key: str | None = None  # config key of a factor applied to the weights
     notes: str = ""
     group_keys: tuple[str, str] = ("n_group", "topk_group")   # config keys: groups, groups kept
-    method_key: str | None = "topk_method"   # config key naming greedy (no groups) selection
+    # config key choosing between greedy and group-limited selection (None: transformers always selects
+    # by groups when group_limited), and the values of it that select by groups
+    method_key: str | None = "topk_method"
+    group_methods: tuple[str, ...] = ("group_limited_greedy",)
+    # transformers' config-class defaults of the router keys above, for a config.json that omits them
+    config_defaults: tuple[tuple[str, Any], ...] = ()
+    # experts a group's score is taken from: DeepSeek-V3 sums each group's best two, V2 takes its best one
+    group_score_experts: int = 2
+
+    def setting(self, cfg: Config, key: str) -> Any:
+        """Config KEY as transformers reads it: the config's value, else its config class's default."""
+        value = cfg.get(key)
+        return dict(self.config_defaults).get(key) if value is None else value
+
+    def groups(self, cfg: Config) -> tuple[int, int | None] | None:
+        """(groups, groups kept) when transformers' router selects experts within the best groups of
+        more than one, else None (greedy selection, or a single group)."""
+        if not self.group_limited:
+            return None
+        if self.method_key is not None and self.setting(cfg, self.method_key) not in self.group_methods:
+            return None
+        groups, kept = (self.setting(cfg, key) for key in self.group_keys)
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 1:
+            return None
+        return groups, kept if isinstance(kept, int) and not isinstance(kept, bool) else None
 
 
 Config = dict[str, Any]
@@ -163,6 +197,11 @@ class Family:
     prune_unsupported: str | None = None     # why experts cannot be removed from this family, if so
     # the fewest experts a layer may keep and still run as an MoE in transformers, and why
     min_kept: tuple[int, str] = (1, "")
+    # the shared MLP is in every layer: in a dense layer (no routed experts) it is the layer's MLP and
+    # is counted as such (Granite 4.0 hybrid, whose dense variant has num_local_experts 0)
+    shared_in_dense_layers: bool = False
+    # roles stored only when a config key is true (ERNIE's MLP biases: use_bias)
+    role_keys: dict[Role, str] = field(default_factory=dict)
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys

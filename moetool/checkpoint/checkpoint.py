@@ -255,23 +255,41 @@ def read_config(path: Path) -> dict[str, Any]:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:   # (the decoder recurses once per nesting level)
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: is not a JSON object")
     return config
 
 
-def _safe_member(root: Path, name: str, index: Path) -> Path:
-    """The shard file an index names, refusing names that leave ROOT.
+def link_boundary(root: Path) -> Path:
+    """The folder ROOT's files may lead into through symlinks: ROOT itself (resolved) or, for a
+    Hugging Face cache snapshot (.../snapshots/REVISION, whose files link to ../../blobs/), the
+    repository's cache folder that holds the blobs."""
+    real = root.resolve()
+    return real.parents[1] if real.parent.name == "snapshots" and len(real.parents) > 1 else real
 
-    The check is on the name itself (no absolute paths, no '..'), not on where a symlink
-    leads: the Hugging Face cache links every file of a snapshot to ../../blobs/.
-    """
+
+def check_inside(root: Path, path: Path, *, boundary: Path | None = None) -> Path:
+    """PATH (a file in the checkpoint folder ROOT), refused when it is a symlink leading out of the
+    folder (see link_boundary): its bytes would be read, or copied into an output, from elsewhere."""
+    boundary = boundary or link_boundary(root)
+    target = path.resolve()
+    if not target.is_relative_to(boundary):
+        raise CheckpointFormatError(f"{path}: is a link to {target}, outside the checkpoint folder {root}",
+                                    hint="copy the file into the folder instead of linking to it")
+    return path
+
+
+def _safe_member(root: Path, name: str, index: Path) -> Path:
+    """The shard file an index names, refusing names that leave ROOT and symlinks leading out of it
+    (those of a Hugging Face cache snapshot, into the repository's blobs/, are followed)."""
     if not name or Path(name).is_absolute() or "\\" in name or ".." in Path(name).parts:
         raise CheckpointFormatError(f"{index}: shard {name!r} points outside the checkpoint folder")
     path = root / name
     if not path.is_file():
         raise CheckpointFormatError(f"{index}: names shard {name!r}, which does not exist")
-    return path
+    return check_inside(root, path)
 
 
 def read_index(index: Path) -> tuple[dict[str, str], set[str]]:
@@ -284,7 +302,7 @@ def read_index(index: Path) -> tuple[dict[str, str], set[str]]:
         files = set(weight_map.values())   # (a TypeError for unhashable values)
         if not all(isinstance(f, str) for f in files):
             raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
         raise CheckpointFormatError(f"{index}: not a valid index (needs a 'weight_map' object of "
                                     "tensor name -> shard file name)") from None
     return weight_map, files
@@ -316,12 +334,13 @@ def _open_local(path: Path, source: str) -> Checkpoint:
     if not config_path.exists():
         raise ConfigError(f"{config_path}: not found; a checkpoint folder needs its config.json",
                           hint="to look at a bare weights file, pass the file itself")
-    config = read_config(config_path)
+    boundary = link_boundary(root)
+    config = read_config(check_inside(root, config_path, boundary=boundary))
 
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = root / index_name
         if index.exists():
-            return _open_indexed(root, index, config, source)
+            return _open_indexed(root, check_inside(root, index, boundary=boundary), config, source)
 
     single = root / "model.safetensors"
     files = [single] if single.exists() else sorted(root.glob("*.safetensors"))
@@ -329,6 +348,7 @@ def _open_local(path: Path, source: str) -> Checkpoint:
         files = sorted(root.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointFormatError(f"{root}: no .safetensors or pytorch_model*.bin weights found")
+    files = [check_inside(root, f, boundary=boundary) for f in files]
     return _open_files(root, files, config=config, kind="dir", source=source)
 
 

@@ -173,33 +173,39 @@ class _Reader:
 
     def skip(self, kind: int, count: int) -> int:
         """Step over COUNT values of type KIND without decoding them; returns how many strings
-        or scalars they are (the items of nested arrays counted, as gguf-py does)."""
-        if not count:
-            return 0
-        if kind == STRING:
-            if count > (self.size - self.pos) // 8:   # each takes 8 bytes at least: a corrupt count
-                raise _Ended
-            buf, at, u64 = self.buf, self.pos, self._u64
-            for _ in range(count):
-                at += 8 + u64(buf, at)[0]
-            if at > self.size:
-                raise _Ended
-            self.pos = at
-            return count
-        if kind == ARRAY:
-            items = 0
-            for _ in range(count):
+        or scalars they are (the items of nested arrays counted, as gguf-py does). Nested arrays
+        are walked with a stack, not recursion: a file may nest them thousands deep."""
+        items = 0
+        pending = [(kind, count)]   # (type, values of it still to step over), innermost last
+        while pending:
+            kind, count = pending.pop()
+            if not count:
+                continue
+            if kind == ARRAY:   # the next array's header; its items, then the rest of this run
+                if count > 1:
+                    pending.append((ARRAY, count - 1))
                 item, n = self.u32(), self.u64()
                 if n and item not in VALUE_TYPES:
                     raise _UnknownType(item)
-                items += self.skip(item, n)
-            return items
-        if kind not in SCALAR_FORMATS:
-            raise _UnknownType(kind)
-        self.pos += struct.calcsize(SCALAR_FORMATS[kind]) * count
-        if self.pos > self.size:
-            raise _Ended
-        return count
+                pending.append((item, n))
+                continue
+            if kind == STRING:
+                if count > (self.size - self.pos) // 8:   # each takes 8 bytes at least: a corrupt count
+                    raise _Ended
+                buf, at, u64 = self.buf, self.pos, self._u64
+                for _ in range(count):
+                    at += 8 + u64(buf, at)[0]
+                if at > self.size:
+                    raise _Ended
+                self.pos = at
+            elif kind in SCALAR_FORMATS:
+                self.pos += struct.calcsize(SCALAR_FORMATS[kind]) * count
+                if self.pos > self.size:
+                    raise _Ended
+            else:
+                raise _UnknownType(kind)
+            items += count
+        return items
 
 
 def read_header(path: Path) -> GgufHeader:

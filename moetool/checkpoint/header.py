@@ -28,6 +28,7 @@ DTYPE_BYTES: dict[str, int] = {
 _DTYPES = {name: (name, size) for name, size in DTYPE_BYTES.items()}
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+MAX_U64 = (1 << 64) - 1         # the largest dimension and element count safetensors reads (a usize)
 
 
 # (name, dtype, shape, start, end): absolute byte range [start, end) in the file
@@ -48,6 +49,8 @@ def parse_header(raw: bytes, *, where: str, data_start: int, file_size: int | No
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointFormatError(f"{where}: header is not valid JSON ({exc})") from None
+    except RecursionError:   # (the decoder recurses once per nesting level)
+        raise CheckpointFormatError(f"{where}: header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{where}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -77,14 +80,23 @@ def parse_header(raw: bytes, *, where: str, data_start: int, file_size: int | No
                 f"{where}: tensor {name!r} lacks dtype, shape or data_offsets") from None
         except (TypeError, ValueError):
             raise CheckpointFormatError(f"{where}: tensor {name!r} has malformed fields") from None
-        nbytes = itemsize
+        count = 1
         try:
             for dim in shape:
-                if type(dim) is not int or dim < 0:
+                if type(dim) is not int or not 0 <= dim <= MAX_U64:
                     raise TypeError
-                nbytes *= dim
+                count *= dim
+                if count > MAX_U64:   # as safetensors counts, in 64 bits: [2**40, 2**40, 0] overflows
+                    raise OverflowError
         except TypeError:
             raise CheckpointFormatError(f"{where}: tensor {name!r} has an invalid shape {shape!r}") from None
+        except OverflowError:
+            raise CheckpointFormatError(f"{where}: tensor {name!r} has shape {shape!r}, whose element count "
+                                        "overflows 64 bits") from None
+        nbytes = count * itemsize
+        if nbytes * 8 > MAX_U64:   # (safetensors counts bits)
+            raise CheckpointFormatError(f"{where}: tensor {name!r} has shape {shape!r}, too large for a "
+                                        "safetensors file")
         if type(begin) is not int or type(end) is not int or begin < 0 or end < begin:
             raise CheckpointFormatError(f"{where}: tensor {name!r} has invalid data_offsets")
         if end - begin != nbytes:

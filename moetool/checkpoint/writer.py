@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
-from moetool.checkpoint.checkpoint import BYTES_READ
-from moetool.checkpoint.header import DTYPE_BYTES
+from moetool.checkpoint.checkpoint import BYTES_READ, check_inside, link_boundary
+from moetool.checkpoint.header import DTYPE_BYTES, MAX_HEADER_BYTES
 from moetool.errors import MoetoolError, OutputExistsError, OutputWriteError, UsageError
 
 log = logging.getLogger(__name__)
@@ -218,28 +218,52 @@ def write_shards(folder: Path, shards: list[ShardPlan], metadata: dict[str, str]
 def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside OUT; on success it becomes OUT, on any failure it is removed.
 
-    An existing OUT is refused unless FORCE, and then replaced only after the new one is complete.
+    An existing OUT is refused unless FORCE (and it is an earlier output, see is_checkpoint_output),
+    and then replaced only after the new one is complete: moved aside, and put back if the new one
+    cannot take its place (an error, or Ctrl-C between the two renames).
     """
     out = out.absolute()
-    check_replaceable(out, force, ("config.json", "*.safetensors"))
+    check_replaceable(out, force, is_checkpoint_output)
     created = missing_parents(out)   # removed again if the write fails
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.moetool-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    old = None      # where the earlier output is moved aside
+    placed = False  # the new output is at OUT
     try:
         yield tmp
         if out.exists():
-            old = out.parent / f".{out.name}.moetool-old-{os.getpid()}"
+            old = unused_path(out.parent / f".{out.name}.moetool-old-{os.getpid()}")
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            placed = True
+            shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+            placed = True
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_empty(created)
+        if placed and old is not None:   # interrupted while the earlier output was being removed
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and old.exists() and not out.exists():
+                try:
+                    old.rename(out)
+                except OSError as exc:
+                    raise OutputWriteError(f"{out}: writing failed, and the earlier output could not be "
+                                           f"put back ({exc.strerror or exc}); it is at {old}") from None
+            remove_empty(created)
         raise
+
+
+def unused_path(path: Path) -> Path:
+    """PATH, or PATH.1, PATH.2... if it exists (a folder left by a process of the same id)."""
+    candidate, n = path, 0
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def materialize(tensor: OutputTensor):
@@ -270,12 +294,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 
 def side_files(ckpt) -> list[Path]:
     """Files an output copies from its source as they are: tokenizer, generation config, chat
-    template... (not weights, indexes, config.json, the model card or hidden files)."""
+    template... (not weights, indexes, config.json, the model card or hidden files). A symlink among
+    them leading out of the source folder is refused: what it points to would be copied."""
     if ckpt.root is None or ckpt.kind == "file":
         return []
-    return [p for p in sorted(ckpt.root.iterdir()) if p.is_file() and p.name not in ("config.json", "README.md")
-            and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
-            and not p.name.startswith(".")]
+    files = [p for p in sorted(ckpt.root.iterdir()) if p.is_file() and p.name not in ("config.json", "README.md")
+             and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
+             and not p.name.startswith(".")]
+    boundary = link_boundary(ckpt.root)
+    return [check_inside(ckpt.root, p, boundary=boundary) for p in files]
 
 
 def _source_folder(ckpt) -> Path | None:
@@ -299,10 +326,40 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
-def check_replaceable(out: Path, force: bool, markers: tuple[str, ...]) -> None:
+OUTPUT_MARK = "moetool_op"   # __metadata__ key of every shard moetool writes (the operation that wrote it)
+
+
+def _shard_metadata(path: Path) -> dict | None:
+    """The __metadata__ of a safetensors file, read without validating the rest (None if unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > MAX_HEADER_BYTES:
+                return None
+            header = json.loads(fh.read(length))
+    except (OSError, struct.error, ValueError, RecursionError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else None
+
+
+def is_checkpoint_output(folder: Path) -> bool:
+    """FOLDER looks like a checkpoint moetool wrote: no subfolders, and safetensors shards that all
+    carry moetool's mark (OUTPUT_MARK in their metadata). Only such a folder is replaced (--force)."""
+    shards = []
+    for entry in folder.iterdir():
+        if entry.is_dir() or entry.is_symlink():
+            return False
+        if entry.name.endswith(".safetensors"):
+            shards.append(entry)
+    return bool(shards) and all(isinstance((_shard_metadata(p) or {}).get(OUTPUT_MARK), str) for p in shards)
+
+
+def check_replaceable(out: Path, force: bool, earlier_output: Callable[[Path], bool]) -> None:
     """Refuse an output folder OUT that would replace what it must not: the current folder or one
     holding it (an empty OUT is the current folder), something not a folder, or (with FORCE) a folder
-    holding files but none of MARKERS (glob patterns of what an earlier output holds)."""
+    that is neither empty nor an earlier output, as EARLIER_OUTPUT(folder) says (is_checkpoint_output,
+    or a trace's check)."""
     target, here = out.resolve(), Path.cwd().resolve()
     if target == here or here.is_relative_to(target):
         raise UsageError(f"{out}: is the current folder, or holds it; the output must be a new folder")
@@ -312,8 +369,8 @@ def check_replaceable(out: Path, force: bool, markers: tuple[str, ...]) -> None:
         raise UsageError(f"{out}: exists and is not a folder; the output is a folder", hint="write to a new path")
     if not force:
         raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
-    if any(out.iterdir()) and not any(next(out.glob(m), None) for m in markers):
-        raise UsageError(f"{out}: holds files, but no earlier output ({', '.join(markers)}); --force replaces "
+    if any(out.iterdir()) and not earlier_output(out):
+        raise UsageError(f"{out}: holds files, but is no earlier output of moetool; --force replaces "
                          "outputs only", hint="remove it yourself, or write to a new folder")
 
 
@@ -339,7 +396,7 @@ def write_checkpoint(out: Path, shards: list[ShardPlan], *, op: str, config: dic
     a model card; CHECK(tmp folder) runs before the rename. A write failure leaves nothing behind."""
     from moetool import __version__
 
-    metadata = {"format": "pt", "moetool_version": __version__, "moetool_op": op}
+    metadata = {"format": "pt", "moetool_version": __version__, OUTPUT_MARK: op}
     try:
         with atomic_folder(out, force=force) as tmp:
             write_shards(tmp, shards, metadata, progress, workers, prefetch)

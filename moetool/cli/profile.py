@@ -56,7 +56,8 @@ def profile(
     from_trace: Annotated[Path | None, typer.Option(**PATH, help="Compute the report from a trace (moetool's, or vLLM "
                                                     "routed-experts .npy arrays) instead of running the model; "
                                                     "MODEL gives the structure.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an earlier --trace folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier --trace folder, and existing --csv, "
+                                        "--plot and --html files (never the model's or the input's own).")] = False,
     json_out: JsonOpt = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", **PATH, help="Write per-expert rows as CSV.")] = None,
     plot: Annotated[Path | None, typer.Option(**PATH, help="Write the figures as a PNG (needs "
@@ -81,10 +82,11 @@ def profile(
     primary = is_primary()
     if plot or html_out:
         profile_files.require_matplotlib()   # before the run, not after it
-    for path in (csv_out, plot, html_out):
-        if path is not None:
-            profile_files.check_report_path(path)
+    reports = {"--csv": csv_out, "--plot": plot, "--html": html_out}
+    inputs = {"--data": data, "--token-ids": token_ids, "--chat-template": chat_template, "--from-trace": from_trace}
+    profile_files.check_report_paths(reports, force=force, inputs=inputs)   # before the model is opened
     with open_checkpoint(model, headers_only=from_trace is not None) as ckpt:
+        profile_files.check_report_paths(reports, force=force, source=ckpt, inputs=inputs)
         with PassProgress(enabled=primary and not json_out) as progress:
             report = run_profile(ckpt, options, progress=progress.update)
     if not primary:   # torchrun: rank 0 alone prints and writes

@@ -172,7 +172,7 @@ def _render(report, dry_run: bool, out: Path, experts_table: bool) -> None:
     stdout.print(f"  routed experts: {report.expert_bits:.3f} bits per parameter, {size(report.expert_bytes_before)}"
                  f" -> {size(report.expert_bytes_after)}")
     if report.rule_tensors:
-        stdout.print(f"  other weights quantized by rules: {len(report.rule_tensors)}")
+        stdout.print(f"  other weights quantized (by --rules, or the layout): {len(report.rule_tensors)}")
     stdout.print(f"  checkpoint: {size(report.bytes_before)} -> {size(report.bytes_after)}"
                  + ("" if dry_run else f"; written to {esc(str(out))}"))
     if report.llama_quantize:

@@ -248,10 +248,11 @@ class _Planner:
         fmt = self.recorded.get(ref.name)
         if fmt is not None:
             blob = parts.get(f"quant_state.bitsandbytes__{fmt.kind}")
-            shape = fmt.original_shape(ref.shape, blob.load if blob is not None else None)
+            shape = fmt.original_shape(ref.shape, blob.load if blob is not None else None, ref.name,
+                                       {k: v.shape for k, v in parts.items()})
             self.actions[f"dequantized {fmt.id}"] += 1
             return ComputedRef(ref.name, out, shape, lambda: fmt.dequantize(
-                {"": ref.load(), **{"." + k: v.load() for k, v in parts.items()}}, shape, torch_out))
+                {"": ref.load(), **{"." + k: v.load() for k, v in parts.items()}}, shape, torch_out, name=ref.name))
         if "scale_inv" in parts and ref.dtype.startswith("F8"):
             if len(ref.shape) != 2:
                 raise UnsupportedError(f"{ref.name}: block-fp8 dequantization handles 2-D weights only")
@@ -270,8 +271,10 @@ class _Planner:
         state = next((v for k, v in parts.items() if k.startswith("quant_state.bitsandbytes__")), None)
         if state is not None:
             self.actions["dequantized bitsandbytes 4-bit"] += 1
-            return ComputedRef(ref.name, out, dequant.bnb4_shape(state.load()), lambda: dequant.dequantize_bnb4(
-                {"weight": ref.load(), **{k: v.load() for k, v in parts.items()}}, torch_out))
+            shape = dequant.bnb4_shape(state.load(), ref.shape, name=ref.name,
+                                       parts={k: v.shape for k, v in parts.items()})
+            return ComputedRef(ref.name, out, shape, lambda: dequant.dequantize_bnb4(
+                {"weight": ref.load(), **{k: v.load() for k, v in parts.items()}}, torch_out, name=ref.name))
         if "SCB" in parts:
             scb = parts["SCB"]
             self.actions["dequantized bitsandbytes int8"] += 1

@@ -258,6 +258,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
 
     dims = _read_dims(family, cfg, where)
     guessed = family is None
+    _check_fixed_top_k(family, dims, cfg, problems)
     tally = _classify(ckpt, family, Classifier(family, dims.decoder_offset), dims, cfg)
     if gguf:
         _gguf_checks(family, dims, cfg, tally, problems)
@@ -275,8 +276,10 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     moe_layers = [L for L in range(dims.num_layers) if _is_moe(family, cfg, L, guessed, by_tensors, where)]
     layout = _detect_layout(family, tally, problems)
     if family is not None:
-        _check_expected(family, dims, moe_layers, layout, tally, problems)
+        _check_expected(family, dims, cfg, moe_layers, layout, tally, problems)
         _check_shapes(family, dims, tally, problems, squeeze=gguf)
+        if family.shared_in_dense_layers:
+            _shared_as_dense(set(moe_layers), tally)
     layers, routed_active = _layer_table(family, dims, moe_layers, tally, problems)
     _apply_tie(dims, tally)
     for name in tally.unexpected[:1]:
@@ -294,7 +297,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     if not moe_layers or all(info.top_k is not None for info in layers if info.kind == "moe"):
         non_routed = total - routed_total - tally.params["embedding"]
         embed = tally.params["embedding"]
-        tied_head = embed if dims.tie and not tally.params["lm_head"] else 0
+        tied_head = embed if dims.tie and not _head_weight(tally) else 0
         active = non_routed + routed_active + tied_head
         active_emb = active + embed - tied_head
         active_bare = active - tally.params["lm_head"] - tied_head
@@ -327,7 +330,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         dense_layers=[i.index for i in layers if i.kind == "dense"], hidden_size=dims.hidden,
         vocab_size=dims.vocab, num_experts=dims.experts, top_k=dims.top_k, expert_ffn=dims.expert_ffn,
         num_shared_experts=dims.num_shared if moe_layers else 0,
-        shared_ffn=dims.shared_ffn if dims.num_shared else None, dense_ffn=dims.dense_ffn,
+        shared_ffn=dims.shared_ffn if dims.num_shared and moe_layers else None, dense_ffn=dims.dense_ffn,
         tied_embeddings=bool(dims.tie), router=_router_info(family, cfg, dims) if moe_layers else None,
         params={c: tally.params[c] for c in CATEGORIES}, total_params=total, active_params=active,
         active_params_with_embedding=active_emb, active_params_without_embeddings=active_bare,
@@ -598,9 +601,14 @@ def _compressed_bits(cfg: dict) -> int:
     return 4
 
 
+def _head_weight(tally: _Tally) -> int:
+    """The lm_head weight's parameters counted (not its bias, which tying leaves the head's own)."""
+    return sum(sum(g.params) for g in tally.groups if g.match.role == Role.LM_HEAD)
+
+
 def _apply_tie(dims: _Dims, tally: _Tally) -> None:
-    """Tied embeddings: transformers counts the shared matrix once."""
-    has_head = tally.params["lm_head"] > 0
+    """Tied embeddings: transformers counts the shared matrix once (an lm_head bias stays the head's)."""
+    has_head = _head_weight(tally) > 0
     if dims.tie is None:
         dims.tie = not has_head
     if dims.tie and has_head:
@@ -638,7 +646,43 @@ def _template_alternatives(template) -> tuple[str, ...]:
     return (template,) if isinstance(template, str) else template
 
 
-def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: str | None,
+def _check_fixed_top_k(family: Family | None, dims: _Dims, cfg: dict, problems: list[Problem]) -> None:
+    """A family whose transformers router routes a fixed number of experts (PhiMoE's sparsemixer: two)
+    while the config's top-k key says another: transformers ignores the key, and so does the report."""
+    if family is None or family.top_k is None or not family.keys.get("top_k") or family.gguf_arch:
+        return
+    stated = first_key(cfg, family.keys["top_k"])
+    if stated is not None and stated != dims.top_k:
+        problems.append(Problem("warning", "top_k_ignored",
+                                f"{family.keys['top_k'][0]} is {stated!r}, but transformers' {family.title} router "
+                                f"always routes {dims.top_k} experts per token; top-k and active parameters "
+                                f"are given for {dims.top_k}"))
+
+
+def _shared_as_dense(moe: set[int], tally: _Tally) -> None:
+    """A family whose shared MLP is in every layer: in the layers without experts it is the dense MLP."""
+    for g in list(tally.groups):
+        if g.match.role not in SHARED_ROLES or g.category != CATEGORY[g.match.role] or g.layers[0] is None:
+            continue
+        dense = [layer not in moe for layer in g.layers]
+        if not any(dense):
+            continue
+        moved = sum(compress(g.params, dense))
+        tally.params[g.category] -= moved
+        tally.params["dense_mlp"] += moved
+        if all(dense):
+            g.category = "dense_mlp"
+            continue
+        kept = list(map(not_, dense))
+        columns = ("index", "refs", "shapes", "layers", "experts", "params")
+        g_dense = _Group(g.match, "dense_mlp", *(list(compress(getattr(g, c), dense)) for c in columns))
+        for c in columns:
+            setattr(g, c, list(compress(getattr(g, c), kept)))
+        g._pairs = None
+        tally.groups.append(g_dense)
+
+
+def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int], layout: str | None,
                     tally: _Tally, problems: list[Problem]) -> None:
     """Compare the tensors the config calls for with those stored, per (role, layer).
 
@@ -650,6 +694,8 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
     expected: dict[tuple, str] = {}   # (role, layer) -> template
     seq2seq = family.decoder_offset is not None
     for role, template in family.templates(layout).items():
+        if role in family.role_keys and not cfg.get(family.role_keys[role]):
+            continue   # stored only when a config key says so (ERNIE's biases)
         for tpl in _template_alternatives(template):
             if "{L}" not in tpl and "{D}" not in tpl:
                 if not (role == Role.LM_HEAD and dims.tie is not False):
@@ -662,7 +708,8 @@ def _check_expected(family: Family, dims: _Dims, moe_layers: list[int], layout: 
             for layer in layers:
                 if role in MOE_LAYER_ROLES and layer not in moe:
                     continue
-                if role in SHARED_ROLES and (layer not in moe or not dims.num_shared):
+                if role in SHARED_ROLES and (not dims.num_shared or
+                                             (layer not in moe and not family.shared_in_dense_layers)):
                     continue
                 if role in DENSE_ROLES and layer in moe:
                     continue
@@ -894,14 +941,12 @@ def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any
     router = family.router
     renorm = router.renormalize
     if isinstance(renorm, str):
-        renorm = bool(cfg.get(renorm, False))
+        renorm = bool(router.setting(cfg, renorm))
     groups = None
-    group_key, kept_key = router.group_keys
-    if router.group_limited and (cfg.get(group_key) or 1) > 1 and (router.method_key is None or
-                                                                  cfg.get(router.method_key, "group_limited_greedy")
-                                                                  not in ("greedy", "gready")):
-        groups = {"n_group": cfg.get(group_key), "topk_group": cfg.get(kept_key)}
-    scaling = cfg.get(router.scaling_key) if router.scaling_key else None
+    selected = router.groups(cfg)   # as transformers reads the config (its class's defaults included)
+    if selected is not None:
+        groups = {"n_group": selected[0], "topk_group": selected[1]}
+    scaling = router.setting(cfg, router.scaling_key) if router.scaling_key else None
     parts = [router.score, f"top-{dims.top_k}"]
     if router.correction_bias:
         parts.append("chosen on score + correction bias")

@@ -21,7 +21,7 @@ from moetool.runner.device import pick_device, pick_dtype
 from moetool.runner.engine import micro_batches
 from moetool.runner.model import check_runnable, load_model, runnable
 from moetool.runner.stats import LayerTotals, RoutingStats, window_unit
-from moetool.runner.trace import HEADER, TraceError, TraceWriter, open_trace
+from moetool.runner.trace import TraceError, TraceWriter, is_trace_output, open_trace
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     model_ckpt = runnable(ckpt)   # a GGUF as the transformers checkpoint it stands for, built once
     if options.trace is not None:   # before the run, not after it
         refuse_inside_source(Path(options.trace), ckpt)
-        check_replaceable(Path(options.trace).absolute(), options.force, (HEADER, "rank-*"))
+        check_replaceable(Path(options.trace).absolute(), options.force, is_trace_output)
     device = pick_device(options.device, local_rank=world.local_rank if world.distributed else None)
     dtype = pick_dtype(options.dtype, device)
     distributed.init(world, device)
@@ -321,9 +321,10 @@ def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, calibr
                                     from_trace=None), progress)
         return {lp.layer: lp.__dict__ for lp in report.layers}
     try:
-        layers = {int(layer["layer"]): layer for layer in json.loads(Path(profile).read_text())["layers"]}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        report = json.loads(Path(profile).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise UsageError(f"{profile}: not a moetool profile --json file") from None
+    layers = profile_layers(report, profile)
     if sorted(layers) != structure.moe_layers or any(
             layers[info.index]["experts"] != info.experts or any(
                 isinstance(layers[info.index].get(k), list) and len(layers[info.index][k]) != info.experts
@@ -332,6 +333,65 @@ def routing_profile(ckpt: Checkpoint, structure, *, profile: Path | None, calibr
         raise UsageError(f"{profile}: this profile is of another model (its MoE layers or expert counts differ "
                          f"from {ckpt.source}'s)")
     return layers
+
+
+PROFILE_LISTS = ("counts", "weight_mass", "saliency", "activation_norm")   # per expert: what commands read
+
+
+def profile_layers(report: Any, path: Path) -> dict[int, dict[str, Any]]:
+    """The layers of REPORT (a `moetool profile --json` document read from PATH) by layer number, each checked:
+    `layer` and `experts` non-negative integers (each layer once), and each of PROFILE_LISTS null or a list of
+    `experts` finite numbers (non-negative integers for counts) or nulls (--json writes a NaN as null; a NaN or
+    infinity written as such is refused). Raises UsageError naming PATH and the field."""
+    def bad(where: str, why: str) -> UsageError:
+        return UsageError(f"{path}: not a moetool profile --json file: {where} {why}")
+
+    if not isinstance(report, dict):
+        raise UsageError(f"{path}: not a moetool profile --json file (not a JSON object)")
+    entries = report.get("layers")
+    if not isinstance(entries, list):
+        raise bad("its layers", "are missing" if entries is None else "are not a list")
+    layers: dict[int, dict[str, Any]] = {}
+    for n, entry in enumerate(entries):
+        where = f"layers[{n}]"
+        if not isinstance(entry, dict):
+            raise bad(where, "is not a JSON object")
+        for key in ("layer", "experts"):
+            if not _whole(entry.get(key)):
+                raise bad(f"{where}.{key}", "is missing" if key not in entry else
+                          f"is {_json_text(entry[key])}, not a non-negative integer")
+        if entry["layer"] in layers:
+            raise bad(f"{where}.layer", f"repeats layer {entry['layer']}")
+        for key in PROFILE_LISTS:
+            values = entry.get(key)
+            if values is None:
+                continue
+            if not isinstance(values, list) or len(values) != entry["experts"]:
+                raise bad(f"{where}.{key}", f"is {_json_text(values)}, not a list of {entry['experts']} values "
+                          f"(one per expert) or null")
+            fine = _whole if key == "counts" else _number
+            wrong = next((v for v in values if v is not None and not fine(v)), None)
+            if wrong is not None:
+                raise bad(f"{where}.{key}", f"holds {_json_text(wrong)}, not a "
+                          f"{'non-negative integer' if key == 'counts' else 'finite number'}")
+        layers[entry["layer"]] = entry
+    return layers
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_text(value: Any, limit: int = 40) -> str:
+    """VALUE as JSON, shortened to about LIMIT characters, for an error message."""
+    import json
+
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def calibration_defaults(ckpt: Checkpoint, calibration: ProfileOptions | None) -> ProfileOptions:

@@ -31,7 +31,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moetool.errors import OutputWriteError, UnsupportedError
+from moetool.checkpoint.writer import refuse_inside_source
+from moetool.errors import OutputExistsError, OutputWriteError, UnsupportedError, UsageError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure
@@ -364,13 +365,44 @@ def _png(fig: Figure, dpi: int) -> bytes:
     return buffer.getvalue()
 
 
-def check_report_path(path: Path) -> None:
-    """Refuse, before the run, a report file that cannot be written: a folder, or in none."""
+def check_report_paths(paths: dict[str, Path | None], *, force: bool = False, source=None,
+                       inputs: dict[str, Path | str | None] | None = None) -> None:
+    """Refuse, before the run, report files that cannot or must not be written. PATHS: each report's file
+    by its option (--csv, --plot, --html; None: not asked for); two reports may not share a file. See
+    `check_report_path` for FORCE, SOURCE and INPUTS."""
+    given = {option: Path(path) for option, path in paths.items() if path is not None}
+    seen: dict[Path, str] = {}
+    for option, path in given.items():
+        check_report_path(path, force=force, source=source, inputs=inputs)
+        target = path.resolve()
+        if target in seen:
+            raise UsageError(f"{path}: given to both {seen[target]} and {option}; each report needs a file of its own")
+        seen[target] = option
+
+
+def check_report_path(path: Path, *, force: bool = False, source=None,
+                      inputs: dict[str, Path | str | None] | None = None) -> None:
+    """Refuse, before the run, a report file that cannot or must not be written: a folder, or in none
+    (OutputWriteError); a file of the checkpoint SOURCE or inside its folder, or one of INPUTS (the input files
+    and folders, by option: calibration data, a trace), even with FORCE (UsageError); an existing file without
+    FORCE (OutputExistsError)."""
     path = Path(path)
     if path.is_dir():
         raise OutputWriteError(f"{path}: is a folder; give a file name")
     if not path.absolute().parent.is_dir():
         raise OutputWriteError(f"{path}: its folder does not exist")
+    if source is not None:
+        refuse_inside_source(path, source)
+    target = path.resolve()
+    for option, given in (inputs or {}).items():
+        if given is None or str(given) in ("", "model", "builtin") or str(given).startswith("builtin:"):
+            continue                                   # not a path: the built-in corpus, the model's template
+        used = Path(given)
+        if used.exists() and (target == used.resolve() or target.is_relative_to(used.resolve())):
+            raise UsageError(f"{path}: would replace the {option} input {given}; the input is never overwritten",
+                             hint="write to a new path")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise OutputExistsError(f"{path}: already exists", hint="use --force to replace it")
 
 
 def _write(path: Path, data: bytes) -> None:

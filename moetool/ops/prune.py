@@ -68,8 +68,8 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     if family is None or not structure.moe_layers:
         raise UsageError(f"{ckpt.source}: no MoE layers to prune")
     if recorded_formats(ckpt.config) is not None:
-        raise UsageError(f"{ckpt.source}: quantized (by moetool, or compressed-tensors); prune the original (or "
-                         "convert --dequantize it first), then quantize")
+        raise UnsupportedError(f"{ckpt.source}: quantized (by moetool, or compressed-tensors); prune the original "
+                               "(or convert --dequantize it first), then quantize")
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
     check_choice(options)
@@ -80,12 +80,12 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                              for m in matches.values()):
         raise UnsupportedError("--merge supports experts stored one tensor per expert; convert to "
                                "--layout per-expert first")
-    group_key, used_key = family.router.group_keys if family.router else ("n_group", "topk_group")
-    groups = (ckpt.config or {}).get(group_key) or 1
+    # groups as transformers' router selects them (topk_method and its config-class defaults included)
+    groups, groups_used = (family.router.groups(cfg) if family.router else None) or (1, None)
     experts = structure.num_experts
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = kept_count(experts, top_k, options, family)
-    check_group_routing(keep, top_k, groups, (ckpt.config or {}).get(used_key))
+    check_group_routing(keep, top_k, groups, groups_used, family.router.group_score_experts if family.router else 2)
     similarity = None
     if options.experts is not None:
         if sorted(options.experts) != structure.moe_layers or any(

@@ -131,18 +131,19 @@ def calibrates(options: PruneOptions) -> bool:
     return options.profile is None and (routed or options.merge or options.sequential)
 
 
-def check_group_routing(keep: int, top_k: int, groups: int, groups_used: int | None) -> None:
+def check_group_routing(keep: int, top_k: int, groups: int, groups_used: int | None, best_of: int = 2) -> None:
     """Refuse (before any work) a KEEP that group-limited routing over GROUPS cannot take: every group
-    keeps the same number, at least two (a group's score sums its best two), and a token's GROUPS_USED
-    best groups must still hold its top-k experts, or the router picks among masked ones."""
+    keeps the same number, at least BEST_OF (a group's score sums its best BEST_OF: two for DeepSeek-V3
+    and llama.cpp, one for DeepSeek-V2), and a token's GROUPS_USED best groups must still hold its
+    top-k experts, or the router picks among masked ones."""
     if groups <= 1:
         return
     if keep % groups:
         raise UsageError(f"group-limited routing with {groups} groups: keep a multiple of {groups} experts "
                          "per layer, so that every group keeps the same number")
-    if keep // groups < 2:
-        raise UsageError("group-limited routing ranks each group by its best two experts: keep at least "
-                         f"2 per group ({2 * groups} per layer)")
+    if keep // groups < best_of:
+        raise UsageError(f"group-limited routing ranks each group by its best {best_of} experts: keep at least "
+                         f"{best_of} per group ({best_of * groups} per layer)")
     if groups_used and groups_used * (keep // groups) < min(top_k, keep):
         raise UsageError(f"keeping {keep} experts in {groups} groups, a token's {groups_used} best groups hold "
                          f"{groups_used * (keep // groups)} experts, fewer than its top-{min(top_k, keep)}",

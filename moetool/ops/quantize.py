@@ -90,6 +90,26 @@ class QuantizeOptions:
     damp: float = 0.01                  # gptq: dampening, a share of the Hessian's mean diagonal
     min_tokens: int = 128               # gptq: experts routed fewer tokens blend in the layer's Hessian
 
+    def __post_init__(self):
+        if self.layout == CT_LAYOUT:   # vLLM's MoE kernels take symmetric integers only: the default here
+            self.format = _symmetric_default(self.format)
+            if self.candidates:
+                self.candidates = ",".join(_symmetric_default(c) for c in self.candidates.split(","))
+            self.rules = tuple(",".join(_symmetric_rule(r) for r in rule.split(",")) for rule in self.rules)
+
+
+def _symmetric_default(spec: str) -> str:
+    """An integer format SPEC that names neither -sym nor -asym, made -sym (else SPEC as given)."""
+    parts = spec.strip().split("-")
+    if not parts[0].startswith("int") or {"sym", "asym"} & set(parts[1:]):
+        return spec
+    return spec.strip() + "-sym"
+
+
+def _symmetric_rule(item: str) -> str:
+    key, sep, spec = item.partition("=")
+    return f"{key}{sep}{_symmetric_default(spec)}" if sep else item
+
 
 @dataclass
 class ExpertQuant:
@@ -256,6 +276,9 @@ def _importance(ckpt: Checkpoint, options: QuantizeOptions, layers: list[int], e
         scores = profile[layer].get(key)
         if scores is None:
             raise UsageError(f"the profile has no {key} (for --policy saliency, profile with --saliency)")
+        if any(s is None for s in scores):   # JSON writes NaN as null
+            raise UsageError(f"the profile's {key} holds null (NaN) values: the model's weights or activations "
+                             "are not finite", hint="moetool inspect --check-values finds the tensors")
         mean = sum(scores) / len(scores) or 1.0
         out[layer] = [max(float(s) / mean, IMPORTANCE_FLOOR) for s in scores]
     return out
@@ -369,7 +392,7 @@ def _quantized_tensors(name: str, source: OutputTensor, fmt: Format, errors: dic
             if isinstance(fmt, ct.CompressedFormat):
                 parts = fmt.from_parts(parts, weight.dtype)
         else:
-            parts = fmt.quantize(weight)
+            parts = fmt.quantize(weight, name)
         if errors is not None:   # in slices: whole-matrix float temporaries would double the memory
             flat, back = weight.reshape(-1), fmt.dequantize(parts, tuple(weight.shape), torch.float32).reshape(-1)
             sse = norm = 0.0
@@ -416,12 +439,15 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     """Choose every weight's format (measuring candidate errors under a bits budget; with --method gptq
     that is a calibration pass of GPTQ per candidate, a dry run included) and plan the output; with
     --method gptq and CALIBRATE, also run the GPTQ that is written (a dry run skips it)."""
+    if ckpt.kind == "gguf":
+        raise UnsupportedError(f"{ckpt.source}: quantize reads safetensors and .bin checkpoints, not GGUF "
+                               "(llama-quantize requantizes GGUF files; --emit-llama-quantize writes its types)")
     family, cfg, offset = family_context(ckpt)
     if family is None or family.dense:
         raise UsageError(f"{ckpt.source}: not a known MoE architecture; moetool quantizes routed experts")
     if recorded_formats(ckpt.config) is not None:
-        raise UsageError(f"{ckpt.source}: already quantized by moetool or compressed-tensors (quantize its "
-                         "unquantized source)")
+        raise UnsupportedError(f"{ckpt.source}: already quantized by moetool or compressed-tensors (quantize its "
+                               "unquantized source, or convert --dequantize it first)")
     rules = check_options(options)
     if options.method == "gptq" and family.decoder_offset is not None:
         raise UnsupportedError(f"{family.title}: --method gptq calibrates decoder-only models layer by layer; "
@@ -525,10 +551,15 @@ def _ct_config(family, weights: list[_Weight], experts: dict[tuple[int, int], li
         ignore.append(head.removesuffix(".weight"))   # tied to the embedding: vLLM still builds an lm_head
     expert_formats = {formats[n] for n in expert_names}
     other_formats = {f for n, f in formats.items() if n not in expert_names}
-    if len(expert_formats) > 1 or not next(iter(expert_formats)).symmetric or other_formats - expert_formats:
+    asymmetric = not all(f.symmetric for f in expert_formats)
+    if asymmetric:   # vllm compressed_tensors_moe.py: both WNA16 MoE methods assert weight_quant.symmetric
+        warnings.append("vLLM's MoE kernels take symmetric experts only (its WNA16 MoE methods refuse zero points), "
+                        "so vLLM cannot serve this checkpoint; use -sym formats (the default in this layout)")
+    if len(expert_formats) > 1 or asymmetric or other_formats - expert_formats:
         warnings.append("transformers 5 reads compressed-tensors experts in one symmetric scheme and other weights "
-                        "in the experts' scheme, so it cannot load this checkpoint; moetool.load_model and vLLM "
-                        "do, and compressed-tensors' CompressedTensorsDequantizer writes it back in bf16")
+                        "in the experts' scheme, so it cannot load this checkpoint; moetool.load_model does"
+                        + ("" if asymmetric else " and vLLM do") + ", and compressed-tensors' "
+                        "CompressedTensorsDequantizer writes it back in bf16")
     return ct.quantization_config(groups, ct.patterns(ignore))
 
 
@@ -550,7 +581,7 @@ def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, 
     from moetool.runner.quantized import linear_weights
 
     linear = linear_weights(ckpt, family)
-    out, skipped = {}, []
+    out, skipped, unfit = {}, [], {}
     for w in weights:
         name = w.tensor.name
         passed = name in taken or w.role is None or len(w.tensor.shape) != 2   # (role None: MTP, kept as is)
@@ -561,14 +592,17 @@ def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, 
             try:
                 fmt.check(name, w.tensor.shape)
                 out[name] = fmt
-            except UsageError as exc:
-                warnings.append(f"{exc}: left in its precision")
+            except UsageError as exc:   # grouped by reason: one warning, not one per weight
+                unfit.setdefault(str(exc).removeprefix(f"{name}: "), []).append(name)
         else:
             skipped.append(name)
+    for why, names in unfit.items():
+        warnings.append(f"{len(names)} weight(s) matched by --rules left in their precision: {why} "
+                        f"(first: {names[0]})")
     if skipped:
         warnings.append(f"{len(skipped)} weights matched by --rules stay in their precision: routers, norms, "
                         f"embeddings, lm_head and non-Linear weights are not quantized (first: {skipped[0]})")
-    if not out:
+    if not out and not unfit:
         warnings.append("--rules matched no attention, shared-expert or dense-MLP weight")
     return out
 
@@ -611,7 +645,8 @@ def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tu
                 options_of.setdefault(key, []).append((nbytes_f, importance[key[0]][key[1]] * sse_by_format[fmt.id],
                                                        fmt.id))
         if key not in options_of:
-            raise UsageError(f"layer {key[0]} expert {key[1]}: no candidate format fits its matrices")
+            why = f" ({next(iter(misfits.values()))})" if misfits else ""
+            raise UsageError(f"layer {key[0]} expert {key[1]}: no candidate format fits its matrices{why}")
         if progress:
             progress(nbytes)
     params = {key: sum(prod(w.tensor.shape) for w in ws) for key, ws in experts.items()}
@@ -673,8 +708,9 @@ def _measure(ws: list[_Weight], key, candidates: list[Format]):
         try:
             for w in ws:
                 fmt.check(w.tensor.name, w.tensor.shape)
-            errors[fmt.id] = sum(float((m.float() - fmt.dequantize(fmt.quantize(m), tuple(m.shape), m.dtype).float())
-                                       .pow(2).sum()) for m in matrices)
+            errors[fmt.id] = sum(float((m.float() - fmt.dequantize(fmt.quantize(m, w.tensor.name), tuple(m.shape),
+                                                                    m.dtype).float()).pow(2).sum())
+                                 for w, m in zip(ws, matrices))
         except UsageError as exc:
             misfits[fmt.id] = str(exc)
     return key, norm, errors, misfits, sum(m.numel() * m.element_size() for m in matrices)

@@ -490,6 +490,40 @@ def _kmeans(points, k: int, seed: int, iterations: int = 20):
     return centroids
 
 
+def _prompt_ids(ckpt: Checkpoint, options: UpcycleOptions) -> list[list[list[int]]]:
+    """The token ids of each prompt of --prompts (a JSON list of one list of prompts per expert), each checked:
+    a text that is not blank and gives at least one token id inside the model's vocabulary."""
+    from moetool.runner import data
+
+    where = options.prompts
+    try:
+        groups = json.loads(Path(where).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        groups = None
+    if not (isinstance(groups, list) and all(isinstance(g, list) and g for g in groups)):
+        raise UsageError(f"{where}: not a JSON list of non-empty prompt lists (one list of texts per expert)")
+    if len(groups) != options.experts:
+        raise UsageError(f"{where}: {len(groups)} prompt lists for {options.experts} experts")
+    for e, group in enumerate(groups, 1):
+        for n, prompt in enumerate(group, 1):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise UsageError(f"{where}: list {e}, prompt {n} is {json.dumps(prompt)[:40]}: each prompt must be "
+                                 "a text that is not blank")
+    vocab = (ckpt.config or {}).get("vocab_size")
+    out = []
+    for e, group in enumerate(groups, 1):
+        out.append([])
+        for n, prompt in enumerate(group, 1):
+            ids = data.tokenize([prompt], ckpt.root)
+            if not ids:
+                raise UsageError(f"{where}: list {e}, prompt {n} gives no tokens with the model's tokenizer")
+            if isinstance(vocab, int) and max(ids) >= vocab:
+                raise UsageError(f"{where}: list {e}, prompt {n} gives token id {max(ids)}, outside the model's "
+                                 f"vocabulary of {vocab}")
+            out[-1].append(ids)
+    return out
+
+
 def _router_rows(ckpt: Checkpoint, family, options: UpcycleOptions, layers: list[int]) -> dict[int, object]:
     """Router rows from hidden states: k-means centroids of the MLP inputs of calibration text
     (hidden-kmeans), or each expert's mean MLP input over its prompts (prompts, as mergekit-moe)."""
@@ -500,14 +534,7 @@ def _router_rows(ckpt: Checkpoint, family, options: UpcycleOptions, layers: list
     if options.router_init == "prompts":
         if options.prompts is None:
             raise UsageError("--router-init prompts needs --prompts FILE (a JSON list of prompt lists, one per expert)")
-        try:
-            groups = json.loads(Path(options.prompts).read_text())
-            assert isinstance(groups, list) and all(isinstance(g, list) and g for g in groups)
-        except (OSError, json.JSONDecodeError, AssertionError):
-            raise UsageError(f"{options.prompts}: not a JSON list of non-empty prompt lists") from None
-        if len(groups) != options.experts:
-            raise UsageError(f"{options.prompts}: {len(groups)} prompt lists for {options.experts} experts")
-        per_expert = [[torch.tensor([data.tokenize([p], ckpt.root)]) for p in group] for group in groups]
+        per_expert = [[torch.tensor([ids]) for ids in group] for group in _prompt_ids(ckpt, options)]
         rows = {layer: [] for layer in layers}
         for prompts in per_expert:
             seen = _mlp_inputs(ckpt, family, layers, prompts)

@@ -96,9 +96,9 @@ class CompressedFormat:
         bf16 = str(dtype).removeprefix("torch.") in ("bfloat16", "BF16")
         return replace(self.base, scale_dtype="BF16") if bf16 else self.base
 
-    def quantize(self, weight) -> dict[str, object]:
+    def quantize(self, weight, name: str = "weight") -> dict[str, object]:
         """Suffix -> stored tensor of WEIGHT (2-D torch): moetool's quantization, converted."""
-        return self.from_parts(self.base_for(weight.dtype).quantize(weight), weight.dtype)
+        return self.from_parts(self.base_for(weight.dtype).quantize(weight, name), weight.dtype)
 
     def from_parts(self, parts: dict[str, object], dtype) -> dict[str, object]:
         """moetool's integer PARTS ("" codes, ".scales", ".zeros") as compressed-tensors' tensors,
@@ -114,7 +114,7 @@ class CompressedFormat:
         out[SHAPE] = torch.tensor([rows, groups * self.block], dtype=torch.int64)
         return out
 
-    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None):
+    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None, name=None):
         """The weight in DTYPE (None: the scale's), computed as compressed-tensors' decompression
         computes it: in the scale's dtype, the zero point subtracted, then times the scale."""
         rows, cols = shape

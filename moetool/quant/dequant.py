@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
+
+from moetool.errors import CheckpointFormatError
+from moetool.quant.formats import bnb4_quant_state, bnb4_state
 
 FP8_BLOCK = 128
 MXFP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -36,19 +37,29 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return values.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).to(dtype)
 
 
-def bnb4_shape(quant_state: torch.Tensor) -> tuple[int, ...]:
-    """The original shape recorded in a bitsandbytes quant_state blob."""
-    return tuple(json.loads(bytes(quant_state.tolist()).decode())["shape"])
+def bnb4_shape(quant_state: torch.Tensor, packed_shape=None, *, name: str | None = None,
+               parts: dict | None = None) -> tuple[int, ...]:
+    """The original shape recorded in a bitsandbytes quant_state blob, checked (`formats.bnb4_state`:
+    CheckpointFormatError) against PACKED_SHAPE, the packed weight's, and PARTS (companion suffix ->
+    shape) where given. NAME: the weight's, for messages."""
+    return bnb4_state(quant_state, name, packed_shape=packed_shape, parts=parts)["shape"]
 
 
-def dequantize_bnb4(components: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def dequantize_bnb4(components: dict[str, torch.Tensor], dtype: torch.dtype, name: str | None = None) -> torch.Tensor:
     """COMPONENTS: the packed weight under "weight" and its companions by suffix
-    ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")."""
+    ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"),
+    checked first (CheckpointFormatError)."""
     from moetool.quant import bnb
 
-    F = bnb()
-    qs = F.QuantState.from_dict({k: v for k, v in components.items() if k != "weight"}, device=torch.device("cpu"))
-    return F.dequantize_4bit(components["weight"], qs).to(dtype)
+    blobs = [v for k, v in components.items() if k.startswith("quant_state.bitsandbytes__")]
+    if len(blobs) != 1:
+        raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: needs one quant_state.bitsandbytes__"
+                                    f"nf4 or fp4 companion, has {len(blobs)}")
+    packed = components["weight"]
+    bnb4_state(blobs[0], name, packed_shape=tuple(packed.shape),
+               parts={k: tuple(v.shape) for k, v in components.items() if k != "weight"})
+    qs = bnb4_quant_state({k: v for k, v in components.items() if k != "weight"}, torch.device("cpu"), name)
+    return bnb().dequantize_4bit(packed, qs).to(dtype)
 
 
 def dequantize_bnb8(q: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

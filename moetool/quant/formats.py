@@ -24,9 +24,11 @@ import re
 from dataclasses import dataclass
 from math import ceil, prod
 
-from moetool.errors import UsageError
+from moetool.errors import CheckpointFormatError, UsageError
 
 BNB4_BLOCKS = (32, 64, 128, 256)
+BNB4_READ_BLOCKS = (32, 64, 128, 256, 512, 1024, 2048, 4096)   # block sizes a 4-bit checkpoint may record
+BNB4_STATE_MAX = 1 << 16    # bytes: bitsandbytes' quant_state blobs are about 200
 BNB8_BLOCKS = (64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCK = 256          # bitsandbytes quantizes absmax in blocks of 256 (double quantization)
 CHUNK_VALUES = 1 << 19     # values quantized per bitsandbytes call
@@ -93,15 +95,35 @@ class Format:
             out += [(".absmax", "F32", (blocks,)), (".quant_map", "F32", (16,))]
         return out + [(f".quant_state.bitsandbytes__{self.kind}", "U8", (len(self._blob(shape, dtype, 0.0, True)),))]
 
-    def original_shape(self, stored_shape: tuple[int, ...], blob=None) -> tuple[int, ...]:
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """The suffixes of the stored tensors (`components`), which do not depend on the shape."""
+        return tuple(s for s, _, _ in self.components((1, max(1, self.block)), "F32"))
+
+    def original_shape(self, stored_shape: tuple[int, ...], blob=None, name: str | None = None,
+                       parts: dict | None = None) -> tuple[int, ...]:
         """The weight's shape from its stored codes' shape (bitsandbytes 4-bit: from its state BLOB,
-        a callable returning the uint8 tensor)."""
+        a callable returning the uint8 tensor, checked by `bnb4_state` against the packed codes and,
+        given PARTS (suffix -> shape of its companions), their sizes). NAME: the weight's, for messages."""
         if self.kind == "int":
             rows, groups, _ = stored_shape
             return rows, groups * self.block
         if self.is_bnb4:
-            return tuple(json.loads(bytes(blob().tolist()).decode())["shape"])
+            if blob is None:
+                raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: its quant_state "
+                                            f".quant_state.bitsandbytes__{self.kind} is missing")
+            return self._state_items(blob(), name, stored_shape, parts)["shape"]
         return tuple(stored_shape)
+
+    def _state_items(self, blob, name, packed_shape, parts) -> dict:
+        """`bnb4_state` of a moetool 4-bit weight, which must also agree with the recorded format."""
+        items = bnb4_state(blob, name, packed_shape=packed_shape, parts=parts)
+        nested = "nested_offset" in items
+        if (items["quant_type"], items["blocksize"], nested) != (self.kind, self.block, self.double_quant):
+            said = f"{items['quant_type']}-b{items['blocksize']}" + ("-dq" if nested else "")
+            raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: its quant_state is {said}, "
+                                        f"its quantization_config says {self.id}")
+        return items
 
     def nbytes(self, shape: tuple[int, ...], dtype: str) -> int:
         from moetool.checkpoint.header import DTYPE_BYTES
@@ -127,10 +149,18 @@ class Format:
         return raw
 
     # -- the work
-    def quantize(self, weight) -> dict[str, object]:
-        """Suffix -> stored tensor (CPU torch) for WEIGHT, a 2-D torch tensor."""
+    def quantize(self, weight, name: str = "weight") -> dict[str, object]:
+        """Suffix -> stored tensor (CPU torch) for WEIGHT, a 2-D torch tensor; NAME is used in
+        messages. Raises UsageError for a weight holding NaN or inf (every format but keep)."""
         if self.kind == "keep":
             return {"": weight}
+        check_finite(weight, name)
+        try:
+            return self._quantize(weight)
+        except UsageError as exc:   # a finite weight the format's scales cannot hold
+            raise UsageError(f"{name}: {exc}") from None
+
+    def _quantize(self, weight) -> dict[str, object]:
         if self.kind == "int":
             return _quantize_int(weight, self)
         from moetool.quant import bnb
@@ -154,13 +184,17 @@ class Format:
         parts[blob_key] = torch.tensor(list(actual + b" " * (len(planned) - len(actual))), dtype=torch.uint8)
         return {"": packed, **parts}
 
-    def bnb_state(self, parts: dict[str, object]):
-        """bitsandbytes' QuantState of a stored 4-bit weight (parsing it once saves time per use)."""
-        from moetool.quant import bnb
+    def bnb_state(self, parts: dict[str, object], name: str | None = None):
+        """bitsandbytes' QuantState of a stored 4-bit weight (parsing it once saves time per use), its
+        state checked first (`bnb4_state`: CheckpointFormatError). NAME: the weight's, for messages."""
+        blob = parts.get(f".quant_state.bitsandbytes__{self.kind}")
+        if blob is None:
+            raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: its quant_state "
+                                        f".quant_state.bitsandbytes__{self.kind} is missing")
+        self._state_items(blob, name, tuple(parts[""].shape), {k: tuple(v.shape) for k, v in parts.items()})
+        return bnb4_quant_state({k.lstrip("."): v for k, v in parts.items() if k}, parts[""].device, name)
 
-        return bnb().QuantState.from_dict({k.lstrip("."): v for k, v in parts.items() if k}, device=parts[""].device)
-
-    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None):
+    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None, name: str | None = None):
         """The weight (torch, DTYPE) from its stored PARTS (suffix -> tensor); STATE: bnb_state(PARTS)."""
         if self.kind == "keep":
             return parts[""].to(dtype)
@@ -174,7 +208,119 @@ class Format:
             state = F.QuantState(absmax=parts[".absmax"], code=parts[".quant_map"], blocksize=self.block,
                                  dtype=dtype)
             return F.dequantize_blockwise(parts[""], state).reshape(shape).to(dtype)
-        return F.dequantize_4bit(parts[""], state or self.bnb_state(parts)).to(dtype)
+        state = state or self.bnb_state(parts, name)
+        if tuple(state.shape) != tuple(shape):
+            raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: its quant_state records shape "
+                                        f"{list(state.shape)}, not {list(shape)}")
+        return F.dequantize_4bit(parts[""], state).to(dtype)
+
+
+def check_finite(weight, name: str) -> None:
+    """Refuse WEIGHT (torch) if it holds NaN or inf: no quantized format holds them (bitsandbytes
+    would write them, and with double quantization one spreads over the whole matrix through the
+    mean its absmax are offset by). Checked in slices, so memory does not grow with the weight."""
+    import torch
+
+    flat = weight.reshape(-1)
+    for start in range(0, flat.numel(), CHUNK_VALUES):
+        bad = ~torch.isfinite(flat[start:start + CHUNK_VALUES])
+        if bool(bad.any()):
+            total = sum(int((~torch.isfinite(flat[i:i + CHUNK_VALUES])).sum())
+                        for i in range(start, flat.numel(), CHUNK_VALUES))
+            first = start + int(bad.nonzero()[0, 0])
+            index = [int(i) for i in reversed(_unravel(first, tuple(weight.shape)))]
+            raise UsageError(f"{name}: {total} of {flat.numel()} values are not finite (NaN or inf; the first at "
+                             f"{index}); no quantized format can hold them: fix the weight, or keep it unquantized")
+
+
+def _unravel(flat_index: int, shape: tuple[int, ...]) -> list[int]:
+    """FLAT_INDEX as indices into SHAPE, last axis first."""
+    out = []
+    for size in reversed(shape):
+        flat_index, rest = divmod(flat_index, max(1, size))
+        out.append(rest)
+    return out
+
+
+def bnb4_state(blob, name: str | None = None, *, packed_shape=None, parts: dict | None = None) -> dict:
+    """The items of a bitsandbytes 4-bit quant_state BLOB (the uint8 tensor, or bytes) of weight
+    NAME, checked before anything trusts them: UTF-8 JSON of the items bitsandbytes writes, the
+    shape's values held by the PACKED_SHAPE codes (two per byte), and with PARTS (companion suffix
+    -> shape, with or without the leading dot) absmax one per block, the maps' sizes, and with
+    double quantization nested_absmax one per nested block. Returns the items, "shape" a tuple.
+    Raises CheckpointFormatError (one line) for anything else."""
+    who = f"{name or 'a bitsandbytes 4-bit weight'}: its bitsandbytes quant_state"
+
+    def bad(why: str):
+        return CheckpointFormatError(f"{who} {why}")
+
+    size = len(blob) if isinstance(blob, (bytes, bytearray)) else getattr(blob, "numel", lambda: 0)()
+    if size > BNB4_STATE_MAX:
+        raise bad(f"is {size} bytes, far more than bitsandbytes writes")
+    try:
+        raw = bytes(blob) if isinstance(blob, (bytes, bytearray)) else bytes(blob.reshape(-1).tolist())
+        items = json.loads(raw.decode("utf-8"))
+    except (ValueError, TypeError, AttributeError, RuntimeError) as exc:   # not bytes, not UTF-8, not JSON
+        raise bad(f"is not bitsandbytes' JSON ({type(exc).__name__})") from None
+    if not isinstance(items, dict):
+        raise bad("is not a JSON object")
+    known = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"}
+    if set(items) - known:
+        raise bad(f"has items bitsandbytes does not write ({', '.join(sorted(set(items) - known))})")
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if items.get("quant_type") not in ("nf4", "fp4"):
+        raise bad(f"has quant_type {items.get('quant_type')!r}, not nf4 or fp4")
+    if items.get("blocksize") not in BNB4_READ_BLOCKS or not whole(items.get("blocksize")):
+        raise bad(f"has blocksize {items.get('blocksize')!r}, not one of {', '.join(map(str, BNB4_READ_BLOCKS))}")
+    if items.get("dtype") not in TORCH_NAMES.values():
+        raise bad(f"has dtype {items.get('dtype')!r}, not {', '.join(TORCH_NAMES.values())}")
+    shape = items.get("shape")
+    if not isinstance(shape, list) or not shape or not all(whole(d) and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of sizes")
+    nested = "nested_offset" in items or "nested_blocksize" in items or "nested_dtype" in items
+    if nested:
+        offset = items.get("nested_offset")
+        if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not abs(offset) < float("inf"):
+            raise bad(f"has nested_offset {offset!r}, not a finite number")
+        if not whole(items.get("nested_blocksize")) or items["nested_blocksize"] <= 0:
+            raise bad(f"has nested_blocksize {items.get('nested_blocksize')!r}")
+        if items.get("nested_dtype") not in TORCH_NAMES.values():
+            raise bad(f"has nested_dtype {items.get('nested_dtype')!r}")
+    n = prod(shape)
+    if packed_shape is not None and prod(packed_shape) != (n + 1) // 2:
+        raise bad(f"records shape {shape} ({n} values), but the {prod(packed_shape)} packed bytes hold "
+                  f"{2 * prod(packed_shape)}")
+    if parts is not None:
+        sizes = {k.lstrip("."): prod(v) for k, v in parts.items()}
+        blocks = ceil(n / items["blocksize"])
+        want = {"absmax": blocks, "quant_map": 16}
+        if nested:
+            want.update(nested_absmax=ceil(blocks / items["nested_blocksize"]), nested_quant_map=256)
+        elif "nested_absmax" in sizes:
+            raise bad("has no nested_offset, but the weight has a nested_absmax")
+        for key, count in want.items():
+            if key not in sizes:
+                raise bad(f"needs a {key} companion, which is missing")
+            if sizes[key] != count:
+                raise bad(f"records shape {shape} in blocks of {items['blocksize']}, which needs {count} "
+                          f"{key} values, not {sizes[key]}")
+    return {**items, "shape": tuple(shape)}
+
+
+def bnb4_quant_state(components: dict[str, object], device, name: str | None):
+    """bitsandbytes' QuantState.from_dict of checked COMPONENTS (keys without the leading dot);
+    whatever bitsandbytes still refuses becomes a CheckpointFormatError."""
+    from moetool.quant import bnb
+
+    try:
+        return bnb().QuantState.from_dict(dict(components), device=device)
+    except (ValueError, TypeError, KeyError, AssertionError, RuntimeError) as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: bitsandbytes cannot read its "
+                                    f"quant_state ({type(exc).__name__}: {first})") from None
 
 
 def parse_format(spec: str) -> Format:
@@ -228,6 +374,9 @@ def _quantize_4bit(F, weight, fmt: Format) -> dict[str, object]:
     kwargs = dict(shape=weight.shape, dtype=weight.dtype, blocksize=fmt.block, code=state.code, quant_type=fmt.kind)
     if fmt.double_quant:
         offset = absmax.mean()
+        if not bool(offset.isfinite()):
+            raise UsageError(f"its values are too large for {fmt.id} (the mean of its blocks' absmax overflows "
+                             "float32)")
         qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCK)
         whole = F.QuantState(absmax=qabsmax, offset=offset, state2=state2, **kwargs)
     else:
@@ -243,14 +392,17 @@ def _stored_scale(scale, fmt: Format):
     or bfloat16 (compressed-tensors' scales of bf16 weights)."""
     import torch
 
+    if not bool(torch.isfinite(scale).all()):   # (weights are checked first: GPTQ's updates, or a direct call)
+        raise UsageError("a weight group's scale is not finite: its values cannot be quantized")
     if fmt.scale_dtype == "BF16":
-        if not bool(torch.isfinite(scale).all()):
-            raise UsageError("a weight group holds values that are not finite; they cannot be quantized")
         return scale.clamp(min=2.0 ** -126).to(torch.bfloat16)
-    if not bool(torch.isfinite(scale).all()) or bool((scale > 65504.0).any()):
-        raise UsageError("a weight group holds values too large (or not finite) for float16 scales; "
-                         "use a bitsandbytes format for it")
-    return scale.clamp(min=2.0 ** -24, max=65504.0).half()
+    if bool((scale > SCALE_MAX["F16"]).any()):
+        raise UsageError("a weight group holds values too large for float16 scales; use a bitsandbytes format "
+                         "for it")
+    return scale.clamp(min=2.0 ** -24, max=SCALE_MAX["F16"]).half()
+
+
+SCALE_MAX = {"F16": 65504.0, "BF16": 3.3895313892515355e38}   # the largest finite value of each scale dtype
 
 
 # Clipping searched per group, as llama.cpp's and HQQ's quantizers do: the group's range times each
@@ -273,8 +425,12 @@ def int_grid(w, fmt: Format, *, search: bool = True):
     stretch = ((1 << fmt.bits) - 1) / 2 / ((1 << (fmt.bits - 1)) - 1) if fmt.symmetric else None
     ratios = ((1.0,) if not search else CLIP_RATIOS) + ((stretch,) if search and stretch else ())
     for ratio in ratios:
-        scale, zero = _range_grid(w, fmt, ratio)
+        # the stretched grid is an option only: a group whose stretched scale the scale dtype cannot
+        # hold (while the plain grid's fits) keeps the other grids
+        scale, zero, unfit = _range_grid(w, fmt, ratio, optional=ratio == stretch)
         err = (int_round(w, scale, zero, fmt) - w).square().sum(-1)
+        if unfit is not None:
+            err = err.masked_fill(unfit, float("inf"))
         if best_err is None:
             best_scale, best_zero, best_err = scale, zero, err
             continue
@@ -284,16 +440,24 @@ def int_grid(w, fmt: Format, *, search: bool = True):
     return best_scale, best_zero
 
 
-def _range_grid(w, fmt: Format, ratio: float):
+def _range_grid(w, fmt: Format, ratio: float, optional: bool = False):
+    """(scale, zero, unfit) of the grid over W's groups' range times RATIO. OPTIONAL (the symmetric
+    stretched grid): groups whose scale the scale dtype cannot hold are marked in UNFIT (their scale
+    a placeholder) instead of refused; otherwise UNFIT is None."""
     import torch
 
     top = (1 << fmt.bits) - 1
+    unfit = None
     if fmt.symmetric:
-        scale = _stored_scale(w.abs().amax(-1) * ratio / (top / 2), fmt)
-        return scale, torch.full_like(scale, 1 << (fmt.bits - 1), dtype=torch.float32)
+        raw = w.abs().amax(-1) * ratio / (top / 2)
+        if optional:
+            unfit = ~(raw <= SCALE_MAX[fmt.scale_dtype])   # (NaN too: _stored_scale refuses it on the plain grid)
+            raw = raw.masked_fill(unfit, 1.0)
+        scale = _stored_scale(raw, fmt)
+        return scale, torch.full_like(scale, 1 << (fmt.bits - 1), dtype=torch.float32), unfit
     low, high = w.amin(-1).clamp(max=0) * ratio, w.amax(-1).clamp(min=0) * ratio   # zero stays representable
     scale = _stored_scale((high - low) / top, fmt)
-    return scale, torch.round(-low / scale.float()).clamp(0, top)
+    return scale, torch.round(-low / scale.float()).clamp(0, top), unfit
 
 
 def int_codes(w, scale, zero, fmt: Format):

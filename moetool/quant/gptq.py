@@ -37,7 +37,7 @@ import logging
 from dataclasses import dataclass
 
 from moetool.errors import UsageError
-from moetool.quant.formats import TORCH_NAMES, Format, int_codes, int_grid, int_parts
+from moetool.quant.formats import TORCH_NAMES, Format, check_finite, int_codes, int_grid, int_parts
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def gptq(weight, hessian, fmt: Format, *, damp: float = 0.01, act_order: bool = 
         method = "a bitsandbytes format" if fmt.kind in ("nf4", "fp4", "bnb8") else "not an integer format"
         raise UsageError(f"GPTQ quantizes the integer formats int2/3/4/8; {fmt.id} is {method}: use --method rtn")
     fmt.check(name, tuple(weight.shape))
+    check_finite(weight, name)
     rows, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
         raise UsageError(f"{name}: a weight of {cols} columns needs a [{cols}, {cols}] Hessian, "
@@ -244,6 +245,6 @@ def _fallback(weight, fmt: Format, damp: float, name: str, reason: str, dead_col
     """Round to nearest instead, saying why."""
     import torch
 
-    parts = fmt.quantize(weight)   # raises first if the weight itself cannot be quantized
+    parts = fmt.quantize(weight, name)   # raises first if the weight itself cannot be quantized
     log.warning("%s: %s; rounded to nearest instead of GPTQ", name, reason)
     return GptqResult(parts, fmt.dequantize(parts, tuple(weight.shape), torch.float32), damp, reason, dead_columns)

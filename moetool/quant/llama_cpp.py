@@ -1,8 +1,9 @@
 """A `llama-quantize --tensor-type-file` from an expert allocation.
 
 GGUF stores each layer's experts stacked per projection (`blk.L.ffn_gate_exps.weight`, ...),
-so llama.cpp chooses a type per layer and projection: the parameter-weighted mean bits moetool
-gave that layer's experts, rounded to the nearest llama.cpp type. Patterns are anchored regular
+so llama.cpp could take a type per layer and projection; moetool gives all three projections of a
+layer one type: the parameter-weighted mean bits it gave that layer's experts, rounded to the
+nearest llama.cpp type. Patterns are anchored regular
 expressions, as llama-quantize searches them in tensor names.
 """
 

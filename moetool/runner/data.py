@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -59,7 +60,7 @@ def calibration_ids(*, data: Path | str | None, token_ids: Path | None, field: s
               not read (so train/ and test/ subfolders are never mixed).
             Empty and whitespace-only texts are skipped (and null or non-text values of FIELD).
         token_ids: a token-id file (a JSON list or list of lists, or whitespace-separated integers) instead of
-            DATA; cut at MAX_TOKENS too.
+            DATA; read block by block only until MAX_TOKENS ids exist: what follows them is never read or checked.
         field: the field (jsonl) or column (parquet, arrow, datasets) of each record that holds its text or,
             with CHAT_TEMPLATE, its list of chat messages.
         max_tokens: at most this many ids (None: all).
@@ -81,7 +82,7 @@ def calibration_ids(*, data: Path | str | None, token_ids: Path | None, field: s
     if token_ids is not None:
         if data is not None:
             raise UsageError("give either --data or --token-ids, not both")
-        ids = np.asarray(read_token_ids(Path(token_ids)), dtype=np.int64)[:max_tokens]
+        ids = _read_token_ids(Path(token_ids), max_tokens)
         if ids.size == 0:
             raise DataError(f"{token_ids}: holds no token ids")
         return ids
@@ -124,23 +125,148 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
             for _, value in _records(str(path), field, chat=False)]
 
 
-def read_token_ids(path: Path) -> list[int]:
-    """Token ids from a JSON list (or list of lists) or whitespace-separated integers."""
+def read_token_ids(path: Path, max_tokens: int | None = None) -> list[int]:
+    """Token ids from a JSON list (or list of lists) or whitespace-separated integers, at most MAX_TOKENS of
+    them (None: all): the file is read block by block until MAX_TOKENS exist, and what follows is never read
+    or checked."""
+    return _read_token_ids(path, max_tokens).tolist()
+
+
+def _read_token_ids(path: Path, max_tokens: int | None) -> np.ndarray:
+    """`read_token_ids` as an int64 array, gathered from arrays of a block's ids (never a list of them all)."""
     if not path.is_file():
         raise DataError(f"{path}: {'not a regular file' if path.exists() else 'no such token-id file'}")
+    parts: list[np.ndarray] = []
+    count = 0
     try:
-        raw = path.read_text(encoding=UTF8)
-        data = json.loads(raw) if raw.lstrip().startswith("[") else [int(t) for t in raw.split()]
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not a token-id file (a JSON list or integers separated by spaces): {exc}") \
-            from None
-    nested = bool(data) and isinstance(data[0], list)
-    if nested and not all(isinstance(seq, list) for seq in data):
-        raise DataError(f"{path}: a JSON list of token ids, or of lists of them, not a mix of both")
-    flat = [t for seq in data for t in seq] if nested else data
-    if not all(type(t) is int and 0 <= t < 2**63 for t in flat):
-        raise DataError(f"{path}: token ids must be non-negative integers")
-    return flat
+        with path.open(encoding=UTF8) as file:
+            for part in _TokenIds(path, file).arrays():
+                parts.append(part)
+                count += part.size
+                if max_tokens is not None and count >= max_tokens:
+                    break
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a token-id file ({TOKEN_ID_FORMATS}): {exc}") from None
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))[:max_tokens]
+
+
+TOKEN_ID_FORMATS = "a JSON list or integers separated by spaces"
+JSON_SPACE = " \t\n\r"
+_LAST_SPACE = re.compile(r"\s\S*\Z")
+LONGEST_ID = 64          # characters: anything longer is not a token id (a 64-bit integer has 19 digits)
+
+
+class _TokenIds:
+    """The ids of an open token-id file as int64 arrays, one per block of text read: whitespace-separated
+    integers (each block cut after its last whitespace), or a JSON list of integers or of lists of them, whose
+    brackets and commas are followed here and whose runs of integers (a block's, up to its last comma) are
+    parsed by the JSON parser. Nothing deeper than a list of lists is parsed, so no nesting exhausts recursion."""
+
+    def __init__(self, path: Path, file):
+        self.path, self.file = path, file
+        self.buffer = ""
+        self.eof = False
+
+    def fail(self, why: str) -> DataError:
+        return DataError(f"{self.path}: not a token-id file ({TOKEN_ID_FORMATS}): {why}")
+
+    def mix(self) -> DataError:
+        return DataError(f"{self.path}: a JSON list of token ids, or of lists of them, not a mix of both")
+
+    def more(self) -> bool:
+        """Append the next block of the file to the buffer; False at the end of the file."""
+        block = "" if self.eof else self.file.read(BLOCK)
+        self.eof = not block
+        self.buffer += block
+        return bool(block)
+
+    def ids(self, values: list) -> np.ndarray:
+        if not all(type(t) is int and 0 <= t < 2**63 for t in values):
+            raise DataError(f"{self.path}: token ids must be non-negative integers")
+        return np.asarray(values, dtype=np.int64)
+
+    def arrays(self) -> Iterator[np.ndarray]:
+        while True:
+            self.buffer = self.buffer.lstrip()
+            if self.buffer or not self.more():
+                break
+        if self.buffer.startswith("["):
+            self.buffer = self.buffer[1:]
+            yield from self._json()
+        else:
+            yield from self._words()
+
+    def _words(self) -> Iterator[np.ndarray]:
+        while True:   # the buffer holds a block: its words but the last (which may go on in the next block)
+            tail = None if self.eof else _LAST_SPACE.search(self.buffer)
+            cut = len(self.buffer) if self.eof else tail.start() + 1 if tail else 0
+            words, self.buffer = self.buffer[:cut].split(), self.buffer[cut:]
+            if len(self.buffer) > LONGEST_ID:
+                raise self.fail(f"{self.buffer[:20]!r}... is not an integer")
+            try:
+                values = [int(word) for word in words]
+            except ValueError as exc:
+                raise self.fail(str(exc)) from None
+            if values:
+                yield self.ids(values)
+            if self.eof:
+                return
+            self.more()
+
+    def _next(self) -> str:
+        """The next character that is not JSON whitespace, left in the buffer ("" at the end of the file)."""
+        while True:
+            self.buffer = self.buffer.lstrip(JSON_SPACE)
+            if self.buffer or not self.more():
+                return self.buffer[:1]
+
+    def _json(self) -> Iterator[np.ndarray]:
+        """The ids of the JSON list whose "[" was read, then nothing but whitespace to the end of the file."""
+        if self._next() == "[":                  # a list of lists of ids
+            while True:
+                self.buffer = self.buffer[1:]
+                yield from self._run(nested=True)
+                after = self._next()
+                self.buffer = self.buffer[1:]
+                if after == "]":
+                    break
+                if after != ",":
+                    raise self.fail("the JSON list does not end") if not after else self.mix()
+                if self._next() != "[":
+                    raise self.mix()
+        else:
+            yield from self._run(nested=False)
+        if self._next():
+            raise self.fail("more text after the JSON list")
+
+    def _run(self, nested: bool) -> Iterator[np.ndarray]:
+        """The ids of a list of integers whose "[" was read, up to its "]" (read too), a block at a time."""
+        values = 0
+        while True:
+            close = self.buffer.find("]")
+            end = close if close >= 0 else self.buffer.rfind(",")
+            run = self.buffer[:end] if end >= 0 else self.buffer
+            if "[" in run:
+                raise self.fail("lists nested deeper than a list of lists of token ids") if nested else self.mix()
+            if end < 0:                                # not a whole value yet
+                if len(run.lstrip(JSON_SPACE)) > LONGEST_ID:
+                    raise self.fail(f"{run.lstrip(JSON_SPACE)[:20]!r}... is not a token id")
+                if not self.more():
+                    raise self.fail("the JSON list does not end")
+                continue
+            self.buffer = self.buffer[end + 1:]
+            if not run.strip(JSON_SPACE):
+                if end == close and values == 0:
+                    return                        # an empty list
+                raise self.fail("a comma without a value")
+            try:
+                parsed = json.loads(f"[{run}]")
+            except (ValueError, RecursionError) as exc:
+                raise self.fail(_line(exc)) from None
+            values += len(parsed)
+            yield self.ids(parsed)
+            if end == close:
+                return
 
 
 def tokenize(texts: list[str], tokenizer_path: Path) -> list[int]:
@@ -218,12 +344,15 @@ def _records(source: str, field: str, chat: bool) -> Iterator[tuple[str, Any]]:
     if not path.is_dir():
         yield from _file_records(path, field, chat)
     elif (path / "dataset_dict.json").is_file():
-        splits = _json_file(path / "dataset_dict.json", "a datasets DatasetDict file").get("splits") or []
+        listing = path / "dataset_dict.json"
+        splits = _json_file(listing, "a datasets DatasetDict file").get("splits") or []
+        if not isinstance(splits, list) or not all(isinstance(split, str) for split in splits):
+            raise DataError(f"{listing}: not a datasets DatasetDict file (its splits are not a list of names)")
         if not splits:
-            raise DataError(f"{path / 'dataset_dict.json'}: lists no splits")
+            raise DataError(f"{listing}: lists no splits")
         split = "train" if "train" in splits else splits[0]
-        log.info("%s: a dataset with the splits %s; reading %r", path, ", ".join(map(str, splits)), split)
-        yield from _dataset_records(path / str(split), field, chat)
+        log.info("%s: a dataset with the splits %s; reading %r", path, ", ".join(splits), split)
+        yield from _dataset_records(_inside(path, split, listing), field, chat)
     elif (path / "state.json").is_file():
         yield from _dataset_records(path, field, chat)
     else:
@@ -240,6 +369,8 @@ def _json_file(path: Path, what: str) -> dict:
         data = json.loads(path.read_text(encoding=UTF8))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: not {what} ({exc})") from None
+    except RecursionError:
+        raise DataError(f"{path}: not {what} (JSON nested too deeply)") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: not {what} (not a JSON object)")
     return data
@@ -253,10 +384,28 @@ def _dataset_records(folder: Path, field: str, chat: bool) -> Iterator[tuple[str
         assert all(isinstance(name, str) for name in names)
     except (KeyError, TypeError, AssertionError):
         raise DataError(f"{folder / 'state.json'}: not a datasets state file (no list of _data_files)") from None
-    for name in names:
-        if not (folder / name).is_file():
-            raise DataError(f"{folder / name}: no such file (listed in {folder / 'state.json'})")
-        yield from _arrow_records(folder / name, field, chat)
+    files = [_inside(folder, name, folder / "state.json") for name in names]
+    for file in files:
+        if not file.is_file():
+            raise DataError(f"{file}: no such file (listed in {folder / 'state.json'})")
+        yield from _arrow_records(file, field, chat)
+
+
+def _inside(folder: Path, name: str, listing: Path) -> Path:
+    """FOLDER / NAME, where NAME, read from the file LISTING, must be a relative name that stays inside FOLDER
+    (no absolute path, no "..", no symbolic link out of it): a saved dataset never names files elsewhere."""
+    path = folder / name
+    try:
+        base = folder.resolve()
+        target = path.resolve()
+        inside = bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts \
+            and target != base and target.is_relative_to(base)
+    except (OSError, ValueError, RuntimeError):   # a NUL byte, a symbolic-link loop
+        inside = False
+    if not inside:
+        raise DataError(f"{listing}: names {name!r}, not a file inside {folder}; a saved dataset names its own "
+                        "files only")
+    return path
 
 
 def _file_records(path: Path, field: str, chat: bool) -> Iterator[tuple[str, Any]]:

@@ -32,6 +32,7 @@ class LoadedModel:
     layers: object                  # the ModuleList of decoder layers
     config: dict = field(default_factory=dict)   # the checkpoint's config.json (a GGUF's, as transformers'd read it)
     layer_plan: dict[int, list] = field(default_factory=dict)   # streamed: each layer's planned tensors
+    fp32_names: set[str] = field(default_factory=set)   # streamed: tensors held in fp32 whatever the dtype
 
     def base_forward(self, input_ids, attention_mask=None):
         """Run the decoder stack without the lm_head (profiling needs no logits). Encoder-decoder
@@ -52,7 +53,8 @@ class LoadedModel:
         """Layer INDEX's weights as CPU tensors, read (and dequantized) from the checkpoint; safe to call
         from a background thread."""
         prefix = f"{self.layers_name}.{index}."
-        return {t.name[len(prefix):]: materialize(t) for t in self.layer_plan.get(index, [])}
+        return {t.name[len(prefix):]: _held(materialize(t), t.name in self.fp32_names)
+                for t in self.layer_plan.get(index, [])}
 
     def install_layer(self, index: int, tensors: dict) -> None:
         import torch
@@ -70,6 +72,23 @@ class LoadedModel:
         module = self.layers[index]
         for name, param in list(module.named_parameters()):
             set_tensor(module, name, torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
+
+
+def _layer_slots(model) -> list[tuple[object, int]]:
+    """(ModuleList, index) of each decoder layer, in the order of _decoder_layers (an encoder-decoder
+    model's encoder layers, then its decoder's): where a rebuilt layer goes."""
+    name, layers = _decoder_layers(model)
+    if name != "encoder+decoder":
+        return [(layers, i) for i in range(len(layers))]
+    owner = {id(m): (parent, i) for _, parent in model.named_modules() if _is_module_list(parent)
+             for i, m in enumerate(parent)}
+    return [owner[id(layer)] for layer in layers]
+
+
+def _is_module_list(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.ModuleList)
 
 
 def _decoder_layers(model) -> tuple[str, object]:
@@ -206,15 +225,25 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
         config = transformers.AutoConfig.for_model(**ckpt.config)
     else:
         config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
+    seq2seq = family.decoder_offset is not None
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         uneven = uneven_expert_counts(ckpt.config)
-        _, layers = _decoder_layers(model) if uneven else (None, None)
+        slots = _layer_slots(model) if uneven else []
+        attribute = family.keys["num_experts"][0] if uneven else None
+        donors = {}   # seq2seq: expert count -> the layers of a whole model built with it
         for layer, count in uneven.items():   # (a pruned --scope global checkpoint; dense models have none)
-            attribute = family.keys["num_experts"][0]
             layer_config = copy.deepcopy(config)
             setattr(layer_config, attribute, count)
-            layers[layer] = type(layers[layer])(layer_config, layer)
+            parent, index = slots[layer]
+            if seq2seq:   # encoder and decoder blocks take other arguments: take the layer of such a model
+                if count not in donors:
+                    donors[count] = _decoder_layers(auto.from_config(
+                        layer_config, dtype=dtype, trust_remote_code=trust_remote_code))[1]
+                parent[index] = donors[count][layer]
+            else:
+                parent[index] = type(parent[index])(layer_config, layer)
     return config, model.eval()
 
 
@@ -234,6 +263,12 @@ def _bnb_experts(ckpt: Checkpoint, family: Family) -> bool:
     return any(r.dtype == "U8" and classifier.classify(name).role in EXPERT_ROLES for name, r in ckpt.tensors.items())
 
 
+def _target_layout(ckpt: Checkpoint, family: Family) -> str | None:
+    """The expert layout to plan: fused (as transformers 5 holds experts) for per-expert experts; None
+    (as stored) for fused ones, or for a checkpoint without experts (Granite 4.0's dense hybrid)."""
+    return "fused" if "fused" in family.layouts and _has_per_expert(ckpt, family) else None
+
+
 def _has_per_expert(ckpt: Checkpoint, family: Family) -> bool:
     """Whether the checkpoint stores experts one tensor per expert."""
     classifier = Classifier(family, family_context(ckpt)[2])
@@ -248,7 +283,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
 
     config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    layout = "fused" if "fused" in family.layouts else None   # transformers 5 holds experts fused
+    layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=_quantized(ckpt)))
     prefix, layers = _decoder_layers(model)
     per_layer: dict[int, list] = {}
@@ -266,7 +301,8 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         output = model.get_output_embeddings()
         head_name = next(n for n, m in model.named_modules() if m is output)
         head = {name for name, _ in output.named_parameters(prefix=head_name)}
-    state = {name: materialize(t).to(device) for name, t in rest.items()
+    fp32 = _fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
+    state = {name: _held(materialize(t), name in fp32).to(device) for name, t in rest.items()
              if name in own and (name.startswith(stack) or name in head)}
     model.load_state_dict(state, strict=False, assign=True)
     if with_head and getattr(config, "tie_word_embeddings", False):
@@ -275,7 +311,24 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         if buffer.device != device and buffer.device.type != "meta":
             set_tensor(model, name, buffer.to(device))
     return LoadedModel(model, family, "streamed", device, dtype, prefix, layers, config=ckpt.config or {},
-                       layer_plan=per_layer)
+                       layer_plan=per_layer, fp32_names=fp32)
+
+
+def _fp32_names(ckpt: Checkpoint, family: Family, names: list[str], dtype) -> set[str]:
+    """The NAMES transformers holds in fp32 when it loads the model in a 16-bit DTYPE: those of the
+    family's fp32 roles (its _keep_in_fp32_modules_strict routers and correction biases, Hunyuan's
+    fp32-built router), whatever dtype they are stored in."""
+    import torch
+
+    if dtype not in (torch.bfloat16, torch.float16) or not family.fp32_roles:
+        return set()
+    classifier = Classifier(family, family_context(ckpt)[2])
+    return {name for name in names if classifier.classify(name).role in family.fp32_roles}
+
+
+def _held(tensor, fp32: bool):
+    """TENSOR as the model holds it: a floating one of the fp32 names in fp32."""
+    return tensor.float() if fp32 and tensor.is_floating_point() else tensor
 
 
 def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool = False):
@@ -306,10 +359,13 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
     import torch
 
     config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
-    layout = "fused" if "fused" in family.layouts else None
+    layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt)))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    state = {t.name: materialize(t).to(device=device, dtype=dtype if t.dtype in ("F32", "F16", "BF16") else None)
+    fp32 = _fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
+    # floating tensors in DTYPE, but those transformers keeps in fp32 (routers, correction biases)
+    state = {t.name: materialize(t).to(device=device, dtype=(torch.float32 if t.name in fp32 else dtype)
+                                       if t.dtype in ("F32", "F16", "BF16") else None)
              for t in plan.tensors if t.name in own}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):

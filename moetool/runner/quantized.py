@@ -44,8 +44,8 @@ class QuantizedWeight(nn.Module):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         parts = {s: getattr(self, f"part{i}") for i, s in enumerate(self.suffixes)}
         if self.fmt.is_bnb4 and self._state is None:
-            self._state = self.fmt.bnb_state(parts)
-        return self.fmt.dequantize(parts, self.shape, dtype, self._state)
+            self._state = self.fmt.bnb_state(parts, self.name)
+        return self.fmt.dequantize(parts, self.shape, dtype, self._state, self.name)
 
     def _apply(self, fn, recurse=True):
         """Device moves only: a cast (model.to(bfloat16), .half()) would change the codes and scales."""
@@ -61,18 +61,28 @@ class QuantizedWeight(nn.Module):
 
 
 class QuantLinear(nn.Module):
-    """nn.Linear with a quantized weight."""
+    """nn.Linear with a quantized weight. DTYPE: the model's (default: the bias's, else torch's
+    default), what `.weight` is dequantized to; a model cast changes it, as it would an nn.Linear's."""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None):
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype | None = None):
         super().__init__()
         self.weight_q = weight
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.dtype = dtype or (bias.dtype if bias is not None else torch.get_default_dtype())
+
+    def _apply(self, fn, recurse=True):
+        """A model cast (model.to(bfloat16), .half()) changes the dtype the weight is dequantized to."""
+        probe = fn(torch.empty(0, dtype=self.dtype))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        return super()._apply(fn, recurse)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight, for model code that reads it (T5-style dtype checks)."""
-        return self.weight_q.dequantize(self.bias.dtype if self.bias is not None else torch.get_default_dtype())
+        """The dequantized weight in the module's dtype, for model code that reads it (T5-style
+        DenseActDense casts its hidden states to `wo.weight.dtype`)."""
+        return self.weight_q.dequantize(self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight_q.dequantize(x.dtype), self.bias)
@@ -221,7 +231,7 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
                                         f"transformers' {type(model).__name__}")
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
         parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, QuantLinear(qweight, bias))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, QuantLinear(qweight, bias, dtype))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -238,4 +248,5 @@ def _shape(ckpt: Checkpoint, name: str, fmt: Format) -> tuple[int, ...]:
     if isinstance(fmt, ct.CompressedFormat):   # compressed-tensors: X.weight_packed, no X.weight
         return fmt.original_shape(ckpt.tensors[name + ct.PACKED].shape)
     blob = ckpt.tensors.get(f"{name}.quant_state.bitsandbytes__{fmt.kind}")
-    return fmt.original_shape(ckpt.tensors[name].shape, blob.load if blob is not None else None)
+    parts = {s: ckpt.tensors[name + s].shape for s in fmt.suffixes if s and name + s in ckpt.tensors}
+    return fmt.original_shape(ckpt.tensors[name].shape, blob.load if blob is not None else None, name, parts)

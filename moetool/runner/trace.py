@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from moetool.checkpoint.writer import check_replaceable, missing_parents, remove_empty
+from moetool.checkpoint.writer import check_replaceable, missing_parents, remove_empty, unused_path
 from moetool.errors import CheckpointFormatError, OutputWriteError, UsageError
 from moetool.runner import distributed
 
@@ -92,8 +93,11 @@ class TraceWriter:
         self.sequences, self.first_sequence, self.seq_len = sequences, first_sequence, seq_len
         self.saliency = saliency
         if world.primary:
-            check_replaceable(self.path, force, (HEADER, "rank-*"))
-            shutil.rmtree(self.partial, ignore_errors=True)
+            check_replaceable(self.path, force, is_trace_output)
+            if (self.partial.exists() or self.partial.is_symlink()) and not _is_trace_folder(self.partial):
+                raise UsageError(f"{self.partial}: exists, and is not an unfinished trace (it would be deleted)",
+                                 hint="remove it yourself, or write the trace to another path")
+            shutil.rmtree(self.partial, ignore_errors=True)   # (left by an interrupted run)
             self.created = missing_parents(self.partial)
             try:
                 self.partial.mkdir(parents=True)
@@ -192,13 +196,38 @@ class TraceWriter:
                       "top_k": {str(layer): k for layer, (_, k) in self.layers.items()},
                       "stored": ["tokens", "experts", "weights", "router"] + (["salience"] if self.saliency else []),
                       "ranks": sorted(ranks, key=lambda r: r["first_sequence"])}
-            (self.partial / HEADER).write_text(json.dumps(header, indent=1))
-            if self.path.is_dir() and not self.path.is_symlink():
-                shutil.rmtree(self.path)
-            elif self.path.exists() or self.path.is_symlink():
-                self.path.unlink()
-            os.replace(self.partial, self.path)
+            try:
+                (self.partial / HEADER).write_text(json.dumps(header, indent=1))
+            except OSError as exc:
+                raise OutputWriteError(f"{self.partial}: cannot write the trace ({exc.strerror or exc})") from None
+            self._put_in_place()
         distributed.barrier()
+
+    def _put_in_place(self) -> None:
+        """Rename PATH.partial to PATH; an earlier trace there (--force) is moved aside first, put back if
+        the rename fails (or is interrupted), and removed once the new trace is in place."""
+        old = None
+        placed = False
+        try:
+            if self.path.exists():   # (a folder: check_replaceable refused anything else)
+                old = unused_path(self.path.with_name(f".{self.path.name}.moetool-old-{os.getpid()}"))
+                os.replace(self.path, old)
+            os.replace(self.partial, self.path)
+            placed = True
+        except BaseException as exc:
+            if old is not None and old.exists() and not self.path.exists():
+                try:
+                    os.replace(old, self.path)
+                except OSError as again:
+                    raise OutputWriteError(f"{self.path}: the trace could not be put in place, nor the earlier "
+                                           f"trace back ({again.strerror or again}); it is at {old}") from None
+            if isinstance(exc, OSError):
+                raise OutputWriteError(f"{self.path}: cannot put the trace in place ({exc.strerror or exc})"
+                                       + ("; the earlier trace is kept" if old is not None else "")) from None
+            raise
+        finally:
+            if placed and old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         self.queue.put(None)
@@ -208,6 +237,32 @@ class TraceWriter:
         if self.world.primary:
             shutil.rmtree(self.partial, ignore_errors=True)
             remove_empty(self.created)
+
+
+def is_trace_output(folder: Path) -> bool:
+    """FOLDER looks like a trace moetool wrote: a trace.json of this format, beside rank-NN folders
+    only (plain folders, no links). Only such a folder is replaced (--force)."""
+    try:
+        header = json.loads((folder / HEADER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(header, dict) and header.get("format") == FORMAT and _is_trace_folder(folder)
+
+
+def _is_trace_folder(folder: Path) -> bool:
+    """FOLDER is a plain folder holding nothing but rank-NN folders and trace.json, as a trace (or an
+    unfinished one, PATH.partial) does."""
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return False
+        entries = list(folder.iterdir())
+    except OSError:
+        return False
+    return all(entry.name == HEADER and entry.is_file() and not entry.is_symlink() or
+               _RANK_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink() for entry in entries)
+
+
+_RANK_DIR = re.compile(r"rank-\d{2,}")
 
 
 def _gather(item: dict, world) -> list[dict]:
@@ -352,23 +407,72 @@ def open_trace(path: Path, *, moe_layers: list[int], experts: dict[int, int], to
                  files, num_layers)
 
 
-def _moetool_trace(path: Path, moe_layers, experts, top_k) -> Trace:
+STORED = ("tokens", "experts", "weights", "router", "salience")
+
+
+def _count(value, least: int = 0) -> bool:
+    return type(value) is int and value >= least
+
+
+def read_trace_header(path: Path) -> dict[str, Any]:
+    """PATH/trace.json, every field checked (type and range); a rank's folder must be a plain name of
+    a folder inside PATH. Anything else is one TraceError line."""
+    where = path / HEADER
     try:
-        header = json.loads((path / HEADER).read_text())
-        if header.get("format") != FORMAT:
-            raise TraceError(f"{path / HEADER}: not a {FORMAT} header")
-        if header.get("version") != VERSION:
-            raise TraceError(f"{path / HEADER}: trace version {header.get('version')}; this moetool reads "
-                             f"version {VERSION}")
-        layers = [int(v) for v in header["moe_layers"]]
-        recorded_experts = {int(k): int(v) for k, v in header["experts"].items()}
-        recorded_k = {int(k): int(v) for k, v in header["top_k"].items()}
-        seq_len, sequences = int(header["seq_len"]), int(header["sequences"])
-        ranks = header["ranks"]
-        if sum(int(r["sequences"]) for r in ranks) != sequences:
-            raise TraceError(f"{path / HEADER}: its ranks hold a different number of sequences than it says")
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise TraceError(f"{path / HEADER}: unreadable trace header ({type(exc).__name__})") from None
+        header = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise TraceError(f"{where}: unreadable trace header ({type(exc).__name__})") from None
+
+    def bad(what: str):
+        return TraceError(f"{where}: malformed trace header: {what}")
+
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise TraceError(f"{where}: not a {FORMAT} header")
+    if header.get("version") != VERSION or type(header.get("version")) is not int:
+        raise TraceError(f"{where}: trace version {header.get('version')!r}; this moetool reads version {VERSION}")
+    layers = header.get("moe_layers")
+    if not isinstance(layers, list) or not all(_count(v) for v in layers) or len(set(layers)) != len(layers):
+        raise bad("'moe_layers' must be a list of distinct layer numbers")
+    for key in ("experts", "top_k"):
+        table = header.get(key)
+        if not isinstance(table, dict) or set(table) != {str(layer) for layer in layers} or \
+                not all(_count(v, 1) for v in table.values()):
+            raise bad(f"{key!r} must map each of the MoE layers to a positive integer")
+    if not _count(header.get("seq_len"), 1) or not _count(header.get("sequences")):
+        raise bad("'seq_len' and 'sequences' must be a positive and a non-negative integer")
+    if header.get("capacity_window") is not None and not _count(header["capacity_window"], 1):
+        raise bad("'capacity_window' must be a positive integer")
+    if not isinstance(header.get("dtype", ""), str):
+        raise bad("'dtype' must be a string")
+    stored = header.get("stored")
+    if not isinstance(stored, list) or not all(isinstance(v, str) and v in STORED for v in stored) or \
+            not {"tokens", "experts"} <= set(stored):
+        raise bad(f"'stored' must list what is stored, of {', '.join(STORED)} (tokens and experts at least)")
+    ranks = header.get("ranks")
+    if not isinstance(ranks, list) or not ranks:
+        raise bad("'ranks' must be a non-empty list")
+    real = path.resolve()
+    for rank in ranks:
+        if not isinstance(rank, dict) or not _count(rank.get("rank")) or not _count(rank.get("first_sequence")) \
+                or not _count(rank.get("sequences")):
+            raise bad("each rank needs integer 'rank', 'first_sequence' and 'sequences' (not negative)")
+        name = rank.get("dir")
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise bad(f"a rank's 'dir' must name a folder inside the trace, not {name!r}")
+        folder = path / name
+        if folder.is_symlink() or not folder.is_dir() or folder.resolve().parent != real:
+            raise TraceError(f"{folder}: the rank folder is missing or not a folder inside the trace")
+    if sum(rank["sequences"] for rank in ranks) != header["sequences"]:
+        raise TraceError(f"{where}: its ranks hold a different number of sequences than it says")
+    return header
+
+
+def _moetool_trace(path: Path, moe_layers, experts, top_k) -> Trace:
+    header = read_trace_header(path)
+    layers = list(header["moe_layers"])
+    recorded_experts = {int(k): v for k, v in header["experts"].items()}
+    recorded_k = {int(k): v for k, v in header["top_k"].items()}
+    seq_len, sequences, ranks = header["seq_len"], header["sequences"], header["ranks"]
     if layers != list(moe_layers) or any(recorded_experts[layer] != experts[layer] or
                                          recorded_k[layer] != top_k[layer] for layer in layers):
         raise UsageError(f"{path}: this trace is of another model (MoE layers {layers}, experts "

@@ -96,9 +96,13 @@ def one_if(size_fn):
 
 SOFTMAX_TOPK_RENORM = Router("softmax", renormalize=True)
 SOFTMAX_TOPK_NORM_KEY = Router("softmax", renormalize="norm_topk_prob")
+# transformers' DeepSeek-V3 router (GLM-4.5 and dots1 too) always selects within the best topk_group of
+# n_group groups: it has no topk_method (a config's is ignored)
 DEEPSEEK_V3_ROUTER = Router("sigmoid", renormalize="norm_topk_prob", correction_bias=True,
                             group_limited=True, scaling_key="routed_scaling_factor",
-                            notes="groups ranked by the sum of their top-2 biased scores")
+                            notes="groups ranked by the sum of their top-2 biased scores", method_key=None,
+                            config_defaults=(("n_group", 8), ("topk_group", 4), ("norm_topk_prob", True),
+                                             ("routed_scaling_factor", 2.5)))
 
 
 def nested(cfg: Config, path: str, default=None):

@@ -10,7 +10,7 @@ from moetool.arch.families._shared import (
                                            first_k_dense,
                                            keys,
 )
-from moetool.arch.schema import Family, Router
+from moetool.arch.schema import Family, Role, Router
 
 FAMILY = Family(
     name="deepseek_v2",
@@ -18,7 +18,8 @@ FAMILY = Family(
     title="DeepSeek-V2",
     router=Router("softmax", renormalize=False, group_limited=True, scaling_key="routed_scaling_factor",
                   notes="greedy, or group-limited (groups ranked by their best expert) when "
-                        "topk_method is group_limited_greedy; transformers never renormalises"),
+                        "topk_method is group_limited_greedy; transformers never renormalises",
+                  config_defaults=(("topk_method", "greedy"),), group_score_experts=1),
     keys=keys(num_experts=("n_routed_experts", "num_experts"), top_k=("num_experts_per_tok",),
               expert_ffn=("moe_intermediate_size",)),
     common={**EMBED_AND_HEAD, **DENSE_MLP, **ROUTER_MLP_GATE, **DEEPSEEK_SHARED},
@@ -27,5 +28,6 @@ FAMILY = Family(
     is_moe_layer=first_k_dense,
     shared_ffn=deepseek_shared_ffn,
     num_shared=deepseek_num_shared,
+    fp32_roles=frozenset({Role.ROUTER}),   # transformers: _keep_in_fp32_modules_strict = ["gate.weight"]
     notes="multi-head latent attention (MLA)",
 )

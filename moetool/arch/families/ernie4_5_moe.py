@@ -13,6 +13,14 @@ def shared_size(cfg: Config) -> int:
     return (cfg.get("moe_intermediate_size") or 0) * (cfg.get("moe_num_shared_experts") or 0)
 
 
+# use_bias: true gives every MLP (dense layers' and the shared experts, not the routed ones) biases
+BIASES = {Role.SHARED_GATE_BIAS: "model.layers.{L}.mlp.shared_experts.gate_proj.bias",
+          Role.SHARED_UP_BIAS: "model.layers.{L}.mlp.shared_experts.up_proj.bias",
+          Role.SHARED_DOWN_BIAS: "model.layers.{L}.mlp.shared_experts.down_proj.bias",
+          Role.DENSE_GATE_BIAS: "model.layers.{L}.mlp.gate_proj.bias",
+          Role.DENSE_UP_BIAS: "model.layers.{L}.mlp.up_proj.bias",
+          Role.DENSE_DOWN_BIAS: "model.layers.{L}.mlp.down_proj.bias"}
+
 FAMILY = Family(
     name="ernie4_5_moe",
     model_types=("ernie4_5_moe",),
@@ -25,7 +33,8 @@ FAMILY = Family(
             Role.ROUTER: "model.layers.{L}.mlp.gate.weight",
             Role.DENSE_GATE: "model.layers.{L}.mlp.gate_proj.weight",
             Role.DENSE_UP: "model.layers.{L}.mlp.up_proj.weight",
-            Role.DENSE_DOWN: "model.layers.{L}.mlp.down_proj.weight"},
+            Role.DENSE_DOWN: "model.layers.{L}.mlp.down_proj.weight",
+            **BIASES},
     per_expert={**QWEN_EXPERTS,
                 Role.ROUTER_CORRECTION: "model.layers.{L}.mlp.moe_statics.e_score_correction_bias"},
     fused={**QWEN_FUSED,
@@ -35,5 +44,6 @@ FAMILY = Family(
     shared_ffn=shared_size,
     num_shared=lambda cfg: cfg.get("moe_num_shared_experts") or 0,
     fp32_roles=frozenset({Role.ROUTER, Role.ROUTER_CORRECTION}),
+    role_keys=dict.fromkeys(BIASES, "use_bias"),
     mtp=True,
 )

@@ -12,6 +12,8 @@ FAMILY = Family(
     common=EMBED_AND_HEAD,
     per_expert=MIXTRAL_EXPERTS,
     fused={Role.ROUTER: "model.layers.{L}.mlp.router.weight", **QWEN_FUSED},
+    # transformers' sparsemixer routes to two experts whatever num_experts_per_tok says
+    top_k=lambda cfg: 2,
     router_module="model.layers.{L}.mlp.router",
     router_output="topk",
     min_kept=(2, "its sparsemixer router always picks two experts"),

@@ -1,0 +1,328 @@
+"""Family details that transformers decides and moetool must follow, each against transformers' own
+model, config or forward: Granite 4.0's dense hybrid, routers kept in fp32, encoder-decoder models
+through moetool.load_model, PhiMoE's fixed two experts, DeepSeek's group-limited routing, ERNIE's
+biases."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import moetool
+from moetool.arch import detect_family
+from moetool.arch.matcher import Classifier
+from moetool.checkpoint import open_checkpoint
+from moetool.ops.convert import ConvertOptions, convert
+from moetool.ops.inspect import inspect_checkpoint
+from moetool.runner.model import load_model
+from tests.tiny import DENSE, TINY, build_model, build_variant
+
+FP32_ROUTERS = ["deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v2"]
+
+
+def _inspect(path):
+    with open_checkpoint(path) as ckpt:
+        return inspect_checkpoint(ckpt)
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+# ---------------------------------------------------------------- Granite 4.0 dense hybrid
+
+def test_granite_hybrid_without_experts_counts_its_shared_mlp_as_the_dense_mlp(tmp_path):
+    model = build_variant("granitemoehybrid-dense")
+    model.save_pretrained(tmp_path / "dense")
+    report = _inspect(tmp_path / "dense")
+    layers = model.model.layers
+    assert all(layer.block_sparse_moe is None for layer in layers)   # transformers: no MoE layer
+    assert report.problems == [], report.problems
+    assert report.moe_layers == [] and report.dense_layers == list(range(len(layers)))
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.params["dense_mlp"] == sum(_numel(layer.shared_mlp) for layer in layers)
+    assert report.params["shared_experts"] == 0 and report.num_shared_experts == 0
+    assert report.dense_ffn == layers[0].shared_mlp.output_linear.in_features
+    assert report.active_params == report.total_params - report.params["embedding"] * (not report.tied_embeddings)
+    got = moetool.load_model(tmp_path / "dense")   # no experts: nothing to fuse
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_granite_hybrid_with_experts_still_counts_a_shared_expert(tiny):
+    model = build_model("granitemoehybrid")
+    report = _inspect(tiny("granitemoehybrid"))
+    assert report.problems == []
+    assert report.params["shared_experts"] == sum(_numel(layer.shared_mlp) for layer in model.model.layers)
+    assert report.params["dense_mlp"] == 0 and report.num_shared_experts == 1
+
+
+# ---------------------------------------------------------------- routers transformers keeps in fp32
+
+@pytest.mark.parametrize("family", sorted(set(TINY) - DENSE))
+def test_fp32_roles_are_what_transformers_holds_in_fp32(tiny, family):
+    """The roles of the stored tensors transformers' bf16 load holds in fp32 are the family's fp32_roles."""
+    path = tiny(family)
+    fam = detect_family(json.loads((path / "config.json").read_text()))
+    auto = transformers.AutoModelForSeq2SeqLM if fam.decoder_offset else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch.bfloat16)
+    cfg = model.config.to_dict()
+    classifier = Classifier(fam, fam.decoder_offset(cfg) if fam.decoder_offset else 0)
+    persistent = model.state_dict()
+    held = {classifier.classify(name).role for name, t in persistent.items() if t.dtype == torch.float32}
+    assert held == set(fam.fp32_roles)
+
+
+def _biased_checkpoint(path, family, stored_bf16=False):
+    """The tiny model with correction biases of a few units (as trained DeepSeek-V3 checkpoints hold:
+    bf16 would round them by 0.01, more than the scores differ), saved; optionally converted to bf16
+    with the routers cast too (as some hub checkpoints store them)."""
+    model = build_model(family)
+    for name, value in list(model.named_buffers()) + list(model.named_parameters()):
+        if name.endswith("e_score_correction_bias"):
+            with torch.no_grad():
+                noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(7))
+                value.copy_(2.0 + 0.01 * noise)
+    model.save_pretrained(path / "src")
+    if not stored_bf16:
+        return path / "src"
+    with open_checkpoint(path / "src") as ckpt:
+        convert(ckpt, path / "bf16", ConvertOptions(dtype="bf16", cast_fp32_roles=True))
+    return path / "bf16"
+
+
+def _routed(model, family, ids):
+    """Logits and, per MoE layer, the experts each token is routed to (sorted)."""
+    fam = detect_family(model.config.to_dict())
+    picks = {}
+    hooks = []
+    for layer in range(model.config.num_hidden_layers):
+        if not fam.is_moe_layer(model.config.to_dict(), layer):
+            continue
+        router = model.get_submodule(fam.router_module.replace("{L}", str(layer)))
+        hooks.append(router.register_forward_hook(
+            lambda module, args, out, layer=layer: picks.__setitem__(layer, out[2].sort(-1).values)))
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    for hook in hooks:
+        hook.remove()
+    return logits, picks
+
+
+def _dtypes(model):
+    return {name: t.dtype for name, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stored_bf16", [False, True], ids=["stored-fp32", "stored-bf16"])
+@pytest.mark.parametrize("family", FP32_ROUTERS)
+def test_load_model_in_bf16_keeps_routers_in_fp32_as_transformers_does(tmp_path, family, stored_bf16):
+    path = _biased_checkpoint(tmp_path, family, stored_bf16)
+    want = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    got = moetool.load_model(path, dtype=torch.bfloat16)
+    assert _dtypes(got) == _dtypes(want)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    want_logits, want_picks = _routed(want, family, ids)
+    got_logits, got_picks = _routed(got, family, ids)
+    assert want_picks and all(torch.equal(got_picks[layer], want_picks[layer]) for layer in want_picks)
+    torch.testing.assert_close(got_logits, want_logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["hunyuan_v1_moe", "deepseek_v3"])
+def test_streamed_mode_in_bf16_holds_routers_as_transformers_does(tmp_path, family):
+    """Layer by layer (the engine's read_layer/install_layer), routers stored in bf16 too."""
+    path = _biased_checkpoint(tmp_path, family, stored_bf16=True)
+    want = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    with open_checkpoint(path) as ckpt:
+        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.bfloat16, mode="streamed",
+                            with_head=True)
+        for index in range(len(loaded.layers)):
+            loaded.install_layer(index, loaded.read_layer(index))
+    assert _dtypes(loaded.model) == _dtypes(want)
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_routed(loaded.model, family, ids)[0], _routed(want, family, ids)[0], atol=0, rtol=0)
+
+
+def test_convert_to_bf16_keeps_the_deepseek_v2_gate_in_fp32(tmp_path):
+    model = build_model("deepseek_v2")
+    assert "gate.weight" in model._keep_in_fp32_modules_strict      # transformers' own rule
+    model.save_pretrained(tmp_path / "src")
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        convert(ckpt, tmp_path / "bf16", ConvertOptions(dtype="bf16"))
+    with open_checkpoint(tmp_path / "bf16") as ckpt:
+        gates = {name: ref.dtype for name, ref in ckpt.tensors.items() if name.endswith("mlp.gate.weight")}
+    assert gates and set(gates.values()) == {"F32"}
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- encoder-decoder models in load_model
+
+def _seq2seq_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=ids).logits
+
+
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb-moe"])
+def test_load_model_builds_encoder_decoder_models(tiny, family):
+    path = tiny(family)
+    want = transformers.AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
+    got = moetool.load_model(path)
+    assert type(got) is type(want)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_seq2seq_logits(got, ids), _seq2seq_logits(want, ids), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["switch_transformers", "nllb-moe"])
+def test_load_model_of_a_globally_pruned_encoder_decoder_model(tmp_path, family):
+    """Layers with their own expert counts (--scope global), each built as transformers builds a layer of
+    that many experts; the model equals the original whose routers never pick the removed experts."""
+    from moetool.ops.prune import PruneOptions, prune
+
+    model = build_model(family)
+    model.save_pretrained(tmp_path / "src")
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=3, criterion="weight-norm", scope="global"))
+    assert len({len(kept) for kept in report.kept.values()}) > 1
+    got = moetool.load_model(tmp_path / "out")
+    fam = detect_family(model.config.to_dict())
+    cfg = model.config.to_dict()
+    offset = fam.decoder_offset(cfg)
+    from moetool.runner.capture import module_name
+
+    removed = {}
+    for layer, kept in report.kept.items():
+        router = got.get_submodule(module_name(fam.router_module, layer, offset))
+        assert router.classifier.out_features == len(kept)
+        original = model.get_submodule(module_name(fam.router_module, layer, offset))
+        removed[original.classifier.weight.data_ptr()] = [e for e in range(4) if e not in kept]
+    real = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):   # the logits of removed experts at -inf: never chosen
+        out = real(x, weight, bias)
+        gone = removed.get(weight.data_ptr())
+        if gone:
+            out = out.clone()
+            out[..., gone] = float("-inf")
+        return out
+
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    torch.nn.functional.linear = linear
+    try:
+        want = _seq2seq_logits(model, ids)
+    finally:
+        torch.nn.functional.linear = real
+    # NLLB's combine weights are softmax probabilities over all experts: exp(-inf) = 0 terms differ in
+    # the last bits from a softmax over fewer
+    assert (_seq2seq_logits(got, ids) - want).abs().max() <= (1e-5 if family == "switch_transformers" else 2e-4)
+
+
+# ---------------------------------------------------------------- PhiMoE: two experts, always
+
+def test_phimoe_top_k_is_what_the_sparsemixer_routes(tmp_path):
+    model = build_variant("phimoe-k1")
+    model.save_pretrained(tmp_path / "k1")
+    shapes = []
+    hook = model.model.layers[0].mlp.router.register_forward_hook(lambda m, a, out: shapes.append(out[2].shape))
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 5)))
+    hook.remove()
+    routed = shapes[0][-1]
+    assert routed == 2 and model.config.num_experts_per_tok == 1
+    report = _inspect(tmp_path / "k1")
+    assert report.top_k == routed and report.router["top_k"] == routed
+    assert all(info.top_k == routed for info in report.layers if info.kind == "moe")
+    experts = report.num_experts
+    assert report.active_params == report.total_params - report.params["embedding"] \
+        - report.params["routed_experts"] + report.params["routed_experts"] * routed // experts
+    assert [p.code for p in report.problems] == ["top_k_ignored"]
+
+
+def test_phimoe_with_its_usual_config_has_no_warning(tiny):
+    assert _inspect(tiny("phimoe")).problems == []
+
+
+# ---------------------------------------------------------------- DeepSeek: group-limited routing
+
+def _deepseek(tmp_path, family, edit, **overrides):
+    cls, kwargs = TINY[family]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**kwargs, **overrides}))
+    path = tmp_path / family
+    model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return transformers.AutoModelForCausalLM.from_pretrained(path).eval(), _inspect(path)
+
+
+def _groups_used(model, layer, n_group):
+    """How many expert groups transformers' router picks from, at most, over random tokens."""
+    experts = model.config.num_local_experts if hasattr(model.config, "num_local_experts") else \
+        model.config.n_routed_experts
+    router = model.model.layers[layer].mlp.gate
+    hidden = torch.randn(256, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        index = router(hidden)[2]
+    return max(len(set((index[t] // (experts // n_group)).tolist())) for t in range(index.shape[0]))
+
+
+def test_deepseek_v2_without_topk_method_routes_greedily(tmp_path):
+    model, report = _deepseek(tmp_path, "deepseek_v2", lambda c: c.pop("topk_method"), n_routed_experts=8,
+                              n_group=2, topk_group=1, num_experts_per_tok=3)
+    assert model.config.topk_method == "greedy"
+    assert _groups_used(model, 1, 2) == 2              # transformers mixes groups: greedy
+    assert report.router["group_limited"] is None
+
+
+def test_deepseek_v2_group_limited_greedy(tmp_path):
+    model, report = _deepseek(tmp_path, "deepseek_v2", lambda c: None, n_routed_experts=8, n_group=2,
+                              topk_group=1, num_experts_per_tok=3, topk_method="group_limited_greedy")
+    assert _groups_used(model, 1, 2) == 1
+    assert report.router["group_limited"] == {"n_group": 2, "topk_group": 1}
+
+
+def test_deepseek_v3_routes_by_groups_whatever_topk_method_says(tmp_path):
+    model, report = _deepseek(tmp_path, "deepseek_v3", lambda c: c.update(topk_method="greedy"),
+                              n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=3)
+    assert _groups_used(model, 1, 2) == 1              # transformers ignores topk_method
+    assert report.router["group_limited"] == {"n_group": 2, "topk_group": 1}
+
+
+def test_deepseek_v3_router_defaults_are_transformers_config_defaults(tmp_path):
+    def drop(config):
+        for key in ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor"):
+            config.pop(key)
+
+    model, report = _deepseek(tmp_path, "deepseek_v3", drop, n_routed_experts=16, num_experts_per_tok=2)
+    router = model.model.layers[1].mlp.gate
+    assert _groups_used(model, 1, router.num_group) <= router.topk_group
+    assert report.router["group_limited"] == {"n_group": router.num_group, "topk_group": router.topk_group}
+    assert report.router["renormalize"] == router.norm_topk_prob
+    assert report.router["scaling_factor"] == router.routed_scaling_factor
+
+
+# ---------------------------------------------------------------- ERNIE with use_bias
+
+@pytest.mark.parametrize("variant", ["ernie4_5_moe-bias", "ernie4_5_moe-bias-untied"])
+def test_ernie_biases_fit_its_templates_and_are_counted(tmp_path, variant):
+    model = build_variant(variant)
+    model.save_pretrained(tmp_path / variant)
+    report = _inspect(tmp_path / variant)
+    assert report.problems == [], report.problems
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    layers = model.model.layers
+    moe = report.moe_layers
+    assert report.params["shared_experts"] == sum(_numel(layers[i].mlp.shared_experts) for i in moe)
+    assert report.params["dense_mlp"] == sum(_numel(layers[i].mlp) for i in report.dense_layers)
+    embedding = model.get_input_embeddings().weight
+    head_own = [p for p in model.lm_head.parameters() if p is not embedding]   # tied: the bias alone
+    assert report.params["lm_head"] == sum(p.numel() for p in head_own) > 0
+    got = moetool.load_model(tmp_path / variant)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
