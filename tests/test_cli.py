@@ -21,6 +21,7 @@ def cli(*args, cwd=None):
     # pathlib reads "" as the current folder: --data "" would calibrate on every file in it
     (["profile", "builtin:tiny-moe", "--data", ""], "Invalid value for '--data': an empty path"),
     (["eval", "builtin:tiny-moe", "--token-ids", ""], "Invalid value for '--token-ids': an empty path"),
+    (["profile", "builtin:tiny-moe", "--ep-replicas", "2"], "give --ep N as well"),   # (would be ignored)
 ])
 def test_parse_errors_are_one_line(tmp_path, args, said):
     proc = cli(*args, cwd=tmp_path)

@@ -94,6 +94,18 @@ def test_bare_safetensors_file_is_guessed(tiny):
     assert data["num_experts"] == 4 and data["moe_layers"] == [0, 1]
 
 
+def test_bare_file_with_a_gated_shared_expert_is_guessed_without_errors(tiny):
+    """Qwen2-MoE's shared expert and its sigmoid gate are found by name: no unexpected-tensor error,
+    the shared FFN read from its shape, the totals transformers' own, and no "None" printed."""
+    path = tiny("qwen2_moe") / "model.safetensors"
+    data = json.loads(run("inspect", str(path), "--json").stdout)
+    assert [p["code"] for p in data["problems"]] == ["guessed_architecture", "top_k_unknown"]
+    assert data["num_shared_experts"] == 1 and data["shared_ffn"] == 20
+    assert data["total_params"] == json.loads((path.parent / "expected.json").read_text())["params"]
+    text = run("inspect", str(path)).stdout
+    assert "None" not in text and "top-unknown" in text and "no config.json" in text
+
+
 @pytest.mark.slow
 def test_deepseek_v3_sized_header_set_under_one_second(tmp_path):
     """163 shards, ~92,000 tensors: the whole process, best of three runs."""

@@ -168,3 +168,22 @@ def test_stock_bitsandbytes_quant_state_is_checked_before_it_is_trusted(double_q
         if key in change:   # from the blob and the packed shape alone, before anything is read
             with pytest.raises(CheckpointFormatError):
                 dequant.bnb4_shape(bad[key], tuple(parts["weight"].shape))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "hunyuan_v1_moe"])
+def test_quantized_checkpoint_keeps_fp32_routers_as_transformers_does(tmp_path, tiny, family):
+    """A moetool-quantized checkpoint loaded in bf16 holds its router (and correction bias) in fp32, as
+    transformers' own bf16 load of the source does, so routing is not rounded to bf16."""
+    import moetool
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    with open_checkpoint(tiny(family)) as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g8"))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny(family), dtype=torch.bfloat16)
+    want = {n: t.dtype for n, t in [*reference.named_parameters(), *reference.named_buffers()]
+            if t.dtype == torch.float32}
+    assert want   # the family does keep something in fp32
+    loaded = moetool.load_model(tmp_path / "q", dtype=torch.bfloat16)
+    got = dict([*loaded.named_parameters(), *loaded.named_buffers()])
+    assert {n: got[n].dtype for n in want if n in got} == {n: want[n] for n in want if n in got}
+    assert any("gate" in n for n in want if n in got)

@@ -301,6 +301,7 @@ _EXPERT_FUSED = re.compile(r"\.experts\.(gate_up_proj|down_proj|w1|w2|w3|v1|inpu
                            r"output_linear\.weight)$")
 _ROUTER = re.compile(r"\.(?:gate|router)(?:\.layer|\.classifier|\.wg)?\.weight$")
 _SHARED = re.compile(r"\.shared_(?:experts?|mlp)\.(\w+)\.weight$")
+_SHARED_GATE = re.compile(r"\.shared_expert_gate\.weight$")   # Qwen2-MoE's sigmoid gate on the shared expert
 _PROJ_ROLE = {
     "w1": "GATE", "gate_proj": "GATE", "gate": "GATE",
     "w3": "UP", "up_proj": "UP", "up": "UP", "wi": "UP", "fc1": "UP",
@@ -359,6 +360,8 @@ def generic_expert_match(name: str) -> Match | None:
         kind = _PROJ_ROLE.get(found.group(1))
         if kind:
             return Match(Role[f"SHARED_{kind}"], layer, None, None, aux, packed, True)
+    if _SHARED_GATE.search(base):
+        return Match(Role.SHARED_ROUTER, layer, None, None, aux, packed, True)
     if _ROUTER.search(base) and "attn" not in base and "attention" not in base:
         return Match(Role.ROUTER, layer, None, None, aux, packed, True)
     return None

@@ -265,8 +265,9 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     if guessed:
         _guess_dims(dims, tally, cfg)
         problems.append(Problem("warning", "guessed_architecture",
-                                f"unknown architecture (model_type={config.get('model_type')!r}); experts "
-                                "were found by name patterns, so structure and counts are a guess"))
+                                (f"unknown architecture (model_type={config.get('model_type')!r})" if config
+                                 else "no config.json (a bare weights file)") + "; experts were found by name "
+                                "patterns, so structure and counts are a guess"))
     if dims.num_layers is None:
         dims.num_layers = 1 + max((max(g.layers) for g in tally.groups if g.layers[0] is not None), default=-1)
 
@@ -284,8 +285,8 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     _apply_tie(dims, tally)
     for name in tally.unexpected[:1]:
         problems.append(Problem("error", "unexpected_tensor",
-                                f"{len(tally.unexpected)} expert-like tensors match no {family.name if family else ''}"
-                                f" template (first: {name})"))
+                                f"{len(tally.unexpected)} expert-like tensors match no "
+                                f"{family.name if family else 'known'} template (first: {name})"))
     _check_experts_quantized(tally, problems)
     if tally.mtp:
         problems.append(Problem("info", "mtp", f"{tally.mtp:,} parameters belong to multi-token-prediction "
@@ -419,6 +420,8 @@ def _guess_dims(dims: _Dims, tally: _Tally, cfg: dict) -> None:
     dims.num_layers = cfg.get("num_hidden_layers") if isinstance(cfg.get("num_hidden_layers"), int) else None
     shared = {r.match.layer for r in records if r.match.role in SHARED_ROLES}
     dims.num_shared = 1 if shared else 0
+    dims.shared_ffn = next((r.ref.shape[0] for r in records if r.match.role in (Role.SHARED_GATE, Role.SHARED_UP)
+                            and len(r.ref.shape) == 2 and not r.match.packed), None)
 
 
 # ---------------------------------------------------------------- one pass over names

@@ -145,6 +145,9 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     fewest = min((experts for experts, _ in layers.values()), default=0)
     if options.ep is not None and not 1 <= options.ep <= fewest:   # before the run, not after it
         raise UsageError(f"--ep {options.ep}: expert parallelism over 1 to {fewest} devices (each holds an expert)")
+    if options.ep_replicas and options.ep is None:
+        raise UsageError("--ep-replicas adds copies to an expert-parallel placement: give --ep N as well",
+                         hint="see 'moetool profile --help'")
     if options.from_trace is not None:
         return _from_trace(ckpt, structure, layers, options)
     world = distributed.world_from_env()

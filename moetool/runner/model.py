@@ -16,7 +16,7 @@ from moetool.errors import UnsupportedError, UsageError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant.config import recorded_formats
 from moetool.runner.device import DeviceError, available_memory
-from moetool.runner.modules import set_tensor
+from moetool.runner.modules import fp32_names, set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         output = model.get_output_embeddings()
         head_name = next(n for n, m in model.named_modules() if m is output)
         head = {name for name, _ in output.named_parameters(prefix=head_name)}
-    fp32 = _fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
+    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
     state = {name: _held(materialize(t), name in fp32).to(device) for name, t in rest.items()
              if name in own and (name.startswith(stack) or name in head)}
     model.load_state_dict(state, strict=False, assign=True)
@@ -312,18 +312,6 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
             set_tensor(model, name, buffer.to(device))
     return LoadedModel(model, family, "streamed", device, dtype, prefix, layers, config=ckpt.config or {},
                        layer_plan=per_layer, fp32_names=fp32)
-
-
-def _fp32_names(ckpt: Checkpoint, family: Family, names: list[str], dtype) -> set[str]:
-    """The NAMES transformers holds in fp32 when it loads the model in a 16-bit DTYPE: those of the
-    family's fp32 roles (its _keep_in_fp32_modules_strict routers and correction biases, Hunyuan's
-    fp32-built router), whatever dtype they are stored in."""
-    import torch
-
-    if dtype not in (torch.bfloat16, torch.float16) or not family.fp32_roles:
-        return set()
-    classifier = Classifier(family, family_context(ckpt)[2])
-    return {name for name in names if classifier.classify(name).role in family.fp32_roles}
 
 
 def _held(tensor, fp32: bool):
@@ -362,7 +350,7 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
     layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt)))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    fp32 = _fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
+    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
     # floating tensors in DTYPE, but those transformers keeps in fp32 (routers, correction biases)
     state = {t.name: materialize(t).to(device=device, dtype=(torch.float32 if t.name in fp32 else dtype)
                                        if t.dtype in ("F32", "F16", "BF16") else None)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from moetool.arch.matcher import Classifier
+from moetool.layout.plan import family_context
+
 
 def set_tensor(root, dotted: str, value) -> None:
     """Put VALUE at the dotted name under ROOT: as a parameter, as a buffer, or as a plain attribute,
@@ -16,3 +19,15 @@ def set_tensor(root, dotted: str, value) -> None:
         owner._buffers[attr] = value
     else:
         setattr(owner, attr, value)
+
+
+def fp32_names(ckpt, family, names: list[str], dtype) -> set[str]:
+    """The NAMES transformers holds in fp32 when it loads the model in a 16-bit DTYPE: those of the
+    family's fp32 roles (its _keep_in_fp32_modules_strict routers and correction biases, Hunyuan's
+    fp32-built router), whatever dtype they are stored in."""
+    import torch
+
+    if dtype not in (torch.bfloat16, torch.float16) or not family.fp32_roles:
+        return set()
+    classifier = Classifier(family, family_context(ckpt)[2])
+    return {name for name in names if classifier.classify(name).role in family.fp32_roles}

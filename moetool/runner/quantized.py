@@ -25,7 +25,7 @@ from moetool.errors import CheckpointFormatError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant import compressed_tensors as ct
 from moetool.quant.formats import Format, stacked_slices
-from moetool.runner.modules import set_tensor
+from moetool.runner.modules import fp32_names, set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,7 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     slices = fused and set(family.per_expert or {}) & matrices == set(family.fused) & matrices
     transposed = family.fused_transposed and not slices
     own = dict(model.named_parameters()) | dict(model.named_buffers())
+    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
     state, linears, banks = {}, {}, {}
     for tensor in plan.tensors:
         m = classifier.classify(tensor.name)
@@ -207,9 +208,9 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
                                              for e in range(tensor.shape[0])], transposed, tensor.shape[1:], dtype)
         elif tensor.name in formats:
             linears[tensor.name] = weight(tensor.name)
-        elif tensor.name in own:
-            state[tensor.name] = materialize(tensor).to(device=device, dtype=dtype if tensor.dtype in (
-                "F32", "F16", "BF16") else None)
+        elif tensor.name in own:   # floating tensors in DTYPE, but those transformers keeps in fp32 (routers)
+            state[tensor.name] = materialize(tensor).to(device=device, dtype=(
+                torch.float32 if tensor.name in fp32 else dtype) if tensor.dtype in ("F32", "F16", "BF16") else None)
     model.load_state_dict(state, strict=False, assign=True)
     for name, bank in banks.items():
         owner_name, _, attr = name.rpartition(".")
