@@ -17,8 +17,10 @@ from tests.tiny import COMMON, TINY
 
 # families with both a per-expert (hub) and a fused layout; Llama 4's bf16 hub form is fused already
 BOTH_LAYOUTS = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe",
-                "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "granitemoe", "granitemoeshared",
-                "granitemoehybrid", "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe"]
+                "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text",
+                "lfm2_moe", "exaone_moe", "dots1", "granitemoe", "granitemoeshared",
+                "granitemoehybrid", "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe",
+                "cohere2_moe", "afmoe", "sarvam_moe"]
 
 
 def run(src, out, **options):
@@ -260,13 +262,16 @@ def test_dequantize_mxfp4_matches_transformers(tmp_path):
         assert torch.equal(quantized(ids).logits, converted(ids).logits)
 
 
-@pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("mode", ["nf4", "fp4", "int8", "nf4-bf16-storage"])
 def test_dequantize_bitsandbytes(tmp_path, tiny, mode):
+    """(nf4-bf16-storage: codes stored as bf16 elements, bnb_4bit_quant_storage of FSDP-QLoRA.)"""
     import bitsandbytes.functional as F
 
     src = tiny("qwen2_moe")
+    storage = {"bnb_4bit_quant_storage": torch.bfloat16} if mode.endswith("bf16-storage") else {}
+    mode = mode.split("-")[0]
     config = (transformers.BitsAndBytesConfig(load_in_8bit=True) if mode == "int8" else
-              transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode))
+              transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode, **storage))
     model = transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
     model.save_pretrained(tmp_path / "bnb")
     run(tmp_path / "bnb", tmp_path / "deq", dequantize=True, dtype="fp32")

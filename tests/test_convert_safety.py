@@ -224,11 +224,12 @@ def _earlier_output(tiny, out):
     return out
 
 
-@pytest.mark.parametrize("case", ["project", "downloaded", "subfolder", "foreign_shard", "marked_shard_in_project"])
-def test_force_replaces_only_a_folder_moetool_wrote(tmp_path, tiny, case):
-    """--force deletes OUT: a folder of the user's that merely holds a config.json (or a checkpoint
-    moetool did not write) is refused with exit 2 and left as it was; so is an earlier output the user
-    has since put a folder or another shard into."""
+@pytest.mark.parametrize("case", ["project", "project_without_weights", "subfolder", "other_files",
+                                  "marked_shard_in_project"])
+def test_force_replaces_only_a_checkpoint_folder(tmp_path, tiny, case):
+    """--force deletes OUT: a folder of the user's that merely holds a config.json (no weights, or a
+    subfolder, or files no checkpoint holds) is refused with exit 2 and left as it was; so is an
+    earlier output the user has since put a folder or other files into."""
     out = tmp_path / "out"
     if case == "project":
         out.mkdir()
@@ -236,15 +237,17 @@ def test_force_replaces_only_a_folder_moetool_wrote(tmp_path, tiny, case):
         (out / "main.py").write_text("print(1)")
         (out / "src").mkdir()
         (out / "src" / "important.txt").write_text("data")
-    elif case == "downloaded":   # a checkpoint from the hub: config.json and shards, no moetool mark
-        shutil.copytree(tiny("mixtral"), out)
+    elif case == "project_without_weights":
+        out.mkdir()
+        (out / "config.json").write_text('{"db": "x"}')
+        (out / "main.py").write_text("print(1)")
     elif case == "subfolder":
         _earlier_output(tiny, out)
         (out / "notes").mkdir()
         (out / "notes" / "todo.txt").write_text("mine")
-    elif case == "foreign_shard":
+    elif case == "other_files":
         _earlier_output(tiny, out)
-        shutil.copy(tiny("mixtral") / "model.safetensors", out / "mine.safetensors")
+        (out / "thesis.docx").write_bytes(b"mine")
     else:   # a shard moetool wrote, copied into a folder that holds a subfolder
         _earlier_output(tiny, tmp_path / "earlier")
         out.mkdir()
@@ -256,6 +259,24 @@ def test_force_replaces_only_a_folder_moetool_wrote(tmp_path, tiny, case):
         convert(ckpt, out, ConvertOptions(), force=True)
     assert "remove it yourself" in error.value.hint
     assert digest(out) == before and leftovers(tmp_path, "moetool-") == []
+
+
+@pytest.mark.parametrize("case", ["save_pretrained", "hub_download"])
+def test_force_replaces_a_checkpoint_folder_moetool_did_not_write(tmp_path, tiny, case):
+    """A folder transformers' save_pretrained wrote, or a `hf download --local-dir` (its .cache beside
+    the files, a .gitattributes, a LICENSE) is an earlier output too: --force replaces it whole."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny("mixtral"), out)
+    if case == "hub_download":
+        (out / ".cache" / "huggingface").mkdir(parents=True)
+        (out / ".cache" / "huggingface" / "model.safetensors.metadata").write_text("x")
+        (out / ".gitattributes").write_text("*.safetensors filter=lfs")
+        (out / "LICENSE").write_text("apache-2.0")
+    with open_checkpoint(tiny("mixtral")) as ckpt:
+        convert(ckpt, out, ConvertOptions(dtype="bf16"), force=True)
+    assert not (out / ".cache").exists() and not (out / "LICENSE").exists()
+    with open_checkpoint(out) as ckpt:
+        assert {t.dtype for t in ckpt.tensors.values()} == {"BF16"}
 
 
 def test_force_replaces_an_earlier_output(tmp_path, tiny):

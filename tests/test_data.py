@@ -371,7 +371,10 @@ def test_token_ids_split_across_blocks(tmp_path, monkeypatch):
              "[[12, 345], [], [6789,0] ]  \n": [12, 345, 6789, 0], "[ ]": [], "[[]]": [],
              "[12, 34": None, "[12,,34]": None, "[12, 34,]": None, "[12 34]": None, "[[1], [2]] x": None,
              "[[1], 2]": None, "[1, [2]]": None, "[[1, [2]]]": None, "[012]": None, "[1e3]": None,
-             '["1"]': None, "1 2x 3": None, "[true, 1]": None, "[-1]": None, "[9223372036854775808]": None}
+             '["1"]': None, "1 2x 3": None, "[true, 1]": None, "[-1]": None, "[9223372036854775808]": None,
+             # long runs of whitespace around values, across block boundaries (JSON allows any amount)
+             "[7" + " " * 200 + "]": [7], "[1," + "\n" * 300 + "2 " + " " * 100 + ", 3]": [1, 2, 3],
+             "[[5" + "\t" * 150 + "], [6]]": [5, 6], "[" + " " * 200 + "]": [], "[7" + " " * 100 + "8]": None}
     for block in (1, 2, 3, 7, 64 * 1024):
         monkeypatch.setattr(data, "BLOCK", block)
         for text, want in cases.items():
@@ -398,7 +401,8 @@ def test_deeply_nested_json_is_a_one_line_error(tmp_path, tok_dir):
 
 def test_saved_dataset_names_only_its_own_files(tmp_path, tok_dir, oracle):
     """state.json and dataset_dict.json may name files and splits inside their folder only: an absolute
-    name, "..", or a symbolic link out of the folder is refused, never read."""
+    name or ".." is refused, never read. A file or split in the folder that is a symbolic link is read
+    where it leads, as datasets reads it (a hub-cache snapshot links its files to the blobs)."""
     save_dataset(tmp_path / "elsewhere", "text", TEXTS)
     outside = tmp_path / "elsewhere" / json.loads((tmp_path / "elsewhere" / "state.json").read_text()
                                                   )["_data_files"][0]["filename"]
@@ -406,17 +410,22 @@ def test_saved_dataset_names_only_its_own_files(tmp_path, tok_dir, oracle):
     assert ids_of(tmp_path / "ds", tok_dir) == expected(oracle, TEXTS[:1])
     state = json.loads((tmp_path / "ds" / "state.json").read_text())
     (tmp_path / "ds" / "link.arrow").symlink_to(outside)
-    for name in (f"../elsewhere/{outside.name}", str(outside), "link.arrow", "", ".", "a\0b"):
+    for name in (f"../elsewhere/{outside.name}", str(outside), "", ".", "a\0b"):
         state["_data_files"] = [{"filename": name}]
         (tmp_path / "ds" / "state.json").write_text(json.dumps(state))
         with pytest.raises(DataError, match="state.json: names .*, not a file inside"):
             ids_of(tmp_path / "ds", tok_dir)
     save_dataset(tmp_path / "dd", "text", TEXTS, splits=["train"])
     (tmp_path / "dd" / "link").symlink_to(tmp_path / "elsewhere")
-    for split in ("../elsewhere", str(tmp_path / "elsewhere"), "link", "."):
+    for split in ("../elsewhere", str(tmp_path / "elsewhere"), "."):
         (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": [split]}))
         with pytest.raises(DataError, match="dataset_dict.json: names .*, not a file inside"):
             ids_of(tmp_path / "dd", tok_dir)
+    state["_data_files"] = [{"filename": "link.arrow"}]   # a link in the folder: read
+    (tmp_path / "ds" / "state.json").write_text(json.dumps(state))
+    assert ids_of(tmp_path / "ds", tok_dir) == expected(oracle, TEXTS)
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["link"]}))
+    assert ids_of(tmp_path / "dd", tok_dir) == expected(oracle, TEXTS)
     for splits in ("train", [1], {"train": {}}):
         (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
         with pytest.raises(DataError, match="dataset_dict.json: not a datasets DatasetDict file"):

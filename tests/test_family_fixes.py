@@ -18,7 +18,8 @@ from moetool.ops.inspect import inspect_checkpoint
 from moetool.runner.model import load_model
 from tests.tiny import DENSE, TINY, build_model, build_variant
 
-FP32_ROUTERS = ["deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v2"]
+FP32_ROUTERS = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "lfm2_moe", "dots1", "ernie4_5_moe",
+                "hunyuan_v1_moe", "deepseek_v2", "afmoe", "sarvam_moe"]
 
 
 def _inspect(path):
@@ -81,7 +82,7 @@ def _biased_checkpoint(path, family, stored_bf16=False):
     with the routers cast too (as some hub checkpoints store them)."""
     model = build_model(family)
     for name, value in list(model.named_buffers()) + list(model.named_parameters()):
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(("e_score_correction_bias", "mlp.expert_bias")):   # AFMoE's is a parameter
             with torch.no_grad():
                 noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(7))
                 value.copy_(2.0 + 0.01 * noise)

@@ -18,15 +18,19 @@ STRUCTURE = {
     "mixtral": ([0, 1], 4, 2, 0), "minimax": ([0, 1], 4, 2, 0), "minimax_m2": ([0, 1], 4, 2, 0),
     "qwen2_moe": ([0, 2], 4, 2, 1), "qwen3_moe": ([0, 1], 4, 2, 0), "qwen3_next": ([0, 1], 4, 2, 1),
     "olmoe": ([0, 1], 4, 2, 0), "deepseek_v2": ([1, 2], 4, 2, 1), "deepseek_v3": ([1, 2], 4, 2, 1),
-    "glm4_moe": ([1, 2], 4, 2, 1), "dots1": ([1, 2], 4, 2, 1), "gpt_oss": ([0, 1], 4, 2, 0),
+    "glm4_moe": ([1, 2], 4, 2, 1), "glm4_moe_lite": ([1, 2], 4, 2, 1),
+    "exaone_moe": ([1, 2], 4, 2, 1), "lfm2_moe": ([1, 2], 4, 2, 0), "qwen3_5_moe_text": ([0, 1], 4, 2, 1),
+    "dots1": ([1, 2], 4, 2, 1), "gpt_oss": ([0, 1], 4, 2, 0),
     "llama4_text": ([1], 4, 1, 1), "granitemoe": ([0, 1], 4, 2, 0), "granitemoeshared": ([0, 1], 4, 2, 1),
     "granitemoehybrid": ([0, 1], 4, 2, 1), "phimoe": ([0, 1], 4, 2, 0), "jetmoe": ([0, 1], 4, 2, 0),
     "dbrx": ([0, 1], 4, 2, 0), "jamba": ([1, 3], 4, 2, 0), "ernie4_5_moe": ([1, 2], 4, 2, 1),
-    "hunyuan_v1_moe": ([0, 1], 4, 2, 1), "switch_transformers": ([1, 3], 4, 1, 0),
+    "hunyuan_v1_moe": ([0, 1], 4, 2, 1), "cohere2_moe": ([1, 2], 4, 2, 1), "afmoe": ([1, 2], 4, 2, 1),
+    "sarvam_moe": ([1, 2], 4, 2, 1),
+    "granitemoe_swa": ([0, 1], 4, 2, 1), "switch_transformers": ([1, 3], 4, 1, 0),
     "nllb-moe": ([1, 3], 4, 2, 0),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
-SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe"}
+SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa"}
 
 
 def test_every_moe_family_has_a_tiny_model():
@@ -54,8 +58,9 @@ def test_moe_family(tiny, family, fused):
     assert report.num_shared_experts == shared
     assert all(info.experts == experts for info in report.layers if info.kind == "moe")
     assert report.dense_layers == [i for i in range(report.num_layers) if i not in moe_layers]
-    # GPT-OSS, JetMoE, DBRX and Llama 4 (bf16) store fused experts on the hub too
-    expected_layout = "fused" if fused or family in {"gpt_oss", "jetmoe", "dbrx", "llama4_text"} else "per-expert"
+    # GPT-OSS, JetMoE, DBRX, Llama 4 (bf16) and Granite MoE SWA store fused experts on the hub too
+    hub_fused = {"gpt_oss", "jetmoe", "dbrx", "llama4_text", "granitemoe_swa"}
+    expected_layout = "fused" if fused or family in hub_fused else "per-expert"
     assert report.layout == expected_layout
     # active = everything but the input embedding and the routed experts not chosen
     assert report.params["routed_experts"] > 0

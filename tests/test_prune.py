@@ -16,8 +16,10 @@ from moetool.ops.prune import PruneOptions, prune
 from tests.tiny import build_model
 
 FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
-            "glm4_moe", "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared", "granitemoehybrid",
-            "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v3", "dbrx"]
+            "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text", "lfm2_moe", "exaone_moe",
+            "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared", "granitemoehybrid",
+            "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v3", "dbrx", "cohere2_moe", "afmoe",
+            "granitemoe_swa", "sarvam_moe"]
 
 
 @contextmanager

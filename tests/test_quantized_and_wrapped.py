@@ -140,7 +140,8 @@ def test_stock_bitsandbytes_quant_state_is_checked_before_it_is_trusted(double_q
     parts, want = _stock_bnb4(double_quant)
     key = "quant_state.bitsandbytes__nf4"
     shapes = {k: tuple(v.shape) for k, v in parts.items() if k != "weight"}
-    assert dequant.bnb4_shape(parts[key], tuple(parts["weight"].shape), parts=shapes) == (48, 80)
+    packed_bytes = parts["weight"].numel()   # (uint8 codes)
+    assert dequant.bnb4_shape(parts[key], packed_bytes, parts=shapes) == (48, 80)
     assert torch.equal(dequant.dequantize_bnb4(parts, torch.float32), want)
     items = json.loads(bytes(parts[key].tolist()).decode())
     tampered = {
@@ -167,7 +168,7 @@ def test_stock_bitsandbytes_quant_state_is_checked_before_it_is_trusted(double_q
         assert "\n" not in str(info.value), why
         if key in change:   # from the blob and the packed shape alone, before anything is read
             with pytest.raises(CheckpointFormatError):
-                dequant.bnb4_shape(bad[key], tuple(parts["weight"].shape))
+                dequant.bnb4_shape(bad[key], packed_bytes)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "hunyuan_v1_moe"])

@@ -15,25 +15,31 @@ from tests.tiny import DENSE, TINY, build_model
 
 DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_transformers", "nllb-moe"))
 BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.gate.e_score_correction_bias",
-          "dots1": "mlp.gate.e_score_correction_bias", "minimax_m2": "mlp.e_score_correction_bias",
-          "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias"}
+          "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",
+          "lfm2_moe": "feed_forward.expert_bias",
+          "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
+          "minimax_m2": "mlp.e_score_correction_bias",
+          "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias"}
 
 
 def reference_experts(family: str, logits, layer_module, k: int, config) -> torch.Tensor:
     """The chosen experts (sorted per token) by the family's routing maths, from the router logits."""
     logits = logits.float()
-    if family in ("deepseek_v3", "glm4_moe", "dots1"):
+    if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
         groups, per = config.n_group, logits.shape[-1] // config.n_group
         group_scores = scores.view(-1, groups, per).topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
-    elif family == "minimax_m2":
+    elif family in ("minimax_m2", "lfm2_moe"):
         scores = torch.sigmoid(logits) + layer_module.get_buffer(BIASED[family])
+    elif family == "afmoe":             # its selection bias is a frozen parameter
+        scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])
     elif family == "ernie4_5_moe":
         scores = torch.softmax(logits, -1) + layer_module.get_parameter(BIASED[family]).reshape(-1)
-    elif family in ("gpt_oss", "granitemoe", "granitemoeshared", "granitemoehybrid", "jetmoe", "llama4_text"):
+    elif family in ("gpt_oss", "granitemoe", "granitemoeshared", "granitemoehybrid", "jetmoe", "llama4_text",
+                    "cohere2_moe", "granitemoe_swa"):
         scores = logits                     # top-k of the logits themselves
     else:                                   # softmax, top-k (PhiMoE's sparsemixer also picks the two best)
         scores = torch.softmax(logits, -1)
@@ -44,7 +50,7 @@ def _checkpoint(tmp_path, family):
     """The tiny model with random correction biases (so that they matter), saved."""
     model = build_model(family)
     for name, value in list(model.named_buffers()) + list(model.named_parameters()):
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(("e_score_correction_bias", "mlp.expert_bias")):
             with torch.no_grad():
                 value.copy_(torch.randn(value.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
     model.save_pretrained(tmp_path / family)

@@ -33,6 +33,12 @@ TINY: dict[str, tuple[str, dict]] = {
                                            layer_types=["linear_attention", "full_attention"],
                                            linear_num_value_heads=2, linear_num_key_heads=2,
                                            linear_key_head_dim=8, linear_value_head_dim=8)),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(COMMON, moe_intermediate_size=16,
+                                                      shared_expert_intermediate_size=20, num_hidden_layers=2,
+                                                      num_experts=4, num_experts_per_tok=2, head_dim=8,
+                                                      layer_types=["linear_attention", "full_attention"],
+                                                      linear_num_value_heads=2, linear_num_key_heads=2,
+                                                      linear_key_head_dim=8, linear_value_head_dim=8)),
     "olmoe": ("OlmoeConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
                                   num_experts=4, num_experts_per_tok=2)),
     "deepseek_v2": ("DeepseekV2Config", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
@@ -53,6 +59,18 @@ TINY: dict[str, tuple[str, dict]] = {
                                   num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
                                   num_experts_per_tok=2, first_k_dense_replace=1, head_dim=8,
                                   n_group=1, topk_group=1)),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                                num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
+                                                num_experts_per_tok=2, kv_lora_rank=8, q_lora_rank=12,
+                                                qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                                                n_group=1, topk_group=1)),
+    "exaone_moe": ("ExaoneMoeConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                           num_hidden_layers=3, num_experts=4, num_shared_experts=1,
+                                           num_experts_per_tok=2, first_k_dense_replace=1, head_dim=8,
+                                           n_group=1, topk_group=1)),
+    "lfm2_moe": ("Lfm2MoeConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                       num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                                       num_dense_layers=1, layer_types=["conv", "full_attention", "conv"])),
     "gpt_oss": ("GptOssConfig", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
                                      num_local_experts=4, num_experts_per_tok=2, head_dim=8,
                                      layer_types=["sliding_attention", "full_attention"])),
@@ -91,6 +109,20 @@ TINY: dict[str, tuple[str, dict]] = {
                                                 moe_layer_interval=1, head_dim=8)),
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(COMMON, intermediate_size=16, num_hidden_layers=2,
                                                   num_experts=4, moe_topk=2, head_dim=8)),
+    "cohere2_moe": ("Cohere2MoeConfig", dict(COMMON, intermediate_size=16, prefix_dense_intermediate_size=24,
+                                             num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                                             num_shared_experts=1, first_k_dense_replace=1, head_dim=8,
+                                             sliding_window_pattern=2, bos_token_id=1, eos_token_id=2)),
+    "sarvam_moe": ("SarvamMoEConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                           num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
+                                           num_experts_per_tok=2, first_k_dense_replace=1, head_dim=8,
+                                           n_group=1, topk_group=1, initializer_range=0.02)),
+    "afmoe": ("AfmoeConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=3,
+                                  num_dense_layers=1, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                                  head_dim=8, global_attn_every_n_layers=2, sliding_window=16, route_scale=2.0)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", dict(COMMON, intermediate_size=16, shared_intermediate_size=20,
+                                                   num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                                   sliding_window=16)),
     "switch_transformers": ("SwitchTransformersConfig", dict(vocab_size=64, d_model=32, d_kv=8, d_ff=16,
                                                              num_layers=2, num_decoder_layers=2, num_heads=4,
                                                              num_experts=4, num_sparse_encoder_layers=1,
@@ -128,6 +160,11 @@ def build_model(family: str, seed: int = 0):
         model = transformers.AutoModelForSeq2SeqLM.from_config(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
+    if family == "afmoe":  # transformers initialises its routers to zero, so that every expert would tie
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if name.endswith("mlp.router.gate.weight"):
+                    weight.normal_(0.0, config.initializer_range)
     return model.eval()
 
 

@@ -202,6 +202,14 @@ class Family:
     shared_in_dense_layers: bool = False
     # roles stored only when a config key is true (ERNIE's MLP biases: use_bias)
     role_keys: dict[Role, str] = field(default_factory=dict)
+    # tensors no role template names whose hub (per-expert layout) names differ from transformers 5's (the
+    # family's WeightRenaming in transformers' conversion mapping): (hub infix, transformers-5 infix) pairs,
+    # applied when the layout changes
+    renames: tuple[tuple[str, str], ...] = ()
+    # a hub tensor whose rows are several transformers-5 tensors (Sarvam's query_key_value): (hub infix,
+    # ((transformers-5 infix, its rows from the config), ...)); split into them when the experts are fused,
+    # their rows concatenated back when they are split
+    row_splits: tuple[tuple[str, tuple[tuple[str, Callable[[Config], int]], ...]], ...] = ()
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys

@@ -262,34 +262,15 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def link_boundary(root: Path) -> Path:
-    """The folder ROOT's files may lead into through symlinks: ROOT itself (resolved) or, for a
-    Hugging Face cache snapshot (.../snapshots/REVISION, whose files link to ../../blobs/), the
-    repository's cache folder that holds the blobs."""
-    real = root.resolve()
-    return real.parents[1] if real.parent.name == "snapshots" and len(real.parents) > 1 else real
-
-
-def check_inside(root: Path, path: Path, *, boundary: Path | None = None) -> Path:
-    """PATH (a file in the checkpoint folder ROOT), refused when it is a symlink leading out of the
-    folder (see link_boundary): its bytes would be read, or copied into an output, from elsewhere."""
-    boundary = boundary or link_boundary(root)
-    target = path.resolve()
-    if not target.is_relative_to(boundary):
-        raise CheckpointFormatError(f"{path}: is a link to {target}, outside the checkpoint folder {root}",
-                                    hint="copy the file into the folder instead of linking to it")
-    return path
-
-
 def _safe_member(root: Path, name: str, index: Path) -> Path:
-    """The shard file an index names, refusing names that leave ROOT and symlinks leading out of it
-    (those of a Hugging Face cache snapshot, into the repository's blobs/, are followed)."""
+    """The shard file an index names, refusing names that leave ROOT. (A shard that is a symlink is
+    read where it leads: hub caches, shared storage and local-dir downloads link their weights.)"""
     if not name or Path(name).is_absolute() or "\\" in name or ".." in Path(name).parts:
         raise CheckpointFormatError(f"{index}: shard {name!r} points outside the checkpoint folder")
     path = root / name
     if not path.is_file():
         raise CheckpointFormatError(f"{index}: names shard {name!r}, which does not exist")
-    return check_inside(root, path)
+    return path
 
 
 def read_index(index: Path) -> tuple[dict[str, str], set[str]]:
@@ -334,13 +315,12 @@ def _open_local(path: Path, source: str) -> Checkpoint:
     if not config_path.exists():
         raise ConfigError(f"{config_path}: not found; a checkpoint folder needs its config.json",
                           hint="to look at a bare weights file, pass the file itself")
-    boundary = link_boundary(root)
-    config = read_config(check_inside(root, config_path, boundary=boundary))
+    config = read_config(config_path)
 
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = root / index_name
         if index.exists():
-            return _open_indexed(root, check_inside(root, index, boundary=boundary), config, source)
+            return _open_indexed(root, index, config, source)
 
     single = root / "model.safetensors"
     files = [single] if single.exists() else sorted(root.glob("*.safetensors"))
@@ -348,7 +328,6 @@ def _open_local(path: Path, source: str) -> Checkpoint:
         files = sorted(root.glob("pytorch_model*.bin"))
     if not files:
         raise CheckpointFormatError(f"{root}: no .safetensors or pytorch_model*.bin weights found")
-    files = [check_inside(root, f, boundary=boundary) for f in files]
     return _open_files(root, files, config=config, kind="dir", source=source)
 
 

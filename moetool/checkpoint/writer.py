@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
-from moetool.checkpoint.checkpoint import BYTES_READ, check_inside, link_boundary
+from moetool.checkpoint.checkpoint import BYTES_READ
 from moetool.checkpoint.header import DTYPE_BYTES, MAX_HEADER_BYTES
-from moetool.errors import MoetoolError, OutputExistsError, OutputWriteError, UsageError
+from moetool.errors import CheckpointFormatError, MoetoolError, OutputExistsError, OutputWriteError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,33 @@ def side_files(ckpt) -> list[Path]:
     files = [p for p in sorted(ckpt.root.iterdir()) if p.is_file() and p.name not in ("config.json", "README.md")
              and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.endswith(".index.json")
              and not p.name.startswith(".")]
-    boundary = link_boundary(ckpt.root)
-    return [check_inside(ckpt.root, p, boundary=boundary) for p in files]
+    boundary = _link_boundary(ckpt.root)
+    return [_check_inside(ckpt.root, p, boundary) for p in files]
+
+
+def _link_boundary(root: Path) -> Path:
+    """The folder ROOT's side files may lead into through symlinks: ROOT itself (resolved) or, inside
+    a Hugging Face cache (.../snapshots/REVISION/..., whose files link to the repository's blobs/),
+    that repository's cache folder."""
+    real = root.resolve()
+    for folder in (real, *real.parents):
+        if folder.parent.name == "snapshots" and folder.parent.parent != folder.parent:
+            return folder.parent.parent
+    return real
+
+
+def _check_inside(root: Path, path: Path, boundary: Path) -> Path:
+    """PATH (a side file of the checkpoint folder ROOT), refused when it is a symlink leading out of
+    the folder: what it points to would be copied into the output."""
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError) as exc:   # a symbolic-link loop
+        raise CheckpointFormatError(f"{path}: cannot be read ({exc})") from None
+    if not target.is_relative_to(boundary):
+        raise CheckpointFormatError(f"{path}: is a link to {target}, outside the checkpoint folder {root}; it "
+                                    "would be copied into the output",
+                                    hint="copy the file into the folder instead of linking to it")
+    return path
 
 
 def _source_folder(ckpt) -> Path | None:
@@ -343,16 +368,28 @@ def _shard_metadata(path: Path) -> dict | None:
     return metadata if isinstance(metadata, dict) else None
 
 
+# what a checkpoint folder holds: weights, and beside them (hub repositories) configs, tokenizers,
+# model card, licence, remote code; a folder holding anything else is not replaced
+CHECKPOINT_WEIGHTS = (".safetensors", ".bin")
+CHECKPOINT_SUFFIXES = (*CHECKPOINT_WEIGHTS, ".json", ".txt", ".md", ".model", ".jinja", ".py", ".tiktoken", "")
+CACHE_FOLDERS = (".cache",)   # left by `hf download --local-dir` and `hf upload-large-folder`
+
+
 def is_checkpoint_output(folder: Path) -> bool:
-    """FOLDER looks like a checkpoint moetool wrote: no subfolders, and safetensors shards that all
-    carry moetool's mark (OUTPUT_MARK in their metadata). Only such a folder is replaced (--force)."""
-    shards = []
+    """FOLDER looks like an earlier output (of moetool, or save_pretrained, or a hub download): weights
+    and only the files a checkpoint folder holds beside them, no subfolder but a hub tool's cache.
+    Only such a folder is replaced (--force): never a project that merely holds a config.json."""
+    weights = False
     for entry in folder.iterdir():
-        if entry.is_dir() or entry.is_symlink():
+        if entry.is_dir():
+            if entry.is_symlink() or entry.name not in CACHE_FOLDERS:
+                return False
+        elif entry.name.startswith("."):   # .gitattributes and the like
+            continue
+        elif entry.suffix not in CHECKPOINT_SUFFIXES:
             return False
-        if entry.name.endswith(".safetensors"):
-            shards.append(entry)
-    return bool(shards) and all(isinstance((_shard_metadata(p) or {}).get(OUTPUT_MARK), str) for p in shards)
+        weights = weights or entry.suffix in CHECKPOINT_WEIGHTS
+    return weights
 
 
 def check_replaceable(out: Path, force: bool, earlier_output: Callable[[Path], bool]) -> None:
@@ -370,8 +407,8 @@ def check_replaceable(out: Path, force: bool, earlier_output: Callable[[Path], b
     if not force:
         raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
     if any(out.iterdir()) and not earlier_output(out):
-        raise UsageError(f"{out}: holds files, but is no earlier output of moetool; --force replaces "
-                         "outputs only", hint="remove it yourself, or write to a new folder")
+        raise UsageError(f"{out}: holds files, but no earlier output (a folder of weights and checkpoint files "
+                         "only); --force replaces outputs only", hint="remove it yourself, or write to a new folder")
 
 
 def refuse_inside_source(out: Path, *ckpts) -> None:

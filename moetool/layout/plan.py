@@ -155,12 +155,15 @@ class _Planner:
             raise UnsupportedError("the expert weights are quantized; changing their layout needs --dequantize")
 
         groups_done: set[int] = set()
+        by_name = {e.name: e for e in entries}
         for entry in entries:
             m = entry.match
             if changing and m.layout == source_layout and m.role in EXPERT_WEIGHTS:
                 if m.layer not in groups_done:
                     groups_done.add(m.layer)
                     self._convert_expert_group(entries, m.layer, source_layout, target_layout)
+                continue
+            if changing and m.layout is None and self._hub_named(entry, by_name, target_layout):
                 continue
             if changing and m.layout == source_layout and not m.guessed:
                 name = self.name_for(entry.name, m.role, target_layout, m.layer, m.expert)
@@ -170,6 +173,48 @@ class _Planner:
             dtype = self.out_dtype(entry)
             self.emit(name, dtype, entry.ref.shape, tensor_pieces(entry.ref, dtype), "copied", entry.ref.dtype)
         return source_layout, target_layout
+
+    def _hub_named(self, entry: _Entry, by_name: dict[str, _Entry], target: str) -> bool:
+        """Emit ENTRY under its other layout's name where the family names it apart from its role
+        templates (Family.renames, Family.row_splits); False where it does not."""
+        fam = self.family
+        if fam is None or not (fam.renames or fam.row_splits):
+            return False
+        name, dtype, fused = entry.name, self.out_dtype(entry), target == "fused"
+        for hub, parts in fam.row_splits:
+            if fused and hub in name:       # rows [q | k | v] -> q_proj, k_proj, v_proj
+                start, total = 0, entry.ref.shape[0]
+                for infix, rows_of in parts:
+                    rows = rows_of(self.cfg)
+                    if start + rows > total:
+                        raise CheckpointFormatError(f"{name}: {total} rows, fewer than the config's "
+                                                    f"{sum(r(self.cfg) for _, r in parts)}")
+                    self.emit(name.replace(hub, infix), dtype, (rows, *entry.ref.shape[1:]),
+                              [_rows(entry.ref, start, start + rows, dtype)], "split", entry.ref.dtype)
+                    start += rows
+                if start != total:
+                    raise CheckpointFormatError(f"{name}: {total} rows, where the config makes {start}")
+                return True
+            first = parts[0][0]
+            if not fused and any(infix in name for infix, _ in parts):
+                if first not in name:       # emitted with the first part
+                    return True
+                names = [name.replace(first, infix) for infix, _ in parts]
+                missing = [n for n in names if n not in by_name]
+                if missing:
+                    raise CheckpointFormatError(f"{missing[0]} is missing; {name} cannot be joined with it")
+                refs = [by_name[n].ref for n in names]
+                self.emit(name.replace(first, hub), dtype, (sum(r.shape[0] for r in refs), *refs[0].shape[1:]),
+                          [p for r in refs for p in tensor_pieces(r, dtype)], "concatenated", entry.ref.dtype)
+                return True
+        for hub, infix in fam.renames:
+            old, new = (hub, infix) if fused else (infix, hub)
+            if old in name:
+                self.emit(name.replace(old, new), dtype, entry.ref.shape, tensor_pieces(entry.ref, dtype), "copied",
+                          entry.ref.dtype)
+                self.actions["renamed"] += 1
+                return True
+        return False
 
     def _source_layout(self, entries: list[_Entry]) -> str | None:
         layouts = {e.match.layout for e in entries if e.match.layout and e.match.role in EXPERT_WEIGHTS
@@ -271,7 +316,7 @@ class _Planner:
         state = next((v for k, v in parts.items() if k.startswith("quant_state.bitsandbytes__")), None)
         if state is not None:
             self.actions["dequantized bitsandbytes 4-bit"] += 1
-            shape = dequant.bnb4_shape(state.load(), ref.shape, name=ref.name,
+            shape = dequant.bnb4_shape(state.load(), ref.nbytes, name=ref.name,
                                        parts={k: v.shape for k, v in parts.items()})
             return ComputedRef(ref.name, out, shape, lambda: dequant.dequantize_bnb4(
                 {"weight": ref.load(), **{k: v.load() for k, v in parts.items()}}, torch_out, name=ref.name))
@@ -392,6 +437,14 @@ def _same_shapes(entries: list[_Entry], shape: tuple[int, ...], layer: int) -> N
         if tuple(e.ref.shape) != shape:
             raise CheckpointFormatError(f"{e.name}: shape {list(e.ref.shape)}, where layer {layer}'s experts "
                                         f"make {list(shape)}; cannot stack the experts into one tensor")
+
+
+def _rows(ref: TensorRef, start: int, stop: int, dtype: str) -> Piece:
+    """Rows [start, stop) of REF; elements of a 1-D one (a bias)."""
+    if len(ref.shape) > 1:
+        return rows_piece(ref, start, stop, dtype)
+    torch_dtype = TORCH_DTYPES[dtype]
+    return computed_piece(lambda: ref.load()[start:stop].to(torch_dtype), (stop - start,), dtype)
 
 
 def _first(template) -> str:

@@ -37,12 +37,12 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return values.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32).to(dtype)
 
 
-def bnb4_shape(quant_state: torch.Tensor, packed_shape=None, *, name: str | None = None,
+def bnb4_shape(quant_state: torch.Tensor, packed_bytes: int | None = None, *, name: str | None = None,
                parts: dict | None = None) -> tuple[int, ...]:
     """The original shape recorded in a bitsandbytes quant_state blob, checked (`formats.bnb4_state`:
-    CheckpointFormatError) against PACKED_SHAPE, the packed weight's, and PARTS (companion suffix ->
+    CheckpointFormatError) against PACKED_BYTES, the packed weight's size, and PARTS (companion suffix ->
     shape) where given. NAME: the weight's, for messages."""
-    return bnb4_state(quant_state, name, packed_shape=packed_shape, parts=parts)["shape"]
+    return bnb4_state(quant_state, name, packed_bytes=packed_bytes, parts=parts)["shape"]
 
 
 def dequantize_bnb4(components: dict[str, torch.Tensor], dtype: torch.dtype, name: str | None = None) -> torch.Tensor:
@@ -56,7 +56,7 @@ def dequantize_bnb4(components: dict[str, torch.Tensor], dtype: torch.dtype, nam
         raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: needs one quant_state.bitsandbytes__"
                                     f"nf4 or fp4 companion, has {len(blobs)}")
     packed = components["weight"]
-    bnb4_state(blobs[0], name, packed_shape=tuple(packed.shape),
+    bnb4_state(blobs[0], name, packed_bytes=packed.numel() * packed.element_size(),
                parts={k: tuple(v.shape) for k, v in components.items() if k != "weight"})
     qs = bnb4_quant_state({k: v for k, v in components.items() if k != "weight"}, torch.device("cpu"), name)
     return bnb().dequantize_4bit(packed, qs).to(dtype)

@@ -112,12 +112,12 @@ class Format:
             if blob is None:
                 raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: its quant_state "
                                             f".quant_state.bitsandbytes__{self.kind} is missing")
-            return self._state_items(blob(), name, stored_shape, parts)["shape"]
+            return self._state_items(blob(), name, prod(stored_shape), parts)["shape"]   # (uint8 codes)
         return tuple(stored_shape)
 
-    def _state_items(self, blob, name, packed_shape, parts) -> dict:
+    def _state_items(self, blob, name, packed_bytes, parts) -> dict:
         """`bnb4_state` of a moetool 4-bit weight, which must also agree with the recorded format."""
-        items = bnb4_state(blob, name, packed_shape=packed_shape, parts=parts)
+        items = bnb4_state(blob, name, packed_bytes=packed_bytes, parts=parts)
         nested = "nested_offset" in items
         if (items["quant_type"], items["blocksize"], nested) != (self.kind, self.block, self.double_quant):
             said = f"{items['quant_type']}-b{items['blocksize']}" + ("-dq" if nested else "")
@@ -191,7 +191,9 @@ class Format:
         if blob is None:
             raise CheckpointFormatError(f"{name or 'a bitsandbytes 4-bit weight'}: its quant_state "
                                         f".quant_state.bitsandbytes__{self.kind} is missing")
-        self._state_items(blob, name, tuple(parts[""].shape), {k: tuple(v.shape) for k, v in parts.items()})
+        packed = parts[""]
+        self._state_items(blob, name, packed.numel() * packed.element_size(),
+                          {k: tuple(v.shape) for k, v in parts.items()})
         return bnb4_quant_state({k.lstrip("."): v for k, v in parts.items() if k}, parts[""].device, name)
 
     def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None, name: str | None = None):
@@ -242,10 +244,11 @@ def _unravel(flat_index: int, shape: tuple[int, ...]) -> list[int]:
     return out
 
 
-def bnb4_state(blob, name: str | None = None, *, packed_shape=None, parts: dict | None = None) -> dict:
+def bnb4_state(blob, name: str | None = None, *, packed_bytes: int | None = None, parts: dict | None = None) -> dict:
     """The items of a bitsandbytes 4-bit quant_state BLOB (the uint8 tensor, or bytes) of weight
     NAME, checked before anything trusts them: UTF-8 JSON of the items bitsandbytes writes, the
-    shape's values held by the PACKED_SHAPE codes (two per byte), and with PARTS (companion suffix
+    shape's values held by the PACKED_BYTES of codes (two per byte, whatever dtype transformers'
+    bnb_4bit_quant_storage stored them in), and with PARTS (companion suffix
     -> shape, with or without the leading dot) absmax one per block, the maps' sizes, and with
     double quantization nested_absmax one per nested block. Returns the items, "shape" a tuple.
     Raises CheckpointFormatError (one line) for anything else."""
@@ -290,9 +293,9 @@ def bnb4_state(blob, name: str | None = None, *, packed_shape=None, parts: dict 
         if items.get("nested_dtype") not in TORCH_NAMES.values():
             raise bad(f"has nested_dtype {items.get('nested_dtype')!r}")
     n = prod(shape)
-    if packed_shape is not None and prod(packed_shape) != (n + 1) // 2:
-        raise bad(f"records shape {shape} ({n} values), but the {prod(packed_shape)} packed bytes hold "
-                  f"{2 * prod(packed_shape)}")
+    if packed_bytes is not None and packed_bytes != (n + 1) // 2:
+        raise bad(f"records shape {shape} ({n} values), but the {packed_bytes} packed bytes hold "
+                  f"{2 * packed_bytes}")
     if parts is not None:
         sizes = {k.lstrip("."): prod(v) for k, v in parts.items()}
         blocks = ceil(n / items["blocksize"])

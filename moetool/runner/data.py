@@ -249,8 +249,12 @@ class _TokenIds:
             if "[" in run:
                 raise self.fail("lists nested deeper than a list of lists of token ids") if nested else self.mix()
             if end < 0:                                # not a whole value yet
-                if len(run.lstrip(JSON_SPACE)) > LONGEST_ID:
-                    raise self.fail(f"{run.lstrip(JSON_SPACE)[:20]!r}... is not a token id")
+                value = run.strip(JSON_SPACE)
+                if len(value) > LONGEST_ID:
+                    raise self.fail(f"{value[:20]!r}... is not a token id")
+                if len(run) > len(value) + 2:   # whitespace runs are kept short: the buffer stays small
+                    self.buffer = run[:len(run) - len(run.lstrip(JSON_SPACE))][:1] + value + \
+                        (" " if run[-1:] in JSON_SPACE and value else "")
                 if not self.more():
                     raise self.fail("the JSON list does not end")
                 continue
@@ -392,15 +396,14 @@ def _dataset_records(folder: Path, field: str, chat: bool) -> Iterator[tuple[str
 
 
 def _inside(folder: Path, name: str, listing: Path) -> Path:
-    """FOLDER / NAME, where NAME, read from the file LISTING, must be a relative name that stays inside FOLDER
-    (no absolute path, no "..", no symbolic link out of it): a saved dataset never names files elsewhere."""
+    """FOLDER / NAME, where NAME, read from the file LISTING, must be a relative name of a file in
+    FOLDER (no absolute path, no ".."): a saved dataset never names files elsewhere. (A file that is a
+    symbolic link is read where it leads, as datasets does: hub-cache snapshots link to their blobs.)"""
     path = folder / name
     try:
-        base = folder.resolve()
-        target = path.resolve()
-        inside = bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts \
-            and target != base and target.is_relative_to(base)
-    except (OSError, ValueError, RuntimeError):   # a NUL byte, a symbolic-link loop
+        inside = bool(name) and "\0" not in name and not Path(name).is_absolute() \
+            and ".." not in Path(name).parts and path.resolve() != folder.resolve()
+    except (OSError, ValueError, RuntimeError):   # a symbolic-link loop
         inside = False
     if not inside:
         raise DataError(f"{listing}: names {name!r}, not a file inside {folder}; a saved dataset names its own "
