@@ -278,3 +278,17 @@ def test_a_malformed_profile_file_names_the_file_and_the_field(tmp_path):
             entry.update(experts=4, counts=[1] * 4, weight_mass=None)
         with pytest.raises(UsageError, match="another model"):
             read(other)
+
+
+def test_expert_parallel_loads_are_what_the_all_to_all_sends(tiny, token_file):
+    """Device loads (and the busiest over the mean) are the all-to-all matrix's column sums: with
+    replicas, a token goes to its own device's copy first, not half to each copy. Without replicas
+    they are the experts' token counts summed per device."""
+    report = run(tiny("qwen3_moe"), token_file, ep=2, ep_replicas=1)
+    for layer in report.layers:
+        for ep in layer.ep.values():
+            received = [sum(row[d] for row in ep["all_to_all_tokens"]) for d in range(2)]
+            assert ep["device_load"] == received and sum(received) == sum(layer.counts)
+            assert ep["busiest_over_mean"] == pytest.approx(max(received) / (sum(received) / 2), abs=1e-4)
+        contiguous = layer.ep["contiguous"]
+        assert contiguous["device_load"] == [sum(layer.counts[e] for e in d) for d in contiguous["placement"]]

@@ -113,6 +113,45 @@ def test_multimodal_wrappers(tmp_path, family):
         assert report.moe_layers == [1] and report.num_experts == 4 and report.num_shared_experts == 1
 
 
+@pytest.mark.parametrize("family", ["llama4", "qwen3_5_moe"])
+def test_text_model_of_a_multimodal_moe_runs_from_its_wrapper(tmp_path, family):
+    """Hub releases of Llama 4 and Qwen3.5 MoE are image-text wrappers: load_model and the streamed
+    runner read the text model's weights under (model.)language_model.*, as transformers' own causal-LM
+    loader does (its logits are the oracle), and streamed equals full."""
+    import moetool
+    from moetool.ops.evaluate import EvalOptions, evaluate
+    from tests.tiny import TINY
+
+    if family == "llama4":
+        config = transformers.Llama4Config(
+            text_config=dict(COMMON, intermediate_size=16, intermediate_size_mlp=24, num_hidden_layers=2,
+                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=8),
+            vision_config=dict(VISION, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32))
+    else:
+        config = transformers.Qwen3_5MoeConfig(text_config=TINY["qwen3_5_moe_text"][1], vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+            temporal_patch_size=1, spatial_merge_size=1))
+    torch.manual_seed(0)
+    transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path / family)
+    assert any(n.startswith(("language_model.", "model.language_model.")) for n in _inspect_names(tmp_path / family))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = oracle(ids).logits
+        got = moetool.load_model(tmp_path / family)(ids).logits
+    assert (got - want).abs().max() <= 1e-5
+    (tmp_path / "ids.json").write_text(json.dumps(torch.randint(0, 64, (240,)).tolist()))
+    with open_checkpoint(tmp_path / family) as ckpt:
+        full, streamed = (evaluate(ckpt, EvalOptions(token_ids=tmp_path / "ids.json", seq_len=24, mode=mode))
+                          for mode in ("full", "streamed"))
+    assert streamed.mode == "streamed" and streamed.nll_mean == pytest.approx(full.nll_mean, rel=1e-6)
+
+
+def _inspect_names(path) -> list[str]:
+    with open_checkpoint(path) as ckpt:
+        return list(ckpt.tensors)
+
+
 def _stock_bnb4(double_quant: bool):
     """A weight as transformers + bitsandbytes store it: packed codes under "weight", its companions
     by bitsandbytes' own serialization (as_dict(packed=True))."""

@@ -416,3 +416,12 @@ def test_mistral_window_into_glm_warns(tmp_path):
     assert any("sliding window of 4 tokens" in w for w in summary["warnings"])
     ids = torch.randint(0, 64, (1, 11))
     assert (logits(tmp_path / "moe", ids) - logits(src, ids)).abs().max() > 1e-3   # as warned
+
+
+def test_router_init_from_text_without_a_tokenizer_says_what_upcycle_can_do(tmp_path, tiny):
+    """upcycle takes no --token-ids: a dense model without a tokenizer gets a hint upcycle can follow."""
+    proc = subprocess.run([sys.executable, "-m", "moetool", "upcycle", str(tiny("llama")), str(tmp_path / "up"),
+                           "--experts", "4", "--router-init", "hidden-kmeans"], capture_output=True, text=True)
+    assert proc.returncode == 11 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--router-init random" in proc.stderr and "--token-ids" not in proc.stderr
+    assert not (tmp_path / "up").exists()

@@ -300,9 +300,11 @@ def _expert_parallel(t: LayerTotals, devices: int, replicas: int) -> dict[str, A
     result = {}
     for name, placement in (("contiguous", rs.contiguous_placement(experts, devices)),
                             ("balanced", rs.balanced_placement(t.counts, devices, replicas))):
-        load = rs.placement_load(t.counts, placement)
-        mean = sum(load) / devices
         traffic = rs.all_to_all(t.ep_counts, placement)
+        # what each device processes under that routing rule (a replicated expert's tokens go to the
+        # sender's own copy first), so the load and the traffic beside it always agree
+        load = [sum(row[d] for row in traffic) for d in range(devices)]
+        mean = sum(load) / devices
         result[name] = {"placement": placement, "device_load": [round(x, 2) for x in load],
                         "busiest_over_mean": round(max(load) / mean, 4) if mean else 0.0,
                         "all_to_all_tokens": traffic,

@@ -493,7 +493,6 @@ def _kmeans(points, k: int, seed: int, iterations: int = 20):
 def _prompt_ids(ckpt: Checkpoint, options: UpcycleOptions) -> list[list[list[int]]]:
     """The token ids of each prompt of --prompts (a JSON list of one list of prompts per expert), each checked:
     a text that is not blank and gives at least one token id inside the model's vocabulary."""
-    from moetool.runner import data
 
     where = options.prompts
     try:
@@ -514,7 +513,7 @@ def _prompt_ids(ckpt: Checkpoint, options: UpcycleOptions) -> list[list[list[int
     for e, group in enumerate(groups, 1):
         out.append([])
         for n, prompt in enumerate(group, 1):
-            ids = data.tokenize([prompt], ckpt.root)
+            ids = _tokenized([prompt], ckpt)
             if not ids:
                 raise UsageError(f"{where}: list {e}, prompt {n} gives no tokens with the model's tokenizer")
             if isinstance(vocab, int) and max(ids) >= vocab:
@@ -543,7 +542,7 @@ def _router_rows(ckpt: Checkpoint, family, options: UpcycleOptions, layers: list
         means = {layer: torch.stack(r) for layer, r in rows.items()}
     else:
         texts = data.read_texts(options.data or Path("builtin"))
-        ids = data.pack(data.tokenize(texts, ckpt.root), seq_len=256, max_tokens=options.max_tokens,
+        ids = data.pack(_tokenized(texts, ckpt), seq_len=256, max_tokens=options.max_tokens,
                         vocab_size=(ckpt.config or {}).get("vocab_size"),
                         max_positions=(ckpt.config or {}).get("max_position_embeddings"))
         seen = _mlp_inputs(ckpt, family, layers, ids.split(8))
@@ -607,3 +606,16 @@ def upcycle(ckpt: Checkpoint, out: Path, options: UpcycleOptions, *, force: bool
     write_checkpoint(out, plan_shards(plan.tensors, options.max_shard_size), op="upcycle", config=plan.config,
                      files=plan.files, readme=readme, force=force, progress=progress)
     return {**plan.summary(), "out": str(out), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _tokenized(texts: list[str], ckpt: Checkpoint) -> list[int]:
+    """TEXTS tokenized with the dense model's own tokenizer; without one, an error saying what
+    upcycle can do instead (it takes no token ids)."""
+    from moetool.runner import data
+
+    try:
+        return data.tokenize(texts, ckpt.root)
+    except data.DataError as exc:
+        raise data.DataError(str(exc), hint="--router-init hidden-kmeans and prompts tokenize text with the dense "
+                             "model's tokenizer: add its tokenizer files to the folder, or use --router-init "
+                             "random") from None

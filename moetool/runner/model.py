@@ -285,6 +285,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=_quantized(ckpt)))
+    plan.tensors = _named_as_model(plan.tensors, family, dict(model.named_parameters()) | dict(model.named_buffers()))
     prefix, layers = _decoder_layers(model)
     per_layer: dict[int, list] = {}
     rest = {}
@@ -341,6 +342,23 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
         return _load_planned(ckpt, family, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
+def _named_as_model(tensors: list, family: Family, own: dict) -> list:
+    """TENSORS under the names of the model transformers builds: the text model of an image-text
+    checkpoint (Llama 4, Gemma 3, Qwen3.5 MoE) stores its weights under model.language_model., which
+    the family's name_prefixes rewrite where the built model holds the rewritten name."""
+    from dataclasses import replace
+
+    out = []
+    for tensor in tensors:
+        if tensor.name not in own:
+            for old, new in family.name_prefixes:
+                if tensor.name.startswith(old) and new + tensor.name[len(old):] in own:
+                    tensor = replace(tensor, name=new + tensor.name[len(old):])
+                    break
+        out.append(tensor)
+    return out
+
+
 def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remote_code: bool):
     """Every weight read through the tensor plan (fused as transformers 5 holds experts) into the model
     built on the meta device."""
@@ -350,6 +368,7 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
     layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt)))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
+    plan.tensors = _named_as_model(plan.tensors, family, own)
     fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
     # floating tensors in DTYPE, but those transformers keeps in fp32 (routers, correction biases)
     state = {t.name: materialize(t).to(device=device, dtype=(torch.float32 if t.name in fp32 else dtype)
