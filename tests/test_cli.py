@@ -84,3 +84,12 @@ def test_odd_sources_are_refused_plainly(tmp_path):
         assert proc.returncode == code and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = cli("profile", "--token-ids", "/dev/null")
     assert proc.returncode == 11 and "not a regular file" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "profile", "eval", "prune", "quantize", "upcycle"])
+def test_flags_show_no_value_placeholder(command):
+    """A flag takes no value, so --help shows none beside it (typer shows "<bool>"); only typer's own
+    --help line keeps it."""
+    out = cli(command, "--help").stdout
+    assert [line for line in out.splitlines() if "<bool>" in line and "--help" not in line] == []
+    assert "--json" in out or command == "upcycle" and "--dry-run" in out

@@ -58,8 +58,8 @@ def _typer_app(args: list[str]):
 
     @app.callback()
     def _root(
-        debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
-        version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+        debug: Annotated[bool, typer.Option("--debug", metavar=" ", help="Show tracebacks and debug logs.")] = False,
+        version: Annotated[bool, typer.Option("--version", metavar=" ", callback=_version, is_eager=True,
                                               help="Print the version and exit.")] = False,
     ) -> None:
         _configure_logging(debug)

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from moetool.checkpoint.writer import refuse_inside_source
-from moetool.cli.options import DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
+from moetool.cli.options import FLAG, DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
 from moetool.cli.output import emit_json, esc, report_json, size, stderr, stdout
 from moetool.errors import UsageError
 
@@ -48,15 +48,15 @@ def convert(
     layout: Annotated[Layout | None, typer.Option(help="Expert layout: per-expert (hub) or fused "
                                                   "(transformers 5).")] = None,
     max_shard_size: MaxShardSizeOpt = "5GB",
-    dequantize: Annotated[bool, typer.Option("--dequantize", help="Dequantize fp8 (block scales), mxfp4 and "
+    dequantize: Annotated[bool, typer.Option("--dequantize", **FLAG, help="Dequantize fp8 (block scales), mxfp4 and "
                                              "bitsandbytes 4/8-bit weights to --dtype (default bf16).")] = False,
-    cast_routers: Annotated[bool, typer.Option("--cast-routers", help="Also cast router weights and biases "
+    cast_routers: Annotated[bool, typer.Option("--cast-routers", **FLAG, help="Also cast router weights and biases "
                                                "that the family keeps in fp32.")] = False,
-    verify: Annotated[bool, typer.Option("--verify", help="Re-read the output and compare every tensor with "
+    verify: Annotated[bool, typer.Option("--verify", **FLAG, help="Re-read the output and compare every tensor with "
                                          "the source.")] = False,
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", **FLAG, help="Print the plan or report as JSON.")] = False,
 ) -> None:
     """Convert dtype, expert layout, sharding and format, streaming tensor by tensor."""
     from moetool.checkpoint import open_checkpoint

@@ -34,15 +34,18 @@ def typer_command():
     def inspect(
         source: Annotated[str, typer.Argument(help="Checkpoint folder, .safetensors/.bin/.gguf file "
                                                          "(or GGUF split set), or hub id org/name[@rev].")],
-        json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")] = False,
-        layers: Annotated[bool, typer.Option("--layers", help="Print a per-layer table.")] = False,
-        experts: Annotated[bool, typer.Option("--experts", help="Read expert weights: per-expert norms and "
-                                              "pairwise similarity, flagging near-duplicate experts.")] = False,
-        check_values: Annotated[bool, typer.Option("--check-values", help="Scan every tensor for NaN/Inf.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", metavar=" ",
+                                               help="Print the report as JSON (schema in README).")] = False,
+        layers: Annotated[bool, typer.Option("--layers", metavar=" ", help="Print a per-layer table.")] = False,
+        experts: Annotated[bool, typer.Option("--experts", metavar=" ", help="Read expert weights: per-expert "
+                                              "norms and pairwise similarity, flagging near-duplicate "
+                                              "experts.")] = False,
+        check_values: Annotated[bool, typer.Option("--check-values", metavar=" ",
+                                                   help="Scan every tensor for NaN/Inf.")] = False,
         duplicate_threshold: Annotated[float, typer.Option(
             help="Cosine similarity at which two experts count as near-duplicates.", min=0.0, max=1.0,
         )] = DUPLICATE_THRESHOLD,
-        strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero on warnings too, not only on "
+        strict: Annotated[bool, typer.Option("--strict", metavar=" ", help="Exit non-zero on warnings too, not only on "
                                              "errors (for CI).")] = False,
     ) -> None:
         """Show a checkpoint's family, experts, routing, parameters, memory and problems."""

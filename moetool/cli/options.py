@@ -15,6 +15,7 @@ def _path(value: str) -> Path:
 
 
 PATH = {"parser": _path, "metavar": "<path>"}   # every Path option and argument: non-empty, shown as before
+FLAG = {"metavar": " "}   # flags take no value: no "<bool>" beside them in --help
 
 class Mode(str, Enum):
     auto = "auto"
@@ -45,15 +46,15 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")]
 ModeOpt = Annotated[Mode, typer.Option(help="full: whole model on the device; streamed: one decoder layer at a "
                                        "time; auto: by free memory.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema in README).")]
-TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow the model's own code from "
+JsonOpt = Annotated[bool, typer.Option("--json", **FLAG, help="Print the report as JSON (schema in README).")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", **FLAG, help="Allow the model's own code from "
                                                   "the hub.")]
 
 # options of the commands that write a checkpoint (convert, upcycle, prune)
 OutArg = Annotated[Path, typer.Argument(help="Output folder (written atomically).")]
 MaxShardSizeOpt = Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB, 2GiB.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", **FLAG, help="Print the plan; write nothing.")]
+ForceOpt = Annotated[bool, typer.Option("--force", **FLAG, help="Replace OUT if it exists.")]
 
 # where routing statistics come from (prune, quantize)
 PruneProfileOpt = Annotated[Path | None, typer.Option("--profile", **PATH, help="A `moetool profile --json` file of "

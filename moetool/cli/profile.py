@@ -7,6 +7,7 @@ import typer
 from rich.table import Table
 
 from moetool.cli.options import (
+    FLAG,
     PATH,
     BatchSizeOpt,
     ChatTemplateOpt,
@@ -49,15 +50,16 @@ def profile(
     ep: Annotated[int | None, typer.Option(min=1, help="Plan expert-parallel placement on this many devices.")] = None,
     ep_replicas: Annotated[int, typer.Option(min=0, help="Extra copies of hot experts in the balanced "
                                              "placement.")] = 0,
-    saliency: Annotated[bool, typer.Option("--saliency", help="Also measure each expert's REAP saliency (gate "
+    saliency: Annotated[bool, typer.Option("--saliency", **FLAG, help="Also measure each expert's REAP saliency (gate "
                                            "weight x output norm); costs top-k extra expert passes.")] = False,
     trace: Annotated[Path | None, typer.Option(**PATH, help="Stream every token's routing to this folder (format in "
                                                "README).")] = None,
     from_trace: Annotated[Path | None, typer.Option(**PATH, help="Compute the report from a trace (moetool's, or vLLM "
                                                     "routed-experts .npy arrays) instead of running the model; "
                                                     "MODEL gives the structure.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an earlier --trace folder, and existing --csv, "
-                                        "--plot and --html files (never the model's or the input's own).")] = False,
+    force: Annotated[bool, typer.Option("--force", **FLAG, help="Replace an earlier --trace folder, and existing "
+                                        "--csv, --plot and --html files (never the model's or the input's "
+                                        "own).")] = False,
     json_out: JsonOpt = False,
     csv_out: Annotated[Path | None, typer.Option("--csv", **PATH, help="Write per-expert rows as CSV.")] = None,
     plot: Annotated[Path | None, typer.Option(**PATH, help="Write the figures as a PNG (needs "

@@ -6,6 +6,7 @@ import typer
 
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import (
+    FLAG,
     CalibBatchSizeOpt,
     CalibMaxTokensOpt,
     CalibSeqLenOpt,
@@ -65,9 +66,9 @@ def prune(
     scope: Annotated[str, typer.Option(help="per-layer: the same count in every layer (stock transformers loads "
                                        "it); global: experts ranked across layers (load with "
                                        "moetool.load_model).")] = "per-layer",
-    merge: Annotated[bool, typer.Option("--merge", help="Fold each removed expert into its most similar kept "
+    merge: Annotated[bool, typer.Option("--merge", **FLAG, help="Fold each removed expert into its most similar kept "
                                         "expert (routing-mass-weighted average) instead of dropping it.")] = False,
-    sequential: Annotated[bool, typer.Option("--sequential", help="Score each layer on the outputs of the "
+    sequential: Annotated[bool, typer.Option("--sequential", **FLAG, help="Score each layer on the outputs of the "
                                              "already-pruned (or merged) earlier layers, layer by layer on "
                                              "the calibration data.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moetool.cli.convert import _Bar, parse_size
 from moetool.cli.options import (
+    FLAG,
     PATH,
     CalibBatchSizeOpt,
     CalibMaxTokensOpt,
@@ -72,10 +73,10 @@ def quantize(
                                                              "--tensor-type-file from the allocation.")] = None,
     method: Annotated[str, typer.Option(help="rtn: round to nearest; gptq: GPTQ per routed expert on the Hessian "
                                         "of the calibration tokens routed to it (integer formats).")] = "rtn",
-    sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential",
+    sequential: Annotated[bool | None, typer.Option("--sequential/--no-sequential", **FLAG,
                                                     help="gptq: calibrate each layer on the outputs of the earlier "
                                                     "layers as quantized (the default).")] = None,
-    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="gptq: quantize columns "
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", **FLAG, help="gptq: quantize columns "
                                                    "in descending order of the Hessian's diagonal (static groups, "
                                                    "as llm-compressor does by default; the default).")] = None,
     damp: Annotated[float | None, typer.Option(min=0.0, help="gptq: dampening, a share of the Hessian's mean "
@@ -87,7 +88,7 @@ def quantize(
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
-    experts_table: Annotated[bool, typer.Option("--experts", help="List every expert's format, error and "
+    experts_table: Annotated[bool, typer.Option("--experts", **FLAG, help="List every expert's format, error and "
                                                 "size.")] = False,
 ) -> None:
     """Quantize each routed expert on its own; under --bits-budget, spend bits where routing says they matter."""

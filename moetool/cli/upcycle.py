@@ -9,7 +9,7 @@ import typer
 
 from moetool.checkpoint.writer import refuse_inside_source
 from moetool.cli.convert import _Bar, parse_size
-from moetool.cli.options import PATH, DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
+from moetool.cli.options import FLAG, PATH, DryRunOpt, ForceOpt, MaxShardSizeOpt, OutArg
 from moetool.cli.output import emit_json, esc, report_json, size, stdout
 from moetool.errors import UsageError
 
@@ -59,12 +59,13 @@ def upcycle(
     also: Annotated[list[str] | None, typer.Option("--from", help="More dense sources of the same architecture "
                                                    "(repeat): expert e comes from source e mod the number of "
                                                    "sources (Branch-Train-MiX).")] = None,
-    average_shared: Annotated[bool, typer.Option("--average-shared", help="With --from: average attention, norms "
-                                                 "and embeddings over the sources (default: the first's).")] = False,
+    average_shared: Annotated[bool, typer.Option("--average-shared", **FLAG, help="With --from: average attention, "
+                                                 "norms and embeddings over the sources (default: the "
+                                                 "first's).")] = False,
     max_shard_size: MaxShardSizeOpt = "5GB",
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the plan or report as JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", **FLAG, help="Print the plan or report as JSON.")] = False,
 ) -> None:
     """Turn a dense model into an MoE whose experts start as copies of its MLP."""
     from contextlib import ExitStack
