@@ -21,9 +21,10 @@ FAMILY_ARCH = {   # tiny family -> gguf-py MODEL_ARCH member
     "deepseek_v3": "DEEPSEEK2", "glm4_moe": "GLM4_MOE", "gpt_oss": "GPT_OSS", "olmoe": "OLMOE",
     "granitemoe": "GRANITE_MOE", "granitemoeshared": "GRANITE_MOE", "llama4_text": "LLAMA4",
     "dots1": "DOTS1", "ernie4_5_moe": "ERNIE4_5_MOE", "hunyuan_v1_moe": "HUNYUAN_MOE",
+    "qwen3_5_moe_text": "QWEN35MOE", "lfm2_moe": "LFM2MOE", "exaone_moe": "EXAONE_MOE", "afmoe": "AFMOE",
 }
 # the registry family inspect must recognise for each
-EXPECTED_FAMILY = {f: f for f in FAMILY_ARCH} | {"llama4_text": "llama4"}
+EXPECTED_FAMILY = {f: f for f in FAMILY_ARCH} | {"llama4_text": "llama4", "qwen3_5_moe_text": "qwen3_5_moe"}
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _DENSE = re.compile(r"\.mlp\.(gate|up|down)_proj\.weight$")
 
@@ -94,8 +95,12 @@ def gguf_tensors(family: str, model) -> list[tuple[str, np.ndarray]]:
             continue
         found = _LAYER.search(name)
         blk = f"blk.{found.group(1)}." if found else ""
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(("e_score_correction_bias", "expert_bias")):   # AFMoE, LFM2-MoE: expert_bias
             out.append((blk + "exp_probs_b.bias", t))
+        elif name.endswith("linear_attn.dt_bias"):   # Qwen3-Next / Qwen3.5: dt_proj.bias
+            out.append((blk + "ssm_dt.bias", t))
+        elif name.endswith(("linear_attn.conv1d.weight", "conv.conv.weight")):   # [C, 1, K] squeezed to [C, K]
+            out.append((tmap.get_name(name, try_suffixes=(".weight",)), t.squeeze(1)))
         elif name.endswith("shared_mlp.input_linear.weight"):    # Granite: [2S, H], gate rows first
             half = t.shape[0] // 2
             out += [(blk + "ffn_gate_shexp.weight", t[:half]), (blk + "ffn_up_shexp.weight", t[half:])]
@@ -111,7 +116,7 @@ def gguf_tensors(family: str, model) -> list[tuple[str, np.ndarray]]:
             mapped = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
             if mapped is None:
                 raise AssertionError(f"{family}: no llama.cpp name for {name}")
-            if not mapped.endswith((".weight", ".bias")):
+            if not mapped.endswith((".weight", ".bias", ".ssm_a")):   # A_log stays bare: blk.L.ssm_a
                 mapped += ".weight"   # attention sinks
             out.append((mapped, t))
     return out
@@ -125,8 +130,10 @@ def gguf_metadata(family: str, model) -> dict:
     md: dict = {"add_block_count": c.num_hidden_layers, "add_context_length": c.max_position_embeddings,
                 "add_embedding_length": c.hidden_size, "add_head_count": c.num_attention_heads,
                 "add_head_count_kv": c.num_key_value_heads,
-                "add_feed_forward_length": getattr(c, "intermediate_size_mlp", c.intermediate_size),
                 "add_token_list": [f"t{i}" for i in range(c.vocab_size)]}
+    dense_ffn = getattr(c, "intermediate_size_mlp", None) or getattr(c, "intermediate_size", None)
+    if dense_ffn is not None:   # Qwen3.5 MoE has none (convert_hf_to_gguf.py then writes no feed_forward_length)
+        md["add_feed_forward_length"] = dense_ffn
     experts = next(getattr(c, k) for k in ("num_local_experts", "num_experts", "n_routed_experts",
                                            "moe_num_experts") if getattr(c, k, None))
     top_k = next(getattr(c, k) for k in ("num_experts_per_tok", "moe_topk", "moe_k") if getattr(c, k, None))
@@ -157,6 +164,25 @@ def gguf_metadata(family: str, model) -> dict:
                "add_expert_shared_count": c.moe_num_shared_experts}
     if family == "hunyuan_v1_moe":
         md |= {"add_expert_shared_feed_forward_length": c.intermediate_size}
+    if family == "qwen3_5_moe_text":   # as Qwen3-Next (ssm.* and full_attention_interval: not read by inspect)
+        md["add_expert_shared_feed_forward_length"] = c.shared_expert_intermediate_size
+    if family == "lfm2_moe":   # LFM2MoeModel: sigmoid gating, no expert_weights_norm / _scale; KV heads per layer
+        md |= {"add_head_count_kv": [c.num_key_value_heads if t == "full_attention" else 0 for t in c.layer_types],
+               "add_leading_dense_block_count": c.num_dense_layers,
+               "add_expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID, "add_vocab_size": c.vocab_size,
+               "add_shortconv_l_cache": c.conv_L_cache}
+    if family == "exaone_moe":   # ExaoneMoEModel: no expert_gating_func (llama.cpp's graph is sigmoid)
+        md |= {"add_expert_shared_count": c.num_shared_experts,
+               "add_expert_shared_feed_forward_length": c.moe_intermediate_size * c.num_shared_experts,
+               "add_expert_weights_scale": float(c.routed_scaling_factor),
+               "add_expert_weights_norm": bool(c.norm_topk_prob),
+               "add_leading_dense_block_count": c.first_k_dense_replace,
+               "add_nextn_predict_layers": 0}
+    if family == "afmoe":   # AfmoeModel: no expert_gating_func (sigmoid in llama.cpp's graph)
+        md |= {"add_expert_shared_count": c.num_shared_experts, "add_leading_dense_block_count": c.num_dense_layers,
+               "add_expert_weights_scale": float(c.route_scale), "add_sliding_window": c.sliding_window}
+        if getattr(c, "route_norm", None) is not None:
+            md["add_expert_weights_norm"] = bool(c.route_norm)
     return md
 
 

@@ -119,6 +119,36 @@ def test_router_semantics_from_metadata(gguf_file):
     assert inspect(gguf_file("gpt_oss")).router["score"] == "softmax over top-k logits"
 
 
+# llama.cpp architecture, the config's MoE layers, the scaling factor the GGUF states (LFM2-MoE's file has
+# no expert_weights_scale: llama.cpp scales by nothing, as routed_scaling_factor's default 1.0 does)
+NEWER = {"qwen3_5_moe_text": ("qwen35moe", lambda c: list(range(c.num_hidden_layers)), None),
+         "lfm2_moe": ("lfm2moe", lambda c: list(range(c.num_dense_layers, c.num_hidden_layers)), None),
+         "exaone_moe": ("exaone-moe", lambda c: [i for i, t in enumerate(c.mlp_layer_types) if t == "sparse"], 2.5),
+         "afmoe": ("afmoe", lambda c: list(range(c.num_dense_layers, c.num_hidden_layers)), 2.0)}
+
+
+@pytest.mark.parametrize("family", sorted(NEWER))
+def test_newer_architectures_against_the_config(family, models, gguf_file, tmp_path):
+    """Qwen3.5-MoE, LFM2-MoE, EXAONE-MoE and AFMoE: counts, experts, top-k, MoE layers and the router
+    from the transformers model and config the file was written from."""
+    model = models(family)
+    c = model.config
+    arch, moe_layers, scale = NEWER[family]
+    report = inspect(gguf_file(family))
+    assert report.model_type == arch and report.family == EXPECTED_FAMILY[family] and report.problems == []
+    assert report.total_params == param_count(model)
+    assert report.num_experts == c.num_experts and report.top_k == c.num_experts_per_tok
+    assert report.moe_layers == moe_layers(c)
+    assert report.dense_layers == [i for i in range(c.num_hidden_layers) if i not in report.moe_layers]
+    model.save_pretrained(tmp_path / "st")
+    st = inspect(tmp_path / "st")
+    assert report.active_params == st.active_params and report.params == st.params
+    want = dict(st.router, scaling_factor=scale)
+    assert report.router == want
+    assert report.router["score"] == ("softmax" if family == "qwen3_5_moe_text" else "sigmoid")
+    assert report.router["renormalize"] is True and report.router["correction_bias"] == (family != "qwen3_5_moe_text")
+
+
 def test_dense_layer_found_from_tensors(gguf_file):
     """Qwen2-MoE's metadata cannot say which layers are dense: the tensors do."""
     report = inspect(gguf_file("qwen2_moe"))

@@ -121,7 +121,8 @@ def _model_for(family):
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "qwen2_moe", "mixtral", "glm4_moe", "ernie4_5_moe",
-                                    "llama4_text", "olmoe", "granitemoeshared", "hunyuan_v1_moe", "dots1"])
+                                    "llama4_text", "olmoe", "granitemoeshared", "hunyuan_v1_moe", "dots1",
+                                    "qwen3_5_moe_text", "lfm2_moe", "exaone_moe", "afmoe"])
 def test_expert_biases_router_and_correction_are_sliced(tmp_path, family):
     model = _model_for(family)
     src = write_family(family, tmp_path / "src" / "m.gguf", model=model)[0]

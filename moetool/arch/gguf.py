@@ -65,13 +65,15 @@ BLK_LAYER = r"^blk\.(\d+)\."            # the layer number of a per-layer tensor
 # Attention and state-space mixers (any one of them per layer): classified as attention.
 _MIXERS = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "attn_q_a", "attn_q_b",
            "attn_kv_a_mqa", "attn_kv_b", "attn_k_b", "attn_v_b", "attn_sinks", "attn_gate",
-           "ssm_in", "ssm_conv1d", "ssm_x", "ssm_dt", "ssm_a", "ssm_d", "ssm_out", "ssm_ba")
+           "ssm_in", "ssm_conv1d", "ssm_x", "ssm_dt", "ssm_a", "ssm_d", "ssm_out", "ssm_ba", "ssm_beta",
+           "ssm_alpha", "shortconv.in_proj", "shortconv.out_proj")
 # GLM-4.5's multi-token-prediction block adds these to a full layer past the last one; listed so
 # that they get their layer number (inspect counts everything in such a layer as MTP).
 _NEXTN = ("nextn.eh_proj", "nextn.embed_tokens", "nextn.enorm", "nextn.hnorm", "nextn.shared_head_head",
           "nextn.shared_head_norm")
+# Qwen3-Next / Qwen3.5's A_log is written bare ("blk.L.ssm_a": no .weight in convert_hf_to_gguf.py)
 ATTENTION: tuple[str, ...] = tuple(f"{BLK}{stem}.{kind}" for stem in _MIXERS + _NEXTN
-                                   for kind in ("weight", "bias"))
+                                   for kind in ("weight", "bias")) + (BLK + "ssm_a",)
 # Per-layer norms (every layer has at least one), so that they count in their layer.
 _NORMS = ("attn_norm", "attn_norm_2", "ffn_norm", "post_attention_norm", "post_ffw_norm", "attn_post_norm",
           "ffn_post_norm", "attn_q_a_norm", "attn_kv_a_norm", "attn_output_norm", "layer_out_norm",
@@ -79,8 +81,14 @@ _NORMS = ("attn_norm", "attn_norm_2", "ffn_norm", "post_attention_norm", "post_f
 _QK_NORMS = ("attn_q_norm", "attn_k_norm")   # roles of their own in families that have Q_NORM/K_NORM
 
 
+# Per-layer tensors of no role of their own, listed with the norms (whose bucket is "other") so that
+# they count in their layer: LFM2's short-convolution kernel, counted as "other" under its hub name
+# (model.layers.L.conv.conv.weight) too.
+_OTHER = ("shortconv.conv",)
+
+
 def _norms(qk: bool) -> tuple[str, ...]:
-    return tuple(f"{BLK}{stem}.{kind}" for stem in _NORMS + (_QK_NORMS if qk else ())
+    return tuple(f"{BLK}{stem}.{kind}" for stem in _NORMS + (_QK_NORMS if qk else ()) + _OTHER
                  for kind in ("weight", "bias"))
 # Generated tables llama.cpp stores, which are no parameters of the model.
 BUFFER_SUFFIXES = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
@@ -127,7 +135,8 @@ SPLIT_COUNT, SPLIT_NO, SPLIT_TENSORS = "split.count", "split.no", "split.tensors
 GATING: dict[int, str] = {1: "softmax", 2: "sigmoid", 3: "softmax over top-k logits"}
 # Renormalisation of the chosen weights that llama.cpp's graph fixes per architecture when the
 # file has no expert_weights_norm (families whose HF config decides it with a key).
-LLAMA_CPP_NORM: dict[str, bool] = {"qwen2moe": False, "qwen3moe": True, "qwen3next": True, "olmoe": False}
+LLAMA_CPP_NORM: dict[str, bool] = {"qwen2moe": False, "qwen3moe": True, "qwen3next": True, "olmoe": False,
+                                   "lfm2moe": True}   # lfm2.cpp: build_moe_ffn(..., norm_w=true, ...)
 # Shared experts llama.cpp always builds for an architecture when the file gives no count.
 DEFAULT_SHARED: dict[str, int] = {"llama4": 1, "hunyuan-moe": 1}
 
@@ -157,6 +166,10 @@ ARCHS: dict[str, str | Callable[[Config], str]] = {
     "phimoe": "phimoe",
     "dbrx": "dbrx",
     "jamba": "jamba",
+    "qwen35moe": "qwen3_5_moe",
+    "lfm2moe": "lfm2_moe",
+    "exaone-moe": "exaone_moe",
+    "afmoe": "afmoe",
     # dense sources
     "qwen2": "qwen2",
     "qwen3": "qwen3",

@@ -9,7 +9,7 @@ functions (which layers are MoE, derived sizes) are the only code a family has.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -106,7 +106,7 @@ class Router:
 
     score: str                      # "softmax" | "sigmoid" | "softmax over top-k" | "sparsemixer" | ...
     renormalize: bool | str         # True/False, or the config key that decides
-    correction_bias: bool = False   # selection uses score + bias, weights use the score
+    correction_bias: bool | str = False   # selection by score + bias, weights by the score (or the deciding key)
     group_limited: bool = False     # choose groups first (n_group / topk_group)
     scaling_key: str | None = None  # config key of a factor applied to the weights
     notes: str = ""
@@ -119,6 +119,22 @@ class Router:
     config_defaults: tuple[tuple[str, Any], ...] = ()
     # experts a group's score is taken from: DeepSeek-V3 sums each group's best two, V2 takes its best one
     group_score_experts: int = 2
+    # a config key choosing the score function, and (value, score, renormalize) for the values that
+    # change it from the above (Cohere2-MoE's expert_selection_fn "sigmoid")
+    selection_key: str | None = None
+    selections: tuple[tuple[str, str, bool | str], ...] = ()
+
+    def resolved(self, cfg: Config) -> Router:
+        """This router as the config makes it: its score function chosen, its correction bias present or not."""
+        router = self
+        if self.selection_key is not None:
+            chosen = self.setting(cfg, self.selection_key)
+            for value, score, renormalize in self.selections:
+                if chosen == value:
+                    router = replace(router, score=score, renormalize=renormalize)
+        if isinstance(self.correction_bias, str):
+            router = replace(router, correction_bias=bool(self.setting(cfg, self.correction_bias)))
+        return router
 
     def setting(self, cfg: Config, key: str) -> Any:
         """Config KEY as transformers reads it: the config's value, else its config class's default."""
@@ -214,6 +230,20 @@ class Family:
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys
     gguf_arch: str | None = None
+    # transformers' config-class defaults of structure keys a config.json may omit (the router's are
+    # Router.config_defaults): read as transformers reads them (`settings`)
+    defaults: tuple[tuple[str, Any], ...] = ()
+
+    def settings(self, config: Config) -> Config:
+        """CONFIG as the family's functions read it: the text model's part of a wrapper merged in
+        (config_root), then the config class's defaults for the keys it leaves out."""
+        cfg = dict(config)
+        if self.config_root and isinstance(config.get(self.config_root), dict):
+            cfg.update(config[self.config_root])
+        for key, value in self.defaults:
+            if cfg.get(key) is None:
+                cfg[key] = value
+        return cfg
 
     def is_mtp(self, cfg: Config, name: str, layer: int | None) -> bool:
         """Whether tensor NAME (of LAYER) belongs to a multi-token-prediction module, which

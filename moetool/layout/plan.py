@@ -69,13 +69,11 @@ class TensorPlan:
 
 
 def family_context(ckpt: Checkpoint) -> tuple[Family | None, dict[str, Any], int]:
-    """The family, its effective config (a multimodal wrapper's text config merged in) and the
-    layer offset of a seq2seq decoder."""
+    """The family, its effective config (Family.settings: a multimodal wrapper's text config merged
+    in, the config class's defaults filled) and the layer offset of a seq2seq decoder."""
     config = ckpt.config or {}
     family = detect_family(ckpt.config)
-    cfg = config
-    if family and family.config_root and isinstance(config.get(family.config_root), dict):
-        cfg = {**config, **config[family.config_root]}
+    cfg = family.settings(config) if family else config
     offset = family.decoder_offset(cfg) if family and family.decoder_offset else 0
     return family, cfg, offset
 

@@ -251,9 +251,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     else:
         family = detect_family(ckpt.config)
     where = f"{ckpt.shards[0].path} (GGUF metadata)" if gguf and ckpt.shards else "config.json"
-    cfg = config
-    if family and family.config_root and isinstance(config.get(family.config_root), dict):
-        cfg = {**config, **config[family.config_root]}
+    cfg = family.settings(config) if family else config   # (a wrapper's text_config; class defaults)
     problems: list[Problem] = [Problem("warning", "checkpoint", note) for note in ckpt.notes]
 
     dims = _read_dims(family, cfg, where)
@@ -941,7 +939,7 @@ def _last_by_layer(parts: list[tuple[list, list, list]], value) -> dict[int, int
 def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any]:
     if family is None or family.router is None:
         return {"description": "unknown (architecture guessed)", "top_k": dims.top_k}
-    router = family.router
+    router = family.router.resolved(cfg)
     renorm = router.renormalize
     if isinstance(renorm, str):
         renorm = bool(router.setting(cfg, renorm))

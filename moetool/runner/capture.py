@@ -18,13 +18,19 @@ from moetool.arch import Family
 from moetool.errors import UnsupportedError
 
 
-def _distribution(logits, family: Family):
+def _sigmoid_scores(family: Family, config: dict) -> bool:
+    """Whether the router scores experts by sigmoid (DeepSeek-V3, MiniMax-M2, Llama 4; Cohere2-MoE's
+    sigmoid selection), as the config makes it."""
+    return family.router is not None and family.router.resolved(family.settings(config)).score.startswith("sigmoid")
+
+
+def _distribution(logits, sigmoid: bool):
     """The router's probability over experts: softmax of the logits, or normalised sigmoid scores
-    for sigmoid routers (DeepSeek-V3, MiniMax-M2, Llama 4)."""
+    for sigmoid routers."""
     import torch
 
     logits = logits.float()
-    if family.router is not None and family.router.score.startswith("sigmoid"):
+    if sigmoid:
         scores = torch.sigmoid(logits)
         return scores / scores.sum(-1, keepdim=True)
     return torch.softmax(logits, dim=-1)
@@ -114,12 +120,14 @@ class RouterCapture:
     def _router_hook(self, family: Family, config: dict, layer: int, k: int):
         import torch
 
+        sigmoid = _sigmoid_scores(family, config)
+
         def hook(module, args, output):
             self._fired[layer] = True
             first, batch, seq = self.batch
             with torch.no_grad():
                 index, weight, logits = _parse(output, family, config, k)
-                probs = _distribution(logits, family)
+                probs = _distribution(logits, sigmoid)
                 top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
                 entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
                 router = torch.stack([entropy, top2[:, 0], top2[:, 0] - top2[:, -1]], dim=-1)

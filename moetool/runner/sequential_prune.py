@@ -32,9 +32,9 @@ def _router_weight(router):
     return weight
 
 
-def _correction_bias(model, family, index: int, offset: int):
+def _correction_bias(model, family, config: dict, index: int, offset: int):
     """The router's correction bias in the built model (DeepSeek-V3, GLM-4.5, dots1, ERNIE), or None
-    for routers without one."""
+    for routers without one (as CONFIG makes it: LFM2-MoE's use_expert_bias)."""
     for layout in ("fused", "per-expert"):
         template = family.templates(layout).get(Role.ROUTER_CORRECTION)
         if template is None:
@@ -45,7 +45,7 @@ def _correction_bias(model, family, index: int, offset: int):
             return getattr(model.get_submodule(owner), attr)
         except AttributeError:
             continue
-    if family.router is not None and family.router.correction_bias:
+    if family.router is not None and family.router.resolved(family.settings(config)).correction_bias:
         raise UnsupportedError(f"{family.title}: layer {index}'s router correction bias is not where moetool "
                                "looks for it in the built model, so its removed experts cannot be restricted")
     return None
@@ -105,7 +105,7 @@ class RouterRestriction:
         # the hooks go on the router's parent (the MoE block): the engine also calls the decoder
         # layer with its forward stubbed out, to learn each layer's arguments
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-        self.bias = _correction_bias(model, family, index, offset)
+        self.bias = _correction_bias(model, family, config, index, offset)
         self.index, self.removed = index, removed
         self._mode = self._saved_bias = None
         self._handles = [parent.register_forward_pre_hook(self._enter),

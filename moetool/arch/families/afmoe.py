@@ -23,6 +23,7 @@ FAMILY = Family(
     # _keep_in_fp32_modules_strict: expert_bias (its _keep_in_fp32_modules, the norms, apply to fp16 loads only)
     fp32_roles=frozenset({Role.ROUTER_CORRECTION}),
     router_module="model.layers.{L}.mlp.router",
+    defaults=(("num_dense_layers", 1), ("num_shared_experts", 2)),   # AfmoeConfig's
     notes="weights renormalised (+1e-20) then x route_scale; sigmoid-gated attention output; "
           "sliding and full attention per layer_types",
 )

@@ -32,8 +32,9 @@ FAMILY = Family(
     title="Cohere Command A MoE",
     # expert_selection_fn "softmax" (the default): softmax over the top-k logits; "sigmoid": sigmoid of the
     # top-k logits, divided by their sum iff norm_topk_prob
-    router=Router("softmax over top-k logits", renormalize=False,
-                  notes="expert_selection_fn sigmoid: sigmoid of the top-k logits, renormalised iff norm_topk_prob"),
+    router=Router("softmax over top-k logits", renormalize=False, selection_key="expert_selection_fn",
+                  selections=(("sigmoid", "sigmoid of the top-k logits", "norm_topk_prob"),),
+                  config_defaults=(("expert_selection_fn", "softmax"), ("norm_topk_prob", True))),
     keys=keys(num_experts=("num_experts",), top_k=("num_experts_per_tok",),
               expert_ffn=("intermediate_size",), dense_ffn=("prefix_dense_intermediate_size",)),
     common={**EMBED_AND_HEAD, **DENSE_MLP, **ROUTER_MLP_GATE, **DEEPSEEK_SHARED},

@@ -20,5 +20,6 @@ FAMILY = replace(DEEPSEEK_V3, name="glm4_moe_lite", model_types=("glm4_moe_lite"
                      ("n_group", 1), ("topk_group", 1), ("norm_topk_prob", True),
                      ("routed_scaling_factor", 1.8))),
                  is_moe_layer=glm4_moe_lite_layer,
+                 defaults=(("n_shared_experts", 1),),   # Glm4MoeLiteConfig's
                  notes="multi-head latent attention (MLA); MoE layers by mlp_layer_types; layers past "
                        "num_hidden_layers are MTP modules")

@@ -15,11 +15,12 @@ FAMILY = Family(
     name="lfm2_moe",
     model_types=("lfm2_moe",),
     title="LFM2-MoE",
-    router=Router("sigmoid", renormalize="norm_topk_prob", correction_bias=True,
+    router=Router("sigmoid", renormalize="norm_topk_prob", correction_bias="use_expert_bias",
                   scaling_key="routed_scaling_factor",
                   notes="top-k on sigmoid + expert_bias (use_expert_bias); logits in the activation dtype; "
                         "renormalised with +1e-6; no groups",
-                  config_defaults=(("norm_topk_prob", True), ("routed_scaling_factor", 1.0))),
+                  config_defaults=(("norm_topk_prob", True), ("routed_scaling_factor", 1.0),
+                                   ("use_expert_bias", True))),
     keys=keys(num_experts=("num_experts",), top_k=("num_experts_per_tok",),
               expert_ffn=("moe_intermediate_size",), tie=("tie_word_embeddings", "tie_embedding")),
     common={**EMBED_AND_HEAD,
@@ -37,6 +38,7 @@ FAMILY = Family(
     buffers=frozenset({Role.ROUTER_CORRECTION}),
     fp32_roles=frozenset({Role.ROUTER_CORRECTION}),   # transformers builds expert_bias as an fp32 buffer
     role_keys={Role.ROUTER_CORRECTION: "use_expert_bias"},   # no expert_bias when use_expert_bias is false
+    defaults=(("use_expert_bias", True),),   # Lfm2MoeConfig's
     router_module="model.layers.{L}.feed_forward.gate",
     experts_module="model.layers.{L}.feed_forward.experts",
     notes="hybrid short-convolution and attention layers (layer_types); tied embeddings (hub key tie_embedding)",

@@ -30,6 +30,7 @@ FAMILY = Family(
     shared_ffn=qwen_shared_ffn,
     num_shared=one_if(qwen_shared_ffn),
     config_root="text_config",
+    defaults=(("shared_expert_intermediate_size", 512),),   # Qwen3_5MoeTextConfig's
     name_prefixes=(("model.language_model.", "model."),),
     mtp=True,
     notes="every layer MoE, weights always renormalised; shared expert output scaled by "

@@ -9,19 +9,24 @@ from moetool.arch.families._shared import QWEN_EXPERTS, QWEN_FUSED
 from moetool.arch.families.glm4_moe import FAMILY as GLM4_MOE
 from moetool.arch.schema import Config, Role
 
+# SarvamMoEConfig's defaults where config.json leaves a key out
+DEFAULTS = (("first_k_dense_replace", 1), ("head_dim", 64), ("num_key_value_heads", 4))
+
 
 def _head_dim(cfg: Config) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["head_dim"]
 
 
 def _kv_rows(cfg: Config) -> int:
-    return (cfg.get("num_key_value_heads") or cfg["num_attention_heads"]) * _head_dim(cfg)
+    return cfg["num_key_value_heads"] * _head_dim(cfg)
 
 
 def _num_shared(cfg: Config) -> int:
-    """n_shared_experts, or the original config's num_shared_experts (an alias in transformers)."""
+    """n_shared_experts, or the original config's num_shared_experts (an alias in transformers; 1 when
+    neither is given)."""
     value = cfg.get("n_shared_experts")
-    return (cfg.get("num_shared_experts") if value is None else value) or 0
+    value = cfg.get("num_shared_experts") if value is None else value
+    return 1 if value is None else value
 
 
 common = {role: t for role, t in GLM4_MOE.common.items() if role not in (Role.EMBED, Role.ROUTER_CORRECTION)}
@@ -38,6 +43,7 @@ FAMILY = replace(
     fused={**QWEN_FUSED, Role.EMBED: "model.embed_tokens.weight",
            Role.ROUTER_CORRECTION: "model.layers.{L}.mlp.gate.e_score_correction_bias"},
     shared_ffn=lambda cfg: (cfg.get("moe_intermediate_size") or 0) * _num_shared(cfg),
+    defaults=DEFAULTS,
     num_shared=lambda cfg: _num_shared(cfg),
     renames=((".attention.dense.", ".self_attn.o_proj."),
              (".attention.query_layernorm.", ".self_attn.q_norm."),

@@ -1,0 +1,72 @@
+"""Config keys a config.json leaves out are read as transformers reads them: its config class's
+default (Family.defaults, Router.config_defaults), not moetool's own fallback. The oracle is the model
+transformers builds from that config.json (its MoE layers, shared experts and parameter count), and
+the router transformers runs."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from moetool.checkpoint import open_checkpoint
+from moetool.ops.inspect import inspect_checkpoint
+from tests.tiny import TINY
+
+# (fixture, config changes before saving, keys then deleted from config.json)
+CASES = [
+    ("sarvam_moe", {}, ["first_k_dense_replace"]),           # SarvamMoEConfig: 1
+    ("sarvam_moe", {}, ["n_shared_experts"]),                # 1
+    ("sarvam_moe", {"num_key_value_heads": 4, "head_dim": 64}, ["num_key_value_heads", "head_dim"]),   # 4, 64
+    ("glm4_moe_lite", {}, ["n_shared_experts"]),             # Glm4MoeLiteConfig: 1
+    ("afmoe", {}, ["num_dense_layers"]),                     # AfmoeConfig: 1
+    ("afmoe", {"num_shared_experts": 2}, ["num_shared_experts"]),   # 2
+    ("qwen3_5_moe_text", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),  # 512
+    ("lfm2_moe", {}, ["use_expert_bias"]),                   # Lfm2MoeConfig: True
+]
+
+
+def _saved(tmp_path, fixture, changes, dropped):
+    cls, kwargs = TINY[fixture]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**kwargs, **changes}))
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for key in dropped:
+        config.pop(key)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    return tmp_path / "m", transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fixture, changes, dropped", CASES, ids=[f"{f}-{'-'.join(d)}" for f, _, d in CASES])
+def test_absent_keys_take_the_config_class_default(tmp_path, fixture, changes, dropped):
+    path, model = _saved(tmp_path, fixture, changes, dropped)
+    with open_checkpoint(path) as ckpt:
+        report = inspect_checkpoint(ckpt)
+    assert report.problems == []
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    layers = model.model.layers
+    assert report.moe_layers == [i for i, layer in enumerate(layers)
+                                 if hasattr(getattr(layer, "mlp", None) or layer.feed_forward, "experts")]
+    shared = [m for n, m in model.named_modules() if n.endswith(("shared_experts", "shared_expert"))]
+    assert (report.num_shared_experts > 0) == bool(shared)
+
+
+@pytest.mark.parametrize("fixture, changes, score, renormalize, bias", [
+    ("cohere2_moe", {"expert_selection_fn": "sigmoid", "norm_topk_prob": True}, "sigmoid of the top-k logits",
+     True, False),
+    ("cohere2_moe", {}, "softmax over top-k logits", False, False),
+    ("lfm2_moe", {"use_expert_bias": False}, "sigmoid", True, False),
+    ("lfm2_moe", {}, "sigmoid", True, True),
+])
+def test_router_report_follows_the_config(tmp_path, fixture, changes, score, renormalize, bias):
+    """Cohere2-MoE's expert_selection_fn picks the score function (sigmoid: renormalised iff
+    norm_topk_prob); LFM2-MoE's use_expert_bias decides whether there is a correction bias, and a
+    checkpoint without one inspects clean."""
+    path, model = _saved(tmp_path, fixture, changes, [])
+    with open_checkpoint(path) as ckpt:
+        report = inspect_checkpoint(ckpt)
+    assert report.problems == []
+    router = report.router
+    assert (router["score"], router["renormalize"], router["correction_bias"]) == (score, renormalize, bias)
+    assert any(n.endswith("expert_bias") for n, _ in model.named_buffers()) == bias or fixture != "lfm2_moe"
