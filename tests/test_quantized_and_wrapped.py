@@ -91,14 +91,19 @@ VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, interm
               patch_size=16)
 
 
+def _llama4_wrapper_config():
+    """A tiny Llama 4 image-text config, as the hub releases are (Llama4ForConditionalGeneration)."""
+    return transformers.Llama4Config(
+        text_config=dict(COMMON, intermediate_size=16, intermediate_size_mlp=24, num_hidden_layers=2,
+                         num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=8),
+        vision_config=dict(VISION, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32))
+
+
 @pytest.mark.parametrize("family", ["llama4", "gemma3"])
 def test_multimodal_wrappers(tmp_path, family):
     """Text models inside image-text checkpoints: text_config and the language_model. prefix."""
     if family == "llama4":
-        config = transformers.Llama4Config(
-            text_config=dict(COMMON, intermediate_size=16, intermediate_size_mlp=24, num_hidden_layers=2,
-                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=8),
-            vision_config=dict(VISION, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32))
+        config = _llama4_wrapper_config()
     else:
         config = transformers.Gemma3Config(text_config=dict(COMMON, intermediate_size=24, num_hidden_layers=2,
                                                             head_dim=8), vision_config=VISION, mm_tokens_per_image=4)
@@ -123,10 +128,7 @@ def test_text_model_of_a_multimodal_moe_runs_from_its_wrapper(tmp_path, family):
     from tests.tiny import TINY
 
     if family == "llama4":
-        config = transformers.Llama4Config(
-            text_config=dict(COMMON, intermediate_size=16, intermediate_size_mlp=24, num_hidden_layers=2,
-                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=2, head_dim=8),
-            vision_config=dict(VISION, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32))
+        config = _llama4_wrapper_config()
     else:
         config = transformers.Qwen3_5MoeConfig(text_config=TINY["qwen3_5_moe_text"][1], vision_config=dict(
             depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
