@@ -7,7 +7,7 @@ S of experts equals the original whose router logits outside S are -inf before t
 sigmoid routers, whose correction biases outside S are -inf too). So from its second pass on, the
 layer's MoE block runs under a torch function mode that sets those logits to -inf wherever the
 router's weight, or a cast of it, is applied (`RouterRestriction`; tests/test_prune_sequential.py
-checks the result against the pruned checkpoints of 21 families). With ``--merge``, the kept
+checks the result against the pruned checkpoints of 29 families). With ``--merge``, the kept
 experts' stacked weights are replaced by the weighted sums the output checkpoint will hold.
 """
 
