@@ -45,7 +45,8 @@ def pair(tmp_path_factory):
               MTP + "shared_head.head.weight": torch.randn(64, 32)}
     save_file(state, with_mtp / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((with_mtp / "config.json").read_text())
-    (with_mtp / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1}))
+    # (num_mtp_layers: Sarvam MoE's name for it, an alias in transformers: set to 0 alike)
+    (with_mtp / "config.json").write_text(json.dumps(config | {"num_nextn_predict_layers": 1, "num_mtp_layers": 1}))
     ids = root / "ids.json"
     ids.write_text(json.dumps(torch.randint(0, 64, (640,), generator=torch.Generator().manual_seed(1)).tolist()))
     return plain, with_mtp, ids
@@ -69,7 +70,7 @@ def test_prune_drops_the_mtp_layer(tmp_path, pair, sequential):
     got, want = _tensors(tmp_path / "mtp"), _tensors(tmp_path / "plain")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     config = json.loads((tmp_path / "mtp" / "config.json").read_text())
-    assert config["num_nextn_predict_layers"] == 0 and config["n_routed_experts"] == 4
+    assert config["num_nextn_predict_layers"] == 0 and config["num_mtp_layers"] == 0 and config["n_routed_experts"] == 4
 
 
 @pytest.mark.parametrize("options", [

@@ -156,7 +156,7 @@ class Router:
 
 Config = dict[str, Any]
 MTP_MARK = "mtp"                         # in the names of MTP tensors not numbered as layers (Qwen3-Next, ERNIE)
-MTP_KEYS = ("num_nextn_predict_layers",)   # config keys counting the MTP modules
+MTP_KEYS = ("num_nextn_predict_layers", "num_mtp_layers")   # config keys counting the MTP modules (Sarvam: the alias)
 Template = str | tuple[str, ...]   # one name template, or alternatives (encoder/decoder)
 
 
