@@ -78,6 +78,20 @@ def test_vllm_routed_experts(tmp_path, tiny):
             assert rate == pytest.approx(naive_lru_hits(sequences, int(size)) / (89 * 2))
     single = run(tiny("mixtral"), from_trace=folder / "0000.npy")
     assert single.sequences == 1 and single.layers[0].tokens == 30
+    # without --capacity-window each request is its own window, as a live run's sequence is: the
+    # capacity of each from its own length, computed here by hand
+    import math
+
+    per_request = run(tiny("mixtral"), from_trace=folder)
+    assert per_request.capacity_window == 0 and any("one per request" in n for n in per_request.notes)
+    for position, layer in enumerate(per_request.layers):
+        for factor, share in layer.capacity_drop.items():
+            dropped = 0
+            for request in requests:
+                counts = np.bincount(request[:, position, :].ravel(), minlength=4)
+                capacity = math.ceil(float(factor) * len(request) * 2 / 4)
+                dropped += int(np.clip(counts - capacity, 0, None).sum())
+            assert share == pytest.approx(dropped / (89 * 2)), (position, factor)
 
 
 def test_vllm_arrays_indexed_by_decoder_layer(tmp_path, tiny):

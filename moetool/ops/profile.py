@@ -238,19 +238,27 @@ def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) ->
                        experts={layer: e for layer, (e, _) in layers.items()},
                        top_k={layer: k for layer, (_, k) in layers.items()}, num_layers=structure.num_layers)
     seq_len = trace.seq_len
+    # vLLM requests differ in length: by default each is its own capacity window (as a live run's
+    # sequence is), reported as capacity_window 0; a --capacity-window cuts them into fixed windows
+    per_request = trace.kind == "vllm" and not options.capacity_window
     window = options.capacity_window or trace.header.get("capacity_window") or seq_len or options.seq_len
-    if seq_len:   # windows of a live run's shape (vLLM requests differ in length: windows span them)
+    if seq_len:   # windows of a live run's shape
         window_unit(window, seq_len)
-    stats = RoutingStats(layers, torch.device("cpu"), capacity_window=window, ep=options.ep)
-    for chunk in trace.chunks():   # each layer's chunks in sequence order
+    stats = RoutingStats(layers, torch.device("cpu"), capacity_window=2**62 if per_request else window, ep=options.ep)
+    for chunk in trace.chunks():   # each layer's chunks in sequence order (vLLM: one request each)
         stats[chunk.layer].update(chunk.experts, chunk.first_sequence, chunk.weights, chunk.router)
         if chunk.salience is not None:
             stats[chunk.layer].update_salience(chunk.experts, chunk.weights, chunk.salience)
+        if per_request:
+            stats[chunk.layer].end_window()
     totals = stats.totals()
     seconds = time.perf_counter() - start
     notes = [] if trace.has_weights else [
         "routing without gate weights (vLLM routed experts): weight_mass, saliency, entropy, top-1 probability "
         "and margin are not available"]
+    if per_request:
+        notes.append("capacity windows: one per request, its capacity from its own length (--capacity-window N "
+                     "cuts the requests into windows of N tokens instead)")
     first = totals[structure.moe_layers[0]]   # vLLM rows of prefix-cached positions are skipped
     if not first.tokens:
         raise TraceError(f"{options.from_trace}: holds no routed tokens")
@@ -261,7 +269,7 @@ def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) ->
                           "layer_seconds": {}, "weight_wait_seconds": 0.0},
                          {"host_peak_rss_bytes": _peak_rss()},
                          [layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
-                         capacity_window=window, trace=str(options.from_trace), notes=notes)
+                         capacity_window=0 if per_request else window, trace=str(options.from_trace), notes=notes)
 
 
 def layer_profile(layer: int, t: LayerTotals, options: ProfileOptions) -> LayerProfile:

@@ -150,6 +150,10 @@ class LayerStats:
             if self.window_fill == self.window:
                 self._close_window()
 
+    def end_window(self) -> None:
+        """Close the capacity window here, whatever its fill (a vLLM request ends: windows never span two)."""
+        self._close_window()
+
     def _close_window(self) -> None:
         if not self.window_fill:
             return
