@@ -147,6 +147,20 @@ def test_text_model_of_a_multimodal_moe_runs_from_its_wrapper(tmp_path, family):
         full, streamed = (evaluate(ckpt, EvalOptions(token_ids=tmp_path / "ids.json", seq_len=24, mode=mode))
                           for mode in ("full", "streamed"))
     assert streamed.mode == "streamed" and streamed.nll_mean == pytest.approx(full.nll_mean, rel=1e-6)
+    # quantized, the wrapper's weights keep their names; load_model equals transformers on the
+    # dequantized copy (convert --dequantize, fused as transformers 5 reads Llama 4's experts)
+    from moetool.ops.convert import ConvertOptions, convert
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    with open_checkpoint(tmp_path / family) as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g16-sym"))
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True, dtype="fp32", layout="fused"))
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "d", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = dense(ids).logits
+        got = moetool.load_model(tmp_path / "q")(ids).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def _inspect_names(path) -> list[str]:

@@ -273,7 +273,7 @@ def gguf_family(cfg: Config, names: Iterable[str]) -> Family:
         is_moe_layer=gguf_moe_layer, num_layers=gguf_num_layers, decoder_offset=None, top_k=None,
         shared_ffn=gguf_shared_ffn if moe else None, num_shared=gguf_num_shared if moe else None,
         shapes={}, buffer_suffixes=BUFFER_SUFFIXES, config_root=None, name_prefixes=(),
-        packed_experts=False, fused_transposed=False, shared_in_dense_layers=False, role_keys={},
+        packed_experts=False, fused_transposed=False, shared_in_dense_layers=False, role_keys={}, defaults=(),
         router=_router(base.router if base else None, cfg, arch) if moe else None)
     if base is None:
         return Family(name=GENERIC, model_types=(), title=f"unknown llama.cpp architecture {arch!r}",

@@ -16,7 +16,7 @@ from moetool.errors import UnsupportedError, UsageError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant.config import recorded_formats
 from moetool.runner.device import DeviceError, available_memory
-from moetool.runner.modules import fp32_names, set_tensor
+from moetool.runner.modules import fp32_names, model_name, set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -343,20 +343,11 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
 
 
 def _named_as_model(tensors: list, family: Family, own: dict) -> list:
-    """TENSORS under the names of the model transformers builds: the text model of an image-text
-    checkpoint (Llama 4, Gemma 3, Qwen3.5 MoE) stores its weights under model.language_model., which
-    the family's name_prefixes rewrite where the built model holds the rewritten name."""
+    """TENSORS under the names of the model transformers builds (modules.model_name)."""
     from dataclasses import replace
 
-    out = []
-    for tensor in tensors:
-        if tensor.name not in own:
-            for old, new in family.name_prefixes:
-                if tensor.name.startswith(old) and new + tensor.name[len(old):] in own:
-                    tensor = replace(tensor, name=new + tensor.name[len(old):])
-                    break
-        out.append(tensor)
-    return out
+    return [t if model_name(t.name, family, own) == t.name else replace(t, name=model_name(t.name, family, own))
+            for t in tensors]
 
 
 def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remote_code: bool):

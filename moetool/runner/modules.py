@@ -21,6 +21,18 @@ def set_tensor(root, dotted: str, value) -> None:
         setattr(owner, attr, value)
 
 
+def model_name(name: str, family, own) -> str:
+    """Checkpoint tensor NAME as the model transformers builds names it (OWN: its parameter and buffer
+    names): the text model of an image-text checkpoint (Llama 4, Gemma 3, Qwen3.5 MoE) stores its
+    weights under (model.)language_model., which the family's name_prefixes rewrite where the built
+    model holds the rewritten name."""
+    if name not in own:
+        for old, new in family.name_prefixes:
+            if name.startswith(old) and new + name[len(old):] in own:
+                return new + name[len(old):]
+    return name
+
+
 def fp32_names(ckpt, family, names: list[str], dtype) -> set[str]:
     """The NAMES transformers holds in fp32 when it loads the model in a 16-bit DTYPE: those of the
     family's fp32 roles (its _keep_in_fp32_modules_strict routers and correction biases, Hunyuan's

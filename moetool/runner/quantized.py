@@ -25,7 +25,7 @@ from moetool.errors import CheckpointFormatError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant import compressed_tensors as ct
 from moetool.quant.formats import Format, stacked_slices
-from moetool.runner.modules import fp32_names, set_tensor
+from moetool.runner.modules import fp32_names, model_name, set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -198,18 +198,19 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
     state, linears, banks = {}, {}, {}
-    for tensor in plan.tensors:
+    for tensor in plan.tensors:   # read under the checkpoint's names, placed under the model's
         m = classifier.classify(tensor.name)
+        target = model_name(tensor.name, family, own)
         if fused and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN) and m.expert is None \
                 and (m.layer, Role.EXPERT_DOWN, 0) in per_expert:
             roles = (m.role,) if (m.layer, m.role, 0) in per_expert else \
                 (Role.EXPERT_GATE, Role.EXPERT_UP) if m.role == Role.EXPERT_GATE_UP else (Role.EXPERT_DOWN,)
-            banks[tensor.name] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
-                                             for e in range(tensor.shape[0])], transposed, tensor.shape[1:], dtype)
+            banks[target] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
+                                        for e in range(tensor.shape[0])], transposed, tensor.shape[1:], dtype)
         elif tensor.name in formats:
-            linears[tensor.name] = weight(tensor.name)
-        elif tensor.name in own:   # floating tensors in DTYPE, but those transformers keeps in fp32 (routers)
-            state[tensor.name] = materialize(tensor).to(device=device, dtype=(
+            linears[target] = weight(tensor.name)
+        elif target in own:   # floating tensors in DTYPE, but those transformers keeps in fp32 (routers)
+            state[target] = materialize(tensor).to(device=device, dtype=(
                 torch.float32 if tensor.name in fp32 else dtype) if tensor.dtype in ("F32", "F16", "BF16") else None)
     model.load_state_dict(state, strict=False, assign=True)
     for name, bank in banks.items():
