@@ -297,17 +297,19 @@ def test_force_puts_the_earlier_output_back_if_the_new_one_cannot_take_its_place
     or Ctrl-C lands between the two, the earlier output is back at OUT and nothing else is left."""
     from pathlib import Path
 
+    import moetool.checkpoint.writer as writer
+
     out = _earlier_output(tiny, tmp_path / "out")
     before = digest(out)
-    real = Path.rename
+    real = writer.os.replace
 
-    def rename(self, target):
-        if ".moetool-tmp-" in self.name:   # the new folder into place, after OUT went aside
+    def replace(src, dst):
+        if ".moetool-tmp-" in Path(src).name:   # the new folder into place, after OUT went aside
             assert not out.exists()
             raise KeyboardInterrupt if failure == "interrupt" else OSError(errno.ENOSPC, "No space left on device")
-        return real(self, target)
+        return real(src, dst)
 
-    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(writer.os, "replace", replace)
     with open_checkpoint(tiny("mixtral")) as ckpt, pytest.raises(
             KeyboardInterrupt if failure == "interrupt" else OutputWriteError):
         convert(ckpt, out, ConvertOptions(dtype="bf16"), force=True)

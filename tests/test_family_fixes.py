@@ -194,29 +194,17 @@ def test_load_model_of_a_globally_pruned_encoder_decoder_model(tmp_path, family)
     cfg = model.config.to_dict()
     offset = fam.decoder_offset(cfg)
     from moetool.runner.capture import module_name
+    from tests.test_prune import routers_restricted
 
-    removed = {}
+    removed, weights = {}, {}
     for layer, kept in report.kept.items():
         router = got.get_submodule(module_name(fam.router_module, layer, offset))
         assert router.classifier.out_features == len(kept)
-        original = model.get_submodule(module_name(fam.router_module, layer, offset))
-        removed[original.classifier.weight.data_ptr()] = [e for e in range(4) if e not in kept]
-    real = torch.nn.functional.linear
-
-    def linear(x, weight, bias=None):   # the logits of removed experts at -inf: never chosen
-        out = real(x, weight, bias)
-        gone = removed.get(weight.data_ptr())
-        if gone:
-            out = out.clone()
-            out[..., gone] = float("-inf")
-        return out
-
+        weights[layer] = model.get_submodule(module_name(fam.router_module, layer, offset)).classifier.weight
+        removed[layer] = [e for e in range(4) if e not in kept]
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
-    torch.nn.functional.linear = linear
-    try:
+    with routers_restricted(model, removed, weights):   # the logits of removed experts at -inf: never chosen
         want = _seq2seq_logits(model, ids)
-    finally:
-        torch.nn.functional.linear = real
     # NLLB's combine weights are softmax probabilities over all experts: exp(-inf) = 0 terms differ in
     # the last bits from a softmax over fewer
     assert (_seq2seq_logits(got, ids) - want).abs().max() <= (1e-5 if family == "switch_transformers" else 2e-4)

@@ -24,7 +24,7 @@ from pathlib import Path
 from moetool.arch.gguf import SPLIT_TENSORS
 from moetool.checkpoint.checkpoint import BYTES_READ
 from moetool.checkpoint.gguf import GGUF_MAGIC, HEADER, INT_TYPES, KV_START, SCALAR_FORMATS, SPLIT_NAME, read_header
-from moetool.checkpoint.writer import _copy_range, _write_all, missing_parents, remove_empty, unused_path
+from moetool.checkpoint.writer import _copy_range, _write_all, missing_parents, put_in_place, remove_empty
 from moetool.errors import CheckpointFormatError, OutputExistsError, OutputWriteError, UnsupportedError, UsageError
 
 
@@ -174,7 +174,7 @@ def write_edited_gguf(sources: list[Path], out: Path, edits: dict[str, TensorEdi
             tmp = path.with_name(f".{path.name}.moetool-tmp-{os.getpid()}")
             temps.append(tmp)
             _write_part(plan, tmp, progress)
-        _put_in_place(temps, outputs)
+        put_in_place(list(zip(temps, outputs)))
         temps.clear()
         _fsync_dir(outputs[0].parent)
     except OSError as exc:
@@ -185,32 +185,6 @@ def write_edited_gguf(sources: list[Path], out: Path, edits: dict[str, TensorEdi
         if temps:   # (cleared once every part is in place)
             remove_empty(created)
     return outputs
-
-
-def _put_in_place(temps: list[Path], outputs: list[Path]) -> None:
-    """Rename the written TEMPS to OUTPUTS as one step: earlier outputs (--force) are first moved
-    aside, and put back if any rename fails or is interrupted (Ctrl-C), so a split set is never part
-    new and part old."""
-    moved: list[tuple[Path, Path]] = []
-    placed: list[Path] = []
-    try:
-        for path in outputs:
-            if path.exists():
-                aside = unused_path(path.with_name(f".{path.name}.moetool-old-{os.getpid()}"))
-                moved.append((aside, path))   # (before the rename: an interrupt may follow it)
-                os.replace(path, aside)
-        for tmp, path in zip(temps, outputs):
-            placed.append(path)   # (every earlier file there was moved aside: only a new one is removed)
-            os.replace(tmp, path)
-    except BaseException:
-        for path in placed:
-            path.unlink(missing_ok=True)
-        for aside, path in moved:
-            if aside.exists():
-                os.replace(aside, path)
-        raise
-    for aside, _ in moved:
-        aside.unlink(missing_ok=True)
 
 
 def _write_part(plan: _PartPlan, tmp: Path, progress) -> None:

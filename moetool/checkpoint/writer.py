@@ -229,32 +229,51 @@ def atomic_folder(out: Path, *, force: bool) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.moetool-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    old = None      # where the earlier output is moved aside
-    placed = False  # the new output is at OUT
     try:
         yield tmp
-        if out.exists():
-            old = unused_path(out.parent / f".{out.name}.moetool-old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            placed = True
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-            placed = True
+        put_in_place([(tmp, out)])
     except BaseException:
-        if placed and old is not None:   # interrupted while the earlier output was being removed
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.exists() and not out.exists():
-                try:
-                    old.rename(out)
-                except OSError as exc:
-                    raise OutputWriteError(f"{out}: writing failed, and the earlier output could not be "
-                                           f"put back ({exc.strerror or exc}); it is at {old}") from None
-            remove_empty(created)
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)   # (only folders left empty)
         raise
+
+
+def put_in_place(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each written NEW of PAIRS [(NEW, TARGET), ...] to its TARGET as one step. What is at the
+    targets (an earlier output: --force) is moved aside first, put back if any rename fails or is
+    interrupted (Ctrl-C), so a set is never part new and part old, and removed once all are in place.
+    An earlier output that cannot be put back raises OutputWriteError saying where it is."""
+    moved: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for _, target in pairs:
+            if target.exists():
+                aside = unused_path(target.with_name(f".{target.name}.moetool-old-{os.getpid()}"))
+                moved.append((aside, target))   # (before the rename: an interrupt may follow it)
+                os.replace(target, aside)
+        for new, target in pairs:
+            placed.append(target)   # (every earlier one was moved aside: only a new one is removed)
+            os.replace(new, target)
+    except BaseException:
+        for target in placed:
+            _remove(target)
+        for aside, target in moved:
+            if aside.exists() and not target.exists():
+                try:
+                    os.replace(aside, target)
+                except OSError as exc:
+                    raise OutputWriteError(f"{target}: writing failed, and the earlier output could not be put "
+                                           f"back ({exc.strerror or exc}); it is at {aside}") from None
+        raise
+    for aside, _ in moved:
+        _remove(aside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def unused_path(path: Path) -> Path:

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from moetool.errors import UsageError
+
 
 def _path(value: str) -> Path:
     """A path option's value. An empty one is refused here, since pathlib reads "" as the current folder."""
@@ -74,6 +76,17 @@ CalibSeqLenOpt = Annotated[int | None, typer.Option(min=2, help="Tokens per cali
 CalibMaxTokensOpt = Annotated[int | None, typer.Option(min=2, help="Calibrate on at most this many tokens "
                                                        "(default: 8192).")]
 CalibBatchSizeOpt = Annotated[int | None, typer.Option(min=1, help="Sequences per micro-batch (default: 8).")]
+
+
+def refuse_unused_calibration(calibrating: bool, why: str, *, data, token_ids, chat_template, max_tokens,
+                               seq_len, batch_size) -> None:
+    """A writing command's calibration options given where nothing is calibrated (WHY says when it is):
+    a usage error, not silently ignored."""
+    given = {"--data/--token-ids": data or token_ids, "--chat-template": chat_template,
+             "--max-tokens": max_tokens, "--seq-len": seq_len, "--batch-size": batch_size}
+    named = [name for name, value in given.items() if value is not None]
+    if named and not calibrating:
+        raise UsageError(f"{', '.join(named)}: nothing is calibrated here ({why})")
 
 
 def calibration_options(data, token_ids, field, chat_template, max_tokens, seq_len, batch_size):

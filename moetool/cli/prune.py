@@ -22,9 +22,9 @@ from moetool.cli.options import (
     PruneProfileOpt,
     TokenIdsOpt,
     calibration_options,
+    refuse_unused_calibration,
 )
 from moetool.cli.output import PassProgress, emit_json, esc, size, stdout
-from moetool.errors import UsageError
 
 
 class _LazyBar:
@@ -89,12 +89,9 @@ def prune(
                                         batch_size or 8),
         seed=seed, merge=merge, scope=scope, sequential=sequential,
                            max_shard_size=parse_size(max_shard_size))
-    calibration_only = {"--data/--token-ids": data or token_ids, "--chat-template": chat_template,
-                        "--max-tokens": max_tokens, "--seq-len": seq_len, "--batch-size": batch_size}
-    given = [name for name, value in calibration_only.items() if value is not None]
-    if given and not calibrates(options):
-        raise UsageError(f"{', '.join(given)}: nothing is calibrated here (a --profile gives the routing; "
-                         f"--experts, weight-norm and random need none)")
+    refuse_unused_calibration(calibrates(options), "a --profile gives the routing; --experts, weight-norm and "
+                              "random need none", data=data, token_ids=token_ids, chat_template=chat_template,
+                              max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size)
     primary = is_primary()
     dry_run = dry_run or not primary   # torchrun: every rank calibrates, rank 0 alone writes and prints
     with open_checkpoint(model) as ckpt:

@@ -26,6 +26,7 @@ from moetool.cli.options import (
     QuantizeProfileOpt,
     TokenIdsOpt,
     calibration_options,
+    refuse_unused_calibration,
 )
 from moetool.cli.output import emit_json, esc, size, stdout
 from moetool.errors import UsageError
@@ -109,12 +110,10 @@ def quantize(
     if given and method != "gptq":
         raise UsageError(f"{', '.join(given)}: options of --method gptq")
     calibrating = method == "gptq" or bits_budget is not None and profile is None and policy != "uniform"
-    calibration_only = {"--data/--token-ids": data or token_ids, "--chat-template": chat_template,
-                        "--max-tokens": max_tokens, "--seq-len": seq_len, "--batch-size": batch_size}
-    given = [name for name, value in calibration_only.items() if value is not None]
-    if given and not calibrating:
-        raise UsageError(f"{', '.join(given)}: nothing is calibrated here (calibration runs for --method gptq, "
-                         "and for a --bits-budget by routing without a --profile)")
+    refuse_unused_calibration(calibrating, "calibration runs for --method gptq, and for a --bits-budget by "
+                              "routing without a --profile", data=data, token_ids=token_ids,
+                              chat_template=chat_template, max_tokens=max_tokens, seq_len=seq_len,
+                              batch_size=batch_size)
     options = QuantizeOptions(
         format=format or "nf4", bits_budget=bits_budget, candidates=candidates,
         budget_scope=budget_scope, policy=policy or "frequency", rules=tuple(rules or ()), profile=profile,

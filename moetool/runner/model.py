@@ -285,7 +285,8 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=_quantized(ckpt)))
-    plan.tensors = _named_as_model(plan.tensors, family, dict(model.named_parameters()) | dict(model.named_buffers()))
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    plan.tensors = _named_as_model(plan.tensors, family, own)
     prefix, layers = _decoder_layers(model)
     per_layer: dict[int, list] = {}
     rest = {}
@@ -295,7 +296,6 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
             per_layer.setdefault(index, []).append(tensor)
         else:
             rest[tensor.name] = tensor
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
     stack = prefix.rpartition(".")[0] + "."   # the decoder stack; the lm_head only when asked
     head = set()
     if with_head:
@@ -346,8 +346,7 @@ def _named_as_model(tensors: list, family: Family, own: dict) -> list:
     """TENSORS under the names of the model transformers builds (modules.model_name)."""
     from dataclasses import replace
 
-    return [t if model_name(t.name, family, own) == t.name else replace(t, name=model_name(t.name, family, own))
-            for t in tensors]
+    return [replace(t, name=model_name(t.name, family, own)) if family.name_prefixes else t for t in tensors]
 
 
 def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remote_code: bool):

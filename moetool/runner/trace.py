@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import re
 import shutil
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from moetool.checkpoint.writer import check_replaceable, missing_parents, remove_empty, unused_path
+from moetool.checkpoint.writer import check_replaceable, missing_parents, put_in_place, remove_empty
 from moetool.errors import CheckpointFormatError, OutputWriteError, UsageError
 from moetool.runner import distributed
 
@@ -206,28 +205,12 @@ class TraceWriter:
     def _put_in_place(self) -> None:
         """Rename PATH.partial to PATH; an earlier trace there (--force) is moved aside first, put back if
         the rename fails (or is interrupted), and removed once the new trace is in place."""
-        old = None
-        placed = False
+        earlier = self.path.exists()   # (a folder: check_replaceable refused anything else)
         try:
-            if self.path.exists():   # (a folder: check_replaceable refused anything else)
-                old = unused_path(self.path.with_name(f".{self.path.name}.moetool-old-{os.getpid()}"))
-                os.replace(self.path, old)
-            os.replace(self.partial, self.path)
-            placed = True
-        except BaseException as exc:
-            if old is not None and old.exists() and not self.path.exists():
-                try:
-                    os.replace(old, self.path)
-                except OSError as again:
-                    raise OutputWriteError(f"{self.path}: the trace could not be put in place, nor the earlier "
-                                           f"trace back ({again.strerror or again}); it is at {old}") from None
-            if isinstance(exc, OSError):
-                raise OutputWriteError(f"{self.path}: cannot put the trace in place ({exc.strerror or exc})"
-                                       + ("; the earlier trace is kept" if old is not None else "")) from None
-            raise
-        finally:
-            if placed and old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            put_in_place([(self.partial, self.path)])
+        except OSError as exc:
+            raise OutputWriteError(f"{self.path}: cannot put the trace in place ({exc.strerror or exc})"
+                                   + ("; the earlier trace is kept" if earlier else "")) from None
 
     def abort(self) -> None:
         self.queue.put(None)
