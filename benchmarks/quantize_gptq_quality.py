@@ -8,7 +8,9 @@ round-to-nearest, by GPTQ (the defaults: sequential, act-order), GPTQ --no-act-o
 --no-sequential; a 3-bit budget over integer candidates with GPTQ (each candidate weighed by its
 measured GPTQ error), uniform against routing-aware (mass) allocation; then prune at 50% by
 frequency and REAP, per-layer against --sequential, on the same tokens and, to show how much one
-calibration set decides, on the next 16,384-token windows of the corpus (mean over WINDOWS). The
+calibration set decides, on the next 16,384-token windows of the corpus (mean over WINDOWS), and on
+the first window paired sequence by sequence over the held-out text (mean difference and its
+standard error). The
 reference figures of issue 14 (llm-compressor 0.14 on the same model, tokens and text) are printed
 beside them.
 
@@ -69,6 +71,7 @@ def main() -> None:
                       f"{result.perplexity:10.2f} {seconds:8.1f}")
             print(f"{'prune 50%':>34} {'window':>6} {'KL mean':>9} {'top-1':>7} {'perplexity':>10} {'seconds':>8}")
             windows = _windows(original, tmp, args.windows)
+            per_sequence = {}   # window 0: each held-out sequence's KL, to pair the two scorings
             for w, calibration in enumerate(windows):
                 for criterion in ("frequency", "reap"):
                     for sequential in (False, True):
@@ -79,9 +82,10 @@ def main() -> None:
                                                           calibration=calibration))
                         seconds = time.perf_counter() - start
                         with open_checkpoint(out) as pruned:
-                            result = evaluate(pruned, EvalOptions(), original)
+                            result = evaluate(pruned, EvalOptions(per_sequence=w == 0), original)
                         kl[(w, label)] = result.kl_mean
                         if w == 0:
+                            per_sequence[label] = np.array([row["kl_mean"] for row in result.per_sequence])
                             print(f"{label:>34} {w:>6} {result.kl_mean:9.4f} {result.top1_agreement:7.1%} "
                                   f"{result.perplexity:10.2f} {seconds:8.1f}")
             for label in ("frequency per-layer", "frequency --sequential", "reap per-layer", "reap --sequential"):
@@ -98,6 +102,14 @@ def main() -> None:
     for criterion in ("frequency", "reap"):
         flat, seq = kl[(0, f"{criterion} per-layer")], kl[(0, f"{criterion} --sequential")]
         print(f"prune 50% {criterion}: --sequential {seq:.4f} vs per-layer {flat:.4f} ({seq / flat:.3f}x; goal <= 1)")
+        diff = per_sequence[f"{criterion} --sequential"] - per_sequence[f"{criterion} per-layer"]
+        if not diff.any():
+            print(f"    paired over the {diff.size} held-out sequences: the two pruned models are identical")
+            continue
+        stderr = diff.std(ddof=1) / np.sqrt(diff.size)
+        print(f"    paired over the {diff.size} held-out sequences: sequential - per-layer = {diff.mean():+.4f} "
+              f"± {stderr:.4f} (one standard error; {diff.mean() / stderr:+.2f} of them), sequential lower on "
+              f"{int((diff < 0).sum())} of {diff.size} sequences")
 
 
 def _windows(original, tmp: Path, count: int) -> list[ProfileOptions]:

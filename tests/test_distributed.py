@@ -44,11 +44,15 @@ def test_profile_under_torchrun_equals_one_process(tmp_path):
 
 def test_eval_and_prune_under_torchrun(tmp_path):
     two = moetool("eval", "--json", "--max-tokens", "2048", "--seq-len", "128", "--reference", "builtin:tiny-moe",
-                  torchrun=True)
+                  "--per-sequence", torchrun=True)
     assert two.returncode == 0, two.stderr
-    one = moetool("eval", "--json", "--max-tokens", "2048", "--seq-len", "128", "--reference", "builtin:tiny-moe")
+    one = moetool("eval", "--json", "--max-tokens", "2048", "--seq-len", "128", "--reference", "builtin:tiny-moe",
+                  "--per-sequence")
     a, b = json.loads(two.stdout), json.loads(one.stdout)
     assert a["tokens"] == b["tokens"] and a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-9)
+    assert a["nll_stderr"] == pytest.approx(b["nll_stderr"], rel=1e-9) and a["nll_stderr"] > 0
+    assert [r["nll_mean"] for r in a["per_sequence"]] == pytest.approx([r["nll_mean"] for r in b["per_sequence"]])
+    assert len(a["per_sequence"]) == 16          # each rank filled its own sequences' rows
     assert a["kl_mean"] == pytest.approx(0, abs=1e-9) and a["top1_agreement"] == 1.0
     pruned = moetool("prune", "builtin:tiny-moe", str(tmp_path / "p2"), "--ratio", "0.25", "--json", *SMALL,
                      torchrun=True)

@@ -53,6 +53,46 @@ def test_against_itself_and_a_perturbed_copy(tmp_path, tiny, token_file):
     assert other.reference_perplexity == pytest.approx(same.perplexity)
 
 
+def test_standard_errors_and_per_sequence_figures_against_transformers(tmp_path, tiny, token_file):
+    """Each sequence's mean NLL, KL and top-1 agreement recomputed from transformers' own logits of
+    both models; the standard errors are their sample standard deviations over sqrt(sequences)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny("mixtral")
+    shutil.copytree(src, tmp_path / "noisy")     # a copy with 20% noise on every weight: KL well above rounding
+    weights = next((tmp_path / "noisy").glob("*.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.2 * v.std() * torch.randn(v.shape, generator=gen) for k, v in load_file(weights).items()},
+              weights, metadata={"format": "pt"})
+    report = run(tmp_path / "noisy", token_file, reference=src, per_sequence=True, batch_size=3)
+    ids = torch.tensor(json.loads(token_file.read_text())).reshape(20, 30)
+    logits = {}
+    for name, path in (("ref", src), ("model", tmp_path / "noisy")):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[name] = model(ids).logits[:, :-1].double()
+    lp, ref_lp = logits["model"].log_softmax(-1), logits["ref"].log_softmax(-1)
+    nll = -lp.gather(2, ids[:, 1:, None]).squeeze(2).mean(1)                  # [20]
+    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean(1)
+    top1 = (logits["ref"].argmax(-1) == logits["model"].argmax(-1)).double().mean(1)
+    rows = report.per_sequence
+    assert [r["sequence"] for r in rows] == list(range(20))
+    for key, expected in (("nll_mean", nll), ("kl_mean", kl), ("top1_agreement", top1)):
+        assert [r[key] for r in rows] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-9), key
+    assert kl.min() > 1e-4 and top1.std() > 0
+    assert report.nll_stderr == pytest.approx(float(nll.std() / 20 ** 0.5), rel=1e-4)
+    assert report.kl_stderr == pytest.approx(float(kl.std() / 20 ** 0.5), rel=1e-4)
+    assert report.top1_stderr == pytest.approx(float(top1.std() / 20 ** 0.5), rel=1e-4, abs=1e-12)
+    assert report.perplexity_stderr == pytest.approx(report.perplexity * report.nll_stderr)
+    alone = run(src, token_file)                                              # no reference: NLL figures only
+    assert alone.kl_stderr is None and alone.per_sequence is None and alone.nll_stderr > 0
+    one = tmp_path / "one.json"                                               # one sequence: no spread to measure
+    one.write_text(json.dumps(list(range(30))))
+    assert run(src, one).nll_stderr is None
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "gemma2"])   # a dense model too: an upcycle's reference
 def test_streamed_matches_full(tiny, token_file, family):
     full = run(tiny(family), token_file, mode="full")
@@ -101,6 +141,11 @@ def test_cli_json(tiny, token_file):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["schema_version"] == 1 and data["kl_mean"] == 0 and data["top1_agreement"] == 1.0
+    assert data["kl_stderr"] == 0 and data["per_sequence"] is None
+    proc = subprocess.run([sys.executable, "-m", "moetool", "eval", str(tiny("olmoe")), "--token-ids", str(token_file),
+                           "--seq-len", "30", "--per-sequence"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "perplexity" in proc.stdout and " ± " in proc.stdout and "highest nll mean by sequence: #" in proc.stdout
 
 
 @pytest.mark.parametrize("where", ["model", "reference"])

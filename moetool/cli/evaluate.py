@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from moetool.cli.options import (
+    FLAG,
     PATH,
     BatchSizeOpt,
     ChatTemplateOpt,
@@ -43,6 +44,9 @@ def evaluate(
     mode: ModeOpt = Mode.auto,
     device_map: DeviceMapOpt = None,
     offload_dir: OffloadDirOpt = None,
+    per_sequence: Annotated[bool, typer.Option("--per-sequence", **FLAG, help="List each sequence's mean NLL (and KL, "
+                                               "top-1 agreement): in --json all, otherwise the five that diverge "
+                                               "most.")] = False,
     json_out: JsonOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
@@ -55,7 +59,7 @@ def evaluate(
     options = EvalOptions(data=data, token_ids=token_ids, field=field, chat_template=chat_template,
                           max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
                           mode=mode.value, device_map=device_map, offload_dir=offload_dir,
-                          trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code, per_sequence=per_sequence)
     primary = is_primary()
     with open_checkpoint(model) as ckpt, PassProgress(enabled=primary and not json_out) as progress:
         if reference is None:
@@ -68,11 +72,23 @@ def evaluate(
     if json_out:
         emit_json(report.to_dict())
         return
-    stdout.print(f"[bold]{esc(report.model)}[/]: perplexity {report.perplexity:.3f} (mean NLL {report.nll_mean:.4f}) "
-                 f"over {report.tokens:,} predicted tokens ({report.sequences} x {report.seq_len}), "
-                 f"{report.mode} mode on {report.device}")
+    stdout.print(f"[bold]{esc(report.model)}[/]: perplexity {report.perplexity:.3f}"
+                 f"{_pm(report.perplexity_stderr, '.3f')} (mean NLL {report.nll_mean:.4f}"
+                 f"{_pm(report.nll_stderr, '.4f')}) over {report.tokens:,} predicted tokens "
+                 f"({report.sequences} x {report.seq_len}), {report.mode} mode on {report.device}")
     if report.reference is not None:
         stdout.print(f"against [bold]{esc(report.reference)}[/] (perplexity {report.reference_perplexity:.3f}): "
-                     f"KL(reference || model) mean {report.kl_mean:.6g} nats, max {report.kl_max:.6g}; "
-                     f"top-1 agreement {report.top1_agreement:.2%}; largest logit difference "
-                     f"{report.max_logit_diff:.4g}")
+                     f"KL(reference || model) mean {report.kl_mean:.6g}{_pm(report.kl_stderr, '.2g')} nats, "
+                     f"max {report.kl_max:.6g}; top-1 agreement {report.top1_agreement:.2%}"
+                     f"{_pm(report.top1_stderr, '.2%')}; largest logit difference {report.max_logit_diff:.4g}")
+    if report.per_sequence:
+        key = "kl_mean" if report.reference is not None else "nll_mean"
+        worst = sorted(report.per_sequence, key=lambda row: -row[key])[:5]
+        stdout.print(f"highest {key.replace('_', ' ')} by sequence: "
+                     + ", ".join(f"#{row['sequence']} {row[key]:.4g}" for row in worst))
+    if report.nll_stderr is not None:
+        stdout.print("[dim]± one standard error over sequences[/]")
+
+
+def _pm(stderr: float | None, fmt: str) -> str:
+    return f" ± {stderr:{fmt}}" if stderr is not None else ""

@@ -40,6 +40,7 @@ class EvalOptions:
     device_map: str | None = None
     offload_dir: Path | None = None
     trust_remote_code: bool = False
+    per_sequence: bool = False          # the report lists each sequence's figures
 
 
 @dataclass
@@ -56,6 +57,12 @@ class EvalReport:
     top1_agreement: float | None = None
     max_logit_diff: float | None = None
     reference_perplexity: float | None = None
+    # standard errors of the means above, over sequences (tokens of one sequence are not independent)
+    nll_stderr: float | None = None
+    perplexity_stderr: float | None = None   # perplexity x nll_stderr (first order, as llama.cpp's perplexity)
+    kl_stderr: float | None = None
+    top1_stderr: float | None = None
+    per_sequence: list[dict[str, Any]] | None = None   # with per_sequence: [{sequence, nll_mean, kl_mean, top1}]
     seconds: float = 0.0
     mode: str = ""
     device: str = ""
@@ -90,50 +97,83 @@ class _Head:
 
 
 class _Metrics:
-    """Sums and maxima on the device, filled micro-batch by micro-batch."""
+    """Sums and maxima on the device, filled micro-batch by micro-batch. Each sequence's means are
+    summed squared too (the standard errors), and kept per sequence when asked."""
 
-    def __init__(self, device):
+    FIELDS = ("nll", "kl", "top1")
+
+    def __init__(self, device, sequences: int, per_sequence: bool):
         import torch
 
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         self.nll, self.ref_nll, self.kl_sum, self.agree = zero(), zero(), zero(), zero()
         self.kl_max, self.max_diff = zero(), zero()
+        self.squares = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        # [sequences, FIELDS]: 24 bytes a sequence, only with per_sequence
+        self.rows = torch.zeros(sequences, len(self.FIELDS), dtype=torch.float64, device=device) \
+            if per_sequence else None
         self.tokens = 0
 
-    def add(self, head: _Head, hidden, targets, ref_head: _Head | None = None, ref_hidden=None) -> None:
+    def add(self, head: _Head, hidden, targets, first_sequence: int, ref_head: _Head | None = None,
+            ref_hidden=None) -> None:
         import torch
 
+        shape = targets.shape   # [B, S - 1]
         targets = targets.reshape(-1)
         position = 0
         ref_stream = ref_head.logprobs(ref_hidden) if ref_head is not None else None
         device = self.nll.device   # with a device map the head may sit on another GPU than the inputs
+        per_token = {name: [] for name in self.FIELDS}
         for logits, lp in head.logprobs(hidden):
             logits, lp = logits.to(device), lp.to(device)
             target = targets[position:position + lp.shape[0], None]
-            self.nll -= lp.gather(1, target).double().sum()
+            per_token["nll"].append(-lp.gather(1, target).double().squeeze(1))
             if ref_stream is not None:
                 ref_logits, ref_lp = (t.to(device) for t in next(ref_stream))
                 self.ref_nll -= ref_lp.gather(1, target).double().sum()
                 kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0)
-                self.kl_sum += kl.double().sum()
+                per_token["kl"].append(kl.double())
                 self.kl_max = torch.maximum(self.kl_max, kl.max().double())
-                self.agree += (ref_logits.argmax(-1) == logits.argmax(-1)).sum()
+                per_token["top1"].append((ref_logits.argmax(-1) == logits.argmax(-1)).double())
                 self.max_diff = torch.maximum(self.max_diff, (ref_logits - logits).abs().max().double())
             position += lp.shape[0]
         self.tokens += position
+        nll = torch.cat(per_token["nll"])
+        self.nll += nll.sum()
+        means = [nll.reshape(shape).mean(1)]
+        if ref_stream is not None:
+            kl, agree = torch.cat(per_token["kl"]), torch.cat(per_token["top1"])
+            self.kl_sum += kl.sum()
+            self.agree += agree.sum()
+            means += [kl.reshape(shape).mean(1), agree.reshape(shape).mean(1)]
+        means = torch.stack(means + [torch.zeros_like(means[0])] * (len(self.FIELDS) - len(means)), 1)
+        self.squares += (means ** 2).sum(0)
+        if self.rows is not None:
+            self.rows[first_sequence:first_sequence + shape[0]] = means
 
     def reduce(self) -> None:
-        """Sum (and max) over torchrun ranks."""
+        """Sum (and max) over torchrun ranks; each rank filled its own sequences' rows."""
         import torch
 
-        sums = torch.stack([self.nll, self.ref_nll, self.kl_sum, self.agree,
-                            torch.tensor(float(self.tokens), dtype=torch.float64, device=self.nll.device)])
+        sums = torch.cat([torch.stack([self.nll, self.ref_nll, self.kl_sum, self.agree,
+                                       torch.tensor(float(self.tokens), dtype=torch.float64, device=self.nll.device)]),
+                          self.squares])
         maxima = torch.stack([self.kl_max, self.max_diff])
         distributed.all_reduce(sums, "sum")
         distributed.all_reduce(maxima, "max")
-        self.nll, self.ref_nll, self.kl_sum, self.agree, tokens = sums.unbind()
+        if self.rows is not None:
+            distributed.all_reduce(self.rows, "sum")
+        self.nll, self.ref_nll, self.kl_sum, self.agree, tokens = sums[:5].unbind()
+        self.squares = sums[5:]
         self.tokens = int(tokens)
         self.kl_max, self.max_diff = maxima.unbind()
+
+
+def _stderr(mean: float, sum_of_squares: float, n: int) -> float | None:
+    """Standard error of the mean of N equally long sequences' means, from their sum of squares."""
+    if n < 2:
+        return None
+    return math.sqrt(max(0.0, (sum_of_squares - n * mean * mean) / (n * (n - 1))))
 
 
 def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | None = None,
@@ -170,7 +210,7 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
     first, count = distributed.share(ids.shape[0], world)
     batches = micro_batches(ids[first:first + count], options.batch_size, first)
     start = time.perf_counter()
-    metrics = _Metrics(device)
+    metrics = _Metrics(device, ids.shape[0], options.per_sequence)
     ref_head, store = None, None
     kwargs = dict(device=device, dtype=dtype, mode=options.mode, device_map=options.device_map, with_head=True,
                   trust_remote_code=options.trust_remote_code)
@@ -191,7 +231,8 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
 
         def on_final(batch, hidden):
             targets = batch.ids.to(device, non_blocking=True)[:, 1:]
-            metrics.add(head, hidden, targets, ref_head, store.get(batch.slot) if store is not None else None)
+            metrics.add(head, hidden, targets, batch.first_sequence, ref_head,
+                        store.get(batch.slot) if store is not None else None)
 
         engine.run(loaded, batches, on_final=on_final, progress=_labelled(progress, "model"),
                    offload_dir=options.offload_dir)
@@ -210,12 +251,21 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
     report = EvalReport(model=ckpt.source, reference=reference.source if reference else None, tokens=metrics.tokens,
                         sequences=ids.shape[0], seq_len=ids.shape[1], nll_mean=nll, perplexity=math.exp(nll),
                         seconds=round(time.perf_counter() - start, 3), mode=loaded.mode, device=str(device))
+    squares = dict(zip(_Metrics.FIELDS, metrics.squares.tolist()))
+    report.nll_stderr = _stderr(nll, squares["nll"], ids.shape[0])
+    report.perplexity_stderr = report.perplexity * report.nll_stderr if report.nll_stderr is not None else None
     if reference is not None:
         report.kl_mean = float(metrics.kl_sum) / tokens
         report.kl_max = float(metrics.kl_max)
         report.top1_agreement = float(metrics.agree) / tokens
         report.max_logit_diff = float(metrics.max_diff)
         report.reference_perplexity = math.exp(float(metrics.ref_nll) / tokens)
+        report.kl_stderr = _stderr(report.kl_mean, squares["kl"], ids.shape[0])
+        report.top1_stderr = _stderr(report.top1_agreement, squares["top1"], ids.shape[0])
+    if metrics.rows is not None:
+        names = ("nll_mean", "kl_mean", "top1_agreement") if reference is not None else ("nll_mean",)
+        report.per_sequence = [{"sequence": i, **dict(zip(names, row[:len(names)]))}
+                               for i, row in enumerate(metrics.rows.tolist())]
     return report
 
 
