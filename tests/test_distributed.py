@@ -53,6 +53,7 @@ def test_eval_and_prune_under_torchrun(tmp_path):
     assert a["nll_stderr"] == pytest.approx(b["nll_stderr"], rel=1e-9) and a["nll_stderr"] > 0
     assert [r["nll_mean"] for r in a["per_sequence"]] == pytest.approx([r["nll_mean"] for r in b["per_sequence"]])
     assert len(a["per_sequence"]) == 16          # each rank filled its own sequences' rows
+    assert a["kl_percentiles"] == b["kl_percentiles"]
     assert a["kl_mean"] == pytest.approx(0, abs=1e-9) and a["top1_agreement"] == 1.0
     pruned = moetool("prune", "builtin:tiny-moe", str(tmp_path / "p2"), "--ratio", "0.25", "--json", *SMALL,
                      torchrun=True)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -86,6 +87,11 @@ def test_standard_errors_and_per_sequence_figures_against_transformers(tmp_path,
     assert report.kl_stderr == pytest.approx(float(kl.std() / 20 ** 0.5), rel=1e-4)
     assert report.top1_stderr == pytest.approx(float(top1.std() / 20 ** 0.5), rel=1e-4, abs=1e-12)
     assert report.perplexity_stderr == pytest.approx(report.perplexity * report.nll_stderr)
+    token_kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).reshape(-1).numpy()   # percentiles: nearest rank
+    for q, value in report.kl_percentiles.items():
+        exact = np.percentile(token_kl, float(q), method="inverted_cdf")
+        assert value == pytest.approx(exact, rel=0.012), q                # the histogram's bins: within 1.2%
+    assert report.kl_percentiles["50"] < report.kl_percentiles["99.9"]
     alone = run(src, token_file)                                              # no reference: NLL figures only
     assert alone.kl_stderr is None and alone.per_sequence is None and alone.nll_stderr > 0
     one = tmp_path / "one.json"                                               # one sequence: no spread to measure
@@ -141,7 +147,7 @@ def test_cli_json(tiny, token_file):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["schema_version"] == 1 and data["kl_mean"] == 0 and data["top1_agreement"] == 1.0
-    assert data["kl_stderr"] == 0 and data["per_sequence"] is None
+    assert data["kl_stderr"] == 0 and data["per_sequence"] is None and set(data["kl_percentiles"].values()) == {0}
     proc = subprocess.run([sys.executable, "-m", "moetool", "eval", str(tiny("olmoe")), "--token-ids", str(token_file),
                            "--seq-len", "30", "--per-sequence"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -81,6 +81,8 @@ def evaluate(
                      f"KL(reference || model) mean {report.kl_mean:.6g}{_pm(report.kl_stderr, '.2g')} nats, "
                      f"max {report.kl_max:.6g}; top-1 agreement {report.top1_agreement:.2%}"
                      f"{_pm(report.top1_stderr, '.2%')}; largest logit difference {report.max_logit_diff:.4g}")
+        stdout.print("KL percentiles per token: "
+                     + ", ".join(f"{q}% {v:.4g}" for q, v in report.kl_percentiles.items()))
     if report.per_sequence:
         key = "kl_mean" if report.reference is not None else "nll_mean"
         worst = sorted(report.per_sequence, key=lambda row: -row[key])[:5]

@@ -23,6 +23,11 @@ from moetool.runner.model import check_runnable, load_model, runnable
 
 SCHEMA_VERSION = 1
 LOGIT_CHUNK = 1024   # tokens per lm_head chunk: logits never exist for all tokens at once
+# Per-token KL percentiles from a histogram over log10(KL) (constant memory, whatever the token count):
+# KL_BINS_PER_DECADE bins a decade from 1e-KL_LOW_DECADES up, 10 ** (1 / 100) apart, so a percentile is
+# the bin's geometric middle, within 1.2% of the exact order statistic; KL below the range counts as 0.
+KL_PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+KL_BINS_PER_DECADE, KL_LOW_DECADES, KL_HIGH_DECADES = 100, 12, 4
 
 
 @dataclass
@@ -61,6 +66,7 @@ class EvalReport:
     nll_stderr: float | None = None
     perplexity_stderr: float | None = None   # perplexity x nll_stderr (first order, as llama.cpp's perplexity)
     kl_stderr: float | None = None
+    kl_percentiles: dict[str, float] | None = None   # "50", "90", "95", "99", "99.9": per-token KL, within 1.2%
     top1_stderr: float | None = None
     per_sequence: list[dict[str, Any]] | None = None   # with per_sequence: [{sequence, nll_mean, kl_mean, top1}]
     seconds: float = 0.0
@@ -109,6 +115,9 @@ class _Metrics:
         self.nll, self.ref_nll, self.kl_sum, self.agree = zero(), zero(), zero(), zero()
         self.kl_max, self.max_diff = zero(), zero()
         self.squares = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        # bin 0: KL below the range (0 included); then KL_BINS_PER_DECADE a decade; the last: above it
+        self.kl_hist = torch.zeros(2 + KL_BINS_PER_DECADE * (KL_LOW_DECADES + KL_HIGH_DECADES), dtype=torch.float64,
+                                   device=device)
         # [sequences, FIELDS]: 24 bytes a sequence, only with per_sequence
         self.rows = torch.zeros(sequences, len(self.FIELDS), dtype=torch.float64, device=device) \
             if per_sequence else None
@@ -133,6 +142,7 @@ class _Metrics:
                 self.ref_nll -= ref_lp.gather(1, target).double().sum()
                 kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0)
                 per_token["kl"].append(kl.double())
+                self.kl_hist += _kl_bins(kl, self.kl_hist.numel())
                 self.kl_max = torch.maximum(self.kl_max, kl.max().double())
                 per_token["top1"].append((ref_logits.argmax(-1) == logits.argmax(-1)).double())
                 self.max_diff = torch.maximum(self.max_diff, (ref_logits - logits).abs().max().double())
@@ -161,12 +171,37 @@ class _Metrics:
         maxima = torch.stack([self.kl_max, self.max_diff])
         distributed.all_reduce(sums, "sum")
         distributed.all_reduce(maxima, "max")
+        distributed.all_reduce(self.kl_hist, "sum")
         if self.rows is not None:
             distributed.all_reduce(self.rows, "sum")
         self.nll, self.ref_nll, self.kl_sum, self.agree, tokens = sums[:5].unbind()
         self.squares = sums[5:]
         self.tokens = int(tokens)
         self.kl_max, self.max_diff = maxima.unbind()
+
+
+def _kl_bins(kl, bins: int):
+    """Counts of KL [tokens] in the histogram's bins."""
+    import torch
+
+    position = (torch.log10(kl.double().clamp_min(1e-300)) + KL_LOW_DECADES) * KL_BINS_PER_DECADE
+    # below the range -> 0, above it -> the last; NaN (refused after the run) -> 0
+    index = (position.nan_to_num(nan=-1.0).floor() + 1).clamp(0, bins - 1).long()
+    return torch.bincount(index, minlength=bins).double()
+
+
+def _kl_percentiles(hist: list[float]) -> dict[str, float]:
+    """Each of KL_PERCENTILES: the geometric middle of the bin holding that order statistic (the
+    smallest KL whose share of tokens at or below it reaches the percentile); 0 below the range."""
+    import numpy as np
+
+    cumulative = np.cumsum(hist)
+    out = {}
+    for q in KL_PERCENTILES:
+        b = int(np.searchsorted(cumulative, q / 100 * cumulative[-1]))   # first bin reaching the rank
+        b = min(b, len(hist) - 2)   # above the range: its top bin
+        out[f"{q:g}"] = 0.0 if b == 0 else 10 ** ((b - 0.5) / KL_BINS_PER_DECADE - KL_LOW_DECADES)
+    return out
 
 
 def _stderr(mean: float, sum_of_squares: float, n: int) -> float | None:
@@ -262,6 +297,7 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
         report.reference_perplexity = math.exp(float(metrics.ref_nll) / tokens)
         report.kl_stderr = _stderr(report.kl_mean, squares["kl"], ids.shape[0])
         report.top1_stderr = _stderr(report.top1_agreement, squares["top1"], ids.shape[0])
+        report.kl_percentiles = _kl_percentiles(metrics.kl_hist.tolist())
     if metrics.rows is not None:
         names = ("nll_mean", "kl_mean", "top1_agreement") if reference is not None else ("nll_mean",)
         report.per_sequence = [{"sequence": i, **dict(zip(names, row[:len(names)]))}
