@@ -133,6 +133,12 @@ TINY: dict[str, tuple[str, dict]] = {
                                        encoder_ffn_dim=16, decoder_ffn_dim=16, num_experts=4,
                                        encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=8,
                                        max_position_embeddings=64, decoder_start_token_id=0)),
+    "gemma4_text": ("Gemma4TextConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8,
+                                             global_head_dim=8, num_global_key_value_heads=1, attention_k_eq_v=True,
+                                             enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                             moe_intermediate_size=16, hidden_size_per_layer_input=0,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             sliding_window=16)),
     # dense upcycling sources
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
@@ -165,6 +171,11 @@ def build_model(family: str, seed: int = 0):
             for name, weight in model.named_parameters():
                 if name.endswith("mlp.router.gate.weight"):
                     weight.normal_(0.0, config.initializer_range)
+    if family == "gemma4_text":  # its router scales start at one: random, so that each expert's counts
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if name.endswith(("router.per_expert_scale", "router.scale")):
+                    weight.uniform_(0.5, 1.5)
     return model.eval()
 
 
@@ -191,6 +202,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ernie4_5_moe-bias-untied": ("ernie4_5_moe", dict(use_bias=True, tie_word_embeddings=False)),
     # PhiMoE whose config asks for one expert a token (transformers' sparsemixer routes two anyway)
     "phimoe-k1": ("phimoe", dict(num_experts_per_tok=1)),
+    # Gemma 4 without enable_moe_block (E2B, E4B, 31B): no router or experts, the MLP alone
+    "gemma4_text-dense": ("gemma4_text", dict(enable_moe_block=False)),
 }
 
 
