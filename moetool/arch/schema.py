@@ -228,6 +228,10 @@ class Family:
     # ((transformers-5 infix, its rows from the config), ...)); split into them when the experts are fused,
     # their rows concatenated back when they are split
     row_splits: tuple[tuple[str, tuple[tuple[str, Callable[[Config], int]], ...]], ...] = ()
+    # the reverse: hub tensors that are row shards of one transformers-5 tensor (Qwen4-Exp's n-gram
+    # embedding): (hub infix with {K} for the shard number, transformers-5 infix, shards from the config);
+    # joined when the experts are fused, split back into equal shards when they are split
+    row_joins: tuple[tuple[str, str, Callable[[Config], int]], ...] = ()
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys
