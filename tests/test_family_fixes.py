@@ -31,6 +31,21 @@ def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
+# ---------------------------------------------------------------- Gemma 4 without experts
+
+def test_gemma4_without_moe_block_counts_its_mlp_as_the_dense_mlp(tmp_path):
+    model = build_variant("gemma4_text-dense")
+    model.save_pretrained(tmp_path / "dense")
+    report = _inspect(tmp_path / "dense")
+    layers = model.model.layers
+    assert not any(hasattr(layer, "experts") for layer in layers)   # transformers: no MoE layer
+    assert report.problems == [], report.problems
+    assert report.moe_layers == [] and report.dense_layers == list(range(len(layers)))
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.params["dense_mlp"] == sum(_numel(layer.mlp) for layer in layers)
+    assert report.params["shared_experts"] == 0 and report.num_shared_experts == 0
+
+
 # ---------------------------------------------------------------- Granite 4.0 dense hybrid
 
 def test_granite_hybrid_without_experts_counts_its_shared_mlp_as_the_dense_mlp(tmp_path):

@@ -118,9 +118,9 @@ def test_multimodal_wrappers(tmp_path, family):
         assert report.moe_layers == [1] and report.num_experts == 4 and report.num_shared_experts == 1
 
 
-@pytest.mark.parametrize("family", ["llama4", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", ["llama4", "qwen3_5_moe", "gemma4", "qwen4_exp"])
 def test_text_model_of_a_multimodal_moe_runs_from_its_wrapper(tmp_path, family):
-    """Hub releases of Llama 4 and Qwen3.5 MoE are image-text wrappers: load_model and the streamed
+    """Hub releases of Llama 4, Qwen3.5 MoE, Gemma 4 and Qwen4-Exp are image-text wrappers: load_model and the streamed
     runner read the text model's weights under (model.)language_model.*, as transformers' own causal-LM
     loader does (its logits are the oracle), and streamed equals full."""
     import moetool
@@ -129,8 +129,13 @@ def test_text_model_of_a_multimodal_moe_runs_from_its_wrapper(tmp_path, family):
 
     if family == "llama4":
         config = _llama4_wrapper_config()
+    elif family == "gemma4":
+        config = transformers.Gemma4Config(text_config=TINY["gemma4_text"][1], audio_config=None, vision_config=dict(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            head_dim=8, patch_size=4, pooling_kernel_size=1, position_embedding_size=64))
     else:
-        config = transformers.Qwen3_5MoeConfig(text_config=TINY["qwen3_5_moe_text"][1], vision_config=dict(
+        config = getattr(transformers, "Qwen4ExpConfig" if family == "qwen4_exp" else "Qwen3_5MoeConfig")(
+            text_config=TINY[f"{family}_text"][1], vision_config=dict(
             depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
             temporal_patch_size=1, spatial_merge_size=1))
     torch.manual_seed(0)

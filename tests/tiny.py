@@ -133,6 +133,22 @@ TINY: dict[str, tuple[str, dict]] = {
                                        encoder_ffn_dim=16, decoder_ffn_dim=16, num_experts=4,
                                        encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=8,
                                        max_position_embeddings=64, decoder_start_token_id=0)),
+    "qwen4_exp_text": ("Qwen4ExpTextConfig", dict(COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=20,
+                                                  num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, head_dim=8,
+                                                  layer_types=["linear_attention", "full_attention"],
+                                                  linear_num_value_heads=2, linear_num_key_heads=2,
+                                                  linear_key_head_dim=8, linear_value_head_dim=8, hc_count=2,
+                                                  hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1,
+                                                  indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=4,
+                                                  ple_layer_ids=[1], ple_embed_dim=16, heads_per_ngram=2,
+                                                  ngram_vocab_size_base=32, make_ngram_vocab_size_divisible_by=8,
+                                                  split_ngram_parts=2, eos_token_id=2)),
+    "gemma4_text": ("Gemma4TextConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8,
+                                             global_head_dim=8, num_global_key_value_heads=1, attention_k_eq_v=True,
+                                             enable_moe_block=True, num_experts=4, top_k_experts=2,
+                                             moe_intermediate_size=16, hidden_size_per_layer_input=0,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             sliding_window=16)),
     # dense upcycling sources
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
@@ -165,6 +181,11 @@ def build_model(family: str, seed: int = 0):
             for name, weight in model.named_parameters():
                 if name.endswith("mlp.router.gate.weight"):
                     weight.normal_(0.0, config.initializer_range)
+    if family == "gemma4_text":  # its router scales start at one: random, so that each expert's counts
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if name.endswith(("router.per_expert_scale", "router.scale")):
+                    weight.uniform_(0.5, 1.5)
     return model.eval()
 
 
@@ -191,6 +212,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ernie4_5_moe-bias-untied": ("ernie4_5_moe", dict(use_bias=True, tie_word_embeddings=False)),
     # PhiMoE whose config asks for one expert a token (transformers' sparsemixer routes two anyway)
     "phimoe-k1": ("phimoe", dict(num_experts_per_tok=1)),
+    # Gemma 4 without enable_moe_block (E2B, E4B, 31B): no router or experts, the MLP alone
+    "gemma4_text-dense": ("gemma4_text", dict(enable_moe_block=False)),
 }
 
 

@@ -27,6 +27,7 @@ class Role(str, Enum):
     ROUTER = "router"
     ROUTER_BIAS = "router_bias"                # a parameter added to router logits
     ROUTER_CORRECTION = "router_correction"    # selection-only bias (DeepSeek-V3 style)
+    ROUTER_SCALE = "router_scale"              # per-expert factor on the chosen experts' weights (Gemma 4)
     EXPERT_GATE = "expert_gate"
     EXPERT_UP = "expert_up"
     EXPERT_DOWN = "expert_down"
@@ -59,7 +60,7 @@ CATEGORY: dict[Role, str] = {
     Role.NORM: "other",
     Role.Q_NORM: "attention", Role.K_NORM: "attention",
     Role.ROUTER: "router", Role.ROUTER_BIAS: "router", Role.ROUTER_CORRECTION: "router",
-    Role.SHARED_ROUTER: "router",
+    Role.ROUTER_SCALE: "router", Role.SHARED_ROUTER: "router",
     Role.EXPERT_GATE: "routed_experts", Role.EXPERT_UP: "routed_experts",
     Role.EXPERT_DOWN: "routed_experts", Role.EXPERT_GATE_UP: "routed_experts",
     Role.EXPERT_GATE_UP_BIAS: "routed_experts", Role.EXPERT_UP_BIAS: "routed_experts",
@@ -79,7 +80,7 @@ CATEGORIES = ("embedding", "lm_head", "attention", "router", "routed_experts", "
 EXPERT_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "routed_experts")
 SHARED_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "shared_experts") | {Role.SHARED_ROUTER}
 DENSE_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "dense_mlp")
-MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION,
+MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION, Role.ROUTER_SCALE,
                                   Role.MOE_OUTPUT_BIAS}
 
 # Expected shapes, in symbols: H hidden, I expert FFN, S shared FFN, D dense FFN,
@@ -87,7 +88,7 @@ MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_COR
 # without {E} (fused layout) holds all experts, so "E" is prepended.
 DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
     Role.EMBED: ("V", "H"), Role.LM_HEAD: ("V", "H"),
-    Role.ROUTER: ("E", "H"), Role.ROUTER_BIAS: ("E",), Role.ROUTER_CORRECTION: ("E",),
+    Role.ROUTER: ("E", "H"), Role.ROUTER_BIAS: ("E",), Role.ROUTER_CORRECTION: ("E",), Role.ROUTER_SCALE: ("E",),
     Role.EXPERT_GATE: ("I", "H"), Role.EXPERT_UP: ("I", "H"), Role.EXPERT_DOWN: ("H", "I"),
     Role.EXPERT_GATE_UP: ("2I", "H"), Role.EXPERT_GATE_UP_BIAS: ("2I",),
     Role.EXPERT_UP_BIAS: ("I",), Role.EXPERT_DOWN_BIAS: ("H",), Role.MOE_OUTPUT_BIAS: ("H",),
@@ -191,7 +192,8 @@ class Family:
     fused_transposed: bool = False           # fused experts are [E, in, out] (Llama 4, GPT-OSS), not [E, out, in]
     fp32_roles: frozenset[Role] = frozenset()  # kept in fp32 by transformers; convert leaves their dtype
     # the transformers-5 module whose forward routes tokens (encoder/decoder alternatives for seq2seq),
-    # and what it returns: "topk" (logits, weights, index) | "llama4" (scores, logits) | "logits"
+    # and what it returns: "topk" (logits, weights, index) | "topk-probs" (softmax probabilities, weights,
+    # index: Gemma 4) | "llama4" (scores, logits) | "logits"
     # (logits only: DBRX) | "jetmoe" (..., logits) | "switch" (dispatch, top prob, logits) | "nllb"
     # (dispatch, combine weights, logits) | None (not supported by the runner)
     router_module: Template | None = "model.layers.{L}.mlp.gate"
@@ -226,6 +228,10 @@ class Family:
     # ((transformers-5 infix, its rows from the config), ...)); split into them when the experts are fused,
     # their rows concatenated back when they are split
     row_splits: tuple[tuple[str, tuple[tuple[str, Callable[[Config], int]], ...]], ...] = ()
+    # the reverse: hub tensors that are row shards of one transformers-5 tensor (Qwen4-Exp's n-gram
+    # embedding): (hub infix with {K} for the shard number, transformers-5 infix, shards from the config);
+    # joined when the experts are fused, split back into equal shards when they are split
+    row_joins: tuple[tuple[str, str, Callable[[Config], int]], ...] = ()
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys

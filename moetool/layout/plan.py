@@ -176,9 +176,34 @@ class _Planner:
         """Emit ENTRY under its other layout's name where the family names it apart from its role
         templates (Family.renames, Family.row_splits); False where it does not."""
         fam = self.family
-        if fam is None or not (fam.renames or fam.row_splits):
+        if fam is None or not (fam.renames or fam.row_splits or fam.row_joins):
             return False
         name, dtype, fused = entry.name, self.out_dtype(entry), target == "fused"
+        for hub, infix, shards_of in fam.row_joins:
+            head, _, tail = hub.partition("{K}")
+            if fused and head in name and tail in name.partition(head)[2]:   # shards -> one tensor
+                number, _, rest = name.partition(head)[2].partition(tail)
+                if not number.isdigit():
+                    continue
+                if number == "0":        # emitted with the first shard
+                    before = name.partition(head)[0]
+                    names = [f"{before}{head}{k}{tail}{rest}" for k in range(shards_of(self.cfg))]
+                    missing = [n for n in names if n not in by_name]
+                    if missing:
+                        raise CheckpointFormatError(f"{missing[0]} is missing; {name} cannot be joined with it")
+                    refs = [by_name[n].ref for n in names]
+                    self.emit(f"{before}{infix}{rest}", dtype, (sum(r.shape[0] for r in refs), *refs[0].shape[1:]),
+                              [p for r in refs for p in tensor_pieces(r, dtype)], "concatenated", entry.ref.dtype)
+                return True
+            if not fused and infix in name:   # one tensor -> equal row shards
+                shards, total = shards_of(self.cfg), entry.ref.shape[0]
+                if total % shards:
+                    raise CheckpointFormatError(f"{name}: {total} rows do not split into {shards} equal shards")
+                rows = total // shards
+                for k in range(shards):
+                    self.emit(name.replace(infix, f"{head}{k}{tail}"), dtype, (rows, *entry.ref.shape[1:]),
+                              [_rows(entry.ref, k * rows, (k + 1) * rows, dtype)], "split", entry.ref.dtype)
+                return True
         for hub, parts in fam.row_splits:
             if fused and hub in name:       # rows [q | k | v] -> q_proj, k_proj, v_proj
                 start, total = 0, entry.ref.shape[0]

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 CRITERIA = ("frequency", "soft-count", "reap", "ean", "weight-norm", "random")
 PROFILE_FIELD = {"frequency": "counts", "soft-count": "weight_mass", "reap": "saliency", "ean": "activation_norm"}
 # router-side tensors indexed by expert on their last axis
-EXPERT_INDEXED = (Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION)
+EXPERT_INDEXED = (Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION, Role.ROUTER_SCALE)
 
 
 @dataclass

@@ -7,9 +7,9 @@ probability and top-1/top-2 margin. They go to the run's on-device accumulators
 (runner/stats.py) and, with a trace, to its writer: the hooks themselves never copy to the host.
 
 A module that computes its router's logits without calling the router module (transformers'
-MXFP4 GPT-OSS MLP on CUDA does) would leave the hook silent: the router's parent module is
-watched too, and when its forward ran without the router firing, the router is called on the
-parent's input so that the routing is recorded all the same.
+MXFP4 GPT-OSS MLP on CUDA does) would leave the hook silent: the router's parent module (unless it
+is the decoder layer itself) is watched too, and when its forward ran without the router firing, the
+router is called on the parent's input so that the routing is recorded all the same.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def _parse(output, family: Family, config, top_k: int):
     kind = family.router_output
     if kind == "topk":
         logits, weight, index = output[0], output[1], output[2]
+    elif kind == "topk-probs":  # (softmax probabilities [T,E], weights, index): Gemma 4; log p has softmax p
+        logits, weight, index = output[0].float().clamp_min(1e-30).log(), output[1], output[2]
     elif kind == "llama4":      # (scores [T,E]: sigmoid of the top-k logits, others 0; logits [T,E])
         scores, logits = output
         index = torch.topk(logits, top_k, dim=-1).indices
@@ -105,7 +107,9 @@ class RouterCapture:
             self._handles.append(module.register_forward_hook(self._router_hook(family, config, layer,
                                                                                 top_k_at(layer))))
             parent = name.rpartition(".")[0]
-            if parent:
+            # not a decoder layer itself (Gemma 4's layers.{L}.router): the layer's forward always calls its
+            # router, and the streamed runner's stand-ins for layer forwards run none
+            if parent and not parent.rpartition(".")[2].isdigit():
                 self._watch_parent(model.get_submodule(parent), module, layer)
             if saliency:
                 self._handles.append(self._saliency_hook(model, family, layer))
