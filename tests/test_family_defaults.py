@@ -23,6 +23,14 @@ CASES = [
     ("afmoe", {"num_shared_experts": 2}, ["num_shared_experts"]),   # 2
     ("qwen3_5_moe_text", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),  # 512
     ("lfm2_moe", {}, ["use_expert_bias"]),                   # Lfm2MoeConfig: True
+    ("hy_v3", {}, ["mlp_layer_types"]),                      # HYV3Config: the first layer dense
+    ("hy_v3", {}, ["num_shared_experts"]),                   # 1
+    ("axk1", {}, ["mlp_layer_types"]),                       # AXK1Config: first_k_dense_replace 1
+    ("axk1", {"mlp_layer_types": ["dense", "sparse", "dense"]}, []),
+    ("flint", {"mlp_only_layers": [0, 1]}, ["mlp_only_layers"]),   # FlintConfig: [0, 1]
+    ("mellum", {"mlp_layer_types": ["sparse"] * 3}, ["mlp_layer_types"]),   # MellumConfig: all sparse
+    ("beam", {"num_hidden_layers": 4, "mlp_layer_types": None, "layer_types": None}, ["mlp_layer_types"]),  # 3 dense
+    ("flint", {"shared_expert_intermediate_size": 1024}, ["shared_expert_intermediate_size"]),   # 1024
 ]
 
 

@@ -19,20 +19,23 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
           "lfm2_moe": "feed_forward.expert_bias",
           "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias",
-          "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias"}
+          "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias",
+          "hy_v3": "mlp.e_score_correction_bias",
+          "axk1": "mlp.gate.e_score_correction_bias", "beam": "mlp.gate.e_score_correction_bias",
+          "axk2": "mlp.gate.e_score_correction_bias"}
 
 
 def reference_experts(family: str, logits, layer_module, k: int, config) -> torch.Tensor:
     """The chosen experts (sorted per token) by the family's routing maths, from the router logits."""
     logits = logits.float()
-    if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe"):
+    if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
         groups, per = config.n_group, logits.shape[-1] // config.n_group
         group_scores = scores.view(-1, groups, per).topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
-    elif family in ("minimax_m2", "lfm2_moe"):
+    elif family in ("minimax_m2", "lfm2_moe", "hy_v3", "axk2"):   # (A.X-K2 without n_group: no groups)
         scores = torch.sigmoid(logits) + layer_module.get_buffer(BIASED[family])
     elif family == "afmoe":             # its selection bias is a frozen parameter
         scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])

@@ -24,6 +24,8 @@ class Role(str, Enum):
     NORM = "norm"
     Q_NORM = "q_norm"                         # norms on queries and keys (OLMoE)
     K_NORM = "k_norm"
+    ATTN_SINK = "attn_sink"                   # a learned softmax logit per head, named apart where it is
+                                              # kept in fp32 (Flint)
     ROUTER = "router"
     ROUTER_BIAS = "router_bias"                # a parameter added to router logits
     ROUTER_CORRECTION = "router_correction"    # selection-only bias (DeepSeek-V3 style)
@@ -58,7 +60,7 @@ class Role(str, Enum):
 CATEGORY: dict[Role, str] = {
     Role.EMBED: "embedding", Role.LM_HEAD: "lm_head", Role.LM_HEAD_BIAS: "lm_head", Role.ATTN: "attention",
     Role.NORM: "other",
-    Role.Q_NORM: "attention", Role.K_NORM: "attention",
+    Role.Q_NORM: "attention", Role.K_NORM: "attention", Role.ATTN_SINK: "attention",
     Role.ROUTER: "router", Role.ROUTER_BIAS: "router", Role.ROUTER_CORRECTION: "router",
     Role.ROUTER_SCALE: "router", Role.SHARED_ROUTER: "router",
     Role.EXPERT_GATE: "routed_experts", Role.EXPERT_UP: "routed_experts",

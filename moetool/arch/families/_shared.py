@@ -118,3 +118,14 @@ def dense_family(*, name: str, title: str, model_types: tuple[str, ...], **extra
                   common={**EMBED_AND_HEAD, **DENSE_MLP}, per_expert=None, fused=None,
                   is_moe_layer=lambda cfg, layer: False, dense=True, router_module=None, router_output=None,
                   experts_module=None, mlp_module="model.layers.{L}.mlp", **extra)
+
+
+def mlp_layer_types(first_dense: int):
+    """MoE layers as transformers reads mlp_layer_types ("sparse" / "dense" per layer); without it, as
+    the config class builds it: the first FIRST_DENSE layers dense, the rest sparse."""
+    def is_moe(cfg: Config, layer: int) -> bool:
+        types = cfg.get("mlp_layer_types")
+        if isinstance(types, list) and layer < len(types):
+            return types[layer] == "sparse"
+        return layer >= first_dense
+    return is_moe
