@@ -23,6 +23,12 @@ CASES = [
     ("afmoe", {"num_shared_experts": 2}, ["num_shared_experts"]),   # 2
     ("qwen3_5_moe_text", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),  # 512
     ("lfm2_moe", {}, ["use_expert_bias"]),                   # Lfm2MoeConfig: True
+    ("glm_moe_dsa", {"num_hidden_layers": 4, "first_k_dense_replace": 3, "indexer_types": ["full"] * 4},
+     ["mlp_layer_types", "first_k_dense_replace"]),          # GlmMoeDsaConfig: 3 dense layers
+    ("glm_moe_dsa", {}, ["n_shared_experts"]),               # 1
+    ("solar_open", {}, ["n_shared_experts"]),                # SolarOpenConfig: 1
+    ("sarvam_mla", {}, ["first_k_dense_replace"]),           # SarvamMLAConfig: 1
+    ("sarvam_mla", {}, ["n_shared_experts"]),                # 1
 ]
 
 
