@@ -29,6 +29,8 @@ CASES = [
     ("solar_open", {}, ["n_shared_experts"]),                # SolarOpenConfig: 1
     ("sarvam_mla", {}, ["first_k_dense_replace"]),           # SarvamMLAConfig: 1
     ("sarvam_mla", {}, ["n_shared_experts"]),                # 1
+    ("kimi_linear", {}, ["mlp_layer_types", "first_k_dense_replace"]),   # KimiLinearConfig: 1 dense layer
+    ("kimi_linear", {}, ["num_shared_experts"]),             # 1
 ]
 
 

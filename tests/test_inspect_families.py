@@ -26,7 +26,7 @@ STRUCTURE = {
     "dbrx": ([0, 1], 4, 2, 0), "jamba": ([1, 3], 4, 2, 0), "ernie4_5_moe": ([1, 2], 4, 2, 1),
     "hunyuan_v1_moe": ([0, 1], 4, 2, 1), "cohere2_moe": ([1, 2], 4, 2, 1), "afmoe": ([1, 2], 4, 2, 1),
     "sarvam_moe": ([1, 2], 4, 2, 1), "glm_moe_dsa": ([1, 2], 4, 2, 1), "solar_open": ([0, 1], 4, 2, 1),
-    "sarvam_mla": ([1, 2], 4, 2, 1),
+    "sarvam_mla": ([1, 2], 4, 2, 1), "kimi_linear": ([1, 2], 4, 2, 1),
     "granitemoe_swa": ([0, 1], 4, 2, 1), "switch_transformers": ([1, 3], 4, 1, 0),
     "nllb-moe": ([1, 3], 4, 2, 0),
 }
