@@ -31,6 +31,14 @@ CASES = [
     ("mellum", {"mlp_layer_types": ["sparse"] * 3}, ["mlp_layer_types"]),   # MellumConfig: all sparse
     ("beam", {"num_hidden_layers": 4, "mlp_layer_types": None, "layer_types": None}, ["mlp_layer_types"]),  # 3 dense
     ("flint", {"shared_expert_intermediate_size": 1024}, ["shared_expert_intermediate_size"]),   # 1024
+    ("glm_moe_dsa", {"num_hidden_layers": 4, "first_k_dense_replace": 3, "indexer_types": ["full"] * 4},
+     ["mlp_layer_types", "first_k_dense_replace"]),          # GlmMoeDsaConfig: 3 dense layers
+    ("glm_moe_dsa", {}, ["n_shared_experts"]),               # 1
+    ("solar_open", {}, ["n_shared_experts"]),                # SolarOpenConfig: 1
+    ("sarvam_mla", {}, ["first_k_dense_replace"]),           # SarvamMLAConfig: 1
+    ("sarvam_mla", {}, ["n_shared_experts"]),                # 1
+    ("kimi_linear", {}, ["mlp_layer_types", "first_k_dense_replace"]),   # KimiLinearConfig: 1 dense layer
+    ("kimi_linear", {}, ["num_shared_experts"]),             # 1
 ]
 
 

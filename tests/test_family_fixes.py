@@ -19,7 +19,8 @@ from moetool.runner.model import load_model
 from tests.tiny import DENSE, TINY, build_model, build_variant
 
 FP32_ROUTERS = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "lfm2_moe", "dots1", "ernie4_5_moe",
-                "hunyuan_v1_moe", "deepseek_v2", "afmoe", "sarvam_moe", "hy_v3", "axk1", "flint", "beam", "axk2"]
+                "hunyuan_v1_moe", "deepseek_v2", "afmoe", "sarvam_moe", "hy_v3", "axk1", "flint", "beam", "axk2",
+                "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear"]
 
 
 def _inspect(path):
@@ -87,8 +88,12 @@ def test_fp32_roles_are_what_transformers_holds_in_fp32(tiny, family):
     cfg = model.config.to_dict()
     classifier = Classifier(fam, fam.decoder_offset(cfg) if fam.decoder_offset else 0)
     persistent = model.state_dict()
-    held = {classifier.classify(name).role for name, t in persistent.items() if t.dtype == torch.float32}
+    held = {classifier.classify(name).role for name, t in persistent.items() if t.dtype == torch.float32
+            and not name.endswith(fam.fp32_suffixes)}
     assert held == set(fam.fp32_roles)
+    # the tensors named by ending (Kimi Linear's dt_bias) are there, and in fp32
+    suffixed = [t.dtype for name, t in persistent.items() if name.endswith(fam.fp32_suffixes)]
+    assert bool(suffixed) == bool(fam.fp32_suffixes) and set(suffixed) <= {torch.float32}
 
 
 def _biased_checkpoint(path, family, stored_bf16=False):

@@ -33,6 +33,8 @@ STRUCTURE = {
     "flint": ([1, 2], 4, 2, 1),
     "axk1": ([1, 2], 4, 2, 1),
     "hy_v3": ([1, 2], 4, 2, 1),
+    "glm_moe_dsa": ([1, 2], 4, 2, 1), "solar_open": ([0, 1], 4, 2, 1),
+    "sarvam_mla": ([1, 2], 4, 2, 1), "kimi_linear": ([1, 2], 4, 2, 1),
     "granitemoe_swa": ([0, 1], 4, 2, 1), "switch_transformers": ([1, 3], 4, 1, 0),
     "nllb-moe": ([1, 3], 4, 2, 0),
 }

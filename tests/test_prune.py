@@ -20,7 +20,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared", "granitemoehybrid",
             "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v3", "dbrx", "cohere2_moe", "afmoe",
             "granitemoe_swa", "sarvam_moe", "gemma4_text", "qwen4_exp_text",
-            "hy_v3", "axk1", "flint", "mellum", "beam", "axk2"]
+            "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
+            "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear"]
 
 
 @contextmanager

@@ -193,6 +193,7 @@ class Family:
     packed_experts: bool = False             # experts stacked on axis 0 as [E*I, ...] (DBRX)
     fused_transposed: bool = False           # fused experts are [E, in, out] (Llama 4, GPT-OSS), not [E, out, in]
     fp32_roles: frozenset[Role] = frozenset()  # kept in fp32 by transformers; convert leaves their dtype
+    fp32_suffixes: tuple[str, ...] = ()        # other tensors kept so, by name ending (Kimi Linear's dt_bias)
     # the transformers-5 module whose forward routes tokens (encoder/decoder alternatives for seq2seq),
     # and what it returns: "topk" (logits, weights, index) | "topk-probs" (softmax probabilities, weights,
     # index: Gemma 4) | "llama4" (scores, logits) | "logits"
@@ -230,10 +231,14 @@ class Family:
     # ((transformers-5 infix, its rows from the config), ...)); split into them when the experts are fused,
     # their rows concatenated back when they are split
     row_splits: tuple[tuple[str, tuple[tuple[str, Callable[[Config], int]], ...]], ...] = ()
-    # the reverse: hub tensors that are row shards of one transformers-5 tensor (Qwen4-Exp's n-gram
+    # the converse: transformers-5 tensors whose rows are several hub tensors (Kimi Linear's q/k/v_conv1d,
+    # concatenated into conv1d): (transformers-5 infix, ((hub infix, its rows from the config), ...)); joined
+    # when the experts are fused, split back when they are split
+    row_joins: tuple[tuple[str, tuple[tuple[str, Callable[[Config], int]], ...]], ...] = ()
+    # hub tensors that are row shards of one transformers-5 tensor (Qwen4-Exp's n-gram
     # embedding): (hub infix with {K} for the shard number, transformers-5 infix, shards from the config);
     # joined when the experts are fused, split back into equal shards when they are split
-    row_joins: tuple[tuple[str, str, Callable[[Config], int]], ...] = ()
+    row_shards: tuple[tuple[str, str, Callable[[Config], int]], ...] = ()
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys

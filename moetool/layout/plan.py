@@ -105,7 +105,8 @@ class _Planner:
         if id(ref) in self.quantized:   # scales, absmax, code maps: casting them would change the weights
             self.actions["kept (quantization state)"] += 1
             return ref.dtype
-        if self.family and entry.match.role in self.family.fp32_roles and ref.dtype == "F32" \
+        if self.family and (entry.match.role in self.family.fp32_roles or
+                            entry.name.endswith(self.family.fp32_suffixes)) and ref.dtype == "F32" \
                 and not self.options.cast_fp32_roles:
             self.actions["kept in fp32 (router)"] += 1
             return ref.dtype
@@ -174,12 +175,12 @@ class _Planner:
 
     def _hub_named(self, entry: _Entry, by_name: dict[str, _Entry], target: str) -> bool:
         """Emit ENTRY under its other layout's name where the family names it apart from its role
-        templates (Family.renames, Family.row_splits); False where it does not."""
+        templates (Family.renames, row_splits, row_joins, row_shards); False where it does not."""
         fam = self.family
-        if fam is None or not (fam.renames or fam.row_splits or fam.row_joins):
+        if fam is None or not (fam.renames or fam.row_splits or fam.row_joins or fam.row_shards):
             return False
         name, dtype, fused = entry.name, self.out_dtype(entry), target == "fused"
-        for hub, infix, shards_of in fam.row_joins:
+        for hub, infix, shards_of in fam.row_shards:
             head, _, tail = hub.partition("{K}")
             if fused and head in name and tail in name.partition(head)[2]:   # shards -> one tensor
                 number, _, rest = name.partition(head)[2].partition(tail)
@@ -204,22 +205,25 @@ class _Planner:
                     self.emit(name.replace(infix, f"{head}{k}{tail}"), dtype, (rows, *entry.ref.shape[1:]),
                               [_rows(entry.ref, k * rows, (k + 1) * rows, dtype)], "split", entry.ref.dtype)
                 return True
-        for hub, parts in fam.row_splits:
-            if fused and hub in name:       # rows [q | k | v] -> q_proj, k_proj, v_proj
+        # (one tensor, its parts, whether the one is split when fusing): row_splits split the hub's one
+        # tensor into transformers 5's parts, row_joins join the hub's parts into transformers 5's one
+        for whole, parts, split in ([(w, p, fused) for w, p in fam.row_splits] +
+                                    [(w, p, not fused) for w, p in fam.row_joins]):
+            if split and whole in name:       # rows [q | k | v] -> q, k, v
                 start, total = 0, entry.ref.shape[0]
                 for infix, rows_of in parts:
                     rows = rows_of(self.cfg)
                     if start + rows > total:
                         raise CheckpointFormatError(f"{name}: {total} rows, fewer than the config's "
                                                     f"{sum(r(self.cfg) for _, r in parts)}")
-                    self.emit(name.replace(hub, infix), dtype, (rows, *entry.ref.shape[1:]),
+                    self.emit(name.replace(whole, infix), dtype, (rows, *entry.ref.shape[1:]),
                               [_rows(entry.ref, start, start + rows, dtype)], "split", entry.ref.dtype)
                     start += rows
                 if start != total:
                     raise CheckpointFormatError(f"{name}: {total} rows, where the config makes {start}")
                 return True
             first = parts[0][0]
-            if not fused and any(infix in name for infix, _ in parts):
+            if not split and any(infix in name for infix, _ in parts):
                 if first not in name:       # emitted with the first part
                     return True
                 names = [name.replace(first, infix) for infix, _ in parts]
@@ -227,7 +231,7 @@ class _Planner:
                 if missing:
                     raise CheckpointFormatError(f"{missing[0]} is missing; {name} cannot be joined with it")
                 refs = [by_name[n].ref for n in names]
-                self.emit(name.replace(first, hub), dtype, (sum(r.shape[0] for r in refs), *refs[0].shape[1:]),
+                self.emit(name.replace(first, whole), dtype, (sum(r.shape[0] for r in refs), *refs[0].shape[1:]),
                           [p for r in refs for p in tensor_pieces(r, dtype)], "concatenated", entry.ref.dtype)
                 return True
         for hub, infix in fam.renames:

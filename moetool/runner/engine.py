@@ -175,7 +175,9 @@ class ActivationStore:
 
 class _Stubs:
     """Stand-ins for the decoder layers' forwards, so that the model's own forward computes each
-    layer's arguments without running any layer."""
+    layer's arguments without running any layer. A layer that returns more than its hidden states
+    (GLM-5's DSA layers: the indexer's top-k, which the next layer may reuse) has those extras kept per
+    micro-batch (`keep`, on the CPU) and returned by the stubs, so that the next layer receives them."""
 
     class Captured(Exception):
         def __init__(self, args, kwargs):
@@ -184,6 +186,7 @@ class _Stubs:
     def __init__(self, loaded):
         self.loaded = loaded
         self.mode, self.target, self.inject = "real", None, None
+        self.slot, self.extras = None, {}   # micro-batch slot -> the last layer run's extra outputs
         for index, layer in enumerate(loaded.layers):
             layer.forward = self._stub(index, layer.forward)
 
@@ -194,14 +197,22 @@ class _Stubs:
             hidden = args[0] if args else kwargs.get("hidden_states")
             if self.mode == "capture" and index == self.target:
                 raise _Stubs.Captured(args, kwargs)
-            if self.mode == "final" and index == 0:
-                return self.inject
-            return hidden
+            value = self.inject if self.mode == "final" and index == 0 else hidden
+            extras = self.extras.get(self.slot)
+            if extras is None:
+                return value
+            return (value, *(e.to(value.device) if hasattr(e, "to") else e for e in extras))
         return forward
 
-    def inputs(self, index: int, ids):
-        """(hidden states, other args, kwargs) the model passes to decoder layer INDEX for IDS."""
-        self.mode, self.target = "capture", index
+    def keep(self, slot, output) -> None:
+        """The extra outputs (beyond the hidden states) of the layer just run on micro-batch SLOT."""
+        if isinstance(output, tuple) and len(output) > 1:
+            self.extras[slot] = tuple(e.detach().cpu() if hasattr(e, "detach") else e for e in output[1:])
+
+    def inputs(self, index: int, ids, slot=None):
+        """(hidden states, other args, kwargs) the model passes to decoder layer INDEX for IDS (of
+        micro-batch SLOT)."""
+        self.mode, self.target, self.slot = "capture", index, slot
         try:
             self.loaded.base_forward(ids)
         except _Stubs.Captured as call:
@@ -212,9 +223,9 @@ class _Stubs:
             self.mode = "real"
         raise RuntimeError(f"decoder layer {index} was never called")   # pragma: no cover
 
-    def final(self, ids, hidden):
+    def final(self, ids, hidden, slot=None):
         """The decoder stack's output (final norm applied) for the last layer's output HIDDEN."""
-        self.mode, self.inject = "final", hidden
+        self.mode, self.inject, self.slot = "final", hidden, slot
         try:
             return self.loaded.base_forward(ids).last_hidden_state
         finally:
@@ -338,7 +349,7 @@ def _layer_inputs(batches, index: int, stubs, store, device):
     the first layer's hidden states come from the embedding, the others' from the store."""
     for batch in batches:
         ids = batch.ids.to(device, non_blocking=True)
-        hidden, args, kwargs = stubs.inputs(index, ids)
+        hidden, args, kwargs = stubs.inputs(index, ids, batch.slot)
         if index > 0:
             hidden = store.get(batch.slot)
         yield batch, ids, hidden, args, kwargs
@@ -368,6 +379,7 @@ def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, tim
                         output = layer(hidden, *args, **kwargs)
                     if once:
                         store.put(batch.slot, output[0] if isinstance(output, tuple) else output)
+                        stubs.keep(batch.slot, output)
                     del hidden, args, kwargs, output
                     done += ids.numel()
                     if progress:
@@ -382,6 +394,7 @@ def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, tim
                 if capture is not None:
                     capture.step_done()
                 store.put(batch.slot, output[0] if isinstance(output, tuple) else output)
+                stubs.keep(batch.slot, output)
                 del hidden, output, args, kwargs
                 done += ids.numel()
                 if progress:
@@ -392,7 +405,7 @@ def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, tim
         if on_final is not None:
             for batch in batches:
                 ids = batch.ids.to(loaded.device, non_blocking=True)
-                on_final(batch, stubs.final(ids, store.get(batch.slot)))
+                on_final(batch, stubs.final(ids, store.get(batch.slot), batch.slot))
         timing.store = dict(store.used)
     finally:
         reader.close()

@@ -39,7 +39,8 @@ def fp32_names(ckpt, family, names: list[str], dtype) -> set[str]:
     fp32-built router), whatever dtype they are stored in."""
     import torch
 
-    if dtype not in (torch.bfloat16, torch.float16) or not family.fp32_roles:
+    if dtype not in (torch.bfloat16, torch.float16) or not (family.fp32_roles or family.fp32_suffixes):
         return set()
     classifier = Classifier(family, family_context(ckpt)[2])
-    return {name for name in names if classifier.classify(name).role in family.fp32_roles}
+    return {name for name in names if classifier.classify(name).role in family.fp32_roles or
+            name.endswith(family.fp32_suffixes)}

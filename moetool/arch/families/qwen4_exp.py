@@ -13,7 +13,7 @@ FAMILY = replace(
     QWEN3_5_MOE, name="qwen4_exp", model_types=("qwen4_exp_text", "qwen4_exp"), title="Qwen4-Exp (text)",
     buffer_suffixes=(".layer_multipliers", ".ngram_heads_offsets", ".ngram_heads_vocab_sizes"),   # PLE hashing
     # the hub stores each PLE n-gram embedding in split_ngram_parts row shards (transformers joins them on load)
-    row_joins=((".ngram_embedding.shard_{K}.", ".ngram_embedding.", lambda cfg: cfg.get("split_ngram_parts") or 512),),
+    row_shards=((".ngram_embedding.shard_{K}.", ".ngram_embedding.", lambda cfg: cfg.get("split_ngram_parts") or 512),),
     router=replace(SOFTMAX_TOPK_NORM_KEY, config_defaults=(("norm_topk_prob", True),)),   # Qwen4ExpTextConfig's
     notes="every layer MoE; shared expert output scaled by sigmoid(shared_expert_gate(x)); hyper-connections "
           "(hidden states of hc_count x hidden_size between layers); gated-DeltaNet and indexed attention; "
