@@ -133,6 +133,13 @@ TINY: dict[str, tuple[str, dict]] = {
                                        encoder_ffn_dim=16, decoder_ffn_dim=16, num_experts=4,
                                        encoder_sparse_step=2, decoder_sparse_step=2, expert_capacity=8,
                                        max_position_embeddings=64, decoder_start_token_id=0)),
+    "nemotron_h": ("NemotronHConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                           moe_shared_expert_intermediate_size=20, n_routed_experts=4,
+                                           num_experts_per_tok=2, head_dim=8, routed_scaling_factor=1.5,
+                                           layers_block_type=["linear_attention", "moe", "full_attention",
+                                                              "moe", "mlp"],
+                                           mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1,
+                                           chunk_size=16)),
     # dense upcycling sources
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
