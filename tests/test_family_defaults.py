@@ -23,6 +23,7 @@ CASES = [
     ("afmoe", {"num_shared_experts": 2}, ["num_shared_experts"]),   # 2
     ("qwen3_5_moe_text", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),  # 512
     ("lfm2_moe", {}, ["use_expert_bias"]),                   # Lfm2MoeConfig: True
+    ("mimo_v2_flash", {}, ["mlp_layer_types"]),              # MiMoV2FlashConfig: dense, then sparse
 ]
 
 

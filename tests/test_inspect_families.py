@@ -28,7 +28,7 @@ STRUCTURE = {
     "sarvam_moe": ([1, 2], 4, 2, 1),
     "granitemoe_swa": ([0, 1], 4, 2, 1), "switch_transformers": ([1, 3], 4, 1, 0),
     "nllb-moe": ([1, 3], 4, 2, 0),
-    "nemotron_h": ([1, 3], 4, 2, 1),
+    "nemotron_h": ([1, 3], 4, 2, 1), "mimo_v2_flash": ([1, 2], 4, 2, 0),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
 SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa"}

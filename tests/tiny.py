@@ -140,6 +140,12 @@ TINY: dict[str, tuple[str, dict]] = {
                                                               "moe", "mlp"],
                                            mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=1,
                                            chunk_size=16)),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                                num_hidden_layers=3, n_routed_experts=4, num_experts_per_tok=2,
+                                                head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+                                                routed_scaling_factor=1.5, sliding_window=8,
+                                                layer_types=["full_attention", "sliding_attention",
+                                                             "full_attention"])),
     # dense upcycling sources
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
