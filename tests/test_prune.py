@@ -19,7 +19,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text", "lfm2_moe", "exaone_moe",
             "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared", "granitemoehybrid",
             "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v3", "dbrx", "cohere2_moe", "afmoe",
-            "granitemoe_swa", "sarvam_moe", "nemotron_h", "mimo_v2_flash"]
+            "granitemoe_swa", "sarvam_moe", "nemotron_h", "mimo_v2_flash", "bailing_hybrid"]
 
 
 @contextmanager
@@ -57,8 +57,11 @@ def _router_weights(model, family_name, layers):
     return out
 
 
+GROUPED = {"deepseek_v3": "n_routed_experts", "bailing_hybrid": "num_experts"}   # tiny models of 2 groups
+
+
 def _model(family):
-    if family != "deepseek_v3":
+    if family not in GROUPED:
         return build_model(family)
     # 8 experts in 2 groups, so that each group can keep 2 (its score is the sum of its best two)
     from tests.tiny import TINY
@@ -66,14 +69,14 @@ def _model(family):
     cls, kwargs = TINY[family]
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**kwargs,
-                                                                                       "n_routed_experts": 8}))
+                                                                                       GROUPED[family]: 8}))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_model_equals_the_masked_original(tmp_path, family):
     model = _model(family).eval()
     model.save_pretrained(tmp_path / "src")
-    keep = 4 if family == "deepseek_v3" else 3      # DeepSeek-V3: 2 of 4 in each of its 2 groups
+    keep = 4 if family in GROUPED else 3      # DeepSeek-V3: 2 of 4 in each of its 2 groups
     with open_checkpoint(tmp_path / "src") as ckpt:
         report = prune(ckpt, tmp_path / "out", PruneOptions(keep=keep, criterion="random", seed=1))
     removed = {layer: [e for e in range(report.experts_before) if e not in kept] for layer, kept in report.kept.items()}

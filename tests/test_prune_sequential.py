@@ -185,12 +185,12 @@ def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtyp
     from moetool.arch import detect_family
     from moetool.ops.inspect import inspect_checkpoint
     from moetool.runner.sequential_prune import RouterRestriction
-    from tests.test_prune import _model
+    from tests.test_prune import GROUPED, _model
 
     model = _model(family).eval()
     _randomize_correction_biases(model)
     model.save_pretrained(tmp_path / "src")
-    keep = 4 if family == "deepseek_v3" else 3
+    keep = 4 if family in GROUPED else 3
     with open_checkpoint(tmp_path / "src") as ckpt:
         report = prune(ckpt, tmp_path / "out", PruneOptions(keep=keep, criterion="random", seed=1))
         layers = inspect_checkpoint(ckpt).moe_layers

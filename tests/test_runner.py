@@ -19,6 +19,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
           "lfm2_moe": "feed_forward.expert_bias",
           "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
           "nemotron_h": "mixer.gate.e_score_correction_bias", "mimo_v2_flash": "mlp.gate.e_score_correction_bias",
+          "bailing_hybrid": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias"}
 
@@ -27,7 +28,7 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
     """The chosen experts (sorted per token) by the family's routing maths, from the router logits."""
     logits = logits.float()
     if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "nemotron_h",
-                  "mimo_v2_flash"):
+                  "mimo_v2_flash", "bailing_hybrid"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
         groups, per = config.n_group, logits.shape[-1] // config.n_group

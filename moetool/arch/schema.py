@@ -193,6 +193,7 @@ class Family:
     packed_experts: bool = False             # experts stacked on axis 0 as [E*I, ...] (DBRX)
     fused_transposed: bool = False           # fused experts are [E, in, out] (Llama 4, GPT-OSS), not [E, out, in]
     fp32_roles: frozenset[Role] = frozenset()  # kept in fp32 by transformers; convert leaves their dtype
+    fp32_suffixes: tuple[str, ...] = ()        # so are tensors no role names, by name ending (Bailing's conv1d)
     # the transformers-5 module whose forward routes tokens (encoder/decoder alternatives for seq2seq),
     # and what it returns: "topk" (logits, weights, index) | "llama4" (scores, logits) | "logits"
     # (logits only: DBRX) | "jetmoe" (..., logits) | "switch" (dispatch, top prob, logits) | "nllb"
@@ -229,6 +230,10 @@ class Family:
     # ((transformers-5 infix, its rows from the config), ...)); split into them when the experts are fused,
     # their rows concatenated back when they are split
     row_splits: tuple[tuple[str, tuple[tuple[str, Callable[[Config], int]], ...]], ...] = ()
+    # the reverse: a transformers-5 tensor whose rows are several hub tensors (Bailing-hybrid's conv1d, the hub's
+    # q/k/v_conv1d): (transformers-5 infix, ((hub infix, its rows from the config), ...)); concatenated when the
+    # experts are fused, split when they are split
+    row_joins: tuple[tuple[str, tuple[tuple[str, Callable[[Config], int]], ...]], ...] = ()
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys

@@ -105,7 +105,8 @@ class _Planner:
         if id(ref) in self.quantized:   # scales, absmax, code maps: casting them would change the weights
             self.actions["kept (quantization state)"] += 1
             return ref.dtype
-        if self.family and entry.match.role in self.family.fp32_roles and ref.dtype == "F32" \
+        if self.family and (entry.match.role in self.family.fp32_roles
+                            or entry.name.endswith(self.family.fp32_suffixes)) and ref.dtype == "F32" \
                 and not self.options.cast_fp32_roles:
             self.actions["kept in fp32 (router)"] += 1
             return ref.dtype
@@ -174,27 +175,30 @@ class _Planner:
 
     def _hub_named(self, entry: _Entry, by_name: dict[str, _Entry], target: str) -> bool:
         """Emit ENTRY under its other layout's name where the family names it apart from its role
-        templates (Family.renames, Family.row_splits); False where it does not."""
+        templates (Family.renames, Family.row_splits, Family.row_joins); False where it does not."""
         fam = self.family
-        if fam is None or not (fam.renames or fam.row_splits):
+        if fam is None or not (fam.renames or fam.row_splits or fam.row_joins):
             return False
         name, dtype, fused = entry.name, self.out_dtype(entry), target == "fused"
-        for hub, parts in fam.row_splits:
-            if fused and hub in name:       # rows [q | k | v] -> q_proj, k_proj, v_proj
+        # (whole, parts): split the whole into the parts on the way to the parts' side, join them back on the way
+        # to the whole's; row_splits' whole is the hub's, row_joins' transformers 5's
+        for whole, parts, split in [(h, p, fused) for h, p in fam.row_splits] + \
+                                   [(w, p, not fused) for w, p in fam.row_joins]:
+            if split and whole in name:     # rows [a | b | ...] -> a, b, ...
                 start, total = 0, entry.ref.shape[0]
                 for infix, rows_of in parts:
                     rows = rows_of(self.cfg)
                     if start + rows > total:
                         raise CheckpointFormatError(f"{name}: {total} rows, fewer than the config's "
                                                     f"{sum(r(self.cfg) for _, r in parts)}")
-                    self.emit(name.replace(hub, infix), dtype, (rows, *entry.ref.shape[1:]),
+                    self.emit(name.replace(whole, infix), dtype, (rows, *entry.ref.shape[1:]),
                               [_rows(entry.ref, start, start + rows, dtype)], "split", entry.ref.dtype)
                     start += rows
                 if start != total:
                     raise CheckpointFormatError(f"{name}: {total} rows, where the config makes {start}")
                 return True
             first = parts[0][0]
-            if not fused and any(infix in name for infix, _ in parts):
+            if not split and any(infix in name for infix, _ in parts):
                 if first not in name:       # emitted with the first part
                     return True
                 names = [name.replace(first, infix) for infix, _ in parts]
@@ -202,7 +206,7 @@ class _Planner:
                 if missing:
                     raise CheckpointFormatError(f"{missing[0]} is missing; {name} cannot be joined with it")
                 refs = [by_name[n].ref for n in names]
-                self.emit(name.replace(first, hub), dtype, (sum(r.shape[0] for r in refs), *refs[0].shape[1:]),
+                self.emit(name.replace(first, whole), dtype, (sum(r.shape[0] for r in refs), *refs[0].shape[1:]),
                           [p for r in refs for p in tensor_pieces(r, dtype)], "concatenated", entry.ref.dtype)
                 return True
         for hub, infix in fam.renames:
