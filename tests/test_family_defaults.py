@@ -24,6 +24,8 @@ CASES = [
     ("qwen3_5_moe_text", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),  # 512
     ("lfm2_moe", {}, ["use_expert_bias"]),                   # Lfm2MoeConfig: True
     ("mimo_v2_flash", {}, ["mlp_layer_types"]),              # MiMoV2FlashConfig: dense, then sparse
+    ("laguna", {}, ["mlp_layer_types"]),                     # LagunaConfig: dense, then sparse
+    ("laguna", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),   # 512
 ]
 
 

@@ -209,7 +209,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text", "lfm2_moe", "exaone_moe",
             "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared",
             "granitemoehybrid", "phimoe", "jetmoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "switch_transformers",
-            "nllb-moe", "cohere2_moe", "afmoe", "granitemoe_swa", "sarvam_moe", "nemotron_h", "mimo_v2_flash", "bailing_hybrid"]
+            "nllb-moe", "cohere2_moe", "afmoe", "granitemoe_swa", "sarvam_moe", "nemotron_h", "mimo_v2_flash",
+            "bailing_hybrid", "laguna"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

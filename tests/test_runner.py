@@ -19,7 +19,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
           "lfm2_moe": "feed_forward.expert_bias",
           "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
           "nemotron_h": "mixer.gate.e_score_correction_bias", "mimo_v2_flash": "mlp.gate.e_score_correction_bias",
-          "bailing_hybrid": "mlp.gate.e_score_correction_bias",
+          "bailing_hybrid": "mlp.gate.e_score_correction_bias", "laguna": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias"}
 
@@ -37,7 +37,7 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
     elif family in ("minimax_m2", "lfm2_moe"):
         scores = torch.sigmoid(logits) + layer_module.get_buffer(BIASED[family])
-    elif family == "afmoe":             # its selection bias is a frozen parameter
+    elif family in ("afmoe", "laguna"):  # its selection bias is a frozen parameter (Laguna's logits come softcapped)
         scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])
     elif family == "ernie4_5_moe":
         scores = torch.softmax(logits, -1) + layer_module.get_parameter(BIASED[family]).reshape(-1)

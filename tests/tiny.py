@@ -153,6 +153,11 @@ TINY: dict[str, tuple[str, dict]] = {
                                                    qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
                                                    head_dim=8, n_group=2, topk_group=1, layer_group_size=2,
                                                    num_mtp_layers=0, pad_token_id=0, eos_token_id=2)),
+    "laguna": ("LagunaConfig", dict(COMMON, intermediate_size=24, moe_intermediate_size=16,
+                                    shared_expert_intermediate_size=20, num_hidden_layers=3, num_experts=4,
+                                    num_experts_per_tok=2, head_dim=8, moe_routed_scaling_factor=1.5,
+                                    moe_router_logit_softcapping=5.0, sliding_window=8,
+                                    layer_types=["full_attention", "sliding_attention", "full_attention"])),
     # dense upcycling sources
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
