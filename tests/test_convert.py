@@ -20,7 +20,8 @@ BOTH_LAYOUTS = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "q
                 "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text",
                 "lfm2_moe", "exaone_moe", "dots1", "granitemoe", "granitemoeshared",
                 "granitemoehybrid", "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe",
-                "cohere2_moe", "afmoe", "sarvam_moe", "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna"]
+                "cohere2_moe", "afmoe", "sarvam_moe", "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna",
+                "kolibri1"]
 
 
 def run(src, out, **options):

@@ -20,6 +20,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
           "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
           "nemotron_h": "mixer.gate.e_score_correction_bias", "mimo_v2_flash": "mlp.gate.e_score_correction_bias",
           "bailing_hybrid": "mlp.gate.e_score_correction_bias", "laguna": "mlp.gate.e_score_correction_bias",
+          "kolibri1": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias"}
 
@@ -39,6 +40,8 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         scores = torch.sigmoid(logits) + layer_module.get_buffer(BIASED[family])
     elif family in ("afmoe", "laguna"):  # its selection bias is a frozen parameter (Laguna's logits come softcapped)
         scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])
+    elif family == "kolibri1":          # its bias is added to the logits themselves
+        scores = logits + layer_module.get_buffer(BIASED[family])
     elif family == "ernie4_5_moe":
         scores = torch.softmax(logits, -1) + layer_module.get_parameter(BIASED[family]).reshape(-1)
     elif family in ("gpt_oss", "granitemoe", "granitemoeshared", "granitemoehybrid", "jetmoe", "llama4_text",

@@ -158,6 +158,10 @@ TINY: dict[str, tuple[str, dict]] = {
                                     num_experts_per_tok=2, head_dim=8, moe_routed_scaling_factor=1.5,
                                     moe_router_logit_softcapping=5.0, sliding_window=8,
                                     layer_types=["full_attention", "sliding_attention", "full_attention"])),
+    "kolibri1": ("Kolibri1Config", dict(COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=20,
+                                        num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, head_dim=8,
+                                        norm_topk_prob=True, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"])),
     # dense upcycling sources
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
