@@ -39,6 +39,9 @@ CASES = [
     ("sarvam_mla", {}, ["n_shared_experts"]),                # 1
     ("kimi_linear", {}, ["mlp_layer_types", "first_k_dense_replace"]),   # KimiLinearConfig: 1 dense layer
     ("kimi_linear", {}, ["num_shared_experts"]),             # 1
+    ("mimo_v2_flash", {}, ["mlp_layer_types"]),              # MiMoV2FlashConfig: dense, then sparse
+    ("laguna", {}, ["mlp_layer_types"]),                     # LagunaConfig: dense, then sparse
+    ("laguna", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),   # 512
 ]
 
 

@@ -37,6 +37,9 @@ STRUCTURE = {
     "sarvam_mla": ([1, 2], 4, 2, 1), "kimi_linear": ([1, 2], 4, 2, 1),
     "granitemoe_swa": ([0, 1], 4, 2, 1), "switch_transformers": ([1, 3], 4, 1, 0),
     "nllb-moe": ([1, 3], 4, 2, 0),
+    "nemotron_h": ([1, 3], 4, 2, 1), "mimo_v2_flash": ([1, 2], 4, 2, 0),
+    "bailing_hybrid": ([1, 2], 4, 2, 1), "laguna": ([1, 2], 4, 2, 1),
+    "kolibri1": ([0, 1], 4, 2, 1),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
 SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa", "gemma4_text"}

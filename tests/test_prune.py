@@ -21,7 +21,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v3", "dbrx", "cohere2_moe", "afmoe",
             "granitemoe_swa", "sarvam_moe", "gemma4_text", "qwen4_exp_text",
             "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
-            "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear"]
+            "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
+            "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1"]
 
 
 @contextmanager
@@ -60,7 +61,7 @@ def _router_weights(model, family_name, layers):
 
 
 # families whose tiny router selects within the best of 2 groups: pruned with 8 experts, keeping 4
-GROUPED = ("deepseek_v3", "axk1", "beam")
+GROUPED = ("deepseek_v3", "axk1", "beam", "bailing_hybrid")
 
 
 def _model(family):

@@ -20,6 +20,9 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
           "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
           "glm_moe_dsa": "mlp.gate.e_score_correction_bias", "solar_open": "mlp.gate.e_score_correction_bias",
           "sarvam_mla": "mlp.gate.e_score_correction_bias", "kimi_linear": "mlp.gate.e_score_correction_bias",
+          "nemotron_h": "mixer.gate.e_score_correction_bias", "mimo_v2_flash": "mlp.gate.e_score_correction_bias",
+          "bailing_hybrid": "mlp.gate.e_score_correction_bias", "laguna": "mlp.gate.e_score_correction_bias",
+          "kolibri1": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias",
           "hy_v3": "mlp.e_score_correction_bias",
@@ -31,7 +34,8 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
     """The chosen experts (sorted per token) by the family's routing maths, from the router logits."""
     logits = logits.float()
     if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam",
-                  "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear"):
+                  "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear", "nemotron_h", "mimo_v2_flash",
+                  "bailing_hybrid"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
         groups, per = config.n_group, logits.shape[-1] // config.n_group
@@ -40,8 +44,10 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
     elif family in ("minimax_m2", "lfm2_moe", "hy_v3", "axk2"):   # (A.X-K2 without n_group: no groups)
         scores = torch.sigmoid(logits) + layer_module.get_buffer(BIASED[family])
-    elif family == "afmoe":             # its selection bias is a frozen parameter
+    elif family in ("afmoe", "laguna"):  # its selection bias is a frozen parameter (Laguna's logits come softcapped)
         scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])
+    elif family == "kolibri1":          # its bias is added to the logits themselves
+        scores = logits + layer_module.get_buffer(BIASED[family])
     elif family == "ernie4_5_moe":
         scores = torch.softmax(logits, -1) + layer_module.get_parameter(BIASED[family]).reshape(-1)
     elif family in ("gpt_oss", "granitemoe", "granitemoeshared", "granitemoehybrid", "jetmoe", "llama4_text",

@@ -178,6 +178,9 @@ class Family:
     per_expert: dict[Role, Template] | None
     fused: dict[Role, Template] | None
     is_moe_layer: Callable[[Config, int], bool] = lambda cfg, layer: True
+    # which layers that are not MoE hold a dense MLP; None: every one (Nemotron-H: only its "mlp" blocks,
+    # its Mamba and attention blocks have none)
+    is_dense_layer: Callable[[Config, int], bool] | None = None
     shared_ffn: Callable[[Config], int] | None = None   # S; None: no shared experts
     num_shared: Callable[[Config], int] | None = None   # shared experts per MoE layer
     num_layers: Callable[[Config], int] | None = None   # seq2seq: encoder + decoder

@@ -712,7 +712,8 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
                 if role in SHARED_ROLES and (not dims.num_shared or
                                              (layer not in moe and not family.shared_in_dense_layers)):
                     continue
-                if role in DENSE_ROLES and layer in moe:
+                if role in DENSE_ROLES and (layer in moe or (family.is_dense_layer is not None
+                                                             and not family.is_dense_layer(cfg, layer))):
                     continue
                 expected[(role, layer)] = tpl
 

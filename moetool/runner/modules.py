@@ -36,7 +36,7 @@ def model_name(name: str, family, own) -> str:
 def fp32_names(ckpt, family, names: list[str], dtype) -> set[str]:
     """The NAMES transformers holds in fp32 when it loads the model in a 16-bit DTYPE: those of the
     family's fp32 roles (its _keep_in_fp32_modules_strict routers and correction biases, Hunyuan's
-    fp32-built router), whatever dtype they are stored in."""
+    fp32-built router) and fp32 name endings, whatever dtype they are stored in."""
     import torch
 
     if dtype not in (torch.bfloat16, torch.float16) or not (family.fp32_roles or family.fp32_suffixes):

@@ -201,7 +201,8 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     for tensor in plan.tensors:   # read under the checkpoint's names, placed under the model's
         m = classifier.classify(tensor.name)
         target = model_name(tensor.name, family, own)
-        if fused and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN) and m.expert is None \
+        # (a fused up_proj alone: experts without a gate, Nemotron-H)
+        if fused and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_UP, Role.EXPERT_DOWN) and m.expert is None \
                 and (m.layer, Role.EXPERT_DOWN, 0) in per_expert:
             roles = (m.role,) if (m.layer, m.role, 0) in per_expert else \
                 (Role.EXPERT_GATE, Role.EXPERT_UP) if m.role == Role.EXPERT_GATE_UP else (Role.EXPERT_DOWN,)
