@@ -7,8 +7,9 @@ import pkgutil
 from functools import cache
 
 from moetool.arch.schema import Config, Family, Role
+from moetool.arch.unsupported import unsupported_reason
 
-__all__ = ["Family", "Role", "all_families", "detect_family", "get_family"]
+__all__ = ["Family", "Role", "all_families", "detect_family", "get_family", "unsupported_reason"]
 
 
 @cache

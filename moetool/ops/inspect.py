@@ -17,7 +17,7 @@ from typing import Any
 
 from moetool import __version__
 from moetool._util import gc_paused
-from moetool.arch import detect_family
+from moetool.arch import detect_family, unsupported_reason
 from moetool.arch.gguf import GENERIC as GENERIC_GGUF
 from moetool.arch.gguf import gguf_family
 from moetool.arch.matcher import Classifier, Match
@@ -262,10 +262,12 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         _gguf_checks(family, dims, cfg, tally, problems)
     if guessed:
         _guess_dims(dims, tally, cfg)
+        reason = unsupported_reason(config)
         problems.append(Problem("warning", "guessed_architecture",
                                 (f"unknown architecture (model_type={config.get('model_type')!r})" if config
                                  else "no config.json (a bare weights file)") + "; experts were found by name "
-                                "patterns, so structure and counts are a guess"))
+                                "patterns, so structure and counts are a guess"
+                                + (f". moetool does not support it yet: {reason}" if reason else "")))
     if dims.num_layers is None:
         dims.num_layers = 1 + max((max(g.layers) for g in tally.groups if g.layers[0] is not None), default=-1)
 

@@ -6,7 +6,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from moetool.arch import Family, detect_family, get_family
+from moetool.arch import Family, detect_family, get_family, unsupported_reason
 from moetool.arch.matcher import Classifier
 from moetool.arch.schema import EXPERT_ROLES
 from moetool.checkpoint import Checkpoint
@@ -113,7 +113,10 @@ def check_runnable(ckpt: Checkpoint) -> Family:
         return get_family(runnable_family(ckpt))
     family = detect_family(ckpt.config)
     if family is None:
-        raise UnsupportedError(f"{ckpt.source}: the architecture is not known, so moetool cannot run it")
+        reason = unsupported_reason(ckpt.config)
+        raise UnsupportedError(f"{ckpt.source}: " + (f"moetool does not support this architecture yet: {reason}"
+                                                     if reason else "the architecture is not known, so moetool "
+                                                                    "cannot run it"))
     if ckpt.root is None or ckpt.kind == "file":
         raise UnsupportedError(f"{ckpt.source}: running a model needs its folder with config.json")
     return family

@@ -1,0 +1,34 @@
+"""MoE model types transformers knows and moetool does not support yet, with the reason: inspect
+and every command that runs a model say it plainly instead of guessing silently."""
+
+from __future__ import annotations
+
+from moetool.arch.schema import Config
+
+UNSUPPORTED: dict[str, str] = {
+    "longcat_flash": "LongCat-Flash routes to zero-compute (identity) experts beside its real ones (router rows "
+                     "n_routed_experts + zero_expert_num, gate_up_proj over both, down_proj over the real ones "
+                     "only), and each layer holds two attention blocks and two dense MLPs around one MoE",
+    "deepseek_v4": "DeepSeek-V4's first MoE layers route by a fixed token-to-expert table (DeepseekV4HashRouter "
+                   "reads input_ids), not by router logits, and its layers mix several residual streams",
+    "zaya": "ZAYA's router is an MLP fed by a router state carried from layer to layer, with an extra "
+            "zero-compute skip expert",
+    "ernie4_5_vl_moe": "ERNIE 4.5 VL holds two MoE blocks a layer (text and vision, with different expert sizes), "
+                       "tokens sent to one or the other by their token type",
+    "lara_mini": "LARA-mini's hub checkpoints store the experts fused but other tensors under names transformers "
+                 "splits and renames on load (linear_attn.in_proj into four projections), which moetool's own "
+                 "loaders do not yet do without a change of expert layout",
+    "hy_v4": "Hy4's hub experts are fused under other names than transformers 5's (linear_gate, "
+             "learnable_sink_param, hc_*), and its layers pass the previous layer's top-k and hyper-connection "
+             "streams to the next",
+}
+
+
+def unsupported_reason(config: Config | None) -> str | None:
+    """Why moetool does not support CONFIG's model type (or its text model's), if it is listed."""
+    if not config:
+        return None
+    types = [config.get("model_type")]
+    if isinstance(config.get("text_config"), dict):
+        types.append(config["text_config"].get("model_type"))
+    return next((UNSUPPORTED[t] for t in types if isinstance(t, str) and t in UNSUPPORTED), None)
