@@ -23,6 +23,9 @@ CASES = [
     ("afmoe", {"num_shared_experts": 2}, ["num_shared_experts"]),   # 2
     ("qwen3_5_moe_text", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),  # 512
     ("lfm2_moe", {}, ["use_expert_bias"]),                   # Lfm2MoeConfig: True
+    ("minimax_m3_vl_text", {"mlp_layer_types": ["sparse"] * 3}, ["mlp_layer_types"]),   # every layer MoE
+    ("minimax_m3_vl_text", {"shared_intermediate_size": 3072, "dense_intermediate_size": 12288},
+     ["shared_intermediate_size", "dense_intermediate_size"]),   # 3072, 12288
 ]
 
 

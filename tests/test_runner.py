@@ -18,7 +18,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
           "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",
           "lfm2_moe": "feed_forward.expert_bias",
           "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
-          "minimax_m2": "mlp.e_score_correction_bias",
+          "minimax_m2": "mlp.e_score_correction_bias", "minimax_m3_vl_text": "mlp.gate.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias"}
 
 
@@ -32,7 +32,7 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         group_scores = scores.view(-1, groups, per).topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
-    elif family in ("minimax_m2", "lfm2_moe"):
+    elif family in ("minimax_m2", "lfm2_moe", "minimax_m3_vl_text"):
         scores = torch.sigmoid(logits) + layer_module.get_buffer(BIASED[family])
     elif family == "afmoe":             # its selection bias is a frozen parameter
         scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])
