@@ -20,7 +20,7 @@ BOTH_LAYOUTS = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "q
                 "deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text",
                 "lfm2_moe", "exaone_moe", "dots1", "granitemoe", "granitemoeshared",
                 "granitemoehybrid", "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe",
-                "cohere2_moe", "afmoe", "sarvam_moe", "qwen4_exp_text"]
+                "cohere2_moe", "afmoe", "sarvam_moe", "qwen4_exp_text", "dots3_note_text"]
 
 
 def run(src, out, **options):

@@ -26,6 +26,8 @@ CASES = [
     ("minimax_m3_vl_text", {"mlp_layer_types": ["sparse"] * 3}, ["mlp_layer_types"]),   # every layer MoE
     ("minimax_m3_vl_text", {"shared_intermediate_size": 3072, "dense_intermediate_size": 12288},
      ["shared_intermediate_size", "dense_intermediate_size"]),   # 3072, 12288
+    ("dots3_note_text", {"mlp_layer_types": ["dense", "sparse", "sparse"]}, ["mlp_layer_types"]),   # first_k_dense 1
+    ("dots3_note_text", {"shared_experts_intermediate_size": 1536}, ["shared_experts_intermediate_size"]),  # 1536
 ]
 
 

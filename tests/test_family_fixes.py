@@ -19,7 +19,8 @@ from moetool.runner.model import load_model
 from tests.tiny import DENSE, TINY, build_model, build_variant
 
 FP32_ROUTERS = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "lfm2_moe", "dots1", "ernie4_5_moe",
-                "hunyuan_v1_moe", "deepseek_v2", "afmoe", "sarvam_moe"]
+                "hunyuan_v1_moe", "deepseek_v2", "afmoe", "sarvam_moe",
+                "dots3_note_text"]
 
 
 def _inspect(path):

@@ -27,6 +27,7 @@ STRUCTURE = {
     "hunyuan_v1_moe": ([0, 1], 4, 2, 1), "cohere2_moe": ([1, 2], 4, 2, 1), "afmoe": ([1, 2], 4, 2, 1),
     "sarvam_moe": ([1, 2], 4, 2, 1), "gemma4_text": ([0, 1], 4, 2, 1),
     "qwen4_exp_text": ([0, 1], 4, 2, 1), "minimax_m3_vl_text": ([1, 2], 4, 2, 1),
+    "dots3_note_text": ([1, 2], 4, 2, 1),
     "granitemoe_swa": ([0, 1], 4, 2, 1), "switch_transformers": ([1, 3], 4, 1, 0),
     "nllb-moe": ([1, 3], 4, 2, 0),
 }

@@ -210,7 +210,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared",
             "granitemoehybrid", "phimoe", "jetmoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "switch_transformers",
             "nllb-moe", "cohere2_moe", "afmoe", "granitemoe_swa", "sarvam_moe", "gemma4_text", "qwen4_exp_text",
-            "minimax_m3_vl_text"]
+            "minimax_m3_vl_text", "dots3_note_text"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

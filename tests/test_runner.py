@@ -17,7 +17,8 @@ DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_tra
 BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.gate.e_score_correction_bias",
           "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",
           "lfm2_moe": "feed_forward.expert_bias",
-          "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
+          "dots1": "mlp.gate.e_score_correction_bias",
+          "dots3_note_text": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias", "minimax_m3_vl_text": "mlp.gate.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias"}
 
@@ -25,7 +26,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
 def reference_experts(family: str, logits, layer_module, k: int, config) -> torch.Tensor:
     """The chosen experts (sorted per token) by the family's routing maths, from the router logits."""
     logits = logits.float()
-    if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe"):
+    if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "dots3_note_text"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
         groups, per = config.n_group, logits.shape[-1] // config.n_group
