@@ -42,6 +42,11 @@ CASES = [
     ("mimo_v2_flash", {}, ["mlp_layer_types"]),              # MiMoV2FlashConfig: dense, then sparse
     ("laguna", {}, ["mlp_layer_types"]),                     # LagunaConfig: dense, then sparse
     ("laguna", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),   # 512
+    ("minimax_m3_vl_text", {"mlp_layer_types": ["sparse"] * 3}, ["mlp_layer_types"]),   # every layer MoE
+    ("minimax_m3_vl_text", {"shared_intermediate_size": 3072, "dense_intermediate_size": 12288},
+     ["shared_intermediate_size", "dense_intermediate_size"]),   # 3072, 12288
+    ("dots3_note_text", {"mlp_layer_types": ["dense", "sparse", "sparse"]}, ["mlp_layer_types"]),   # first_k_dense 1
+    ("dots3_note_text", {"shared_experts_intermediate_size": 1536}, ["shared_experts_intermediate_size"]),  # 1536
 ]
 
 

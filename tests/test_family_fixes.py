@@ -21,7 +21,8 @@ from tests.tiny import DENSE, TINY, build_model, build_variant
 FP32_ROUTERS = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "lfm2_moe", "dots1", "ernie4_5_moe",
                 "hunyuan_v1_moe", "deepseek_v2", "afmoe", "sarvam_moe", "hy_v3", "axk1", "flint", "beam", "axk2",
                 "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
-                "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "kolibri1"]
+                "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "kolibri1",
+                "dots3_note_text"]
 
 
 def _inspect(path):
@@ -48,7 +49,24 @@ def test_gemma4_without_moe_block_counts_its_mlp_as_the_dense_mlp(tmp_path):
     assert report.params["shared_experts"] == 0 and report.num_shared_experts == 0
 
 
-# ---------------------------------------------------------------- Granite 4.0 dense hybrid
+# ---------------------------------------------------------------- MiniMax-M3's moe_layer_freq
+
+def test_minimax_m3_reads_moe_layer_freq_of_a_raw_config(tmp_path):
+    """A raw config.json gives moe_layer_freq, not mlp_layer_types: transformers builds the MoE layers from it."""
+    model = build_model("minimax_m3_vl_text")
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.pop("mlp_layer_types")
+    config["moe_layer_freq"] = [0, 1, 1]     # as the saved model: layer 0 dense
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    built = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    report = _inspect(tmp_path / "m")
+    assert report.problems == [], report.problems
+    assert report.moe_layers == [i for i, layer in enumerate(built.model.layers) if hasattr(layer.mlp, "experts")]
+    assert report.moe_layers == [1, 2] and report.dense_layers == [0]
+    assert report.total_params == sum(p.numel() for p in built.parameters())
+
+
 
 def test_granite_hybrid_without_experts_counts_its_shared_mlp_as_the_dense_mlp(tmp_path):
     model = build_variant("granitemoehybrid-dense")

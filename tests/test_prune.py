@@ -22,7 +22,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "granitemoe_swa", "sarvam_moe", "gemma4_text", "qwen4_exp_text",
             "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
             "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
-            "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1"]
+            "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
+            "minimax_m3_vl_text", "dots3_note_text"]
 
 
 @contextmanager

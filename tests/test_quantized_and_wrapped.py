@@ -118,10 +118,11 @@ def test_multimodal_wrappers(tmp_path, family):
         assert report.moe_layers == [1] and report.num_experts == 4 and report.num_shared_experts == 1
 
 
-@pytest.mark.parametrize("family", ["llama4", "qwen3_5_moe", "gemma4", "qwen4_exp"])
+@pytest.mark.parametrize("family", ["llama4", "qwen3_5_moe", "gemma4", "qwen4_exp", "dots3_note"])
 def test_text_model_of_a_multimodal_moe_runs_from_its_wrapper(tmp_path, family):
-    """Hub releases of Llama 4, Qwen3.5 MoE, Gemma 4 and Qwen4-Exp are image-text wrappers: load_model and the streamed
-    runner read the text model's weights under (model.)language_model.*, as transformers' own causal-LM
+    """Hub releases of Llama 4, Qwen3.5 MoE, Gemma 4, Qwen4-Exp and dots.llm3 Note are image-text wrappers:
+    load_model and the streamed runner read the text model's weights under (model.)language_model.* (dots.llm3
+    Note's hub names keep them at model.*, beside its vision and audio towers), as transformers' own causal-LM
     loader does (its logits are the oracle), and streamed equals full."""
     import moetool
     from moetool.ops.evaluate import EvalOptions, evaluate
@@ -133,14 +134,27 @@ def test_text_model_of_a_multimodal_moe_runs_from_its_wrapper(tmp_path, family):
         config = transformers.Gemma4Config(text_config=TINY["gemma4_text"][1], audio_config=None, vision_config=dict(
             hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
             head_dim=8, patch_size=4, pooling_kernel_size=1, position_embedding_size=64))
+    elif family == "dots3_note":   # its vision tower has routed experts of its own
+        config = transformers.Dots3NoteConfig(text_config=TINY["dots3_note_text"][1], vision_config=dict(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+            moe_intermediate_size=8, num_local_experts=4, num_experts_per_tok=2, mlp_layer_types=["sparse"],
+            adapter_in_dim=16, adapter_out_dim=32, spatial_merge_size=1, adapter_merge_size=1), audio_config=dict(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, downsample_hidden_size=8,
+            adapter_input_size=16, adapter_out_dim=32, feature_size=16, max_position_embeddings=64))
     else:
         config = getattr(transformers, "Qwen4ExpConfig" if family == "qwen4_exp" else "Qwen3_5MoeConfig")(
             text_config=TINY[f"{family}_text"][1], vision_config=dict(
             depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
             temporal_patch_size=1, spatial_merge_size=1))
     torch.manual_seed(0)
-    transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path / family)
-    assert any(n.startswith(("language_model.", "model.language_model.")) for n in _inspect_names(tmp_path / family))
+    wrapper = transformers.AutoModelForImageTextToText.from_config(config)
+    wrapper.save_pretrained(tmp_path / family)
+    if family == "dots3_note":   # the vision tower's experts are its own: counted, not the text model's
+        report = _inspect(tmp_path / family)
+        assert report.problems == [] and report.moe_layers == [1, 2] and report.num_experts == 4
+        assert report.total_params == sum(p.numel() for p in wrapper.parameters())
+    wrapped = ("vision_encoder.",) if family == "dots3_note" else ("language_model.", "model.language_model.")
+    assert any(n.startswith(wrapped) for n in _inspect_names(tmp_path / family))
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.float32).eval()
     with torch.no_grad():

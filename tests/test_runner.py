@@ -27,7 +27,8 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias",
           "hy_v3": "mlp.e_score_correction_bias",
           "axk1": "mlp.gate.e_score_correction_bias", "beam": "mlp.gate.e_score_correction_bias",
-          "axk2": "mlp.gate.e_score_correction_bias"}
+          "axk2": "mlp.gate.e_score_correction_bias", "dots3_note_text": "mlp.gate.e_score_correction_bias",
+          "minimax_m3_vl_text": "mlp.gate.e_score_correction_bias"}
 
 
 def reference_experts(family: str, logits, layer_module, k: int, config) -> torch.Tensor:
@@ -35,14 +36,14 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
     logits = logits.float()
     if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam",
                   "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear", "nemotron_h", "mimo_v2_flash",
-                  "bailing_hybrid"):
+                  "bailing_hybrid", "dots3_note_text"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
         groups, per = config.n_group, logits.shape[-1] // config.n_group
         group_scores = scores.view(-1, groups, per).topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
-    elif family in ("minimax_m2", "lfm2_moe", "hy_v3", "axk2"):   # (A.X-K2 without n_group: no groups)
+    elif family in ("minimax_m2", "lfm2_moe", "hy_v3", "axk2", "minimax_m3_vl_text"):   # (A.X-K2 without n_group)
         scores = torch.sigmoid(logits) + layer_module.get_buffer(BIASED[family])
     elif family in ("afmoe", "laguna"):  # its selection bias is a frozen parameter (Laguna's logits come softcapped)
         scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])

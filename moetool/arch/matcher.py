@@ -321,12 +321,12 @@ def layer_of(name: str) -> int | None:
 
 
 _TOKEN_EMBEDDINGS = ("embed_tokens", ".wte.", "word_embeddings", "tok_embeddings", "embed_positions", ".wpe.")
-_OTHER_MODALITIES = ("vision", "visual", "multi_modal_projector", "mm_projector", "audio", "image")
+OTHER_MODALITIES = ("vision", "visual", "multi_modal_projector", "mm_projector", "audio", "image")
 
 
 def generic_role(name: str) -> Role:
     """Best-effort role of a tensor no family template names (attention, norms, ...)."""
-    if any(word in name for word in _OTHER_MODALITIES):
+    if any(word in name for word in OTHER_MODALITIES):
         return Role.OTHER   # vision towers and projectors of multimodal checkpoints
     last = name.rsplit(".", 2)
     tail = ".".join(last[-2:]).lower()

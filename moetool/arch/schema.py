@@ -50,6 +50,7 @@ class Role(str, Enum):
     DENSE_GATE = "dense_gate"
     DENSE_UP = "dense_up"
     DENSE_DOWN = "dense_down"
+    DENSE_GATE_UP = "dense_gate_up"            # gate and up of a dense MLP stored together (MiniMax-M3)
     DENSE_GATE_BIAS = "dense_gate_bias"
     DENSE_UP_BIAS = "dense_up_bias"
     DENSE_DOWN_BIAS = "dense_down_bias"
@@ -73,6 +74,7 @@ CATEGORY: dict[Role, str] = {
     Role.SHARED_GATE_BIAS: "shared_experts", Role.SHARED_UP_BIAS: "shared_experts",
     Role.SHARED_DOWN_BIAS: "shared_experts",
     Role.DENSE_GATE: "dense_mlp", Role.DENSE_UP: "dense_mlp", Role.DENSE_DOWN: "dense_mlp",
+    Role.DENSE_GATE_UP: "dense_mlp",
     Role.DENSE_GATE_BIAS: "dense_mlp", Role.DENSE_UP_BIAS: "dense_mlp", Role.DENSE_DOWN_BIAS: "dense_mlp",
     Role.OTHER: "other",
 }
@@ -99,6 +101,7 @@ DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
     Role.SHARED_GATE_UP: ("2S", "H"), Role.SHARED_ROUTER: ("1", "H"),
     Role.SHARED_GATE_BIAS: ("S",), Role.SHARED_UP_BIAS: ("S",), Role.SHARED_DOWN_BIAS: ("H",),
     Role.DENSE_GATE: ("D", "H"), Role.DENSE_UP: ("D", "H"), Role.DENSE_DOWN: ("H", "D"),
+    Role.DENSE_GATE_UP: ("2D", "H"),
     Role.DENSE_GATE_BIAS: ("D",), Role.DENSE_UP_BIAS: ("D",), Role.DENSE_DOWN_BIAS: ("H",),
 }
 

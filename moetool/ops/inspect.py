@@ -20,7 +20,7 @@ from moetool._util import gc_paused
 from moetool.arch import detect_family, unsupported_reason
 from moetool.arch.gguf import GENERIC as GENERIC_GGUF
 from moetool.arch.gguf import gguf_family
-from moetool.arch.matcher import Classifier, Match
+from moetool.arch.matcher import OTHER_MODALITIES, Classifier, Match
 from moetool.arch.schema import (
     CATEGORIES,
     CATEGORY,
@@ -501,7 +501,9 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
 
         role = m.role
         if m.guessed and role in _UNSTRUCTURED:
-            unexpected.extend((i, name) for i, name in zip(index, gnames) if "expert" in name)
+            # (a vision tower's own experts, as dots.llm3 Note's, are not the text model's)
+            unexpected.extend((i, name) for i, name in zip(index, gnames)
+                              if "expert" in name and not any(w in name for w in OTHER_MODALITIES))
         if role in buffers:
             tally.buffers += sum(params)
             params = [0] * len(params)

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 EXPERT_MATRICES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)
 # what --rules may quantize: matrices transformers holds in nn.Linear modules
 RULE_ROLES = frozenset({Role.ATTN, Role.SHARED_GATE, Role.SHARED_UP, Role.SHARED_DOWN, Role.SHARED_GATE_UP,
-                        Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN})
+                        Role.DENSE_GATE, Role.DENSE_UP, Role.DENSE_DOWN, Role.DENSE_GATE_UP})
 DEFAULT_CANDIDATES = "int2-g64-asym,int3-g128-asym,int4-g128-asym,nf4-b64-dq,int8-g128-sym"
 GPTQ_CANDIDATES = "int2-g64-asym,int3-g128-asym,int4-g128-asym,int8-g128-sym"   # integers only
 METHODS = ("rtn", "gptq")
