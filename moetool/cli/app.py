@@ -88,6 +88,34 @@ def _fast_inspect(args: list[str]) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning MoetoolError into a message and an exit code."""
+    try:
+        _main(argv)
+    except SystemExit as exc:
+        _leave_torchrun(exc.code)
+        raise
+
+
+def _leave_torchrun(code) -> None:
+    """A torchrun rank ends with os._exit once its output is flushed: tearing down torch's C++ state
+    (the gloo group's threads) at interpreter exit aborted a rank now and then ("terminate called
+    without an active exception"), turning a finished run into a failed one. On success every rank
+    first waits for the others, so none leaves while a peer still talks to it."""
+    if "torch.distributed" not in sys.modules:   # never imports torch itself (inspect, --help)
+        return
+    from moetool.runner import distributed
+
+    if not distributed.joined():
+        return
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if status == 0:
+        distributed.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     parse_error: tuple = ()   # typer's exception classes, once typer is imported (not for fast inspect)
     abort: tuple = ()

@@ -84,6 +84,13 @@ def init(world: World, device) -> None:
     log.info("rank %d of %d on %s (%s)", world.rank, world.size, device, backend)
 
 
+def joined() -> bool:
+    """Whether this process is in a torch.distributed group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _leave() -> None:
     """Destroy the process group at exit (a local operation: no peer is waited for)."""
     import torch.distributed as dist
