@@ -33,6 +33,27 @@ def model_name(name: str, family, own) -> str:
     return name
 
 
+def as_model_shape(tensor, family, own):
+    """A planned TENSOR in the shape the built model holds it: a family whose fused experts are stored
+    [E, in, out] but held [E, out, in] (Family.transposed_on_load, Qwen3-VL-MoE) has them transposed,
+    as transformers' Transpose(1, 2, check_dims=True) does: only where the stored shape is not the
+    model's. Any other tensor as it is."""
+    from dataclasses import replace
+
+    from moetool.checkpoint.pieces import computed_piece
+    from moetool.checkpoint.writer import materialize
+
+    param = own.get(tensor.name)
+    if not family.transposed_on_load or param is None or len(tensor.shape) != 3 or \
+            tuple(param.shape) == tuple(tensor.shape):
+        return tensor
+    swapped = (tensor.shape[0], tensor.shape[2], tensor.shape[1])
+    if tuple(param.shape) != swapped:
+        return tensor   # (load_state_dict names the mismatch)
+    return replace(tensor, shape=swapped, note="transposed", pieces=[computed_piece(
+        lambda t=tensor: materialize(t).transpose(1, 2).contiguous(), swapped, tensor.dtype)])
+
+
 def fp32_names(ckpt, family, names: list[str], dtype) -> set[str]:
     """The NAMES transformers holds in fp32 when it loads the model in a 16-bit DTYPE: those of the
     family's fp32 roles (its _keep_in_fp32_modules_strict routers and correction biases, Hunyuan's
