@@ -264,7 +264,10 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
 
 def uneven_expert_counts(config: dict | None) -> dict[int, int]:
     """Layer -> expert count of a globally pruned checkpoint (layers keeping different numbers)."""
-    return {int(k): int(v) for k, v in ((config or {}).get("moetool_experts_per_layer") or {}).items()}
+    config = config or {}
+    counts = config.get("moetool_experts_per_layer") or \
+        (config.get("text_config") or {}).get("moetool_experts_per_layer")   # (a wrapper's: prune writes it there)
+    return {int(k): int(v) for k, v in (counts or {}).items()}
 
 
 def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: bool):
@@ -288,7 +291,8 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
         donors = {}   # seq2seq: expert count -> the layers of a whole model built with it
         for layer, count in uneven.items():   # (a pruned --scope global checkpoint; dense models have none)
             layer_config = copy.deepcopy(config)
-            setattr(layer_config, attribute, count)
+            text = layer_config.get_text_config()   # a wrapper's text model's config (else the config itself)
+            setattr(text, attribute, count)
             parent, index = slots[layer]
             if seq2seq:   # encoder and decoder blocks take other arguments: take the layer of such a model
                 if count not in donors:
@@ -296,7 +300,7 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
                         layer_config, seq2seq=True, dtype=dtype, trust_remote_code=trust_remote_code))[1]
                 parent[index] = donors[count][layer]
             else:
-                parent[index] = type(parent[index])(layer_config, layer)
+                parent[index] = type(parent[index])(text, layer)
     return config, model.eval()
 
 
