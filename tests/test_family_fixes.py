@@ -120,7 +120,7 @@ def _routed(model, family, ids):
     cfg = fam.settings(model.config.to_dict())   # (a wrapper's text_config merged in)
     picks = {}
     hooks = []
-    for layer in range(cfg["num_hidden_layers"]):
+    for layer in range(model.config.get_text_config().num_hidden_layers):
         if not fam.is_moe_layer(cfg, layer):
             continue
         router = model.get_submodule(fam.router_module.replace("{L}", str(layer)))
