@@ -85,3 +85,56 @@ def test_qwen3_vl_moe_hub_experts_are_transposed_and_convert_round_trips(tmp_pat
     want = _logits(load_reference(hub, dtype=torch.float32).eval(), ids)
     for path in (tmp_path / "per", tmp_path / "back", held):
         assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5, path
+
+
+def _mistral3_of_mistral4(path):
+    """A tiny Mistral 3 image-text wrapper of a Mistral 4 text model (as Mistral-Small-4 is released),
+    saved as transformers saves it (language_model.model.*, vision_tower.* at the top)."""
+    import transformers
+
+    config = transformers.Mistral3Config(
+        text_config=dict(TINY["mistral4"][1], model_type="mistral4"), spatial_merge_size=1,
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4, head_dim=16))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_mistral4_in_its_mistral3_wrapper(tmp_path):
+    """inspect counts the wrapper's parameters; load_model (transformers' loader and moetool's own), eval
+    streamed and full, routing capture and a quantized copy all run the text model as transformers does."""
+    from moetool.ops.inspect import inspect_checkpoint
+    from moetool.ops.profile import ProfileOptions, profile
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    model = _mistral3_of_mistral4(tmp_path / "m")
+    assert any(n.startswith("language_model.model.") for n in _tensors(tmp_path / "m"))
+    with open_checkpoint(tmp_path / "m") as ckpt:
+        report = inspect_checkpoint(ckpt)
+    assert report.family == "mistral4" and report.problems == [] and not report.guessed
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.moe_layers == [1, 2] and report.num_experts == 4 and report.num_shared_experts == 1
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = _logits(model, ids)
+    assert (_logits(moetool.load_model(tmp_path / "m"), ids) - want).abs().max() <= 1e-5
+    assert (_logits(load_pretrained(tmp_path / "m"), ids) - want).abs().max() <= 1e-5
+    tokens = torch.randint(0, 64, (240,), generator=torch.Generator().manual_seed(1))
+    (tmp_path / "ids.json").write_text(json.dumps(tokens.tolist()))
+    with open_checkpoint(tmp_path / "m") as ckpt:
+        full, streamed = (evaluate(ckpt, EvalOptions(token_ids=tmp_path / "ids.json", seq_len=24, mode=mode))
+                          for mode in ("full", "streamed"))
+        assert streamed.nll_mean == pytest.approx(full.nll_mean, rel=1e-6)
+        stats = [profile(ckpt, ProfileOptions(token_ids=tmp_path / "ids.json", seq_len=24, max_tokens=96,
+                                              batch_size=2, device="cpu", dtype="fp32", mode=mode))
+                 for mode in ("full", "streamed")]
+    assert [layer.counts for layer in stats[0].layers] == [layer.counts for layer in stats[1].layers]
+    assert all(sum(layer.counts) == 96 * 2 for layer in stats[0].layers)
+    with open_checkpoint(tmp_path / "m") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g16-sym"))
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True, dtype="fp32"))
+    dense = _logits(load_reference(tmp_path / "d", dtype=torch.float32).eval(), ids)
+    got = _logits(moetool.load_model(tmp_path / "q"), ids)
+    assert (got - dense).abs().max() <= 1e-4 * dense.abs().max() and (dense - want).abs().max() > 1e-4

@@ -26,11 +26,36 @@ def model_name(name: str, family, own) -> str:
     names): the text model of an image-text checkpoint (Llama 4, Gemma 3, Qwen3.5 MoE) stores its
     weights under (model.)language_model., which the family's name_prefixes rewrite where the built
     model holds the rewritten name."""
-    if name not in own:
-        for old, new in family.name_prefixes:
-            if name.startswith(old) and new + name[len(old):] in own:
-                return new + name[len(old):]
+    if name in own:
+        return name
+    for old, new in family.name_prefixes:
+        if name.startswith(old) and new + name[len(old):] in own:
+            return new + name[len(old):]
+    return next((candidate for candidate in _prefixed(_stripped(name, family), family) if candidate in own), name)
+
+
+def _stripped(name: str, family) -> str:
+    """NAME in the family's template form (its first name_prefixes rewrite that applies)."""
+    for old, new in family.name_prefixes:
+        if name.startswith(old):
+            return new + name[len(old):]
     return name
+
+
+def _prefixed(name: str, family) -> list[str]:
+    """The names a template-form NAME may have in a built model: each name_prefixes rewrite undone (a
+    wrapper whose checkpoint holds another prefix than its model: Mistral 3's language_model.model.)."""
+    return [old + name[len(new):] for old, new in family.name_prefixes if name.startswith(new)]
+
+
+def module_in(model, family, name: str) -> str:
+    """The name MODEL holds the module of template-form NAME (a family's router_module) under: NAME, or
+    NAME with a name_prefixes rewrite undone (model.language_model.layers.1.mlp.gate of an image-text
+    wrapper built whole); NAME itself where neither exists (get_submodule then says so)."""
+    names = dict(model.named_modules()) if _prefixed(name, family) else {}
+    if not names or name in names:
+        return name
+    return next((candidate for candidate in _prefixed(name, family) if candidate in names), name)
 
 
 def as_model_shape(tensor, family, own):

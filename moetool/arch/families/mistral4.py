@@ -17,5 +17,12 @@ FAMILY = replace(
     common={r: t for r, t in DEEPSEEK_V3.common.items() if r != Role.ROUTER_CORRECTION},
     per_expert=None, buffers=frozenset(), fp32_roles=frozenset(), mtp=False,
     defaults=(("first_k_dense_replace", 0), ("n_shared_experts", 1)),
+    # the image-text release (Mistral-Small-4: a Mistral 3 wrapper, text_config mistral4) keeps the text
+    # model under language_model.model. (as transformers saves it) or model.language_model., the head
+    # under language_model.lm_head., the vision tower and projector at the top
+    config_root="text_config", root_keys=("tie_word_embeddings",),   # (the wrapper's own, as transformers reads it)
+    name_prefixes=(("model.language_model.", "model."), ("language_model.model.", "model."),
+                   ("language_model.lm_head.", "lm_head."), ("vision_tower.", "model.vision_tower."),
+                   ("multi_modal_projector.", "model.multi_modal_projector.")),
     notes="multi-head latent attention (MLA); experts fused on the hub (no per-expert form in transformers)",
 )
