@@ -11,7 +11,7 @@ import transformers
 
 from moetool.checkpoint import open_checkpoint
 from moetool.ops.inspect import inspect_checkpoint
-from tests.tiny import TINY
+from tests.tiny import TINY, load_reference, moetool_model
 
 # (fixture, config changes before saving, keys then deleted from config.json)
 CASES = [
@@ -42,19 +42,21 @@ CASES = [
     ("mimo_v2_flash", {}, ["mlp_layer_types"]),              # MiMoV2FlashConfig: dense, then sparse
     ("laguna", {}, ["mlp_layer_types"]),                     # LagunaConfig: dense, then sparse
     ("laguna", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),   # 512
+    ("mistral4", {"first_k_dense_replace": 0}, ["first_k_dense_replace"]),   # Mistral4Config: 0 (all MoE)
+    ("mistral4", {}, ["n_shared_experts"]),                   # 1
 ]
 
 
 def _saved(tmp_path, fixture, changes, dropped):
     cls, kwargs = TINY[fixture]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**kwargs, **changes}))
+    model = moetool_model(getattr(transformers, cls)(**{**kwargs, **changes}))
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     for key in dropped:
         config.pop(key)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    return tmp_path / "m", transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    return tmp_path / "m", load_reference(tmp_path / "m", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("fixture, changes, dropped", CASES, ids=[f"{f}-{'-'.join(d)}" for f, _, d in CASES])

@@ -7,5 +7,6 @@ from moetool.arch.families._shared import in_wrapper
 from moetool.arch.families.glm4_moe import FAMILY as GLM4_MOE
 
 FAMILY = in_wrapper(GLM4_MOE, name="glm4v_moe", model_types=("glm4v_moe",), title="GLM-4.5V / 4.6V",
+                    defaults=(("first_k_dense_replace", 1), ("n_shared_experts", 1)),   # Glm4vMoeTextConfig's
                     notes="image-text wrapper; vision tensors (model.visual.*) are not the text model's; "
                           "layers past num_hidden_layers are MTP modules")
