@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from moetool.checkpoint import open_checkpoint
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.inspect import inspect_checkpoint
-from tests.tiny import COMMON, TINY
+from tests.tiny import COMMON, TINY, load_reference
 
 # families with both a per-expert (hub) and a fused layout; Llama 4's bf16 hub form is fused already
 BOTH_LAYOUTS = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe",
@@ -24,7 +24,8 @@ BOTH_LAYOUTS = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "q
                 "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
                 "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
                 "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
-                "dots3_note_text"]
+                "dots3_note_text",
+                "glm4v_moe"]
 
 
 def run(src, out, **options):
@@ -41,7 +42,7 @@ def tensors(path):
 
 
 def logits(path, ids, dtype=torch.float32):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cpu")
+    model = load_reference(path, dtype=dtype, device_map="cpu")
     model.set_experts_implementation("eager") if hasattr(model, "set_experts_implementation") else None
     with torch.no_grad():
         return model(ids).logits

@@ -11,7 +11,7 @@ import transformers
 
 from moetool.checkpoint import open_checkpoint
 from moetool.ops.inspect import inspect_checkpoint
-from tests.tiny import TINY
+from tests.tiny import TINY, load_reference, moetool_model
 
 # (fixture, config changes before saving, keys then deleted from config.json)
 CASES = [
@@ -47,19 +47,21 @@ CASES = [
      ["shared_intermediate_size", "dense_intermediate_size"]),   # 3072, 12288
     ("dots3_note_text", {"mlp_layer_types": ["dense", "sparse", "sparse"]}, ["mlp_layer_types"]),   # first_k_dense 1
     ("dots3_note_text", {"shared_experts_intermediate_size": 1536}, ["shared_experts_intermediate_size"]),  # 1536
+    ("mistral4", {"first_k_dense_replace": 0}, ["first_k_dense_replace"]),   # Mistral4Config: 0 (all MoE)
+    ("mistral4", {}, ["n_shared_experts"]),                   # 1
 ]
 
 
 def _saved(tmp_path, fixture, changes, dropped):
     cls, kwargs = TINY[fixture]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**kwargs, **changes}))
+    model = moetool_model(getattr(transformers, cls)(**{**kwargs, **changes}))
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     for key in dropped:
         config.pop(key)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    return tmp_path / "m", transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    return tmp_path / "m", load_reference(tmp_path / "m", dtype=torch.float32)
 
 
 @pytest.mark.parametrize("fixture, changes, dropped", CASES, ids=[f"{f}-{'-'.join(d)}" for f, _, d in CASES])

@@ -16,13 +16,14 @@ from moetool.checkpoint import open_checkpoint
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.inspect import inspect_checkpoint
 from moetool.runner.model import load_model
-from tests.tiny import DENSE, TINY, build_model, build_variant
+from tests.tiny import DENSE, TINY, build_model, build_variant, load_reference
 
 FP32_ROUTERS = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "lfm2_moe", "dots1", "ernie4_5_moe",
                 "hunyuan_v1_moe", "deepseek_v2", "afmoe", "sarvam_moe", "hy_v3", "axk1", "flint", "beam", "axk2",
                 "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
                 "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "kolibri1",
-                "dots3_note_text"]
+                "dots3_note_text",
+                "glm4v_moe"]
 
 
 def _inspect(path):
@@ -102,8 +103,7 @@ def test_fp32_roles_are_what_transformers_holds_in_fp32(tiny, family):
     """The roles of the stored tensors transformers' bf16 load holds in fp32 are the family's fp32_roles."""
     path = tiny(family)
     fam = detect_family(json.loads((path / "config.json").read_text()))
-    auto = transformers.AutoModelForSeq2SeqLM if fam.decoder_offset else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=torch.bfloat16)
+    model = load_reference(path, seq2seq=fam.decoder_offset is not None, dtype=torch.bfloat16)
     cfg = model.config.to_dict()
     classifier = Classifier(fam, fam.decoder_offset(cfg) if fam.decoder_offset else 0)
     persistent = model.state_dict()
@@ -136,10 +136,11 @@ def _biased_checkpoint(path, family, stored_bf16=False):
 def _routed(model, family, ids):
     """Logits and, per MoE layer, the experts each token is routed to (sorted)."""
     fam = detect_family(model.config.to_dict())
+    cfg = fam.settings(model.config.to_dict())   # (a wrapper's text_config merged in)
     picks = {}
     hooks = []
-    for layer in range(model.config.num_hidden_layers):
-        if not fam.is_moe_layer(model.config.to_dict(), layer):
+    for layer in range(model.config.get_text_config().num_hidden_layers):
+        if not fam.is_moe_layer(cfg, layer):
             continue
         router = model.get_submodule(fam.router_module.replace("{L}", str(layer)))
         hooks.append(router.register_forward_hook(
@@ -159,7 +160,7 @@ def _dtypes(model):
 @pytest.mark.parametrize("family", FP32_ROUTERS)
 def test_load_model_in_bf16_keeps_routers_in_fp32_as_transformers_does(tmp_path, family, stored_bf16):
     path = _biased_checkpoint(tmp_path, family, stored_bf16)
-    want = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    want = load_reference(path, dtype=torch.bfloat16).eval()
     got = moetool.load_model(path, dtype=torch.bfloat16)
     assert _dtypes(got) == _dtypes(want)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))

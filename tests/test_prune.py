@@ -13,7 +13,7 @@ import transformers
 from moetool.checkpoint import open_checkpoint
 from moetool.errors import UnsupportedError, UsageError
 from moetool.ops.prune import PruneOptions, prune
-from tests.tiny import build_model
+from tests.tiny import build_model, load_reference, moetool_model
 
 FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
             "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text", "lfm2_moe", "exaone_moe",
@@ -23,7 +23,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
             "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
             "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
-            "minimax_m3_vl_text", "dots3_note_text"]
+            "minimax_m3_vl_text", "dots3_note_text",
+            "qwen3_vl_moe", "glm4v_moe", "mistral4"]
 
 
 @contextmanager
@@ -62,7 +63,7 @@ def _router_weights(model, family_name, layers):
 
 
 # families whose tiny router selects within the best of 2 groups: pruned with 8 experts, keeping 4
-GROUPED = ("deepseek_v3", "axk1", "beam", "bailing_hybrid")
+GROUPED = ("deepseek_v3", "axk1", "beam", "bailing_hybrid", "mistral4")
 
 
 def _model(family):
@@ -74,7 +75,7 @@ def _model(family):
     cls, kwargs = TINY[family]
     key = next(k for k in ("n_routed_experts", "num_experts") if k in kwargs)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**kwargs, key: 8}))
+    return moetool_model(getattr(transformers, cls)(**{**kwargs, key: 8}))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -88,12 +89,13 @@ def test_pruned_model_equals_the_masked_original(tmp_path, family):
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), routers_restricted(model, removed, _router_weights(model, family, report.kept)):
         want = model(ids).logits
-    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    pruned = load_reference(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
         got = pruned(ids).logits
     assert (got - want).abs().max() <= 1e-5
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert keep in config.values() or keep in (config.get("ffn_config") or {}).values()
+    assert keep in config.values() or keep in (config.get("ffn_config") or {}).values() or \
+        keep in (config.get("text_config") or {}).values()
     src_bytes = sum(f.stat().st_size for f in (tmp_path / "src").glob("*.safetensors"))
     out_bytes = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
     assert src_bytes - out_bytes == pytest.approx(report.bytes_removed, abs=4096)   # headers differ a little
@@ -238,7 +240,7 @@ def test_merge_folds_removed_experts_into_the_most_similar(tmp_path, tiny):
                                                  profile=_profile_json(tmp_path, tiny("mixtral", fused=True))[0]))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "granitemoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "granitemoe", "qwen3_vl_moe", "glm4v_moe"])
 def test_global_scope_loads_with_moetool_and_matches_the_masked_original(tmp_path, family):
     import moetool
 
@@ -257,7 +259,7 @@ def test_global_scope_loads_with_moetool_and_matches_the_masked_original(tmp_pat
     assert "4 -> 2-4 experts per layer" in (tmp_path / "out" / "README.md").read_text()
     assert "moetool.load_model" in report.warnings[-1]
     with pytest.raises(RuntimeError):                 # stock transformers cannot load different counts
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+        load_reference(tmp_path / "out")
     removed = {layer: [e for e in range(4) if e not in kept] for layer, kept in report.kept.items()}
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), routers_restricted(model, removed, _router_weights(model, family, report.kept)):

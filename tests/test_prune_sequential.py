@@ -20,6 +20,7 @@ from moetool.errors import UsageError
 from moetool.ops.profile import ProfileOptions
 from moetool.ops.prune import PruneOptions, prune
 from tests.test_prune import routers_restricted
+from tests.tiny import load_reference
 
 EXPERTS, KEEP, LAYERS, SEQ = 8, 4, 3, 16
 
@@ -197,7 +198,8 @@ def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtyp
     model = model.to(dtype)
     config = model.config.to_dict()
     fam = detect_family(config)
-    decoder = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    decoder = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
+                   and "visual" not in n)   # (an image-text wrapper's vision blocks are not the decoder)
     restrictions = [RouterRestriction(model, fam, config, layer, decoder[layer],
                                       [e for e in range(report.experts_before) if e not in report.kept[layer]])
                     for layer in layers]   # each raises if its router's weight goes unseen
@@ -208,7 +210,7 @@ def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtyp
         restriction.remove()
     with torch.no_grad():
         unrestricted = model(ids).logits.float()
-    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=dtype).eval()
+    pruned = load_reference(tmp_path / "out", dtype=dtype).eval()
     with torch.no_grad():
         want = pruned(ids).logits.float()
     scale = want.abs().max().item()

@@ -21,6 +21,7 @@ from moetool.ops.inspect import inspect_checkpoint
 from moetool.ops.quantize import QuantizeOptions, allocate, parse_rules, quantize
 from moetool.quant import bnb
 from moetool.quant.formats import parse_format
+from tests.tiny import load_reference
 
 F = bnb()
 DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
@@ -213,7 +214,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
             "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
             "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
-            "minimax_m3_vl_text", "dots3_note_text"]
+            "minimax_m3_vl_text", "dots3_note_text",
+            "qwen3_vl_moe", "glm4v_moe", "mistral4"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -228,8 +230,7 @@ def test_quantized_model_matches_the_dequantize_first_path(tmp_path, tiny, famil
     seq2seq = family in ("switch_transformers", "nllb-moe")
     with open_checkpoint(quantized) as ckpt:
         convert(ckpt, plain, ConvertOptions(dtype="fp32", dequantize=True, layout=None if seq2seq else "fused"))
-    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    reference = auto.from_pretrained(plain, dtype=torch.float32).eval()
+    reference = load_reference(plain, seq2seq=seq2seq, dtype=torch.float32).eval()
     model = moetool.load_model(quantized)
     ids = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(0))
     extra = {"decoder_input_ids": ids} if seq2seq else {}
@@ -243,7 +244,7 @@ def test_quantized_model_matches_the_dequantize_first_path(tmp_path, tiny, famil
         assert [p.code for p in inspect_checkpoint(ckpt).problems] == []
     # and quantization changed the model (the test could fail)
     with open_checkpoint(tiny(family)) as ckpt:
-        original = auto.from_pretrained(ckpt.root, dtype=torch.float32).eval()
+        original = load_reference(ckpt.root, seq2seq=seq2seq, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (original(ids, **extra).logits - want).abs().max() > 1e-3
 

@@ -14,6 +14,7 @@ from moetool.runner.model import load_model
 from tests.tiny import DENSE, TINY, build_model
 
 DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_transformers", "nllb-moe"))
+WRAPPERS = ("qwen3_vl_moe", "glm4v_moe")   # image-text models built whole: the text model under language_model
 BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.gate.e_score_correction_bias",
           "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",
           "lfm2_moe": "feed_forward.expert_bias",
@@ -22,7 +23,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
           "sarvam_mla": "mlp.gate.e_score_correction_bias", "kimi_linear": "mlp.gate.e_score_correction_bias",
           "nemotron_h": "mixer.gate.e_score_correction_bias", "mimo_v2_flash": "mlp.gate.e_score_correction_bias",
           "bailing_hybrid": "mlp.gate.e_score_correction_bias", "laguna": "mlp.gate.e_score_correction_bias",
-          "kolibri1": "mlp.gate.e_score_correction_bias",
+          "kolibri1": "mlp.gate.e_score_correction_bias", "glm4v_moe": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias",
           "hy_v3": "mlp.e_score_correction_bias",
@@ -36,9 +37,15 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
     logits = logits.float()
     if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam",
                   "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear", "nemotron_h", "mimo_v2_flash",
-                  "bailing_hybrid", "dots3_note_text"):
+                  "bailing_hybrid", "dots3_note_text", "glm4v_moe"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
+        groups, per = config.n_group, logits.shape[-1] // config.n_group
+        group_scores = scores.view(-1, groups, per).topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
+        scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
+    elif family == "mistral4":          # softmax scores, groups ranked by their best two, no bias
+        scores = torch.softmax(logits, -1)
         groups, per = config.n_group, logits.shape[-1] // config.n_group
         group_scores = scores.view(-1, groups, per).topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
@@ -115,12 +122,14 @@ def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, famil
     assert_same_statistics(full, streamed)
     with open_checkpoint(path) as ckpt:
         report = inspect_checkpoint(ckpt)
-    layers = model.get_submodule("transformer.blocks" if family == "dbrx" else "model.layers")
+    layers = model.get_submodule("transformer.blocks" if family == "dbrx" else
+                                 "model.language_model.layers" if family in WRAPPERS else "model.layers")
     tokens = ids.numel()
     for position, layer in enumerate(report.moe_layers):
         index = traced(tmp_path / "full", layer, "experts").long().reshape(tokens, report.top_k)
         assert torch.bincount(index.flatten(), minlength=4).sum() == tokens * report.top_k
-        want = reference_experts(family, router_logits[position], layers[layer], report.top_k, model.config)
+        want = reference_experts(family, router_logits[position], layers[layer], report.top_k,
+                                 model.config.get_text_config())
         assert torch.equal(index.sort(-1).values, want), f"layer {layer}"
         for what in ("experts", "weights", "router"):
             assert torch.equal(traced(tmp_path / "streamed", layer, what), traced(tmp_path / "full", layer, what)), what

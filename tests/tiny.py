@@ -243,6 +243,28 @@ TINY: dict[str, tuple[str, dict]] = {
                                                     swa_q_lora_rank=12, swa_kv_lora_rank=8, swa_head_dim=8,
                                                     swa_qk_nope_head_dim=4, swa_v_head_dim=8,
                                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "mistral4": ("Mistral4Config", dict(COMMON, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=3,
+                                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                        first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4,
+                                        qk_nope_head_dim=4, v_head_dim=8, head_dim=8, n_group=2, topk_group=1,
+                                        pad_token_id=0)),
+    # multimodal wrappers whose text model is an MoE, built whole (ForConditionalGeneration): the text
+    # model in text_config, a one-block vision tower (counted in the checkpoint's parameters, never run)
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", dict(
+        text_config=dict(COMMON, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=3, num_experts=4,
+                         num_experts_per_tok=2, head_dim=8, mlp_only_layers=[1],
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]))),
+    "glm4v_moe": ("Glm4vMoeConfig", dict(
+        text_config=dict(COMMON, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=3,
+                         n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                         head_dim=8, n_group=1, topk_group=1,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                              mrope_section=[1, 1, 0])),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, temporal_patch_size=1, spatial_merge_size=1, image_size=8))),
     # dense upcycling sources
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
@@ -266,10 +288,8 @@ def build_model(family: str, seed: int = 0):
     if family == "dbrx":  # transformers 5.24 reads attn_config.rope_theta, which the class never sets
         config.attn_config.rope_theta = 10000.0
     torch.manual_seed(seed)
-    if family in ("switch_transformers", "nllb-moe"):
-        model = transformers.AutoModelForSeq2SeqLM.from_config(config)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    # the class moetool builds it with (the image-text wrapper where transformers has no causal LM for it)
+    model = moetool_model(config, seq2seq=family in ("switch_transformers", "nllb-moe"))
     if family == "afmoe":  # transformers initialises its routers to zero, so that every expert would tie
         with torch.no_grad():
             for name, weight in model.named_parameters():
@@ -283,15 +303,47 @@ def build_model(family: str, seed: int = 0):
     return model.eval()
 
 
+def moetool_model(config, seq2seq: bool = False):
+    """The model of CONFIG (random weights) by the class moetool's runner picks (model.model_class)."""
+    from moetool.runner.model import build_model as build
+
+    return build(config, seq2seq=seq2seq)
+
+
+def load_reference(path, **kwargs):
+    """transformers' own from_pretrained of PATH, by the class moetool's runner picks (the oracle)."""
+    from moetool.runner.model import pretrained
+
+    return pretrained(path, **kwargs)
+
+
 def param_count(model) -> int:
     """transformers' own count: unique parameters (tied weights once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# Families whose hub checkpoints store fused experts [E, in, out] while transformers 5 holds (and saves) them
+# [E, out, in], transposing as it loads (Qwen3-VL-MoE's releases): their hub form is made by transposing.
+HUB_TRANSPOSED = {"qwen3_vl_moe"}
+
+
+def _transpose_experts(path: Path) -> None:
+    """The fused experts of the checkpoint at PATH transposed in place, as the hub stores them."""
+    from safetensors.torch import load_file, save_file
+
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        tensors = {n: t.transpose(1, 2).contiguous() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
+                   else t for n, t in tensors.items()}
+        save_file(tensors, file, metadata={"format": "pt"})
 
 
 def save_tiny(family: str, path: Path, *, fused: bool = False, seed: int = 0) -> Path:
     """Save the tiny model in the hub (per-expert) or transformers-5 fused layout."""
     model = build_model(family, seed)
     model.save_pretrained(path, save_original_format=not fused)
+    if family in HUB_TRANSPOSED and not fused:
+        _transpose_experts(path)
     (path / "expected.json").write_text(json.dumps({"params": param_count(model)}))
     return path
 
@@ -320,4 +372,4 @@ def build_variant(name: str, seed: int = 0, **overrides):
     cls_name, kwargs = TINY[family]
     config = getattr(transformers, cls_name)(**{**kwargs, **changes, **overrides})
     torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return moetool_model(config).eval()

@@ -198,6 +198,9 @@ class Family:
     dense: bool = False                      # a dense (non-MoE) upcycling source
     packed_experts: bool = False             # experts stacked on axis 0 as [E*I, ...] (DBRX)
     fused_transposed: bool = False           # fused experts are [E, in, out] (Llama 4, GPT-OSS), not [E, out, in]
+    # the fused experts are stored [E, in, out] (fused_transposed) but transformers 5 holds them [E, out, in],
+    # transposing them as it loads them (its Transpose conversion: Qwen3-VL-MoE); moetool's loaders do too
+    transposed_on_load: bool = False
     fp32_roles: frozenset[Role] = frozenset()  # kept in fp32 by transformers; convert leaves their dtype
     fp32_suffixes: tuple[str, ...] = ()        # other tensors kept so, by name ending (Kimi Linear's dt_bias)
     # the transformers-5 module whose forward routes tokens (encoder/decoder alternatives for seq2seq),
@@ -252,6 +255,9 @@ class Family:
     # transformers' config-class defaults of structure keys a config.json may omit (the router's are
     # Router.config_defaults): read as transformers reads them (`settings`)
     defaults: tuple[tuple[str, Any], ...] = ()
+    # config keys transformers reads from a wrapper's own config, never its text_config (config_root), when it
+    # builds the wrapper whole (Qwen3-VL-MoE's tie_word_embeddings); absent there, the defaults above hold
+    root_keys: tuple[str, ...] = ()
 
     def settings(self, config: Config) -> Config:
         """CONFIG as the family's functions read it: the text model's part of a wrapper merged in
@@ -259,6 +265,8 @@ class Family:
         cfg = dict(config)
         if self.config_root and isinstance(config.get(self.config_root), dict):
             cfg.update(config[self.config_root])
+            for key in self.root_keys:
+                cfg[key] = config.get(key)
         for key, value in self.defaults:
             if cfg.get(key) is None:
                 cfg[key] = value

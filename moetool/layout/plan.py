@@ -401,7 +401,8 @@ class _Planner:
             dtype = self.out_dtype(gu)
             torch_dtype = TORCH_DTYPES[dtype]
             n = gu.ref.shape[0]
-            if fam.fused_transposed:   # gate_up [E, H, 2I], down [E, I, H]
+            transposed = _stored_transposed(fam, self.cfg, gu.ref.shape, dn.ref.shape)
+            if transposed:             # gate_up [E, H, 2I], down [E, I, H]
                 hidden, two_inter = gu.ref.shape[1:]
             else:                      # gate_up [E, 2I, H], down [E, H, I]
                 two_inter, hidden = gu.ref.shape[1:]
@@ -411,7 +412,7 @@ class _Planner:
             down_t = lambda e: dn.ref.load_slice(e).T.to(torch_dtype)             # noqa: E731
             for e in range(n):
                 names = [self.name_for(gu.name, r, target, layer, e) for r in EXPERT_WEIGHTS[:3]]
-                if fam.fused_transposed:
+                if transposed:
                     pieces = [[computed_piece(lambda e=e, f=f: f(e), shape, dtype)] for f, shape in
                               ((gate_t, (inter, hidden)), (up_t, (inter, hidden)), (down_t, (hidden, inter)))]
                 else:                  # rows of the [E*2I, H] and [E*H, I] matrices: byte ranges
@@ -456,6 +457,18 @@ class _Planner:
             pieces = [p for e in experts for p in tensor_pieces(by_expert[e].ref, dtype)]
             self.emit(self.name_for(first.name, role, target, layer, None), dtype, (len(experts), *first.ref.shape),
                       pieces, "stacked", first.ref.dtype)
+
+
+def _stored_transposed(fam: Family, cfg: dict, gate_up: tuple, down: tuple) -> bool:
+    """Whether fused experts of these shapes are stored [E, in, out]: the family's form, but for a family
+    transformers transposes as it loads (transposed_on_load), which also reads the [E, out, in] form it
+    holds (and writes): that one where the shapes say so (gate_up [E, 2I, H] or down [E, H, I], H the
+    hidden size)."""
+    if not fam.transposed_on_load:
+        return fam.fused_transposed
+    hidden = cfg.get("hidden_size")
+    held = (gate_up[2] == hidden and gate_up[1] != hidden) or (down[1] == hidden and down[2] != hidden)
+    return not held
 
 
 def _same_shapes(entries: list[_Entry], shape: tuple[int, ...], layer: int) -> None:

@@ -848,6 +848,9 @@ def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Pro
                 continue  # GGUF: llama.cpp accepts [1, E] for [E]
             if m.role in EXPERT_ROLES and fused and shape[1:] == want[1:]:
                 continue  # expert count differs: reported once per layer by the layer table
+            if family.transposed_on_load and m.role in EXPERT_ROLES and fused and len(shape) == 3 and \
+                    (shape[2], shape[1]) == want[1:]:
+                continue  # stored as transformers 5 holds them (it transposes only the other form as it loads)
             bad.append((i, f"{ref.name} is {list(shape)}, config implies {list(want)}"))
     if bad:
         problems.append(Problem("error", "bad_shape", f"{len(bad)} tensors have the wrong shape ({min(bad)[1]})"))

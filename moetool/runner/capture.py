@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from moetool.arch import Family
 from moetool.errors import UnsupportedError
+from moetool.runner.modules import module_in
 
 
 def _sigmoid_scores(family: Family, config: dict) -> bool:
@@ -99,7 +100,7 @@ class RouterCapture:
         self._handles = []
         self._fired: dict[int, bool] = {}
         for layer in moe_layers:
-            name = module_name(family.router_module, layer, offset)
+            name = module_in(model, family, module_name(family.router_module, layer, offset))
             try:
                 module = model.get_submodule(name)
             except AttributeError:
@@ -166,7 +167,7 @@ class RouterCapture:
         if family.experts_module is None:
             raise UnsupportedError(f"{family.title}: saliency needs an experts(hidden, index, weights) module, "
                                    "which this family does not have")
-        module = model.get_submodule(module_name(family.experts_module, layer, 0))
+        module = model.get_submodule(module_in(model, family, module_name(family.experts_module, layer, 0)))
 
         def hook(module, args, kwargs, output):
             hidden, index, weights = (list(args) + list(kwargs.values()))[:3]

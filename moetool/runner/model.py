@@ -16,7 +16,7 @@ from moetool.errors import UnsupportedError, UsageError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant.config import recorded_formats
 from moetool.runner.device import DeviceError, available_memory
-from moetool.runner.modules import fp32_names, model_name, set_tensor
+from moetool.runner.modules import as_model_shape, fp32_names, model_name, set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,19 @@ def _is_module_list(module) -> bool:
     return isinstance(module, torch.nn.ModuleList)
 
 
+# modules of a multimodal wrapper that are not its text model: their layer lists are never the decoder's
+OTHER_TOWERS = ("visual", "vision", "audio", "talker", "code2wav", "sam_model")
+
+
 def _decoder_layers(model) -> tuple[str, object]:
     """The name and ModuleList of the decoder layers (model.layers, transformer.blocks, ...); for an
-    encoder-decoder model, the encoder's and the decoder's layers in one list."""
+    encoder-decoder model, the encoder's and the decoder's layers in one list. The layers of a
+    multimodal wrapper's vision or audio tower are not the decoder's."""
     import torch
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)
-             and name.rsplit(".", 1)[-1] in ("layers", "blocks", "block", "h")]
+             and name.rsplit(".", 1)[-1] in ("layers", "blocks", "block", "h")
+             and not any(tower in part for part in name.split(".") for tower in OTHER_TOWERS)]
     if not lists:
         raise UnsupportedError("cannot find the decoder layers of this model")
     stacks = [(n, m) for n, m in lists if n.endswith(("encoder.block", "decoder.block", "encoder.layers",
@@ -105,6 +111,56 @@ def _decoder_layers(model) -> tuple[str, object]:
     if len(stacks) == 2:
         return "encoder+decoder", list(stacks[0][1]) + list(stacks[1][1])
     return max(lists, key=lambda item: len(item[1]))
+
+
+def model_class(config, *, seq2seq: bool = False):
+    """The transformers class that builds the model of CONFIG (a PretrainedConfig) for text-only runs:
+    AutoModelForSeq2SeqLM for encoder-decoder models; AutoModelForCausalLM where its mapping has the
+    model type (or remote code names one); else the `*ForCausalLM` class of the model's own
+    transformers module (Mistral 4, not registered); else AutoModelForImageTextToText (multimodal
+    wrappers whose text model has no causal-LM class of its own: Qwen3-VL-MoE, GLM-4.5V). Every
+    loader builds its model with it (`build_model`, `pretrained`)."""
+    import importlib
+
+    import transformers
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    if seq2seq:
+        return transformers.AutoModelForSeq2SeqLM
+    model_type = getattr(config, "model_type", None)
+    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or \
+            "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return transformers.AutoModelForCausalLM
+    try:
+        name = configuration_auto.model_type_to_module_name(model_type)
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except (ImportError, TypeError, AttributeError):
+        module = None
+    own = [cls for cls_name, cls in sorted(vars(module).items()) if cls_name.endswith("ForCausalLM")
+           and isinstance(cls, type) and getattr(cls, "config_class", None) is type(config)] if module else []
+    if own:
+        return own[0]
+    if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM   # (transformers' own error for a type it cannot build)
+
+
+def build_model(config, *, seq2seq: bool = False, trust_remote_code: bool = False, **kwargs):
+    """The model of CONFIG built by `model_class` (random weights; meta tensors under init_empty_weights)."""
+    cls = model_class(config, seq2seq=seq2seq)
+    if hasattr(cls, "from_config"):   # an auto class
+        return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    return cls._from_config(config, **kwargs)
+
+
+def pretrained(path, *, seq2seq: bool = False, trust_remote_code: bool = False, **kwargs):
+    """transformers' own from_pretrained of the checkpoint at PATH, by the class `model_class` picks."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cls = model_class(config, seq2seq=seq2seq)
+    extra = {"trust_remote_code": trust_remote_code} if hasattr(cls, "from_config") else {}
+    return cls.from_pretrained(path, **extra, **kwargs)
 
 
 def check_runnable(ckpt: Checkpoint) -> Family:
@@ -158,7 +214,6 @@ def quiet_transformers():
 
 def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_map) -> LoadedModel:
     import torch
-    import transformers
 
     from moetool.runner.quantized import load_quantized
 
@@ -180,7 +235,6 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
     if device_map is not None and mode != "full":
         raise UsageError(f"--device-map {device_map} places a whole model: use it with --mode full")
     if mode == "full":
-        auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
         formats = recorded_formats(ckpt.config, ckpt.tensors)
         own_loader = (formats is not None or uneven_expert_counts(ckpt.config) or ckpt.kind == VIEW_KIND or
                       (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)) or
@@ -197,8 +251,8 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
             elif own_loader:   # fused as it loads, or layers with their own expert counts
                 model = _load_planned(ckpt, family, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             else:
-                model = auto.from_pretrained(ckpt.root, dtype=dtype, device_map=device_map or str(device),
-                                             trust_remote_code=trust_remote_code)
+                model = pretrained(ckpt.root, seq2seq=seq2seq, dtype=dtype, device_map=device_map or str(device),
+                                   trust_remote_code=trust_remote_code)
         except torch.OutOfMemoryError:
             raise DeviceError(f"{device}: out of memory loading the whole model",
                               hint="use --mode streamed, a smaller --batch-size, or --dtype bf16") from None
@@ -213,7 +267,10 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
 
 def uneven_expert_counts(config: dict | None) -> dict[int, int]:
     """Layer -> expert count of a globally pruned checkpoint (layers keeping different numbers)."""
-    return {int(k): int(v) for k, v in ((config or {}).get("moetool_experts_per_layer") or {}).items()}
+    config = config or {}
+    counts = config.get("moetool_experts_per_layer") or \
+        (config.get("text_config") or {}).get("moetool_experts_per_layer")   # (a wrapper's: prune writes it there)
+    return {int(k): int(v) for k, v in (counts or {}).items()}
 
 
 def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: bool):
@@ -229,24 +286,24 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
     else:
         config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
     seq2seq = family.decoder_offset is not None
-    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = build_model(config, seq2seq=seq2seq, dtype=dtype, trust_remote_code=trust_remote_code)
         uneven = uneven_expert_counts(ckpt.config)
         slots = _layer_slots(model) if uneven else []
         attribute = family.keys["num_experts"][0] if uneven else None
         donors = {}   # seq2seq: expert count -> the layers of a whole model built with it
         for layer, count in uneven.items():   # (a pruned --scope global checkpoint; dense models have none)
             layer_config = copy.deepcopy(config)
-            setattr(layer_config, attribute, count)
+            text = layer_config.get_text_config()   # a wrapper's text model's config (else the config itself)
+            setattr(text, attribute, count)
             parent, index = slots[layer]
             if seq2seq:   # encoder and decoder blocks take other arguments: take the layer of such a model
                 if count not in donors:
-                    donors[count] = _decoder_layers(auto.from_config(
-                        layer_config, dtype=dtype, trust_remote_code=trust_remote_code))[1]
+                    donors[count] = _decoder_layers(build_model(
+                        layer_config, seq2seq=True, dtype=dtype, trust_remote_code=trust_remote_code))[1]
                 parent[index] = donors[count][layer]
             else:
-                parent[index] = type(parent[index])(layer_config, layer)
+                parent[index] = type(parent[index])(text, layer)
     return config, model.eval()
 
 
@@ -346,10 +403,12 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
 
 
 def _named_as_model(tensors: list, family: Family, own: dict) -> list:
-    """TENSORS under the names of the model transformers builds (modules.model_name)."""
+    """TENSORS under the names of the model transformers builds (modules.model_name), and in its
+    shapes (modules.as_model_shape: fused experts transformers transposes as it loads them)."""
     from dataclasses import replace
 
-    return [replace(t, name=model_name(t.name, family, own)) if family.name_prefixes else t for t in tensors]
+    named = [replace(t, name=model_name(t.name, family, own)) if family.name_prefixes else t for t in tensors]
+    return [as_model_shape(t, family, own) for t in named]
 
 
 def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remote_code: bool):

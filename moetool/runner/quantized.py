@@ -14,6 +14,7 @@ writes, and llm-compressor), dequantized exactly as that package does.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from moetool.errors import CheckpointFormatError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant import compressed_tensors as ct
 from moetool.quant.formats import Format, stacked_slices
-from moetool.runner.modules import fp32_names, model_name, set_tensor
+from moetool.runner.modules import as_model_shape, fp32_names, model_name, set_tensor
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +141,15 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
     import transformers
     from accelerate import init_empty_weights
 
+    from moetool.runner.model import build_model
+
     config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
     for cfg in (config, getattr(config, "text_config", None)):
         if cfg is not None and hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
-    auto = transformers.AutoModelForSeq2SeqLM if family.decoder_offset else transformers.AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
-        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = build_model(config, seq2seq=family.decoder_offset is not None, dtype=dtype,
+                            trust_remote_code=trust_remote_code, **kwargs)
     return model, config
 
 
@@ -194,7 +197,8 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     # of its fused tensors (the same roles in both layouts: GPT-OSS)
     matrices = {Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP}
     slices = fused and set(family.per_expert or {}) & matrices == set(family.fused) & matrices
-    transposed = family.fused_transposed and not slices
+    # (a family transformers transposes as it loads holds its experts [E, out, in], as stored per expert)
+    transposed = family.fused_transposed and not slices and not family.transposed_on_load
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
     state, linears, banks = {}, {}, {}
@@ -207,11 +211,13 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
             roles = (m.role,) if (m.layer, m.role, 0) in per_expert else \
                 (Role.EXPERT_GATE, Role.EXPERT_UP) if m.role == Role.EXPERT_GATE_UP else (Role.EXPERT_DOWN,)
             banks[target] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
-                                        for e in range(tensor.shape[0])], transposed, tensor.shape[1:], dtype)
+                                        for e in range(tensor.shape[0])], transposed,
+                                       own[target].shape[1:] if target in own else tensor.shape[1:], dtype)
         elif tensor.name in formats:
             linears[target] = weight(tensor.name)
         elif target in own:   # floating tensors in DTYPE, but those transformers keeps in fp32 (routers)
-            state[target] = materialize(tensor).to(device=device, dtype=(
+            held = as_model_shape(replace(tensor, name=target), family, own)
+            state[target] = materialize(held).to(device=device, dtype=(
                 torch.float32 if tensor.name in fp32 else dtype) if tensor.dtype in ("F32", "F16", "BF16") else None)
     model.load_state_dict(state, strict=False, assign=True)
     for name, bank in banks.items():

@@ -18,6 +18,7 @@ from contextlib import contextmanager, nullcontext
 from moetool.arch import Role
 from moetool.errors import UnsupportedError
 from moetool.runner.capture import RouterCapture, module_name
+from moetool.runner.modules import module_in
 from moetool.runner.sequential import experts_modules
 from moetool.runner.stats import RoutingStats
 
@@ -39,7 +40,7 @@ def _correction_bias(model, family, config: dict, index: int, offset: int):
         template = family.templates(layout).get(Role.ROUTER_CORRECTION)
         if template is None:
             continue
-        name = module_name(template, index, offset)
+        name = module_in(model, family, module_name(template, index, offset))
         owner, _, attr = name.rpartition(".")
         try:
             return getattr(model.get_submodule(owner), attr)
@@ -100,7 +101,7 @@ class RouterRestriction:
 
     def __init__(self, model, family, config: dict, index: int, layer, removed: list[int]):
         offset = family.decoder_offset(config) if family.decoder_offset else 0
-        name = module_name(family.router_module, index, offset)
+        name = module_in(model, family, module_name(family.router_module, index, offset))
         self.router = model.get_submodule(name)
         # the hooks go on the router's parent (the MoE block): the engine also calls the decoder
         # layer with its forward stubbed out, to learn each layer's arguments

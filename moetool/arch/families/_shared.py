@@ -129,3 +129,29 @@ def mlp_layer_types(first_dense: int):
             return types[layer] == "sparse"
         return layer >= first_dense
     return is_moe
+
+
+TEXT_MODEL = "model.language_model."   # where a multimodal wrapper built whole holds its text model
+
+
+def _under(template, prefix: str):
+    if template is None:
+        return None
+    if isinstance(template, tuple):
+        return tuple(_under(t, prefix) for t in template)
+    return prefix + template[len("model."):] if template.startswith("model.") else template
+
+
+def in_wrapper(family, prefix: str = TEXT_MODEL, **changes):
+    """FAMILY as the text model inside a multimodal wrapper that transformers builds whole (its
+    ForConditionalGeneration: Qwen3-VL-MoE, GLM-4.5V): every template under "model." moved under
+    PREFIX, where both the hub checkpoint and the built model hold the text model; the lm_head stays."""
+    from dataclasses import replace
+
+    def moved(templates):
+        return None if templates is None else {role: _under(t, prefix) for role, t in templates.items()}
+
+    family = replace(family, **changes)
+    return replace(family, common=moved(family.common), per_expert=moved(family.per_expert),
+                   fused=moved(family.fused), router_module=_under(family.router_module, prefix),
+                   experts_module=_under(family.experts_module, prefix), config_root="text_config")

@@ -1,0 +1,140 @@
+"""MoE text models transformers runs only inside their image-text wrapper (Qwen3-VL-MoE, GLM-4.5V), or by
+a causal-LM class no auto class maps (Mistral 4), built by the class moetool's runner picks: text-only runs
+(input_ids) equal transformers' own forward, full and streamed, through transformers' loader and moetool's
+own; Qwen3-VL-MoE's transposed hub experts."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moetool
+from moetool.checkpoint import open_checkpoint
+from moetool.ops.convert import ConvertOptions, convert
+from moetool.ops.evaluate import EvalOptions, evaluate
+from moetool.runner.model import load_pretrained, model_class
+from tests.tiny import TINY, load_reference
+
+# family -> the class transformers runs it with (no AutoModelForCausalLM entry for any of them)
+CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
+           "mistral4": "Mistral4ForCausalLM"}
+
+
+def _tensors(path):
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_model_class_picks_the_causal_lm_else_the_wrapper():
+    import transformers
+
+    assert model_class(transformers.Qwen3MoeConfig()) is transformers.AutoModelForCausalLM
+    assert model_class(transformers.Mistral4Config()) is transformers.Mistral4ForCausalLM   # not registered
+    assert model_class(transformers.Qwen3VLMoeConfig()) is transformers.AutoModelForImageTextToText
+    assert model_class(transformers.SwitchTransformersConfig(), seq2seq=True) is transformers.AutoModelForSeq2SeqLM
+
+
+@pytest.mark.parametrize("family", sorted(CLASSES))
+def test_text_runs_equal_transformers_full_streamed_and_own_loader(tmp_path, tiny, family):
+    path = tiny(family)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    oracle = load_reference(path, dtype=torch.float32).eval()
+    assert type(oracle).__name__ == CLASSES[family]
+    want = _logits(oracle, ids)
+    assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5
+    own = load_pretrained(path)   # every weight through moetool's tensor plan (transposed where stored so)
+    assert (_logits(own, ids) - want).abs().max() <= 1e-5
+    (tmp_path / "ids.json").write_text(json.dumps(torch.randint(0, 64, (240,)).tolist()))
+    with open_checkpoint(path) as ckpt:
+        full, streamed = (evaluate(ckpt, EvalOptions(token_ids=tmp_path / "ids.json", seq_len=24, mode=mode))
+                          for mode in ("full", "streamed"))
+    assert streamed.mode == "streamed" and streamed.nll_mean == pytest.approx(full.nll_mean, rel=1e-6)
+
+
+def test_qwen3_vl_moe_hub_experts_are_transposed_and_convert_round_trips(tmp_path, tiny):
+    """The hub stores gate_up_proj [E, H, 2I] (transformers 5 holds [E, 2I, H]); per-expert (moetool's own
+    layout) and back is bit-identical, from either stored form, and the per-expert form runs as the hub's."""
+    hub, held = tiny("qwen3_vl_moe"), tiny("qwen3_vl_moe", fused=True)
+    text = TINY["qwen3_vl_moe"][1]["text_config"]
+    name = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    stored, kept = _tensors(hub)[name], _tensors(held)[name]
+    assert stored.shape == (4, text["hidden_size"], 2 * text["moe_intermediate_size"])
+    assert torch.equal(stored, kept.transpose(1, 2))
+    for source, out in ((hub, "per"), (held, "per-held")):
+        with open_checkpoint(source) as ckpt:
+            convert(ckpt, tmp_path / out, ConvertOptions(layout="per-expert"))
+    per = _tensors(tmp_path / "per")
+    assert per.keys() == _tensors(tmp_path / "per-held").keys()
+    assert all(torch.equal(t, _tensors(tmp_path / "per-held")[k]) for k, t in per.items())
+    inter = text["moe_intermediate_size"]
+    assert torch.equal(per["model.language_model.layers.0.mlp.experts.1.gate_proj.weight"], kept[1, :inter])
+    assert torch.equal(per["model.language_model.layers.0.mlp.experts.1.up_proj.weight"], kept[1, inter:])
+    with open_checkpoint(tmp_path / "per") as ckpt:
+        convert(ckpt, tmp_path / "back", ConvertOptions(layout="fused"))
+    back, original = _tensors(tmp_path / "back"), _tensors(hub)
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = _logits(load_reference(hub, dtype=torch.float32).eval(), ids)
+    for path in (tmp_path / "per", tmp_path / "back", held):
+        assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5, path
+
+
+def _mistral3_of_mistral4(path):
+    """A tiny Mistral 3 image-text wrapper of a Mistral 4 text model (as Mistral-Small-4 is released),
+    saved as transformers saves it (language_model.model.*, vision_tower.* at the top)."""
+    import transformers
+
+    config = transformers.Mistral3Config(
+        text_config=dict(TINY["mistral4"][1], model_type="mistral4"), spatial_merge_size=1,
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4, head_dim=16))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_mistral4_in_its_mistral3_wrapper(tmp_path):
+    """inspect counts the wrapper's parameters; load_model (transformers' loader and moetool's own), eval
+    streamed and full, routing capture and a quantized copy all run the text model as transformers does."""
+    from moetool.ops.inspect import inspect_checkpoint
+    from moetool.ops.profile import ProfileOptions, profile
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    model = _mistral3_of_mistral4(tmp_path / "m")
+    assert any(n.startswith("language_model.model.") for n in _tensors(tmp_path / "m"))
+    with open_checkpoint(tmp_path / "m") as ckpt:
+        report = inspect_checkpoint(ckpt)
+    assert report.family == "mistral4" and report.problems == [] and not report.guessed
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.moe_layers == [1, 2] and report.num_experts == 4 and report.num_shared_experts == 1
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = _logits(model, ids)
+    assert (_logits(moetool.load_model(tmp_path / "m"), ids) - want).abs().max() <= 1e-5
+    assert (_logits(load_pretrained(tmp_path / "m"), ids) - want).abs().max() <= 1e-5
+    tokens = torch.randint(0, 64, (240,), generator=torch.Generator().manual_seed(1))
+    (tmp_path / "ids.json").write_text(json.dumps(tokens.tolist()))
+    with open_checkpoint(tmp_path / "m") as ckpt:
+        full, streamed = (evaluate(ckpt, EvalOptions(token_ids=tmp_path / "ids.json", seq_len=24, mode=mode))
+                          for mode in ("full", "streamed"))
+        assert streamed.nll_mean == pytest.approx(full.nll_mean, rel=1e-6)
+        stats = [profile(ckpt, ProfileOptions(token_ids=tmp_path / "ids.json", seq_len=24, max_tokens=96,
+                                              batch_size=2, device="cpu", dtype="fp32", mode=mode))
+                 for mode in ("full", "streamed")]
+    assert [layer.counts for layer in stats[0].layers] == [layer.counts for layer in stats[1].layers]
+    assert all(sum(layer.counts) == 96 * 2 for layer in stats[0].layers)
+    with open_checkpoint(tmp_path / "m") as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g16-sym"))
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True, dtype="fp32"))
+    dense = _logits(load_reference(tmp_path / "d", dtype=torch.float32).eval(), ids)
+    got = _logits(moetool.load_model(tmp_path / "q"), ids)
+    assert (got - dense).abs().max() <= 1e-4 * dense.abs().max() and (dense - want).abs().max() > 1e-4
