@@ -21,7 +21,22 @@ UNSUPPORTED: dict[str, str] = {
     "hy_v4": "Hy4's hub experts are fused under other names than transformers 5's (linear_gate, "
              "learnable_sink_param, hc_*), and its layers pass the previous layer's top-k and hyper-connection "
              "streams to the next",
+    "inkling_text": "Inkling's router scores its shared experts as sinks in the same softmax as the routed ones "
+                    "(router rows n_routed_experts + n_shared_experts, weighted by shared_gammas)",
+    "inkling2_text": "Inkling 2's hub checkpoints interleave gate and up rows in one w13_weight, pad the "
+                     "vocabulary and rename tensors with a layer-index offset, transforms moetool's tensor plan "
+                     "cannot express",
+    "mistral_large4_text": "Mistral Large 4's hub names are Mistral's own (attention.wq, feed_forward.experts.{E}.w1, "
+                           "no model. prefix), renamed by regex and its vision queries and keys permuted on load",
+    "deepseek_ocr2": "DeepSeek-OCR 2's vision towers reach the model only through layer-numbered regex renames, "
+                     "which moetool's own loaders (quantized, globally pruned checkpoints) cannot follow",
+    "qwen3_omni_moe": "Qwen3-Omni's thinker is nested two configs deep (thinker_config.text_config) and its "
+                      "checkpoint holds a second MoE decoder (the talker)",
+    "step3p7": "Step 3.7's hub checkpoints store gate and up as separate stacked [E, I, H] tensors that "
+               "transformers joins along their second axis on load",
 }
+# wrappers whose text model is one of the above
+UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"]})
 
 
 def unsupported_reason(config: Config | None) -> str | None:
