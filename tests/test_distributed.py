@@ -121,3 +121,23 @@ def test_gptq_under_torchrun_equals_one_process(tmp_path, sequential, agreement)
                 x, y = f1.get_tensor(name), f2.get_tensor(name)
                 same, total = same + int((x == y).sum()), total + x.numel()
     assert total and same / total > agreement
+
+
+def test_a_failed_final_barrier_is_one_line_and_its_exit_code(monkeypatch, capsys):
+    """A rank whose peers failed after all: the barrier before os._exit raises DistributedError,
+    which is said in one line and becomes the exit status (12), never a traceback."""
+    import torch.distributed  # noqa: F401  (loaded, as after a run)
+
+    from moetool.cli import app
+    from moetool.runner import distributed
+    from moetool.runner.distributed import DistributedError
+
+    def failing_barrier():
+        raise DistributedError("rank 1: a peer stopped")
+
+    exits = []
+    monkeypatch.setattr(distributed, "joined", lambda: True)
+    monkeypatch.setattr(distributed, "barrier", failing_barrier)
+    monkeypatch.setattr(app.os, "_exit", exits.append)
+    app._leave_torchrun(0)
+    assert exits == [12] and capsys.readouterr().err == "Error: rank 1: a peer stopped\n"

@@ -213,3 +213,19 @@ def test_unrunnable_gguf_models_are_refused_before_any_data_is_read(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "moetool", command, str(path), "--data", "/nonexistent"],
                               capture_output=True, text=True)
         assert proc.returncode == 7 and "running a GGUF model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_layers_extra_outputs_are_held_in_the_store(tmp_path, tiny, token_file):
+    """GLM-5's layers return the indexer's top-k beside their hidden states, for the next layer: in
+    streamed mode it is held in the activation store (its budget, spilled to --offload-dir), not
+    in host memory beside it, and the statistics stay full mode's."""
+    path = tiny("glm_moe_dsa")
+    full = run(path, token_file, mode="full")
+    streamed = run(path, token_file, mode="streamed", offload_dir=tmp_path / "off")
+    for a, b in zip(full.layers, streamed.layers):
+        assert a.counts == b.counts
+    tokens, hidden = 12 * 40, 32
+    on_disk = streamed.memory["activation_store_bytes"]["disk"]
+    hidden_bytes = tokens * hidden * 4                                # fp32 hidden states
+    assert on_disk > hidden_bytes                                     # the top-k [B, S, 4] indices too
+    assert on_disk - hidden_bytes in (tokens * 4 * 4, tokens * 4 * 8)   # int32 or int64

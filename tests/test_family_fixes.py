@@ -355,3 +355,22 @@ def test_ernie_biases_fit_its_templates_and_are_counted(tmp_path, variant):
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(got(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_kimi_linear_hub_config_keeps_linear_attention_settings_nested(tmp_path):
+    """Kimi-Linear's hub config.json holds num_heads and head_dim in linear_attn_config (transformers
+    moves them up): conv1d still splits back into the hub's q/k/v_conv1d, as many rows each."""
+    from tests.tiny import save_tiny
+
+    fused = save_tiny("kimi_linear", tmp_path / "fused", fused=True)
+    cfg = json.loads((fused / "config.json").read_text())
+    heads, size = cfg.pop("linear_num_heads"), cfg.pop("linear_head_dim")
+    cfg["linear_attn_config"] = {"num_heads": heads, "head_dim": size, "short_conv_kernel_size": 4}
+    (fused / "config.json").write_text(json.dumps(cfg))
+    assert transformers.AutoConfig.from_pretrained(fused).linear_num_heads == heads   # as transformers reads it
+    with open_checkpoint(fused) as ckpt:
+        convert(ckpt, tmp_path / "hub", ConvertOptions(layout="per-expert"))
+    with open_checkpoint(tmp_path / "hub") as ckpt:
+        convs = {name: ref.shape for name, ref in ckpt.tensors.items() if "conv1d" in name}
+    assert convs and all(shape[0] == heads * size for shape in convs.values())
+    assert {name.rsplit(".", 2)[-2] for name in convs} == {"q_conv1d", "k_conv1d", "v_conv1d"}

@@ -108,7 +108,11 @@ def _leave_torchrun(code) -> None:
         return
     status = code if isinstance(code, int) else (0 if code is None else 1)
     if status == 0:
-        distributed.barrier()
+        try:
+            distributed.barrier()
+        except MoetoolError as exc:   # a peer failed after all: its error, in one line
+            sys.stderr.write(f"Error: {exc}\n")
+            status = exc.exit_code
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -83,14 +83,21 @@ class ActivationStore:
         host_budget = 0 if offload_dir is not None else int(HOST_SHARE * available_memory(torch.device("cpu")))
         return cls(device, device_budget=device_budget, host_budget=host_budget, offload_dir=offload_dir)
 
-    def put(self, slot: int, tensor) -> None:
+    def put(self, slot: int, tensor, *, replace: bool = False) -> None:
+        """Hold TENSOR under SLOT; a slot keeps its shape, unless REPLACE lets a new one take its place
+        (a disk slot's bytes are then not reused)."""
         import torch
 
         nbytes = tensor.numel() * tensor.element_size()
         if self.device.type == "cuda":   # pinned host blocks are rounded up to a power of two
             nbytes = 1 << max(0, nbytes - 1).bit_length()
         if slot in self.slots and self._shape(slot) != (tuple(tensor.shape), tensor.dtype):
-            raise ValueError(f"activation slot {slot} holds {self._shape(slot)}, not {tuple(tensor.shape)}")
+            if not replace:
+                raise ValueError(f"activation slot {slot} holds {self._shape(slot)}, not {tuple(tensor.shape)}")
+            tier, value = self.slots.pop(slot)
+            if tier != "disk":
+                held = value.numel() * value.element_size()
+                self.used[tier] -= 1 << max(0, held - 1).bit_length() if self.device.type == "cuda" else held
         if slot not in self.slots:
             tier = next((t for t in ("device", "host") if self.used[t] + nbytes <= self.budget[t]), "disk")
             if tier == "disk":
@@ -173,20 +180,32 @@ class ActivationStore:
             self._dir = None
 
 
+EXTRA_KEYS = 16   # store keys set aside per micro-batch for a layer's extra outputs
+
+
+def _extra_key(slot: int, i: int) -> int:
+    """The activation-store key of extra output I of micro-batch SLOT (negative: never a slot's)."""
+    return -(slot * EXTRA_KEYS + i) - 1
+
+
 class _Stubs:
     """Stand-ins for the decoder layers' forwards, so that the model's own forward computes each
     layer's arguments without running any layer. A layer that returns more than its hidden states
-    (GLM-5's DSA layers: the indexer's top-k, which the next layer may reuse) has those extras kept per
-    micro-batch (`keep`, on the CPU) and returned by the stubs, so that the next layer receives them."""
+    (GLM-5's DSA layers: the indexer's top-k, which the next layer may reuse) has its tensor extras
+    kept per micro-batch in the activation store (`keep`: the hidden states' budget and disk spill),
+    and the stub before the layer being captured returns them, so that the layer receives them;
+    the other stubs return None in their place (what they return only feeds other stubs)."""
 
     class Captured(Exception):
         def __init__(self, args, kwargs):
             self.args, self.kwargs = args, kwargs
 
-    def __init__(self, loaded):
-        self.loaded = loaded
+    STORED = object()   # an extra output held in the store
+
+    def __init__(self, loaded, store):
+        self.loaded, self.store = loaded, store
         self.mode, self.target, self.inject = "real", None, None
-        self.slot, self.extras = None, {}   # micro-batch slot -> the last layer run's extra outputs
+        self.slot, self.extras = None, {}   # micro-batch slot -> the last layer run's extras (STORED or values)
         for index, layer in enumerate(loaded.layers):
             layer.forward = self._stub(index, layer.forward)
 
@@ -201,13 +220,26 @@ class _Stubs:
             extras = self.extras.get(self.slot)
             if extras is None:
                 return value
-            return (value, *(e.to(value.device) if hasattr(e, "to") else e for e in extras))
+            if self.mode == "capture" and index == self.target - 1:
+                return (value, *(self.store.get(_extra_key(self.slot, i)) if e is _Stubs.STORED else e
+                                 for i, e in enumerate(extras)))
+            return (value, *(None for _ in extras))
         return forward
 
     def keep(self, slot, output) -> None:
         """The extra outputs (beyond the hidden states) of the layer just run on micro-batch SLOT."""
-        if isinstance(output, tuple) and len(output) > 1:
-            self.extras[slot] = tuple(e.detach().cpu() if hasattr(e, "detach") else e for e in output[1:])
+        if not (isinstance(output, tuple) and len(output) > 1):
+            return
+        if len(output) - 1 > EXTRA_KEYS:
+            raise RuntimeError(f"a decoder layer returned {len(output) - 1} extra outputs, more than {EXTRA_KEYS}")
+        kept = []
+        for i, extra in enumerate(output[1:]):
+            if hasattr(extra, "detach"):
+                self.store.put(_extra_key(slot, i), extra.detach(), replace=True)
+                kept.append(_Stubs.STORED)
+            else:
+                kept.append(extra)
+        self.extras[slot] = tuple(kept)
 
     def inputs(self, index: int, ids, slot=None):
         """(hidden states, other args, kwargs) the model passes to decoder layer INDEX for IDS (of
@@ -357,7 +389,7 @@ def _layer_inputs(batches, index: int, stubs, store, device):
 
 def _run_streamed(loaded, batches, capture, on_final, progress, offload_dir, timing, calibrate=None) -> None:
     store = ActivationStore.sized(loaded.device, offload_dir, keep_free=2 * loaded.largest_layer_bytes)
-    stubs = _Stubs(loaded)
+    stubs = _Stubs(loaded, store)
     reader = _LayerReader(loaded)
     total = sum(b.ids.numel() for b in batches)
     layers = len(loaded.layers)

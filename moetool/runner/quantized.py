@@ -208,8 +208,13 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
         # (a fused up_proj alone: experts without a gate, Nemotron-H)
         if fused and m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_UP, Role.EXPERT_DOWN) and m.expert is None \
                 and (m.layer, Role.EXPERT_DOWN, 0) in per_expert:
-            roles = (m.role,) if (m.layer, m.role, 0) in per_expert else \
-                (Role.EXPERT_GATE, Role.EXPERT_UP) if m.role == Role.EXPERT_GATE_UP else (Role.EXPERT_DOWN,)
+            if (m.layer, m.role, 0) in per_expert:
+                roles = (m.role,)
+            elif m.role == Role.EXPERT_GATE_UP:
+                roles = (Role.EXPERT_GATE, Role.EXPERT_UP)
+            else:
+                raise CheckpointFormatError(f"{tensor.name}: the checkpoint's quantization_config has no "
+                                            f"quantized experts for it")
             banks[target] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
                                         for e in range(tensor.shape[0])], transposed,
                                        own[target].shape[1:] if target in own else tensor.shape[1:], dtype)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from moetool.arch.families._shared import DEEPSEEK_V3_ROUTER, EMBED_AND_HEAD, QWEN_FUSED, keys
 from moetool.arch.schema import Config, Family, Role
+from moetool.errors import ConfigError
 
 
 def _num_shared(cfg: Config) -> int:
@@ -26,7 +27,14 @@ def _moe_layer(cfg: Config, layer: int) -> bool:
 
 
 def _conv_rows(cfg: Config) -> int:
-    return cfg["linear_num_heads"] * cfg["linear_head_dim"]
+    """Rows of each of q/k/v_conv1d: heads x head size, which hub configs keep in linear_attn_config
+    (KimiLinearConfig moves them to the top level; a config it saved has them there)."""
+    nested = cfg.get("linear_attn_config") or {}
+    heads, size = (cfg.get("linear_num_heads") or nested.get("num_heads"),
+                   cfg.get("linear_head_dim") or nested.get("head_dim"))
+    if not (isinstance(heads, int) and isinstance(size, int)):
+        raise ConfigError("config.json: Kimi Linear's linear_attn_config needs num_heads and head_dim")
+    return heads * size
 
 
 HUB, T5 = "model.layers.{L}.block_sparse_moe.", "model.layers.{L}.mlp."
