@@ -13,6 +13,7 @@ import moetool
 from moetool.checkpoint import open_checkpoint
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.evaluate import EvalOptions, evaluate
+from moetool.ops.inspect import inspect_checkpoint
 from moetool.runner.model import load_pretrained, model_class
 from tests.tiny import TINY, load_reference
 
@@ -60,8 +61,9 @@ def test_text_runs_equal_transformers_full_streamed_and_own_loader(tmp_path, tin
 
 
 def test_qwen3_vl_moe_hub_experts_are_transposed_and_convert_round_trips(tmp_path, tiny):
-    """The hub stores gate_up_proj [E, H, 2I] (transformers 5 holds [E, 2I, H]); per-expert (moetool's own
-    layout) and back is bit-identical, from either stored form, and the per-expert form runs as the hub's."""
+    """The hub stores gate_up_proj [E, H, 2I] (transformers 5 holds [E, 2I, H], and saves that); per-expert
+    (moetool's own layout) is the same from either stored form, back to fused gives the held form
+    bit for bit, every form runs as the hub's, and inspect finds no problem in any."""
     hub, held = tiny("qwen3_vl_moe"), tiny("qwen3_vl_moe", fused=True)
     text = TINY["qwen3_vl_moe"][1]["text_config"]
     name = "model.language_model.layers.0.mlp.experts.gate_up_proj"
@@ -79,8 +81,11 @@ def test_qwen3_vl_moe_hub_experts_are_transposed_and_convert_round_trips(tmp_pat
     assert torch.equal(per["model.language_model.layers.0.mlp.experts.1.up_proj.weight"], kept[1, inter:])
     with open_checkpoint(tmp_path / "per") as ckpt:
         convert(ckpt, tmp_path / "back", ConvertOptions(layout="fused"))
-    back, original = _tensors(tmp_path / "back"), _tensors(hub)
+    back, original = _tensors(tmp_path / "back"), _tensors(held)
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    for path in (hub, held, tmp_path / "per", tmp_path / "back"):
+        with open_checkpoint(path) as ckpt:
+            assert inspect_checkpoint(ckpt).problems == [], path
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     want = _logits(load_reference(hub, dtype=torch.float32).eval(), ids)
     for path in (tmp_path / "per", tmp_path / "back", held):
@@ -138,3 +143,33 @@ def test_mistral4_in_its_mistral3_wrapper(tmp_path):
     dense = _logits(load_reference(tmp_path / "d", dtype=torch.float32).eval(), ids)
     got = _logits(moetool.load_model(tmp_path / "q"), ids)
     assert (got - dense).abs().max() <= 1e-4 * dense.abs().max() and (dense - want).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("inter", [16, 32])   # hidden 32: gate_up [E, 32, 32] square, or down [E, 32, 32]
+def test_qwen3_vl_moe_square_experts_read_right_by_moetool(tmp_path, inter):
+    """Where H == 2I or H == I a stored stack cannot say its orientation (transformers' check_dims then
+    skips its transpose): moetool's per-expert copy of the model, fused again, quantized or not, still
+    runs the model itself, since moetool writes the held form."""
+    import copy
+
+    import transformers
+
+    from moetool.ops.quantize import QuantizeOptions, quantize
+    from moetool.runner.model import build_model
+
+    cls, kwargs = TINY["qwen3_vl_moe"]
+    kwargs = copy.deepcopy(kwargs)
+    kwargs["text_config"]["moe_intermediate_size"] = inter
+    torch.manual_seed(0)
+    model = build_model(getattr(transformers, cls)(**kwargs)).eval()
+    model.save_pretrained(tmp_path / "held")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = _logits(model, ids)
+    with open_checkpoint(tmp_path / "held") as ckpt:
+        convert(ckpt, tmp_path / "per", ConvertOptions(layout="per-expert"))
+    with open_checkpoint(tmp_path / "per") as ckpt:
+        convert(ckpt, tmp_path / "back", ConvertOptions(layout="fused"))
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g16-sym"))
+    for path in ("per", "back"):
+        assert (_logits(moetool.load_model(tmp_path / path), ids) - want).abs().max() <= 1e-5, path
+    assert (_logits(moetool.load_model(tmp_path / "q"), ids) - want).abs().max() <= 2e-3

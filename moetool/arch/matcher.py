@@ -322,6 +322,15 @@ def layer_of(name: str) -> int | None:
 
 _TOKEN_EMBEDDINGS = ("embed_tokens", ".wte.", "word_embeddings", "tok_embeddings", "embed_positions", ".wpe.")
 OTHER_MODALITIES = ("vision", "visual", "multi_modal_projector", "mm_projector", "audio", "image")
+# modules of a multimodal wrapper that are not its text model (their layer lists are never the decoder's)
+OTHER_TOWERS = ("visual", "vision", "audio", "talker", "code2wav", "sam_model")
+
+
+def in_other_tower(module_name: str) -> bool:
+    """Whether MODULE_NAME lies in a vision/audio/talker tower: a whole name component that is one of
+    OTHER_TOWERS or starts with one and "_" (vision_tower, audio_encoder)."""
+    return any(part == tower or part.startswith(tower + "_")
+               for part in module_name.split(".") for tower in OTHER_TOWERS)
 
 
 def generic_role(name: str) -> Role:

@@ -86,8 +86,11 @@ class _Head:
 
     def __init__(self, loaded):
         self.module = loaded.model.get_output_embeddings()
-        self.scale = getattr(loaded.model.config, "logits_scaling", None) or 1.0   # Granite divides logits
-        self.softcap = getattr(loaded.model.config, "final_logit_softcapping", None)   # Gemma 2: c * tanh(x / c)
+        config = loaded.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config   # a wrapper's text model
+        setting = lambda key: getattr(text, key, None) or getattr(config, key, None)  # noqa: E731
+        self.scale = setting("logits_scaling") or 1.0   # Granite divides logits
+        self.softcap = setting("final_logit_softcapping")   # Gemma 2: c * tanh(x / c)
 
     def logprobs(self, hidden):
         """(logits, log-softmax) of the predicting positions of HIDDEN [B, S, H] (all but the last),

@@ -811,7 +811,9 @@ def _check_experts_quantized(tally: _Tally, problems: list[Problem]) -> None:
 def _expected_shape(family: Family, dims: _Dims, role: Role, fused: bool) -> tuple[int, ...] | None:
     symbols = family.shapes.get(role)
     if symbols is not None and not fused and role in EXPERT_ROLES and symbols[0] == "E":
-        symbols = symbols[1:]   # one expert of a family whose shapes are given stacked (GPT-OSS)
+        # one expert of a family whose per-expert tensors are slices of its stacked ones (GPT-OSS); a
+        # family whose stored stacks transformers transposes has nn.Linear experts, of the default shapes
+        symbols = None if family.transposed_on_load else symbols[1:]
     if symbols is None:
         symbols = DEFAULT_SHAPES.get(role)
         if symbols is None:

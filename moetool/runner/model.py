@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from moetool.arch import Family, detect_family, get_family, unsupported_reason
-from moetool.arch.matcher import Classifier
+from moetool.arch.matcher import Classifier, in_other_tower
 from moetool.arch.schema import EXPERT_ROLES
 from moetool.checkpoint import Checkpoint
 from moetool.checkpoint.gguf_view import VIEW_KIND, runnable_family, transformers_view
@@ -91,10 +91,6 @@ def _is_module_list(module) -> bool:
     return isinstance(module, torch.nn.ModuleList)
 
 
-# modules of a multimodal wrapper that are not its text model: their layer lists are never the decoder's
-OTHER_TOWERS = ("visual", "vision", "audio", "talker", "code2wav", "sam_model")
-
-
 def _decoder_layers(model) -> tuple[str, object]:
     """The name and ModuleList of the decoder layers (model.layers, transformer.blocks, ...); for an
     encoder-decoder model, the encoder's and the decoder's layers in one list. The layers of a
@@ -103,7 +99,7 @@ def _decoder_layers(model) -> tuple[str, object]:
 
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)
              and name.rsplit(".", 1)[-1] in ("layers", "blocks", "block", "h")
-             and not any(tower in part for part in name.split(".") for tower in OTHER_TOWERS)]
+             and not in_other_tower(name)]
     if not lists:
         raise UnsupportedError("cannot find the decoder layers of this model")
     stacks = [(n, m) for n, m in lists if n.endswith(("encoder.block", "decoder.block", "encoder.layers",
