@@ -18,7 +18,8 @@ from tests.tiny import build_model, load_reference, moetool_model
 FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
             "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text", "lfm2_moe", "exaone_moe",
             "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared", "granitemoehybrid",
-            "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v3", "dbrx", "cohere2_moe", "afmoe",
+            "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "deepseek_v3",
+            "deepseek_v32", "dbrx", "cohere2_moe", "afmoe",
             "granitemoe_swa", "sarvam_moe", "gemma4_text", "qwen4_exp_text",
             "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
             "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
@@ -63,7 +64,7 @@ def _router_weights(model, family_name, layers):
 
 
 # families whose tiny router selects within the best of 2 groups: pruned with 8 experts, keeping 4
-GROUPED = ("deepseek_v3", "axk1", "beam", "bailing_hybrid", "mistral4")
+GROUPED = ("deepseek_v3", "deepseek_v32", "axk1", "beam", "bailing_hybrid", "mistral4")
 
 
 def _model(family):

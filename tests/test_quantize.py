@@ -207,7 +207,7 @@ def test_written_bnb4_experts_dequantize_like_bitsandbytes(tmp_path):
 
 
 FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
-            "deepseek_v3", "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text", "lfm2_moe", "exaone_moe",
+            "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text", "lfm2_moe", "exaone_moe",
             "dots1", "gpt_oss", "llama4_text", "granitemoe", "granitemoeshared",
             "granitemoehybrid", "phimoe", "jetmoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe", "switch_transformers",
             "nllb-moe", "cohere2_moe", "afmoe", "granitemoe_swa", "sarvam_moe", "gemma4_text", "qwen4_exp_text",

@@ -15,7 +15,8 @@ from tests.tiny import DENSE, TINY, build_model
 
 DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_transformers", "nllb-moe"))
 WRAPPERS = ("qwen3_vl_moe", "glm4v_moe")   # image-text models built whole: the text model under language_model
-BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.gate.e_score_correction_bias",
+BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "mlp.gate.e_score_correction_bias",
+          "glm4_moe": "mlp.gate.e_score_correction_bias",
           "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",
           "lfm2_moe": "feed_forward.expert_bias",
           "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
@@ -35,7 +36,8 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "glm4_moe": "mlp.ga
 def reference_experts(family: str, logits, layer_module, k: int, config) -> torch.Tensor:
     """The chosen experts (sorted per token) by the family's routing maths, from the router logits."""
     logits = logits.float()
-    if family in ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam",
+    if family in ("deepseek_v32",
+                  "deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam",
                   "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear", "nemotron_h", "mimo_v2_flash",
                   "bailing_hybrid", "dots3_note_text", "glm4v_moe"):
         bias = layer_module.get_buffer(BIASED[family])

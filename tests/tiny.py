@@ -117,6 +117,13 @@ TINY: dict[str, tuple[str, dict]] = {
                                            num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1,
                                            num_experts_per_tok=2, first_k_dense_replace=1, head_dim=8,
                                            n_group=1, topk_group=1, initializer_range=0.02)),
+    # DeepSeek-V3.2 (the deepseek_v3 family): DeepSeek-V3 with the DSA indexer in every layer
+    "deepseek_v32": ("DeepseekV32Config", dict(COMMON, num_key_value_heads=4, intermediate_size=24,
+                                               moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=4,
+                                               n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                                               kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4,
+                                               qk_nope_head_dim=4, v_head_dim=8, n_group=2, topk_group=1,
+                                               index_topk=4, index_head_dim=8, index_n_heads=2)),
     "glm_moe_dsa": ("GlmMoeDsaConfig", dict(COMMON, num_key_value_heads=4, intermediate_size=24,
                                             moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=4,
                                             n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
