@@ -23,7 +23,7 @@ FP32_ROUTERS = ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "lfm2_
                 "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
                 "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "kolibri1",
                 "dots3_note_text",
-                "glm4v_moe"]
+                "glm4v_moe", "glm5_next"]
 
 
 def _inspect(path):
