@@ -49,6 +49,12 @@ CASES = [
     ("dots3_note_text", {"shared_experts_intermediate_size": 1536}, ["shared_experts_intermediate_size"]),  # 1536
     ("mistral4", {"first_k_dense_replace": 0}, ["first_k_dense_replace"]),   # Mistral4Config: 0 (all MoE)
     ("mistral4", {}, ["n_shared_experts"]),                   # 1
+    # (a wrapper: the changes replace its text_config)
+    ("glm5_next", {"text_config": dict(TINY["glm5_next"][1]["text_config"], num_hidden_layers=4, mlp_layer_types=None,
+                                       layer_types=["linear_attention", "indexed_attention"] * 2,
+                                       indexer_types=["full"] * 4)},
+     ["mlp_layer_types"]),                                   # Glm5NextTextConfig: 3 dense layers
+    ("glm5_next", {}, ["n_shared_experts"]),                  # 1
 ]
 
 
@@ -58,8 +64,8 @@ def _saved(tmp_path, fixture, changes, dropped):
     model = moetool_model(getattr(transformers, cls)(**{**kwargs, **changes}))
     model.save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    for key in dropped:
-        config.pop(key)
+    for key in dropped:   # (a wrapper's from its text_config)
+        config.get("text_config", config).pop(key)
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     return tmp_path / "m", load_reference(tmp_path / "m", dtype=torch.float32)
 
@@ -71,7 +77,7 @@ def test_absent_keys_take_the_config_class_default(tmp_path, fixture, changes, d
         report = inspect_checkpoint(ckpt)
     assert report.problems == []
     assert report.total_params == sum(p.numel() for p in model.parameters())
-    layers = model.model.layers
+    layers = getattr(model.model, "language_model", model.model).layers
     assert report.moe_layers == [i for i, layer in enumerate(layers)
                                  if hasattr(getattr(layer, "mlp", None) or layer.feed_forward, "experts")]
     shared = [m for n, m in model.named_modules() if n.endswith(("shared_experts", "shared_expert"))]

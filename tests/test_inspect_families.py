@@ -44,7 +44,7 @@ STRUCTURE = {
     "bailing_hybrid": ([1, 2], 4, 2, 1), "laguna": ([1, 2], 4, 2, 1),
     "kolibri1": ([0, 1], 4, 2, 1),
     "qwen3_vl_moe": ([0, 2], 4, 2, 0), "glm4v_moe": ([1, 2], 4, 2, 1),
-    "mistral4": ([1, 2], 4, 2, 1),
+    "mistral4": ([1, 2], 4, 2, 1), "glm5_next": ([1, 2], 4, 2, 1),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
 SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa", "gemma4_text",

@@ -25,7 +25,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
             "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
             "minimax_m3_vl_text", "dots3_note_text",
-            "qwen3_vl_moe", "glm4v_moe", "mistral4"]
+            "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next"]
 
 
 @contextmanager
@@ -241,7 +241,8 @@ def test_merge_folds_removed_experts_into_the_most_similar(tmp_path, tiny):
                                                  profile=_profile_json(tmp_path, tiny("mixtral", fused=True))[0]))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "granitemoe", "qwen3_vl_moe", "glm4v_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "granitemoe", "qwen3_vl_moe", "glm4v_moe",
+                                    "glm5_next"])
 def test_global_scope_loads_with_moetool_and_matches_the_masked_original(tmp_path, family):
     import moetool
 

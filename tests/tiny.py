@@ -272,6 +272,17 @@ TINY: dict[str, tuple[str, dict]] = {
                                               mrope_section=[1, 1, 0])),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            patch_size=4, temporal_patch_size=1, spatial_merge_size=1, image_size=8))),
+    "glm5_next": ("Glm5NextConfig", dict(
+        text_config=dict(COMMON, num_key_value_heads=4, intermediate_size=24, moe_intermediate_size=16,
+                         num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                         mlp_layer_types=["dense", "sparse", "sparse"], kv_lora_rank=8, q_lora_rank=12,
+                         qk_nope_head_dim=8, v_head_dim=8, index_topk=8, index_head_dim=8, index_n_heads=2,
+                         index_kpool=4, indexer_types=["full", "full", "shared"],
+                         layer_types=["linear_attention", "indexed_attention", "indexed_attention"],
+                         linear_head_dim=8, linear_num_heads=4, hc_mult=2, hc_sinkhorn_iters=3, pad_token_id=0),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           projection_intermediate_size=32, patch_size=4, temporal_patch_size=1,
+                           spatial_merge_size=1, image_size=8))),
     # dense upcycling sources
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),

@@ -34,9 +34,18 @@ UNSUPPORTED: dict[str, str] = {
                       "checkpoint holds a second MoE decoder (the talker)",
     "step3p7": "Step 3.7's hub checkpoints store gate and up as separate stacked [E, I, H] tensors that "
                "transformers joins along their second axis on load",
+    "muse_spark_text": "Muse Spark's experts work in their own width (moe_hidden_size, entered by pre_expert_proj and "
+                       "left by post_expert_proj around them), each expert's output is normalised "
+                       "(experts.post_expert_norm) before it is weighted, and its router scales the logits by "
+                       "output_multiplier",
+    "hy_v4_vl_text": "HY4-VL's hub checkpoints store the experts fused but other tensors under names transformers "
+                     "renames on load (hy_v4's linear_gate, learnable_sink_param, hc_*; model. placed under "
+                     "model.language_model.), which moetool's own loaders do not do without a change of expert "
+                     "layout",
 }
 # wrappers whose text model is one of the above
-UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"]})
+UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"],
+                    "muse_spark": UNSUPPORTED["muse_spark_text"], "hy_v4_vl": UNSUPPORTED["hy_v4_vl_text"]})
 
 
 def unsupported_reason(config: Config | None) -> str | None:
