@@ -18,9 +18,9 @@ UNSUPPORTED: dict[str, str] = {
     "lara_mini": "LARA-mini's hub checkpoints store the experts fused but other tensors under names transformers "
                  "splits and renames on load (linear_attn.in_proj into four projections), which moetool's own "
                  "loaders do not yet do without a change of expert layout",
-    "hy_v4": "Hy4's hub experts are fused under other names than transformers 5's (linear_gate, "
-             "learnable_sink_param, hc_*), and its layers pass the previous layer's top-k and hyper-connection "
-             "streams to the next",
+    "hy_v4": "Hy4's hub experts are already fused, yet other tensors are under other names than transformers "
+             "5's (linear_gate, learnable_sink_param, hc_*), which moetool's own loaders rename only with a change "
+             "of expert layout",
     "inkling_text": "Inkling's router scores its shared experts as sinks in the same softmax as the routed ones "
                     "(router rows n_routed_experts + n_shared_experts, weighted by shared_gammas)",
     "inkling2_text": "Inkling 2's hub checkpoints interleave gate and up rows in one w13_weight, pad the "
