@@ -15,6 +15,11 @@ from tests.tiny import TINY, load_reference, moetool_model
 
 # (fixture, config changes before saving, keys then deleted from config.json)
 CASES = [
+    ("deepseek_v3", {"num_hidden_layers": 4, "first_k_dense_replace": 3}, ["first_k_dense_replace"]),   # 3 dense
+    ("deepseek_v3", {}, ["n_shared_experts"]),                               # 1
+    ("deepseek_v32", {"num_hidden_layers": 4, "first_k_dense_replace": 3, "mlp_layer_types": None},
+     ["first_k_dense_replace", "mlp_layer_types"]),                          # DeepseekV32Config: 3 dense layers
+    ("deepseek_v32", {"mlp_layer_types": ["dense", "sparse", "dense"]}, []),   # mlp_layer_types decides
     ("sarvam_moe", {}, ["first_k_dense_replace"]),           # SarvamMoEConfig: 1
     ("sarvam_moe", {}, ["n_shared_experts"]),                # 1
     ("sarvam_moe", {"num_key_value_heads": 4, "head_dim": 64}, ["num_key_value_heads", "head_dim"]),   # 4, 64

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import moetool
-from moetool.arch import detect_family
+from moetool.arch import detect_family, get_family
 from moetool.arch.matcher import Classifier
 from moetool.checkpoint import open_checkpoint
 from moetool.ops.convert import ConvertOptions, convert
@@ -375,3 +375,15 @@ def test_kimi_linear_hub_config_keeps_linear_attention_settings_nested(tmp_path)
         convs = {name: ref.shape for name, ref in ckpt.tensors.items() if "conv1d" in name}
     assert convs and all(shape[0] == heads * size for shape in convs.values())
     assert {name.rsplit(".", 2)[-2] for name in convs} == {"q_conv1d", "k_conv1d", "v_conv1d"}
+
+
+@pytest.mark.parametrize("family, cls", [("kimi_linear", "KimiLinearConfig"), ("glm5_next", "Glm5NextTextConfig")])
+def test_conv_rows_are_read_as_transformers_reads_them(family, cls):
+    """q/k/v_conv1d rows (heads x head size): linear_attn_config first, then the top-level keys, then
+    the config class's defaults, as transformers' config classes read them."""
+    rows = get_family(family).row_joins[0][1][0][1]
+    for raw in ({}, {"linear_num_heads": 32, "linear_head_dim": 64},
+                {"linear_num_heads": 32, "linear_head_dim": 128,
+                 "linear_attn_config": {"num_heads": 16, "head_dim": 64}}):
+        config = getattr(transformers, cls)(**raw)
+        assert rows(raw) == config.linear_num_heads * config.linear_head_dim, raw

@@ -21,6 +21,7 @@ FAMILY = replace(
     is_moe_layer=mlp_layer_types(first_dense=3),
     shared_ffn=None, num_shared=None,
     mtp=False,
+    defaults=(),   # none of DeepSeek-V3's: its config class's own apply
     notes="gated attention (gate_proj, gate_bias); sliding attention with RoPE, full attention without; "
           "final logit soft-capping",
 )

@@ -15,7 +15,7 @@ from moetool.arch.schema import Family, Role
 
 FAMILY = Family(
     name="deepseek_v3",
-    model_types=("deepseek_v3", "deepseek_v32", "kimi_k2"),
+    model_types=("deepseek_v3", "kimi_k2"),
     title="DeepSeek-V3 / R1 / Kimi-K2",
     router=DEEPSEEK_V3_ROUTER,
     keys=keys(num_experts=("n_routed_experts", "num_local_experts"), top_k=("num_experts_per_tok",),
@@ -30,6 +30,7 @@ FAMILY = Family(
     buffers=frozenset({Role.ROUTER_CORRECTION}),
     fp32_roles=frozenset({Role.ROUTER, Role.ROUTER_CORRECTION}),
     mtp=True,
+    defaults=(("first_k_dense_replace", 3), ("n_shared_experts", 1)),   # DeepseekV3Config's
     min_kept=(2, "its router ranks expert groups by their best two experts (n_group 1 included)"),
     notes="multi-head latent attention (MLA); layers past num_hidden_layers are MTP modules",
 )

@@ -42,5 +42,6 @@ FAMILY = replace(
     is_moe_layer=exaone_moe_layer,
     shared_ffn=shared_ffn,
     num_shared=num_shared,
+    defaults=(),   # none of DeepSeek-V3's: its config class's own apply
     notes="sliding-window and full attention layers; mtp.* tensors are ignored by transformers",
 )

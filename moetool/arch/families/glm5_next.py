@@ -12,6 +12,7 @@ from dataclasses import replace
 from moetool.arch.families._shared import in_wrapper, mlp_layer_types
 from moetool.arch.families.deepseek_v3 import FAMILY as DEEPSEEK_V3
 from moetool.arch.families.kimi_linear import FAMILY as KIMI_LINEAR
+from moetool.arch.families.kimi_linear import conv_joins, conv_rows
 
 HC = tuple((f".hc_{block}_{part}", f".{block}_hc.{part}") for block in ("attn", "ffn")
            for part in ("fn", "base", "scale"))
@@ -27,7 +28,7 @@ FAMILY = in_wrapper(
     fp32_suffixes=("conv1d.weight", ".dt_bias", ".A_log", ".attn_hc.base", ".attn_hc.scale", ".ffn_hc.base",
                    ".ffn_hc.scale", ".hc_attn_base", ".hc_attn_scale", ".hc_ffn_base", ".hc_ffn_scale"),
     renames=KIMI_LINEAR.renames + HC,
-    row_joins=KIMI_LINEAR.row_joins,
+    row_joins=conv_joins(conv_rows(64, 128)),   # Glm5NextTextConfig's defaults
     notes="image-text wrapper; clamped SwiGLU experts; Kimi Delta Attention and DSA-indexed MLA layers; "
           "hyper-connections (hc_mult streams between layers); vision tensors (model.visual.*) are not the "
           "text model's; layers past num_hidden_layers are MTP modules",

@@ -3,6 +3,7 @@ experts, leading dense layers by mlp_layer_types) under Kimi Delta Attention (li
 hub keeps Mixtral-style names (block_sparse_moe, w1/w2/w3), the forget gate's tensors on the attention and
 q/k/v_conv1d apart; transformers renames them and concatenates the convolutions into conv1d."""
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from moetool.arch.families._shared import DEEPSEEK_V3_ROUTER, EMBED_AND_HEAD, QWEN_FUSED, keys
@@ -26,15 +27,24 @@ def _moe_layer(cfg: Config, layer: int) -> bool:
     return layer >= (cfg.get("first_k_dense_replace") or 0)
 
 
-def _conv_rows(cfg: Config) -> int:
-    """Rows of each of q/k/v_conv1d: heads x head size, which hub configs keep in linear_attn_config
-    (KimiLinearConfig moves them to the top level; a config it saved has them there)."""
-    nested = cfg.get("linear_attn_config") or {}
-    heads, size = (cfg.get("linear_num_heads") or nested.get("num_heads"),
-                   cfg.get("linear_head_dim") or nested.get("head_dim"))
-    if not (isinstance(heads, int) and isinstance(size, int)):
-        raise ConfigError("config.json: Kimi Linear's linear_attn_config needs num_heads and head_dim")
-    return heads * size
+def conv_rows(heads: int, head_dim: int) -> Callable[[Config], int]:
+    """Rows of each of q/k/v_conv1d: heads x head size, read as transformers reads them (linear_attn_config,
+    where hub configs keep them, then the top level, where a config transformers saved has them, then
+    the config class's defaults HEADS and HEAD_DIM)."""
+    def rows(cfg: Config) -> int:
+        nested = cfg.get("linear_attn_config") or {}
+        values = [nested.get(key, cfg.get(top, default))
+                  for key, top, default in (("num_heads", "linear_num_heads", heads),
+                                            ("head_dim", "linear_head_dim", head_dim))]
+        if not all(isinstance(v, int) and v > 0 for v in values):
+            raise ConfigError(f"config.json: linear attention heads and head size {values} are not positive integers")
+        return values[0] * values[1]
+    return rows
+
+
+def conv_joins(rows: Callable[[Config], int]) -> tuple:
+    """The hub's q/k/v_conv1d joined into transformers' conv1d, ROWS each."""
+    return ((".self_attn.conv1d.", tuple((f".self_attn.{x}_conv1d.", rows) for x in "qkv")),)
 
 
 HUB, T5 = "model.layers.{L}.block_sparse_moe.", "model.layers.{L}.mlp."
@@ -72,7 +82,6 @@ FAMILY = Family(
     defaults=(("first_k_dense_replace", 1),),
     renames=tuple((f".self_attn.{n}", f".self_attn.forget_gate.{n}") for n in ("f_a_proj.", "f_b_proj.", "dt_bias",
                                                                               "A_log")),
-    row_joins=((".self_attn.conv1d.", ((".self_attn.q_conv1d.", _conv_rows), (".self_attn.k_conv1d.", _conv_rows),
-                                       (".self_attn.v_conv1d.", _conv_rows))),),
+    row_joins=conv_joins(conv_rows(32, 128)),   # KimiLinearConfig's defaults
     notes="Kimi Delta Attention (linear) and MLA layers; MoE layers by mlp_layer_types",
 )
