@@ -215,7 +215,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
             "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
             "minimax_m3_vl_text", "dots3_note_text",
-            "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next"]
+            "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
+            "hy_v4", "lara_mini"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -26,7 +26,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "ml
           "nemotron_h": "mixer.gate.e_score_correction_bias", "mimo_v2_flash": "mlp.gate.e_score_correction_bias",
           "bailing_hybrid": "mlp.gate.e_score_correction_bias", "laguna": "mlp.gate.e_score_correction_bias",
           "kolibri1": "mlp.gate.e_score_correction_bias", "glm4v_moe": "mlp.gate.e_score_correction_bias",
-          "glm5_next": "mlp.gate.e_score_correction_bias",
+          "glm5_next": "mlp.gate.e_score_correction_bias", "hy_v4": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias",
           "hy_v3": "mlp.e_score_correction_bias",
@@ -41,7 +41,7 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
     if family in ("deepseek_v32",
                   "deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam",
                   "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear", "nemotron_h", "mimo_v2_flash",
-                  "bailing_hybrid", "dots3_note_text", "glm4v_moe", "glm5_next"):
+                  "bailing_hybrid", "dots3_note_text", "glm4v_moe", "glm5_next", "hy_v4"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
         groups, per = config.n_group, logits.shape[-1] // config.n_group

@@ -15,12 +15,6 @@ UNSUPPORTED: dict[str, str] = {
             "zero-compute skip expert",
     "ernie4_5_vl_moe": "ERNIE 4.5 VL holds two MoE blocks a layer (text and vision, with different expert sizes), "
                        "tokens sent to one or the other by their token type",
-    "lara_mini": "LARA-mini's hub checkpoints store the experts fused but other tensors under names transformers "
-                 "splits and renames on load (linear_attn.in_proj into four projections), which moetool's own "
-                 "loaders do not yet do without a change of expert layout",
-    "hy_v4": "Hy4's hub experts are already fused, yet other tensors are under other names than transformers "
-             "5's (linear_gate, learnable_sink_param, hc_*), which moetool's own loaders rename only with a change "
-             "of expert layout",
     "inkling_text": "Inkling's router scores its shared experts as sinks in the same softmax as the routed ones "
                     "(router rows n_routed_experts + n_shared_experts, weighted by shared_gammas)",
     "inkling2_text": "Inkling 2's hub checkpoints interleave gate and up rows in one w13_weight, pad the "
@@ -38,10 +32,10 @@ UNSUPPORTED: dict[str, str] = {
                        "left by post_expert_proj around them), each expert's output is normalised "
                        "(experts.post_expert_norm) before it is weighted, and its router scales the logits by "
                        "output_multiplier",
-    "hy_v4_vl_text": "HY4-VL's hub checkpoints store the experts fused but other tensors under names transformers "
-                     "renames on load (hy_v4's linear_gate, learnable_sink_param, hc_*; model. placed under "
-                     "model.language_model.), which moetool's own loaders do not do without a change of expert "
-                     "layout",
+    "hy_v4_vl_text": "HY4-VL's hub checkpoints hold its text model under model. (transformers moves it under "
+                     "model.language_model. on load) with hy_v4's renames chained onto that move (linear_gate, "
+                     "learnable_sink_param, hc_pre.hc_*), names moetool's templates and one-rename-per-tensor "
+                     "Family.renames cannot express at once",
 }
 # wrappers whose text model is one of the above
 UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"],

@@ -41,6 +41,9 @@ class PlanOptions:
     max_shard_size: int = 5_000_000_000
     dequantize: bool = False
     cast_fp32_roles: bool = False       # also cast router tensors a family keeps in fp32
+    # name every tensor as transformers 5 holds it (the family's hub renames, row splits and joins), the
+    # expert layout changed or not: the runner's loaders, never convert (which keeps the checkpoint's names)
+    model_names: bool = False
 
 
 @dataclass
@@ -55,6 +58,7 @@ class TensorPlan:
     files: list[Path]                   # copied as they are (tokenizer, generation config, ...)
     actions: dict[str, int] = field(default_factory=dict)   # what was done, counted
     notes: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)   # output name -> the checkpoint's, of renamed tensors
 
     @property
     def output_bytes(self) -> int:
@@ -95,6 +99,7 @@ class _Planner:
         self.actions: dict[str, int] = defaultdict(int)
         self.notes: list[str] = []
         self.out: list[OutputTensor] = []
+        self.renamed: dict[str, str] = {}   # output name -> source name (Family.renames)
         self.config_dequantized = dequantized   # the config's quantization_config goes (set as weights are)
 
     # -- helpers
@@ -162,7 +167,8 @@ class _Planner:
                     groups_done.add(m.layer)
                     self._convert_expert_group(entries, m.layer, source_layout, target_layout)
                 continue
-            if changing and m.layout is None and self._hub_named(entry, by_name, target_layout):
+            if m.layout is None and (changing or self.options.model_names) and \
+                    self._hub_named(entry, by_name, "fused" if self.options.model_names else target_layout):
                 continue
             if changing and m.layout == source_layout and not m.guessed:
                 name = self.name_for(entry.name, m.role, target_layout, m.layer, m.expert)
@@ -237,6 +243,7 @@ class _Planner:
         for hub, infix in fam.renames:
             old, new = (hub, infix) if fused else (infix, hub)
             if old in name:
+                self.renamed[name.replace(old, new)] = name
                 self.emit(name.replace(old, new), dtype, entry.ref.shape, tensor_pieces(entry.ref, dtype), "copied",
                           entry.ref.dtype)
                 self.actions["renamed"] += 1
@@ -517,7 +524,8 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
         planner.notes.append("the fused layout loads in transformers 5 only (transformers 4 reads per-expert)")
     shards = plan_shards(planner.out, options.max_shard_size)
     return TensorPlan(ckpt.source, planner.family.name if planner.family else None, source_layout,
-                       target_layout, planner.out, shards, config, files, dict(planner.actions), planner.notes)
+                       target_layout, planner.out, shards, config, files, dict(planner.actions), planner.notes,
+                       planner.renamed)
 
 
 def _edited_config(ckpt: Checkpoint, planner: _Planner, options: PlanOptions) -> dict[str, Any] | None:

@@ -340,7 +340,8 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     layout = _target_layout(ckpt, family)
-    plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=_quantized(ckpt)))
+    plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=_quantized(ckpt),
+                                           model_names=True))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     plan.tensors = _named_as_model(plan.tensors, family, own)
     prefix, layers = _decoder_layers(model)
@@ -414,7 +415,7 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
 
     config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
     layout = _target_layout(ckpt, family)
-    plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt)))
+    plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt), model_names=True))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     plan.tensors = _named_as_model(plan.tensors, family, own)
     fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)

@@ -173,7 +173,7 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     classifier = Classifier(family, offset)
     fused = "fused" in family.layouts
     # (a compressed-tensors checkpoint's packed weights are planned as the float weights they hold)
-    plan = plan_tensors(ckpt, PlanOptions(layout="fused" if fused else None, dequantize=True))
+    plan = plan_tensors(ckpt, PlanOptions(layout="fused" if fused else None, dequantize=True, model_names=True))
 
     def weight(name: str) -> QuantizedWeight:
         fmt, shape = formats[name], _shape(ckpt, name, formats[name])
@@ -218,8 +218,8 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
             banks[target] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
                                         for e in range(tensor.shape[0])], transposed,
                                        own[target].shape[1:] if target in own else tensor.shape[1:], dtype)
-        elif tensor.name in formats:
-            linears[target] = weight(tensor.name)
+        elif plan.renamed.get(tensor.name, tensor.name) in formats:   # (quantized under its hub name)
+            linears[target] = weight(plan.renamed.get(tensor.name, tensor.name))
         elif target in own:   # floating tensors in DTYPE, but those transformers keeps in fp32 (routers)
             held = as_model_shape(replace(tensor, name=target), family, own)
             state[target] = materialize(held).to(device=device, dtype=(
