@@ -42,3 +42,34 @@ def test_a_dtype_only_convert_keeps_the_hub_names(tmp_path, tiny, family):
         convert(ckpt, tmp_path / "out", ConvertOptions(dtype="bf16"), verify=False)
     with open_checkpoint(tmp_path / "out") as out:
         assert set(out.tensors) == names
+
+
+def _renaming_families() -> list[str]:
+    """The tiny families whose hub names differ from transformers 5's beyond the expert templates."""
+    from moetool.arch import get_family
+    from tests.tiny import TINY
+
+    out = []
+    for fixture in TINY:
+        family = detect_family({"model_type": fixture})
+        if family is not None and (family.renames or family.row_splits or family.row_joins or family.row_shards):
+            out.append(fixture)
+    assert get_family("axk1").renames   # (the list below is not empty by accident)
+    return sorted(out)
+
+
+@pytest.mark.parametrize("family", _renaming_families())
+def test_checkpoints_transformers_saved_fused_load_unrenamed(tiny, family):
+    """A checkpoint transformers saved fused has transformers 5's names already: the loaders rename
+    nothing (A.X-K1's hub .post_mlp_layernorm. is a part of its own target, .mlp.post_mlp_layernorm.),
+    and the planned model's logits are transformers' own."""
+    path = tiny(family, fused=True)
+    with open_checkpoint(path) as ckpt:
+        plan = plan_tensors(ckpt, PlanOptions(model_names=True))
+        assert plan.actions.get("renamed", 0) == 0 and not plan.renamed
+        model = _load_planned(ckpt, detect_family(ckpt.config), dtype=torch.float32, device="cpu",
+                              trust_remote_code=False)
+    reference = load_reference(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)

@@ -242,6 +242,8 @@ class _Planner:
                 return True
         for hub, infix in fam.renames:
             old, new = (hub, infix) if fused else (infix, hub)
+            if old in new and new in name:   # named so already (A.X-K1's .post_mlp_layernorm. -> .mlp.<it>)
+                continue
             if old in name:
                 self.renamed[name.replace(old, new)] = name
                 self.emit(name.replace(old, new), dtype, entry.ref.shape, tensor_pieces(entry.ref, dtype), "copied",
