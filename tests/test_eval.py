@@ -176,3 +176,24 @@ def test_non_finite_logits_are_an_error_not_a_result(tmp_path, tiny, token_file,
     proc = subprocess.run([sys.executable, "-m", "moetool", "eval", str(model), "--reference", str(reference),
                            "--token-ids", str(token_file), "--seq-len", "30"], capture_output=True, text=True)
     assert proc.returncode == 6 and "not finite" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tokens_the_reference_rules_out_add_no_divergence():
+    """A reference logit of -inf (a masked vocabulary entry) has probability 0: it adds 0 to the KL,
+    not NaN (0 x -inf); the KL is the sum over the other tokens, as scipy's rel_entr defines it."""
+    from moetool.ops.evaluate import _Metrics
+
+    class Head:   # a head whose logits are given: one chunk of 3 predicted tokens over 4 entries
+        def __init__(self, logits):
+            self.logits = logits
+
+        def logprobs(self, hidden):
+            yield self.logits, torch.log_softmax(self.logits, -1)
+
+    ref = torch.tensor([[1.0, 2.0, float("-inf"), 0.5], [0.0, 0.0, 0.0, 0.0], [3.0, float("-inf"), 1.0, 1.0]])
+    model = torch.tensor([[1.5, 1.0, 0.3, 0.5], [0.2, 0.1, 0.0, 0.4], [2.0, 0.5, 1.0, 1.5]])
+    metrics = _Metrics(torch.device("cpu"), 1, per_sequence=False)
+    metrics.add(Head(model), None, torch.tensor([[1, 2, 3]]), 0, Head(ref), None)
+    p, q = torch.softmax(ref.double(), -1), torch.softmax(model.double(), -1)
+    expected = sum(float(pi * (pi / qi).log()) for row_p, row_q in zip(p, q) for pi, qi in zip(row_p, row_q) if pi > 0)
+    assert float(metrics.kl_sum) == pytest.approx(expected, rel=1e-5)

@@ -143,7 +143,9 @@ class _Metrics:
             if ref_stream is not None:
                 ref_logits, ref_lp = (t.to(device) for t in next(ref_stream))
                 self.ref_nll -= ref_lp.gather(1, target).double().sum()
-                kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0)
+                # tokens the reference gives probability 0 (a -inf logit: a masked vocabulary) add 0, not NaN
+                terms = torch.where(ref_lp > float("-inf"), ref_lp.exp() * (ref_lp - lp), 0.0)
+                kl = terms.sum(-1).clamp_min(0)
                 per_token["kl"].append(kl.double())
                 self.kl_hist += _kl_bins(kl, self.kl_hist.numel())
                 self.kl_max = torch.maximum(self.kl_max, kl.max().double())
