@@ -23,7 +23,7 @@ BOTH_LAYOUTS = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "q
                 "cohere2_moe", "afmoe", "sarvam_moe", "qwen4_exp_text",
                 "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
                 "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
-                "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
+                "nemotron_h", "nemotron_h-latent", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
                 "dots3_note_text",
                 "glm4v_moe", "glm5_next"]
 

@@ -31,7 +31,8 @@ def run(path, token_file, reference=None, **kw):
             return evaluate(ckpt, options, ref)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe", "llama"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe", "llama",
+                                    "nemotron_h-latent"])
 def test_perplexity_is_exp_of_transformers_mean_nll(tiny, token_file, family):
     report = run(tiny(family), token_file)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny(family), dtype=torch.float32).eval()
@@ -99,7 +100,8 @@ def test_standard_errors_and_per_sequence_figures_against_transformers(tmp_path,
     assert run(src, one).nll_stderr is None
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "gemma2"])   # a dense model too: an upcycle's reference
+# a dense model too (an upcycle's reference), and Nemotron-H's latent MoE
+@pytest.mark.parametrize("family", ["deepseek_v3", "gemma2", "nemotron_h-latent"])
 def test_streamed_matches_full(tiny, token_file, family):
     full = run(tiny(family), token_file, mode="full")
     streamed = run(tiny(family), token_file, mode="streamed")

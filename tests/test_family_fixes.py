@@ -387,3 +387,47 @@ def test_conv_rows_are_read_as_transformers_reads_them(family, cls):
                  "linear_attn_config": {"num_heads": 16, "head_dim": 64}}):
         config = getattr(transformers, cls)(**raw)
         assert rows(raw) == config.linear_num_heads * config.linear_head_dim, raw
+
+
+# ---------------------------------------------------------------- Nemotron-H's latent MoE (Nemotron 3 Super)
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nemotron_h_latent_experts_have_the_latent_shapes_and_are_counted(tmp_path, fused):
+    model = build_variant("nemotron_h-latent")
+    model.save_pretrained(tmp_path / "m", save_original_format=not fused)
+    report = _inspect(tmp_path / "m")
+    mixers = [model.model.layers[i].mixer for i in report.moe_layers]
+    latent = model.config.moe_latent_size
+    assert report.problems == [], report.problems
+    assert report.layout == ("fused" if fused else "per-expert")
+    assert report.moe_layers == [1, 3] and report.expert_ffn == model.config.moe_intermediate_size
+    assert mixers[0].experts.up_proj.shape[-1] == latent != model.config.hidden_size   # transformers' latent experts
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.params["routed_experts"] == sum(_numel(m.experts) for m in mixers)
+    assert report.params["shared_experts"] == sum(_numel(m.shared_experts) for m in mixers)
+    # active: the latent projections always, the routed experts top_k of num_experts
+    routed = report.params["routed_experts"]
+    embedding = report.params["embedding"] * (not report.tied_embeddings)
+    inactive = routed - routed * report.top_k // report.num_experts
+    assert report.active_params == report.total_params - embedding - inactive
+    # the shapes are checked against moe_latent_size (a config that disagrees is reported)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "moe_latent_size": latent + 8}))
+    assert [p.code for p in _inspect(tmp_path / "m").problems] == ["bad_shape"]
+
+
+def test_nemotron_h_latent_moe_loads_with_transformers_logits(tmp_path):
+    model = build_variant("nemotron_h-latent")
+    model.save_pretrained(tmp_path / "m")
+    got = moetool.load_model(tmp_path / "m")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_nemotron_h_latent_moe_refuses_gptq(tiny, tmp_path):
+    from moetool.errors import UnsupportedError
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    with open_checkpoint(tiny("nemotron_h-latent")) as ckpt, pytest.raises(UnsupportedError, match="latent"):
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4-g8-sym", method="gptq"))

@@ -182,6 +182,49 @@ def test_saliency_against_expert_outputs_computed_by_hand(tiny, token_file):
     torch.set_grad_enabled(True)
 
 
+def test_latent_saliency_is_measured_where_the_experts_output_joins_the_hidden_states(tiny, token_file):
+    """Nemotron-H's latent MoE (Nemotron 3 Super): ||w * fc2_latent_proj.weight @ expert(fc1_latent_proj(x))||,
+    the expert's contribution to the hidden states, not its norm in the latent space."""
+    import transformers
+
+    path = tiny("nemotron_h-latent")
+    report = run(path, token_file, saliency=True, seq_len=40, max_tokens=200)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(json.loads(token_file.read_text())[:200]).reshape(5, 40)
+    inputs = {}
+    hooks = [model.model.layers[i].mixer.experts.register_forward_hook(
+        lambda m, a, o, i=i: inputs.__setitem__(i, a)) for i in (layer.layer for layer in report.layers)]
+    with torch.no_grad():
+        model.model(ids)
+    for h in hooks:
+        h.remove()
+    torch.set_grad_enabled(False)
+    for layer in report.layers:
+        latent, index, weights = inputs[layer.layer]
+        mixer = model.model.layers[layer.layer].mixer
+        assert latent.shape[-1] == model.config.moe_latent_size
+        totals, count = torch.zeros(2, 4, dtype=torch.float64), torch.zeros(4)
+        for t in range(latent.shape[0]):
+            for j in range(index.shape[1]):
+                e = int(index[t, j])
+                y = weights[t, j] * (mixer.experts.down_proj[e] @ torch.relu(mixer.experts.up_proj[e] @ latent[t]) ** 2)
+                totals[0, e] += float((mixer.fc2_latent_proj.weight @ y).norm())
+                totals[1, e] += float(y.norm())
+                count[e] += 1
+        want, in_latent = (totals / count.clamp_min(1)).tolist()
+        assert layer.saliency == pytest.approx(want, rel=1e-4)
+        assert layer.saliency != pytest.approx(in_latent, rel=1e-2)   # the test can fail
+    torch.set_grad_enabled(True)
+
+
+def test_latent_saliency_of_streamed_mode_is_full_mode_s(tiny, token_file):
+    """Streamed mode loads each layer as it runs: the latent projection's weight is read then."""
+    full = run(tiny("nemotron_h-latent"), token_file, saliency=True, mode="full", max_tokens=200)
+    streamed = run(tiny("nemotron_h-latent"), token_file, saliency=True, mode="streamed", max_tokens=200)
+    for a, b in zip(full.layers, streamed.layers, strict=True):
+        assert b.saliency == pytest.approx(a.saliency, rel=1e-6) and sum(a.saliency) > 0
+
+
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "granitemoe", "jamba", "qwen2_moe"])
 def test_saliency_runs_for_families_with_an_experts_module(tiny, token_file, family):
     report = run(tiny(family), token_file, saliency=True, max_tokens=400)

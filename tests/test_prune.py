@@ -23,7 +23,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "granitemoe_swa", "sarvam_moe", "gemma4_text", "qwen4_exp_text",
             "hy_v3", "axk1", "flint", "mellum", "beam", "axk2",
             "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
-            "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
+            "nemotron_h", "nemotron_h-latent", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
             "minimax_m3_vl_text", "dots3_note_text",
             "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
             "hy_v4", "lara_mini"]

@@ -14,6 +14,7 @@ from moetool.runner.model import load_model
 from tests.tiny import DENSE, TINY, build_model
 
 DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_transformers", "nllb-moe"))
+DECODER_MOE.append("nemotron_h-latent")   # Nemotron-H's latent MoE (tests/tiny.py VARIANTS)
 # image-text models built whole: the text model under language_model
 WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next")
 BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "mlp.gate.e_score_correction_bias",
@@ -23,7 +24,9 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "ml
           "dots1": "mlp.gate.e_score_correction_bias", "sarvam_moe": "mlp.gate.e_score_correction_bias",
           "glm_moe_dsa": "mlp.gate.e_score_correction_bias", "solar_open": "mlp.gate.e_score_correction_bias",
           "sarvam_mla": "mlp.gate.e_score_correction_bias", "kimi_linear": "mlp.gate.e_score_correction_bias",
-          "nemotron_h": "mixer.gate.e_score_correction_bias", "mimo_v2_flash": "mlp.gate.e_score_correction_bias",
+          "nemotron_h": "mixer.gate.e_score_correction_bias",
+          "nemotron_h-latent": "mixer.gate.e_score_correction_bias",
+          "mimo_v2_flash": "mlp.gate.e_score_correction_bias",
           "bailing_hybrid": "mlp.gate.e_score_correction_bias", "laguna": "mlp.gate.e_score_correction_bias",
           "kolibri1": "mlp.gate.e_score_correction_bias", "glm4v_moe": "mlp.gate.e_score_correction_bias",
           "glm5_next": "mlp.gate.e_score_correction_bias", "hy_v4": "mlp.gate.e_score_correction_bias",
@@ -40,7 +43,8 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
     logits = logits.float()
     if family in ("deepseek_v32",
                   "deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam",
-                  "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear", "nemotron_h", "mimo_v2_flash",
+                  "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear", "nemotron_h", "nemotron_h-latent",
+                  "mimo_v2_flash",
                   "bailing_hybrid", "dots3_note_text", "glm4v_moe", "glm5_next", "hy_v4"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias

@@ -307,12 +307,13 @@ DENSE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"}
 
 
 def build_model(family: str, seed: int = 0):
-    """Instantiate the tiny transformers model of FAMILY with random weights."""
+    """Instantiate the tiny transformers model of FAMILY (or of a VARIANTS name) with random weights."""
     import torch
     import transformers
 
+    family, changes = VARIANTS.get(family, (family, {}))
     cls_name, kwargs = TINY[family]
-    config = getattr(transformers, cls_name)(**kwargs)
+    config = getattr(transformers, cls_name)(**{**kwargs, **changes})
     if family == "dbrx":  # transformers 5.24 reads attn_config.rope_theta, which the class never sets
         config.attn_config.rope_theta = 10000.0
     torch.manual_seed(seed)
@@ -328,6 +329,11 @@ def build_model(family: str, seed: int = 0):
             for name, weight in model.named_parameters():
                 if name.endswith(("router.per_expert_scale", "router.scale")):
                     weight.uniform_(0.5, 1.5)
+    if changes.get("moe_latent_size"):  # latent projections of unit gain: the routed experts' part is not lost
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if "_latent_proj." in name:
+                    weight.normal_(0.0, weight.shape[1] ** -0.5)
     return model.eval()
 
 
@@ -388,6 +394,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "phimoe-k1": ("phimoe", dict(num_experts_per_tok=1)),
     # Gemma 4 without enable_moe_block (E2B, E4B, 31B): no router or experts, the MLP alone
     "gemma4_text-dense": ("gemma4_text", dict(enable_moe_block=False)),
+    # Nemotron 3 Super's latent MoE: the routed experts work in moe_latent_size, between fc1/fc2_latent_proj
+    "nemotron_h-latent": ("nemotron_h", dict(moe_latent_size=24)),
 }
 
 

@@ -87,7 +87,8 @@ DENSE_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "dense_mlp")
 MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION, Role.ROUTER_SCALE,
                                   Role.MOE_OUTPUT_BIAS}
 
-# Expected shapes, in symbols: H hidden, I expert FFN, S shared FFN, D dense FFN,
+# Expected shapes, in symbols: H hidden, X the routed experts' input and output size (the family's
+# "expert_hidden" key where the experts work in a latent space, else H), I expert FFN, S shared FFN, D dense FFN,
 # E routed experts, V vocabulary. Expert roles are given per expert; a template
 # without {E} (fused layout) holds all experts, so "E" is prepended.
 DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
@@ -213,6 +214,9 @@ class Family:
     # the experts module, called as experts(hidden [T,H], index [T,k], weights [T,k]) -> [T,H]
     # (for saliency); None where the family's experts take another form
     experts_module: str | None = "model.layers.{L}.mlp.experts"
+    # a Linear the experts' output passes through before it joins the hidden states (Nemotron-H's latent MoE:
+    # fc2_latent_proj; an nn.Identity where the config has no latent space): saliency is measured after it
+    experts_output_module: str | None = None
     # transformers' eager experts forward indexes a fused expert tensor one expert at a time
     # (gate_up_proj[e]); False where it multiplies the whole stack at once (Llama 4's bmm)
     experts_indexed: bool = True

@@ -136,6 +136,7 @@ class _Dims:
     experts: int | None = None
     top_k: int | list[int] | None = None
     expert_ffn: int | None = None
+    expert_hidden: int | None = None   # X: the routed experts' input/output size where not H (latent MoE)
     shared_ffn: int | None = None
     num_shared: int = 0
     dense_ffn: int | None = None
@@ -148,7 +149,8 @@ class _Dims:
         return self.top_k
 
     def symbol(self, sym: str) -> int | None:
-        values = {"H": self.hidden, "I": self.expert_ffn, "S": self.shared_ffn, "D": self.dense_ffn,
+        values = {"H": self.hidden, "X": self.expert_hidden or self.hidden, "I": self.expert_ffn,
+                  "S": self.shared_ffn, "D": self.dense_ffn,
                   "E": self.experts, "V": self.vocab}
         if sym.isdigit():
             return int(sym)
@@ -381,6 +383,7 @@ def _read_dims(family: Family | None, cfg: dict, where: str = "config.json") -> 
         dims.experts = value("num_experts", required=True)
         dims.top_k = value("top_k", family.top_k)
         dims.expert_ffn = value("expert_ffn", required=True)
+        dims.expert_hidden = value("expert_hidden")
         dims.shared_ffn = value("shared_ffn", family.shared_ffn)
         dims.num_shared = value("num_shared", family.num_shared) or 0
     return dims

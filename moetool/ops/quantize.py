@@ -33,7 +33,7 @@ from typing import Any
 from moetool import __version__
 from moetool.arch import Role
 from moetool.arch.matcher import Classifier
-from moetool.arch.schema import CATEGORY
+from moetool.arch.schema import CATEGORY, first_key
 from moetool.checkpoint import Checkpoint
 from moetool.checkpoint.header import DTYPE_BYTES
 from moetool.checkpoint.writer import (
@@ -452,6 +452,10 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     if options.method == "gptq" and family.decoder_offset is not None:
         raise UnsupportedError(f"{family.title}: --method gptq calibrates decoder-only models layer by layer; "
                                "use --method rtn")
+    if options.method == "gptq" and first_key(cfg, family.keys.get("expert_hidden", ())):
+        raise UnsupportedError(f"{family.title}: its routed experts work in a latent space ("
+                               f"{' or '.join(family.keys['expert_hidden'])} set); --method gptq does not calibrate "
+                               "them on their latent inputs: use --method rtn")
     quantized_source = any(r.dtype not in FLOATS for r in ckpt.tensors.values())
     per_expert = "per-expert" if "per-expert" in family.layouts else None   # stacked-only families keep theirs
     base = plan_tensors(ckpt, PlanOptions(layout=per_expert, dequantize=quantized_source))

@@ -168,6 +168,11 @@ class RouterCapture:
             raise UnsupportedError(f"{family.title}: saliency needs an experts(hidden, index, weights) module, "
                                    "which this family does not have")
         module = model.get_submodule(module_in(model, family, module_name(family.experts_module, layer, 0)))
+        # experts working in a latent space: their output, mapped back to the hidden states (without the
+        # projection's bias, which the layer adds once to the sum of the slots)
+        # (its weight is read as the hook runs: streamed mode loads it with the layer)
+        back = None if family.experts_output_module is None else model.get_submodule(
+            module_in(model, family, module_name(family.experts_output_module, layer, 0)))
 
         def hook(module, args, kwargs, output):
             hidden, index, weights = (list(args) + list(kwargs.values()))[:3]
@@ -176,7 +181,11 @@ class RouterCapture:
                 for slot in range(index.shape[1]):
                     only = torch.zeros_like(weights)
                     only[:, slot] = weights[:, slot]
-                    norms.append(module.forward(hidden, index, only).float().norm(dim=-1))
+                    out = module.forward(hidden, index, only)
+                    weight = getattr(back, "weight", None)   # None: an nn.Identity (no latent space)
+                    if weight is not None:
+                        out = torch.nn.functional.linear(out.to(weight.dtype), weight)
+                    norms.append(out.float().norm(dim=-1))
                 salience = torch.stack(norms, dim=1)
                 if self.stats is not None:
                     device = self.stats[layer].device

@@ -2,9 +2,10 @@
 MoE blocks, one mixer a layer (layers_block_type, or the hub's hybrid_override_pattern M/*/-/E). Experts
 are not gated: down(relu2(up(x))), so only up_proj and down_proj; one shared expert of the same form; a
 DeepSeek-V3 router (sigmoid, correction bias, groups) kept in fp32. The hub stores backbone.*, transformers 5
-model.*. Dense Nemotron-H models (no E layers) share the model type. Latent MoE (moe_latent_size set, the
-experts working in a narrower space between fc1/fc2_latent_proj) is not described: inspect reports its expert
-shapes as wrong."""
+model.*. Dense Nemotron-H models (no E layers) share the model type. Latent MoE (Nemotron 3 Super:
+moe_latent_size set): the router and the shared expert read the hidden states, the routed experts work in the
+latent space between fc1_latent_proj (hidden -> latent) and fc2_latent_proj (latent -> hidden), which every
+token passes through (counted as always active)."""
 
 from dataclasses import replace
 
@@ -43,7 +44,7 @@ FAMILY = Family(
     router=replace(DEEPSEEK_V3_ROUTER, config_defaults=(("n_group", 1), ("topk_group", 1), ("norm_topk_prob", True),
                                                         ("routed_scaling_factor", 1.0))),
     keys=keys(num_experts=("n_routed_experts", "num_local_experts"), top_k=("num_experts_per_tok",),
-              expert_ffn=("moe_intermediate_size",)),
+              expert_ffn=("moe_intermediate_size",), expert_hidden=("moe_latent_size",)),
     common={Role.LM_HEAD: "lm_head.weight"},
     per_expert={**templates("backbone"),
                 Role.EXPERT_UP: "backbone.layers.{L}.mixer.experts.{E}.up_proj.weight",
@@ -51,6 +52,7 @@ FAMILY = Family(
     fused={**templates("model"),
            Role.EXPERT_UP: f"{MIXER}.experts.up_proj",
            Role.EXPERT_DOWN: f"{MIXER}.experts.down_proj"},
+    shapes={Role.EXPERT_UP: ("E", "I", "X"), Role.EXPERT_DOWN: ("E", "X", "I")},   # X: moe_latent_size, else H
     num_layers=lambda cfg: len(layer_types(cfg)),
     is_moe_layer=lambda cfg, layer: layer_types(cfg)[layer] == "moe",
     is_dense_layer=lambda cfg, layer: layer_types(cfg)[layer] == "mlp",
@@ -64,6 +66,7 @@ FAMILY = Family(
     mtp=True,
     router_module=f"{MIXER}.gate",
     experts_module=f"{MIXER}.experts",
+    experts_output_module=f"{MIXER}.fc2_latent_proj",
     min_kept=(2, "its router ranks expert groups by their best two experts (n_group 1 included)"),
     notes="non-gated relu2 experts (up_proj, down_proj); one mixer a layer (Mamba2, attention, MLP or MoE); "
           "mtp.* tensors are ignored by transformers",
