@@ -270,3 +270,15 @@ def test_sequential_rules_weights_are_written_back(tmp_path, tiny, calibration):
     first, later = "model.layers.0.mlp.experts.0.up_proj.weight", "model.layers.2.mlp.experts.0.up_proj.weight"
     assert torch.equal(_stored(tmp_path / "0", first)[""], _stored(tmp_path / "1", first)[""])
     assert not torch.equal(_stored(tmp_path / "0", later)[""], _stored(tmp_path / "1", later)[""])
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "glm5_next", "hy_v4", "minimax_m3_vl_text", "jetmoe"])
+def test_experts_gptq_cannot_calibrate_are_refused_not_rounded(tmp_path, tiny, calibration, family):
+    """Experts GPTQ cannot calibrate per expert (Nemotron-H's non-gated relu² and GLM-5.3-Flash's clamped
+    SwiGLU, seen only as the model runs; Hy4's, MiniMax-M3's and JetMoE's gate and up held together, seen
+    before): --method gptq refuses them instead of writing round-to-nearest under GPTQ's name, and
+    nothing is written."""
+    with open_checkpoint(tiny(family)) as ckpt, pytest.raises(UnsupportedError, match="stacked|together"):
+        quantize(ckpt, tmp_path / "out", QuantizeOptions(format="int8-g16-sym", method="gptq",
+                                                        calibration=calibration))
+    assert not (tmp_path / "out").exists()

@@ -201,6 +201,11 @@ class GptqExperts(_LayerCalibrator):
         self.changes_layers = write_back   # the engine's cue: without write-back, no second pass
 
     def update(self, index: int, layer) -> None:
+        if not self.inputs.get(index) and any(key[0] == index for key in self.formats):
+            # experts to quantize, but no stacked [gate; up] module seen running them: never RTN silently
+            raise UnsupportedError(f"--method gptq: decoder layer {index}'s routed experts are not one stacked "
+                                   "SwiGLU [gate; up] module (non-gated, clamped or packed experts), which "
+                                   "per-expert GPTQ calibrates", hint="use --method rtn")
         for inputs, e, h_gate_up, h_down in self._experts(index):
             gate_fmt, up_fmt, down_fmt = self.formats.get((index, e), (None, None, None))
             module = inputs.module
