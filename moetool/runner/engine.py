@@ -88,16 +88,13 @@ class ActivationStore:
         (a disk slot's bytes are then not reused)."""
         import torch
 
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.device.type == "cuda":   # pinned host blocks are rounded up to a power of two
-            nbytes = 1 << max(0, nbytes - 1).bit_length()
+        nbytes = self._counted(tensor)
         if slot in self.slots and self._shape(slot) != (tuple(tensor.shape), tensor.dtype):
             if not replace:
                 raise ValueError(f"activation slot {slot} holds {self._shape(slot)}, not {tuple(tensor.shape)}")
             tier, value = self.slots.pop(slot)
             if tier != "disk":
-                held = value.numel() * value.element_size()
-                self.used[tier] -= 1 << max(0, held - 1).bit_length() if self.device.type == "cuda" else held
+                self.used[tier] -= self._counted(value)
         if slot not in self.slots:
             tier = next((t for t in ("device", "host") if self.used[t] + nbytes <= self.budget[t]), "disk")
             if tier == "disk":
@@ -116,6 +113,11 @@ class ActivationStore:
         else:
             offset = self.slots[slot][1][0]
             self._write(offset, tensor)
+
+    def _counted(self, tensor) -> int:
+        """The bytes TENSOR takes from a tier's budget (pinned host blocks are rounded up to a power of two)."""
+        nbytes = tensor.numel() * tensor.element_size()
+        return 1 << max(0, nbytes - 1).bit_length() if self.device.type == "cuda" else nbytes
 
     def _shape(self, slot: int):
         tier, value = self.slots[slot]

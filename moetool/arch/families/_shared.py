@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from moetool.arch.schema import Config, Role, Router, get_path
 
 BASE_KEYS: dict[str, tuple[str, ...]] = {
@@ -120,14 +122,17 @@ def dense_family(*, name: str, title: str, model_types: tuple[str, ...], **extra
                   experts_module=None, mlp_module="model.layers.{L}.mlp", **extra)
 
 
-def mlp_layer_types(first_dense: int):
+def mlp_layer_types(first_dense: int | Callable[[Config, int], bool]):
     """MoE layers as transformers reads mlp_layer_types ("sparse" / "dense" per layer); without it, as
-    the config class builds it: the first FIRST_DENSE layers dense, the rest sparse."""
+    the config class builds it: the first FIRST_DENSE layers dense, the rest sparse (or FIRST_DENSE's
+    rule, e.g. first_k_dense, where the config's first_k_dense_replace decides)."""
+    fallback = first_dense if callable(first_dense) else lambda cfg, layer: layer >= first_dense
+
     def is_moe(cfg: Config, layer: int) -> bool:
         types = cfg.get("mlp_layer_types")
         if isinstance(types, list) and layer < len(types):
             return types[layer] == "sparse"
-        return layer >= first_dense
+        return fallback(cfg, layer)
     return is_moe
 
 

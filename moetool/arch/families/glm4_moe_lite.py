@@ -2,24 +2,14 @@
 
 from dataclasses import replace
 
+from moetool.arch.families._shared import mlp_layer_types
 from moetool.arch.families.deepseek_v3 import FAMILY as DEEPSEEK_V3
-from moetool.arch.schema import Config
-
-
-def glm4_moe_lite_layer(cfg: Config, layer: int) -> bool:
-    """As transformers: mlp_layer_types[layer] == "sparse"; without it, every layer but the first
-    (transformers' config ignores first_k_dense_replace)."""
-    types = cfg.get("mlp_layer_types")
-    if isinstance(types, list) and layer < len(types):
-        return types[layer] == "sparse"
-    return layer >= 1
-
 
 FAMILY = replace(DEEPSEEK_V3, name="glm4_moe_lite", model_types=("glm4_moe_lite",), title="GLM-4.7-Flash",
                  router=replace(DEEPSEEK_V3.router, config_defaults=(
                      ("n_group", 1), ("topk_group", 1), ("norm_topk_prob", True),
                      ("routed_scaling_factor", 1.8))),
-                 is_moe_layer=glm4_moe_lite_layer,
+                 is_moe_layer=mlp_layer_types(1),   # (transformers' config ignores first_k_dense_replace)
                  defaults=(("n_shared_experts", 1),),   # Glm4MoeLiteConfig's
                  notes="multi-head latent attention (MLA); MoE layers by mlp_layer_types; layers past "
                        "num_hidden_layers are MTP modules")

@@ -6,7 +6,14 @@ q/k/v_conv1d apart; transformers renames them and concatenates the convolutions 
 from collections.abc import Callable
 from dataclasses import replace
 
-from moetool.arch.families._shared import DEEPSEEK_V3_ROUTER, EMBED_AND_HEAD, QWEN_FUSED, keys
+from moetool.arch.families._shared import (
+    DEEPSEEK_V3_ROUTER,
+    EMBED_AND_HEAD,
+    QWEN_FUSED,
+    first_k_dense,
+    keys,
+    mlp_layer_types,
+)
 from moetool.arch.schema import Config, Family, Role
 from moetool.errors import ConfigError
 
@@ -16,15 +23,6 @@ def _num_shared(cfg: Config) -> int:
     value = cfg.get("num_shared_experts")
     value = cfg.get("n_shared_experts") if value is None else value
     return 1 if value is None else value
-
-
-def _moe_layer(cfg: Config, layer: int) -> bool:
-    """As transformers: mlp_layer_types[layer] == "sparse"; without it, all but the first
-    first_k_dense_replace layers (1 by default)."""
-    types = cfg.get("mlp_layer_types")
-    if isinstance(types, list) and layer < len(types):
-        return types[layer] == "sparse"
-    return layer >= (cfg.get("first_k_dense_replace") or 0)
 
 
 def conv_rows(heads: int, head_dim: int) -> Callable[[Config], int]:
@@ -72,7 +70,7 @@ FAMILY = Family(
     per_expert={**_mlp(HUB), Role.EXPERT_GATE: HUB + "experts.{E}.w1.weight",
                 Role.EXPERT_UP: HUB + "experts.{E}.w3.weight", Role.EXPERT_DOWN: HUB + "experts.{E}.w2.weight"},
     fused={**_mlp(T5), **QWEN_FUSED},
-    is_moe_layer=_moe_layer,
+    is_moe_layer=mlp_layer_types(first_k_dense),   # first_k_dense_replace: 1 by default
     shared_ffn=lambda cfg: (cfg.get("moe_intermediate_size") or 0) * _num_shared(cfg),
     num_shared=_num_shared,
     buffers=frozenset({Role.ROUTER_CORRECTION}),

@@ -4,8 +4,15 @@ moe_routed_scaling_factor; router logits tanh-softcapped when moe_router_logit_s
 mlp_layer_types (default: all but the first). The hub stores the bias as mlp.experts.e_score_correction_bias and
 the shared expert as mlp.shared_expert (singular)."""
 
-from moetool.arch.families._shared import DEEPSEEK_SHARED, DENSE_MLP, EMBED_AND_HEAD, QWEN_EXPERTS, QWEN_FUSED, keys
-from moetool.arch.families.glm4_moe_lite import glm4_moe_lite_layer
+from moetool.arch.families._shared import (
+    DEEPSEEK_SHARED,
+    DENSE_MLP,
+    EMBED_AND_HEAD,
+    QWEN_EXPERTS,
+    QWEN_FUSED,
+    keys,
+    mlp_layer_types,
+)
 from moetool.arch.schema import Family, Role, Router
 
 MLP = "model.layers.{L}.mlp"
@@ -23,7 +30,7 @@ FAMILY = Family(
                 Role.SHARED_UP: f"{MLP}.shared_expert.up_proj.weight",
                 Role.SHARED_DOWN: f"{MLP}.shared_expert.down_proj.weight"},
     fused={**QWEN_FUSED, **DEEPSEEK_SHARED, Role.ROUTER_CORRECTION: f"{MLP}.gate.e_score_correction_bias"},
-    is_moe_layer=glm4_moe_lite_layer,   # mlp_layer_types, else all but the first (LagunaConfig's default)
+    is_moe_layer=mlp_layer_types(1),   # mlp_layer_types, else all but the first (LagunaConfig's default)
     shared_ffn=lambda cfg: cfg.get("shared_expert_intermediate_size") or 0,
     num_shared=lambda cfg: 1,
     defaults=(("shared_expert_intermediate_size", 512),),   # LagunaConfig's
