@@ -25,7 +25,7 @@ BOTH_LAYOUTS = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "q
                 "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
                 "nemotron_h", "nemotron_h-latent", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
                 "dots3_note_text",
-                "glm4v_moe", "glm5_next"]
+                "glm4v_moe", "glm5_next", "longcat_flash"]
 
 
 def run(src, out, **options):

@@ -43,10 +43,10 @@ def naive_lru_hits(sequences, size):
     return hits
 
 
-def accumulate(index, weight, router, batch_sizes, window, ep=None, first_sequence=0):
+def accumulate(index, weight, router, batch_sizes, window, ep=None, first_sequence=0, identity=0):
     """LayerStats fed INDEX [N, S, k] in micro-batches of the given sizes."""
     n, _, k = index.shape
-    stats = LayerStats(EXPERTS, k, torch.device("cpu"), capacity_window=window, ep=ep)
+    stats = LayerStats(EXPERTS, k, torch.device("cpu"), capacity_window=window, ep=ep, identity=identity)
     start = 0
     for size in itertools.cycle(batch_sizes):
         if start >= n:
@@ -93,6 +93,47 @@ def test_accumulators_against_brute_force(window):
     for size, hits in t.lru_hits.items():
         assert hits == naive_lru_hits(sequences, int(size))
     for home in range(2):   # sequences round-robin over 2 devices
+        assert t.ep_counts[home] == [sum(row.count(e) for s, seq in enumerate(sequences) if s % 2 == home
+                                         for row in seq) for e in range(EXPERTS)]
+
+
+@pytest.mark.parametrize("window", [7, 60])
+def test_identity_experts_are_counted_apart(window):
+    """A router that also picks identity experts (numbered EXPERTS and up: LongCat-Flash's zero-computation
+    experts): their picks are counted apart, and every other figure is the real experts' alone, as if the
+    identity picks were not there (they need no capacity and take no cache place)."""
+    n, seq_len, k, identity = 6, 25, 3, 3
+    index = random_index(tokens=n * seq_len, experts=EXPERTS + identity, k=k, seed=9).long().reshape(n, seq_len, k)
+    g = torch.Generator().manual_seed(10)
+    weight = torch.rand(n, seq_len, k, generator=g)
+    router = torch.rand(n, seq_len, 3, generator=g)
+    t = accumulate(index, weight, router, [2, 1, 3], window, ep=2, identity=identity)
+    rows = index.reshape(-1, k).tolist()
+    real = [[e for e in row if e < EXPERTS] for row in rows]   # the picks of real experts, in slot order
+    picks = sum(map(len, real))
+    assert 0 < picks < len(rows) * k
+    assert t.identity_experts == identity and t.identity_assignments == len(rows) * k - picks
+    assert t.counts == [sum(row.count(e) for row in rows) for e in range(EXPERTS)]
+    assert t.identity_mass == pytest.approx(float(weight[index >= EXPERTS].double().sum()), rel=1e-12)
+    assert t.weight_mass == pytest.approx([float(weight[index == e].double().sum()) for e in range(EXPERTS)],
+                                          rel=1e-12)
+    for i, j in itertools.product(range(EXPERTS), repeat=2):
+        assert t.coactivation[i][j] == sum(1 for row in real if i in row and j in row)
+    assert t.assignments == picks
+    for cf in (1.0, 2.0):
+        dropped = 0
+        for start in range(0, len(rows), window):
+            part = real[start:start + window]
+            cap = math.ceil(cf * len(part) * k / EXPERTS)
+            dropped += sum(max(0, sum(e in row for row in part) - cap) for e in range(EXPERTS))
+        assert t.drops[str(cf)] == dropped
+    sequences = [real[i:i + seq_len] for i in range(0, len(real), seq_len)]
+    assert t.distinct_sum == sum(len({e for r in s for e in r}) for s in sequences)
+    assert t.reused == sum(len(set(s[i]) & set(s[i - 1])) for s in sequences for i in range(1, seq_len))
+    assert t.reuse_pairs == sum(len(s[i]) for s in sequences for i in range(1, seq_len)) and t.lookups == picks
+    for size, hits in t.lru_hits.items():
+        assert hits == naive_lru_hits(sequences, int(size))
+    for home in range(2):
         assert t.ep_counts[home] == [sum(row.count(e) for s, seq in enumerate(sequences) if s % 2 == home
                                          for row in seq) for e in range(EXPERTS)]
 

@@ -35,7 +35,8 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "ml
           "hy_v3": "mlp.e_score_correction_bias",
           "axk1": "mlp.gate.e_score_correction_bias", "beam": "mlp.gate.e_score_correction_bias",
           "axk2": "mlp.gate.e_score_correction_bias", "dots3_note_text": "mlp.gate.e_score_correction_bias",
-          "minimax_m3_vl_text": "mlp.gate.e_score_correction_bias"}
+          "minimax_m3_vl_text": "mlp.gate.e_score_correction_bias",
+          "longcat_flash": "mlp.router.e_score_correction_bias"}
 
 
 def reference_experts(family: str, logits, layer_module, k: int, config) -> torch.Tensor:
@@ -64,6 +65,8 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])
     elif family == "kolibri1":          # its bias is added to the logits themselves
         scores = logits + layer_module.get_buffer(BIASED[family])
+    elif family == "longcat_flash":     # softmax over the real and the identity experts, + bias
+        scores = torch.softmax(logits, -1) + layer_module.get_buffer(BIASED[family])
     elif family == "ernie4_5_moe":
         scores = torch.softmax(logits, -1) + layer_module.get_parameter(BIASED[family]).reshape(-1)
     elif family in ("gpt_oss", "granitemoe", "granitemoeshared", "granitemoehybrid", "jetmoe", "llama4_text",
@@ -135,13 +138,16 @@ def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, famil
     tokens = ids.numel()
     for position, layer in enumerate(report.moe_layers):
         index = traced(tmp_path / "full", layer, "experts").long().reshape(tokens, report.top_k)
-        assert torch.bincount(index.flatten(), minlength=4).sum() == tokens * report.top_k
+        chosen = torch.bincount(index.flatten(), minlength=4)
+        assert chosen.sum() == tokens * report.top_k
         want = reference_experts(family, router_logits[position], layers[layer], report.top_k,
                                  model.config.get_text_config())
         assert torch.equal(index.sort(-1).values, want), f"layer {layer}"
         for what in ("experts", "weights", "router"):
             assert torch.equal(traced(tmp_path / "streamed", layer, what), traced(tmp_path / "full", layer, what)), what
-        assert full.layers[position].counts == torch.bincount(index.flatten(), minlength=4).tolist()
+        # (the picks of identity experts, numbered after the real ones, are counted apart)
+        assert full.layers[position].counts == chosen[:report.num_experts].tolist()
+        assert (full.layers[position].identity or {}).get("assignments", 0) == chosen[report.num_experts:].sum()
 
 
 @pytest.mark.parametrize("family", ["switch_transformers", "nllb-moe"])

@@ -297,6 +297,13 @@ TINY: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "mistral": ("MistralConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
     "qwen2": ("Qwen2Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2)),
+    # zero-computation experts (zero_expert_num) beside the real ones; num_layers layers of two attention blocks
+    "longcat_flash": ("LongcatFlashConfig", dict(vocab_size=64, hidden_size=32, num_attention_heads=4,
+                                                 max_position_embeddings=64, num_layers=2, n_routed_experts=4,
+                                                 zero_expert_num=2, moe_topk=2, expert_ffn_hidden_size=16,
+                                                 ffn_hidden_size=24, kv_lora_rank=16, q_lora_rank=24,
+                                                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8,
+                                                 routed_scaling_factor=2.0)),
     "qwen3": ("Qwen3Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
     "gemma": ("GemmaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
     "gemma2": ("Gemma2Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
@@ -372,12 +379,34 @@ def _transpose_experts(path: Path) -> None:
         save_file(tensors, file, metadata={"format": "pt"})
 
 
-def save_tiny(family: str, path: Path, *, fused: bool = False, seed: int = 0) -> Path:
-    """Save the tiny model in the hub (per-expert) or transformers-5 fused layout."""
+# Families with zero-computation experts, whose transformers 5 model holds (and saves) gate and up rows for
+# them, never used: the hub's checkpoints (LongCat-Flash's) hold the real experts only, and transformers 5.24
+# cannot load them (its gate_up_proj has rows for both).
+ZERO_EXPERTS = {"longcat_flash"}
+
+
+def drop_zero_experts(path: Path, experts: int) -> None:
+    """The per-expert checkpoint at PATH without the tensors of experts numbered EXPERTS and above."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        kept = {n: t for n, t in tensors.items()
+                if not (m := re.search(r"\.experts\.(\d+)\.", n)) or int(m.group(1)) < experts}
+        save_file(kept, file, metadata={"format": "pt"})
+
+
+def save_tiny(family: str, path: Path, *, fused: bool = False, seed: int = 0, hub_only: bool = False) -> Path:
+    """Save the tiny model in the hub (per-expert) or transformers-5 fused layout (HUB_ONLY: without the
+    tensors transformers 5 saves that hub checkpoints lack: ZERO_EXPERTS)."""
     model = build_model(family, seed)
     model.save_pretrained(path, save_original_format=not fused)
     if family in HUB_TRANSPOSED and not fused:
         _transpose_experts(path)
+    if family in ZERO_EXPERTS and hub_only and not fused:
+        drop_zero_experts(path, model.config.n_routed_experts)
     (path / "expected.json").write_text(json.dumps({"params": param_count(model)}))
     return path
 

@@ -234,6 +234,9 @@ class Family:
     # the shared MLP is in every layer: in a dense layer (no routed experts) it is the layer's MLP and
     # is counted as such (Granite 4.0 hybrid, whose dense variant has num_local_experts 0)
     shared_in_dense_layers: bool = False
+    # the dense MLP roles are held in the MoE layers too, beside the experts (LongCat-Flash's two MLPs a layer,
+    # its templates' alternatives)
+    dense_in_moe_layers: bool = False
     # roles stored only when a config key is true (ERNIE's MLP biases: use_bias)
     role_keys: dict[Role, str] = field(default_factory=dict)
     # tensors no role template names whose hub (per-expert layout) names differ from transformers 5's (the
@@ -285,6 +288,12 @@ class Family:
             return True
         layers = first_key(cfg, self.keys.get("num_layers", ()))
         return layer is not None and isinstance(layers, int) and layer >= layers
+
+    def zero_experts(self, cfg: Config) -> int:
+        """Identity experts the router scores after the real ones ("zero_experts" key: LongCat-Flash's
+        zero-computation experts), which hold no weights."""
+        value = first_key(cfg, self.keys.get("zero_experts", ()))
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
     @property
     def layouts(self) -> tuple[str, ...]:

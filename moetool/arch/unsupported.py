@@ -6,9 +6,6 @@ from __future__ import annotations
 from moetool.arch.schema import Config
 
 UNSUPPORTED: dict[str, str] = {
-    "longcat_flash": "LongCat-Flash routes to zero-compute (identity) experts beside its real ones (router rows "
-                     "n_routed_experts + zero_expert_num, gate_up_proj over both, down_proj over the real ones "
-                     "only), and each layer holds two attention blocks and two dense MLPs around one MoE",
     "deepseek_v4": "DeepSeek-V4's first MoE layers route by a fixed token-to-expert table (DeepseekV4HashRouter "
                    "reads input_ids), not by router logits, and its layers mix several residual streams",
     "zaya": "ZAYA's router is an MLP fed by a router state carried from layer to layer, with an extra "

@@ -376,14 +376,18 @@ class _Planner:
         self.actions["expert groups converted"] += 1
 
         if source == "per-expert" and Role.EXPERT_GATE in have and Role.EXPERT_GATE_UP in target_templates:
-            experts = sorted(have[Role.EXPERT_GATE])
-            if experts != list(range(len(experts))) or sorted(have[Role.EXPERT_UP]) != experts \
-                    or sorted(have[Role.EXPERT_DOWN]) != experts:
+            experts = sorted(have[Role.EXPERT_DOWN])
+            # gate and up of identity experts, past down's: in transformers 5's own saves (LongCat-Flash), not the hub's
+            zero = fam.zero_experts(self.cfg)
+            gated = sorted(have[Role.EXPERT_GATE])
+            if experts != list(range(len(experts))) or sorted(have[Role.EXPERT_UP]) != gated \
+                    or gated not in (experts, list(range(len(experts) + zero))):
                 raise UnsupportedError(f"layer {layer}: experts are incomplete; cannot fuse them")
-            gates = [have[Role.EXPERT_GATE][e] for e in experts]
-            ups = [have[Role.EXPERT_UP][e] for e in experts]
+            gates = [have[Role.EXPERT_GATE][e] for e in gated]
+            ups = [have[Role.EXPERT_UP][e] for e in gated]
             downs = [have[Role.EXPERT_DOWN][e] for e in experts]
             n, (inter, hidden) = len(experts), gates[0].ref.shape
+            zero -= len(gated) - n   # identity experts' rows still to add (zeros: never used)
             for group, shape in ((gates, (inter, hidden)), (ups, (inter, hidden)), (downs, (hidden, inter))):
                 _same_shapes(group, shape, layer)
             dtype = self.out_dtype(gates[0])
@@ -401,7 +405,11 @@ class _Planner:
                 gate_up = [p for g, u in zip(gates, ups) for p in tensor_pieces(g.ref, dtype) +
                            tensor_pieces(u.ref, dtype)]
                 down = [p for d in downs for p in tensor_pieces(d.ref, dtype)]
-                self.emit(name_gu, dtype, (n, 2 * inter, hidden), gate_up, "fused", gates[0].ref.dtype)
+                # transformers 5 holds gate_up rows for the identity experts too
+                gate_up += [computed_piece(lambda: _zeros((2 * inter, hidden), dtype), (2 * inter, hidden), dtype)
+                            for _ in range(zero)]
+                self.emit(name_gu, dtype, (len(gated) + zero, 2 * inter, hidden), gate_up, "fused",
+                          gates[0].ref.dtype)
                 self.emit(name_d, dtype, (n, hidden, inter), down, "fused", downs[0].ref.dtype)
             return
 
@@ -409,7 +417,8 @@ class _Planner:
             gu, dn = have[Role.EXPERT_GATE_UP][None], have[Role.EXPERT_DOWN][None]
             dtype = self.out_dtype(gu)
             torch_dtype = TORCH_DTYPES[dtype]
-            n = gu.ref.shape[0]
+            # gate_up's rows past down's are identity experts' (LongCat-Flash): split as transformers 5 saves them
+            n, downs = gu.ref.shape[0], dn.ref.shape[0]
             transposed = _stored_transposed(fam, self.cfg, gu.ref.shape, dn.ref.shape)
             if transposed:             # gate_up [E, H, 2I], down [E, I, H]
                 hidden, two_inter = gu.ref.shape[1:]
@@ -429,7 +438,8 @@ class _Planner:
                     pieces = [[rows_piece(gu.ref, base, base + inter, dtype)],
                               [rows_piece(gu.ref, base + inter, base + two_inter, dtype)],
                               [rows_piece(dn.ref, e * hidden, (e + 1) * hidden, dtype)]]
-                for name, part, shape in zip(names, pieces, ((inter, hidden), (inter, hidden), (hidden, inter))):
+                parts = list(zip(names, pieces, ((inter, hidden), (inter, hidden), (hidden, inter))))
+                for name, part, shape in parts if e < downs else parts[:2]:   # (an identity expert: no down)
                     self.emit(name, dtype, shape, part, "split", gu.ref.dtype)
             return
 
@@ -499,6 +509,12 @@ def _rows(ref: TensorRef, start: int, stop: int, dtype: str) -> Piece:
 def _first(template) -> str:
     """A template, or the first of its alternatives ("" when absent)."""
     return (template if isinstance(template, str) else template[0]) if template else ""
+
+
+def _zeros(shape: tuple[int, ...], dtype: str):
+    import torch
+
+    return torch.zeros(shape, dtype=TORCH_DTYPES[dtype])
 
 
 def _cat_t(gate, up, dtype):

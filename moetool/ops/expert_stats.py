@@ -33,7 +33,9 @@ class _ExpertSlices:
         if fused is not None:
             rows, self.cols = matrix_shape(fused)
             self.experts = experts
-            self.rows = rows // experts
+            # [E, r, c], whose E may count identity experts' rows past the real ones (LongCat-Flash), or
+            # DBRX's packed [E*r, c]
+            self.rows = rows // (fused.shape[0] if len(fused.shape) == 3 else experts)
         else:
             first = per_expert[min(per_expert)]
             self.rows, self.cols = matrix_shape(first)
@@ -66,7 +68,7 @@ def _layer_slices(ckpt: Checkpoint, records, layer: int, experts: int) -> list[_
             return f"expert weights are stored quantized ({r.ref.dtype}); dequantize them first"
         if m.expert is None:
             fused[m.role] = r.ref
-        else:
+        elif m.expert < experts:   # (not the gate and up transformers 5 saves for identity experts, never used)
             per_expert[m.role][m.expert] = r.ref
     slices = [_ExpertSlices(fused=ref, experts=experts) for ref in fused.values()]
     for role, refs in per_expert.items():

@@ -109,6 +109,7 @@ class InspectReport:
     problems: list[Problem]
     layers: list[LayerInfo]
     experts: list[ExpertStats] | None = None
+    zero_experts: int = 0   # identity (zero-computation) experts each router scores beside num_experts
     schema_version: int = SCHEMA_VERSION
     moetool_version: str = __version__
 
@@ -134,6 +135,7 @@ class _Dims:
     hidden: int | None = None
     vocab: int | None = None
     experts: int | None = None
+    zero_experts: int = 0              # identity experts the router also scores (LongCat-Flash)
     top_k: int | list[int] | None = None
     expert_ffn: int | None = None
     expert_hidden: int | None = None   # X: the routed experts' input/output size where not H (latent MoE)
@@ -151,7 +153,8 @@ class _Dims:
     def symbol(self, sym: str) -> int | None:
         values = {"H": self.hidden, "X": self.expert_hidden or self.hidden, "I": self.expert_ffn,
                   "S": self.shared_ffn, "D": self.dense_ffn,
-                  "E": self.experts, "V": self.vocab}
+                  "E": self.experts, "V": self.vocab,
+                  "R": None if self.experts is None else self.experts + self.zero_experts}   # router rows
         if sym.isdigit():
             return int(sym)
         if "*" in sym:
@@ -289,7 +292,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         problems.append(Problem("error", "unexpected_tensor",
                                 f"{len(tally.unexpected)} expert-like tensors match no "
                                 f"{family.name if family else 'known'} template (first: {name})"))
-    _check_experts_quantized(tally, problems)
+    _check_experts_quantized(tally, dims, problems)
     if tally.mtp:
         problems.append(Problem("info", "mtp", f"{tally.mtp:,} parameters belong to multi-token-prediction "
                                                "modules, which transformers ignores; they are not counted"))
@@ -340,7 +343,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         mtp_params=tally.mtp, buffer_params=tally.buffers,
         disk=_disk_info(ckpt, tally), memory=_memory(total, tally.quantizable),
         quantization=sorted(tally.quant_forms), tensor_count=len(ckpt.tensors), problems=problems,
-        layers=layers, experts=expert_stats)
+        layers=layers, experts=expert_stats, zero_experts=dims.zero_experts if moe_layers else 0)
 
 
 # ---------------------------------------------------------------- structure
@@ -381,6 +384,7 @@ def _read_dims(family: Family | None, cfg: dict, where: str = "config.json") -> 
         dims.decoder_offset = value("decoder_offset", family.decoder_offset) or 0
     if not family.dense:
         dims.experts = value("num_experts", required=True)
+        dims.zero_experts = value("zero_experts") or 0
         dims.top_k = value("top_k", family.top_k)
         dims.expert_ffn = value("expert_ffn", required=True)
         dims.expert_hidden = value("expert_hidden")
@@ -699,7 +703,7 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
     """
     moe = set(moe_layers)
     experts = dims.experts or 0
-    expected: dict[tuple, str] = {}   # (role, layer) -> template
+    expected: dict[tuple, list[str]] = defaultdict(list)   # (role, layer) -> its templates (LongCat: two MLPs)
     seq2seq = family.decoder_offset is not None
     for role, template in family.templates(layout).items():
         if role in family.role_keys and not cfg.get(family.role_keys[role]):
@@ -707,7 +711,7 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
         for tpl in _template_alternatives(template):
             if "{L}" not in tpl and "{D}" not in tpl:
                 if not (role == Role.LM_HEAD and dims.tie is not False):
-                    expected[(role, None)] = tpl
+                    expected[(role, None)].append(tpl)
                 continue
             if "{D}" in tpl:
                 layers = range(dims.decoder_offset, dims.num_layers)
@@ -719,27 +723,36 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
                 if role in SHARED_ROLES and (not dims.num_shared or
                                              (layer not in moe and not family.shared_in_dense_layers)):
                     continue
-                if role in DENSE_ROLES and (layer in moe or (family.is_dense_layer is not None
-                                                             and not family.is_dense_layer(cfg, layer))):
+                if role in DENSE_ROLES and ((layer in moe and not family.dense_in_moe_layers) or
+                                            (family.is_dense_layer is not None
+                                             and not family.is_dense_layer(cfg, layer))):
                     continue
-                expected[(role, layer)] = tpl
+                expected[(role, layer)].append(tpl)
 
     # role -> {(layer, expert or None)} stored, and the layers and expert numbers among them: sets
     # built in C, not a dict per tensor
     found: dict[Role, set[tuple]] = defaultdict(set)
     found_layers: dict[Role, set] = defaultdict(set)
     found_experts: dict[Role, set] = defaultdict(set)
+    several = {key for key, tpls in expected.items() if len(tpls) > 1}
+    stored_names: set[str] = set()   # of the roles and layers for which several templates are expected
     for g in tally.groups:
         if g.match.layout is None or g.match.layout == layout:
             found[g.match.role].update(g.pairs())
+            if several:
+                stored_names.update(ref.name for ref, layer in zip(g.refs, g.layers)
+                                    if (g.match.role, layer) in several)
             found_layers[g.match.role].update(g.layers)
             found_experts[g.match.role].update(g.experts)
 
     per_layer: dict[Role, Counter] = {}   # role -> layer -> experts found below the config's count
     missing_count, first_missing = 0, None
-    for (role, layer), tpl in expected.items():
-        have = found.get(role, set())
-        if "{E}" in tpl:
+    for (role, layer), tpls in expected.items():
+        have, tpl = found.get(role, set()), tpls[-1]
+        if len(tpls) > 1:
+            gone = [t for t in tpls if t.replace("{L}", str(layer)) not in stored_names]
+            absent, example, tpl = len(gone), None, (gone or tpls)[0]
+        elif "{E}" in tpl:
             if role not in per_layer:
                 per_layer[role] = _experts_by_layer(have, found_experts.get(role, set()), experts)
             absent = experts - per_layer[role][layer]
@@ -761,7 +774,7 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
     for role, pairs in found.items():
         if role not in structural:
             continue
-        templates = {expected.get((role, layer)) for layer in found_layers[role] - {None}}
+        templates = {(expected.get((role, layer)) or [None])[0] for layer in found_layers[role] - {None}}
         numbers = found_experts[role] - {None}
         if None not in templates and all("{E}" in tpl for tpl in templates) and max(numbers, default=-1) < experts:
             continue   # each layer expected, and expert numbers within the config's count (the usual case)
@@ -770,10 +783,12 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
         for layer, expert in pairs:
             if layer is None:
                 continue
-            tpl = expected.get((role, layer))
+            tpl = (expected.get((role, layer)) or [None])[0]
             if tpl is None and role in SHARED_ROLES and not dims.num_shared:
                 continue   # a zero-size shared expert (Qwen2-MoE with shared_expert_intermediate_size 0)
-            if tpl is None or (expert is not None and ("{E}" not in tpl or expert >= experts)):
+            if tpl is None or (expert is not None and ("{E}" not in tpl or expert >= experts + (
+                    dims.zero_experts if role in (Role.EXPERT_GATE, Role.EXPERT_UP) else 0))):
+                # (transformers 5 saves gate and up of LongCat-Flash's identity experts too, never used)
                 extra.add((role, layer, expert))
     if extra:
         names: dict[tuple, tuple[int, str]] = {}   # each the last tensor stored under it, as a dict keeps
@@ -797,13 +812,15 @@ def _experts_by_layer(pairs: set[tuple], numbers: set, experts: int) -> Counter:
     return Counter(layer for layer, e in pairs if e is not None and e < experts)
 
 
-def _check_experts_quantized(tally: _Tally, problems: list[Problem]) -> None:
+def _check_experts_quantized(tally: _Tally, dims: _Dims, problems: list[Problem]) -> None:
     """bitsandbytes through transformers 5 quantizes nn.Linear only: fused experts stay full precision."""
     if not any(form.startswith("bitsandbytes") for form in tally.quant_forms):
         return
     matrices = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE_UP)   # not biases
+    real = dims.experts if dims.zero_experts and dims.experts is not None else None   # (not identity experts')
     full = sum(params for g in tally.groups if g.match.role in matrices
-               for params, ref in zip(g.params, g.refs) if ref.dtype in ("F32", "F16", "BF16"))
+               for params, ref, e in zip(g.params, g.refs, g.experts) if ref.dtype in ("F32", "F16", "BF16")
+               and (real is None or e is None or e < real))
     if full:
         problems.append(Problem("warning", "experts_not_quantized",
                                 f"the checkpoint is bitsandbytes-quantized, but {full:,} routed-expert parameters "
@@ -813,7 +830,7 @@ def _check_experts_quantized(tally: _Tally, problems: list[Problem]) -> None:
 
 def _expected_shape(family: Family, dims: _Dims, role: Role, fused: bool) -> tuple[int, ...] | None:
     symbols = family.shapes.get(role)
-    if symbols is not None and not fused and role in EXPERT_ROLES and symbols[0] == "E":
+    if symbols is not None and not fused and role in EXPERT_ROLES and symbols[0] in ("E", "R"):
         # one expert of a family whose per-expert tensors are slices of its stacked ones (GPT-OSS); a
         # family whose stored stacks transformers transposes has nn.Linear experts, of the default shapes
         symbols = None if family.transposed_on_load else symbols[1:]
@@ -868,10 +885,18 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
     expert_pairs: set[tuple[int, int]] = set()   # (layer, expert) stored one expert a tensor
     ffn_parts, fused_parts = [], []              # (index, layers, shapes) that give the FFN size / expert count
     sliced, gate_or_up = tally.sliced, (Role.EXPERT_GATE, Role.EXPERT_UP)
+    unused: Counter = Counter()   # layer -> parameters of identity experts' gate and up rows (never used)
     for g in tally.groups:
         m = g.match
         if m.role not in EXPERT_ROLES or g.layers[0] is None or m.aux:
             continue
+        if dims.zero_experts and m.role in (*gate_or_up, Role.EXPERT_GATE_UP):
+            real = dims.experts or 0
+            for layer, expert, params, shape in zip(g.layers, g.experts, g.params, g.shapes):
+                if expert is None and shape and shape[0] > real:   # fused: rows past the real experts'
+                    unused[layer] += params * (shape[0] - real) // shape[0]
+                elif expert is not None and expert >= real:
+                    unused[layer] += params
         index, refs, shapes, layers, experts = g.index, g.refs, g.shapes, g.layers, g.experts
         if sliced:
             held = [ref.name in sliced for ref in refs]
@@ -884,7 +909,9 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
             expert_pairs.update(g.pairs() if index is g.index else zip(layers, experts))
             if m.role in gate_or_up and not m.packed:
                 ffn_parts.append((index, layers, shapes))
-        elif m.role in (Role.EXPERT_GATE_UP, Role.EXPERT_DOWN, Role.EXPERT_GATE):
+        elif m.role in (Role.EXPERT_DOWN, Role.EXPERT_GATE) or (m.role == Role.EXPERT_GATE_UP and
+                                                                  not dims.zero_experts):
+            # (a fused gate_up of a family with identity experts also holds rows for them, never used)
             fused_parts.append((index, layers, shapes))
     packed = family is not None and family.packed_experts and dims.expert_ffn
 
@@ -893,6 +920,8 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
             return None
         return shape[0] // dims.expert_ffn if packed else shape[0]   # packed: [E*I, H] (DBRX)
 
+    if dims.zero_experts and dims.experts is not None:   # (gate and up of identity experts, saved by transformers)
+        expert_pairs = {(layer, e) for layer, e in expert_pairs if e < dims.experts}
     per_expert = Counter(map(itemgetter(0), expert_pairs))
     ffn = _last_by_layer(ffn_parts, lambda shape: shape[0] if len(shape) == 2 else None)
     fused_count = _last_by_layer(fused_parts, expert_count)
@@ -907,12 +936,12 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
             info.top_k = dims.k_at(layer)
             info.expert_ffn = ffn.get(layer, dims.expert_ffn)
             info.shared_experts = dims.num_shared
-            routed = tally.layer_routed[layer]
+            routed = tally.layer_routed[layer] - unused[layer]
             if info.top_k is not None and info.experts and not 1 <= info.top_k <= info.experts:
                 bad_k.append((layer, info.top_k, info.experts))
             if info.top_k is not None and info.experts:
                 active = round(routed * min(info.top_k, info.experts) / info.experts)
-                info.active_params = info.params - routed + active
+                info.active_params = info.params - routed - unused[layer] + active
                 routed_active += active
             if dims.experts is not None and info.experts != dims.experts:
                 mismatched.append((layer, info.experts))

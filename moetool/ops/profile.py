@@ -75,6 +75,10 @@ class LayerProfile:
     consecutive_reuse: float
     lru_hit_rate: dict[str, float]      # cache size -> hit rate
     ep: dict[str, Any] | None = None
+    # a router that also picks identity experts (LongCat-Flash): their count, picks, share of all picks,
+    # gate weight, and the real experts computed per token (top-k minus identity picks, averaged); the
+    # figures above are of the real experts alone
+    identity: dict[str, Any] | None = None
 
 
 @dataclass
@@ -172,11 +176,12 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
     read_before = BYTES_READ.value
     loaded = load_model(model_ckpt, device=device, dtype=dtype, mode=options.mode, device_map=options.device_map,
                         trust_remote_code=options.trust_remote_code)
-    stats = RoutingStats(layers, device, capacity_window=window, ep=options.ep)
+    stats = RoutingStats(layers, device, capacity_window=window, ep=options.ep, identity=structure.zero_experts)
     trace = capture = None
     try:
         if options.trace is not None:
-            trace = TraceWriter(options.trace, world=world, layers=layers, sequences=local.shape[0],
+            trace = TraceWriter(options.trace, world=world, sequences=local.shape[0],
+                                layers={layer: (e + structure.zero_experts, k) for layer, (e, k) in layers.items()},
                                 first_sequence=first, seq_len=seq_len, token_ids=local.numpy(),
                                 saliency=options.saliency, force=options.force,
                                 header={"source": ckpt.source, "family": structure.family, "mode": loaded.mode,
@@ -235,7 +240,7 @@ def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) ->
 
     start = time.perf_counter()
     trace = open_trace(options.from_trace, moe_layers=structure.moe_layers,
-                       experts={layer: e for layer, (e, _) in layers.items()},
+                       experts={layer: e + structure.zero_experts for layer, (e, _) in layers.items()},
                        top_k={layer: k for layer, (_, k) in layers.items()}, num_layers=structure.num_layers)
     seq_len = trace.seq_len
     # vLLM requests differ in length: by default each is its own capacity window (as a live run's
@@ -244,7 +249,8 @@ def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) ->
     window = options.capacity_window or trace.header.get("capacity_window") or seq_len or options.seq_len
     if seq_len:   # windows of a live run's shape
         window_unit(window, seq_len)
-    stats = RoutingStats(layers, torch.device("cpu"), capacity_window=2**62 if per_request else window, ep=options.ep)
+    stats = RoutingStats(layers, torch.device("cpu"), capacity_window=2**62 if per_request else window, ep=options.ep,
+                         identity=structure.zero_experts)
     for chunk in trace.chunks():   # each layer's chunks in sequence order (vLLM: one request each)
         stats[chunk.layer].update(chunk.experts, chunk.first_sequence, chunk.weights, chunk.router)
         if chunk.salience is not None:
@@ -284,14 +290,22 @@ def layer_profile(layer: int, t: LayerTotals, options: ProfileOptions) -> LayerP
 
     entropy = mean(t.entropy_sum)
     ep = _expert_parallel(t, options.ep, options.ep_replicas) if options.ep else None
+    identity = {}
+    if t.identity_experts:   # the picks of identity experts, apart from the real experts' figures
+        picks = sum(t.counts) + t.identity_assignments
+        identity = {"experts": t.identity_experts, "assignments": t.identity_assignments,
+                    "share": round(t.identity_assignments / picks, 6) if picks else 0.0,
+                    "weight_mass": None if t.identity_mass is None else round(t.identity_mass, 6),
+                    "computed_experts_per_token": round(sum(t.counts) / t.tokens, 4) if t.tokens else 0.0}
     return LayerProfile(
         layer=layer, experts=experts, top_k=t.top_k, tokens=t.tokens, counts=t.counts,
-        share=[round(c / total, 6) for c in t.counts],
+        share=[round(c / total, 6) for c in t.counts], identity=identity or None,
         weight_mass=None if t.weight_mass is None else [round(m, 6) for m in t.weight_mass],
         saliency=per_routed(t.salience_sum), activation_norm=per_routed(t.activation_norm_sum),
         dead_experts=[e for e, c in enumerate(t.counts) if c == 0],
         entropy_mean=entropy,
-        entropy_normalized=None if entropy is None or experts < 2 else entropy / math.log(experts),
+        entropy_normalized=None if entropy is None or experts + t.identity_experts < 2
+        else entropy / math.log(experts + t.identity_experts),   # (over every expert the router scores)
         top1_prob_mean=mean(t.top1_sum), margin_mean=mean(t.margin_sum),
         imbalance=rs.imbalance(t.counts),
         capacity_drop={f: (d / t.assignments if t.assignments else 0.0) for f, d in t.drops.items()},

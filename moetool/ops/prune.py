@@ -82,7 +82,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                                "--layout per-expert first")
     # groups as transformers' router selects them (topk_method and its config-class defaults included)
     groups, groups_used = (family.router.groups(cfg) if family.router else None) or (1, None)
-    experts = structure.num_experts
+    experts, identity = structure.num_experts, structure.zero_experts   # (identity experts are never removed)
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = kept_count(experts, top_k, options, family)
     check_group_routing(keep, top_k, groups, groups_used, family.router.group_score_experts if family.router else 2)
@@ -131,6 +131,10 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
             continue
         m = matches[name]
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:       # one tensor per expert
+            if identity and m.expert >= experts:   # identity experts' gate and up (transformers' saves): kept
+                tensors.append(OutputTensor(_renumbered(name, m, len(kept[m.layer]) + m.expert - experts, classifier),
+                                            ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "identity expert"))
+                continue
             if m.expert not in kept[m.layer]:
                 removed_bytes += ref.nbytes
                 removed_params += 0 if m.aux else ref.numel
@@ -145,7 +149,10 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                                         ref.dtype, ref.shape, pieces, "kept expert"))
             continue
         if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
-            sliced = _slice_experts(ref, m.role, kept[m.layer], experts, family.packed_experts)
+            rows, count = kept[m.layer], experts
+            if identity and family.shapes.get(m.role, ("E",))[0] == "R":   # router rows of identity experts stay
+                rows, count = rows + list(range(experts, experts + identity)), experts + identity
+            sliced = _slice_experts(ref, m.role, rows, count, family.packed_experts)
             removed_bytes += ref.nbytes - sliced.nbytes
             if not m.aux and m.role not in family.buffers:
                 removed_params += ref.numel - prod(sliced.shape)

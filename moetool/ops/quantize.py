@@ -461,11 +461,15 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     base = plan_tensors(ckpt, PlanOptions(layout=per_expert, dequantize=quantized_source))
     classifier = Classifier(family, offset)
     weights, stacked, mtp = [], {}, 0
+    # gate and up rows of identity experts (LongCat-Flash, as transformers 5 saves them): never used, left as they are
+    real = first_key(cfg, family.keys.get("num_experts", ())) if family.zero_experts(cfg) else None
     for tensor in base.tensors:
         m = classifier.classify(tensor.name)
         if family.is_mtp(cfg, tensor.name, m.layer):   # not run by transformers: no calibration reaches it
             weights.append(_Weight(tensor, m.layer, None, None))
             mtp += 1
+        elif real is not None and m.expert is not None and m.expert >= real:
+            weights.append(_Weight(tensor, m.layer, None, None))
         elif m.role in EXPERT_MATRICES and m.expert is None and len(tensor.shape) == 3:
             stacked[tensor.name] = tensor.shape[0]   # stored stacked (Granite): one slice per expert
             weights.extend(_Weight(_expert_slice(tensor, e), m.layer, e, m.role) for e in range(tensor.shape[0]))

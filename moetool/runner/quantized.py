@@ -169,9 +169,10 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     from moetool.checkpoint.writer import materialize
 
     model, config = _empty_model(ckpt, family, dtype, trust_remote_code, experts_implementation="eager")
-    _, _, offset = family_context(ckpt)
+    _, cfg, offset = family_context(ckpt)
     classifier = Classifier(family, offset)
     fused = "fused" in family.layouts
+    identity = family.zero_experts(cfg)   # rows of identity experts in gate_up (LongCat-Flash): never read
     # (a compressed-tensors checkpoint's packed weights are planned as the float weights they hold)
     plan = plan_tensors(ckpt, PlanOptions(layout="fused" if fused else None, dequantize=True, model_names=True))
 
@@ -215,8 +216,9 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
             else:
                 raise CheckpointFormatError(f"{tensor.name}: the checkpoint's quantization_config has no "
                                             f"quantized experts for it")
+            experts = tensor.shape[0] - (identity if m.role == Role.EXPERT_GATE_UP else 0)
             banks[target] = ExpertBank([[weight(per_expert[(m.layer, r, e)]) for r in roles]
-                                        for e in range(tensor.shape[0])], transposed,
+                                        for e in range(experts)], transposed,
                                        own[target].shape[1:] if target in own else tensor.shape[1:], dtype)
         elif plan.renamed.get(tensor.name, tensor.name) in formats:   # (quantized under its hub name)
             linears[target] = weight(plan.renamed.get(tensor.name, tensor.name))

@@ -40,7 +40,8 @@ class ExpertInputs:
 
     def __init__(self, module):
         self.module = module
-        experts, double_inter, hidden = module.gate_up_proj.shape
+        _, double_inter, hidden = module.gate_up_proj.shape
+        experts = module.down_proj.shape[0]   # (gate_up may also hold rows of identity experts, which compute nothing)
         self.experts, self.inter = experts, double_inter // 2
         device = module.gate_up_proj.device
         self.gate_up = [Hessian(hidden, device=device) for _ in range(experts)]

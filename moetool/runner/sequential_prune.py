@@ -163,6 +163,7 @@ class SequentialPrune:
         if family.router_module is None:
             raise UnsupportedError(f"{family.title}: routing capture is not supported for this family")
         self.model, self.family, self.config, self.layers = model, family, config, layers
+        self.identity = family.zero_experts(family.settings(config))   # identity experts: never removed
         self.choose, self.saliency = choose, saliency
         self.device, self.seq_len, self.distributed = device, seq_len, distributed
         self.kept: dict[int, list[int]] = {}
@@ -207,7 +208,8 @@ class SequentialPrune:
 
     def _layer_stats(self, index: int, device) -> RoutingStats:
         if self._stats is None:
-            self._stats = RoutingStats({index: self.layers[index]}, device, capacity_window=self.seq_len)
+            self._stats = RoutingStats({index: self.layers[index]}, device, capacity_window=self.seq_len,
+                                       identity=self.identity)
         return self._stats
 
     def _fold(self, index: int, layer, groups: dict[int, list[tuple[int, float]]], experts: int) -> None:
@@ -218,7 +220,7 @@ class SequentialPrune:
                                    "stacked experts module (transformers 5's layout)")
         module = found[0][1]
         for _, param in module.named_parameters(recurse=False):
-            if param.ndim < 2 or param.shape[0] != experts:
+            if param.ndim < 2 or param.shape[0] not in (experts, experts + self.identity):   # (identity rows: unread)
                 continue
             # a kept expert's row is read only by its own group, and removed rows are never written
             for k, members in groups.items():

@@ -12,6 +12,11 @@ Capacity drops are counted per fixed window of `capacity_window` consecutive tok
 the same whatever the micro-batch size or mode. LRU hit rates are exact (an access hits a cache
 of C experts iff fewer than C other experts were used since the expert's last use), computed in
 blocks with each sequence's last-use times carried between blocks.
+
+A layer whose router also picks identity experts (LongCat-Flash's zero-computation experts, numbered
+after the real ones) counts every such pick in one extra slot, E: its assignments and gate weight are
+reported apart, and it takes no part in the real experts' co-activation, capacity, distinct-expert,
+reuse and LRU figures (an identity expert computes nothing, so it needs no capacity nor a cache place).
 """
 
 from __future__ import annotations
@@ -65,30 +70,38 @@ class LayerTotals:
     lru_hits: dict[str, int]
     lookups: int
     ep_counts: list[list[int]] | None   # [home device][expert] assignments, sequences round-robin over devices
+    identity_experts: int = 0           # identity experts the router also scores (their picks are not in the above)
+    identity_assignments: int = 0       # picks of any of them
+    identity_mass: float | None = None  # their gate weights, summed
 
 
 class LayerStats:
     """Fixed-size accumulators of one MoE layer, on DEVICE."""
 
-    def __init__(self, experts: int, top_k: int, device, *, capacity_window: int, ep: int | None = None):
+    def __init__(self, experts: int, top_k: int, device, *, capacity_window: int, ep: int | None = None,
+                 identity: int = 0):
+        """IDENTITY: identity experts numbered from EXPERTS on, all counted in slot EXPERTS."""
         import torch
 
-        self.experts, self.top_k, self.device = experts, top_k, device
+        self.experts, self.top_k, self.device, self.identity = experts, top_k, device, identity
+        width = self.width = experts + (1 if identity else 0)
         self.window = capacity_window
         self.sizes = cache_sizes(experts, top_k)
         zeros = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
-        self.counts = zeros(experts)
-        self.coactivation = zeros(experts * experts)
-        self.window_counts = zeros(experts)
+        self.counts = zeros(width)
+        self.coactivation = zeros(width * width)
+        self.window_counts = zeros(width)
         self.drops = zeros(len(CAPACITY_FACTORS))
         self.distinct = zeros(())
         self.reused = zeros(())
         self.lru_hits = zeros(len(self.sizes))
-        self.ep_counts = zeros(ep * experts) if ep else None
+        self.ep_counts = zeros(ep * width) if ep else None
         self.ep = ep
-        self.mass = zeros(experts, dtype=torch.float64)
-        self.salience = zeros(experts, dtype=torch.float64)
-        self.activation_norm = zeros(experts, dtype=torch.float64)
+        self.mass = zeros(width, dtype=torch.float64)
+        self.salience = zeros(width, dtype=torch.float64)
+        self.activation_norm = zeros(width, dtype=torch.float64)
+        # with identity experts: picks of real experts, and pairs of them in consecutive tokens (device values)
+        self.real_assignments, self.real_reuse_pairs = zeros(()), zeros(())
         self.router = zeros(3, dtype=torch.float64)   # sums of entropy, top-1 probability, top-1 - top-2
         # host-side counts (known from shapes, no device value needed)
         self.tokens = self.sequences = self.reuse_pairs = self.lookups = self.assignments = 0
@@ -104,11 +117,14 @@ class LayerStats:
         entropy, top-1 probability and top-1 - top-2 margin."""
         import torch
 
+        index = self.slots(index)
         batch, seq, k = index.shape
         flat = index.reshape(-1)
         ones = torch.ones_like(flat)
         self.counts.index_add_(0, flat, ones)
-        pairs = (index.unsqueeze(-1) * self.experts + index.unsqueeze(-2)).reshape(-1)
+        if self.identity:
+            self.real_assignments += (flat < self.experts).sum()
+        pairs = (index.unsqueeze(-1) * self.width + index.unsqueeze(-2)).reshape(-1)
         self.coactivation.index_add_(0, pairs, torch.ones_like(pairs))
         if weight is not None:
             self.has_weights = True
@@ -118,7 +134,7 @@ class LayerStats:
             self.router += router.reshape(-1, 3).to(torch.float64).sum(0)
         if self.ep_counts is not None:
             home = (torch.arange(first_sequence, first_sequence + batch, device=index.device) % self.ep)
-            slots = (home.view(batch, 1, 1) * self.experts + index).reshape(-1)
+            slots = (home.view(batch, 1, 1) * self.width + index).reshape(-1)
             self.ep_counts.index_add_(0, slots, ones)
         self._capacity(index.reshape(-1, k))
         self._sequences(index)
@@ -131,10 +147,14 @@ class LayerStats:
         import torch
 
         self.has_salience = True
-        flat = index.reshape(-1)
+        flat = self.slots(index).reshape(-1)
         salience = salience.reshape(-1).to(torch.float64)
         self.salience.index_add_(0, flat, salience)
         self.activation_norm.index_add_(0, flat, salience / weight.reshape(-1).to(torch.float64).abs().clamp_min(1e-30))
+
+    def slots(self, index):
+        """INDEX with every identity expert's number turned into the identity slot E."""
+        return index.clamp_max(self.experts) if self.identity else index
 
     def _capacity(self, flat) -> None:
         """Assignments of the tokens FLAT [T, k] (in order) into fixed windows of self.window tokens."""
@@ -159,7 +179,7 @@ class LayerStats:
             return
         for slot, factor in enumerate(CAPACITY_FACTORS):
             capacity = math.ceil(factor * self.window_fill * self.top_k / self.experts)
-            self.drops[slot] += (self.window_counts - capacity).clamp_min(0).sum()
+            self.drops[slot] += (self.window_counts[:self.experts] - capacity).clamp_min(0).sum()
         self.window_counts.zero_()
         self.window_fill = 0
 
@@ -168,26 +188,34 @@ class LayerStats:
         import torch
 
         batch, seq, k = index.shape
-        used = torch.zeros(batch, seq, self.experts, dtype=torch.bool, device=index.device)
+        E = self.experts
+        used = torch.zeros(batch, seq, self.width, dtype=torch.bool, device=index.device)
         used.scatter_(2, index, True)
+        used = used[..., :E]
         self.distinct += used.any(1).sum()
         if seq > 1:
             self.reused += (used[:, 1:] & used[:, :-1]).sum()
-            self.reuse_pairs += batch * (seq - 1) * k
+            if self.identity:   # (device counts: the pairs of real picks, a device value)
+                self.real_reuse_pairs += (index[:, 1:] < E).sum()
+            else:
+                self.reuse_pairs += batch * (seq - 1) * k
         del used
         if self.sizes:
             accesses = index.reshape(batch, seq * k)
-            group = max(1, BLOCK_ELEMENTS // max(1, seq * k * self.experts))
+            group = max(1, BLOCK_ELEMENTS // max(1, seq * k * self.width))
             for start in range(0, batch, group):
-                self.lru_hits += lru_hits(accesses[start:start + group], self.experts, self.sizes)
-        self.lookups += batch * seq * k
+                self.lru_hits += lru_hits(accesses[start:start + group], self.width, self.sizes,
+                                          cached=E if self.identity else None)
+        if not self.identity:
+            self.lookups += batch * seq * k
 
     # ------------------------------------------------------------ results
 
     def tensors(self) -> tuple[list, list]:
         """The int64 and float64 accumulators (for all_reduce)."""
         ints = [self.counts, self.coactivation, self.drops, self.distinct.view(1), self.reused.view(1),
-                self.lru_hits] + ([self.ep_counts] if self.ep_counts is not None else [])
+                self.lru_hits, self.real_assignments.view(1), self.real_reuse_pairs.view(1)] + \
+            ([self.ep_counts] if self.ep_counts is not None else [])
         return ints, [self.mass, self.salience, self.activation_norm, self.router]
 
     def host_counts(self) -> list[int]:
@@ -207,28 +235,38 @@ class LayerStats:
 
     def totals(self) -> LayerTotals:
         self.close()
-        E = self.experts
+        E, W = self.experts, self.width
         counts = self.counts.cpu().tolist()
         router = self.router.cpu().tolist()
         drops = self.drops.cpu().tolist()
         hits = self.lru_hits.cpu().tolist()
+        mass = self.mass.cpu().tolist() if self.has_weights else None
+        real = lambda values: None if values is None else values[:E]   # noqa: E731  (the identity slot apart)
+        assignments, reuse_pairs, lookups = self.assignments, self.reuse_pairs, self.lookups
+        if self.identity:
+            assignments = lookups = int(self.real_assignments)
+            reuse_pairs = int(self.real_reuse_pairs)
         return LayerTotals(
-            experts=E, top_k=self.top_k, tokens=self.tokens, sequences=self.sequences, counts=counts,
-            weight_mass=self.mass.cpu().tolist() if self.has_weights else None,
-            salience_sum=self.salience.cpu().tolist() if self.has_salience else None,
-            activation_norm_sum=self.activation_norm.cpu().tolist() if self.has_salience else None,
+            experts=E, top_k=self.top_k, tokens=self.tokens, sequences=self.sequences, counts=counts[:E],
+            weight_mass=real(mass),
+            salience_sum=real(self.salience.cpu().tolist()) if self.has_salience else None,
+            activation_norm_sum=real(self.activation_norm.cpu().tolist()) if self.has_salience else None,
             entropy_sum=router[0] if self.has_router else None, top1_sum=router[1] if self.has_router else None,
             margin_sum=router[2] if self.has_router else None,
-            drops={str(f): d for f, d in zip(CAPACITY_FACTORS, drops)}, assignments=self.assignments,
-            coactivation=self.coactivation.view(E, E).cpu().tolist(), distinct_sum=int(self.distinct),
-            reused=int(self.reused), reuse_pairs=self.reuse_pairs,
-            lru_hits={str(c): h for c, h in zip(self.sizes, hits)}, lookups=self.lookups,
-            ep_counts=self.ep_counts.view(self.ep, E).cpu().tolist() if self.ep_counts is not None else None)
+            drops={str(f): d for f, d in zip(CAPACITY_FACTORS, drops)}, assignments=assignments,
+            coactivation=[row[:E] for row in self.coactivation.view(W, W)[:E].cpu().tolist()],
+            distinct_sum=int(self.distinct), reused=int(self.reused), reuse_pairs=reuse_pairs,
+            lru_hits={str(c): h for c, h in zip(self.sizes, hits)}, lookups=lookups,
+            ep_counts=[row[:E] for row in self.ep_counts.view(self.ep, W).cpu().tolist()]
+            if self.ep_counts is not None else None,
+            identity_experts=self.identity, identity_assignments=counts[E] if self.identity else 0,
+            identity_mass=mass[E] if self.identity and mass is not None else None)
 
 
-def lru_hits(accesses, experts: int, sizes: list[int]):
+def lru_hits(accesses, experts: int, sizes: list[int], cached: int | None = None):
     """Hits of an LRU cache of each size in SIZES over each row of ACCESSES [G, n] (expert ids in the
-    order they are used; every row a sequence starting with an empty cache). Returns int64 [len(sizes)]."""
+    order they are used; every row a sequence starting with an empty cache). Returns int64 [len(sizes)].
+    CACHED: only experts below it are cached (the others, identity experts, neither hit nor take a place)."""
     import torch
 
     rows, n = accesses.shape
@@ -249,12 +287,14 @@ def lru_hits(accesses, experts: int, sizes: list[int]):
                                       torch.full_like(key, -1))
         previous = torch.empty_like(previous_sorted).scatter_(1, order, previous_sorted)   # last use in block
         at_previous = upto.gather(1, previous.clamp_min(0).unsqueeze(-1).expand(-1, -1, experts))
-        distance_in = ((before - at_previous) > 0).sum(-1)                         # others used since then
+        distance_in = ((before - at_previous) > 0)[..., :cached].sum(-1)            # others used since then
         last_use = last.gather(1, part)                                            # last use before the block
-        distance_out = ((last.unsqueeze(1) > last_use.unsqueeze(-1)) | (before > 0)).sum(-1)
+        distance_out = ((last.unsqueeze(1) > last_use.unsqueeze(-1)) | (before > 0))[..., :cached].sum(-1)
         inside = previous >= 0
         distance = torch.where(inside, distance_in, distance_out)
         seen = inside | (last_use >= 0)
+        if cached is not None:
+            seen &= part < cached
         for slot, size in enumerate(sizes):
             hits[slot] += (seen & (distance < size)).sum()
         times = (position + start).expand(rows, -1)
@@ -265,9 +305,10 @@ def lru_hits(accesses, experts: int, sizes: list[int]):
 class RoutingStats:
     """The accumulators of every MoE layer of a run."""
 
-    def __init__(self, layers: dict[int, tuple[int, int]], device, *, capacity_window: int, ep: int | None = None):
-        """LAYERS: MoE layer -> (experts, top_k)."""
-        self.layers = {layer: LayerStats(e, k, device, capacity_window=capacity_window, ep=ep)
+    def __init__(self, layers: dict[int, tuple[int, int]], device, *, capacity_window: int, ep: int | None = None,
+                 identity: int = 0):
+        """LAYERS: MoE layer -> (experts, top_k); IDENTITY: identity experts each router also scores."""
+        self.layers = {layer: LayerStats(e, k, device, capacity_window=capacity_window, ep=ep, identity=identity)
                        for layer, (e, k) in layers.items()}
 
     def __getitem__(self, layer: int) -> LayerStats:
