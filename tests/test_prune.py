@@ -26,7 +26,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "nemotron_h", "nemotron_h-latent", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
             "minimax_m3_vl_text", "dots3_note_text",
             "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
-            "hy_v4", "lara_mini", "longcat_flash"]
+            "hy_v4", "lara_mini", "longcat_flash", "step3p7"]
 
 
 @contextmanager
@@ -243,7 +243,7 @@ def test_merge_folds_removed_experts_into_the_most_similar(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v2", "granitemoe", "qwen3_vl_moe", "glm4v_moe",
-                                    "glm5_next"])
+                                    "glm5_next", "step3p7"])
 def test_global_scope_loads_with_moetool_and_matches_the_masked_original(tmp_path, family):
     import moetool
 

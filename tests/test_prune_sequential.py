@@ -199,7 +199,8 @@ def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtyp
     config = model.config.to_dict()
     fam = detect_family(config)
     decoder = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
-                   and "visual" not in n)   # (an image-text wrapper's vision blocks are not the decoder)
+                   and "visual" not in n and "vision_model" not in n)   # (an image-text wrapper's vision blocks
+                                                                              # are not the decoder)
     restrictions = [RouterRestriction(model, fam, config, layer, decoder[layer],
                                       [e for e in range(report.experts_before) if e not in report.kept[layer]])
                     for layer in layers]   # each raises if its router's weight goes unseen

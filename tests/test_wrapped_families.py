@@ -19,7 +19,8 @@ from tests.tiny import TINY, load_reference
 
 # family -> the class transformers runs it with (no AutoModelForCausalLM entry for any of them)
 CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
-           "mistral4": "Mistral4ForCausalLM", "glm5_next": "Glm5NextForConditionalGeneration"}
+           "mistral4": "Mistral4ForCausalLM", "glm5_next": "Glm5NextForConditionalGeneration",
+           "step3p7": "Step3p7ForConditionalGeneration"}
 
 
 def _tensors(path):
@@ -173,3 +174,36 @@ def test_qwen3_vl_moe_square_experts_read_right_by_moetool(tmp_path, inter):
     for path in ("per", "back"):
         assert (_logits(moetool.load_model(tmp_path / path), ids) - want).abs().max() <= 1e-5, path
     assert (_logits(moetool.load_model(tmp_path / "q"), ids) - want).abs().max() <= 2e-3
+
+
+def test_step3p7_stacked_hub_experts_join_as_transformers_joins_them(tmp_path, tiny):
+    """The hub stores gate_proj and up_proj apart, each stacked [E, I, H] (transformers 5 joins them into
+    gate_up_proj [E, 2I, H] as it loads); moetool's per-expert layout (its own) splits them, back to fused gives
+    the held joined form under transformers' names, and every form runs as the hub's."""
+    hub, held = tiny("step3p7"), tiny("step3p7", fused=True)
+    stored, kept = _tensors(hub), _tensors(held)
+    gate, up = stored["model.layers.1.moe.gate_proj.weight"], stored["model.layers.1.moe.up_proj.weight"]
+    assert gate.shape == up.shape == (4, 16, 32)
+    joined = kept["model.language_model.layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(joined, torch.cat([gate, up], dim=1))
+    with open_checkpoint(hub) as ckpt:
+        convert(ckpt, tmp_path / "per", ConvertOptions(layout="per-expert"))
+    per = _tensors(tmp_path / "per")
+    assert torch.equal(per["model.layers.1.moe.experts.3.up_proj.weight"], up[3])
+    assert torch.equal(per["model.layers.2.moe.experts.0.down_proj.weight"],
+                       stored["model.layers.2.moe.down_proj.weight"][0])
+    with open_checkpoint(tmp_path / "per") as ckpt:
+        convert(ckpt, tmp_path / "back", ConvertOptions(layout="fused"))
+    back = _tensors(tmp_path / "back")
+    assert torch.equal(back["model.layers.1.mlp.experts.gate_up_proj"], joined)
+    assert torch.equal(back["model.layers.1.mlp.gate.e_score_correction_bias"],
+                       stored["model.layers.1.moe.router_bias"])
+    assert not any(".moe." in name or ".share_expert." in name for name in back)
+    for path in (hub, held, tmp_path / "per", tmp_path / "back"):
+        with open_checkpoint(path) as ckpt:
+            assert inspect_checkpoint(ckpt).problems == [], path
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = _logits(load_reference(hub, dtype=torch.float32).eval(), ids)
+    for path in (tmp_path / "per", tmp_path / "back", held):
+        assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5, path
+    assert (_logits(load_reference(tmp_path / "back", dtype=torch.float32).eval(), ids) - want).abs().max() <= 1e-5

@@ -283,6 +283,15 @@ TINY: dict[str, tuple[str, dict]] = {
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
                            projection_intermediate_size=32, patch_size=4, temporal_patch_size=1,
                            spatial_merge_size=1, image_size=8))),
+    # Step 3.7: a dense layer, sliding and full attention, clamped SwiGLU (routed and shared) on the last layer
+    "step3p7": ("Step3p7Config", dict(
+        text_config=dict(COMMON, intermediate_size=24, moe_intermediate_size=16, share_expert_dim=20,
+                         num_hidden_layers=3, n_routed_experts=4, num_experts_per_tok=2, head_dim=8,
+                         mlp_layer_types=["dense", "sparse", "sparse"], moe_router_scaling_factor=1.5,
+                         swiglu_limits=[None, None, 0.05], swiglu_limits_shared=[None, None, 0.05],
+                         layer_types=["sliding_attention", "full_attention", "full_attention"], sliding_window=8),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                           patch_size=14))),
     "hy_v4": ("HYV4Config", dict(COMMON, num_key_value_heads=4, intermediate_size=24, moe_intermediate_size=16,
                                  num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                                  kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,

@@ -296,6 +296,14 @@ class Family:
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
     @property
+    def joins_stacked_gate_up(self) -> bool:
+        """Whether the fused layout names gate and up both apart, each stacked over the experts [E, I, H] (as
+        the hub stores them), and joined (gate_up_proj [E, 2I, H], as transformers 5 holds them, joining them
+        expert by expert on load: Step 3.7's Concatenate(dim=1)); moetool's loaders join them so too."""
+        fused = self.fused or {}
+        return all(role in fused for role in (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_GATE_UP))
+
+    @property
     def layouts(self) -> tuple[str, ...]:
         return tuple(n for n, t in (("per-expert", self.per_expert), ("fused", self.fused)) if t is not None)
 

@@ -160,12 +160,22 @@ class _Planner:
 
         groups_done: set[int] = set()
         by_name = {e.name: e for e in entries}
+        # layers whose gate and up the hub stores apart, stacked, where transformers 5 holds them joined: joined
+        # under the model's names (Family.joins_stacked_gate_up)
+        stacked = {e.match.layer for e in entries if e.match.layout == "fused" and e.match.role == Role.EXPERT_GATE} \
+            if self.options.model_names and not changing and self.family and self.family.joins_stacked_gate_up \
+            else set()
         for entry in entries:
             m = entry.match
             if changing and m.layout == source_layout and m.role in EXPERT_WEIGHTS:
                 if m.layer not in groups_done:
                     groups_done.add(m.layer)
                     self._convert_expert_group(entries, m.layer, source_layout, target_layout)
+                continue
+            if m.layer in stacked and m.layout == "fused" and m.role in EXPERT_WEIGHTS:
+                if m.layer not in groups_done:
+                    groups_done.add(m.layer)
+                    self._join_stacked(entries, m.layer)
                 continue
             if m.layout is None and (changing or self.options.model_names) and \
                     self._hub_named(entry, by_name, "fused" if self.options.model_names else target_layout):
@@ -454,6 +464,29 @@ class _Planner:
                 self.emit(self.name_for(entry.name, role, target, layer, expert), dtype, entry.ref.shape,
                           tensor_pieces(entry.ref, dtype), "renamed", entry.ref.dtype)
 
+
+    def _join_stacked(self, entries: list[_Entry], layer: int) -> None:
+        """LAYER's gate and up, stored apart and stacked [E, I, H], joined expert by expert into gate_up_proj
+        [E, 2I, H] (rows [gate_e; up_e] of each expert: byte ranges), and its down under the model's name."""
+        have = {e.match.role: e for e in entries if e.match.layer == layer and e.match.layout == "fused"
+                and e.match.role in EXPERT_WEIGHTS}
+        gate, up, down = have.get(Role.EXPERT_GATE), have.get(Role.EXPERT_UP), have.get(Role.EXPERT_DOWN)
+        if up is None or Role.EXPERT_GATE_UP in have:
+            raise CheckpointFormatError(f"layer {layer}: {gate.name} has no stacked up_proj of its own to be joined "
+                                        "with")
+        if tuple(up.ref.shape) != tuple(gate.ref.shape) or len(gate.ref.shape) != 3:
+            raise CheckpointFormatError(f"{up.name}: shape {list(up.ref.shape)}, where {gate.name} is "
+                                        f"{list(gate.ref.shape)}; cannot join them as [E, I, H] stacks")
+        n, inter, hidden = gate.ref.shape
+        dtype = self.out_dtype(gate)
+        pieces = [rows_piece(ref, e * inter, (e + 1) * inter, dtype) for e in range(n) for ref in (gate.ref, up.ref)]
+        self.emit(self.name_for(gate.name, Role.EXPERT_GATE_UP, "fused", layer, None), dtype, (n, 2 * inter, hidden),
+                  pieces, "joined", gate.ref.dtype)
+        self.actions["stacked gate and up joined"] += 1
+        if down is not None:
+            dtype = self.out_dtype(down)
+            self.emit(self.name_for(down.name, Role.EXPERT_DOWN, "fused", layer, None), dtype, down.ref.shape,
+                      tensor_pieces(down.ref, dtype), "renamed", down.ref.dtype)
 
     def _stack_or_split(self, have, layer: int, source: str, target: str) -> None:
         """The same roles, one tensor per expert on one side and stacked on the other (GPT-OSS):

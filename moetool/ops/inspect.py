@@ -745,6 +745,12 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
             found_layers[g.match.role].update(g.layers)
             found_experts[g.match.role].update(g.experts)
 
+    if layout == "fused" and family.joins_stacked_gate_up:   # gate and up stacked apart (the hub's) or joined
+        stacked = found_layers.get(Role.EXPERT_GATE, set())
+        for role, layer in list(expected):
+            if (role == Role.EXPERT_GATE_UP) == (layer in stacked) and role in (
+                    Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_GATE_UP):
+                del expected[(role, layer)]
     per_layer: dict[Role, Counter] = {}   # role -> layer -> experts found below the config's count
     missing_count, first_missing = 0, None
     for (role, layer), tpls in expected.items():

@@ -408,6 +408,30 @@ def _named_as_model(tensors: list, family: Family, own: dict) -> list:
     return [as_model_shape(t, family, own) for t in named]
 
 
+def load_unnamed(model, ckpt: Checkpoint, family: Family, tensors: list, own: dict, *, device, dtype) -> None:
+    """Load the planned TENSORS that no family template names and the model does not hold under their
+    names (OWN: its parameters and buffers), MTP modules aside, as transformers' own loader does: through
+    its conversion mapping for MODEL (renames, q/k/v splits, RoPE permutations). These are the tensors of
+    a wrapper's other towers whose hub names differ from the model's (Step 3.7's vision tower); nothing is
+    read where every parameter is loaded already."""
+    if not any(p.device.type == "meta" for p in model.parameters()):
+        return
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    _, cfg, offset = family_context(ckpt)
+    classifier = Classifier(family, offset)
+    rest = {}
+    for tensor in tensors:
+        m = classifier.classify(tensor.name)
+        if tensor.name not in own and m.guessed and not family.is_mtp(cfg, tensor.name, m.layer):
+            rest[tensor.name] = materialize(tensor)
+    if rest:
+        convert_and_load_state_dict_in_model(model, rest, LoadStateDictConfig(
+            weight_mapping=get_model_conversion_mapping(model), dtype=dtype, device_map={"": str(device)}))
+
+
 def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remote_code: bool):
     """Every weight read through the tensor plan (fused as transformers 5 holds experts) into the model
     built on the meta device."""
@@ -424,6 +448,7 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
                                        if t.dtype in ("F32", "F16", "BF16") else None)
              for t in plan.tensors if t.name in own}
     model.load_state_dict(state, strict=False, assign=True)
+    load_unnamed(model, ckpt, family, plan.tensors, own, device=device, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]

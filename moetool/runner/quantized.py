@@ -248,6 +248,9 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, QuantLinear(qweight, bias, dtype))
+    from moetool.runner.model import load_unnamed
+
+    load_unnamed(model, ckpt, family, plan.tensors, own, device=device, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]

@@ -40,8 +40,8 @@ def _correction_bias(model, family, config: dict, index: int, offset: int):
         template = family.templates(layout).get(Role.ROUTER_CORRECTION)
         if template is None:
             continue
-        name = module_in(model, family, module_name(template, index, offset))
-        owner, _, attr = name.rpartition(".")
+        owner, _, attr = module_name(template, index, offset).rpartition(".")
+        owner = module_in(model, family, owner)   # (the module, found under a wrapper's prefix too)
         try:
             return getattr(model.get_submodule(owner), attr)
         except AttributeError:
