@@ -46,6 +46,7 @@ STRUCTURE = {
     "qwen3_vl_moe": ([0, 2], 4, 2, 0), "glm4v_moe": ([1, 2], 4, 2, 1),
     "mistral4": ([1, 2], 4, 2, 1), "glm5_next": ([1, 2], 4, 2, 1),
     "hy_v4": ([1, 2], 4, 2, 1), "lara_mini": ([0, 1, 2], 4, 2, 1),
+    "qwen3_omni_moe": ([0, 2], 4, 2, 0),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
 SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa", "gemma4_text",

@@ -24,8 +24,6 @@ UNSUPPORTED: dict[str, str] = {
                            "no model. prefix), renamed by regex and its vision queries and keys permuted on load",
     "deepseek_ocr2": "DeepSeek-OCR 2's vision towers reach the model only through layer-numbered regex renames, "
                      "which moetool's own loaders (quantized, globally pruned checkpoints) cannot follow",
-    "qwen3_omni_moe": "Qwen3-Omni's thinker is nested two configs deep (thinker_config.text_config) and its "
-                      "checkpoint holds a second MoE decoder (the talker)",
     "step3p7": "Step 3.7's hub checkpoints store gate and up as separate stacked [E, I, H] tensors that "
                "transformers joins along their second axis on load",
     "muse_spark_text": "Muse Spark's experts work in their own width (moe_hidden_size, entered by pre_expert_proj and "
