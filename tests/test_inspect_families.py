@@ -48,6 +48,7 @@ STRUCTURE = {
     "hy_v4": ([1, 2], 4, 2, 1), "lara_mini": ([0, 1, 2], 4, 2, 1),
     "longcat_flash": ([0, 1], 4, 2, 0),
     "step3p7": ([1, 2], 4, 2, 1),
+    "qwen3_omni_moe": ([0, 2], 4, 2, 0),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
 SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa", "gemma4_text",

@@ -13,6 +13,7 @@ import transformers
 from moetool.checkpoint import open_checkpoint
 from moetool.errors import UnsupportedError, UsageError
 from moetool.ops.prune import PruneOptions, prune
+from moetool.runner.modules import module_in
 from tests.tiny import build_model, load_reference, moetool_model
 
 FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "deepseek_v2",
@@ -26,7 +27,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "nemotron_h", "nemotron_h-latent", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
             "minimax_m3_vl_text", "dots3_note_text",
             "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
-            "hy_v4", "lara_mini", "longcat_flash", "step3p7"]
+            "hy_v4", "lara_mini", "longcat_flash", "step3p7", "qwen3_omni_moe"]
 
 
 @contextmanager
@@ -56,7 +57,7 @@ def _router_weights(model, family_name, layers):
     family = detect_family(model.config.to_dict())
     out = {}
     for layer in layers:
-        module = model.get_submodule(family.router_module.replace("{L}", str(layer)))
+        module = model.get_submodule(module_in(model, family, family.router_module.replace("{L}", str(layer))))
         weight = getattr(module, "weight", None)
         if weight is None:   # Hunyuan's gate holds an nn.Linear, JetMoE's router a .layer
             weight = next(p for n, p in module.named_parameters() if n.endswith("weight"))
@@ -97,7 +98,8 @@ def test_pruned_model_equals_the_masked_original(tmp_path, family):
     assert (got - want).abs().max() <= 1e-5
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert keep in config.values() or keep in (config.get("ffn_config") or {}).values() or \
-        keep in (config.get("text_config") or {}).values()
+        keep in (config.get("text_config") or {}).values() or \
+        keep in (config.get("thinker_config") or {}).get("text_config", {}).values()
     src_bytes = sum(f.stat().st_size for f in (tmp_path / "src").glob("*.safetensors"))
     out_bytes = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
     assert src_bytes - out_bytes == pytest.approx(report.bytes_removed, abs=4096)   # headers differ a little

@@ -19,6 +19,7 @@ from moetool.checkpoint import open_checkpoint
 from moetool.errors import UsageError
 from moetool.ops.profile import ProfileOptions
 from moetool.ops.prune import PruneOptions, prune
+from moetool.runner.model import _decoder_layers
 from tests.test_prune import routers_restricted
 from tests.tiny import load_reference
 
@@ -198,9 +199,7 @@ def test_a_restricted_layer_runs_as_the_pruned_checkpoint(tmp_path, family, dtyp
     model = model.to(dtype)
     config = model.config.to_dict()
     fam = detect_family(config)
-    decoder = next(m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
-                   and "visual" not in n and "vision_model" not in n)   # (an image-text wrapper's vision blocks
-                                                                              # are not the decoder)
+    decoder = _decoder_layers(model)[1]   # (a wrapper's vision, audio or talker blocks are not the decoder)
     restrictions = [RouterRestriction(model, fam, config, layer, decoder[layer],
                                       [e for e in range(report.experts_before) if e not in report.kept[layer]])
                     for layer in layers]   # each raises if its router's weight goes unseen

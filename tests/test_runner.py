@@ -136,6 +136,7 @@ def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, famil
     with open_checkpoint(path) as ckpt:
         report = inspect_checkpoint(ckpt)
     layers = model.get_submodule("transformer.blocks" if family == "dbrx" else
+                                 "thinker.model.language_model.layers" if family == "qwen3_omni_moe" else
                                  "model.language_model.layers" if family in WRAPPERS else "model.layers")
     tokens = ids.numel()
     for position, layer in enumerate(report.moe_layers):

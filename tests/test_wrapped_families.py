@@ -20,7 +20,8 @@ from tests.tiny import TINY, load_reference
 # family -> the class transformers runs it with (no AutoModelForCausalLM entry for any of them)
 CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
            "mistral4": "Mistral4ForCausalLM", "glm5_next": "Glm5NextForConditionalGeneration",
-           "step3p7": "Step3p7ForConditionalGeneration"}
+           "step3p7": "Step3p7ForConditionalGeneration",
+           "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}   # (the thinker of the whole model)
 
 
 def _tensors(path):
@@ -207,3 +208,99 @@ def test_step3p7_stacked_hub_experts_join_as_transformers_joins_them(tmp_path, t
     for path in (tmp_path / "per", tmp_path / "back", held):
         assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5, path
     assert (_logits(load_reference(tmp_path / "back", dtype=torch.float32).eval(), ids) - want).abs().max() <= 1e-5
+
+
+def _under_held_prefixes(name):
+    """A Qwen3-Omni hub name as transformers 5 holds (and saves) it: the thinker's text model under
+    thinker.model.language_model., its towers under thinker.model.; the talker and code2wav as they are."""
+    for hub, held in (("thinker.audio_tower.", "thinker.model.audio_tower."),
+                      ("thinker.visual.", "thinker.model.visual."),
+                      ("thinker.model.", "thinker.model.language_model.")):
+        if name.startswith(hub):
+            return held + name[len(hub):]
+    return name
+
+
+def test_qwen3_omni_moe_convert_fuses_the_thinker_and_carries_every_tower(tmp_path, tiny):
+    """convert fuses (and splits back, bit for bit) the thinker's experts only: the fused ones equal what
+    transformers 5 holds; the audio and vision towers, the talker (its own MoE, experts one tensor each)
+    and code2wav are carried through byte for byte under their stored names. transformers loads the whole
+    model from every form alike, talker included, and the thinker's logits are the hub's."""
+    import transformers
+
+    hub, held = tiny("qwen3_omni_moe"), tiny("qwen3_omni_moe", fused=True)
+    with open_checkpoint(hub) as ckpt:
+        convert(ckpt, tmp_path / "fused", ConvertOptions(layout="fused"))
+    with open_checkpoint(tmp_path / "fused") as ckpt:
+        convert(ckpt, tmp_path / "back", ConvertOptions(layout="per-expert"))
+    original, fused, back = _tensors(hub), _tensors(tmp_path / "fused"), _tensors(tmp_path / "back")
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    thinker_experts = {k for k in original if k.startswith("thinker.model.layers.") and ".mlp.experts." in k}
+    assert thinker_experts and not thinker_experts & fused.keys()
+    carried = original.keys() - thinker_experts
+    assert any(k.startswith("talker.model.layers.") and ".mlp.experts.0." in k for k in carried)
+    assert all(torch.equal(fused[k], original[k]) for k in carried)   # every other tensor as stored
+    reference = _tensors(held)
+    new = fused.keys() - carried
+    assert new and all(torch.equal(fused[k], reference[_under_held_prefixes(k)]) for k in new)
+    with open_checkpoint(tmp_path / "fused") as ckpt:
+        report = inspect_checkpoint(ckpt)
+    assert report.layout == "fused" and report.problems == []
+    whole = {path: transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+             for path in (hub, tmp_path / "fused", tmp_path / "back")}
+    states = {path: model.state_dict() for path, model in whole.items()}
+    assert all(states[hub].keys() == s.keys() and all(torch.equal(states[hub][k], s[k]) for k in s)
+               for s in states.values())
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = _logits(load_reference(hub, dtype=torch.float32).eval(), ids)
+    for path in (tmp_path / "fused", tmp_path / "back", held):
+        assert torch.equal(_logits(load_reference(path, dtype=torch.float32).eval(), ids), want), path
+        assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5, path
+
+
+def test_qwen3_omni_moe_inspect_counts_the_towers_as_other(tiny):
+    """The thinker's text model is the family's: its experts, attention, embedding and head are counted as
+    the text model's; the audio and vision towers, the talker (whose own MoE's experts are not the family's)
+    and code2wav are all "other", in no decoder layer, and the total is transformers' whole model."""
+    import transformers
+
+    path = tiny("qwen3_omni_moe")
+    with open_checkpoint(path) as ckpt:
+        report = inspect_checkpoint(ckpt)
+    whole = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    in_towers = ("thinker.model.audio_tower.", "thinker.model.visual.")
+    towers = sum(p.numel() for n, p in whole.named_parameters()
+                 if not n.startswith("thinker.") or n.startswith(in_towers))
+    thinker_text = whole.thinker.model.language_model
+    text_norms = sum(p.numel() for n, p in thinker_text.named_parameters() if "norm" in n)   # (Qwen3-MoE's alike)
+    assert report.params["other"] == towers + text_norms
+    experts = sum(p.numel() for n, p in thinker_text.named_parameters() if ".experts." in n)
+    assert report.params["routed_experts"] == experts
+    assert report.total_params == sum(p.numel() for p in whole.parameters())
+    assert sum(info.params for info in report.layers) == sum(p.numel() for n, p in thinker_text.named_parameters()
+                                                             if n.startswith("layers."))
+
+
+def test_qwen3_omni_moe_config_root_is_nested_and_the_runner_builds_the_thinker():
+    """config_root as a dotted path with alternatives: a whole model's thinker_config.text_config, a thinker's
+    text_config; the keys read from the wrapper (tie_word_embeddings) come from the config holding the text
+    model's (the thinker's, never the whole model's). The runner builds the thinker of either."""
+    import transformers
+
+    from moetool.arch import detect_family
+    from moetool.runner.model import build_model
+
+    text = {"num_experts": 4, "num_experts_per_tok": 2}
+    whole = {"model_type": "qwen3_omni_moe", "tie_word_embeddings": True,
+             "thinker_config": {"tie_word_embeddings": False, "text_config": text}}
+    thinker = {"model_type": "qwen3_omni_moe_thinker", "tie_word_embeddings": True, "text_config": text}
+    family = detect_family(whole)
+    assert family.name == "qwen3_omni_moe" and detect_family(thinker) is family
+    assert family.settings(whole)["num_experts"] == 4 and family.settings(whole)["tie_word_embeddings"] is False
+    assert family.settings(thinker)["num_experts"] == 4 and family.settings(thinker)["tie_word_embeddings"] is True
+    assert family.text_root(whole)[1] is text and family.text_root({"model_type": "qwen3_omni_moe"}) is None
+    cls, kwargs = TINY["qwen3_omni_moe"]
+    config = getattr(transformers, cls)(**kwargs)
+    assert model_class(config) is transformers.AutoModelForImageTextToText
+    for built in (build_model(config), build_model(config.thinker_config)):
+        assert type(built).__name__ == "Qwen3OmniMoeThinkerForConditionalGeneration"

@@ -292,6 +292,31 @@ TINY: dict[str, tuple[str, dict]] = {
                          layer_types=["sliding_attention", "full_attention", "full_attention"], sliding_window=8),
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                            patch_size=14))),
+    # Qwen3-Omni whole (thinker: text MoE with a dense layer, one-block vision and audio towers; talker: its own
+    # MoE with a shared expert, a code predictor; code2wav): transformers' whole model is saved, the thinker run
+    "qwen3_omni_moe": ("Qwen3OmniMoeConfig", dict(
+        thinker_config=dict(
+            text_config=dict(COMMON, intermediate_size=24, moe_intermediate_size=8, num_hidden_layers=3,
+                             num_experts=4, num_experts_per_tok=2, head_dim=8, mlp_only_layers=[1],
+                             rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1],
+                                                  interleaved=True)),
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                               patch_size=4, temporal_patch_size=1, spatial_merge_size=1, num_position_embeddings=16,
+                               deepstack_visual_indexes=[0]),
+            audio_config=dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
+                              d_model=16, output_dim=32, downsample_hidden_size=8, n_window=4, n_window_infer=8,
+                              conv_chunksize=8, max_source_positions=64)),
+        talker_config=dict(
+            thinker_hidden_size=32, num_code_groups=2, spatial_merge_size=1,
+            text_config=dict(COMMON, intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=12,
+                             num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, head_dim=8,
+                             rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1],
+                                                  interleaved=True)),
+            code_predictor_config=dict(COMMON, intermediate_size=24, num_hidden_layers=1, head_dim=8,
+                                       num_code_groups=2)),
+        code2wav_config=dict(codebook_size=16, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+                             intermediate_size=16, num_hidden_layers=1, num_quantizers=2, upsample_rates=[2, 2],
+                             upsampling_ratios=[2], decoder_dim=16, sliding_window=8))),
     "hy_v4": ("HYV4Config", dict(COMMON, num_key_value_heads=4, intermediate_size=24, moe_intermediate_size=16,
                                  num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                                  kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
@@ -333,6 +358,8 @@ def build_model(family: str, seed: int = 0):
     if family == "dbrx":  # transformers 5.24 reads attn_config.rope_theta, which the class never sets
         config.attn_config.rope_theta = 10000.0
     torch.manual_seed(seed)
+    if family in WHOLE:
+        return whole_model(config).eval()
     # the class moetool builds it with (the image-text wrapper where transformers has no causal LM for it)
     model = moetool_model(config, seq2seq=family in ("switch_transformers", "nllb-moe"))
     if family == "afmoe":  # transformers initialises its routers to zero, so that every expert would tie
@@ -351,6 +378,21 @@ def build_model(family: str, seed: int = 0):
                 if "_latent_proj." in name:
                     weight.normal_(0.0, weight.shape[1] ** -0.5)
     return model.eval()
+
+
+# Families whose checkpoint is a larger model than the one moetool runs: transformers' whole model is built and
+# saved (Qwen3-Omni: thinker, talker and code2wav), called as the model moetool runs (the thinker's forward:
+# the whole model has none of its own)
+WHOLE = {"qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration"}
+
+
+def whole_model(config):
+    """transformers' whole model of CONFIG (a WHOLE family's), whose forward is its thinker's."""
+    import transformers
+
+    model = getattr(transformers, WHOLE[config.model_type])._from_config(config)
+    model.forward = model.thinker.forward
+    return model
 
 
 def moetool_model(config, seq2seq: bool = False):

@@ -172,6 +172,8 @@ class Classifier:
         if candidates:
             return _Rule(candidates, None, None, aux, packed)
         found = _LAYER.search(base)
+        if found and in_other_tower(base):   # a vision/audio/talker tower's layers are not the decoder's
+            found = None
         layer_pos = len(_DIGITS.findall(base[: found.start(1)])) if found else None
         return _Rule((), generic_role(base), layer_pos, aux, packed)
 
@@ -321,7 +323,8 @@ def layer_of(name: str) -> int | None:
 
 
 _TOKEN_EMBEDDINGS = ("embed_tokens", ".wte.", "word_embeddings", "tok_embeddings", "embed_positions", ".wpe.")
-OTHER_MODALITIES = ("vision", "visual", "multi_modal_projector", "mm_projector", "audio", "image")
+OTHER_MODALITIES = ("vision", "visual", "multi_modal_projector", "mm_projector", "audio", "image", "talker",
+                    "code2wav")   # (the last two: Qwen3-Omni's speech decoder, its own MoE, and vocoder)
 # modules of a multimodal wrapper that are not its text model (their layer lists are never the decoder's)
 OTHER_TOWERS = ("visual", "vision", "audio", "talker", "code2wav", "sam_model")
 

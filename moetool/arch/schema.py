@@ -193,7 +193,9 @@ class Family:
     shapes: dict[Role, tuple[str, ...]] = field(default_factory=dict)  # overrides, full shape
     buffers: frozenset[Role] = frozenset()   # stored, but buffers (not parameters) in transformers
     buffer_suffixes: tuple[str, ...] = ()    # other stored buffers, by name ending
-    config_root: str | None = None           # e.g. "text_config" for multimodal wrappers
+    # where a wrapper keeps its text model's config: "text_config" (multimodal wrappers); a dotted path reaches one
+    # nested deeper (Qwen3-Omni's "thinker_config.text_config"); alternatives: the first the config holds
+    config_root: str | tuple[str, ...] | None = None
     name_prefixes: tuple[tuple[str, str], ...] = ()  # (old, new) prefix rewrites before matching
     mtp: bool = False                        # layers >= num_hidden_layers, and mtp* tensors, are MTP modules
     dense: bool = False                      # a dense (non-MoE) upcycling source
@@ -263,21 +265,35 @@ class Family:
     # Router.config_defaults): read as transformers reads them (`settings`)
     defaults: tuple[tuple[str, Any], ...] = ()
     # config keys transformers reads from a wrapper's own config, never its text_config (config_root), when it
-    # builds the wrapper whole (Qwen3-VL-MoE's tie_word_embeddings); absent there, the defaults above hold
+    # builds the wrapper whole (Qwen3-VL-MoE's tie_word_embeddings): from the config that holds the text
+    # model's (Qwen3-Omni's thinker_config); absent there, the defaults above hold
     root_keys: tuple[str, ...] = ()
 
     def settings(self, config: Config) -> Config:
         """CONFIG as the family's functions read it: the text model's part of a wrapper merged in
         (config_root), then the config class's defaults for the keys it leaves out."""
         cfg = dict(config)
-        if self.config_root and isinstance(config.get(self.config_root), dict):
-            cfg.update(config[self.config_root])
+        found = self.text_root(config)
+        if found is not None:
+            holder, text = found
+            cfg.update(text)
             for key in self.root_keys:
-                cfg[key] = config.get(key)
+                cfg[key] = holder.get(key)
         for key, value in self.defaults:
             if cfg.get(key) is None:
                 cfg[key] = value
         return cfg
+
+    def text_root(self, config: Config) -> tuple[Config, Config] | None:
+        """(the config holding the text model's, the text model's config) of a wrapper's CONFIG (config_root:
+        the first of its paths CONFIG holds), or None where CONFIG is the text model's own."""
+        roots = (self.config_root,) if isinstance(self.config_root, str) else self.config_root or ()
+        for root in roots:
+            text = get_path(config, root)
+            if isinstance(text, dict):
+                holder = get_path(config, root.rpartition(".")[0]) if "." in root else config
+                return holder, text
+        return None
 
     def is_mtp(self, cfg: Config, name: str, layer: int | None) -> bool:
         """Whether tensor NAME (of LAYER) belongs to a multi-token-prediction module, which

@@ -21,8 +21,6 @@ UNSUPPORTED: dict[str, str] = {
                            "no model. prefix), renamed by regex and its vision queries and keys permuted on load",
     "deepseek_ocr2": "DeepSeek-OCR 2's vision towers reach the model only through layer-numbered regex renames, "
                      "which moetool's own loaders (quantized, globally pruned checkpoints) cannot follow",
-    "qwen3_omni_moe": "Qwen3-Omni's thinker is nested two configs deep (thinker_config.text_config) and its "
-                      "checkpoint holds a second MoE decoder (the talker)",
     "muse_spark_text": "Muse Spark's experts work in their own width (moe_hidden_size, entered by pre_expert_proj and "
                        "left by post_expert_proj around them), each expert's output is normalised "
                        "(experts.post_expert_norm) before it is weighted, and its router scales the logits by "

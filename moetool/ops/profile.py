@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from moetool import __version__
+from moetool.arch import detect_family
 from moetool.checkpoint import BYTES_READ, Checkpoint
 from moetool.checkpoint.writer import check_replaceable, refuse_inside_source
 from moetool.errors import UnsupportedError, UsageError
@@ -121,7 +122,10 @@ def calibration_ids(ckpt: Checkpoint, options, *, default: str, vocab_size: int 
 def max_positions(ckpt: Checkpoint) -> int | None:
     """The longest sequence the model takes (a GGUF: as its transformers config says)."""
     config = runnable(ckpt).config or {}
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    family = detect_family(config)
+    found = family.text_root(config) if family else None   # (a wrapper's text model's: Qwen3-Omni's nested one)
+    text_config = found[1] if found else config.get("text_config") if isinstance(config.get("text_config"), dict) \
+        else config
     return text_config.get("max_position_embeddings") or text_config.get("max_seq_len")
 
 

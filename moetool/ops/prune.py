@@ -161,8 +161,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         tensors.append(OutputTensor(name, ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "copied"))
 
     config = json.loads(json.dumps(ckpt.config))
-    root = config.get(family.config_root) if family.config_root and isinstance(
-        config.get(family.config_root), dict) else config
+    root = (family.text_root(config) or (None, config))[1]   # (a wrapper's text model's config)
     _set_all(root, family.keys["num_experts"], keep)
     warnings = []
     if mtp:   # no calibration reaches them (transformers does not run them), so they cannot be pruned alike

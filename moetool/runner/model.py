@@ -123,6 +123,7 @@ def model_class(config, *, seq2seq: bool = False):
 
     if seq2seq:
         return transformers.AutoModelForSeq2SeqLM
+    config = runner_config(config)
     model_type = getattr(config, "model_type", None)
     if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or \
             "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
@@ -141,9 +142,19 @@ def model_class(config, *, seq2seq: bool = False):
     return transformers.AutoModelForCausalLM   # (transformers' own error for a type it cannot build)
 
 
+def runner_config(config):
+    """The config of the model the runner builds for CONFIG: a thinker-talker model's thinker_config
+    (Qwen3-Omni, whose whole model has no forward of its own: its thinker's ForConditionalGeneration gives
+    the text logits, and transformers loads it alone from the whole checkpoint, leaving the talker and
+    code2wav out), else CONFIG itself."""
+    thinker = getattr(config, "thinker_config", None)
+    return thinker if thinker is not None and hasattr(thinker, "to_dict") else config
+
+
 def build_model(config, *, seq2seq: bool = False, trust_remote_code: bool = False, **kwargs):
     """The model of CONFIG built by `model_class` (random weights; meta tensors under init_empty_weights)."""
     cls = model_class(config, seq2seq=seq2seq)
+    config = runner_config(config)
     if hasattr(cls, "from_config"):   # an auto class
         return cls.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
     return cls._from_config(config, **kwargs)
@@ -156,6 +167,8 @@ def pretrained(path, *, seq2seq: bool = False, trust_remote_code: bool = False, 
     config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     cls = model_class(config, seq2seq=seq2seq)
     extra = {"trust_remote_code": trust_remote_code} if hasattr(cls, "from_config") else {}
+    if runner_config(config) is not config:   # (a thinker, read from the whole model's checkpoint)
+        extra["config"] = runner_config(config)
     return cls.from_pretrained(path, **extra, **kwargs)
 
 
@@ -232,7 +245,7 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
         raise UsageError(f"--device-map {device_map} places a whole model: use it with --mode full")
     if mode == "full":
         formats = recorded_formats(ckpt.config, ckpt.tensors)
-        own_loader = (formats is not None or uneven_expert_counts(ckpt.config) or ckpt.kind == VIEW_KIND or
+        own_loader = (formats is not None or uneven_expert_counts(ckpt.config, family) or ckpt.kind == VIEW_KIND or
                       (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)) or
                       _bnb_experts(ckpt, family))
         if own_loader and device_map is not None:
@@ -261,11 +274,12 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
     return _streamed(ckpt, family, device, dtype, trust_remote_code, with_head)
 
 
-def uneven_expert_counts(config: dict | None) -> dict[int, int]:
+def uneven_expert_counts(config: dict | None, family: Family | None = None) -> dict[int, int]:
     """Layer -> expert count of a globally pruned checkpoint (layers keeping different numbers)."""
     config = config or {}
+    text = (family.text_root(config) if family else None) or (None, config.get("text_config") or {})
     counts = config.get("moetool_experts_per_layer") or \
-        (config.get("text_config") or {}).get("moetool_experts_per_layer")   # (a wrapper's: prune writes it there)
+        text[1].get("moetool_experts_per_layer")   # (a wrapper's: prune writes it in its text model's config)
     return {int(k): int(v) for k, v in (counts or {}).items()}
 
 
@@ -284,7 +298,7 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
     seq2seq = family.decoder_offset is not None
     with init_empty_weights(include_buffers=False):
         model = build_model(config, seq2seq=seq2seq, dtype=dtype, trust_remote_code=trust_remote_code)
-        uneven = uneven_expert_counts(ckpt.config)
+        uneven = uneven_expert_counts(ckpt.config, family)
         slots = _layer_slots(model) if uneven else []
         attribute = family.keys["num_experts"][0] if uneven else None
         donors = {}   # seq2seq: expert count -> the layers of a whole model built with it
@@ -300,7 +314,7 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
                 parent[index] = donors[count][layer]
             else:
                 parent[index] = type(parent[index])(text, layer)
-    return config, model.eval()
+    return runner_config(config), model.eval()   # (the config the model was built with)
 
 
 QUANTIZED_DTYPES = ("U8", "I32", "F8_E4M3", "I8")   # stored codes, dequantized through the tensor plan

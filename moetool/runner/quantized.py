@@ -159,8 +159,11 @@ def linear_weights(ckpt: Checkpoint, family: Family, *, head: bool = False, trus
     the output embedding only when HEAD."""
     model, _ = _empty_model(ckpt, family, torch.float32, trust_remote_code)
     output = model.get_output_embeddings()
-    return {f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and (head or module is not output)}
+    names = {f"{name}.weight" for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and (head or module is not output)}
+    # and the checkpoint's names of them, where a wrapper stores its model under other prefixes than the built
+    # model holds (Qwen3-Omni's thinker.model.layers.*: the thinker built alone holds model.language_model.layers.*)
+    return names | {name for name in ckpt.tensors if name not in names and model_name(name, family, names) in names}
 
 
 def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format], *, device, dtype,
