@@ -51,6 +51,25 @@ def test_gemma4_without_moe_block_counts_its_mlp_as_the_dense_mlp(tmp_path):
     assert report.params["shared_experts"] == 0 and report.num_shared_experts == 0
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_gemma4_double_wide_mlp_layers_are_counted_checked_and_run(tmp_path, moe):
+    """use_double_wide_mlp: the key-value sharing layers' MLPs are twice as wide; inspect expects them so,
+    counts what transformers builds, and moetool.load_model runs them as transformers does."""
+    model = build_variant("gemma4_text-wide", enable_moe_block=moe)
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert widths == [24, 24, 48]   # (transformers widens the last layer: the test could fail)
+    model.save_pretrained(tmp_path / "wide")
+    report = _inspect(tmp_path / "wide")
+    assert report.problems == [], report.problems
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    mlp = sum(_numel(layer.mlp) for layer in model.model.layers)
+    assert report.params["shared_experts" if moe else "dense_mlp"] == mlp
+    got = moetool.load_model(tmp_path / "wide")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------- MiniMax-M3's moe_layer_freq
 
 def test_minimax_m3_reads_moe_layer_freq_of_a_raw_config(tmp_path):
@@ -184,6 +203,29 @@ def test_streamed_mode_in_bf16_holds_routers_as_transformers_does(tmp_path, fami
     assert _dtypes(loaded.model) == _dtypes(want)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_routed(loaded.model, family, ids)[0], _routed(want, family, ids)[0], atol=0, rtol=0)
+
+
+# transformers' non-strict _keep_in_fp32_modules (fp16 loads only): DeepSeek-V3.2's and GLM-5's indexer.weights_proj,
+# AFMoE's and GPT-OSS's norms
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa", "afmoe", "gpt_oss"])
+def test_load_model_in_fp16_holds_what_transformers_keeps_in_fp32_for_fp16(tiny, family):
+    path = tiny(family)
+    want = load_reference(path, dtype=torch.float16).eval()
+    got = moetool.load_model(path, dtype=torch.float16)
+    assert _dtypes(got) == _dtypes(want)
+    assert set(want._keep_in_fp32_modules) and any(   # (the list is there: the test could fail)
+        d == torch.float32 and any(k in n for k in want._keep_in_fp32_modules) for n, d in _dtypes(want).items())
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, want(ids).logits)
+    if family == "deepseek_v32":   # and layer by layer
+        with open_checkpoint(path) as ckpt:
+            loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float16, mode="streamed",
+                                with_head=True)
+            for index in range(len(loaded.layers)):
+                loaded.install_layer(index, loaded.read_layer(index))
+        assert _dtypes(loaded.model) == _dtypes(want)
+        assert all(d == torch.float32 for n, d in _dtypes(loaded.model).items() if "indexer.weights_proj" in n)
 
 
 def test_convert_to_bf16_keeps_the_deepseek_v2_gate_in_fp32(tmp_path):

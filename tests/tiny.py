@@ -474,6 +474,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "phimoe-k1": ("phimoe", dict(num_experts_per_tok=1)),
     # Gemma 4 without enable_moe_block (E2B, E4B, 31B): no router or experts, the MLP alone
     "gemma4_text-dense": ("gemma4_text", dict(enable_moe_block=False)),
+    # Gemma 4's use_double_wide_mlp (E2B, without the MoE block): the layers reusing an earlier layer's keys and
+    # values (the last num_kv_shared_layers) have an MLP twice intermediate_size wide; with E2B's per-layer
+    # inputs, which transformers' forward of those layers needs
+    "gemma4_text-wide": ("gemma4_text", dict(use_double_wide_mlp=True, num_hidden_layers=3, num_kv_shared_layers=1,
+                                             hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
+                                             layer_types=["sliding_attention", "full_attention",
+                                                          "sliding_attention"])),
     # Nemotron 3 Super's latent MoE: the routed experts work in moe_latent_size, between fc1/fc2_latent_proj
     "nemotron_h-latent": ("nemotron_h", dict(moe_latent_size=24)),
 }

@@ -239,6 +239,9 @@ class Family:
     # the dense MLP roles are held in the MoE layers too, beside the experts (LongCat-Flash's two MLPs a layer,
     # its templates' alternatives)
     dense_in_moe_layers: bool = False
+    # the factor on the MLP widths (S, D) of layer L where the config widens some layers' MLPs (Gemma 4's
+    # use_double_wide_mlp: twice intermediate_size in the layers reusing earlier keys and values); None: 1
+    mlp_width_factor: Callable[[Config, int], int] | None = None
     # roles stored only when a config key is true (ERNIE's MLP biases: use_bias)
     role_keys: dict[Role, str] = field(default_factory=dict)
     # tensors no role template names whose hub (per-expert layout) names differ from transformers 5's (the

@@ -56,7 +56,9 @@ def quantize(
                                                "(REAP).")] = None,
     rules: Annotated[list[str] | None, typer.Option(help="ROLE_OR_REGEX=FORMAT for other weights: attention, "
                                                     "shared_experts, dense_mlp, a role (attn, shared_down) or a "
-                                                    "regular expression; comma-separated or repeated.")] = None,
+                                                    "regular expression, searched in the checkpoint's names and "
+                                                    "transformers 5's where they differ; comma-separated or "
+                                                    "repeated.")] = None,
     profile: QuantizeProfileOpt = None,
     data: ProfileDataOpt = None,
     token_ids: TokenIdsOpt = None,

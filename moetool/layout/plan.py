@@ -59,6 +59,9 @@ class TensorPlan:
     actions: dict[str, int] = field(default_factory=dict)   # what was done, counted
     notes: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)   # output name -> the checkpoint's, of renamed tensors
+    # output name -> the checkpoint's tensors it is made of, of every tensor named apart from the checkpoint by
+    # the family's renames, row splits, joins and shards (quantize matches --rules under both names)
+    origins: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -100,6 +103,7 @@ class _Planner:
         self.notes: list[str] = []
         self.out: list[OutputTensor] = []
         self.renamed: dict[str, str] = {}   # output name -> source name (Family.renames)
+        self.origins: dict[str, tuple[str, ...]] = {}   # output name -> source names (all hub-named tensors)
         self.config_dequantized = dequantized   # the config's quantization_config goes (set as weights are)
 
     # -- helpers
@@ -209,6 +213,7 @@ class _Planner:
                     if missing:
                         raise CheckpointFormatError(f"{missing[0]} is missing; {name} cannot be joined with it")
                     refs = [by_name[n].ref for n in names]
+                    self.origins[f"{before}{infix}{rest}"] = tuple(names)
                     self.emit(f"{before}{infix}{rest}", dtype, (sum(r.shape[0] for r in refs), *refs[0].shape[1:]),
                               [p for r in refs for p in tensor_pieces(r, dtype)], "concatenated", entry.ref.dtype)
                 return True
@@ -218,6 +223,7 @@ class _Planner:
                     raise CheckpointFormatError(f"{name}: {total} rows do not split into {shards} equal shards")
                 rows = total // shards
                 for k in range(shards):
+                    self.origins[name.replace(infix, f"{head}{k}{tail}")] = (name,)
                     self.emit(name.replace(infix, f"{head}{k}{tail}"), dtype, (rows, *entry.ref.shape[1:]),
                               [_rows(entry.ref, k * rows, (k + 1) * rows, dtype)], "split", entry.ref.dtype)
                 return True
@@ -232,6 +238,7 @@ class _Planner:
                     if start + rows > total:
                         raise CheckpointFormatError(f"{name}: {total} rows, fewer than the config's "
                                                     f"{sum(r(self.cfg) for _, r in parts)}")
+                    self.origins[name.replace(whole, infix)] = (name,)
                     self.emit(name.replace(whole, infix), dtype, (rows, *entry.ref.shape[1:]),
                               [_rows(entry.ref, start, start + rows, dtype)], "split", entry.ref.dtype)
                     start += rows
@@ -247,6 +254,7 @@ class _Planner:
                 if missing:
                     raise CheckpointFormatError(f"{missing[0]} is missing; {name} cannot be joined with it")
                 refs = [by_name[n].ref for n in names]
+                self.origins[name.replace(first, whole)] = tuple(names)
                 self.emit(name.replace(first, whole), dtype, (sum(r.shape[0] for r in refs), *refs[0].shape[1:]),
                           [p for r in refs for p in tensor_pieces(r, dtype)], "concatenated", entry.ref.dtype)
                 return True
@@ -256,6 +264,7 @@ class _Planner:
                 continue
             if old in name:
                 self.renamed[name.replace(old, new)] = name
+                self.origins[name.replace(old, new)] = (name,)
                 self.emit(name.replace(old, new), dtype, entry.ref.shape, tensor_pieces(entry.ref, dtype), "copied",
                           entry.ref.dtype)
                 self.actions["renamed"] += 1
@@ -576,7 +585,7 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
     shards = plan_shards(planner.out, options.max_shard_size)
     return TensorPlan(ckpt.source, planner.family.name if planner.family else None, source_layout,
                        target_layout, planner.out, shards, config, files, dict(planner.actions), planner.notes,
-                       planner.renamed)
+                       planner.renamed, planner.origins)
 
 
 def _edited_config(ckpt: Checkpoint, planner: _Planner, options: PlanOptions) -> dict[str, Any] | None:

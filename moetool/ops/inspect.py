@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import compress, repeat
 from math import prod
 from operator import attrgetter, ge, itemgetter, not_
@@ -283,7 +283,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     layout = _detect_layout(family, tally, problems)
     if family is not None:
         _check_expected(family, dims, cfg, moe_layers, layout, tally, problems)
-        _check_shapes(family, dims, tally, problems, squeeze=gguf)
+        _check_shapes(family, dims, tally, problems, cfg, squeeze=gguf)
         if family.shared_in_dense_layers:
             _shared_as_dense(set(moe_layers), tally)
     layers, routed_active = _layer_table(family, dims, moe_layers, tally, problems)
@@ -854,11 +854,24 @@ def _squeezed(shape: tuple) -> tuple:
     return tuple(d for d in shape if d != 1)
 
 
-def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Problem], *,
+def _mlp_shapes(family: Family, dims: _Dims, cfg: dict, g, fused: bool) -> list | None:
+    """The shape each tensor of group G (an MLP role) should have where the family widens some layers'
+    MLPs (Family.mlp_width_factor); None where no layer of G is widened."""
+    factors = [family.mlp_width_factor(cfg, layer) for layer in g.layers]
+    if all(f == 1 for f in factors):
+        return None
+    scaled = {f: _expected_shape(family, replace(
+        dims, shared_ffn=None if dims.shared_ffn is None else f * dims.shared_ffn,
+        dense_ffn=None if dims.dense_ffn is None else f * dims.dense_ffn), g.match.role, fused) for f in set(factors)}
+    return [scaled[f] for f in factors]
+
+
+def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Problem], cfg: dict, *,
                   squeeze: bool = False) -> None:
     bad = []   # (index, message)
     cache: dict[tuple, tuple | None] = {}
     quantized = tally.quantized
+    mlp_roles = SHARED_ROLES | DENSE_ROLES if family.mlp_width_factor is not None else frozenset()
     for g in tally.groups:
         m = g.match
         if m.guessed or m.aux or m.packed:
@@ -866,10 +879,14 @@ def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Pro
         fused = g.experts[0] is None
         key = (m.role, fused)
         want = cache[key] if key in cache else cache.setdefault(key, _expected_shape(family, dims, *key))
-        if want is None or g.shapes.count(want) == len(g.shapes):
-            continue
-        for i, ref, params, shape in zip(g.index, g.refs, g.params, g.shapes):
-            if shape == want or (ref.dtype == "U8" and params == 2 * ref.numel) or \
+        wants = _mlp_shapes(family, dims, cfg, g, fused) if m.role in mlp_roles and g.layers[0] is not None \
+            else None
+        if wants is None:
+            if want is None or g.shapes.count(want) == len(g.shapes):
+                continue
+            wants = [want] * len(g.shapes)
+        for i, ref, params, shape, want in zip(g.index, g.refs, g.params, g.shapes, wants):
+            if want is None or shape == want or (ref.dtype == "U8" and params == 2 * ref.numel) or \
                     (quantized and ref.name in quantized):
                 continue
             if squeeze and _squeezed(shape) == _squeezed(want):

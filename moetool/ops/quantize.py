@@ -164,7 +164,8 @@ class QuantizeReport:
 
 def parse_rules(rules: tuple[str, ...]) -> list[tuple[str, Format]]:
     """"KEY=FORMAT" items (comma-separated or repeated): KEY is a role (attn, shared_down, ...), a
-    category (attention, shared_experts, dense_mlp) or else a regular expression searched in names."""
+    category (attention, shared_experts, dense_mlp) or else a regular expression searched in names (the
+    checkpoint's, and transformers 5's where the family's renames and row splits make them differ)."""
     out = []
     for item in (part for rule in rules for part in rule.split(",") if part.strip()):
         key, sep, spec = item.partition("=")
@@ -183,10 +184,13 @@ def parse_rules(rules: tuple[str, ...]) -> list[tuple[str, Format]]:
     return out
 
 
-def _rule_format(rules: list[tuple[str, Format]], name: str, role: Role) -> Format | None:
+def _rule_format(rules: list[tuple[str, Format]], names: tuple[str, ...], role: Role) -> Format | None:
+    """The first rule's format that names ROLE, its category, or matches one of NAMES (a weight's names: the
+    checkpoint's, and transformers 5's where that differs)."""
     for key, fmt in rules:
         if key == role.value or key == CATEGORY.get(role) or (
-                key not in CATEGORY.values() and key not in {r.value for r in Role} and re.search(key, name)):
+                key not in CATEGORY.values() and key not in {r.value for r in Role}
+                and any(re.search(key, name) for name in names)):
             return fmt
     return None
 
@@ -496,19 +500,23 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     errors: dict[str, tuple[float, float]] = {}
     if options.layout in ("transformers", "transformers4"):
         return QuantizePlan(*_plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings,
-                                                errors), names, errors)
+                                                errors, _hub_forms(ckpt, family, per_expert, quantized_source)),
+                            names, errors)
 
     expert_choice, measured = _expert_formats(ckpt, options, experts, progress, warnings)
     formats: dict[str, Format] = {}
     for ws in experts.values():
         for w in ws:
             formats[w.tensor.name] = expert_choice[(w.layer, w.expert)]
+    aliases: dict[str, str] = {}
     if rules:
-        formats.update(_rule_formats(ckpt, family, weights, set(formats), rules, warnings))
+        hub = _hub_forms(ckpt, family, per_expert, quantized_source)
+        chosen, weights, aliases = _rule_formats(ckpt, family, offset, weights, set(formats), rules, warnings, hub)
+        formats.update(chosen)
     calibrated = None
     if options.method == "gptq" and calibrate:
         calibrated = _gptq_experts(ckpt, options, experts, formats, {w.tensor.name: w.tensor.dtype for w in weights},
-                                   warnings, progress)
+                                   warnings, progress, aliases)
     elif options.method == "gptq":   # a dry run: the data the real run would calibrate on is checked
         _calibration_ids(ckpt, options)
     out = []
@@ -583,36 +591,105 @@ def _expert_slice(tensor: OutputTensor, expert: int) -> OutputTensor:
     return OutputTensor(name, tensor.dtype, shape, [ComputedPiece(lambda: materialize(tensor)[expert], nbytes)])
 
 
-def _rule_formats(ckpt, family, weights: list[_Weight], taken: set[str], rules, warnings: list[str]
-                  ) -> dict[str, Format]:
-    """Formats --rules give: to matrices of nn.Linear modules in the roles rules cover."""
+@dataclass
+class _HubForm:
+    """Checkpoint tensors named apart from transformers 5 (the family's renames, row splits, joins and shards)
+    and the tensors transformers 5 holds in their place, under its names."""
+
+    sources: tuple[str, ...]
+    held: list[OutputTensor]
+    renamed: bool                        # one tensor, only its name changed: quantized under the checkpoint's
+
+
+def _hub_forms(ckpt: Checkpoint, family, layout: str | None, dequantize: bool) -> list[_HubForm]:
+    """What transformers 5 holds in place of each tensor the checkpoint names apart from it (none where the
+    family renames nothing)."""
+    if not (family.renames or family.row_splits or family.row_joins or family.row_shards):
+        return []
+    named = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=dequantize, model_names=True))
+    by_name = {t.name: t for t in named.tensors}
+    groups: dict[tuple[str, ...], list[OutputTensor]] = {}
+    for name, sources in named.origins.items():
+        groups.setdefault(sources, []).append(by_name[name])
+    return [_HubForm(sources, held, len(held) == 1 and held[0].name in named.renamed)
+            for sources, held in groups.items()]
+
+
+def _rule_formats(ckpt, family, offset: int, weights: list[_Weight], taken: set[str], rules, warnings: list[str],
+                  hub: list[_HubForm]) -> tuple[dict[str, Format], list[_Weight], dict[str, str]]:
+    """Formats --rules give: to matrices of nn.Linear modules in the roles rules cover. A tensor the checkpoint
+    names apart from transformers 5 (HUB) is matched under both names: one only renamed (Hy4's linear_gate,
+    transformers' gate_proj) is quantized under the checkpoint's name, which the loaders map; one transformers
+    splits or joins as it loads (Sarvam's query_key_value into q/k/v_proj, LARA-mini's in_proj into four) is
+    replaced, where a rule quantizes any of its parts, by the parts transformers holds, under its names
+    (quantized blocks cannot be split by rows). Returns the formats, the weights (so replaced), and the
+    checkpoint's names of renamed weights quantized -> transformers' (for GPTQ's modules)."""
     from moetool.runner.quantized import linear_weights
 
     linear = linear_weights(ckpt, family)
-    out, skipped, unfit = {}, [], {}
-    for w in weights:
+    classifier = Classifier(family, offset)
+    out, skipped, unfit, aliases, replaced = {}, [], {}, {}, []
+
+    def rule_format(w: _Weight, held: str, *names: str) -> Format | None:
         name = w.tensor.name
-        passed = name in taken or w.role is None or len(w.tensor.shape) != 2   # (role None: MTP, kept as is)
-        fmt = None if passed else _rule_format(rules, name, w.role)
+        if name in taken or w.role is None or len(w.tensor.shape) != 2:   # (role None: MTP, kept as is)
+            return None
+        fmt = _rule_format(rules, (name, held, *names), w.role)
         if fmt is None or fmt.kind == "keep":
-            continue
-        if (w.role in RULE_ROLES or w.role == Role.OTHER) and name in linear and w.tensor.dtype in FLOATS:
+            return None
+        if (w.role in RULE_ROLES or w.role == Role.OTHER) and held in linear and w.tensor.dtype in FLOATS:
             try:
                 fmt.check(name, w.tensor.shape)
-                out[name] = fmt
+                return fmt
             except UsageError as exc:   # grouped by reason: one warning, not one per weight
                 unfit.setdefault(str(exc).removeprefix(f"{name}: "), []).append(name)
         else:
             skipped.append(name)
+        return None
+
+    renamed = {form.sources[0]: form.held[0].name for form in hub if form.renamed}
+    parts_of = {form.sources[0]: form for form in hub if not form.renamed}   # (a join: at its first part)
+    joined = {name for form in hub if not form.renamed for name in form.sources[1:]}
+    by_name = {w.tensor.name: w for w in weights}
+    kept: list[_Weight] = []
+    for w in weights:
+        name = w.tensor.name
+        form = parts_of.get(name)
+        if form is not None:
+            sources = [by_name[n] for n in form.sources if n in by_name]
+            parts = [_Weight(t, w.layer, None, classifier.classify(t.name).role) for t in form.held]
+            open_ = all(s.role is not None and s.tensor.name not in taken for s in sources)   # (not MTP, experts)
+            chosen = {p.tensor.name: f for p in parts if open_ and (f := rule_format(p, p.tensor.name, *form.sources))}
+            if chosen:
+                out.update(chosen)
+                kept.extend(parts)
+                replaced.append(form)
+                continue
+            kept.extend(sources)
+            continue
+        if name in joined:   # placed with its first part
+            continue
+        fmt = rule_format(w, renamed.get(name, name))
+        if fmt is not None:
+            out[name] = fmt
+            if name in renamed:
+                aliases[name] = renamed[name]
+        kept.append(w)
     for why, names in unfit.items():
         warnings.append(f"{len(names)} weight(s) matched by --rules left in their precision: {why} "
                         f"(first: {names[0]})")
     if skipped:
         warnings.append(f"{len(skipped)} weights matched by --rules stay in their precision: routers, norms, "
                         f"embeddings, lm_head and non-Linear weights are not quantized (first: {skipped[0]})")
+    if replaced:
+        first = replaced[0]
+        warnings.append(f"{len(replaced)} checkpoint tensors that transformers splits or joins as it loads were "
+                        f"quantized as the tensors it holds, stored under transformers 5's names (first: "
+                        f"{', '.join(first.sources)} -> {', '.join(t.name for t in first.held)}): moetool.load_model "
+                        "and transformers 5 read them; loaders of the hub's names (its remote code, vLLM) may not")
     if not out and not unfit:
         warnings.append("--rules matched no attention, shared-expert or dense-MLP weight")
-    return out
+    return out, kept, aliases
 
 
 def _expert_formats(ckpt: Checkpoint, options: QuantizeOptions, experts: dict[tuple[int, int], list[_Weight]],
@@ -749,7 +826,7 @@ def _report(ckpt, options, family, experts, choice, measured, source_tensors, ou
         formats=counts, warnings=warnings)
 
 
-def _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings, errors
+def _plan_transformers(ckpt, options, family, weights, experts, base, rules, warnings, errors, hub: list[_HubForm]
                        ) -> tuple[list[OutputTensor], dict[str, Any], QuantizeReport]:
     """What stock transformers 5 + bitsandbytes loads: every nn.Linear weight in bitsandbytes' own
     serialization, other Linear modules named in llm_int8_skip_modules. transformers 5 holds routed
@@ -783,6 +860,12 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
               for key, ws in experts.items()}
     report = _report(ckpt, options, family, experts, choice, {}, base.tensors, out, formats, warnings)
     dtype = next((w.tensor.dtype for w in weights if w.tensor.name in formats), "BF16")
+    apart = [form.sources[0] for form in hub if any(t.name in linear for t in form.held)]
+    if apart:   # (stored under other names than the Linear modules transformers loads them into)
+        warnings.append(f"{len(apart)} Linear weights the checkpoint names apart from transformers 5, which renames "
+                        f"or splits them as it loads, stay in their precision (first: {apart[0]}): this layout "
+                        "quantizes weights under the names of transformers' modules only; --layout moetool "
+                        "quantizes them")
     if family.bnb_linear_experts:
         warnings.append(f"{family.title}: transformers 4 and 5 both load this checkpoint, experts quantized")
     elif v4:
@@ -954,11 +1037,12 @@ def _gptq_costs(ckpt: Checkpoint, options: QuantizeOptions, candidates: list[For
 
 
 def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, formats: dict[str, Format],
-                  dtypes: dict[str, str], warnings: list[str], progress) -> _CalibratedParts:
+                  dtypes: dict[str, str], warnings: list[str], progress, aliases: dict[str, str] | None = None
+                  ) -> _CalibratedParts:
     """Run the calibration tokens layer by layer (streamed) and quantize every routed expert with GPTQ
     on the Hessians of its own routed tokens, and the other weights FORMATS holds (--rules) on the
     Hessians of all tokens at their modules; sequentially (the default), each layer sees the outputs
-    of the earlier layers as quantized."""
+    of the earlier layers as quantized. ALIASES: weights quantized under the checkpoint's name -> transformers'."""
     import torch
 
     from moetool.runner.sequential import GptqExperts
@@ -989,7 +1073,7 @@ def _gptq_experts(ckpt: Checkpoint, options: QuantizeOptions, experts: dict, for
         linear = {}
         for name, fmt in others.items():   # the module holding each weight --rules quantize
             try:
-                module = loaded.model.get_submodule(name.removesuffix(".weight"))
+                module = loaded.model.get_submodule((aliases or {}).get(name, name).removesuffix(".weight"))
             except AttributeError:
                 module = None
             if isinstance(module, torch.nn.Linear) and name.endswith(".weight"):

@@ -373,7 +373,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
         output = model.get_output_embeddings()
         head_name = next(n for n, m in model.named_modules() if m is output)
         head = {name for name, _ in output.named_parameters(prefix=head_name)}
-    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
+    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype, model)
     state = {name: _held(materialize(t), name in fp32).to(device) for name, t in rest.items()
              if name in own and (name.startswith(stack) or name in head)}
     model.load_state_dict(state, strict=False, assign=True)
@@ -456,7 +456,7 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
     plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt), model_names=True))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     plan.tensors = _named_as_model(plan.tensors, family, own)
-    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
+    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype, model)
     # floating tensors in DTYPE, but those transformers keeps in fp32 (routers, correction biases)
     state = {t.name: materialize(t).to(device=device, dtype=(torch.float32 if t.name in fp32 else dtype)
                                        if t.dtype in ("F32", "F16", "BF16") else None)

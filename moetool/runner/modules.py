@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from moetool.arch.matcher import Classifier
 from moetool.layout.plan import family_context
 
@@ -79,14 +81,22 @@ def as_model_shape(tensor, family, own):
         lambda t=tensor: materialize(t).transpose(1, 2).contiguous(), swapped, tensor.dtype)])
 
 
-def fp32_names(ckpt, family, names: list[str], dtype) -> set[str]:
+def fp32_names(ckpt, family, names: list[str], dtype, model=None) -> set[str]:
     """The NAMES transformers holds in fp32 when it loads the model in a 16-bit DTYPE: those of the
     family's fp32 roles (its _keep_in_fp32_modules_strict routers and correction biases, Hunyuan's
-    fp32-built router) and fp32 name endings, whatever dtype they are stored in."""
+    fp32-built router) and fp32 name endings, whatever dtype they are stored in; and in fp16 (not bf16)
+    those MODEL's _keep_in_fp32_modules names (the non-strict list: DeepSeek-V3.2's and GLM-5's
+    indexer.weights_proj, GPT-OSS's norms), matched as transformers' loader matches them: each entry a
+    regular expression searched in the name, its * any characters."""
     import torch
 
+    out: set[str] = set()
+    keep = getattr(model, "_keep_in_fp32_modules", None) if dtype == torch.float16 else None
+    if keep:
+        pattern = re.compile("|".join(f"(?:{entry.replace('*', '.*')})" for entry in sorted(keep)))
+        out = {name for name in names if pattern.search(name)}
     if dtype not in (torch.bfloat16, torch.float16) or not (family.fp32_roles or family.fp32_suffixes):
-        return set()
+        return out
     classifier = Classifier(family, family_context(ckpt)[2])
-    return {name for name in names if classifier.classify(name).role in family.fp32_roles or
-            name.endswith(family.fp32_suffixes)}
+    return out | {name for name in names if classifier.classify(name).role in family.fp32_roles or
+                  name.endswith(family.fp32_suffixes)}

@@ -204,7 +204,7 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     # (a family transformers transposes as it loads holds its experts [E, out, in], as stored per expert)
     transposed = family.fused_transposed and not slices and not family.transposed_on_load
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype)
+    fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype, model)
     state, linears, banks = {}, {}, {}
     for tensor in plan.tensors:   # read under the checkpoint's names, placed under the model's
         m = classifier.classify(tensor.name)

@@ -4,10 +4,20 @@ the hub: transformers has no per-expert form). The router (layers.{L}.router) re
 through its own scale-free RMSNorm and a learnt `scale`, takes softmax top-k, renormalises, then multiplies
 each chosen weight by `per_expert_scale`. Without enable_moe_block (E2B, E4B, 31B) no layer has experts.
 The image/audio-text wrapper (gemma4) keeps the text config in text_config, tensors under
-model.language_model."""
+model.language_model. With use_double_wide_mlp (E2B) the MLPs of the layers that reuse an earlier layer's keys
+and values (the last num_kv_shared_layers) are twice intermediate_size wide."""
 
 from moetool.arch.families._shared import EMBED_AND_HEAD, keys
-from moetool.arch.schema import Family, Role, Router
+from moetool.arch.schema import Config, Family, Role, Router
+
+
+def _mlp_width_factor(cfg: Config, layer: int) -> int:
+    """2 in the key-value sharing layers of a use_double_wide_mlp config (transformers' Gemma4TextMLP:
+    kv_sharing_modes "reuse", the last num_kv_shared_layers layers), else 1."""
+    shared = cfg.get("num_kv_shared_layers") or 0
+    layers = cfg.get("num_hidden_layers") or 0
+    return 2 if cfg.get("use_double_wide_mlp") and shared and layer >= layers - shared else 1
+
 
 LAYER = "model.layers.{L}"
 FAMILY = Family(
@@ -31,6 +41,7 @@ FAMILY = Family(
     num_shared=lambda cfg: 1,
     # the MLP is in every layer; without experts it is the layer's only MLP
     shared_in_dense_layers=True,
+    mlp_width_factor=_mlp_width_factor,
     buffer_suffixes=(".layer_scalar",),
     config_root="text_config",
     name_prefixes=(("model.language_model.", "model."),),
