@@ -152,22 +152,29 @@ def test_a_top_k_beyond_the_experts_is_an_error(tmp_path, tiny):
 
 
 def test_unsupported_architectures_say_why(tmp_path):
-    """A LongCat-Flash (zero-compute experts) built by transformers: inspect guesses with the reason,
-    profile refuses with it (exit 7); the list names only model types transformers has and no family claims."""
+    """A DeepSeek-V4 checkpoint (its first layers route by a token-to-expert table): inspect guesses with the
+    reason, profile refuses with it (exit 7); the list names only model types transformers has and no family
+    claims."""
+    import torch
     import transformers
+    from safetensors.torch import save_file
 
     from moetool.arch import detect_family
     from moetool.arch.unsupported import UNSUPPORTED
 
-    config = transformers.LongcatFlashConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=4,
-                                             kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4,
-                                             v_head_dim=8, n_routed_experts=4, zero_expert_num=2, moe_topk=2,
-                                             expert_ffn_hidden_size=16, ffn_hidden_size=24)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "longcat")
-    data = json.loads(run("inspect", str(tmp_path / "longcat"), "--json").stdout)
+    folder = tmp_path / "dsv4"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "num_hidden_layers": 1,
+                                                    "hidden_size": 8, "vocab_size": 16, "n_routed_experts": 2}))
+    save_file({"embed.weight": torch.zeros(16, 8), "layers.0.ffn.gate.weight": torch.zeros(2, 8),
+               **{f"layers.0.ffn.experts.{e}.{w}.weight": torch.zeros(4, 8) for e in range(2) for w in ("w1", "w3")},
+               **{f"layers.0.ffn.experts.{e}.w2.weight": torch.zeros(8, 4) for e in range(2)}},
+              folder / "model.safetensors")
+    data = json.loads(run("inspect", str(folder), "--json").stdout)
     [problem] = [p for p in data["problems"] if p["code"] == "guessed_architecture"]
-    assert "does not support it yet: LongCat-Flash routes to zero-compute" in problem["message"]
-    refused = run("profile", str(tmp_path / "longcat"), check=False)
-    assert refused.returncode == 7 and "zero-compute (identity) experts" in refused.stderr
+    assert "does not support it yet: DeepSeek-V4's first MoE layers route by a fixed token-to-expert" in \
+        problem["message"]
+    refused = run("profile", str(folder), check=False)
+    assert refused.returncode == 7 and "token-to-expert table" in refused.stderr
     for model_type in UNSUPPORTED:
         assert model_type in transformers.CONFIG_MAPPING and detect_family({"model_type": model_type}) is None

@@ -90,18 +90,40 @@ def test_profile_counts_identity_picks_apart_and_streams_alike(tmp_path, hub):
         assert got.identity == again.identity
 
 
-def test_pruned_hub_checkpoint_equals_the_masked_original(tmp_path, hub):
+@pytest.mark.parametrize("keep", [2, 1])
+def test_pruned_hub_checkpoint_equals_the_masked_original(tmp_path, hub, keep):
+    """Pruned to KEEP real experts (one: fewer than top-k, which stays, the identity experts making up the
+    choice), the model equals the original with the removed experts' router logits at -inf."""
     model, path = hub
     with open_checkpoint(path) as ckpt:
-        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=2, criterion="random", seed=3))
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=keep, criterion="random", seed=3))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["moe_topk"] == 2
     removed = {layer: [e for e in range(4) if e not in kept] for layer, kept in report.kept.items()}
     routers = {layer: model.model.layers[layer].mlp.router.classifier.weight for layer in report.kept}
     with routers_restricted(model, removed, routers):
         want = _logits(model)
     with open_checkpoint(tmp_path / "out") as ckpt:   # identity experts all kept: router rows 2 + 2
         after = inspect_checkpoint(ckpt)
-        assert after.problems == [] and after.num_experts == 2 and after.zero_experts == 2
+        assert after.problems == [] and after.num_experts == keep and after.zero_experts == 2
         convert(ckpt, tmp_path / "fused", ConvertOptions(layout="fused"))
     assert (_logits(moetool.load_model(tmp_path / "out")) - want).abs().max() <= 1e-5
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
     assert (_logits(stock) - want).abs().max() <= 1e-5
+
+
+def test_global_scope_from_transformers_saved_form(tmp_path):
+    """Layers keeping different numbers of experts (moetool's loader only): the identity experts' gate and up
+    that transformers saves are left out, so that no layer's identity experts pass for real ones."""
+    model = build_model("longcat_flash")
+    model.save_pretrained(tmp_path / "src")   # (with the identity experts' gate and up)
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=3, criterion="random", seed=0, scope="global"))
+    counts = sorted(len(v) for v in report.kept.values())
+    assert counts[0] != counts[-1]
+    removed = {layer: [e for e in range(4) if e not in kept] for layer, kept in report.kept.items()}
+    routers = {layer: model.model.layers[layer].mlp.router.classifier.weight for layer in report.kept}
+    with routers_restricted(model, removed, routers):
+        want = _logits(model)
+    assert (_logits(moetool.load_model(tmp_path / "out")) - want).abs().max() <= 1e-5
+    names = set(load_file(next((tmp_path / "out").glob("*.safetensors"))))
+    assert not any(f"experts.{e}.gate_proj" in n for n in names for e in (4, 5))

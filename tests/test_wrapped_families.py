@@ -304,3 +304,18 @@ def test_qwen3_omni_moe_config_root_is_nested_and_the_runner_builds_the_thinker(
     assert model_class(config) is transformers.AutoModelForImageTextToText
     for built in (build_model(config), build_model(config.thinker_config)):
         assert type(built).__name__ == "Qwen3OmniMoeThinkerForConditionalGeneration"
+
+
+def test_qwen3_omni_moe_transformers_layout_quantizes_the_thinker_in_stock_transformers(tmp_path, tiny):
+    """--layout transformers of a whole Qwen3-Omni: stock transformers loads it and holds every Linear the
+    checkpoint quantized in 4 bits (the skip list names none of them, under either of its names)."""
+    import transformers
+
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    with open_checkpoint(tiny("qwen3_omni_moe")) as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="nf4", layout="transformers"))
+    model = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(tmp_path / "q")
+    attention = model.thinker.model.language_model.layers[0].self_attn
+    assert all(type(getattr(attention, p)).__name__ == "Linear4bit" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert type(model.thinker.lm_head).__name__ == "Linear"

@@ -703,7 +703,10 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
     """
     moe = set(moe_layers)
     experts = dims.experts or 0
-    expected: dict[tuple, list[str]] = defaultdict(list)   # (role, layer) -> its templates (LongCat: two MLPs)
+    # (role, layer) -> its templates: any one of them stored, as a role's alternatives usually are (GGUF's
+    # attention tensors, encoder/decoder names), but each of them for the dense MLPs a family holds
+    # several of beside its MoE (LongCat-Flash's two)
+    expected: dict[tuple, list[str]] = defaultdict(list)
     seq2seq = family.decoder_offset is not None
     for role, template in family.templates(layout).items():
         if role in family.role_keys and not cfg.get(family.role_keys[role]):
@@ -711,7 +714,7 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
         for tpl in _template_alternatives(template):
             if "{L}" not in tpl and "{D}" not in tpl:
                 if not (role == Role.LM_HEAD and dims.tie is not False):
-                    expected[(role, None)].append(tpl)
+                    expected[(role, None)] = [tpl]
                 continue
             if "{D}" in tpl:
                 layers = range(dims.decoder_offset, dims.num_layers)
@@ -727,7 +730,10 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
                                             (family.is_dense_layer is not None
                                              and not family.is_dense_layer(cfg, layer))):
                     continue
-                expected[(role, layer)].append(tpl)
+                if role in DENSE_ROLES and family.dense_in_moe_layers:
+                    expected[(role, layer)].append(tpl)
+                else:
+                    expected[(role, layer)] = [tpl]
 
     # role -> {(layer, expert or None)} stored, and the layers and expert numbers among them: sets
     # built in C, not a dict per tensor
@@ -960,7 +966,7 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
             info.expert_ffn = ffn.get(layer, dims.expert_ffn)
             info.shared_experts = dims.num_shared
             routed = tally.layer_routed[layer] - unused[layer]
-            if info.top_k is not None and info.experts and not 1 <= info.top_k <= info.experts:
+            if info.top_k is not None and info.experts and not 1 <= info.top_k <= info.experts + dims.zero_experts:
                 bad_k.append((layer, info.top_k, info.experts))
             if info.top_k is not None and info.experts:
                 active = round(routed * min(info.top_k, info.experts) / info.experts)

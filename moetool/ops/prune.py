@@ -110,7 +110,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         raise UsageError(f"--scope {options.scope}: use per-layer or global")
     counts = {len(v) for v in kept.values()}
     keep = max(counts)
-    new_k = min(top_k, min(counts))
+    new_k = min(top_k, min(counts) + identity)   # (a token may still pick the identity experts, never removed)
     if options.merge and similarity is None:
         similarity = _similarity(ckpt)
     groups = _merge_groups(similarity, kept, mass, experts) if options.merge else None
@@ -131,9 +131,13 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
             continue
         m = matches[name]
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:       # one tensor per expert
-            if identity and m.expert >= experts:   # identity experts' gate and up (transformers' saves): kept
-                tensors.append(OutputTensor(_renumbered(name, m, len(kept[m.layer]) + m.expert - experts, classifier),
-                                            ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "identity expert"))
+            if identity and m.expert >= experts:   # identity experts' gate and up (transformers' saves, never used)
+                if len(counts) == 1:   # kept after the real experts, as transformers saves them
+                    tensors.append(OutputTensor(_renumbered(name, m, keep + m.expert - experts, classifier),
+                                                ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "identity expert"))
+                else:   # (layers keeping different numbers load in moetool only, which needs none of them)
+                    removed_bytes += ref.nbytes
+                    removed_params += 0 if m.aux else ref.numel
                 continue
             if m.expert not in kept[m.layer]:
                 removed_bytes += ref.nbytes

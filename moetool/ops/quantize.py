@@ -52,6 +52,7 @@ from moetool.quant import compressed_tensors as ct
 from moetool.quant.config import QUANT_METHOD, recorded_formats
 from moetool.quant.formats import Format, parse_format, slice_name
 from moetool.runner import distributed
+from moetool.runner.modules import model_name
 
 log = logging.getLogger(__name__)
 
@@ -467,13 +468,16 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     weights, stacked, mtp = [], {}, 0
     # gate and up rows of identity experts (LongCat-Flash, as transformers 5 saves them): never used, left as they are
     real = first_key(cfg, family.keys.get("num_experts", ())) if family.zero_experts(cfg) else None
+    identity = 0
     for tensor in base.tensors:
         m = classifier.classify(tensor.name)
         if family.is_mtp(cfg, tensor.name, m.layer):   # not run by transformers: no calibration reaches it
             weights.append(_Weight(tensor, m.layer, None, None))
             mtp += 1
         elif real is not None and m.expert is not None and m.expert >= real:
-            weights.append(_Weight(tensor, m.layer, None, None))
+            identity += 1
+            if options.layout != CT_LAYOUT:   # (vLLM's loader reads the real experts only, as the hub stores them)
+                weights.append(_Weight(tensor, m.layer, None, None))
         elif m.role in EXPERT_MATRICES and m.expert is None and len(tensor.shape) == 3:
             stacked[tensor.name] = tensor.shape[0]   # stored stacked (Granite): one slice per expert
             weights.extend(_Weight(_expert_slice(tensor, e), m.layer, e, m.role) for e in range(tensor.shape[0]))
@@ -492,6 +496,10 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     if mtp:
         warnings.append(f"the {mtp} tensors of the multi-token-prediction module(s) were kept as they are: "
                         "transformers does not run them, so neither routing nor calibration reaches them")
+    if identity:
+        warnings.append(f"the {identity} gate and up tensors of identity experts (never used) were "
+                        + ("left out, as the hub's checkpoints hold none" if options.layout == CT_LAYOUT
+                           else "kept as they are"))
     if options.layout == CT_LAYOUT and stacked:
         raise UnsupportedError(f"{family.title}: its experts are stored stacked, not as one Linear module each, "
                                "so compressed-tensors (and vLLM) cannot take them quantized; use --layout moetool")
@@ -851,7 +859,11 @@ def _plan_transformers(ckpt, options, family, weights, experts, base, rules, war
                and w.tensor.dtype in FLOATS and CATEGORY[w.role] not in ("router", "lm_head", "embedding")}
     # module names as they are: transformers 4 matches them as substrings, 5 as regexes with module
     # boundaries (where an unescaped dot can only meet the dot it stands for in these names)
-    skip = sorted(name.removesuffix(".weight") for name in linear - set(formats))
+    # (and without the built model's names of the quantized weights, where a wrapper stores them under others:
+    # such a name would match the quantized module too, Qwen3-Omni's thinker.model.language_model.*)
+    held_only = linear - set(ckpt.tensors)   # names the built model holds and the checkpoint does not
+    twins = {model_name(name, family, held_only) for name in formats} & held_only
+    skip = sorted(name.removesuffix(".weight") for name in linear - set(formats) - twins)
     out = []
     for tensor in base.tensors:   # stacked experts stay stacked: transformers reads them so
         fmt_w = formats.get(tensor.name)

@@ -12,7 +12,7 @@ from moetool.arch.schema import EXPERT_ROLES
 from moetool.checkpoint import Checkpoint
 from moetool.checkpoint.gguf_view import VIEW_KIND, runnable_family, transformers_view
 from moetool.checkpoint.writer import materialize
-from moetool.errors import UnsupportedError, UsageError
+from moetool.errors import CheckpointFormatError, UnsupportedError, UsageError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant.config import recorded_formats
 from moetool.runner.device import DeviceError, available_memory
@@ -424,10 +424,11 @@ def _named_as_model(tensors: list, family: Family, own: dict) -> list:
 
 def load_unnamed(model, ckpt: Checkpoint, family: Family, tensors: list, own: dict, *, device, dtype) -> None:
     """Load the planned TENSORS that no family template names and the model does not hold under their
-    names (OWN: its parameters and buffers), MTP modules aside, as transformers' own loader does: through
-    its conversion mapping for MODEL (renames, q/k/v splits, RoPE permutations). These are the tensors of
-    a wrapper's other towers whose hub names differ from the model's (Step 3.7's vision tower); nothing is
-    read where every parameter is loaded already."""
+    names or moetool's renames of them (OWN: its parameters and buffers), MTP modules aside, as transformers'
+    own loader does: through its conversion mapping for MODEL (renames, q/k/v splits, RoPE permutations).
+    These are the tensors of a wrapper's other towers whose hub names differ from the model's (Step 3.7's
+    vision tower); nothing is read where every parameter is loaded already. (transformers' loader API is
+    internal: a release that changes it is refused with the reason.)"""
     if not any(p.device.type == "meta" for p in model.parameters()):
         return
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -439,11 +440,27 @@ def load_unnamed(model, ckpt: Checkpoint, family: Family, tensors: list, own: di
     rest = {}
     for tensor in tensors:
         m = classifier.classify(tensor.name)
-        if tensor.name not in own and m.guessed and not family.is_mtp(cfg, tensor.name, m.layer):
+        if model_name(tensor.name, family, own) not in own and m.guessed and \
+                not family.is_mtp(cfg, tensor.name, m.layer):
             rest[tensor.name] = materialize(tensor)
-    if rest:
-        convert_and_load_state_dict_in_model(model, rest, LoadStateDictConfig(
-            weight_mapping=get_model_conversion_mapping(model), dtype=dtype, device_map={"": str(device)}))
+    if not rest:
+        return
+    saved = getattr(model, "_weight_conversions", None)   # (what save_pretrained reverses: the model's own)
+    try:
+        with quiet_transformers():
+            info, _ = convert_and_load_state_dict_in_model(model, rest, LoadStateDictConfig(
+                weight_mapping=get_model_conversion_mapping(model), dtype=dtype, device_map={"": str(device)}))
+    except TypeError as exc:   # another transformers release's signature
+        raise UnsupportedError(f"{ckpt.source}: this transformers release loads tensors under hub names another "
+                               f"way ({exc}); moetool reads them with transformers 5.24's loader") from None
+    finally:
+        model._weight_conversions = saved
+    problems = dict(info.conversion_errors) or {k[0]: f"shape {list(k[1])}, expected {list(k[2])}"
+                                                for k in info.mismatched_keys}
+    if problems:
+        name, why = next(iter(problems.items()))
+        raise CheckpointFormatError(f"{ckpt.source}: {len(problems)} tensors stored under hub names do not load "
+                                    f"(first: {name}: {why})")
 
 
 def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remote_code: bool):
