@@ -130,13 +130,17 @@ def test_deepseek_v2_groups_as_its_router_uses_them(tmp_path, method, keep):
 
 
 def _profile_json(tmp_path, path, tokens=600):
+    """`moetool profile --saliency --json` of PATH over TOKENS random ids, as the command writes it (in this
+    process: tests/test_cli*.py run the command itself)."""
+    from moetool.ops.profile import ProfileOptions, profile
+
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps(torch.randint(0, 64, (tokens,), generator=torch.Generator().manual_seed(2)).tolist()))
-    proc = subprocess.run([sys.executable, "-m", "moetool", "profile", str(path), "--token-ids", str(ids),
-                           "--seq-len", "30", "--saliency", "--json"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    (tmp_path / "profile.json").write_text(proc.stdout)
-    return tmp_path / "profile.json", json.loads(proc.stdout)
+    with open_checkpoint(path) as ckpt:
+        report = profile(ckpt, ProfileOptions(token_ids=ids, seq_len=30, saliency=True))
+    text = json.dumps(report.to_dict(), indent=2, default=str, allow_nan=False)
+    (tmp_path / "profile.json").write_text(text)
+    return tmp_path / "profile.json", json.loads(text)
 
 
 @pytest.mark.parametrize("criterion, field", [("frequency", "counts"), ("soft-count", "weight_mass"),
