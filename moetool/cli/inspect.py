@@ -130,14 +130,16 @@ def _render(report, *, layers: bool) -> None:
     if n_moe:
         shared = (f"{report.num_shared_experts} shared (FFN {known(report.shared_ffn)})"
                   if report.num_shared_experts else "no shared experts")
-        grid.add_row("Experts", f"{known(report.num_experts)} routed, top-{known(report.top_k)}, expert FFN "
+        identity = f" + {report.zero_experts} identity (zero-computation)" if report.zero_experts else ""
+        grid.add_row("Experts", f"{known(report.num_experts)} routed{identity}, top-{known(report.top_k)}, expert FFN "
                                 f"{known(report.expert_ffn)}; {shared}")
         grid.add_row("Router", report.router["description"])
     grid.add_row("Hidden / vocab", f"{known(report.hidden_size)} / {known(report.vocab_size)}"
                  + ("  (tied embeddings)" if report.tied_embeddings else ""))
     active = ""
     if report.active_params is not None and n_moe:
-        active = (f" · {count(report.active_params)} active per token "
+        most = "at most " if report.zero_experts else ""   # (a pick of an identity expert computes nothing)
+        active = (f" · {most}{count(report.active_params)} active per token "
                   f"({count(report.active_params_with_embedding)} counting the input embedding, "
                   f"{count(report.active_params_without_embeddings)} without input and output embeddings)")
     grid.add_row("Parameters", f"{count(report.total_params)} total{active}")
