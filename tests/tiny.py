@@ -481,6 +481,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                              hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
                                              layer_types=["sliding_attention", "full_attention",
                                                           "sliding_attention"])),
+    # LongCat-Flash with router_bias: a bias over the real and the identity experts' router rows
+    "longcat_flash-bias": ("longcat_flash", dict(router_bias=True)),
     # Nemotron 3 Super's latent MoE: the routed experts work in moe_latent_size, between fc1/fc2_latent_proj
     "nemotron_h-latent": ("nemotron_h", dict(moe_latent_size=24)),
 }

@@ -21,6 +21,7 @@ FAMILY = Family(
               zero_experts=("zero_expert_num",)),
     common={**EMBED_AND_HEAD,
             Role.ROUTER: "model.layers.{L}.mlp.router.classifier.weight",
+            Role.ROUTER_BIAS: "model.layers.{L}.mlp.router.classifier.bias",   # (with router_bias)
             Role.ROUTER_CORRECTION: "model.layers.{L}.mlp.router.e_score_correction_bias",
             # two dense MLPs a layer
             **{role: tuple(f"model.layers.{{L}}.mlps.{i}.{part}_proj.weight" for i in (0, 1))
@@ -29,7 +30,9 @@ FAMILY = Family(
     fused=QWEN_FUSED,
     # the router scores R = E + zero_expert_num experts; transformers 5's fused gate_up_proj holds rows for
     # the identity experts too (never used, and absent from the hub's per-expert checkpoints)
-    shapes={Role.ROUTER: ("R", "H"), Role.ROUTER_CORRECTION: ("R",), Role.EXPERT_GATE_UP: ("R", "2I", "H")},
+    shapes={Role.ROUTER: ("R", "H"), Role.ROUTER_BIAS: ("R",), Role.ROUTER_CORRECTION: ("R",),
+            Role.EXPERT_GATE_UP: ("R", "2I", "H")},
+    role_keys={Role.ROUTER_BIAS: "router_bias"},
     buffers=frozenset({Role.ROUTER_CORRECTION}),
     dense_in_moe_layers=True,
     transformers_reads_per_expert=False,   # (transformers 5.24 refuses the hub's: its gate_up_proj has R rows)
