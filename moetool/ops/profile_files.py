@@ -430,15 +430,19 @@ def _fmt(value, spec: str) -> str:
 
 
 def _table(report: ProfileReport) -> str:
+    identity = any(lp.identity for lp in report.layers)   # a router that also picks identity experts
     headers = ("layer", "experts", "entropy / log E", "top-1 prob", "max/mean", "CV", "Gini", "drop @1.0",
-               "drop @1.25", "dead", "distinct / seq", "reuse")
+               "drop @1.25", "dead", "distinct / seq", "reuse") + \
+        (("identity picks", "real experts / token") if identity else ())
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in (
             str(lp.layer), str(lp.experts), _fmt(lp.entropy_normalized, ".3f"), _fmt(lp.top1_prob_mean, ".3f"),
             _fmt(lp.imbalance.get("max_over_mean"), ".2f"), _fmt(lp.imbalance.get("cv"), ".3f"),
             _fmt(lp.imbalance.get("gini"), ".3f"), _fmt(lp.capacity_drop.get("1.0"), ".2%"),
             _fmt(lp.capacity_drop.get("1.25"), ".2%"), str(len(lp.dead_experts)),
-            _fmt(lp.distinct_experts_per_sequence, ".1f"), _fmt(lp.consecutive_reuse, ".2%"))) + "</tr>"
+            _fmt(lp.distinct_experts_per_sequence, ".1f"), _fmt(lp.consecutive_reuse, ".2%"),
+            *((_fmt((lp.identity or {}).get("share"), ".2%"),
+               _fmt((lp.identity or {}).get("computed_experts_per_token"), ".2f")) if identity else ()))) + "</tr>"
         for lp in report.layers)
     return f"<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in headers)}</tr>{rows}</table>"
 
