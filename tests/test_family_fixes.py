@@ -24,7 +24,7 @@ FP32_ROUTERS = ["deepseek_v32",
                 "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",
                 "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "kolibri1",
                 "dots3_note_text",
-                "glm4v_moe", "glm5_next", "hy_v4"]
+                "glm4v_moe", "glm5_next", "hy_v4", "muse_spark"]
 
 
 def _inspect(path):
@@ -473,3 +473,70 @@ def test_nemotron_h_latent_moe_refuses_gptq(tiny, tmp_path):
 
     with open_checkpoint(tiny("nemotron_h-latent")) as ckpt, pytest.raises(UnsupportedError, match="latent"):
         quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4-g8-sym", method="gptq"))
+
+
+# ---------------------------------------------------------------- Muse Spark's latent MoE with a per-expert norm
+
+def test_muse_spark_saliency_is_each_experts_normed_output_after_post_expert_proj(tiny, tmp_path):
+    """REAP saliency: ||w * post_expert_proj.weight @ post_expert_norm(expert(x))|| with x the latent input,
+    the expert's contribution to the hidden states (not without the norm, not in the latent width)."""
+    from moetool.ops.profile import ProfileOptions, profile
+    from tests.tiny import load_reference
+
+    path = tiny("muse_spark")
+    ids = torch.randint(0, 64, (4, 30), generator=torch.Generator().manual_seed(3))
+    (tmp_path / "ids.json").write_text(json.dumps(ids.flatten().tolist()))
+    with open_checkpoint(path) as ckpt:
+        report = profile(ckpt, ProfileOptions(token_ids=tmp_path / "ids.json", seq_len=30, saliency=True))
+    model = load_reference(path, dtype=torch.float32).eval()
+    layers, inputs = model.model.language_model.layers, {}
+    hooks = [layers[i].mlp.experts.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a))
+             for i in (layer.layer for layer in report.layers)]
+    with torch.no_grad():
+        model(ids)
+        for h in hooks:
+            h.remove()
+        for layer in report.layers:
+            (latent, index, weights), mlp = inputs[layer.layer], layers[layer.layer].mlp
+            assert latent.shape[-1] == model.config.text_config.moe_hidden_size != model.config.text_config.hidden_size
+            totals, count = torch.zeros(2, 4, dtype=torch.float64), torch.zeros(4)
+            for t in range(latent.shape[0]):
+                for j in range(index.shape[1]):
+                    e = int(index[t, j])
+                    gate, up = (mlp.experts.gate_up_proj[e] @ latent[t]).chunk(2)
+                    out = mlp.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
+                    for row, y in enumerate((mlp.experts.post_expert_norm(out), out)):
+                        totals[row, e] += float((mlp.post_expert_proj.weight @ (weights[t, j] * y)).norm())
+                    count[e] += 1
+            want, unnormed = (totals / count.clamp_min(1)).tolist()
+            assert layer.saliency == pytest.approx(want, rel=1e-4)
+            assert layer.saliency != pytest.approx(unnormed, rel=1e-2)   # the test can fail
+
+
+def test_muse_spark_eval_is_transformers_loss_and_quantize_keeps_the_expert_norm(tiny, tmp_path):
+    """eval's head multiplies the logits by output_multiplier before the softcap, as transformers does; quantize
+    leaves experts.post_expert_norm (one weight shared by the experts) as it is, and refuses GPTQ (latent
+    experts)."""
+    from safetensors.torch import load_file
+
+    from moetool.errors import UnsupportedError
+    from moetool.ops.evaluate import EvalOptions, evaluate
+    from moetool.ops.quantize import QuantizeOptions, quantize
+    from tests.tiny import load_reference
+
+    path = tiny("muse_spark")
+    ids = torch.randint(0, 64, (4, 30), generator=torch.Generator().manual_seed(4))
+    (tmp_path / "ids.json").write_text(json.dumps(ids.flatten().tolist()))
+    with torch.no_grad():
+        loss = load_reference(path, dtype=torch.float32).eval()(ids, labels=ids).loss
+    with open_checkpoint(path) as ckpt:
+        assert evaluate(ckpt, EvalOptions(token_ids=tmp_path / "ids.json", seq_len=30)).nll_mean == \
+            pytest.approx(float(loss), rel=1e-5)
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4-g8-sym"))
+        with pytest.raises(UnsupportedError, match="latent"):
+            quantize(ckpt, tmp_path / "g", QuantizeOptions(format="int4-g8-sym", method="gptq"))
+    source, out = (load_file(next(p.glob("*.safetensors"))) for p in (path, tmp_path / "q"))
+    norms = [n for n in source if n.endswith("experts.post_expert_norm.weight")]
+    assert len(norms) == 2 and all(torch.equal(out[n], source[n]) for n in norms)
+    assert any(n.startswith("model.language_model.layers.1.mlp.experts.gate_up_proj") and n not in source
+               for n in out)   # (the experts were quantized)

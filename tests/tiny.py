@@ -317,6 +317,17 @@ TINY: dict[str, tuple[str, dict]] = {
         code2wav_config=dict(codebook_size=16, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
                              intermediate_size=16, num_hidden_layers=1, num_quantizers=2, upsample_rates=[2, 2],
                              upsampling_ratios=[2], decoder_dim=16, sliding_window=8))),
+    # Muse Spark: a dense layer, latent experts (moe_hidden_size 24 != hidden 32), sliding and full (NoPE) layers;
+    # one-layer vision and one-block audio towers
+    "muse_spark": ("MuseSparkConfig", dict(
+        text_config=dict(COMMON, intermediate_size=24, moe_intermediate_size=16, moe_hidden_size=24, head_dim=8,
+                         num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                         mlp_layer_types=["dense", "sparse", "sparse"], routed_scaling_factor=1.5,
+                         bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=16, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
+                           patch_size=4, pos_emb_height=4, pos_emb_width=4),
+        audio_config=dict(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_hidden_size=32),
+        out_hidden_size=64, projector_hidden_size=16)),
     "hy_v4": ("HYV4Config", dict(COMMON, num_key_value_heads=4, intermediate_size=24, moe_intermediate_size=16,
                                  num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                                  kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
@@ -372,6 +383,14 @@ def build_model(family: str, seed: int = 0):
             for name, weight in model.named_parameters():
                 if name.endswith(("router.per_expert_scale", "router.scale")):
                     weight.uniform_(0.5, 1.5)
+    if family == "muse_spark":  # its norms start at zero (x (1 + w)), its correction biases too: random, so that
+        with torch.no_grad():    # a pruned or quantized post_expert_norm or bias would show
+            for name, weight in model.named_parameters():
+                if name.endswith(("post_expert_norm.weight", "pre_expert_norm.weight")):
+                    weight.uniform_(-0.5, 0.5)
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.uniform_(-0.2, 0.2)
     if changes.get("moe_latent_size"):  # latent projections of unit gain: the routed experts' part is not lost
         with torch.no_grad():
             for name, weight in model.named_parameters():

@@ -219,6 +219,9 @@ class Family:
     # a Linear the experts' output passes through before it joins the hidden states (Nemotron-H's latent MoE:
     # fc2_latent_proj; an nn.Identity where the config has no latent space): saliency is measured after it
     experts_output_module: str | None = None
+    # tensors whose names say "expert" that are no expert's, by name ending: inspect does not flag them as expert
+    # tensors no template fits (Muse Spark's pre_expert_proj / post_expert_proj, which every token passes through)
+    not_experts: tuple[str, ...] = ()
     # transformers' eager experts forward indexes a fused expert tensor one expert at a time
     # (gate_up_proj[e]); False where it multiplies the whole stack at once (Llama 4's bmm)
     experts_indexed: bool = True

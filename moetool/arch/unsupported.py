@@ -21,10 +21,9 @@ UNSUPPORTED: dict[str, str] = {
                            "no model. prefix), renamed by regex and its vision queries and keys permuted on load",
     "deepseek_ocr2": "DeepSeek-OCR 2's vision towers reach the model only through layer-numbered regex renames, "
                      "which moetool's own loaders (quantized, globally pruned checkpoints) cannot follow",
-    "muse_spark_text": "Muse Spark's experts work in their own width (moe_hidden_size, entered by pre_expert_proj and "
-                       "left by post_expert_proj around them), each expert's output is normalised "
-                       "(experts.post_expert_norm) before it is weighted, and its router scales the logits by "
-                       "output_multiplier",
+    "muse_spark_text": "transformers has no causal-LM class for Muse Spark's text model alone (MuseSparkTextModel has "
+                       "no LM head; only the wrapper MuseSparkForConditionalGeneration runs it): moetool supports "
+                       "Muse Spark's checkpoints as the wrapper's (model_type muse_spark)",
     "hy_v4_vl_text": "HY4-VL's hub checkpoints hold its text model under model. (transformers moves it under "
                      "model.language_model. on load) with hy_v4's renames chained onto that move (linear_gate, "
                      "learnable_sink_param, hc_pre.hc_*), names moetool's templates and one-rename-per-tensor "
@@ -32,7 +31,7 @@ UNSUPPORTED: dict[str, str] = {
 }
 # wrappers whose text model is one of the above
 UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"],
-                    "muse_spark": UNSUPPORTED["muse_spark_text"], "hy_v4_vl": UNSUPPORTED["hy_v4_vl_text"]})
+                    "hy_v4_vl": UNSUPPORTED["hy_v4_vl_text"]})
 
 
 def unsupported_reason(config: Config | None) -> str | None:

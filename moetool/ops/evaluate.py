@@ -90,6 +90,7 @@ class _Head:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config   # a wrapper's text model
         setting = lambda key: getattr(text, key, None) or getattr(config, key, None)  # noqa: E731
         self.scale = setting("logits_scaling") or 1.0   # Granite divides logits
+        self.multiplier = setting("output_multiplier") or 1.0   # Muse Spark multiplies them (before the cap)
         self.softcap = setting("final_logit_softcapping")   # Gemma 2: c * tanh(x / c)
 
     def logprobs(self, hidden):
@@ -99,7 +100,7 @@ class _Head:
 
         flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         for start in range(0, flat.shape[0], LOGIT_CHUNK):
-            logits = self.module(flat[start:start + LOGIT_CHUNK]).float() / self.scale
+            logits = self.module(flat[start:start + LOGIT_CHUNK]).float() * self.multiplier / self.scale
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             yield logits, torch.log_softmax(logits, dim=-1)

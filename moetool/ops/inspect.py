@@ -454,6 +454,7 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
             for n in (gnames if not g_alike or _BNB4_STATE in gnames[0] else ()) if _BNB4_STATE in n}
     buffers = family.buffers if family else frozenset()
     buffer_suffixes = family.buffer_suffixes if family else ()
+    not_experts = family.not_experts if family else ()
     mtp_from = dims.num_layers if family is not None and family.mtp else None
     gguf = family is not None and family.gguf_arch
     quant_forms = tally.quant_forms
@@ -510,7 +511,8 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
         if m.guessed and role in _UNSTRUCTURED:
             # (a vision tower's own experts, as dots.llm3 Note's, are not the text model's)
             unexpected.extend((i, name) for i, name in zip(index, gnames)
-                              if "expert" in name and not any(w in name for w in OTHER_MODALITIES))
+                              if "expert" in name and not any(w in name for w in OTHER_MODALITIES)
+                              and not (not_experts and name.endswith(not_experts)))
         if role in buffers:
             tally.buffers += sum(params)
             params = [0] * len(params)

@@ -159,4 +159,5 @@ def in_wrapper(family, prefix: str = TEXT_MODEL, **changes):
     family = replace(family, **changes)
     return replace(family, common=moved(family.common), per_expert=moved(family.per_expert),
                    fused=moved(family.fused), router_module=_under(family.router_module, prefix),
-                   experts_module=_under(family.experts_module, prefix), config_root="text_config")
+                   experts_module=_under(family.experts_module, prefix),
+                   experts_output_module=_under(family.experts_output_module, prefix), config_root="text_config")
