@@ -20,7 +20,7 @@ from tests.tiny import TINY, load_reference
 # family -> the class transformers runs it with (no AutoModelForCausalLM entry for any of them)
 CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
            "mistral4": "Mistral4ForCausalLM", "glm5_next": "Glm5NextForConditionalGeneration",
-           "step3p7": "Step3p7ForConditionalGeneration",
+           "step3p7": "Step3p7ForConditionalGeneration", "hy_v4_vl": "HYV4VLForConditionalGeneration",
            "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}   # (the thinker of the whole model)
 
 
