@@ -16,7 +16,7 @@ from tests.tiny import DENSE, TINY, build_model
 DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_transformers", "nllb-moe"))
 DECODER_MOE.append("nemotron_h-latent")   # Nemotron-H's latent MoE (tests/tiny.py VARIANTS)
 # image-text models built whole: the text model under language_model
-WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "step3p7", "muse_spark")
+WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "step3p7", "muse_spark", "hy_v4_vl")
 BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "mlp.gate.e_score_correction_bias",
           "glm4_moe": "mlp.gate.e_score_correction_bias",
           "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",
@@ -30,6 +30,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "ml
           "bailing_hybrid": "mlp.gate.e_score_correction_bias", "laguna": "mlp.gate.e_score_correction_bias",
           "kolibri1": "mlp.gate.e_score_correction_bias", "glm4v_moe": "mlp.gate.e_score_correction_bias",
           "glm5_next": "mlp.gate.e_score_correction_bias", "hy_v4": "mlp.gate.e_score_correction_bias",
+          "hy_v4_vl": "mlp.gate.e_score_correction_bias",
           "minimax_m2": "mlp.e_score_correction_bias",
           "ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias", "afmoe": "mlp.expert_bias",
           "hy_v3": "mlp.e_score_correction_bias",
@@ -47,7 +48,7 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
                   "deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "dots1", "sarvam_moe", "axk1", "beam",
                   "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear", "nemotron_h", "nemotron_h-latent",
                   "mimo_v2_flash",
-                  "bailing_hybrid", "dots3_note_text", "glm4v_moe", "glm5_next", "hy_v4"):
+                  "bailing_hybrid", "dots3_note_text", "glm4v_moe", "glm5_next", "hy_v4", "hy_v4_vl"):
         bias = layer_module.get_buffer(BIASED[family])
         scores = torch.sigmoid(logits) + bias
         groups, per = config.n_group, logits.shape[-1] // config.n_group

@@ -21,6 +21,7 @@ from tests.tiny import TINY, load_reference
 CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
            "mistral4": "Mistral4ForCausalLM", "glm5_next": "Glm5NextForConditionalGeneration",
            "step3p7": "Step3p7ForConditionalGeneration", "muse_spark": "MuseSparkForConditionalGeneration",
+           "hy_v4_vl": "HYV4VLForConditionalGeneration",
            "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}   # (the thinker of the whole model)
 
 

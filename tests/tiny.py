@@ -333,6 +333,15 @@ TINY: dict[str, tuple[str, dict]] = {
                                  kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
                                  index_topk=4, index_head_dim=8, index_n_heads=2, hc_mult=2, pad_token_id=0,
                                  bos_token_id=1, eos_token_id=2)),
+    # HY4-VL: Hy4's text model (hub names under model.) in an image-text wrapper with a one-layer vit tower
+    "hy_v4_vl": ("HYV4VLConfig", dict(
+        text_config=dict(COMMON, num_key_value_heads=4, intermediate_size=24, moe_intermediate_size=16,
+                         num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                         kv_lora_rank=8, q_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+                         index_topk=4, index_head_dim=8, index_n_heads=2, hc_mult=2, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 0])),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))),
     "lara_mini": ("LaraMiniConfig", dict(COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=20,
                                          num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, head_dim=8,
                                          sliding_window=16, linear_num_value_heads=4, linear_num_key_heads=2,

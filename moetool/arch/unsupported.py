@@ -17,21 +17,23 @@ UNSUPPORTED: dict[str, str] = {
     "inkling2_text": "Inkling 2's hub checkpoints interleave gate and up rows in one w13_weight, pad the "
                      "vocabulary and rename tensors with a layer-index offset, transforms moetool's tensor plan "
                      "cannot express",
-    "mistral_large4_text": "Mistral Large 4's hub names are Mistral's own (attention.wq, feed_forward.experts.{E}.w1, "
-                           "no model. prefix), renamed by regex and its vision queries and keys permuted on load",
+    "mistral_large4_text": "Mistral Large 4's hub names are Mistral's own without model. (layers.{L}.attention.wq, "
+                           ".experts.{E}.w1, .gate, tok_embeddings, output): transformers' names change the root "
+                           "prefix and an infix at once (layers.{L}.attention.wq -> model.language_model.layers.{L}."
+                           "self_attn.q_proj), and a hub-prefixed name with transformers' infix does not load (its "
+                           ".gate./.experts. renames apply again: mlp.mlp.gate), so moetool's fused outputs cannot be "
+                           "named by Family.renames (one unanchored infix a tensor) and name_prefixes",
     "deepseek_ocr2": "DeepSeek-OCR 2's vision towers reach the model only through layer-numbered regex renames, "
                      "which moetool's own loaders (quantized, globally pruned checkpoints) cannot follow",
     "muse_spark_text": "transformers has no causal-LM class for Muse Spark's text model alone (MuseSparkTextModel has "
                        "no LM head; only the wrapper MuseSparkForConditionalGeneration runs it): moetool supports "
                        "Muse Spark's checkpoints as the wrapper's (model_type muse_spark)",
-    "hy_v4_vl_text": "HY4-VL's hub checkpoints hold its text model under model. (transformers moves it under "
-                     "model.language_model. on load) with hy_v4's renames chained onto that move (linear_gate, "
-                     "learnable_sink_param, hc_pre.hc_*), names moetool's templates and one-rename-per-tensor "
-                     "Family.renames cannot express at once",
+    "hy_v4_vl_text": "HY4-VL's text model alone has no causal-LM class in transformers (its head is "
+                     "HYV4VLForConditionalGeneration's); its checkpoints are the hy_v4_vl wrapper's, which moetool "
+                     "runs",
 }
 # wrappers whose text model is one of the above
-UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"],
-                    "hy_v4_vl": UNSUPPORTED["hy_v4_vl_text"]})
+UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"]})
 
 
 def unsupported_reason(config: Config | None) -> str | None:
