@@ -49,10 +49,11 @@ STRUCTURE = {
     "longcat_flash": ([0, 1], 4, 2, 0),
     "step3p7": ([1, 2], 4, 2, 1),
     "qwen3_omni_moe": ([0, 2], 4, 2, 0),
+    "inkling_text": ([1, 2], 4, 2, 2),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
 SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa", "gemma4_text",
-                 "minimax_m3_vl_text", "mistral4", "hy_v4", "lara_mini"}
+                 "minimax_m3_vl_text", "mistral4", "hy_v4", "lara_mini", "inkling_text"}
 
 
 def test_every_moe_family_has_a_tiny_model():
@@ -82,7 +83,7 @@ def test_moe_family(tiny, family, fused):
     assert report.dense_layers == [i for i in range(report.num_layers) if i not in moe_layers]
     # GPT-OSS, JetMoE, DBRX, Llama 4 (bf16) and Granite MoE SWA store fused experts on the hub too
     hub_fused = {"gpt_oss", "jetmoe", "dbrx", "llama4_text", "granitemoe_swa", "gemma4_text", "minimax_m3_vl_text",
-                 "qwen3_vl_moe", "mistral4", "hy_v4", "lara_mini", "step3p7"}
+                 "qwen3_vl_moe", "mistral4", "hy_v4", "lara_mini", "step3p7", "inkling_text"}
     expected_layout = "fused" if fused or family in hub_fused else "per-expert"
     assert report.layout == expected_layout
     # active = everything but the input embedding and the routed experts not chosen

@@ -27,7 +27,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "nemotron_h", "nemotron_h-latent", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
             "minimax_m3_vl_text", "dots3_note_text",
             "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
-            "hy_v4", "lara_mini", "longcat_flash", "step3p7", "qwen3_omni_moe"]
+            "hy_v4", "lara_mini", "longcat_flash", "step3p7", "qwen3_omni_moe", "inkling_text"]
 
 
 @contextmanager
