@@ -178,3 +178,6 @@ def test_unsupported_architectures_say_why(tmp_path):
     assert refused.returncode == 7 and "token-to-expert table" in refused.stderr
     for model_type in UNSUPPORTED:
         assert model_type in transformers.CONFIG_MAPPING and detect_family({"model_type": model_type}) is None
+    # a wrapper listed unsupported is not taken for its supported text model (Inkling's multimodal checkpoints)
+    assert detect_family({"model_type": "inkling_mm_model", "text_config": {"model_type": "inkling_text"}}) is None
+    assert detect_family({"model_type": "inkling_text"}).name == "inkling"

@@ -54,6 +54,8 @@ CASES = [
     ("dots3_note_text", {"shared_experts_intermediate_size": 1536}, ["shared_experts_intermediate_size"]),  # 1536
     ("mistral4", {"first_k_dense_replace": 0}, ["first_k_dense_replace"]),   # Mistral4Config: 0 (all MoE)
     ("mistral4", {}, ["n_shared_experts"]),                   # 1
+    ("inkling_text", {}, ["n_shared_experts"]),               # InklingTextConfig: 2 (router rows E + 2)
+    ("inkling_text", {"mlp_layer_types": None}, ["mlp_layer_types"]),   # every layer sparse
     # (a wrapper: the changes replace its text_config)
     ("glm5_next", {"text_config": dict(TINY["glm5_next"][1]["text_config"], num_hidden_layers=4, mlp_layer_types=None,
                                        layer_types=["linear_attention", "indexed_attention"] * 2,

@@ -216,7 +216,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "nemotron_h", "nemotron_h-latent", "mimo_v2_flash", "bailing_hybrid", "laguna", "kolibri1",
             "minimax_m3_vl_text", "dots3_note_text",
             "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
-            "hy_v4", "lara_mini", "longcat_flash", "step3p7", "qwen3_omni_moe", "muse_spark", "hy_v4_vl"]
+            "hy_v4", "lara_mini", "longcat_flash", "step3p7", "qwen3_omni_moe", "muse_spark", "hy_v4_vl",
+            "inkling_text"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -250,6 +251,13 @@ def test_quantized_model_matches_the_dequantize_first_path(tmp_path, tiny, famil
         assert (original(ids, **extra).logits - want).abs().max() > 1e-3
 
 
+def test_rules_say_stacked_shared_experts_stay_unquantized(tmp_path, tiny):
+    """Inkling's shared experts are 3-D parameters, not Linear modules: a rule naming them warns that they stay."""
+    with open_checkpoint(tiny("inkling_text")) as ckpt:
+        report = quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4-g8", rules=("shared_experts=int8-g8",)))
+    assert any("stacked shared experts" in w and ".mlp.shared_experts." in w for w in report.warnings), report.warnings
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
+        assert f.get_slice("model.layers.1.mlp.shared_experts.up_proj").get_dtype() == "F32"
 def test_refusals(tmp_path, tiny):
     with open_checkpoint("builtin:tiny-dense") as ckpt, pytest.raises(UsageError, match="MoE"):
         quantize(ckpt, tmp_path / "x", QuantizeOptions())

@@ -38,7 +38,8 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "ml
           "axk2": "mlp.gate.e_score_correction_bias", "dots3_note_text": "mlp.gate.e_score_correction_bias",
           "minimax_m3_vl_text": "mlp.gate.e_score_correction_bias",
           "longcat_flash": "mlp.router.e_score_correction_bias",
-          "step3p7": "mlp.gate.e_score_correction_bias", "muse_spark": "mlp.gate.e_score_correction_bias"}
+          "step3p7": "mlp.gate.e_score_correction_bias", "muse_spark": "mlp.gate.e_score_correction_bias",
+          "inkling_text": "mlp.gate.e_score_correction_bias"}
 
 
 def reference_experts(family: str, logits, layer_module, k: int, config) -> torch.Tensor:
@@ -62,7 +63,8 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
     elif family in ("minimax_m2", "lfm2_moe", "hy_v3", "axk2", "minimax_m3_vl_text",
-                    "step3p7", "muse_spark"):   # (A.X-K2 without n_group; Muse Spark's logits x output_multiplier)
+                    "step3p7", "muse_spark", "inkling_text"):   # (A.X-K2 without n_group; Muse Spark's logits x
+                    # output_multiplier; Inkling's logits: routed rows only)
         scores = torch.sigmoid(logits) + layer_module.get_buffer(BIASED[family])
     elif family in ("afmoe", "laguna"):  # its selection bias is a frozen parameter (Laguna's logits come softcapped)
         scores = torch.sigmoid(logits) + layer_module.get_parameter(BIASED[family])

@@ -358,6 +358,15 @@ TINY: dict[str, tuple[str, dict]] = {
                                                  ffn_hidden_size=24, kv_lora_rank=16, q_lora_rank=24,
                                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8,
                                                  routed_scaling_factor=2.0)),
+    # two stacked shared experts, scored by the router beside the routed ones; a dense first layer (its embedding is
+    # normed: weights of std 0.1 and an unscaled head, so that its layers and their experts move the logits)
+    "inkling_text": ("InklingTextConfig", dict(COMMON, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                                               swa_head_dim=8, sliding_window_size=16, d_rel=4, rel_extent=16,
+                                               num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"],
+                                               layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+                                               intermediate_size=24, moe_intermediate_size=16, n_routed_experts=4,
+                                               num_experts_per_tok=2, n_shared_experts=2,
+                                               logits_mup_width_multiplier=1.0, initializer_range=0.1)),
     "qwen3": ("Qwen3Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
     "gemma": ("GemmaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
     "gemma2": ("Gemma2Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),

@@ -7,7 +7,7 @@ import pkgutil
 from functools import cache
 
 from moetool.arch.schema import Config, Family, Role
-from moetool.arch.unsupported import unsupported_reason
+from moetool.arch.unsupported import UNSUPPORTED, unsupported_reason
 
 __all__ = ["Family", "Role", "all_families", "detect_family", "get_family", "unsupported_reason"]
 
@@ -43,11 +43,13 @@ def get_family(name: str) -> Family | None:
 
 
 def detect_family(config: Config | None) -> Family | None:
-    """The family whose model_types include config["model_type"], else None."""
+    """The family whose model_types include config["model_type"] (or its text_config's, unless the
+    wrapper's own type is listed unsupported: Inkling's multimodal wrapper), else None."""
     if not config:
         return None
     model_type = config.get("model_type")
     family = _by_model_type().get(model_type) if isinstance(model_type, str) else None
-    if family is None and isinstance(config.get("text_config"), dict):
+    if family is None and isinstance(config.get("text_config"), dict) and \
+            not (isinstance(model_type, str) and model_type in UNSUPPORTED):
         family = _by_model_type().get(config["text_config"].get("model_type"))
     return family

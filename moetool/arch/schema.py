@@ -89,7 +89,8 @@ MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_COR
 
 # Expected shapes, in symbols: H hidden, X the routed experts' input and output size (the family's
 # "expert_hidden" key where the experts work in a latent space, else H), I expert FFN, S shared FFN, D dense FFN,
-# E routed experts, V vocabulary. Expert roles are given per expert; a template
+# E routed experts, V vocabulary, N shared experts (stacked: Inkling), R router rows (E + the family's identity
+# experts + its sink rows: Family.zero_experts, Family.sink_experts). Expert roles are given per expert; a template
 # without {E} (fused layout) holds all experts, so "E" is prepended.
 DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
     Role.EMBED: ("V", "H"), Role.LM_HEAD: ("V", "H"),
@@ -313,8 +314,16 @@ class Family:
 
     def zero_experts(self, cfg: Config) -> int:
         """Identity experts the router scores after the real ones ("zero_experts" key: LongCat-Flash's
-        zero-computation experts), which hold no weights."""
-        value = first_key(cfg, self.keys.get("zero_experts", ()))
+        zero-computation experts), which hold no weights and which its top-k may pick."""
+        return self._count(cfg, "zero_experts")
+
+    def sink_experts(self, cfg: Config) -> int:
+        """Router rows after the routed (and identity) experts that top-k never picks ("sink_experts" key:
+        Inkling's shared experts, scored as sinks in the normalisation of the chosen experts' weights)."""
+        return self._count(cfg, "sink_experts")
+
+    def _count(self, cfg: Config, key: str) -> int:
+        value = first_key(cfg, self.keys.get(key, ()))
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
     @property

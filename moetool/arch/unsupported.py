@@ -12,8 +12,10 @@ UNSUPPORTED: dict[str, str] = {
             "zero-compute skip expert",
     "ernie4_5_vl_moe": "ERNIE 4.5 VL holds two MoE blocks a layer (text and vision, with different expert sizes), "
                        "tokens sent to one or the other by their token type",
-    "inkling_text": "Inkling's router scores its shared experts as sinks in the same softmax as the routed ones "
-                    "(router rows n_routed_experts + n_shared_experts, weighted by shared_gammas)",
+    "inkling_mm_model": "Inkling's multimodal checkpoints interleave gate and up rows in one w13_weight "
+                        "(shared_w13_weight too, split into the shared experts' gate_proj and up_proj) and name "
+                        "its text model model.llm., transforms moetool's tensor plan cannot express (its text "
+                        "model alone, inkling_text, is supported)",
     "inkling2_text": "Inkling 2's hub checkpoints interleave gate and up rows in one w13_weight, pad the "
                      "vocabulary and rename tensors with a layer-index offset, transforms moetool's tensor plan "
                      "cannot express",

@@ -136,6 +136,7 @@ class _Dims:
     vocab: int | None = None
     experts: int | None = None
     zero_experts: int = 0              # identity experts the router also scores (LongCat-Flash)
+    sink_experts: int = 0              # router rows past those that top-k never picks (Inkling's shared experts)
     top_k: int | list[int] | None = None
     expert_ffn: int | None = None
     expert_hidden: int | None = None   # X: the routed experts' input/output size where not H (latent MoE)
@@ -153,8 +154,8 @@ class _Dims:
     def symbol(self, sym: str) -> int | None:
         values = {"H": self.hidden, "X": self.expert_hidden or self.hidden, "I": self.expert_ffn,
                   "S": self.shared_ffn, "D": self.dense_ffn,
-                  "E": self.experts, "V": self.vocab,
-                  "R": None if self.experts is None else self.experts + self.zero_experts}   # router rows
+                  "E": self.experts, "V": self.vocab, "N": self.num_shared,
+                  "R": None if self.experts is None else self.experts + self.zero_experts + self.sink_experts}
         if sym.isdigit():
             return int(sym)
         if "*" in sym:
@@ -385,6 +386,7 @@ def _read_dims(family: Family | None, cfg: dict, where: str = "config.json") -> 
     if not family.dense:
         dims.experts = value("num_experts", required=True)
         dims.zero_experts = value("zero_experts") or 0
+        dims.sink_experts = value("sink_experts") or 0
         dims.top_k = value("top_k", family.top_k)
         dims.expert_ffn = value("expert_ffn", required=True)
         dims.expert_hidden = value("expert_hidden")

@@ -83,6 +83,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     # groups as transformers' router selects them (topk_method and its config-class defaults included)
     groups, groups_used = (family.router.groups(cfg) if family.router else None) or (1, None)
     experts, identity = structure.num_experts, structure.zero_experts   # (identity experts are never removed)
+    sinks = family.sink_experts(cfg)   # router rows of experts top-k never picks (Inkling's shared ones): kept
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = kept_count(experts, top_k, options, family)
     check_group_routing(keep, top_k, groups, groups_used, family.router.group_score_experts if family.router else 2)
@@ -154,8 +155,9 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
             continue
         if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
             rows, count = kept[m.layer], experts
-            if identity and family.shapes.get(m.role, ("E",))[0] == "R":   # router rows of identity experts stay
-                rows, count = rows + list(range(experts, experts + identity)), experts + identity
+            if (identity or sinks) and family.shapes.get(m.role, ("E",))[0] == "R":   # rows past the experts stay
+                extra = identity + sinks   # (identity experts', then sinks')
+                rows, count = rows + list(range(experts, experts + extra)), experts + extra
             sliced = _slice_experts(ref, m.role, rows, count, family.packed_experts)
             removed_bytes += ref.nbytes - sliced.nbytes
             if not m.aux and m.role not in family.buffers:

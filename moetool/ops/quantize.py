@@ -33,7 +33,7 @@ from typing import Any
 from moetool import __version__
 from moetool.arch import Role
 from moetool.arch.matcher import Classifier
-from moetool.arch.schema import CATEGORY, first_key
+from moetool.arch.schema import CATEGORY, SHARED_ROLES, first_key
 from moetool.checkpoint import Checkpoint
 from moetool.checkpoint.header import DTYPE_BYTES
 from moetool.checkpoint.writer import (
@@ -640,10 +640,14 @@ def _rule_formats(ckpt, family, offset: int, weights: list[_Weight], taken: set[
 
     def rule_format(w: _Weight, held: str, *names: str) -> Format | None:
         name = w.tensor.name
-        if name in taken or w.role is None or len(w.tensor.shape) != 2:   # (role None: MTP, kept as is)
-            return None
+        stacked = len(w.tensor.shape) == 3 and w.role in SHARED_ROLES   # (Inkling's shared experts: not Linear)
+        if name in taken or w.role is None or (len(w.tensor.shape) != 2 and not stacked):
+            return None   # (role None: MTP, kept as is)
         fmt = _rule_format(rules, (name, held, *names), w.role)
         if fmt is None or fmt.kind == "keep":
+            return None
+        if stacked:   # said so (with the routers and norms rules match), never quantized silently as something else
+            skipped.append(name)
             return None
         if (w.role in RULE_ROLES or w.role == Role.OTHER) and held in linear and w.tensor.dtype in FLOATS:
             try:
@@ -688,7 +692,8 @@ def _rule_formats(ckpt, family, offset: int, weights: list[_Weight], taken: set[
                         f"(first: {names[0]})")
     if skipped:
         warnings.append(f"{len(skipped)} weights matched by --rules stay in their precision: routers, norms, "
-                        f"embeddings, lm_head and non-Linear weights are not quantized (first: {skipped[0]})")
+                        f"embeddings, lm_head and non-Linear weights (stacked shared experts too) are not quantized "
+                        f"(first: {skipped[0]})")
     if replaced:
         first = replaced[0]
         warnings.append(f"{len(replaced)} checkpoint tensors that transformers splits or joins as it loads were "
