@@ -540,3 +540,24 @@ def test_muse_spark_eval_is_transformers_loss_and_quantize_keeps_the_expert_norm
     assert len(norms) == 2 and all(torch.equal(out[n], source[n]) for n in norms)
     assert any(n.startswith("model.language_model.layers.1.mlp.experts.gate_up_proj") and n not in source
                for n in out)   # (the experts were quantized)
+
+
+def test_eval_head_scales_as_transformers_does(tmp_path):
+    """eval's own head (it runs after the model is freed) scores as transformers' forward does: Inkling divides
+    the hidden states by logits_mup_width_multiplier and keeps the first unpadded_vocab_size logits; Hy4 holds
+    its lm_head in fp32, fed bf16 hidden states in a bf16 run."""
+    from moetool.ops.evaluate import EvalOptions, evaluate
+    from tests.tiny import build_variant, load_reference, save_tiny
+
+    ids = torch.randint(0, 60, (3, 16), generator=torch.Generator().manual_seed(4))
+    (tmp_path / "ids.json").write_text(json.dumps(ids.flatten().tolist()))
+    build_variant("inkling_text", logits_mup_width_multiplier=24.0, unpadded_vocab_size=60).save_pretrained(
+        tmp_path / "inkling")
+    with torch.no_grad():
+        want = load_reference(tmp_path / "inkling", dtype=torch.float32).eval()(ids, labels=ids)
+    assert want.logits.shape[-1] == 60
+    with open_checkpoint(tmp_path / "inkling") as ckpt:
+        got = evaluate(ckpt, EvalOptions(token_ids=tmp_path / "ids.json", seq_len=16, dtype="fp32"))
+    assert got.nll_mean == pytest.approx(float(want.loss), rel=1e-5)
+    with open_checkpoint(save_tiny("hy_v4", tmp_path / "hy")) as ckpt:   # (a dtype error before)
+        assert evaluate(ckpt, EvalOptions(token_ids=tmp_path / "ids.json", seq_len=16, dtype="bf16")).nll_mean > 0

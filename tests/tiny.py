@@ -526,11 +526,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def build_variant(name: str, seed: int = 0, **overrides):
-    """Instantiate variant NAME (see VARIANTS) with random weights; OVERRIDES change its config further."""
+    """Instantiate variant NAME (see VARIANTS; or a TINY family) with random weights; OVERRIDES change its config
+    further."""
     import torch
     import transformers
 
-    family, changes = VARIANTS[name]
+    family, changes = VARIANTS.get(name, (name, {}))
     cls_name, kwargs = TINY[family]
     config = getattr(transformers, cls_name)(**{**kwargs, **changes, **overrides})
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ import pkgutil
 from functools import cache
 
 from moetool.arch.schema import Config, Family, Role
-from moetool.arch.unsupported import UNSUPPORTED, unsupported_reason
+from moetool.arch.unsupported import UNSUPPORTED, listed_reason
 
 __all__ = ["Family", "Role", "all_families", "detect_family", "get_family", "unsupported_reason"]
 
@@ -53,3 +53,9 @@ def detect_family(config: Config | None) -> Family | None:
             not (isinstance(model_type, str) and model_type in UNSUPPORTED):
         family = _by_model_type().get(config["text_config"].get("model_type"))
     return family
+
+
+def unsupported_reason(config: Config | None) -> str | None:
+    """Why moetool does not support CONFIG, where its model type (or its text model's) is listed
+    unsupported and no family claims it (a supported wrapper may hold a text model listed alone)."""
+    return None if detect_family(config) else listed_reason(config)

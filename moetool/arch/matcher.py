@@ -338,8 +338,8 @@ def in_other_tower(module_name: str) -> bool:
 
 def generic_role(name: str) -> Role:
     """Best-effort role of a tensor no family template names (attention, norms, ...)."""
-    if any(word in name for word in OTHER_MODALITIES):
-        return Role.OTHER   # vision towers and projectors of multimodal checkpoints
+    if any(word in name for word in OTHER_MODALITIES) or in_other_tower(name):
+        return Role.OTHER   # vision towers and projectors of multimodal checkpoints (HY4-VL's vit.*)
     last = name.rsplit(".", 2)
     tail = ".".join(last[-2:]).lower()
     if "lm_head" in name or name in ("output.weight", "embed_out.weight"):

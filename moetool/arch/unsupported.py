@@ -30,6 +30,9 @@ UNSUPPORTED: dict[str, str] = {
     "muse_spark_text": "transformers has no causal-LM class for Muse Spark's text model alone (MuseSparkTextModel has "
                        "no LM head; only the wrapper MuseSparkForConditionalGeneration runs it): moetool supports "
                        "Muse Spark's checkpoints as the wrapper's (model_type muse_spark)",
+    "minimax_m3_vl": "MiniMax-M3's image-text release stores its text model under language_model.model., "
+                     "whose tensors transformers renames and joins on load in ways moetool's tensor plan cannot "
+                     "follow (its text model alone, minimax_m3_vl_text, is supported)",
     "hy_v4_vl_text": "HY4-VL's text model alone has no causal-LM class in transformers (its head is "
                      "HYV4VLForConditionalGeneration's); its checkpoints are the hy_v4_vl wrapper's, which moetool "
                      "runs",
@@ -38,8 +41,9 @@ UNSUPPORTED: dict[str, str] = {
 UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"]})
 
 
-def unsupported_reason(config: Config | None) -> str | None:
-    """Why moetool does not support CONFIG's model type (or its text model's), if it is listed."""
+def listed_reason(config: Config | None) -> str | None:
+    """The reason listed for CONFIG's model type (or its text model's), if it is listed (see
+    moetool.arch.unsupported_reason, which first asks whether a family claims the config)."""
     if not config:
         return None
     types = [config.get("model_type")]

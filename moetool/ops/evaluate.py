@@ -92,6 +92,10 @@ class _Head:
         self.scale = setting("logits_scaling") or 1.0   # Granite divides logits
         self.multiplier = setting("output_multiplier") or 1.0   # Muse Spark multiplies them (before the cap)
         self.softcap = setting("final_logit_softcapping")   # Gemma 2: c * tanh(x / c)
+        # Inkling divides the final hidden states by its width multiplier (the head has no bias: the logits
+        # alike), and scores only the vocabulary's first unpadded_vocab_size entries
+        self.scale *= setting("logits_mup_width_multiplier") or 1.0
+        self.vocab = setting("unpadded_vocab_size")
 
     def logprobs(self, hidden):
         """(logits, log-softmax) of the predicting positions of HIDDEN [B, S, H] (all but the last),
@@ -100,7 +104,10 @@ class _Head:
 
         flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         for start in range(0, flat.shape[0], LOGIT_CHUNK):
-            logits = self.module(flat[start:start + LOGIT_CHUNK]).float() * self.multiplier / self.scale
+            chunk = flat[start:start + LOGIT_CHUNK]   # (in the head's dtype: Hy4 keeps its lm_head in fp32)
+            logits = self.module(chunk.to(self.module.weight.dtype)).float() * self.multiplier / self.scale
+            if self.vocab:
+                logits = logits[..., :self.vocab]
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             yield logits, torch.log_softmax(logits, dim=-1)
