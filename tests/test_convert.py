@@ -397,3 +397,40 @@ def test_float16_refuses_values_it_would_make_infinite(tmp_path, tiny):
         convert(ckpt, tmp_path / "bf16", ConvertOptions(dtype="bf16"))   # bf16 holds it
     assert torch.isfinite(load_file(tmp_path / "bf16" / "model.safetensors")[
         "model.layers.0.block_sparse_moe.experts.1.w1.weight"]).all()
+
+
+def test_dequantize_block_fp8_expert_stacks(tmp_path, tiny):
+    """Step 3.7's FP8 releases store each layer's experts stacked [E, rows, cols] with scales
+    [E, rows/128, cols/128]: expert e dequantizes with its own scales, and the model runs on them."""
+    import moetool
+    from tests.tiny import load_reference
+
+    src = tiny("step3p7")
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(src, fp8)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    weights = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    stacks = [n for n in weights if ".moe." in n and n.endswith("_proj.weight") and weights[n].dim() == 3]
+    assert stacks
+    exact = {}
+    for name in stacks:
+        w = weights[name]
+        scale = torch.rand(w.shape[0], 1, 1, generator=g) + 0.5   # (tiny experts: one block each)
+        weights[name] = (w / scale).to(torch.float8_e4m3fn)
+        weights[name + "_scale_inv"] = scale
+        exact[name] = weights[name].float() * scale
+    save_file(weights, fp8 / "model.safetensors")
+    run(fp8, tmp_path / "deq", dequantize=True, dtype="fp32")
+    out = tensors(tmp_path / "deq")
+    assert not any(k.endswith("_scale_inv") for k in out)
+    for name, want in exact.items():
+        assert torch.equal(out[name], want), name
+    run(fp8, tmp_path / "bf16", dequantize=True)   # (what moetool's loader dequantizes to by default)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = load_reference(tmp_path / "bf16", dtype=torch.float32).eval()(ids).logits
+        got = moetool.load_model(fp8)(ids).logits
+    assert (got - want).abs().max() <= 1e-5

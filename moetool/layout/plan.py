@@ -354,11 +354,15 @@ class _Planner:
             return ComputedRef(ref.name, out, shape, lambda: fmt.dequantize(
                 {"": ref.load(), **{"." + k: v.load() for k, v in parts.items()}}, shape, torch_out, name=ref.name))
         if "scale_inv" in parts and ref.dtype.startswith("F8"):
-            if len(ref.shape) != 2:
-                raise UnsupportedError(f"{ref.name}: block-fp8 dequantization handles 2-D weights only")
+            if len(ref.shape) not in (2, 3):
+                raise UnsupportedError(f"{ref.name}: block-fp8 dequantization handles 2-D weights and 3-D expert "
+                                       f"stacks, not {len(ref.shape)}-D")
             scale = parts["scale_inv"]
             block = tuple((self.cfg.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
             self.actions["dequantized fp8"] += 1
+            if len(ref.shape) == 3:   # stacked experts [E, rows, cols], scales [E, rows/128, cols/128] (Step 3.7)
+                return ComputedRef(ref.name, out, ref.shape, expert=lambda e: dequant.dequantize_fp8_block(
+                    ref.load_slice(e), scale.load_slice(e), torch_out, block))
             return ComputedRef(ref.name, out, ref.shape, lambda: dequant.dequantize_fp8_block(
                 ref.load(), scale.load(), torch_out, block))
         if "scales" in parts and ref.name.endswith("_blocks"):
