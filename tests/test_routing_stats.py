@@ -43,6 +43,17 @@ def naive_lru_hits(sequences, size):
     return hits
 
 
+def naive_drops(rows, window, k, cf):
+    """Assignments of ROWS (each token's experts) over capacity ceil(cf x tokens x k / E), per window of WINDOW
+    tokens."""
+    dropped = 0
+    for start in range(0, len(rows), window):
+        part = rows[start:start + window]
+        cap = math.ceil(cf * len(part) * k / EXPERTS)
+        dropped += sum(max(0, sum(e in row for row in part) - cap) for e in range(EXPERTS))
+    return dropped
+
+
 def accumulate(index, weight, router, batch_sizes, window, ep=None, first_sequence=0, identity=0):
     """LayerStats fed INDEX [N, S, k] in micro-batches of the given sizes."""
     n, _, k = index.shape
@@ -80,12 +91,7 @@ def test_accumulators_against_brute_force(window):
     for i, j in itertools.product(range(EXPERTS), repeat=2):
         assert t.coactivation[i][j] == sum(1 for row in rows if i in row and j in row)
     for cf in (1.0, 1.25, 1.5, 2.0):   # fixed windows of WINDOW tokens over the whole stream
-        dropped = 0
-        for start in range(0, len(rows), window):
-            part = rows[start:start + window]
-            cap = math.ceil(cf * len(part) * k / EXPERTS)
-            dropped += sum(max(0, sum(e in row for row in part) - cap) for e in range(EXPERTS))
-        assert t.drops[str(cf)] == dropped
+        assert t.drops[str(cf)] == naive_drops(rows, window, k, cf)
     sequences = [rows[i:i + seq_len] for i in range(0, len(rows), seq_len)]
     assert t.distinct_sum == sum(len({e for r in s for e in r}) for s in sequences)
     assert t.reused == sum(len(set(s[i]) & set(s[i - 1])) for s in sequences for i in range(1, seq_len))
@@ -121,12 +127,7 @@ def test_identity_experts_are_counted_apart(window):
         assert t.coactivation[i][j] == sum(1 for row in real if i in row and j in row)
     assert t.assignments == picks
     for cf in (1.0, 2.0):
-        dropped = 0
-        for start in range(0, len(rows), window):
-            part = real[start:start + window]
-            cap = math.ceil(cf * len(part) * k / EXPERTS)
-            dropped += sum(max(0, sum(e in row for row in part) - cap) for e in range(EXPERTS))
-        assert t.drops[str(cf)] == dropped
+        assert t.drops[str(cf)] == naive_drops(real, window, k, cf)
     sequences = [real[i:i + seq_len] for i in range(0, len(real), seq_len)]
     assert t.distinct_sum == sum(len({e for r in s for e in r}) for s in sequences)
     assert t.reused == sum(len(set(s[i]) & set(s[i - 1])) for s in sequences for i in range(1, seq_len))
