@@ -10,8 +10,15 @@ UNSUPPORTED: dict[str, str] = {
                    "reads input_ids), not by router logits, and its layers mix several residual streams",
     "zaya": "ZAYA's router is an MLP fed by a router state carried from layer to layer, with an extra "
             "zero-compute skip expert",
-    "ernie4_5_vl_moe": "ERNIE 4.5 VL holds two MoE blocks a layer (text and vision, with different expert sizes), "
-                       "tokens sent to one or the other by their token type",
+    "ernie4_5_vl_moe": "ERNIE 4.5 VL's hub checkpoints keep each MoE layer's text and vision experts in one list "
+                       "(mlp.experts.{0..2E-1}: the first moe_num_experts are text experts of moe_intermediate_size"
+                       "[0] rows, the rest vision experts of moe_intermediate_size[1]), which transformers splits by "
+                       "index into mlp.text_moe.experts and mlp.vision_moe.experts as it fuses them, store both "
+                       "routers transposed ([H, E]: mlp.gate.weight, and mlp.gate.weight_1 for vision) and both "
+                       "routers' correction biases as one [2, E] mlp.moe_statics.e_score_correction_bias chunked "
+                       "between them: transforms moetool's tensor plan cannot express (its expert templates have no "
+                       "index range, and it transposes only fused expert stacks); and as the two MoE blocks share "
+                       "num_experts, text experts could not be pruned without the vision ones",
     "inkling_mm_model": "Inkling's multimodal checkpoints interleave gate and up rows in one w13_weight "
                         "(shared_w13_weight too, split into the shared experts' gate_proj and up_proj) and name "
                         "its text model model.llm., transforms moetool's tensor plan cannot express (its text "
