@@ -62,6 +62,8 @@ CASES = [
                                        indexer_types=["full"] * 4)},
      ["mlp_layer_types"]),                                   # Glm5NextTextConfig: 3 dense layers
     ("glm5_next", {}, ["n_shared_experts"]),                  # 1
+    ("deepseek_ocr2", {"text_config": dict(TINY["deepseek_ocr2"][1]["text_config"], n_shared_experts=2)},
+     ["n_shared_experts"]),                                  # DeepseekOcr2TextConfig: 2
     ("muse_spark", {"text_config": {**{k: v for k, v in TINY["muse_spark"][1]["text_config"].items()
                                        if k != "moe_hidden_size"}, "mlp_layer_types": ["sparse"] * 3}},
      ["mlp_layer_types", "moe_hidden_size"]),                # MuseSparkTextConfig: all sparse; latent width 4096

@@ -16,7 +16,7 @@ from tests.tiny import DENSE, TINY, build_model
 DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_transformers", "nllb-moe"))
 DECODER_MOE.append("nemotron_h-latent")   # Nemotron-H's latent MoE (tests/tiny.py VARIANTS)
 # image-text models built whole: the text model under language_model
-WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "step3p7", "muse_spark", "hy_v4_vl")
+WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "step3p7", "muse_spark", "hy_v4_vl", "deepseek_ocr2")
 BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "mlp.gate.e_score_correction_bias",
           "glm4_moe": "mlp.gate.e_score_correction_bias",
           "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",

@@ -21,7 +21,7 @@ from tests.tiny import TINY, load_reference
 CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration",
            "mistral4": "Mistral4ForCausalLM", "glm5_next": "Glm5NextForConditionalGeneration",
            "step3p7": "Step3p7ForConditionalGeneration", "muse_spark": "MuseSparkForConditionalGeneration",
-           "hy_v4_vl": "HYV4VLForConditionalGeneration",
+           "hy_v4_vl": "HYV4VLForConditionalGeneration", "deepseek_ocr2": "DeepseekOcr2ForConditionalGeneration",
            "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}   # (the thinker of the whole model)
 
 
@@ -320,3 +320,65 @@ def test_qwen3_omni_moe_transformers_layout_quantizes_the_thinker_in_stock_trans
     attention = model.thinker.model.language_model.layers[0].self_attn
     assert all(type(getattr(attention, p)).__name__ == "Linear4bit" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
     assert type(model.thinker.lm_head).__name__ == "Linear"
+
+
+def test_deepseek_ocr2_towers_are_carried_and_load_through_transformers_renames(tmp_path, tiny):
+    """DeepSeek-OCR 2's vision towers and projector keep their hub names (sam_model.blocks.{N}.norm1, qwen2_model.
+    model.model.layers.{N}, projector.layers, view_seperator), which transformers renames by layer number as it
+    loads: convert (fused and back, bit for bit), prune (per layer and global) and quantize carry them unchanged,
+    and every weight, towers included, loads as transformers loads the hub's (moetool's own loaders fill the towers
+    through transformers' conversion: load_unnamed); stock transformers loads every unquantized output whole.
+    inspect counts none of the towers' layers as the decoder's."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from moetool.ops.prune import PruneOptions, prune
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    held, hub = tiny("deepseek_ocr2", fused=True), shutil.copytree(tiny("deepseek_ocr2"), tmp_path / "hub")
+    stored = _tensors(hub)   # (layer 1's experts heavier: a global prune by weight norm keeps more of them)
+    stored = {k: t * 4 if k.startswith("model.layers.1.mlp.experts.") else t for k, t in stored.items()}
+    save_file(stored, next(hub.glob("*.safetensors")), metadata={"format": "pt"})
+    towers = {k for k in stored if k.startswith(("model.sam_model.", "model.qwen2_model.", "model.projector.",
+                                                 "model.view_seperator"))}
+    assert any(".blocks.0.norm1." in k for k in towers)
+    assert any("qwen2_model.model.model.layers.0." in k for k in towers)
+    with open_checkpoint(hub) as ckpt:
+        convert(ckpt, tmp_path / "fused", ConvertOptions(layout="fused"))
+        prune(ckpt, tmp_path / "pruned", PruneOptions(keep=3, criterion="random", seed=0))
+        uneven = prune(ckpt, tmp_path / "global", PruneOptions(keep=3, criterion="weight-norm", scope="global"))
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g16-sym"))
+    assert sorted(len(kept) for kept in uneven.kept.values()) == [2, 4]   # layers of their own expert counts
+    with open_checkpoint(tmp_path / "fused") as ckpt:
+        convert(ckpt, tmp_path / "back", ConvertOptions(layout="per-expert"))
+    fused, back = _tensors(tmp_path / "fused"), _tensors(tmp_path / "back")
+    assert back.keys() == stored.keys() and all(torch.equal(back[k], stored[k]) for k in stored)
+    assert torch.equal(fused["model.layers.2.mlp.experts.gate_up_proj"],
+                       _tensors(held)["model.language_model.layers.2.mlp.experts.gate_up_proj"])
+    for out in ("fused", "pruned", "global", "q"):
+        carried = _tensors(tmp_path / out)
+        assert all(torch.equal(carried[k], stored[k]) for k in towers), out
+        with open_checkpoint(tmp_path / out) as ckpt:   # (inspect takes a global prune's counts for missing experts)
+            assert out == "global" or inspect_checkpoint(ckpt).problems == [], out
+    reference = load_reference(hub, dtype=torch.float32)
+    want, text = reference.state_dict(), dict(reference.model.language_model.named_parameters())
+    with open_checkpoint(hub) as ckpt:   # (the Qwen2 encoder's layers and attention are not the text model's)
+        report = inspect_checkpoint(ckpt)
+    layers = sum(t.numel() for n, t in text.items() if n.startswith("layers."))
+    assert sum(info.params for info in report.layers) == layers
+    assert report.params["attention"] == sum(t.numel() for n, t in text.items() if ".self_attn." in n)
+    tower_names = [k for k in want if k.startswith(("model.vision_tower.", "model.multi_modal_projector.",
+                                                    "model.view_separator"))]
+    assert len(tower_names) == len(towers)
+    held_state = load_pretrained(held).state_dict()   # (transformers' own fused save: towers under its names)
+    assert all(torch.equal(held_state[k], want[k]) for k in tower_names)
+    for path in (hub, tmp_path / "fused", tmp_path / "back"):
+        for model in (load_reference(path, dtype=torch.float32), load_pretrained(path)):
+            state = model.state_dict()
+            assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want), path
+    for path in (tmp_path / "pruned", tmp_path / "global", tmp_path / "q"):
+        state = load_pretrained(path).state_dict()
+        assert all(torch.equal(state[k], want[k]) for k in tower_names), path
+    pruned = load_reference(tmp_path / "pruned", dtype=torch.float32).state_dict()
+    assert all(torch.equal(pruned[k], want[k]) for k in tower_names)

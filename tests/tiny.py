@@ -342,6 +342,18 @@ TINY: dict[str, tuple[str, dict]] = {
                          bos_token_id=1, eos_token_id=2,
                          rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[1, 1, 0])),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))),
+    # DeepSeek-OCR 2: DeepSeek-V2's MoE with multi-head attention (a dense layer) in an image-text wrapper with
+    # one-layer SAM and Qwen2 vision towers, all under hub names the conversion mapping renames by layer number
+    "deepseek_ocr2": ("DeepseekOcr2Config", dict(
+        text_config=dict(COMMON, intermediate_size=24, moe_intermediate_size=16, num_hidden_layers=3,
+                         n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, routed_scaling_factor=1.5,
+                         mlp_layer_types=["dense", "sparse", "sparse"]),
+        vision_config=dict(sam_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                           patch_size=16, output_channels=8, downsample_channels=[8, 16],
+                                           global_attn_indexes=[0], mlp_dim=16),
+                           encoder_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=2, vocab_size=64)),
+        image_token_id=63)),
     "lara_mini": ("LaraMiniConfig", dict(COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=20,
                                          num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, head_dim=8,
                                          sliding_window=16, linear_num_value_heads=4, linear_num_key_heads=2,

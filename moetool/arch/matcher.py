@@ -326,7 +326,8 @@ _TOKEN_EMBEDDINGS = ("embed_tokens", ".wte.", "word_embeddings", "tok_embeddings
 OTHER_MODALITIES = ("vision", "visual", "multi_modal_projector", "mm_projector", "audio", "image", "talker",
                     "code2wav")   # (the last two: Qwen3-Omni's speech decoder, its own MoE, and vocoder)
 # modules of a multimodal wrapper that are not its text model (their layer lists are never the decoder's)
-OTHER_TOWERS = ("visual", "vision", "audio", "talker", "code2wav", "sam_model", "vit")   # (vit: HY4-VL's)
+OTHER_TOWERS = ("visual", "vision", "audio", "talker", "code2wav", "sam_model", "vit",   # (vit: HY4-VL's)
+                "qwen2_model")   # (DeepSeek-OCR 2's vision encoder)
 
 
 def in_other_tower(module_name: str) -> bool:

@@ -32,8 +32,6 @@ UNSUPPORTED: dict[str, str] = {
                            "self_attn.q_proj), and a hub-prefixed name with transformers' infix does not load (its "
                            ".gate./.experts. renames apply again: mlp.mlp.gate), so moetool's fused outputs cannot be "
                            "named by Family.renames (one unanchored infix a tensor) and name_prefixes",
-    "deepseek_ocr2": "DeepSeek-OCR 2's vision towers reach the model only through layer-numbered regex renames, "
-                     "which moetool's own loaders (quantized, globally pruned checkpoints) cannot follow",
     "muse_spark_text": "transformers has no causal-LM class for Muse Spark's text model alone (MuseSparkTextModel has "
                        "no LM head; only the wrapper MuseSparkForConditionalGeneration runs it): moetool supports "
                        "Muse Spark's checkpoints as the wrapper's (model_type muse_spark)",
@@ -43,6 +41,9 @@ UNSUPPORTED: dict[str, str] = {
     "hy_v4_vl_text": "HY4-VL's text model alone has no causal-LM class in transformers (its head is "
                      "HYV4VLForConditionalGeneration's); its checkpoints are the hy_v4_vl wrapper's, which moetool "
                      "runs",
+    "deepseek_ocr2_text": "DeepSeek-OCR 2's text model alone has no causal-LM class in transformers "
+                          "(DeepseekOcr2TextModel has no head); its checkpoints are the deepseek_ocr2 wrapper's, "
+                          "which moetool runs",
 }
 # wrappers whose text model is one of the above
 UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"]})
