@@ -12,6 +12,7 @@ import transformers
 
 from moetool.checkpoint import open_checkpoint
 from moetool.errors import UnsupportedError, UsageError
+from moetool.ops.inspect import inspect_checkpoint
 from moetool.ops.prune import PruneOptions, prune
 from moetool.runner.modules import module_in
 from tests.tiny import build_model, load_reference, moetool_model
@@ -278,6 +279,16 @@ def test_global_scope_loads_with_moetool_and_matches_the_masked_original(tmp_pat
     with torch.no_grad():
         got = pruned(ids).logits
     assert (got - want).abs().max() <= 1e-5
+    with open_checkpoint(tmp_path / "out") as ckpt:   # inspect reads each layer's own count
+        after = inspect_checkpoint(ckpt)
+    assert after.problems == [] and [i.experts for i in after.layers if i.kind == "moe"] == counts
+    if family == "qwen3_moe":   # and quantize's output loads, each layer built with its own count
+        from moetool.ops.quantize import QuantizeOptions, quantize
+
+        with open_checkpoint(tmp_path / "out") as ckpt:
+            quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int8-g8"))
+        with torch.no_grad():
+            assert (moetool.load_model(tmp_path / "q")(ids).logits - got).abs().max() <= 0.05 * got.abs().max()
 
 
 @pytest.mark.parametrize("family", ["switch_transformers", "nllb-moe"])

@@ -165,6 +165,8 @@ class Router:
 Config = dict[str, Any]
 MTP_MARK = "mtp"                         # in the names of MTP tensors not numbered as layers (Qwen3-Next, ERNIE)
 MTP_KEYS = ("num_nextn_predict_layers", "num_mtp_layers")   # config keys counting the MTP modules (Sarvam: the alias)
+# the config key a globally pruned checkpoint records each layer's expert count under (layers keep different numbers)
+UNEVEN_EXPERTS_KEY = "moetool_experts_per_layer"
 Template = str | tuple[str, ...]   # one name template, or alternatives (encoder/decoder)
 
 

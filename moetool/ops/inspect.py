@@ -30,6 +30,7 @@ from moetool.arch.schema import (
     MOE_LAYER_ROLES,
     MTP_MARK,
     SHARED_ROLES,
+    UNEVEN_EXPERTS_KEY,
     Family,
     Role,
     first_key,
@@ -136,6 +137,9 @@ class _Dims:
     vocab: int | None = None
     experts: int | None = None
     zero_experts: int = 0              # identity experts the router also scores (LongCat-Flash)
+    # layer -> its expert count, where a globally pruned checkpoint's layers keep different numbers (the
+    # config's count is then the largest)
+    experts_at: dict[int, int] = field(default_factory=dict)
     sink_experts: int = 0              # router rows past those that top-k never picks (Inkling's shared experts)
     top_k: int | list[int] | None = None
     expert_ffn: int | None = None
@@ -145,6 +149,14 @@ class _Dims:
     dense_ffn: int | None = None
     tie: bool | None = None
     decoder_offset: int = 0
+
+    def experts_in(self, layer: int | None) -> int | None:
+        return self.experts_at.get(layer, self.experts) if layer is not None else self.experts
+
+    def at(self, layer: int | None) -> _Dims:
+        """These dimensions as LAYER has them (its own expert count)."""
+        count = self.experts_in(layer)
+        return self if count == self.experts else replace(self, experts=count)
 
     def k_at(self, layer: int) -> int | None:
         if isinstance(self.top_k, list):
@@ -386,6 +398,12 @@ def _read_dims(family: Family | None, cfg: dict, where: str = "config.json") -> 
     if not family.dense:
         dims.experts = value("num_experts", required=True)
         dims.zero_experts = value("zero_experts") or 0
+        uneven = cfg.get(UNEVEN_EXPERTS_KEY)
+        if isinstance(uneven, dict):
+            try:
+                dims.experts_at = {int(k): int(v) for k, v in uneven.items()}
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: {UNEVEN_EXPERTS_KEY} must map layers to expert counts") from None
         dims.sink_experts = value("sink_experts") or 0
         dims.top_k = value("top_k", family.top_k)
         dims.expert_ffn = value("expert_ffn", required=True)
@@ -771,8 +789,9 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
         elif "{E}" in tpl:
             if role not in per_layer:
                 per_layer[role] = _experts_by_layer(have, found_experts.get(role, set()), experts)
-            absent = experts - per_layer[role][layer]
-            example = next((e for e in range(experts) if (layer, e) not in have), None) if absent else None
+            count = dims.experts_in(layer) or 0   # (a layer of a globally pruned checkpoint: its own count)
+            absent = count - per_layer[role][layer]
+            example = next((e for e in range(count) if (layer, e) not in have), None) if absent else None
         else:
             absent, example = (0, None) if (layer, None) in have else (1, None)
         if absent:
@@ -792,7 +811,8 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
             continue
         templates = {(expected.get((role, layer)) or [None])[0] for layer in found_layers[role] - {None}}
         numbers = found_experts[role] - {None}
-        if None not in templates and all("{E}" in tpl for tpl in templates) and max(numbers, default=-1) < experts:
+        if None not in templates and all("{E}" in tpl for tpl in templates) and max(numbers, default=-1) < experts \
+                and not dims.experts_at:
             continue   # each layer expected, and expert numbers within the config's count (the usual case)
         if None not in templates and not any("{E}" in tpl for tpl in templates) and not numbers:
             continue
@@ -802,7 +822,7 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
             tpl = (expected.get((role, layer)) or [None])[0]
             if tpl is None and role in SHARED_ROLES and not dims.num_shared:
                 continue   # a zero-size shared expert (Qwen2-MoE with shared_expert_intermediate_size 0)
-            if tpl is None or (expert is not None and ("{E}" not in tpl or expert >= experts + (
+            if tpl is None or (expert is not None and ("{E}" not in tpl or expert >= (dims.experts_in(layer) or 0) + (
                     dims.zero_experts if role in (Role.EXPERT_GATE, Role.EXPERT_UP) else 0))):
                 # (transformers 5 saves gate and up of LongCat-Flash's identity experts too, never used)
                 extra.add((role, layer, expert))
@@ -891,6 +911,8 @@ def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Pro
         want = cache[key] if key in cache else cache.setdefault(key, _expected_shape(family, dims, *key))
         wants = _mlp_shapes(family, dims, cfg, g, fused) if m.role in mlp_roles and g.layers[0] is not None \
             else None
+        if dims.experts_at and g.layers[0] is not None and m.role in MOE_LAYER_ROLES:   # each layer its own count
+            wants = [_expected_shape(family, dims.at(layer), *key) for layer in g.layers]
         if wants is None:
             if want is None or g.shapes.count(want) == len(g.shapes):
                 continue
@@ -976,7 +998,7 @@ def _layer_table(family: Family | None, dims: _Dims, moe_layers: list[int], tall
                 active = round(routed * min(info.top_k, info.experts) / info.experts)
                 info.active_params = info.params - routed - unused[layer] + active
                 routed_active += active
-            if dims.experts is not None and info.experts != dims.experts:
+            if dims.experts is not None and info.experts != dims.experts_in(layer):
                 mismatched.append((layer, info.experts))
         else:
             info.active_params = info.params

@@ -17,7 +17,7 @@ from pathlib import Path
 from moetool import __version__
 from moetool.arch import Role, detect_family
 from moetool.arch.matcher import Classifier
-from moetool.arch.schema import EXPERT_ROLES, MTP_KEYS, get_path
+from moetool.arch.schema import EXPERT_ROLES, MTP_KEYS, UNEVEN_EXPERTS_KEY, get_path
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
 from moetool.checkpoint.pieces import computed_piece, rows_piece, tensor_pieces
@@ -176,7 +176,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                         "does not run, so their experts could not be chosen alike; the output has none (no MTP "
                         "speculative decoding)")
     if len(counts) > 1:
-        root["moetool_experts_per_layer"] = {str(layer): len(v) for layer, v in kept.items()}
+        root[UNEVEN_EXPERTS_KEY] = {str(layer): len(v) for layer, v in kept.items()}
         warnings.append("layers keep different numbers of experts, which stock transformers cannot load: "
                         "load this checkpoint with moetool.load_model(path)")
     if new_k != top_k:

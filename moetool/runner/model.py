@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from moetool.arch import Family, detect_family, get_family, unsupported_reason
 from moetool.arch.matcher import Classifier, in_other_tower
-from moetool.arch.schema import EXPERT_ROLES
+from moetool.arch.schema import EXPERT_ROLES, UNEVEN_EXPERTS_KEY
 from moetool.checkpoint import Checkpoint
 from moetool.checkpoint.gguf_view import VIEW_KIND, runnable_family, transformers_view
 from moetool.checkpoint.writer import materialize
@@ -278,14 +278,15 @@ def uneven_expert_counts(config: dict | None, family: Family | None = None) -> d
     """Layer -> expert count of a globally pruned checkpoint (layers keeping different numbers)."""
     config = config or {}
     text = (family.text_root(config) if family else None) or (None, config.get("text_config") or {})
-    counts = config.get("moetool_experts_per_layer") or \
-        text[1].get("moetool_experts_per_layer")   # (a wrapper's: prune writes it in its text model's config)
+    counts = config.get(UNEVEN_EXPERTS_KEY) or \
+        text[1].get(UNEVEN_EXPERTS_KEY)   # (a wrapper's: prune writes it in its text model's config)
     return {int(k): int(v) for k, v in (counts or {}).items()}
 
 
-def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: bool):
-    """The transformers model on the meta device, each layer built with its own expert count where the
-    checkpoint records uneven ones; returns (config, model)."""
+def empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: bool, **kwargs):
+    """The transformers model on the meta device (without its quantization_config: moetool reads the weights),
+    each layer built with its own expert count where the checkpoint records uneven ones; KWARGS go to the
+    model class (experts_implementation); returns (config, model)."""
     import copy
 
     import transformers
@@ -295,9 +296,12 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
         config = transformers.AutoConfig.for_model(**ckpt.config)
     else:
         config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
+    for held in (config, getattr(config, "text_config", None)):
+        if held is not None and hasattr(held, "quantization_config"):
+            delattr(held, "quantization_config")
     seq2seq = family.decoder_offset is not None
     with init_empty_weights(include_buffers=False):
-        model = build_model(config, seq2seq=seq2seq, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = build_model(config, seq2seq=seq2seq, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         uneven = uneven_expert_counts(ckpt.config, family)
         slots = _layer_slots(model) if uneven else []
         attribute = family.keys["num_experts"][0] if uneven else None
@@ -310,7 +314,7 @@ def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: boo
             if seq2seq:   # encoder and decoder blocks take other arguments: take the layer of such a model
                 if count not in donors:
                     donors[count] = _decoder_layers(build_model(
-                        layer_config, seq2seq=True, dtype=dtype, trust_remote_code=trust_remote_code))[1]
+                        layer_config, seq2seq=True, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs))[1]
                 parent[index] = donors[count][layer]
             else:
                 parent[index] = type(parent[index])(text, layer)
@@ -351,7 +355,7 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
     (LoadedModel.read_layer / install_layer / free_layer)."""
     import torch
 
-    config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
+    config, model = empty_model(ckpt, family, dtype, trust_remote_code)
     dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=_quantized(ckpt),
@@ -468,7 +472,7 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
     built on the meta device."""
     import torch
 
-    config, model = _empty_model(ckpt, family, dtype, trust_remote_code)
+    config, model = empty_model(ckpt, family, dtype, trust_remote_code)
     layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt), model_names=True))
     own = dict(model.named_parameters()) | dict(model.named_buffers())

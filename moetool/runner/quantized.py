@@ -136,28 +136,13 @@ def _whole_stack_hooks(module: nn.Module, attrs: list[str]) -> None:
     module.register_forward_hook(after)
 
 
-def _empty_model(ckpt: Checkpoint, family: Family, dtype, trust_remote_code: bool, **kwargs):
-    """transformers' model of CKPT on the meta device (its quantization_config left out)."""
-    import transformers
-    from accelerate import init_empty_weights
-
-    from moetool.runner.model import build_model
-
-    config = transformers.AutoConfig.from_pretrained(ckpt.root, trust_remote_code=trust_remote_code)
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is not None and hasattr(cfg, "quantization_config"):
-            delattr(cfg, "quantization_config")
-    with init_empty_weights(include_buffers=False):
-        model = build_model(config, seq2seq=family.decoder_offset is not None, dtype=dtype,
-                            trust_remote_code=trust_remote_code, **kwargs)
-    return model, config
-
-
 def linear_weights(ckpt: Checkpoint, family: Family, *, head: bool = False, trust_remote_code: bool = False
                    ) -> set[str]:
     """Names of the weights transformers holds in nn.Linear modules (what a QuantLinear can replace),
     the output embedding only when HEAD."""
-    model, _ = _empty_model(ckpt, family, torch.float32, trust_remote_code)
+    from moetool.runner.model import empty_model
+
+    _, model = empty_model(ckpt, family, torch.float32, trust_remote_code)
     output = model.get_output_embeddings()
     names = {f"{name}.weight" for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and (head or module is not output)}
@@ -170,8 +155,9 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
                    trust_remote_code: bool = False):
     """A transformers model of CKPT with its quantized weights kept quantized (FORMATS: name -> format)."""
     from moetool.checkpoint.writer import materialize
+    from moetool.runner.model import empty_model, load_unnamed
 
-    model, config = _empty_model(ckpt, family, dtype, trust_remote_code, experts_implementation="eager")
+    config, model = empty_model(ckpt, family, dtype, trust_remote_code, experts_implementation="eager")
     _, cfg, offset = family_context(ckpt)
     classifier = Classifier(family, offset)
     fused = "fused" in family.layouts
@@ -251,8 +237,6 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, QuantLinear(qweight, bias, dtype))
-    from moetool.runner.model import load_unnamed
-
     load_unnamed(model, ckpt, family, plan.tensors, own, device=device, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
