@@ -171,13 +171,18 @@ def test_files_copied_and_model_card(tmp_path, tiny):
 
 # ---------------------------------------------------------------- dequantization
 
-def test_dequantize_block_fp8(tmp_path, tiny):
-    src = tiny("deepseek_v3")
-    fp8 = tmp_path / "fp8"
-    shutil.copytree(src, fp8)
+def _fp8_copy(src, out):
+    """A copy of the checkpoint SRC whose config says block fp8 (the weights are then written over)."""
+    shutil.copytree(src, out)
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (fp8 / "config.json").write_text(json.dumps(config))
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_dequantize_block_fp8(tmp_path, tiny):
+    src = tiny("deepseek_v3")
+    fp8 = _fp8_copy(src, tmp_path / "fp8")
     weights = load_file(src / "model.safetensors")
     g = torch.Generator().manual_seed(0)
     exact = {}
@@ -406,11 +411,7 @@ def test_dequantize_block_fp8_expert_stacks(tmp_path, tiny):
     from tests.tiny import load_reference
 
     src = tiny("step3p7")
-    fp8 = tmp_path / "fp8"
-    shutil.copytree(src, fp8)
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    (fp8 / "config.json").write_text(json.dumps(config))
+    fp8 = _fp8_copy(src, tmp_path / "fp8")
     weights = load_file(src / "model.safetensors")
     g = torch.Generator().manual_seed(0)
     stacks = [n for n in weights if ".moe." in n and n.endswith("_proj.weight") and weights[n].dim() == 3]
