@@ -159,7 +159,7 @@ def test_unsupported_architectures_say_why(tmp_path):
     import transformers
     from safetensors.torch import save_file
 
-    from moetool.arch import detect_family
+    from moetool.arch import detect_family, unsupported_reason
     from moetool.arch.unsupported import UNSUPPORTED
 
     folder = tmp_path / "dsv4"
@@ -181,3 +181,10 @@ def test_unsupported_architectures_say_why(tmp_path):
     # a wrapper listed unsupported is not taken for its supported text model (Inkling's multimodal checkpoints)
     assert detect_family({"model_type": "inkling_mm_model", "text_config": {"model_type": "inkling_text"}}) is None
     assert detect_family({"model_type": "inkling_text"}).name == "inkling"
+    # MiniMax-M3's image-text wrapper is refused with its reason, not misread as its supported text model;
+    # a supported wrapper whose text model alone is listed (Muse Spark) has no reason
+    wrapped = {"model_type": "minimax_m3_vl", "text_config": {"model_type": "minimax_m3_vl_text"}}
+    assert detect_family(wrapped) is None and "language_model.model." in unsupported_reason(wrapped)
+    muse = {"model_type": "muse_spark", "text_config": {"model_type": "muse_spark_text"}}
+    assert detect_family(muse).name == "muse_spark" and unsupported_reason(muse) is None
+    assert "no LM head" in unsupported_reason({"model_type": "muse_spark_text"})

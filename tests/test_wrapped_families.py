@@ -382,3 +382,36 @@ def test_deepseek_ocr2_towers_are_carried_and_load_through_transformers_renames(
         assert all(torch.equal(state[k], want[k]) for k in tower_names), path
     pruned = load_reference(tmp_path / "pruned", dtype=torch.float32).state_dict()
     assert all(torch.equal(pruned[k], want[k]) for k in tower_names)
+
+
+def test_hy_v4_vl_counts_its_text_model_as_hy_v4_does(tiny):
+    """HY4-VL's text model is Hy4's (the same tiny config): its attention, routed experts and decoder layers
+    count as Hy4's, the vit.* tower's tensors as "other" (none of them text attention)."""
+    with open_checkpoint(tiny("hy_v4_vl")) as a, open_checkpoint(tiny("hy_v4")) as b:
+        wrapped, text = inspect_checkpoint(a), inspect_checkpoint(b)
+    for kind in ("attention", "routed_experts", "shared_experts", "router"):
+        assert wrapped.params[kind] == text.params[kind], kind
+    assert [i.params for i in wrapped.layers] == [i.params for i in text.layers]
+    assert wrapped.params["other"] > text.params["other"]   # (the tower)
+
+
+def test_load_unnamed_reads_only_what_the_model_still_lacks(tmp_path, tiny, monkeypatch):
+    """Step 3.7's vision tower, stored under hub names, goes through transformers' own conversion; the text
+    model's tensors, which moetool's loaders place (quantized or not), never do."""
+    import transformers.core_model_loading as loading
+
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    real, seen = loading.convert_and_load_state_dict_in_model, []
+
+    def spy(model, state, config, *args, **kwargs):
+        seen.append(set(state))
+        return real(model, state, config, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "convert_and_load_state_dict_in_model", spy)
+    with open_checkpoint(tiny("step3p7")) as ckpt:
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(format="int4-g8", rules=("attention=nf4-b32",)))
+    for path in (tiny("step3p7"), tmp_path / "q"):
+        moetool.load_model(path)
+    assert len(seen) == 2 and all(names and all(n.startswith(("vision_model.", "vit_large_projector.")) for n in names)
+                                  for names in seen)
