@@ -190,16 +190,21 @@ def test_load_model_in_bf16_keeps_routers_in_fp32_as_transformers_does(tmp_path,
     torch.testing.assert_close(got_logits, want_logits, atol=0, rtol=0)
 
 
+def _streamed_whole(path, dtype):
+    """The streamed model of PATH in DTYPE with every layer installed by the engine's read_layer/install_layer."""
+    with open_checkpoint(path) as ckpt:
+        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=dtype, mode="streamed", with_head=True)
+        for index in range(len(loaded.layers)):
+            loaded.install_layer(index, loaded.read_layer(index))
+    return loaded
+
+
 @pytest.mark.parametrize("family", ["hunyuan_v1_moe", "deepseek_v3"])
 def test_streamed_mode_in_bf16_holds_routers_as_transformers_does(tmp_path, family):
     """Layer by layer (the engine's read_layer/install_layer), routers stored in bf16 too."""
     path = _biased_checkpoint(tmp_path, family, stored_bf16=True)
     want = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    with open_checkpoint(path) as ckpt:
-        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.bfloat16, mode="streamed",
-                            with_head=True)
-        for index in range(len(loaded.layers)):
-            loaded.install_layer(index, loaded.read_layer(index))
+    loaded = _streamed_whole(path, torch.bfloat16)
     assert _dtypes(loaded.model) == _dtypes(want)
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_routed(loaded.model, family, ids)[0], _routed(want, family, ids)[0], atol=0, rtol=0)
@@ -219,11 +224,7 @@ def test_load_model_in_fp16_holds_what_transformers_keeps_in_fp32_for_fp16(tiny,
     with torch.no_grad():
         assert torch.equal(got(ids).logits, want(ids).logits)
     if family == "deepseek_v32":   # and layer by layer
-        with open_checkpoint(path) as ckpt:
-            loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float16, mode="streamed",
-                                with_head=True)
-            for index in range(len(loaded.layers)):
-                loaded.install_layer(index, loaded.read_layer(index))
+        loaded = _streamed_whole(path, torch.float16)
         assert _dtypes(loaded.model) == _dtypes(want)
         assert all(d == torch.float32 for n, d in _dtypes(loaded.model).items() if "indexer.weights_proj" in n)
 

@@ -150,6 +150,21 @@ def test_gpu_bf16_matches_cpu_choices_mostly(tiny, token_file, family):
         assert overlap > 0.9
 
 
+def _experts_inputs(model, modules: dict, ids) -> dict:
+    """Layer -> the (hidden, index, weights) its experts module (MODULES: layer -> module) is called with as
+    MODEL's decoder runs IDS."""
+    inputs = {}
+    hooks = [module.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a))
+             for i, module in modules.items()]
+    try:
+        with torch.no_grad():
+            model.model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
 def test_saliency_against_expert_outputs_computed_by_hand(tiny, token_file):
     """REAP saliency = mean over routed tokens of ||w * expert(x)||, with the Mixtral expert written out."""
     import transformers
@@ -158,13 +173,7 @@ def test_saliency_against_expert_outputs_computed_by_hand(tiny, token_file):
     report = run(path, token_file, saliency=True, seq_len=40, max_tokens=200)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor(json.loads(token_file.read_text())[:200]).reshape(5, 40)
-    inputs = {}
-    hooks = [model.model.layers[i].mlp.experts.register_forward_hook(
-        lambda m, a, o, i=i: inputs.__setitem__(i, a)) for i in range(2)]
-    with torch.no_grad():
-        model.model(ids)
-    for h in hooks:
-        h.remove()
+    inputs = _experts_inputs(model, {i: model.model.layers[i].mlp.experts for i in range(2)}, ids)
     torch.set_grad_enabled(False)
     for layer in report.layers:
         hidden, index, weights = inputs[layer.layer]
@@ -191,13 +200,8 @@ def test_latent_saliency_is_measured_where_the_experts_output_joins_the_hidden_s
     report = run(path, token_file, saliency=True, seq_len=40, max_tokens=200)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.tensor(json.loads(token_file.read_text())[:200]).reshape(5, 40)
-    inputs = {}
-    hooks = [model.model.layers[i].mixer.experts.register_forward_hook(
-        lambda m, a, o, i=i: inputs.__setitem__(i, a)) for i in (layer.layer for layer in report.layers)]
-    with torch.no_grad():
-        model.model(ids)
-    for h in hooks:
-        h.remove()
+    inputs = _experts_inputs(model, {layer.layer: model.model.layers[layer.layer].mixer.experts
+                                     for layer in report.layers}, ids)
     torch.set_grad_enabled(False)
     for layer in report.layers:
         latent, index, weights = inputs[layer.layer]

@@ -25,6 +25,19 @@ CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm4v_moe": "G
            "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}   # (the thinker of the whole model)
 
 
+def _forms_inspect_clean_and_run_as_the_hub(hub, held, *converted):
+    """Every form (HUB, HELD, CONVERTED) inspects without problems, and moetool's loader runs the others as
+    transformers runs HUB; returns (the ids, HUB's logits)."""
+    for path in (hub, held, *converted):
+        with open_checkpoint(path) as ckpt:
+            assert inspect_checkpoint(ckpt).problems == [], path
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = _logits(load_reference(hub, dtype=torch.float32).eval(), ids)
+    for path in (*converted, held):
+        assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5, path
+    return ids, want
+
+
 def _tensors(path):
     out = {}
     for file in sorted(path.glob("*.safetensors")):
@@ -86,13 +99,7 @@ def test_qwen3_vl_moe_hub_experts_are_transposed_and_convert_round_trips(tmp_pat
         convert(ckpt, tmp_path / "back", ConvertOptions(layout="fused"))
     back, original = _tensors(tmp_path / "back"), _tensors(held)
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
-    for path in (hub, held, tmp_path / "per", tmp_path / "back"):
-        with open_checkpoint(path) as ckpt:
-            assert inspect_checkpoint(ckpt).problems == [], path
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    want = _logits(load_reference(hub, dtype=torch.float32).eval(), ids)
-    for path in (tmp_path / "per", tmp_path / "back", held):
-        assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5, path
+    _forms_inspect_clean_and_run_as_the_hub(hub, held, tmp_path / "per", tmp_path / "back")
 
 
 def _mistral3_of_mistral4(path):
@@ -201,13 +208,7 @@ def test_step3p7_stacked_hub_experts_join_as_transformers_joins_them(tmp_path, t
     assert torch.equal(back["model.layers.1.mlp.gate.e_score_correction_bias"],
                        stored["model.layers.1.moe.router_bias"])
     assert not any(".moe." in name or ".share_expert." in name for name in back)
-    for path in (hub, held, tmp_path / "per", tmp_path / "back"):
-        with open_checkpoint(path) as ckpt:
-            assert inspect_checkpoint(ckpt).problems == [], path
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    want = _logits(load_reference(hub, dtype=torch.float32).eval(), ids)
-    for path in (tmp_path / "per", tmp_path / "back", held):
-        assert (_logits(moetool.load_model(path), ids) - want).abs().max() <= 1e-5, path
+    ids, want = _forms_inspect_clean_and_run_as_the_hub(hub, held, tmp_path / "per", tmp_path / "back")
     assert (_logits(load_reference(tmp_path / "back", dtype=torch.float32).eval(), ids) - want).abs().max() <= 1e-5
 
 

@@ -82,7 +82,8 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                                "--layout per-expert first")
     # groups as transformers' router selects them (topk_method and its config-class defaults included)
     groups, groups_used = (family.router.groups(cfg) if family.router else None) or (1, None)
-    experts, identity = structure.num_experts, structure.zero_experts   # (identity experts are never removed)
+    experts = structure.num_experts
+    identity = family.zero_experts(cfg)   # identity experts (LongCat-Flash's): never removed
     sinks = family.sink_experts(cfg)   # router rows of experts top-k never picks (Inkling's shared ones): kept
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = kept_count(experts, top_k, options, family)
