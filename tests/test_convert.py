@@ -16,7 +16,7 @@ from moetool.ops.inspect import inspect_checkpoint
 from tests.tiny import COMMON, TINY, load_reference
 
 # families with both a per-expert (hub) and a fused layout; Llama 4's bf16 hub form is fused already
-BOTH_LAYOUTS = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe",
+BOTH_LAYOUTS = ["mixtral", "deepseek_v4", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe",
                 "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "glm4_moe_lite", "qwen3_5_moe_text",
                 "lfm2_moe", "exaone_moe", "dots1", "granitemoe", "granitemoeshared",
                 "granitemoehybrid", "phimoe", "jamba", "ernie4_5_moe", "hunyuan_v1_moe",

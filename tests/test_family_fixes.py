@@ -18,7 +18,7 @@ from moetool.ops.inspect import inspect_checkpoint
 from moetool.runner.model import load_model
 from tests.tiny import DENSE, TINY, build_model, build_variant, load_reference
 
-FP32_ROUTERS = ["deepseek_v32",
+FP32_ROUTERS = ["deepseek_v32", "deepseek_v4",
                 "deepseek_v3", "glm4_moe", "glm4_moe_lite", "exaone_moe", "lfm2_moe", "dots1", "ernie4_5_moe",
                 "hunyuan_v1_moe", "deepseek_v2", "afmoe", "sarvam_moe", "hy_v3", "axk1", "flint", "beam", "axk2",
                 "glm_moe_dsa", "solar_open", "sarvam_mla", "kimi_linear",

@@ -17,7 +17,7 @@ DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_tra
 DECODER_MOE.append("nemotron_h-latent")   # Nemotron-H's latent MoE (tests/tiny.py VARIANTS)
 # image-text models built whole: the text model under language_model
 WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "step3p7", "muse_spark", "hy_v4_vl", "deepseek_ocr2")
-BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v32": "mlp.gate.e_score_correction_bias",
+BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v4": "mlp.gate.e_score_correction_bias", "deepseek_v32": "mlp.gate.e_score_correction_bias",
           "glm4_moe": "mlp.gate.e_score_correction_bias",
           "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",
           "lfm2_moe": "feed_forward.expert_bias",
@@ -56,6 +56,8 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         group_scores = scores.view(-1, groups, per).topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores).scatter(1, group_scores.topk(config.topk_group, dim=-1).indices, 1)
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
+    elif family == "deepseek_v4":       # sqrt(softplus) scores + bias
+        scores = torch.nn.functional.softplus(logits).sqrt() + layer_module.get_buffer(BIASED[family])
     elif family == "mistral4":          # softmax scores, groups ranked by their best two, no bias
         scores = torch.softmax(logits, -1)
         groups, per = config.n_group, logits.shape[-1] // config.n_group
@@ -131,6 +133,10 @@ def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, famil
         router_logits = model(ids, output_router_logits=True).router_logits
     if family == "jetmoe":              # attention-expert routers come first in each layer
         router_logits = router_logits[1::2]
+    hashed = [layer for layer in range(model.config.num_hidden_layers)
+              if getattr(model.config, "mlp_layer_types", None) and model.config.mlp_layer_types[layer] == "hash_moe"]
+    if hashed:                          # DeepSeek-V4's hash layers pick by token table; transformers records
+        router_logits = [None] * len(hashed) + list(router_logits)   # the other routers' logits only
     full = profile_with_trace(path, ids, tmp_path / "full", mode="full")
     streamed = profile_with_trace(path, ids, tmp_path / "streamed", mode="streamed", offload_dir=tmp_path / "off")
     assert full.mode == "full" and streamed.mode == "streamed"
@@ -146,8 +152,9 @@ def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, famil
         index = traced(tmp_path / "full", layer, "experts").long().reshape(tokens, report.top_k)
         chosen = torch.bincount(index.flatten(), minlength=4)
         assert chosen.sum() == tokens * report.top_k
-        want = reference_experts(family, router_logits[position], layers[layer], report.top_k,
-                                 model.config.get_text_config())
+        want = layers[layer].mlp.gate.tid2eid[ids.flatten()].sort(-1).values if layer in hashed else \
+            reference_experts(family, router_logits[position], layers[layer], report.top_k,
+                              model.config.get_text_config())
         assert torch.equal(index.sort(-1).values, want), f"layer {layer}"
         for what in ("experts", "weights", "router"):
             assert torch.equal(traced(tmp_path / "streamed", layer, what), traced(tmp_path / "full", layer, what)), what

@@ -379,6 +379,18 @@ TINY: dict[str, tuple[str, dict]] = {
                                                intermediate_size=24, moe_intermediate_size=16, n_routed_experts=4,
                                                num_experts_per_tok=2, n_shared_experts=2,
                                                logits_mup_width_multiplier=1.0, initializer_range=0.1)),
+    # hash-routed first layer (a token table picks its experts), sqrt(softplus) router, hyper-connections (two
+    # streams), sliding, compressed-sparse and heavily compressed attention (rates small enough to compress)
+    "deepseek_v4": ("DeepseekV4Config", dict(vocab_size=64, hidden_size=32, max_position_embeddings=64,
+                                             moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                             num_key_value_heads=1, head_dim=16, q_lora_rank=16, o_groups=2,
+                                             o_lora_rank=16, n_routed_experts=4, n_shared_experts=1,
+                                             num_experts_per_tok=2, index_n_heads=2, index_head_dim=8, index_topk=4,
+                                             sliding_window=8, hc_mult=2, mlp_layer_types=["hash_moe", "moe", "moe"],
+                                             layer_types=["sliding_attention", "compressed_sparse_attention",
+                                                          "heavily_compressed_attention"],
+                                             compress_rates={"compressed_sparse_attention": 2,
+                                                             "heavily_compressed_attention": 4})),
     "qwen3": ("Qwen3Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
     "gemma": ("GemmaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
     "gemma2": ("Gemma2Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
@@ -421,6 +433,14 @@ def build_model(family: str, seed: int = 0):
             for name, buffer in model.named_buffers():
                 if name.endswith("e_score_correction_bias"):
                     buffer.uniform_(-0.2, 0.2)
+    if family == "deepseek_v4":  # its token tables start at zero (every token to expert 0 twice), its
+        with torch.no_grad():     # correction biases too: random, each token a table row of distinct experts
+            experts = config.n_routed_experts
+            for name, buffer in model.named_buffers():
+                if name.endswith("tid2eid"):
+                    buffer.copy_(torch.rand(buffer.shape[0], experts).argsort(-1)[:, :buffer.shape[1]])
+                elif name.endswith("e_score_correction_bias"):   # (its scores differ by about 0.01)
+                    buffer.uniform_(-0.01, 0.01)
     if changes.get("moe_latent_size"):  # latent projections of unit gain: the routed experts' part is not lost
         with torch.no_grad():
             for name, weight in model.named_parameters():

@@ -30,6 +30,7 @@ class Role(str, Enum):
     ROUTER_BIAS = "router_bias"                # a parameter added to router logits
     ROUTER_CORRECTION = "router_correction"    # selection-only bias (DeepSeek-V3 style)
     ROUTER_SCALE = "router_scale"              # per-expert factor on the chosen experts' weights (Gemma 4)
+    ROUTER_HASH = "router_hash"                # token id -> its top-k experts, a fixed table (DeepSeek-V4's hash layers)
     EXPERT_GATE = "expert_gate"
     EXPERT_UP = "expert_up"
     EXPERT_DOWN = "expert_down"
@@ -63,7 +64,7 @@ CATEGORY: dict[Role, str] = {
     Role.NORM: "other",
     Role.Q_NORM: "attention", Role.K_NORM: "attention", Role.ATTN_SINK: "attention",
     Role.ROUTER: "router", Role.ROUTER_BIAS: "router", Role.ROUTER_CORRECTION: "router",
-    Role.ROUTER_SCALE: "router", Role.SHARED_ROUTER: "router",
+    Role.ROUTER_SCALE: "router", Role.ROUTER_HASH: "router", Role.SHARED_ROUTER: "router",
     Role.EXPERT_GATE: "routed_experts", Role.EXPERT_UP: "routed_experts",
     Role.EXPERT_DOWN: "routed_experts", Role.EXPERT_GATE_UP: "routed_experts",
     Role.EXPERT_GATE_UP_BIAS: "routed_experts", Role.EXPERT_UP_BIAS: "routed_experts",
@@ -85,16 +86,17 @@ EXPERT_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "routed_experts"
 SHARED_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "shared_experts") | {Role.SHARED_ROUTER}
 DENSE_ROLES = frozenset(r for r, c in CATEGORY.items() if c == "dense_mlp")
 MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_CORRECTION, Role.ROUTER_SCALE,
-                                  Role.MOE_OUTPUT_BIAS}
+                                  Role.ROUTER_HASH, Role.MOE_OUTPUT_BIAS}
 
 # Expected shapes, in symbols: H hidden, X the routed experts' input and output size (the family's
 # "expert_hidden" key where the experts work in a latent space, else H), I expert FFN, S shared FFN, D dense FFN,
-# E routed experts, V vocabulary, N shared experts (stacked: Inkling), R router rows (E + the family's identity
+# E routed experts, V vocabulary, K experts a token, N shared experts (stacked: Inkling), R router rows (E + the family's identity
 # experts + its sink rows: Family.zero_experts, Family.sink_experts). Expert roles are given per expert; a template
 # without {E} (fused layout) holds all experts, so "E" is prepended.
 DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
     Role.EMBED: ("V", "H"), Role.LM_HEAD: ("V", "H"),
     Role.ROUTER: ("E", "H"), Role.ROUTER_BIAS: ("E",), Role.ROUTER_CORRECTION: ("E",), Role.ROUTER_SCALE: ("E",),
+    Role.ROUTER_HASH: ("V", "K"),
     Role.EXPERT_GATE: ("I", "H"), Role.EXPERT_UP: ("I", "H"), Role.EXPERT_DOWN: ("H", "I"),
     Role.EXPERT_GATE_UP: ("2I", "H"), Role.EXPERT_GATE_UP_BIAS: ("2I",),
     Role.EXPERT_UP_BIAS: ("I",), Role.EXPERT_DOWN_BIAS: ("H",), Role.MOE_OUTPUT_BIAS: ("H",),
@@ -242,6 +244,9 @@ class Family:
     # the shared MLP is in every layer: in a dense layer (no routed experts) it is the layer's MLP and
     # is counted as such (Granite 4.0 hybrid, whose dense variant has num_local_experts 0)
     shared_in_dense_layers: bool = False
+    # roles that MoE layer L does not hold although the family names them (DeepSeek-V4: its hash-routed layers
+    # hold a token table and no correction bias, its other MoE layers the converse); None: every one held
+    absent_roles: Callable[[Config, int], frozenset[Role]] | None = None
     # the dense MLP roles are held in the MoE layers too, beside the experts (LongCat-Flash's two MLPs a layer,
     # its templates' alternatives)
     dense_in_moe_layers: bool = False

@@ -6,8 +6,6 @@ from __future__ import annotations
 from moetool.arch.schema import Config
 
 UNSUPPORTED: dict[str, str] = {
-    "deepseek_v4": "DeepSeek-V4's first MoE layers route by a fixed token-to-expert table (DeepseekV4HashRouter "
-                   "reads input_ids), not by router logits, and its layers mix several residual streams",
     "zaya": "ZAYA's router is an MLP fed by a router state carried from layer to layer, with an extra "
             "zero-compute skip expert",
     "ernie4_5_vl_moe": "ERNIE 4.5 VL's hub checkpoints keep each MoE layer's text and vision experts in one list "

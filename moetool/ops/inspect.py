@@ -167,6 +167,7 @@ class _Dims:
         values = {"H": self.hidden, "X": self.expert_hidden or self.hidden, "I": self.expert_ffn,
                   "S": self.shared_ffn, "D": self.dense_ffn,
                   "E": self.experts, "V": self.vocab, "N": self.num_shared,
+                  "K": self.top_k if isinstance(self.top_k, int) else None,
                   "R": None if self.experts is None else self.experts + self.zero_experts + self.sink_experts}
         if sym.isdigit():
             return int(sym)
@@ -743,7 +744,8 @@ def _check_expected(family: Family, dims: _Dims, cfg: dict, moe_layers: list[int
             else:
                 layers = range(dims.decoder_offset if seq2seq else dims.num_layers)
             for layer in layers:
-                if role in MOE_LAYER_ROLES and layer not in moe:
+                if role in MOE_LAYER_ROLES and (layer not in moe or (
+                        family.absent_roles is not None and role in family.absent_roles(cfg, layer))):
                     continue
                 if role in SHARED_ROLES and (not dims.num_shared or
                                              (layer not in moe and not family.shared_in_dense_layers)):

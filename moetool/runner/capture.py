@@ -19,22 +19,25 @@ from moetool.errors import UnsupportedError
 from moetool.runner.modules import module_in
 
 
-def _sigmoid_scores(family: Family, config: dict) -> bool:
-    """Whether the router scores experts by sigmoid (DeepSeek-V3, MiniMax-M2, Llama 4; Cohere2-MoE's
-    sigmoid selection), as the config makes it."""
-    return family.router is not None and family.router.resolved(family.settings(config)).score.startswith("sigmoid")
+def _score_function(family: Family, config: dict) -> str:
+    """How the router scores experts, as the config makes it: "sigmoid" (DeepSeek-V3, MiniMax-M2, Llama 4;
+    Cohere2-MoE's sigmoid selection), "sqrtsoftplus" (DeepSeek-V4) or "softmax"."""
+    if family.router is None:
+        return "softmax"
+    score = family.router.resolved(family.settings(config)).score
+    return next((kind for kind in ("sigmoid", "sqrtsoftplus") if score.startswith(kind)), "softmax")
 
 
-def _distribution(logits, sigmoid: bool):
-    """The router's probability over experts: softmax of the logits, or normalised sigmoid scores
-    for sigmoid routers."""
+def _distribution(logits, scores: str):
+    """The router's probability over experts: softmax of the logits, or the normalised scores of routers
+    that score each expert apart (sigmoid, sqrt(softplus))."""
     import torch
 
     logits = logits.float()
-    if sigmoid:
-        scores = torch.sigmoid(logits)
-        return scores / scores.sum(-1, keepdim=True)
-    return torch.softmax(logits, dim=-1)
+    if scores == "softmax":
+        return torch.softmax(logits, dim=-1)
+    scored = torch.sigmoid(logits) if scores == "sigmoid" else torch.nn.functional.softplus(logits).sqrt()
+    return scored / scored.sum(-1, keepdim=True)
 
 
 def _parse(output, family: Family, config, top_k: int):
@@ -125,14 +128,14 @@ class RouterCapture:
     def _router_hook(self, family: Family, config: dict, layer: int, k: int):
         import torch
 
-        sigmoid = _sigmoid_scores(family, config)
+        scores = _score_function(family, config)
 
         def hook(module, args, output):
             self._fired[layer] = True
             first, batch, seq = self.batch
             with torch.no_grad():
                 index, weight, logits = _parse(output, family, config, k)
-                probs = _distribution(logits, sigmoid)
+                probs = _distribution(logits, scores)
                 top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
                 entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
                 router = torch.stack([entropy, top2[:, 0], top2[:, 0] - top2[:, -1]], dim=-1)

@@ -136,6 +136,12 @@ def _whole_stack_hooks(module: nn.Module, attrs: list[str]) -> None:
     module.register_forward_hook(after)
 
 
+def plain_linear(module) -> bool:
+    """Whether MODULE is an nn.Linear computing x @ W.T + b, which a QuantLinear can stand in for (not a subclass
+    with a forward of its own: DeepSeek-V4's block-diagonal DeepseekV4GroupedLinear)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def linear_weights(ckpt: Checkpoint, family: Family, *, head: bool = False, trust_remote_code: bool = False
                    ) -> set[str]:
     """Names of the weights transformers holds in nn.Linear modules (what a QuantLinear can replace),
@@ -145,7 +151,7 @@ def linear_weights(ckpt: Checkpoint, family: Family, *, head: bool = False, trus
     _, model = empty_model(ckpt, family, torch.float32, trust_remote_code)
     output = model.get_output_embeddings()
     names = {f"{name}.weight" for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and (head or module is not output)}
+             if plain_linear(module) and (head or module is not output)}
     # and the checkpoint's names of them, where a wrapper stores its model under other prefixes than the built
     # model holds (Qwen3-Omni's thinker.model.layers.*: the thinker built alone holds model.language_model.layers.*)
     return names | {name for name in ckpt.tensors if name not in names and model_name(name, family, names) in names}
@@ -231,8 +237,8 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     for name, qweight in linears.items():
         module_name = name.removesuffix(".weight")
         linear = model.get_submodule(module_name)
-        if not isinstance(linear, nn.Linear):
-            raise CheckpointFormatError(f"{ckpt.source}: {name} is quantized but is not a Linear weight in "
+        if not plain_linear(linear):
+            raise CheckpointFormatError(f"{ckpt.source}: {name} is quantized but is not a plain Linear weight in "
                                         f"transformers' {type(model).__name__}")
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
         parent_name, _, child = module_name.rpartition(".")
