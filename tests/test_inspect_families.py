@@ -15,7 +15,8 @@ from tests.tiny import DENSE, TINY
 
 # family -> (MoE layers, experts, top-k, shared experts) as the tiny configs define them
 STRUCTURE = {
-    "mixtral": ([0, 1], 4, 2, 0), "deepseek_v4": ([0, 1, 2], 4, 2, 1), "minimax": ([0, 1], 4, 2, 0), "minimax_m2": ([0, 1], 4, 2, 0),
+    "mixtral": ([0, 1], 4, 2, 0), "minimax": ([0, 1], 4, 2, 0), "minimax_m2": ([0, 1], 4, 2, 0),
+    "deepseek_v4": ([0, 1, 2], 4, 2, 1),
     "qwen2_moe": ([0, 2], 4, 2, 1), "qwen3_moe": ([0, 1], 4, 2, 0), "qwen3_next": ([0, 1], 4, 2, 1),
     "olmoe": ([0, 1], 4, 2, 0), "deepseek_v2": ([1, 2], 4, 2, 1), "deepseek_v3": ([1, 2], 4, 2, 1),
     "deepseek_v32": ([1, 2], 4, 2, 1),

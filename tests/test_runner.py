@@ -17,7 +17,8 @@ DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_tra
 DECODER_MOE.append("nemotron_h-latent")   # Nemotron-H's latent MoE (tests/tiny.py VARIANTS)
 # image-text models built whole: the text model under language_model
 WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "step3p7", "muse_spark", "hy_v4_vl", "deepseek_ocr2")
-BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v4": "mlp.gate.e_score_correction_bias", "deepseek_v32": "mlp.gate.e_score_correction_bias",
+BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v4": "mlp.gate.e_score_correction_bias",
+          "deepseek_v32": "mlp.gate.e_score_correction_bias",
           "glm4_moe": "mlp.gate.e_score_correction_bias",
           "glm4_moe_lite": "mlp.gate.e_score_correction_bias", "exaone_moe": "mlp.gate.e_score_correction_bias",
           "lfm2_moe": "feed_forward.expert_bias",

@@ -30,7 +30,8 @@ class Role(str, Enum):
     ROUTER_BIAS = "router_bias"                # a parameter added to router logits
     ROUTER_CORRECTION = "router_correction"    # selection-only bias (DeepSeek-V3 style)
     ROUTER_SCALE = "router_scale"              # per-expert factor on the chosen experts' weights (Gemma 4)
-    ROUTER_HASH = "router_hash"                # token id -> its top-k experts, a fixed table (DeepSeek-V4's hash layers)
+    ROUTER_HASH = "router_hash"                # token id -> its top-k experts, a fixed table (DeepSeek-V4's hash
+                                               # layers)
     EXPERT_GATE = "expert_gate"
     EXPERT_UP = "expert_up"
     EXPERT_DOWN = "expert_down"
@@ -90,9 +91,9 @@ MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_COR
 
 # Expected shapes, in symbols: H hidden, X the routed experts' input and output size (the family's
 # "expert_hidden" key where the experts work in a latent space, else H), I expert FFN, S shared FFN, D dense FFN,
-# E routed experts, V vocabulary, K experts a token, N shared experts (stacked: Inkling), R router rows (E + the family's identity
-# experts + its sink rows: Family.zero_experts, Family.sink_experts). Expert roles are given per expert; a template
-# without {E} (fused layout) holds all experts, so "E" is prepended.
+# E routed experts, V vocabulary, K experts a token, N shared experts (stacked: Inkling), R router rows (E + the
+# family's identity experts + its sink rows: Family.zero_experts, Family.sink_experts). Expert roles are given per
+# expert; a template without {E} (fused layout) holds all experts, so "E" is prepended.
 DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
     Role.EMBED: ("V", "H"), Role.LM_HEAD: ("V", "H"),
     Role.ROUTER: ("E", "H"), Role.ROUTER_BIAS: ("E",), Role.ROUTER_CORRECTION: ("E",), Role.ROUTER_SCALE: ("E",),
