@@ -31,7 +31,7 @@ def run(path, token_file, reference=None, **kw):
             return evaluate(ckpt, options, ref)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe", "llama",
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "deepseek_v4", "gpt_oss", "granitemoe", "llama",
                                     "nemotron_h-latent"])
 def test_perplexity_is_exp_of_transformers_mean_nll(tiny, token_file, family):
     report = run(tiny(family), token_file)

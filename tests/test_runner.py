@@ -134,8 +134,9 @@ def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, famil
         router_logits = model(ids, output_router_logits=True).router_logits
     if family == "jetmoe":              # attention-expert routers come first in each layer
         router_logits = router_logits[1::2]
-    hashed = [layer for layer in range(model.config.num_hidden_layers)
-              if getattr(model.config, "mlp_layer_types", None) and model.config.mlp_layer_types[layer] == "hash_moe"]
+    text = model.config.get_text_config()
+    hashed = [layer for layer in range(text.num_hidden_layers)
+              if getattr(text, "mlp_layer_types", None) and text.mlp_layer_types[layer] == "hash_moe"]
     if hashed:                          # DeepSeek-V4's hash layers pick by token table; transformers records
         router_logits = [None] * len(hashed) + list(router_logits)   # the other routers' logits only
     full = profile_with_trace(path, ids, tmp_path / "full", mode="full")

@@ -334,6 +334,12 @@ class Family:
         value = first_key(cfg, self.keys.get(key, ()))
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
+    def routes_by_table(self, cfg: Config, layer: int) -> bool:
+        """Whether MoE layer LAYER picks its experts by a fixed token-id table (Role.ROUTER_HASH: DeepSeek-V4's
+        hash layers), its router's scores only weighting the experts picked."""
+        named = any(Role.ROUTER_HASH in (t or {}) for t in (self.common, self.per_expert, self.fused))
+        return named and not (self.absent_roles is not None and Role.ROUTER_HASH in self.absent_roles(cfg, layer))
+
     @property
     def joins_stacked_gate_up(self) -> bool:
         """Whether the fused layout names gate and up both apart, each stacked over the experts [E, I, H] (as

@@ -351,7 +351,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
         vocab_size=dims.vocab, num_experts=dims.experts, top_k=dims.top_k, expert_ffn=dims.expert_ffn,
         num_shared_experts=dims.num_shared if moe_layers else 0,
         shared_ffn=dims.shared_ffn if dims.num_shared and moe_layers else None, dense_ffn=dims.dense_ffn,
-        tied_embeddings=bool(dims.tie), router=_router_info(family, cfg, dims) if moe_layers else None,
+        tied_embeddings=bool(dims.tie), router=_router_info(family, cfg, dims, moe_layers) if moe_layers else None,
         params={c: tally.params[c] for c in CATEGORIES}, total_params=total, active_params=active,
         active_params_with_embedding=active_emb, active_params_without_embeddings=active_bare,
         mtp_params=tally.mtp, buffer_params=tally.buffers,
@@ -1035,7 +1035,7 @@ def _last_by_layer(parts: list[tuple[list, list, list]], value) -> dict[int, int
 
 # ---------------------------------------------------------------- summaries
 
-def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any]:
+def _router_info(family: Family | None, cfg: dict, dims: _Dims, moe_layers: list[int]) -> dict[str, Any]:
     if family is None or family.router is None:
         return {"description": "unknown (architecture guessed)", "top_k": dims.top_k}
     router = family.router.resolved(cfg)
@@ -1057,10 +1057,15 @@ def _router_info(family: Family | None, cfg: dict, dims: _Dims) -> dict[str, Any
         parts.append(f"scaled x{scaling}")
     if dims.num_shared:
         parts.append(f"+ {dims.num_shared} shared expert{'s' if dims.num_shared > 1 else ''}")
+    table = [layer for layer in moe_layers if family.routes_by_table(cfg, layer)]
+    if table:
+        several = len(table) > 1
+        parts.append(f"layer{'s' if several else ''} {', '.join(map(str, table))} pick{'' if several else 's'} "
+                     "experts by a token table")
     description = ", ".join(parts) + (f" ({router.notes})" if router.notes else "")
     return {"score": router.score, "top_k": dims.top_k, "renormalize": renorm,
             "correction_bias": router.correction_bias, "group_limited": groups, "scaling_factor": scaling,
-            "description": description}
+            "token_table_layers": table, "description": description}
 
 
 def _disk_info(ckpt: Checkpoint, tally: _Tally) -> dict[str, Any]:

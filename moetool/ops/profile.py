@@ -140,6 +140,19 @@ def routing_structure(ckpt: Checkpoint):
     return structure, {layer: (experts[layer], top_k[layer]) for layer in structure.moe_layers}
 
 
+def routing_notes(structure) -> list[str]:
+    """What a reader of the figures must know about how STRUCTURE's layers route."""
+    table = (structure.router or {}).get("token_table_layers") or []
+    if not table:
+        return []
+    several = len(table) > 1
+    return [f"layer{'s' if several else ''} {', '.join(map(str, table))} pick{'' if several else 's'} experts by a "
+            "fixed token table (hash routing): "
+            f"{'their' if several else 'its'} loads "
+            f"follow the token frequencies, and {'their' if several else 'its'} entropy, top-1 probability and margin "
+            "describe the router's weights, not its choice"]
+
+
 def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> ProfileReport:
     """Run the calibration tokens through CKPT's model (or read a trace) and compute the routing
     statistics; under torchrun each rank runs its share and the statistics are summed.
@@ -229,7 +242,7 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
                          ids.numel(), ids.shape[0], seq_len, report_timing, memory,
                          [layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
                          capacity_window=window, world_size=world.size, io=io,
-                         trace=str(options.trace) if options.trace else None)
+                         trace=str(options.trace) if options.trace else None, notes=routing_notes(structure))
 
 
 def _peak_rss() -> int:
@@ -263,9 +276,9 @@ def _from_trace(ckpt: Checkpoint, structure, layers, options: ProfileOptions) ->
             stats[chunk.layer].end_window()
     totals = stats.totals()
     seconds = time.perf_counter() - start
-    notes = [] if trace.has_weights else [
+    notes = routing_notes(structure) + ([] if trace.has_weights else [
         "routing without gate weights (vLLM routed experts): weight_mass, saliency, entropy, top-1 probability "
-        "and margin are not available"]
+        "and margin are not available"])
     if per_request:
         notes.append("capacity windows: one per request, its capacity from its own length (--capacity-window N "
                      "cuts the requests into windows of N tokens instead)")

@@ -62,8 +62,7 @@ FAMILY = Family(
     model_types=("deepseek_v4",),
     title="DeepSeek-V4",
     router=Router("sqrtsoftplus", renormalize=True, correction_bias=True, scaling_key="routed_scaling_factor",
-                  notes="sqrt(softplus) scores, selection by score + correction bias, weights renormalised; the "
-                        "hash layers select by a token table (tid2eid)",
+                  notes="there the router's scores only weight the experts its table (tid2eid) picks",
                   method_key=None, selection_key="scoring_func",
                   selections=(("softmax", "softmax", True), ("sigmoid", "sigmoid", True)),
                   config_defaults=(("scoring_func", "sqrtsoftplus"), ("routed_scaling_factor", 1.5))),
