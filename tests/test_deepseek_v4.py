@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import moetool
 from moetool.checkpoint import open_checkpoint
-from moetool.errors import UnsupportedError
+from moetool.errors import UsageError
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.evaluate import EvalOptions, evaluate
 from moetool.ops.inspect import inspect_checkpoint
@@ -124,7 +124,105 @@ def test_streamed_eval_equals_transformers_loss(hub, ids, tmp_path):
     assert report.nll_mean == pytest.approx(float(loss), rel=1e-5)
 
 
-def test_prune_is_refused_with_the_reason_and_writes_nothing(tmp_path, hub):
-    with open_checkpoint(hub) as ckpt, pytest.raises(UnsupportedError, match="token-id table"):
-        prune(ckpt, tmp_path / "out", PruneOptions(keep=2, criterion="random"))
+def expert_similarity(model, layer: int) -> torch.Tensor:
+    """Cosine similarity of the experts' weights (gate, up and down of each, as one vector)."""
+    experts = model.model.layers[layer].mlp.experts
+    flat = torch.cat([experts.gate_up_proj.flatten(1), experts.down_proj.flatten(1)], dim=1).double()
+    flat = flat / flat.norm(dim=1, keepdim=True)
+    return flat @ flat.T
+
+
+def remapped_rows(table: torch.Tensor, kept: list[int], similarity: torch.Tensor) -> torch.Tensor:
+    """The documented rule, token by token: a removed expert's entry goes to the most similar kept expert the
+    row does not hold yet (else the most similar kept one); ids in the original numbering."""
+    out = table.clone()
+    for row in out:
+        for j, expert in enumerate(row.tolist()):
+            if expert in kept:
+                continue
+            ranked = sorted(kept, key=lambda k: (-float(similarity[expert, k]), k))
+            row[j] = next((k for k in ranked if k not in row.tolist()), ranked[0])
+    return out
+
+
+@pytest.mark.parametrize("keep", [2, 3])
+def test_pruned_checkpoint_is_the_original_with_experts_masked_and_its_table_remapped(tmp_path, hub, ids, keep):
+    """Stock transformers runs the pruned checkpoint as the original runs with the removed experts' router logits
+    -inf and, in the token-table layer, each removed expert's entries sent to a similar kept expert."""
+    from tests.test_prune import routers_restricted
+
+    with open_checkpoint(hub) as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=keep, criterion="random", seed=2))
+    model = reference(hub)
+    kept = report.kept[0]
+    table = model.model.layers[0].mlp.gate.tid2eid
+    assert (~torch.isin(table, torch.tensor(kept))).any()   # (the table did send tokens to removed experts)
+    with torch.no_grad():
+        table.copy_(remapped_rows(table, kept, expert_similarity(model, 0)))
+    removed = {layer: [e for e in range(4) if e not in v] for layer, v in report.kept.items()}
+    routers = {layer: model.model.layers[layer].mlp.gate.weight for layer in removed}
+    with torch.no_grad(), routers_restricted(model, removed, routers):
+        want = model(ids).logits
+    pruned = reference(tmp_path / "out")
+    with torch.no_grad():
+        assert (pruned(ids).logits - want).abs().max() <= 1e-5
+    rows = pruned.model.layers[0].mlp.gate.tid2eid
+    assert rows.shape == table.shape and all(len(set(row)) == 2 for row in rows.tolist())   # k distinct experts
+    with open_checkpoint(tmp_path / "out") as ckpt:
+        assert [p.code for p in inspect_checkpoint(ckpt).problems] == []   # (the MTP module is dropped)
+
+
+def test_sequential_pruning_routes_the_token_table_layer_as_the_pruned_checkpoint(tmp_path, hub, ids):
+    """The in-place restriction of the token-table layer (RouterRestriction with the table remapped) gives the
+    pruned checkpoint's logits; and `prune --sequential` runs through it."""
+    from moetool.ops.prune_choice import remapped_table
+    from moetool.runner.sequential_prune import RouterRestriction
+
+    with open_checkpoint(hub) as ckpt:
+        report = prune(ckpt, tmp_path / "out", PruneOptions(keep=2, criterion="random", seed=2))
+    model = reference(hub)
+    config = model.config.to_dict()
+    family = moetool.arch.detect_family(config)
+    restrictions = []
+    for layer, kept in report.kept.items():
+        similarity = expert_similarity(model, layer).tolist()
+        remap = (lambda t, kept=kept, s=similarity: remapped_table(t, kept, s, renumber=False)) if layer == 0 \
+            else None
+        restrictions.append(RouterRestriction(model, family, config, layer, model.model.layers[layer],
+                                              [e for e in range(4) if e not in kept], remap))
+    with torch.no_grad():
+        got = model(ids).logits
+    for restriction in restrictions:
+        restriction.remove()
+    with torch.no_grad():
+        assert (reference(tmp_path / "out")(ids).logits - got).abs().max() <= 1e-5
+        assert (model(ids).logits - got).abs().max() > 1e-4   # (removed: the table put back)
+    tokens = tmp_path / "ids.json"
+    tokens.write_text(json.dumps(ids.flatten().tolist()))
+    calibration = ProfileOptions(token_ids=tokens, seq_len=24, batch_size=2, device="cpu", dtype="fp32")
+    with open_checkpoint(hub) as ckpt:
+        sequential = prune(ckpt, tmp_path / "seq", PruneOptions(keep=2, sequential=True, calibration=calibration))
+    assert all(len(v) == 2 for v in sequential.kept.values())
+    with open_checkpoint(tmp_path / "seq") as ckpt:
+        assert [p.code for p in inspect_checkpoint(ckpt).problems] == []
+
+
+def test_prune_keeps_at_least_top_k_experts_and_writes_nothing(tmp_path, hub):
+    with open_checkpoint(hub) as ckpt, pytest.raises(UsageError, match="token table"):
+        prune(ckpt, tmp_path / "out", PruneOptions(keep=1, criterion="random"))
     assert not (tmp_path / "out").exists()
+
+
+def test_compressed_tensors_output_loads_in_stock_transformers(tmp_path, hub, ids):
+    """quantize --layout compressed-tensors of the hub form: transformers' compressed-tensors integration reads it
+    (the logits moetool.load_model gives, within 1e-4 relative)."""
+    from moetool.ops.quantize import QuantizeOptions, quantize
+
+    with open_checkpoint(hub) as ckpt:
+        quantize(ckpt, tmp_path / "ct", QuantizeOptions(format="int4-g16", layout="compressed-tensors"))
+    with torch.no_grad():
+        got = moetool.load_model(tmp_path / "ct")(ids).logits
+        want = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()(ids).logits
+        plain = reference(hub)(ids).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (got - plain).abs().max() > 1e-6   # (really quantized)

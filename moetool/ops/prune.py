@@ -40,6 +40,7 @@ from moetool.ops.prune_choice import (
     choose_per_layer,
     kept_count,
     merge_group,
+    remapped_table,
     removed_share,
     sequential_choice,
 )
@@ -87,6 +88,12 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     sinks = family.sink_experts(cfg)   # router rows of experts top-k never picks (Inkling's shared ones): kept
     top_k = structure.top_k if isinstance(structure.top_k, int) else max(structure.top_k)
     keep = kept_count(experts, top_k, options, family)
+    # layers whose experts a token table picks (DeepSeek-V4's hash layers): the removed experts' entries are
+    # sent to similar kept experts, k distinct ones a token, so the table's width (top-k) cannot shrink
+    table_layers = [layer for layer in structure.moe_layers if family.routes_by_table(cfg, layer)]
+    if table_layers and keep < top_k:
+        raise UsageError(f"{family.title}: keep at least {top_k} experts per layer: layers "
+                         f"{', '.join(map(str, table_layers))} give each token {top_k} experts by a fixed token table")
     check_group_routing(keep, top_k, groups, groups_used, family.router.group_score_experts if family.router else 2)
     similarity = None
     if options.experts is not None:
@@ -98,7 +105,8 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         mass = _scores(ckpt, structure, options, progress)[1] if options.merge or options.profile else None
     elif options.sequential:
         kept, mass, similarity = sequential_choice(ckpt, structure, options, keep, groups,
-                                                   (lambda: _similarity(ckpt)) if options.merge else None, progress)
+                                                   (lambda: _similarity(ckpt)) if options.merge or table_layers
+                                                   else None, progress, merge=options.merge)
     elif options.scope == "global":
         if groups > 1:
             raise UnsupportedError("--scope global with group-limited routing (n_group > 1) would unbalance "
@@ -113,7 +121,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     counts = {len(v) for v in kept.values()}
     keep = max(counts)
     new_k = min(top_k, min(counts) + identity)   # (a token may still pick the identity experts, never removed)
-    if options.merge and similarity is None:
+    if (options.merge or table_layers) and similarity is None:
         similarity = _similarity(ckpt)
     groups = _merge_groups(similarity, kept, mass, experts) if options.merge else None
 
@@ -153,6 +161,10 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                                          ref.dtype)]
             tensors.append(OutputTensor(_renumbered(name, m, kept[m.layer].index(m.expert), classifier),
                                         ref.dtype, ref.shape, pieces, "kept expert"))
+            continue
+        if m.layer in kept and m.role == Role.ROUTER_HASH:   # expert ids: each removed one sent to a kept one
+            tensors.append(OutputTensor(name, ref.dtype, ref.shape, [computed_piece(
+                _remapped(ref, kept[m.layer], similarity[m.layer]), ref.shape, ref.dtype)], "token table remapped"))
             continue
         if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
             rows, count = kept[m.layer], experts
@@ -223,6 +235,13 @@ def _similarity(ckpt: Checkpoint) -> dict[int, list[list[float]]]:
     from moetool.ops.inspect import inspect_checkpoint
 
     return {s.layer: s.similarity for s in inspect_checkpoint(ckpt, experts=True).experts}
+
+
+def _remapped(ref: TensorRef, kept: list[int], similarity: list[list[float]]):
+    def compute():
+        return remapped_table(ref.load(), kept, similarity)
+
+    return compute
 
 
 def _weighted(parts: list[tuple[TensorRef, float]], dtype: str):

@@ -184,6 +184,41 @@ def merge_group(similarity: list[list[float]], keep: list[int], mass: list[float
     return groups
 
 
+def remapped_table(table, kept: list[int], similarity: list[list[float]], *, renumber: bool = True, rows: int = 16384):
+    """A token table (TABLE [V, k]: each token's experts, DeepSeek-V4's hash layers) for a layer keeping KEPT: each
+    removed expert's entries go to the kept expert most similar to it (SIMILARITY: cosine of the experts' weights,
+    where --merge folds it) that the token's row does not hold already, else to the most similar kept one; the ids
+    renumbered as the pruned layer numbers its kept experts (RENUMBER), else the original ones. In chunks of ROWS
+    tokens (a [rows, E] score matrix at a time)."""
+    import torch
+
+    experts = len(similarity)
+    sim = torch.tensor(similarity, dtype=torch.float64)
+    is_kept = torch.zeros(experts, dtype=torch.bool)
+    is_kept[kept] = True
+    sim[:, ~is_kept] = float("-inf")   # (only kept experts are candidates)
+    out = table.long().clone()
+    for start in range(0, out.shape[0], rows):
+        part = out[start:start + rows]
+        held = torch.zeros(part.shape[0], experts, dtype=torch.bool)
+        held.scatter_(1, part.clamp(0, experts - 1), is_kept[part.clamp(0, experts - 1)])   # the row's kept ones
+        for j in range(part.shape[1]):
+            gone = ~is_kept[part[:, j]]
+            if not gone.any():
+                continue
+            scores = sim[part[gone, j]]                            # [removed slots, E]
+            free = scores.masked_fill(held[gone], float("-inf"))
+            # (argmax: the first of equal scores, the lowest-numbered kept expert)
+            choice = torch.where(torch.isinf(free.max(-1).values), scores.argmax(-1), free.argmax(-1))
+            part[gone, j] = choice
+            held[gone.nonzero().squeeze(1), choice] = True
+    if renumber:
+        number = torch.full((experts,), -1, dtype=torch.long)
+        number[sorted(kept)] = torch.arange(len(kept))
+        out = number[out]
+    return out.to(table.dtype)
+
+
 def check_choice(options: PruneOptions) -> None:
     """Refuse, before any work, an unknown criterion and what --sequential cannot combine with."""
     if options.criterion not in CRITERIA:
@@ -201,12 +236,13 @@ def check_choice(options: PruneOptions) -> None:
 
 
 def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups: int = 1, similarity=None,
-                      progress=None) -> tuple[dict[int, list[int]], dict[int, list[float]], Any]:
+                      progress=None, *, merge: bool = False
+                      ) -> tuple[dict[int, list[int]], dict[int, list[float]], Any]:
     """The kept experts and gate-weight mass of every MoE layer, chosen layer by layer on the streamed
     runner: each layer's criterion is measured on the hidden states of the already-pruned earlier
-    layers, then the layer is pruned in place. With SIMILARITY (a callable giving, per MoE layer,
-    the experts' pairwise weight similarity), removed experts are merged in place instead, and the
-    similarity is returned third."""
+    layers, then the layer is pruned in place. SIMILARITY (a callable giving, per MoE layer, the experts'
+    pairwise weight similarity) is returned third: with MERGE, removed experts are merged in place into the
+    most similar kept ones; the token tables of layers that route by one (remapped_table) follow it too."""
     import torch
 
     from moetool.runner.device import pick_device, pick_dtype
@@ -224,7 +260,7 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     loaded = load_model(model_ckpt, device=device, dtype=pick_dtype(calibration.dtype, device), mode="streamed",
                         trust_remote_code=calibration.trust_remote_code)   # streamed: no weight read yet
     layers = routing_structure(ckpt)[1]   # MoE layer -> (experts, top-k)
-    if similarity is not None:   # merging in place needs transformers 5's stacked experts: refuse now
+    if merge:   # merging in place needs transformers 5's stacked experts: refuse now
         for layer in layers:
             try:
                 stacked = len(experts_modules(loaded.layers[layer])) == 1
@@ -234,7 +270,8 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
                 raise UnsupportedError(f"{loaded.family.title}: --merge with --sequential merges experts in place, "
                                        "which needs each layer's experts in one stacked [gate; up] experts module "
                                        "without biases; use --merge without --sequential")
-        similarity = similarity()
+    similarity = similarity() if similarity is not None else None
+    cfg = loaded.family.settings(loaded.config)
     ids = calibration_ids(model_ckpt, calibration, default="builtin", vocab_size=structure.vocab_size)
     field = PROFILE_FIELD[options.criterion]
     mass: dict[int, list[float]] = {}
@@ -246,7 +283,12 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
         kept = choose_per_layer({layer: [float(v) for v in measured[field]]}, [layer], experts, keep, groups)[layer]
         log.info("layer %d: kept experts %s (%s, measured after the earlier layers were pruned)", layer, kept,
                  options.criterion)
-        return kept, merge_group(similarity[layer], kept, mass[layer], experts) if similarity else None
+        merged = merge_group(similarity[layer], kept, mass[layer], experts) if merge else None
+        remap = None
+        if loaded.family.routes_by_table(cfg, layer):
+            def remap(table, kept=kept, sim=similarity[layer]):
+                return remapped_table(table, kept, sim, renumber=False)
+        return kept, merged, remap
 
     first, count = distributed.share(ids.shape[0], world)   # torchrun: each rank its share of the sequences
     pruner = SequentialPrune(loaded.model, loaded.family, loaded.config, layers, choose,

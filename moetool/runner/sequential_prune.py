@@ -33,11 +33,10 @@ def _router_weight(router):
     return weight
 
 
-def _correction_bias(model, family, config: dict, index: int, offset: int):
-    """The router's correction bias in the built model (DeepSeek-V3, GLM-4.5, dots1, ERNIE), or None
-    for routers without one (as CONFIG makes it: LFM2-MoE's use_expert_bias)."""
+def _router_tensor(model, family, role: Role, index: int, offset: int):
+    """The tensor of ROLE (a router's correction bias or token table) of layer INDEX in the built model, or None."""
     for layout in ("fused", "per-expert"):
-        template = family.templates(layout).get(Role.ROUTER_CORRECTION)
+        template = family.templates(layout).get(role)
         if template is None:
             continue
         owner, _, attr = module_name(template, index, offset).rpartition(".")
@@ -46,7 +45,19 @@ def _correction_bias(model, family, config: dict, index: int, offset: int):
             return getattr(model.get_submodule(owner), attr)
         except AttributeError:
             continue
-    if family.router is not None and family.router.resolved(family.settings(config)).correction_bias:
+    return None
+
+
+def _correction_bias(model, family, config: dict, index: int, offset: int):
+    """The router's correction bias in the built model (DeepSeek-V3, GLM-4.5, dots1, ERNIE), or None
+    for routers without one (as CONFIG makes it: LFM2-MoE's use_expert_bias; DeepSeek-V4's token-table layers)."""
+    found = _router_tensor(model, family, Role.ROUTER_CORRECTION, index, offset)
+    if found is not None:
+        return found
+    settings = family.settings(config)
+    if family.absent_roles is not None and Role.ROUTER_CORRECTION in family.absent_roles(settings, index):
+        return None
+    if family.router is not None and family.router.resolved(settings).correction_bias:
         raise UnsupportedError(f"{family.title}: layer {index}'s router correction bias is not where moetool "
                                "looks for it in the built model, so its removed experts cannot be restricted")
     return None
@@ -96,10 +107,12 @@ class RouterRestriction:
     """Forward hooks that make MoE layer INDEX route as if its REMOVED experts were pruned, on every
     call until `remove()`: their router logits -inf wherever the router's weight is applied, and
     their correction bias (if any) -inf too, since a sigmoid router adds it after the logits (a
-    pruned checkpoint has neither). A call in which the router's weight was never seen raises
-    UnsupportedError (nothing could be restricted: never a silent no-op)."""
+    pruned checkpoint has neither). A layer whose experts a token table picks (DeepSeek-V4's hash layers)
+    routes by REMAP(its table), the table the pruned checkpoint holds in the original expert numbers. A call
+    in which the router's weight was never seen raises UnsupportedError (nothing could be restricted: never a
+    silent no-op)."""
 
-    def __init__(self, model, family, config: dict, index: int, layer, removed: list[int]):
+    def __init__(self, model, family, config: dict, index: int, layer, removed: list[int], remap=None):
         offset = family.decoder_offset(config) if family.decoder_offset else 0
         name = module_in(model, family, module_name(family.router_module, index, offset))
         self.router = model.get_submodule(name)
@@ -107,8 +120,12 @@ class RouterRestriction:
         # layer with its forward stubbed out, to learn each layer's arguments
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else layer
         self.bias = _correction_bias(model, family, config, index, offset)
+        self.table = _router_tensor(model, family, Role.ROUTER_HASH, index, offset) if remap else None
+        if remap and self.table is None:
+            raise UnsupportedError(f"{family.title}: layer {index}'s token table is not where moetool looks for it")
+        self.remap, self._remapped = remap, None
         self.index, self.removed = index, removed
-        self._mode = self._saved_bias = None
+        self._mode = self._saved_bias = self._saved_table = None
         self._handles = [parent.register_forward_pre_hook(self._enter),
                          parent.register_forward_hook(self._leave, always_call=True)]
 
@@ -118,6 +135,11 @@ class RouterRestriction:
         if self.bias is not None:
             self._saved_bias = self.bias.data.clone()
             self.bias.data[..., torch.tensor(self.removed, device=self.bias.device)] = float("-inf")
+        if self.table is not None:   # (remapped once, from the table as installed)
+            self._saved_table = self.table.data.clone()
+            if self._remapped is None:
+                self._remapped = self.remap(self._saved_table.cpu()).to(self.table.device)
+            self.table.data.copy_(self._remapped)
         self._mode = _masking_mode(_router_weight(self.router), self.removed)
         self._mode.__enter__()
 
@@ -135,6 +157,9 @@ class RouterRestriction:
         if self._saved_bias is not None:
             self.bias.data.copy_(self._saved_bias)
             self._saved_bias = None
+        if self._saved_table is not None:
+            self.table.data.copy_(self._saved_table)
+            self._saved_table = None
         return None if mode is None else mode.masked
 
     def remove(self) -> None:
@@ -150,8 +175,9 @@ class SequentialPrune:
         model: the streamed model (its routers are found by the family's module names).
         family, config: the model's family and config.
         layers: MoE layer -> (experts, top_k).
-        choose: callable(layer, LayerTotals) -> (kept experts, merge groups or None), the merge
-            groups mapping each kept expert to [(expert, weight), ...] folded into it.
+        choose: callable(layer, LayerTotals) -> (kept experts, merge groups or None, table remap or None), the
+            merge groups mapping each kept expert to [(expert, weight), ...] folded into it, the remap giving a
+            token-table layer's table as the pruned checkpoint holds it, in the original expert numbers.
         saliency: measure REAP's terms as well (criteria reap and ean).
         device, seq_len: where the statistics are kept, and the calibration sequences' length.
         distributed: under torchrun, each rank runs its share of the sequences and the layer's
@@ -197,14 +223,15 @@ class SequentialPrune:
         totals = stats[index].totals()
         if not totals.tokens:
             raise UnsupportedError(f"layer {index}: its router never ran, so its experts cannot be scored")
-        kept, groups = self.choose(index, totals)
+        kept, groups, remap = self.choose(index, totals)
         self.kept[index] = kept
         experts = self.layers[index][0]
         if groups:
             self._fold(index, layer, groups, experts)
         removed = [e for e in range(experts) if e not in kept]
         if removed:
-            self._restrictions.append(RouterRestriction(self.model, self.family, self.config, index, layer, removed))
+            self._restrictions.append(RouterRestriction(self.model, self.family, self.config, index, layer, removed,
+                                                        remap))
 
     def _layer_stats(self, index: int, device) -> RoutingStats:
         if self._stats is None:

@@ -102,9 +102,6 @@ FAMILY = Family(
                    ("hc_head_", "model.hc_head.hc_")),
     renames=RENAMES,
     mtp=True,   # mtp.* (num_nextn_predict_layers): transformers ignores them
-    prune_unsupported="its first MoE layers (hash_moe) choose experts by a fixed token-id table (gate.tid2eid), "
-                      "which cannot send a token elsewhere when its expert is removed, and transformers holds "
-                      "one expert count for every layer",
     notes="hash-routed first layers (token table); sqrt(softplus) router; clamped SwiGLU experts (swiglu_limit); "
           "hyper-connections (hc_mult streams); compressed sliding-window attention; mtp.* ignored",
 )
