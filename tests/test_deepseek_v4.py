@@ -226,3 +226,40 @@ def test_compressed_tensors_output_loads_in_stock_transformers(tmp_path, hub, id
         plain = reference(hub)(ids).logits
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert (got - plain).abs().max() > 1e-6   # (really quantized)
+
+
+def test_gptq_sees_the_clamped_activation_each_expert_computes(tmp_path):
+    """Per-expert calibration's down_proj inputs are the experts' clamped SwiGLU (swiglu_limit, small here so that
+    it binds): its Hessians equal those of min(gate, L) and clamp(up, -L, L) through silu, written out here, on
+    the hidden states and picks transformers' own experts module receives (the token table's in layer 0)."""
+    from moetool.runner.engine import micro_batches, run
+    from moetool.runner.model import load_model
+    from tests.test_sequential import HessianObserver
+    from tests.tiny import build_variant
+
+    limit = 0.05
+    model = build_variant("deepseek_v4", swiglu_limit=limit)
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(4))
+    seen = {}
+    hooks = [model.model.layers[layer].mlp.experts.register_forward_pre_hook(
+        lambda m, args, layer=layer: seen.__setitem__(layer, args[:2])) for layer in range(3)]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    observer = HessianObserver()
+    with open_checkpoint(tmp_path / "m") as ckpt:
+        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="streamed")
+        run(loaded, micro_batches(ids, 2), calibrate=observer)
+    clamped = 0
+    for layer, (hidden, index) in seen.items():
+        experts = model.model.layers[layer].mlp.experts
+        inputs = observer.found[layer]["mlp.experts"]
+        for e in range(4):
+            x = hidden[(index == e).any(-1)].float()
+            gate, up = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+            clamped += int((gate > limit).sum() + (up.abs() > limit).sum())
+            a = torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+            assert torch.allclose(inputs.down[e].matrix(), 2 * a.T @ a / max(1, a.shape[0]), atol=1e-6)
+    assert clamped > 0   # (the limit did bind)

@@ -35,6 +35,17 @@ def experts_modules(layer) -> list[tuple[str, object]]:
     return found
 
 
+def _activation(module, gate_up):
+    """The input of down_proj for GATE_UP ([T, 2I], gate rows first) as MODULE's forward computes it: through
+    its `_apply_gate`, where transformers gives the experts one (clamped SwiGLU: DeepSeek-V4's, Step 3.7's
+    swiglu_limit), else act(gate) * up."""
+    apply_gate = getattr(module, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
 class ExpertInputs:
     """Per-expert input Hessians of one stacked experts module, accumulated while it runs."""
 
@@ -58,8 +69,8 @@ class ExpertInputs:
                 continue   # padding ids some routers use for dropped slots
             xe = x[(routed == e).any(-1)].float()
             self.gate_up[e].add(xe)
-            gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e].float()).chunk(2, dim=-1)
-            self.down[e].add(module.act_fn(gate) * up)
+            gate_up = torch.nn.functional.linear(xe, module.gate_up_proj[e].float())
+            self.down[e].add(_activation(module, gate_up))
 
     def tokens(self) -> list[int]:
         """Tokens routed to each expert."""
