@@ -162,9 +162,9 @@ def test_unsupported_architectures_say_why(tmp_path):
     from moetool.arch import detect_family, unsupported_reason
     from moetool.arch.unsupported import UNSUPPORTED
 
-    folder = tmp_path / "dsv4"
+    folder = tmp_path / "zaya"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "num_hidden_layers": 1,
+    (folder / "config.json").write_text(json.dumps({"model_type": "zaya", "num_hidden_layers": 1,
                                                     "hidden_size": 8, "vocab_size": 16, "n_routed_experts": 2}))
     save_file({"embed.weight": torch.zeros(16, 8), "layers.0.ffn.gate.weight": torch.zeros(2, 8),
                **{f"layers.0.ffn.experts.{e}.{w}.weight": torch.zeros(4, 8) for e in range(2) for w in ("w1", "w3")},
@@ -172,10 +172,9 @@ def test_unsupported_architectures_say_why(tmp_path):
               folder / "model.safetensors")
     data = json.loads(run("inspect", str(folder), "--json").stdout)
     [problem] = [p for p in data["problems"] if p["code"] == "guessed_architecture"]
-    assert "does not support it yet: DeepSeek-V4's first MoE layers route by a fixed token-to-expert" in \
-        problem["message"]
+    assert "does not support it yet: ZAYA's router is an MLP fed by a router state" in problem["message"]
     refused = run("profile", str(folder), check=False)
-    assert refused.returncode == 7 and "token-to-expert table" in refused.stderr
+    assert refused.returncode == 7 and "carried from layer to layer" in refused.stderr
     for model_type in UNSUPPORTED:
         assert model_type in transformers.CONFIG_MAPPING and detect_family({"model_type": model_type}) is None
     # a wrapper listed unsupported is not taken for its supported text model (Inkling's multimodal checkpoints)
