@@ -52,6 +52,7 @@ STRUCTURE = {
     "qwen3_omni_moe": ([0, 2], 4, 2, 0),
     "muse_spark": ([1, 2], 4, 2, 0),
     "inkling_text": ([1, 2], 4, 2, 2),
+    "mistral_large4": ([1, 2, 3], 4, 2, 1),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
 SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa", "gemma4_text",

@@ -29,7 +29,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "minimax_m3_vl_text", "dots3_note_text",
             "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
             "hy_v4", "lara_mini", "longcat_flash", "longcat_flash-bias", "step3p7",
-            "qwen3_omni_moe", "muse_spark", "hy_v4_vl", "inkling_text", "deepseek_ocr2"]
+            "qwen3_omni_moe", "muse_spark", "hy_v4_vl", "inkling_text", "deepseek_ocr2", "mistral_large4"]
 
 
 @contextmanager
@@ -68,7 +68,7 @@ def _router_weights(model, family_name, layers):
 
 
 # families whose tiny router selects within the best of 2 groups: pruned with 8 experts, keeping 4
-GROUPED = ("deepseek_v3", "deepseek_v32", "axk1", "beam", "bailing_hybrid", "mistral4")
+GROUPED = ("deepseek_v3", "deepseek_v32", "axk1", "beam", "bailing_hybrid", "mistral4", "mistral_large4")
 
 
 def _model(family):
@@ -78,9 +78,12 @@ def _model(family):
     from tests.tiny import TINY
 
     cls, kwargs = TINY[family]
-    key = next(k for k in ("n_routed_experts", "num_experts") if k in kwargs)
+    text = kwargs.get("text_config", kwargs)   # (a wrapper's text model: Mistral Large 4)
+    key = next(k for k in ("n_routed_experts", "num_experts") if k in text)
+    text = {**text, key: 8}
     torch.manual_seed(0)
-    return moetool_model(getattr(transformers, cls)(**{**kwargs, key: 8}))
+    return moetool_model(getattr(transformers, cls)(**({**kwargs, "text_config": text} if text is not kwargs and
+                                                         "text_config" in kwargs else text)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -16,7 +16,8 @@ from tests.tiny import DENSE, TINY, build_model
 DECODER_MOE = sorted(f for f in TINY if f not in DENSE and f not in ("switch_transformers", "nllb-moe"))
 DECODER_MOE.append("nemotron_h-latent")   # Nemotron-H's latent MoE (tests/tiny.py VARIANTS)
 # image-text models built whole: the text model under language_model
-WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "step3p7", "muse_spark", "hy_v4_vl", "deepseek_ocr2")
+WRAPPERS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "step3p7", "muse_spark", "hy_v4_vl", "deepseek_ocr2",
+            "mistral_large4")
 BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v4": "mlp.gate.e_score_correction_bias",
           "deepseek_v32": "mlp.gate.e_score_correction_bias",
           "glm4_moe": "mlp.gate.e_score_correction_bias",
@@ -59,7 +60,7 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         scores = scores.masked_fill(keep.repeat_interleave(per, dim=1) == 0, float("-inf"))
     elif family == "deepseek_v4":       # sqrt(softplus) scores + bias
         scores = torch.nn.functional.softplus(logits).sqrt() + layer_module.get_buffer(BIASED[family])
-    elif family == "mistral4":          # softmax scores, groups ranked by their best two, no bias
+    elif family in ("mistral4", "mistral_large4"):   # softmax scores, groups ranked by their best two, no bias
         scores = torch.softmax(logits, -1)
         groups, per = config.n_group, logits.shape[-1] // config.n_group
         group_scores = scores.view(-1, groups, per).topk(2, dim=-1).values.sum(-1)

@@ -22,6 +22,7 @@ CLASSES = {"qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "glm4v_moe": "G
            "mistral4": "Mistral4ForCausalLM", "glm5_next": "Glm5NextForConditionalGeneration",
            "step3p7": "Step3p7ForConditionalGeneration", "muse_spark": "MuseSparkForConditionalGeneration",
            "hy_v4_vl": "HYV4VLForConditionalGeneration", "deepseek_ocr2": "DeepseekOcr2ForConditionalGeneration",
+           "mistral_large4": "MistralLarge4ForConditionalGeneration",
            "qwen3_omni_moe": "Qwen3OmniMoeThinkerForConditionalGeneration"}   # (the thinker of the whole model)
 
 
@@ -416,3 +417,37 @@ def test_load_unnamed_reads_only_what_the_model_still_lacks(tmp_path, tiny, monk
         moetool.load_model(path)
     assert len(seen) == 2 and all(names and all(n.startswith(("vision_model.", "vit_large_projector.")) for n in names)
                                   for names in seen)
+
+
+def test_mistral_large4_hub_names_and_held_names(tmp_path, tiny):
+    """Mistral Large 4's hub names are Mistral's own without model. (layers.{L}.gate, layers.{L}.attention.wq,
+    tok_embeddings): the fused layout names the text model's layers with transformers' held prefix
+    (model.language_model.layers.{L}.mlp.gate, which it loads as it is, where layers.{L}.mlp.gate would be renamed
+    again), transformers' own fused save converts to the hub's per-expert names, the vision tower keeps its hub
+    names (transformers renames it and permutes its wq/wk as it loads them: moetool's own loader holds every
+    tensor as transformers does), and every form runs as the hub's."""
+    from moetool.arch import unsupported_reason
+
+    hub, held = tiny("mistral_large4"), tiny("mistral_large4", fused=True)
+    stored = _tensors(hub)
+    tower = "vision_encoder.transformer.layers.0.attention.wq.weight"
+    assert "layers.1.gate.weight" in stored and tower in stored
+    with open_checkpoint(hub) as ckpt:
+        convert(ckpt, tmp_path / "fused", ConvertOptions(layout="fused"))
+    fused = _tensors(tmp_path / "fused")
+    assert torch.equal(fused["model.language_model.layers.1.mlp.gate.weight"], stored["layers.1.gate.weight"])
+    assert torch.equal(fused["model.language_model.layers.2.self_attn.q_proj.weight"],
+                       stored["layers.2.attention.wq.weight"])
+    assert not any(name.startswith("layers.") for name in fused) and torch.equal(fused[tower], stored[tower])
+    with open_checkpoint(held) as ckpt:
+        convert(ckpt, tmp_path / "per", ConvertOptions(layout="per-expert"))
+    per = _tensors(tmp_path / "per")
+    layers = {name: t for name, t in stored.items() if name.startswith("layers.")}
+    assert {name for name in per if name.startswith("layers.")} == layers.keys()
+    assert all(torch.equal(per[name], t) for name, t in layers.items())
+    oracle, own = load_reference(hub, dtype=torch.float32).state_dict(), load_pretrained(hub).state_dict()
+    assert own.keys() == oracle.keys() and all(torch.equal(own[name], t) for name, t in oracle.items())
+    _forms_inspect_clean_and_run_as_the_hub(hub, held, tmp_path / "fused", tmp_path / "per")
+    assert unsupported_reason({"model_type": "mistral_large4",
+                               "text_config": {"model_type": "mistral_large4_text"}}) is None
+    assert "no causal-LM class" in unsupported_reason({"model_type": "mistral_large4_text"})

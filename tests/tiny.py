@@ -354,6 +354,21 @@ TINY: dict[str, tuple[str, dict]] = {
                            encoder_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                num_attention_heads=2, num_key_value_heads=2, vocab_size=64)),
         image_token_id=63)),
+    # Mistral Large 4: a dense layer, groups (2 of 2 experts, the best one kept), a NoPE layer; layer 2 reuses
+    # layer 1's latent keys and values and its indexer's top-k (shared), layer 3 its keys and values but runs its own
+    # indexer (kv_sharing_modes store / reuse / reuse_but_indexer); Mistral's hub names; a one-layer Pixtral tower
+    "mistral_large4": ("MistralLarge4Config", dict(
+        text_config=dict(COMMON, num_key_value_heads=4, intermediate_size=24, moe_intermediate_size=16,
+                         num_hidden_layers=4, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                         n_group=2, topk_group=1, routed_scaling_factor=1.5, kv_lora_rank=8, qk_rope_head_dim=4,
+                         qk_nope_head_dim=4, v_head_dim=8, index_topk=4, index_head_dim=8, index_n_heads=2,
+                         indexer_types=["full", "full", "shared", "full"], no_rope_layers=[0, 1, 1, 1],
+                         kv_source_layers=[0, 1, 1, 1], pad_token_id=0,
+                         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                              original_max_position_embeddings=16, beta_fast=32.0, beta_slow=1.0,
+                                              attention_factor=1.0)),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           head_dim=8, patch_size=4, image_size=16))),
     "lara_mini": ("LaraMiniConfig", dict(COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=20,
                                          num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, head_dim=8,
                                          sliding_window=16, linear_num_value_heads=4, linear_num_key_heads=2,

@@ -272,6 +272,14 @@ class Family:
     # embedding): (hub infix with {K} for the shard number, transformers-5 infix, shards from the config);
     # joined when the experts are fused, split back into equal shards when they are split
     row_shards: tuple[tuple[str, str, Callable[[Config], int]], ...] = ()
+    # (hub prefix, transformers 5's held prefix) pairs of a family whose hub names differ from transformers 5's in
+    # their root prefix as well as in the infixes of its renames, which transformers would apply again to a name
+    # of the hub's prefix with its own infix (Mistral Large 4: hub layers.{L}.gate, held
+    # model.language_model.layers.{L}.mlp.gate; layers.{L}.mlp.gate would load as ...mlp.mlp.gate): a name moetool
+    # writes in transformers 5's form (the fused layout's, the renames' infixes) takes the held prefix, one in the
+    # hub's form (the per-expert layout's, renamed back) the hub's; the renames apply only to names under these
+    # prefixes (a wrapper's other towers keep theirs, for transformers to rename)
+    held_prefixes: tuple[tuple[str, str], ...] = ()
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys
@@ -309,6 +317,15 @@ class Family:
                 holder = get_path(config, root.rpartition(".")[0]) if "." in root else config
                 return holder, text
         return None
+
+    def held_named(self, name: str, held: bool) -> str:
+        """NAME with its hub prefix made transformers 5's held one (HELD), or its held prefix the hub's
+        (held_prefixes); NAME itself where it has neither."""
+        for hub, kept in self.held_prefixes:
+            old, new = (hub, kept) if held else (kept, hub)
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
 
     def is_mtp(self, cfg: Config, name: str, layer: int | None) -> bool:
         """Whether tensor NAME (of LAYER) belongs to a multi-token-prediction module, which

@@ -24,12 +24,10 @@ UNSUPPORTED: dict[str, str] = {
     "inkling2_text": "Inkling 2's hub checkpoints interleave gate and up rows in one w13_weight, pad the "
                      "vocabulary and rename tensors with a layer-index offset, transforms moetool's tensor plan "
                      "cannot express",
-    "mistral_large4_text": "Mistral Large 4's hub names are Mistral's own without model. (layers.{L}.attention.wq, "
-                           ".experts.{E}.w1, .gate, tok_embeddings, output): transformers' names change the root "
-                           "prefix and an infix at once (layers.{L}.attention.wq -> model.language_model.layers.{L}."
-                           "self_attn.q_proj), and a hub-prefixed name with transformers' infix does not load (its "
-                           ".gate./.experts. renames apply again: mlp.mlp.gate), so moetool's fused outputs cannot be "
-                           "named by Family.renames (one unanchored infix a tensor) and name_prefixes",
+    "mistral_large4_text": "Mistral Large 4's text model alone has no causal-LM class in transformers "
+                           "(MistralLarge4TextModel has no head; only the wrapper "
+                           "MistralLarge4ForConditionalGeneration runs it); its checkpoints are the mistral_large4 "
+                           "wrapper's, which moetool runs",
     "muse_spark_text": "transformers has no causal-LM class for Muse Spark's text model alone (MuseSparkTextModel has "
                        "no LM head; only the wrapper MuseSparkForConditionalGeneration runs it): moetool supports "
                        "Muse Spark's checkpoints as the wrapper's (model_type muse_spark)",
@@ -44,7 +42,7 @@ UNSUPPORTED: dict[str, str] = {
                           "which moetool runs",
 }
 # wrappers whose text model is one of the above
-UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"], "mistral_large4": UNSUPPORTED["mistral_large4_text"]})
+UNSUPPORTED.update({"inkling2": UNSUPPORTED["inkling2_text"]})
 
 
 def listed_reason(config: Config | None) -> str | None:

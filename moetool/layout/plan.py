@@ -131,7 +131,7 @@ class _Planner:
         tpl = next((t for t in options if ("{D}" in t) == decoder), options[0])
         local = layer - self.decoder_offset if decoder else layer
         name = tpl.replace("{L}", str(local)).replace("{D}", str(local)).replace("{E}", str(expert))
-        return self.classifier.restore_prefix(original, name)
+        return self.family.held_named(self.classifier.restore_prefix(original, name), layout == "fused")
 
     def emit(self, name: str, dtype: str, shape: tuple[int, ...], pieces: list[Piece], note: str,
              source_dtype: str | None = None) -> None:
@@ -200,6 +200,8 @@ class _Planner:
         if fam is None or not (fam.renames or fam.row_splits or fam.row_joins or fam.row_shards):
             return False
         name, dtype, fused = entry.name, self.out_dtype(entry), target == "fused"
+        if fam.held_prefixes and not any(name.startswith(prefix) for pair in fam.held_prefixes for prefix in pair):
+            return False   # (not the text model's: a wrapper's other towers keep their names)
         for hub, infix, shards_of in fam.row_shards:
             head, _, tail = hub.partition("{K}")
             if fused and head in name and tail in name.partition(head)[2]:   # shards -> one tensor
@@ -263,10 +265,10 @@ class _Planner:
             if old in new and new in name:   # named so already (A.X-K1's .post_mlp_layernorm. -> .mlp.<it>)
                 continue
             if old in name:
-                self.renamed[name.replace(old, new)] = name
-                self.origins[name.replace(old, new)] = (name,)
-                self.emit(name.replace(old, new), dtype, entry.ref.shape, tensor_pieces(entry.ref, dtype), "copied",
-                          entry.ref.dtype)
+                out = fam.held_named(name.replace(old, new), fused)
+                self.renamed[out] = name
+                self.origins[out] = (name,)
+                self.emit(out, dtype, entry.ref.shape, tensor_pieces(entry.ref, dtype), "copied", entry.ref.dtype)
                 self.actions["renamed"] += 1
                 return True
         return False

@@ -182,12 +182,26 @@ class ActivationStore:
             self._dir = None
 
 
-EXTRA_KEYS = 16   # store keys set aside per micro-batch for a layer's extra outputs
+OUTPUT_KEYS = 16   # store keys set aside per micro-batch for a layer's extra outputs
+SHARED_KEYS = 16   # and for the tensors its layers share through the model's shared-state dict (KVSharingDict)
+EXTRA_KEYS = OUTPUT_KEYS + SHARED_KEYS
 
 
 def _extra_key(slot: int, i: int) -> int:
-    """The activation-store key of extra output I of micro-batch SLOT (negative: never a slot's)."""
+    """The activation-store key of extra output I of micro-batch SLOT (I from OUTPUT_KEYS: its shared tensor
+    I - OUTPUT_KEYS; negative: never a slot's)."""
     return -(slot * EXTRA_KEYS + i) - 1
+
+
+def _shares_states(value) -> bool:
+    """Whether VALUE (a decoder layer's keyword argument) is the dict transformers' forward makes once per call
+    and hands to every layer for some to write keys and values into and later ones to read (KVSharingDict:
+    Mistral Large 4's, Gemma 4's kv-shared layers)."""
+    try:
+        from transformers.cache_utils import KVSharingDict
+    except ImportError:   # (a release without it shares nothing so)
+        return False
+    return isinstance(value, KVSharingDict)
 
 
 class _Stubs:
@@ -196,7 +210,12 @@ class _Stubs:
     (GLM-5's DSA layers: the indexer's top-k, which the next layer may reuse) has its tensor extras
     kept per micro-batch in the activation store (`keep`: the hidden states' budget and disk spill),
     and the stub before the layer being captured returns them, so that the layer receives them;
-    the other stubs return None in their place (what they return only feeds other stubs)."""
+    the other stubs return None in their place (what they return only feeds other stubs).
+
+    The model's forward makes its shared-state dict (KVSharingDict: the latent keys and values a layer stores
+    for later layers to reuse) anew at each call, and a stubbed call runs no layer to fill it: each micro-batch's
+    is kept instead, its tensors in the activation store (`keep`), and handed, refilled, to every layer that
+    micro-batch runs through, as the model's one forward hands its own dict to all its layers."""
 
     class Captured(Exception):
         def __init__(self, args, kwargs):
@@ -208,6 +227,8 @@ class _Stubs:
         self.loaded, self.store = loaded, store
         self.mode, self.target, self.inject = "real", None, None
         self.slot, self.extras = None, {}   # micro-batch slot -> the last layer run's extras (STORED or values)
+        self.shared: dict = {}   # micro-batch slot -> {shared-state key: its tensors' store indices}
+        self.live: dict = {}     # micro-batch slot -> (the shared-state dict handed to its layer, what it held)
         for index, layer in enumerate(loaded.layers):
             layer.forward = self._stub(index, layer.forward)
 
@@ -229,11 +250,27 @@ class _Stubs:
         return forward
 
     def keep(self, slot, output) -> None:
-        """The extra outputs (beyond the hidden states) of the layer just run on micro-batch SLOT."""
+        """The extra outputs (beyond the hidden states) of the layer just run on micro-batch SLOT, and what it
+        wrote into that micro-batch's shared-state dict."""
+        live, held = self.live.pop(slot, (None, {}))
+        for key, value in (live or {}).items():
+            if held.get(key) is value:   # (restored, not written by this layer)
+                continue
+            indices = self.shared.setdefault(slot, {}).get(key)
+            if indices is None:
+                used = sum(map(len, self.shared[slot].values()))
+                indices = list(range(OUTPUT_KEYS + used, OUTPUT_KEYS + used + len(value)))
+            if not value or len(indices) != len(value) or indices[-1] >= EXTRA_KEYS or \
+                    not all(hasattr(v, "detach") for v in value):
+                raise RuntimeError(f"a decoder layer shared {key!r} as {len(value)} values, which moetool's "
+                                   f"streamed mode cannot keep (tensors only, {SHARED_KEYS} at most)")
+            for i, tensor in zip(indices, value):
+                self.store.put(_extra_key(slot, i), tensor.detach(), replace=True)
+            self.shared[slot][key] = indices
         if not (isinstance(output, tuple) and len(output) > 1):
             return
-        if len(output) - 1 > EXTRA_KEYS:
-            raise RuntimeError(f"a decoder layer returned {len(output) - 1} extra outputs, more than {EXTRA_KEYS}")
+        if len(output) - 1 > OUTPUT_KEYS:
+            raise RuntimeError(f"a decoder layer returned {len(output) - 1} extra outputs, more than {OUTPUT_KEYS}")
         kept = []
         for i, extra in enumerate(output[1:]):
             if hasattr(extra, "detach"):
@@ -252,10 +289,21 @@ class _Stubs:
         except _Stubs.Captured as call:
             args, kwargs = list(call.args), dict(call.kwargs)
             hidden = args.pop(0) if args else kwargs.pop("hidden_states")
+            for name, value in kwargs.items():
+                if _shares_states(value):   # (this micro-batch's, as its earlier layers left it)
+                    kwargs[name] = self._shared_state(slot, type(value))
             return hidden, args, kwargs
         finally:
             self.mode = "real"
         raise RuntimeError(f"decoder layer {index} was never called")   # pragma: no cover
+
+    def _shared_state(self, slot, kind):
+        """Micro-batch SLOT's shared-state dict (of class KIND), filled from the store, for its next layer."""
+        state = kind()
+        for key, indices in self.shared.get(slot, {}).items():
+            state[key] = tuple(self.store.get(_extra_key(slot, i)) for i in indices)
+        self.live[slot] = (state, dict(state))
+        return state
 
     def final(self, ids, hidden, slot=None):
         """The decoder stack's output (final norm applied) for the last layer's output HIDDEN."""
