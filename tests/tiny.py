@@ -569,6 +569,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "longcat_flash-bias": ("longcat_flash", dict(router_bias=True)),
     # Nemotron 3 Super's latent MoE: the routed experts work in moe_latent_size, between fc1/fc2_latent_proj
     "nemotron_h-latent": ("nemotron_h", dict(moe_latent_size=24)),
+    # DeepSeek-V4 with experts 32 wide: its hub's FP4 experts hold one scale per 32 inputs
+    "deepseek_v4-fp4": ("deepseek_v4", dict(moe_intermediate_size=32)),
 }
 
 

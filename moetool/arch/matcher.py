@@ -47,6 +47,56 @@ AUX_SUFFIXES: tuple[tuple[str, str], ...] = (
 AUX_ENDINGS = tuple(s for s, _ in AUX_SUFFIXES)
 PACKED_SUFFIXES = ((".weight_packed", ".weight"), ("_blocks", ""))   # compressed-tensors, mxfp4
 
+# DeepSeek-V4's hub form: X.scale beside X.weight (transformers renames it X.weight_scale_inv). Many
+# families have real parameters named .scale (hyper-connections' attn_hc.scale, Inkling2's q_norm.scale),
+# so a .scale is a companion only where its module's .weight is stored quantized: block FP8
+# (F8_E4M3 / F8_E5M2, scales F8_E8M0 or F32) or packed FP4 e2m1 (I8, two values a byte).
+SCALE_SUFFIX = (".scale", ".weight")
+SCALED_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "I8"})
+
+
+def scale_companions(tensors) -> frozenset[str]:
+    """The names in TENSORS (name -> anything with .dtype) that are X.scale companions of a quantized
+    X.weight (SCALE_SUFFIX, SCALED_DTYPES)."""
+    suffix, weight = SCALE_SUFFIX
+    found = []
+    for name in tensors:
+        if name.endswith(suffix):
+            ref = tensors.get(name[: -len(suffix)] + weight)
+            if ref is not None and ref.dtype in SCALED_DTYPES:
+                found.append(name)
+    return frozenset(found)
+
+
+SCALE_ENDINGS = (".scale", ".weight_scale_inv", ".weight_scale")   # of X.weight: X.scale, X.weight_scale_inv, ...
+
+
+def unscaled_weights(tensors) -> list[str]:
+    """The X.weight names in TENSORS stored quantized (SCALED_DTYPES) without any scale companion
+    (SCALE_ENDINGS): a block-FP8 checkpoint cannot be read without them."""
+    out = []
+    for name, ref in tensors.items():
+        if ref.dtype in SCALED_DTYPES and name.endswith(".weight"):
+            stem = name[: -len(".weight")]
+            if not any(stem + ending in tensors for ending in SCALE_ENDINGS):
+                out.append(name)
+    return out
+
+
+def scale_of(tensors, weight: str):
+    """The scale companion in TENSORS of the quantized weight named WEIGHT (X.weight_scale_inv, or X.scale
+    where X.weight is SCALED_DTYPES), or None."""
+    found = tensors.get(weight + "_scale_inv")
+    if found is None and weight.endswith(SCALE_SUFFIX[1]) and tensors[weight].dtype in SCALED_DTYPES:
+        found = tensors.get(weight[: -len(SCALE_SUFFIX[1])] + SCALE_SUFFIX[0])
+    return found
+
+
+def scale_owner(name: str) -> str:
+    """The weight a SCALE_SUFFIX companion NAME belongs to (X.scale -> X.weight)."""
+    suffix, weight = SCALE_SUFFIX
+    return name[: -len(suffix)] + weight
+
 
 class Match(NamedTuple):
     role: Role
@@ -133,8 +183,11 @@ class Classifier:
     Results are cached per digit-normalised name, so each distinct pattern is analysed once.
     """
 
-    def __init__(self, family: Family | None, decoder_offset: int = 0):
+    def __init__(self, family: Family | None, decoder_offset: int = 0, tensors=None):
+        """TENSORS: the checkpoint's tensors (name -> ref), where given: its X.scale companions of quantized
+        weights (`scale_companions`) are classified as such (their names alone do not tell)."""
         self.family = family
+        self.companions = scale_companions(tensors) if tensors else frozenset()
         self._table: dict[str, list[_Candidate]] = {}
         self._rules: dict[str, _Rule] = {}
         self._readers: dict[bytes, _Reader] = {}   # by masked name
@@ -167,7 +220,10 @@ class Classifier:
         return name
 
     def _rule(self, name: str) -> _Rule:
-        base, aux, packed = split_quant_suffix(self.strip_prefix(name))
+        if name in self.companions:   # (every name of its digit-masked form, as layers alike are stored alike)
+            base, aux, packed = scale_owner(self.strip_prefix(name)), True, False
+        else:
+            base, aux, packed = split_quant_suffix(self.strip_prefix(name))
         candidates = tuple(self._table.get(_DIGITS.sub("#", base), ()))
         if candidates:
             return _Rule(candidates, None, None, aux, packed)

@@ -18,7 +18,7 @@ from typing import Any
 
 from moetool.arch import Family, Role, detect_family
 from moetool.arch.config_compat import v4_compatible
-from moetool.arch.matcher import AUX_ENDINGS, Classifier, Match, split_quant_suffix
+from moetool.arch.matcher import AUX_ENDINGS, Classifier, Match, scale_owner, split_quant_suffix
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.checkpoint import TORCH_DTYPES
 from moetool.checkpoint.pieces import ComputedRef, computed_piece, rows_piece, tensor_pieces
@@ -96,7 +96,7 @@ class _Planner:
     def __init__(self, ckpt: Checkpoint, options: PlanOptions, *, dequantized: bool = False):
         self.ckpt, self.options = ckpt, options
         self.family, self.cfg, self.decoder_offset = family_context(ckpt)
-        self.classifier = Classifier(self.family, self.decoder_offset)
+        self.classifier = Classifier(self.family, self.decoder_offset, ckpt.tensors)
         self.recorded = recorded_formats(ckpt.config) or {}   # formats of a moetool-quantized checkpoint
         self.target_dtype = DTYPES[options.dtype] if options.dtype else None
         self.actions: dict[str, int] = defaultdict(int)
@@ -285,7 +285,11 @@ class _Planner:
         """Quantized weight name -> its companion tensors by suffix (scales, absmax, SCB, ...)."""
         names = self.ckpt.tensors
         found: dict[str, dict[str, TensorRef]] = defaultdict(dict)
+        companions = self.classifier.companions
         for e in entries:
+            if e.name in companions:   # X.scale of a quantized X.weight (DeepSeek-V4's hub)
+                found[scale_owner(e.name)]["scale"] = e.ref
+                continue
             if not e.name.endswith(AUX_ENDINGS):
                 continue
             if e.name.endswith("_scales"):   # mxfp4: X_scales belongs to X_blocks
@@ -355,12 +359,19 @@ class _Planner:
             self.actions[f"dequantized {fmt.id}"] += 1
             return ComputedRef(ref.name, out, shape, lambda: fmt.dequantize(
                 {"": ref.load(), **{"." + k: v.load() for k, v in parts.items()}}, shape, torch_out, name=ref.name))
-        if "scale_inv" in parts and ref.dtype.startswith("F8"):
+        if "scale" in parts and ref.dtype == "I8":   # FP4 e2m1, two a byte, a scale per group of inputs
+            scale = parts["scale"]
+            shape = dequant.fp4_shape(ref.shape, scale.shape, ref.name)
+            self.actions["dequantized fp4"] += 1
+            return ComputedRef(ref.name, out, shape, lambda: dequant.dequantize_fp4(ref.load(), scale.load(),
+                                                                                    torch_out))
+        scale = parts.get("scale_inv", parts.get("scale"))
+        if scale is not None and ref.dtype.startswith("F8"):
             if len(ref.shape) not in (2, 3):
                 raise UnsupportedError(f"{ref.name}: block-fp8 dequantization handles 2-D weights and 3-D expert "
                                        f"stacks, not {len(ref.shape)}-D")
-            scale = parts["scale_inv"]
             block = tuple((self.cfg.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+            dequant.check_fp8_grid(ref.shape, scale.shape, block, ref.name)
             self.actions["dequantized fp8"] += 1
             if len(ref.shape) == 3:   # stacked experts [E, rows, cols], scales [E, rows/128, cols/128] (Step 3.7)
                 return ComputedRef(ref.name, out, ref.shape, expert=lambda e: dequant.dequantize_fp8_block(
@@ -607,6 +618,8 @@ def _edited_config(ckpt: Checkpoint, planner: _Planner, options: PlanOptions) ->
     if planner.config_dequantized:
         config.pop("quantization_config", None)
         planner.notes.append("quantization_config removed")
+        if config.pop("expert_dtype", None) is not None:   # (DeepSeek-V4-Flash's: its experts' fp4, as stored)
+            planner.notes.append("expert_dtype removed")
     notes = v4_compatible(config, planner.family)
     planner.notes.extend(notes)
     return config

@@ -13,6 +13,7 @@ from math import ceil
 
 import numpy as np
 
+from moetool.arch.matcher import scale_of
 from moetool.arch.schema import Role
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.values import FLOAT_DTYPES, matrix_shape, read_rows
@@ -20,6 +21,7 @@ from moetool.checkpoint.values import FLOAT_DTYPES, matrix_shape, read_rows
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 128 << 20
+_E2M1 = np.array((0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6), dtype=np.float32)
 FP8_BLOCK = 128
 WEIGHT_ROLES = (Role.EXPERT_GATE, Role.EXPERT_UP, Role.EXPERT_GATE_UP, Role.EXPERT_DOWN)
 
@@ -40,6 +42,9 @@ class _ExpertSlices:
             first = per_expert[min(per_expert)]
             self.rows, self.cols = matrix_shape(first)
             self.experts = experts
+            self.fp4 = first.dtype == "I8"   # (with scales: FP4 e2m1, two values a byte, DeepSeek-V4's)
+            if self.fp4:
+                self.cols *= 2
 
     def read(self, expert: int, start: int, stop: int) -> np.ndarray:
         if self.fused is not None:
@@ -48,6 +53,11 @@ class _ExpertSlices:
         ref = self.per_expert[expert]
         block = read_rows(ref, start, stop)
         scale = self.scales.get(expert)
+        if self.fp4:   # [rows, cols / 2] e2m1 pairs, the low nibble first; a scale per group of a row
+            codes = block.astype(np.int8).view(np.uint8)
+            values = _E2M1[np.stack((codes & 0x0F, codes >> 4), axis=-1)].reshape(block.shape[0], -1)
+            s = read_rows(scale, start, stop)
+            return (values.reshape(*s.shape, -1) * s[..., None]).reshape(values.shape)
         if scale is not None:   # block fp8: W = q * scale_inv[row // 128, col // 128]
             s = read_rows(scale, start // FP8_BLOCK, ceil(stop / FP8_BLOCK))
             s = np.repeat(np.repeat(s, FP8_BLOCK, axis=0), FP8_BLOCK, axis=1)
@@ -64,7 +74,8 @@ def _layer_slices(ckpt: Checkpoint, records, layer: int, experts: int) -> list[_
         m = r.match
         if m.layer != layer or m.role not in WEIGHT_ROLES or m.aux:
             continue
-        if m.packed or r.ref.dtype in ("U8", "I32") or r.ref.dtype not in FLOAT_DTYPES:
+        if m.packed or r.ref.dtype in ("U8", "I32") or r.ref.dtype not in FLOAT_DTYPES | {"I8"} or \
+                (r.ref.dtype == "I8" and (m.expert is None or scale_of(ckpt.tensors, r.ref.name) is None)):
             return f"expert weights are stored quantized ({r.ref.dtype}); dequantize them first"
         if m.expert is None:
             fused[m.role] = r.ref
@@ -75,11 +86,13 @@ def _layer_slices(ckpt: Checkpoint, records, layer: int, experts: int) -> list[_
         if len(refs) != experts:
             return f"{len(refs)} of {experts} experts have a {role.value} tensor"
         scales = {}
+        if len({ref.dtype for ref in refs.values()}) > 1:
+            return f"the {role.value} tensors of its experts are stored in several dtypes"
         for e, ref in refs.items():
-            if ref.dtype.startswith("F8"):
-                scale = ckpt.tensors.get(ref.name + "_scale_inv")
+            if ref.dtype.startswith("F8") or ref.dtype == "I8":
+                scale = scale_of(ckpt.tensors, ref.name)
                 if scale is None:
-                    return f"{ref.name} is fp8 without a weight_scale_inv companion"
+                    return f"{ref.name} is stored quantized ({ref.dtype}) without its scales"
                 scales[e] = scale
         slices.append(_ExpertSlices(per_expert=refs, experts=experts, scales=scales))
     return slices or "no expert weights found"

@@ -20,7 +20,7 @@ from moetool._util import gc_paused
 from moetool.arch import detect_family, unsupported_reason
 from moetool.arch.gguf import GENERIC as GENERIC_GGUF
 from moetool.arch.gguf import gguf_family
-from moetool.arch.matcher import OTHER_MODALITIES, Classifier, Match
+from moetool.arch.matcher import OTHER_MODALITIES, Classifier, Match, scale_owner, unscaled_weights
 from moetool.arch.schema import (
     CATEGORIES,
     CATEGORY,
@@ -230,6 +230,9 @@ class _Tally:
     unexpected: list[str] = field(default_factory=list)
     quant_forms: set[str] = field(default_factory=set)
     quantized: set[str] = field(default_factory=set)      # weights stored quantized by moetool (other shapes)
+    fp4: set[str] = field(default_factory=set)            # I8 weights of packed FP4 e2m1 (two values a byte)
+    bad_scales: list[str] = field(default_factory=list)   # X.scale companions whose grid does not fit X.weight
+    unscaled: list[str] = field(default_factory=list)     # block-FP8 checkpoint: quantized weights without scales
     sliced: dict[str, int] = field(default_factory=dict)  # one expert of a tensor stored stacked -> expert
     dtype_bytes: dict[str, int] = field(default_factory=dict)   # elements per dtype, in order of appearance
     ggml_bytes: dict[str, int] = field(default_factory=dict)    # GGUF: bytes per type, the same
@@ -276,7 +279,7 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     dims = _read_dims(family, cfg, where)
     guessed = family is None
     _check_fixed_top_k(family, dims, cfg, problems)
-    tally = _classify(ckpt, family, Classifier(family, dims.decoder_offset), dims, cfg)
+    tally = _classify(ckpt, family, Classifier(family, dims.decoder_offset, ckpt.tensors), dims, cfg)
     if gguf:
         _gguf_checks(family, dims, cfg, tally, problems)
     if guessed:
@@ -307,6 +310,13 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
                                 f"{len(tally.unexpected)} expert-like tensors match no "
                                 f"{family.name if family else 'known'} template (first: {name})"))
     _check_experts_quantized(tally, dims, problems)
+    if tally.bad_scales:
+        problems.append(Problem("error", "bad_scale", f"{len(tally.bad_scales)} quantization scales do not fit "
+                                                      f"their weights (first: {tally.bad_scales[0]})"))
+    if tally.unscaled:
+        problems.append(Problem("error", "missing_scale",
+                                f"{len(tally.unscaled)} weights of this block-FP8 checkpoint are stored "
+                                f"quantized without their scales (first: {tally.unscaled[0]})"))
     if tally.mtp:
         problems.append(Problem("info", "mtp", f"{tally.mtp:,} parameters belong to multi-token-prediction "
                                                "modules, which transformers ignores; they are not counted"))
@@ -479,6 +489,8 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     mtp_from = dims.num_layers if family is not None and family.mtp else None
     gguf = family is not None and family.gguf_arch
     quant_forms = tally.quant_forms
+    fp4 = tally.fp4
+    fp4.update(owner for owner in map(scale_owner, classifier.companions) if ckpt.tensors[owner].dtype == "I8")
 
     dtype_elements, dtype_first, ggml_bytes, ggml_first = defaultdict(int), {}, defaultdict(int), {}
     aux_tails: dict[str, tuple[int, str]] = {}   # last name part of quantization companions -> first (index, name)
@@ -502,8 +514,8 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
                 if tail not in aux_tails or i < aux_tails[tail][0]:
                     aux_tails[tail] = (i, name)
             continue
-        if moetool_formats or m.packed or (bnb4 and "U8" in dtypes):
-            params = [_stored_params(tally, name, ref, numel, m.packed, moetool_formats, bnb4, bits)
+        if moetool_formats or m.packed or (bnb4 and "U8" in dtypes) or (fp4 and "I8" in dtypes):
+            params = [_stored_params(tally, name, ref, numel, m.packed, moetool_formats, bnb4, bits, fp4)
                       for name, ref, numel in zip(gnames, grefs, numels)]
         else:
             params = numels
@@ -558,8 +570,13 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
         form = _quant_form(name)
         if form:
             quant_forms.add(form)
-    if any(dtype.startswith("F8") for dtype in weight_dtypes):
+    if classifier.companions:
+        _scale_forms(ckpt, classifier, cfg, tally)
+    if any(dtype.startswith("F8") for dtype in weight_dtypes) and \
+            not any(form.startswith("fp8 block ") for form in quant_forms):   # (a scale's form names it)
         quant_forms.add("fp8")
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
+        tally.unscaled = unscaled_weights(ckpt.tensors)
     tally.unexpected = [name for _, name in sorted(unexpected)]
     tally.dtype_bytes = {dtype: dtype_elements[dtype] for dtype in sorted(dtype_first, key=dtype_first.get)}
     tally.ggml_bytes = {dtype: ggml_bytes[dtype] for dtype in sorted(ggml_first, key=ggml_first.get)}
@@ -569,8 +586,41 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
 _BNB4_STATE = ".weight.quant_state.bitsandbytes__"
 
 
+def _scale_forms(ckpt: Checkpoint, classifier: Classifier, cfg: dict, tally: _Tally) -> None:
+    """The forms of the X.scale companions of quantized weights (DeepSeek-V4's hub: block FP8, with E8M0 or
+    F32 scales, and FP4 e2m1 experts, an E8M0 scale per 32 inputs), each grid checked against its weight's
+    shape (tally.bad_scales): FP8 one scale per weight_block_size block, FP4 [rows, inputs / group]."""
+    block = tuple((cfg.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+    forms, mtp_forms = set(), set()   # (multi-token-prediction modules' experts match no expert template)
+    for name in sorted(classifier.companions):
+        owner = scale_owner(name)
+        weight, scale = ckpt.tensors[owner], ckpt.tensors[name]
+        scales = _SCALE_DTYPES.get(scale.dtype, scale.dtype.lower())
+        experts = "experts " if classifier.classify(owner).role in EXPERT_ROLES else ""
+        if len(weight.shape) < 2 or len(scale.shape) != len(weight.shape):
+            tally.bad_scales.append(f"{name} is {list(scale.shape)} for {owner} {list(weight.shape)}")
+            continue
+        *lead, rows, cols = weight.shape
+        if weight.dtype == "I8":   # two e2m1 values a byte
+            groups = scale.shape[-1]
+            group = 2 * cols // groups if groups and (2 * cols) % groups == 0 else None
+            ok = group is not None and tuple(scale.shape) == (*lead, rows, groups)
+            form = f"{experts}fp4 e2m1 ({scales} scales per {group})"
+        else:
+            ok = len(block) == 2 and tuple(scale.shape) == (*lead, -(-rows // block[0]), -(-cols // block[1]))
+            form = f"{experts}fp8 block {'x'.join(map(str, block))} ({scales} scales)"
+        if ok:
+            (mtp_forms if MTP_MARK in name else forms).add(form)
+        else:
+            tally.bad_scales.append(f"{name} is {list(scale.shape)} for {owner} {list(weight.shape)}")
+    tally.quant_forms.update(forms or mtp_forms)
+
+
+_SCALE_DTYPES = {"F8_E8M0": "ue8m0", "F32": "f32", "BF16": "bf16", "F16": "f16"}
+
+
 def _stored_params(tally: _Tally, name: str, ref: TensorRef, numel: int, packed: bool, moetool_formats: dict,
-                   bnb4: set[str], bits: int) -> int:
+                   bnb4: set[str], bits: int, fp4: set[str] = frozenset()) -> int:
     """The parameters a quantized weight holds (more than its stored elements), noting its form."""
     fmt = moetool_formats.get(name) if moetool_formats else None
     if fmt is not None and fmt.kind != "keep":
@@ -581,6 +631,8 @@ def _stored_params(tally: _Tally, name: str, ref: TensorRef, numel: int, packed:
         tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
         return numel * (2 if ref.dtype == "U8" else 32 // bits)
     if ref.dtype == "U8" and name in bnb4:
+        return numel * 2
+    if ref.dtype == "I8" and name in fp4:   # FP4 e2m1, two values a byte
         return numel * 2
     return numel
 
@@ -922,6 +974,8 @@ def _check_shapes(family: Family, dims: _Dims, tally: _Tally, problems: list[Pro
         for i, ref, params, shape, want in zip(g.index, g.refs, g.params, g.shapes, wants):
             if want is None or shape == want or (ref.dtype == "U8" and params == 2 * ref.numel) or \
                     (quantized and ref.name in quantized):
+                continue
+            if ref.name in tally.fp4 and (*shape[:-1], 2 * shape[-1]) == tuple(want):   # two values a byte
                 continue
             if squeeze and _squeezed(shape) == _squeezed(want):
                 continue  # GGUF: llama.cpp accepts [1, E] for [E]

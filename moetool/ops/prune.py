@@ -75,7 +75,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
     check_choice(options)
     _, cfg, offset = family_context(ckpt)
-    classifier = Classifier(family, offset)
+    classifier = Classifier(family, offset, ckpt.tensors)
     matches = {name: classifier.classify(name) for name in ckpt.tensors}   # classified once, used below
     if options.merge and any(m.role in EXPERT_ROLES and m.expert is None and not m.guessed
                              for m in matches.values()):
