@@ -19,7 +19,7 @@ from moetool.checkpoint import open_checkpoint
 from moetool.errors import UsageError
 from moetool.ops.profile import ProfileOptions
 from moetool.ops.prune import PruneOptions, prune
-from moetool.runner.model import _decoder_layers
+from moetool.runner.building import _decoder_layers
 from tests.test_prune import routers_restricted
 from tests.tiny import load_reference
 

@@ -14,7 +14,8 @@ from moetool.checkpoint import open_checkpoint
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.evaluate import EvalOptions, evaluate
 from moetool.ops.inspect import inspect_checkpoint
-from moetool.runner.model import load_pretrained, model_class
+from moetool.runner.building import model_class
+from moetool.runner.model import load_pretrained
 from tests.tiny import TINY, load_reference
 
 # family -> the class transformers runs it with (no AutoModelForCausalLM entry for any of them)
@@ -166,7 +167,7 @@ def test_qwen3_vl_moe_square_experts_read_right_by_moetool(tmp_path, inter):
     import transformers
 
     from moetool.ops.quantize import QuantizeOptions, quantize
-    from moetool.runner.model import build_model
+    from moetool.runner.building import build_model
 
     cls, kwargs = TINY["qwen3_vl_moe"]
     kwargs = copy.deepcopy(kwargs)
@@ -291,7 +292,7 @@ def test_qwen3_omni_moe_config_root_is_nested_and_the_runner_builds_the_thinker(
     import transformers
 
     from moetool.arch import detect_family
-    from moetool.runner.model import build_model
+    from moetool.runner.building import build_model
 
     text = {"num_experts": 4, "num_experts_per_tok": 2}
     whole = {"model_type": "qwen3_omni_moe", "tie_word_embeddings": True,

@@ -481,14 +481,14 @@ def whole_model(config):
 
 def moetool_model(config, seq2seq: bool = False):
     """The model of CONFIG (random weights) by the class moetool's runner picks (model.model_class)."""
-    from moetool.runner.model import build_model as build
+    from moetool.runner.building import build_model as build
 
     return build(config, seq2seq=seq2seq)
 
 
 def load_reference(path, **kwargs):
     """transformers' own from_pretrained of PATH, by the class moetool's runner picks (the oracle)."""
-    from moetool.runner.model import pretrained
+    from moetool.runner.building import pretrained
 
     return pretrained(path, **kwargs)
 

@@ -22,10 +22,12 @@ from torch import nn
 from moetool.arch import Family, Role
 from moetool.arch.matcher import Classifier
 from moetool.checkpoint import Checkpoint
+from moetool.checkpoint.writer import materialize
 from moetool.errors import CheckpointFormatError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
 from moetool.quant import compressed_tensors as ct
 from moetool.quant.formats import Format, stacked_slices
+from moetool.runner.building import empty_model, load_unnamed
 from moetool.runner.modules import as_model_shape, fp32_names, model_name, set_tensor
 
 log = logging.getLogger(__name__)
@@ -146,8 +148,6 @@ def linear_weights(ckpt: Checkpoint, family: Family, *, head: bool = False, trus
                    ) -> set[str]:
     """Names of the weights transformers holds in nn.Linear modules (what a QuantLinear can replace),
     the output embedding only when HEAD."""
-    from moetool.runner.model import empty_model
-
     _, model = empty_model(ckpt, family, torch.float32, trust_remote_code)
     output = model.get_output_embeddings()
     names = {f"{name}.weight" for name, module in model.named_modules()
@@ -160,9 +160,6 @@ def linear_weights(ckpt: Checkpoint, family: Family, *, head: bool = False, trus
 def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format], *, device, dtype,
                    trust_remote_code: bool = False):
     """A transformers model of CKPT with its quantized weights kept quantized (FORMATS: name -> format)."""
-    from moetool.checkpoint.writer import materialize
-    from moetool.runner.model import empty_model, load_unnamed
-
     config, model = empty_model(ckpt, family, dtype, trust_remote_code, experts_implementation="eager")
     _, cfg, offset = family_context(ckpt)
     classifier = Classifier(family, offset)
