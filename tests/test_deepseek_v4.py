@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import moetool
 from moetool.checkpoint import open_checkpoint
-from moetool.errors import UsageError
+from moetool.errors import UnsupportedError, UsageError
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.evaluate import EvalOptions, evaluate
 from moetool.ops.inspect import inspect_checkpoint
@@ -197,6 +197,31 @@ def test_sequential_pruning_routes_the_token_table_layer_as_the_pruned_checkpoin
     with torch.no_grad():
         assert (reference(tmp_path / "out")(ids).logits - got).abs().max() <= 1e-5
         assert (model(ids).logits - got).abs().max() > 1e-4   # (removed: the table put back)
+    # the streamed runner's in-place pruning (SequentialPrune, choosing the report's experts) ends where the pruned
+    # checkpoint's decoder does, micro-batch by micro-batch
+    from moetool.runner.engine import micro_batches, run
+    from moetool.runner.model import load_model
+    from moetool.runner.sequential_prune import SequentialPrune
+
+    def choose(layer, totals):
+        kept = report.kept[layer]
+        sim = expert_similarity(model, layer).tolist()
+        return kept, None, (lambda t: remapped_table(t, kept, sim, renumber=False)) if layer == 0 else None
+
+    finals = {}
+    with open_checkpoint(hub) as ckpt:
+        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="streamed")
+        pruner = SequentialPrune(loaded.model, loaded.family, loaded.config, {layer: (4, 2) for layer in range(3)},
+                                 choose, seq_len=ids.shape[1])
+        try:
+            with torch.no_grad():
+                run(loaded, micro_batches(ids, 2), calibrate=pruner,
+                    on_final=lambda batch, hidden: finals.__setitem__(batch.slot, hidden.clone()))
+        finally:
+            pruner.close()
+    with torch.no_grad():
+        want = reference(tmp_path / "out").model(ids).last_hidden_state
+    assert (torch.cat([finals[k] for k in sorted(finals)]) - want).abs().max() <= 1e-5
     tokens = tmp_path / "ids.json"
     tokens.write_text(json.dumps(ids.flatten().tolist()))
     calibration = ProfileOptions(token_ids=tokens, seq_len=24, batch_size=2, device="cpu", dtype="fp32")
@@ -263,3 +288,16 @@ def test_gptq_sees_the_clamped_activation_each_expert_computes(tmp_path):
             a = torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
             assert torch.allclose(inputs.down[e].matrix(), 2 * a.T @ a / max(1, a.shape[0]), atol=1e-6)
     assert clamped > 0   # (the limit did bind)
+
+
+def test_a_table_layer_whose_experts_cannot_be_compared_is_refused(tmp_path):
+    """Its removed experts' tokens go to the most similar kept ones: where inspect cannot compare the experts
+    (one stored in another dtype), prune says so instead of failing on a missing layer."""
+    src = save_tiny("deepseek_v4", tmp_path / "saved")
+    path = hub_checkpoint(src, tmp_path / "hub")
+    tensors = load_file(path / "model.safetensors")
+    tensors["layers.0.ffn.experts.3.w1.weight"] = tensors["layers.0.ffn.experts.3.w1.weight"].bfloat16()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(path) as ckpt, pytest.raises(UnsupportedError, match="could not be compared"):
+        prune(ckpt, tmp_path / "out", PruneOptions(keep=2, criterion="random"))
+    assert not (tmp_path / "out").exists()

@@ -495,3 +495,32 @@ def test_what_llama_cpp_cannot_route_is_refused(tmp_path):
     v3 = write_family("deepseek_v3", tmp_path / "v3" / "m.gguf", model=model)[0]
     line = assert_one_line_error(run("prune", v3, tmp_path / "o.gguf", "--keep", "8", "--criterion", "random"), 2)
     assert "fewer than its top-4" in line
+
+
+def test_a_token_table_gguf_is_refused_not_renumbered_wrong(tmp_path):
+    """A GGUF whose layer holds a token table (llama.cpp's deepseek4 ffn_gate_tid2eid: expert ids as values) is
+    refused with the reason, nothing written: renumbering the experts would leave the table naming the wrong ones."""
+    hidden, inter, experts, k, vocab = 8, 4, 4, 2, 16
+    rng = np.random.default_rng(0)
+
+    def f(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    tensors = [("token_embd.weight", f(vocab, hidden)), ("output.weight", f(vocab, hidden)),
+               ("output_norm.weight", f(hidden))]
+    for layer in range(2):
+        b = f"blk.{layer}."
+        tensors += [(b + "attn_norm.weight", f(hidden)), (b + "ffn_norm.weight", f(hidden)),
+                    (b + "attn_q_a.weight", f(hidden, hidden)), (b + "ffn_gate_inp.weight", f(experts, hidden)),
+                    (b + "ffn_gate_exps.weight", f(experts, inter, hidden)),
+                    (b + "ffn_up_exps.weight", f(experts, inter, hidden)),
+                    (b + "ffn_down_exps.weight", f(experts, hidden, inter))]
+    tensors.append(("blk.0.ffn_gate_tid2eid.weight", rng.integers(0, experts, (vocab, k)).astype(np.int32)))
+    metadata = {"add_block_count": 2, "add_embedding_length": hidden, "add_expert_count": experts,
+                "add_expert_used_count": k, "add_vocab_size": vocab, "add_context_length": 64, "add_head_count": 2,
+                "add_expert_feed_forward_length": inter, "add_feed_forward_length": inter}
+    path = tmp_path / "ds4.gguf"
+    _write_gguf(path, "deepseek4", metadata, tensors)
+    with open_checkpoint(path) as ckpt, pytest.raises(UnsupportedError, match="fixed table"):
+        prune(ckpt, tmp_path / "out.gguf", PruneOptions(experts={0: [2, 3], 1: [2, 3]}))
+    assert not (tmp_path / "out.gguf").exists()

@@ -533,6 +533,21 @@ def drop_zero_experts(path: Path, experts: int) -> None:
         save_file(kept, file, metadata={"format": "pt"})
 
 
+# Families whose hub checkpoints name some tensors apart from transformers' own saves of the hub form (DeepSeek-V4's
+# attn.kv_norm, which transformers writes attn.norm): (transformers' infix, the hub's), applied to the hub form
+HUB_NAMED = {"deepseek_v4": ((".attn.norm.", ".attn.kv_norm."),)}
+
+
+def _hub_named(path: Path, renames) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        for old, new in renames:
+            tensors = {n.replace(old, new): t for n, t in tensors.items()}
+        save_file(tensors, file, metadata={"format": "pt"})
+
+
 def save_tiny(family: str, path: Path, *, fused: bool = False, seed: int = 0, hub_only: bool = False) -> Path:
     """Save the tiny model in the hub (per-expert) or transformers-5 fused layout (HUB_ONLY: without the
     tensors transformers 5 saves that hub checkpoints lack: ZERO_EXPERTS)."""
@@ -540,6 +555,9 @@ def save_tiny(family: str, path: Path, *, fused: bool = False, seed: int = 0, hu
     model.save_pretrained(path, save_original_format=not fused)
     if family in HUB_TRANSPOSED and not fused:
         _transpose_experts(path)
+    base = VARIANTS.get(family, (family, {}))[0]
+    if base in HUB_NAMED and not fused:
+        _hub_named(path, HUB_NAMED[base])
     if family in ZERO_EXPERTS and hub_only and not fused:
         drop_zero_experts(path, model.config.n_routed_experts)
     (path / "expected.json").write_text(json.dumps({"params": param_count(model)}))

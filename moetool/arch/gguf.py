@@ -60,6 +60,9 @@ GATE_UP_MARK = "ffn_gate_up_exps.weight"   # a file storing gate and up together
 # Name parts of tensors that stack a layer's experts on their outermost axis in any architecture
 # (prune's fallback for such tensors a family's templates do not list, e.g. expert biases).
 EXPERT_STACKED_MARKS = ("_exps.", ".ffn_gate_inp.", ".exp_probs_b.")
+# Name parts of token tables (each token's expert ids: DeepSeek-V4's hash layers, llama.cpp's deepseek4
+# ffn_gate_tid2eid), whose values name experts: a GGUF prune cannot renumber them
+TOKEN_TABLE_MARKS = ("_tid2eid.",)
 BLK_LAYER = r"^blk\.(\d+)\."            # the layer number of a per-layer tensor name
 
 # Attention and state-space mixers (any one of them per layer): classified as attention.

@@ -286,6 +286,11 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
         merged = merge_group(similarity[layer], kept, mass[layer], experts) if merge else None
         remap = None
         if loaded.family.routes_by_table(cfg, layer):
+            if layer not in similarity:   # (inspect's expert statistics skip a layer they cannot read)
+                raise UnsupportedError(f"layer {layer}: its token table sends a removed expert's tokens to the most "
+                                       "similar kept expert, and that layer's expert weights could not be compared",
+                                       hint="moetool inspect --experts says why")
+
             def remap(table, kept=kept, sim=similarity[layer]):
                 return remapped_table(table, kept, sim, renumber=False)
         return kept, merged, remap

@@ -22,6 +22,7 @@ from moetool.arch.gguf import (
     GROUP_USED,
     NEXTN,
     PER_EXPERT,
+    TOKEN_TABLE_MARKS,
     gguf_family,
     gguf_num_layers,
 )
@@ -91,6 +92,11 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
     if not structure.moe_layers:
         raise UsageError(f"{ckpt.source}: no MoE layers to prune")
     config = ckpt.config or {}
+    table = next((name for name in ckpt.tensors if any(mark in name for mark in TOKEN_TABLE_MARKS)), None)
+    if table is not None:   # (its values are expert ids, which the removed experts' renumbering would break)
+        raise UnsupportedError(f"{ckpt.source}: {table} picks each token's experts by a fixed table, which moetool "
+                               "remaps only in safetensors checkpoints",
+                               hint="prune the safetensors checkpoint, then convert it to GGUF with llama.cpp")
     family = gguf_family(config, ckpt.tensors)
     classifier = Classifier(family)
     experts, layers = structure.num_experts, structure.moe_layers

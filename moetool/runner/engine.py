@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moetool.errors import OutputWriteError
+from moetool.errors import OutputWriteError, UnsupportedError
 from moetool.runner.device import DeviceError, available_memory
 from moetool.runner.memory import release_heap
 
@@ -260,17 +260,18 @@ class _Stubs:
             if indices is None:
                 used = sum(map(len, self.shared[slot].values()))
                 indices = list(range(OUTPUT_KEYS + used, OUTPUT_KEYS + used + len(value)))
-            if not value or len(indices) != len(value) or indices[-1] >= EXTRA_KEYS or \
-                    not all(hasattr(v, "detach") for v in value):
-                raise RuntimeError(f"a decoder layer shared {key!r} as {len(value)} values, which moetool's "
-                                   f"streamed mode cannot keep (tensors only, {SHARED_KEYS} at most)")
+            if not isinstance(value, tuple) or not value or len(indices) != len(value) or \
+                    indices[-1] >= EXTRA_KEYS or not all(hasattr(v, "detach") for v in value):
+                raise UnsupportedError(f"a decoder layer shared {key!r} as a {type(value).__name__}, which moetool's "
+                                       f"streamed mode cannot keep (a tuple of tensors, {SHARED_KEYS} at most)")
             for i, tensor in zip(indices, value):
                 self.store.put(_extra_key(slot, i), tensor.detach(), replace=True)
             self.shared[slot][key] = indices
         if not (isinstance(output, tuple) and len(output) > 1):
             return
         if len(output) - 1 > OUTPUT_KEYS:
-            raise RuntimeError(f"a decoder layer returned {len(output) - 1} extra outputs, more than {OUTPUT_KEYS}")
+            raise UnsupportedError(f"a decoder layer returned {len(output) - 1} extra outputs, more than "
+                                   f"{OUTPUT_KEYS}")
         kept = []
         for i, extra in enumerate(output[1:]):
             if hasattr(extra, "detach"):

@@ -38,9 +38,9 @@ def _infixes(hub: str, held: str, parts: dict[str, str]) -> tuple[tuple[str, str
 
 
 BARE = {"ape", "attn_sink"}   # parameters, not modules with a .weight
-# (the hub's attn.kv_norm is transformers' name already; its saves write attn.norm, the first of the two)
+# (the hub's attn.kv_norm, which the per-expert layout writes: transformers' own saves name it attn.norm)
 ATTENTION = {"wq_a": "q_a_proj", "wq_b": "q_b_proj", "wkv": "kv_proj", "wo_a": "o_a_proj", "wo_b": "o_b_proj",
-             "q_norm": "q_a_norm", "norm": "kv_norm", "kv_norm": "kv_norm", "attn_sink": "sinks"}
+             "q_norm": "q_a_norm", "kv_norm": "kv_norm", "norm": "kv_norm", "attn_sink": "sinks"}
 COMPRESSOR = {"ape": "position_bias", "wkv": "kv_proj", "wgate": "gate_proj", "norm": "kv_norm"}
 INDEXER = {"wq_b": "q_b_proj", "weights_proj": "scorer.weights_proj"}
 HC = tuple((f".hc_{block}_{part}", f".{block}_hc.{part}") for block in ("attn", "ffn")
