@@ -43,6 +43,7 @@ from moetool.ops.prune_choice import (
     remapped_table,
     removed_share,
     sequential_choice,
+    table_similarity,
 )
 from moetool.ops.prune_gguf import prune_gguf
 from moetool.quant.config import recorded_formats
@@ -123,11 +124,8 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     new_k = min(top_k, min(counts) + identity)   # (a token may still pick the identity experts, never removed)
     if (options.merge or table_layers) and similarity is None:
         similarity = _similarity(ckpt)
-    unread = [layer for layer in table_layers if layer not in (similarity or {})]
-    if unread:   # (inspect's expert statistics skip a layer whose experts they cannot read, with the reason)
-        raise UnsupportedError(f"layer {unread[0]}: its token table sends a removed expert's tokens to the most "
-                               "similar kept expert, and that layer's expert weights could not be compared",
-                               hint="moetool inspect --experts says why")
+    for layer in table_layers:   # (before any writing)
+        table_similarity(similarity, layer)
     groups = _merge_groups(similarity, kept, mass, experts) if options.merge else None
 
     tensors: list[OutputTensor] = []

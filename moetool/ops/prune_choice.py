@@ -184,6 +184,16 @@ def merge_group(similarity: list[list[float]], keep: list[int], mass: list[float
     return groups
 
 
+def table_similarity(similarity: dict[int, list[list[float]]] | None, layer: int) -> list[list[float]]:
+    """The expert similarity a token-table LAYER's remap needs (inspect's expert statistics skip a layer whose
+    experts they cannot read, with the reason: then this says so)."""
+    if similarity is None or layer not in similarity:
+        raise UnsupportedError(f"layer {layer}: its token table sends a removed expert's tokens to the most similar "
+                               "kept expert, and that layer's expert weights could not be compared",
+                               hint="moetool inspect --experts says why")
+    return similarity[layer]
+
+
 def remapped_table(table, kept: list[int], similarity: list[list[float]], *, renumber: bool = True, rows: int = 16384):
     """A token table (TABLE [V, k]: each token's experts, DeepSeek-V4's hash layers) for a layer keeping KEPT: each
     removed expert's entries go to the kept expert most similar to it (SIMILARITY: cosine of the experts' weights,
@@ -286,12 +296,7 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
         merged = merge_group(similarity[layer], kept, mass[layer], experts) if merge else None
         remap = None
         if loaded.family.routes_by_table(cfg, layer):
-            if layer not in similarity:   # (inspect's expert statistics skip a layer they cannot read)
-                raise UnsupportedError(f"layer {layer}: its token table sends a removed expert's tokens to the most "
-                                       "similar kept expert, and that layer's expert weights could not be compared",
-                                       hint="moetool inspect --experts says why")
-
-            def remap(table, kept=kept, sim=similarity[layer]):
+            def remap(table, kept=kept, sim=table_similarity(similarity, layer)):
                 return remapped_table(table, kept, sim, renumber=False)
         return kept, merged, remap
 
