@@ -152,9 +152,8 @@ def test_a_top_k_beyond_the_experts_is_an_error(tmp_path, tiny):
 
 
 def test_unsupported_architectures_say_why(tmp_path):
-    """A DeepSeek-V4 checkpoint (its first layers route by a token-to-expert table): inspect guesses with the
-    reason, profile refuses with it (exit 7); the list names only model types transformers has and no family
-    claims."""
+    """An Inkling 2 checkpoint (its hub tensors interleave gate and up rows): inspect guesses with the reason,
+    profile refuses with it (exit 7); the list names only model types transformers has and no family claims."""
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -162,9 +161,9 @@ def test_unsupported_architectures_say_why(tmp_path):
     from moetool.arch import detect_family, unsupported_reason
     from moetool.arch.unsupported import UNSUPPORTED
 
-    folder = tmp_path / "zaya"
+    folder = tmp_path / "inkling2"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "zaya", "num_hidden_layers": 1,
+    (folder / "config.json").write_text(json.dumps({"model_type": "inkling2_text", "num_hidden_layers": 1,
                                                     "hidden_size": 8, "vocab_size": 16, "n_routed_experts": 2}))
     save_file({"embed.weight": torch.zeros(16, 8), "layers.0.ffn.gate.weight": torch.zeros(2, 8),
                **{f"layers.0.ffn.experts.{e}.{w}.weight": torch.zeros(4, 8) for e in range(2) for w in ("w1", "w3")},
@@ -172,9 +171,9 @@ def test_unsupported_architectures_say_why(tmp_path):
               folder / "model.safetensors")
     data = json.loads(run("inspect", str(folder), "--json").stdout)
     [problem] = [p for p in data["problems"] if p["code"] == "guessed_architecture"]
-    assert "does not support it yet: ZAYA's router is an MLP fed by a router state" in problem["message"]
+    assert "does not support it yet: Inkling 2's hub checkpoints interleave gate and up rows" in problem["message"]
     refused = run("profile", str(folder), check=False)
-    assert refused.returncode == 7 and "carried from layer to layer" in refused.stderr
+    assert refused.returncode == 7 and "layer-index offset" in refused.stderr
     for model_type in UNSUPPORTED:
         assert model_type in transformers.CONFIG_MAPPING and detect_family({"model_type": model_type}) is None
     # a wrapper listed unsupported is not taken for its supported text model (Inkling's multimodal checkpoints)

@@ -28,6 +28,7 @@ CASES = [
     ("afmoe", {"num_shared_experts": 2}, ["num_shared_experts"]),   # 2
     ("qwen3_5_moe_text", {"shared_expert_intermediate_size": 512}, ["shared_expert_intermediate_size"]),  # 512
     ("lfm2_moe", {}, ["use_expert_bias"]),                   # Lfm2MoeConfig: True
+    ("zaya", {"router_hidden_size": 256}, ["router_hidden_size", "num_experts_per_tok"]),   # ZayaConfig: 256, top-1
     ("hy_v3", {}, ["mlp_layer_types"]),                      # HYV3Config: the first layer dense
     ("hy_v3", {}, ["num_shared_experts"]),                   # 1
     ("axk1", {}, ["mlp_layer_types"]),                       # AXK1Config: first_k_dense_replace 1

@@ -25,7 +25,7 @@ FP32_ROUTERS = ["deepseek_v32", "deepseek_v4",
                 "nemotron_h", "mimo_v2_flash", "bailing_hybrid", "kolibri1",
                 "dots3_note_text",
                 "glm4v_moe", "glm5_next", "hy_v4", "muse_spark", "hy_v4_vl", "inkling_text", "deepseek_ocr2",
-                "mistral_large4"]
+                "mistral_large4", "zaya"]
 
 
 def _inspect(path):

@@ -53,10 +53,12 @@ STRUCTURE = {
     "muse_spark": ([1, 2], 4, 2, 0),
     "inkling_text": ([1, 2], 4, 2, 2),
     "mistral_large4": ([1, 2, 3], 4, 2, 1),
+    "zaya": ([0, 1, 2], 4, 1, 0),
 }
 # Families whose hub layout is already fused: saving with either option gives the same names.
 SINGLE_LAYOUT = {"gpt_oss", "jetmoe", "dbrx", "switch_transformers", "nllb-moe", "granitemoe_swa", "gemma4_text",
-                 "minimax_m3_vl_text", "mistral4", "hy_v4", "lara_mini", "muse_spark", "hy_v4_vl", "inkling_text"}
+                 "minimax_m3_vl_text", "mistral4", "hy_v4", "lara_mini", "muse_spark", "hy_v4_vl", "inkling_text",
+                 "zaya"}
 
 
 def test_every_moe_family_has_a_tiny_model():
@@ -86,7 +88,8 @@ def test_moe_family(tiny, family, fused):
     assert report.dense_layers == [i for i in range(report.num_layers) if i not in moe_layers]
     # GPT-OSS, JetMoE, DBRX, Llama 4 (bf16) and Granite MoE SWA store fused experts on the hub too
     hub_fused = {"gpt_oss", "jetmoe", "dbrx", "llama4_text", "granitemoe_swa", "gemma4_text", "minimax_m3_vl_text",
-                 "qwen3_vl_moe", "mistral4", "hy_v4", "lara_mini", "step3p7", "muse_spark", "hy_v4_vl", "inkling_text"}
+                 "qwen3_vl_moe", "mistral4", "hy_v4", "lara_mini", "step3p7", "muse_spark", "hy_v4_vl", "inkling_text",
+                 "zaya"}
     expected_layout = "fused" if fused or family in hub_fused else "per-expert"
     assert report.layout == expected_layout
     # active = everything but the input embedding and the routed experts not chosen

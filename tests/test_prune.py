@@ -29,7 +29,8 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "minimax_m3_vl_text", "dots3_note_text",
             "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
             "hy_v4", "lara_mini", "longcat_flash", "longcat_flash-bias", "step3p7",
-            "qwen3_omni_moe", "muse_spark", "hy_v4_vl", "inkling_text", "deepseek_ocr2", "mistral_large4"]
+            "qwen3_omni_moe", "muse_spark", "hy_v4_vl", "inkling_text", "deepseek_ocr2", "mistral_large4",
+            "zaya"]
 
 
 @contextmanager
@@ -61,6 +62,8 @@ def _router_weights(model, family_name, layers):
     for layer in layers:
         module = model.get_submodule(module_in(model, family, family.router_module.replace("{L}", str(layer))))
         weight = getattr(module, "weight", None)
+        if family_name == "zaya":   # an MLP router: its expert rows are its last projection's
+            weight = module.router_mlp.out_proj.weight
         if weight is None:   # Hunyuan's gate holds an nn.Linear, JetMoE's router a .layer
             weight = next(p for n, p in module.named_parameters() if n.endswith("weight"))
         out[layer] = weight

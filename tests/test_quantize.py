@@ -217,7 +217,7 @@ FAMILIES = ["mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3
             "minimax_m3_vl_text", "dots3_note_text",
             "qwen3_vl_moe", "glm4v_moe", "mistral4", "glm5_next",
             "hy_v4", "lara_mini", "longcat_flash", "step3p7", "qwen3_omni_moe", "muse_spark", "hy_v4_vl",
-            "inkling_text", "deepseek_ocr2", "deepseek_v4", "mistral_large4"]
+            "inkling_text", "deepseek_ocr2", "deepseek_v4", "mistral_large4", "zaya"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

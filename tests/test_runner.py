@@ -41,7 +41,7 @@ BIASED = {"deepseek_v3": "mlp.gate.e_score_correction_bias", "deepseek_v4": "mlp
           "minimax_m3_vl_text": "mlp.gate.e_score_correction_bias",
           "longcat_flash": "mlp.router.e_score_correction_bias",
           "step3p7": "mlp.gate.e_score_correction_bias", "muse_spark": "mlp.gate.e_score_correction_bias",
-          "inkling_text": "mlp.gate.e_score_correction_bias"}
+          "inkling_text": "mlp.gate.e_score_correction_bias", "zaya": "mlp.gate.balancing_biases"}
 
 
 def reference_experts(family: str, logits, layer_module, k: int, config) -> torch.Tensor:
@@ -76,6 +76,8 @@ def reference_experts(family: str, logits, layer_module, k: int, config) -> torc
         scores = logits + layer_module.get_buffer(BIASED[family])
     elif family == "longcat_flash":     # softmax over the real and the identity experts, + bias
         scores = torch.softmax(logits, -1) + layer_module.get_buffer(BIASED[family])
+    elif family == "zaya":              # softmax over the real experts and the skip expert (last), + its balancing
+        scores = torch.softmax(logits, -1) + layer_module.get_buffer(BIASED[family])   # biases (fp32)
     elif family == "ernie4_5_moe":
         scores = torch.softmax(logits, -1) + layer_module.get_parameter(BIASED[family]).reshape(-1)
     elif family in ("gpt_oss", "granitemoe", "granitemoeshared", "granitemoehybrid", "jetmoe", "llama4_text",

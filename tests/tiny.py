@@ -406,6 +406,10 @@ TINY: dict[str, tuple[str, dict]] = {
                                                           "heavily_compressed_attention"],
                                              compress_rates={"compressed_sparse_attention": 2,
                                                              "heavily_compressed_attention": 4})),
+    # top-1 (all transformers allows) over 4 experts and a skip expert, an MLP router carrying a state between its
+    # 3 MoE layers
+    "zaya": ("ZayaConfig", dict(COMMON, head_dim=8, num_hidden_layers=3, num_experts=4, num_experts_per_tok=1,
+                                moe_intermediate_size=16, router_hidden_size=16, eos_token_id=2)),
     "qwen3": ("Qwen3Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
     "gemma": ("GemmaConfig", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
     "gemma2": ("Gemma2Config", dict(COMMON, intermediate_size=24, num_hidden_layers=2, head_dim=8)),
@@ -456,6 +460,16 @@ def build_model(family: str, seed: int = 0):
                     buffer.copy_(torch.rand(buffer.shape[0], experts).argsort(-1)[:, :buffer.shape[1]])
                 elif name.endswith("e_score_correction_bias"):   # (its scores differ by about 0.01)
                     buffer.uniform_(-0.01, 0.01)
+    if family == "zaya":  # its router MLP starts near uniform (std 0.02): weights of unit gain, so that tokens spread
+        with torch.no_grad():  # over the experts. Its balancing biases start at 0 but the skip expert's -1 (never
+            for name, weight in model.named_parameters():   # picked), which transformers' from_pretrained sets
+                # again whatever the checkpoint holds (its _init_weights writes balancing_biases[-1] unguarded):
+                # the real experts' are random near -1 instead, so that tokens skip as often as they pick one
+                if ".mlp.gate." in name and name.endswith(("proj.weight", "fc1.weight", "fc2.weight")):
+                    weight.normal_(0.0, 3 * weight.shape[1] ** -0.5)
+            for name, buffer in model.named_buffers():
+                if name.endswith("balancing_biases"):
+                    buffer[:-1].uniform_(-1.05, -0.95)
     if changes.get("moe_latent_size"):  # latent projections of unit gain: the routed experts' part is not lost
         with torch.no_grad():
             for name, weight in model.named_parameters():

@@ -92,7 +92,8 @@ MOE_LAYER_ROLES = EXPERT_ROLES | {Role.ROUTER, Role.ROUTER_BIAS, Role.ROUTER_COR
 # Expected shapes, in symbols: H hidden, X the routed experts' input and output size (the family's
 # "expert_hidden" key where the experts work in a latent space, else H), I expert FFN, S shared FFN, D dense FFN,
 # E routed experts, V vocabulary, K experts a token, N shared experts (stacked: Inkling), R router rows (E + the
-# family's identity experts + its sink rows: Family.zero_experts, Family.sink_experts). Expert roles are given per
+# family's zero-computation experts + its sink rows: Family.zero_experts, Family.sink_experts), G the width of a
+# router that is an MLP (its "router_hidden" key: ZAYA's router_hidden_size). Expert roles are given per
 # expert; a template without {E} (fused layout) holds all experts, so "E" is prepended.
 DEFAULT_SHAPES: dict[Role, tuple[str, ...]] = {
     Role.EMBED: ("V", "H"), Role.LM_HEAD: ("V", "H"),
@@ -214,7 +215,8 @@ class Family:
     fp32_suffixes: tuple[str, ...] = ()        # other tensors kept so, by name ending (Kimi Linear's dt_bias)
     # the transformers-5 module whose forward routes tokens (encoder/decoder alternatives for seq2seq),
     # and what it returns: "topk" (logits, weights, index) | "topk-probs" (softmax probabilities, weights,
-    # index: Gemma 4) | "llama4" (scores, logits) | "logits"
+    # index: Gemma 4) | "topk-skip" (logits [T, R], weights, index, ...: "topk" with the picks of the skip experts
+    # masked to expert 0 at weight 0, recomputed from the logits: ZAYA) | "llama4" (scores, logits) | "logits"
     # (logits only: DBRX) | "jetmoe" (..., logits) | "switch" (dispatch, top prob, logits) | "nllb"
     # (dispatch, combine weights, logits) | None (not supported by the runner)
     router_module: Template | None = "model.layers.{L}.mlp.gate"
@@ -280,6 +282,9 @@ class Family:
     # hub's form (the per-expert layout's, renamed back) the hub's; the renames apply only to names under these
     # prefixes (a wrapper's other towers keep theirs, for transformers to rename)
     held_prefixes: tuple[tuple[str, str], ...] = ()
+    # skip experts the router scores after the real (and identity) experts: a pick of one adds nothing to the
+    # token's output (ZAYA's one, a fixed count no config key gives); counted among zero_experts
+    skip_experts: int = 0
     notes: str = ""
     # set on the GGUF view of a family (moetool/arch/gguf.py): the llama.cpp architecture string;
     # its templates are llama.cpp tensor names and its keys GGUF metadata keys
@@ -338,9 +343,15 @@ class Family:
         return layer is not None and isinstance(layers, int) and layer >= layers
 
     def zero_experts(self, cfg: Config) -> int:
-        """Identity experts the router scores after the real ones ("zero_experts" key: LongCat-Flash's
-        zero-computation experts), which hold no weights and which its top-k may pick."""
-        return self._count(cfg, "zero_experts")
+        """Zero-computation experts the router scores after the real ones, which hold no weights and which its
+        top-k may pick: identity experts ("zero_experts" key: LongCat-Flash's, whose output is the token times
+        its weight), then the family's skip experts (skip_experts: ZAYA's, whose output is zero)."""
+        return self._count(cfg, "zero_experts") + self.skip_experts
+
+    def zero_expert_rows(self, cfg: Config) -> int:
+        """Rows transformers 5's fused gate_up holds for the zero-computation experts past the real experts'
+        (LongCat-Flash's, never used: its shape starts with R); 0 where it holds the real experts' only (ZAYA)."""
+        return self.zero_experts(cfg) if self.shapes.get(Role.EXPERT_GATE_UP, ("E",))[0] == "R" else 0
 
     def sink_experts(self, cfg: Config) -> int:
         """Router rows after the routed (and identity) experts that top-k never picks ("sink_experts" key:

@@ -6,8 +6,6 @@ from __future__ import annotations
 from moetool.arch.schema import Config
 
 UNSUPPORTED: dict[str, str] = {
-    "zaya": "ZAYA's router is an MLP fed by a router state carried from layer to layer, with an extra "
-            "zero-compute skip expert",
     "ernie4_5_vl_moe": "ERNIE 4.5 VL's hub checkpoints keep each MoE layer's text and vision experts in one list "
                        "(mlp.experts.{0..2E-1}: the first moe_num_experts are text experts of moe_intermediate_size"
                        "[0] rows, the rest vision experts of moe_intermediate_size[1]), which transformers splits by "

@@ -114,6 +114,7 @@ class _progress:
 def _render(report, *, layers: bool) -> None:
     from rich.table import Table
 
+    from moetool.arch import get_family
     from moetool.cli.output import count, esc, size, stdout
 
     out = stdout
@@ -130,7 +131,13 @@ def _render(report, *, layers: bool) -> None:
     if n_moe:
         shared = (f"{report.num_shared_experts} shared (FFN {known(report.shared_ffn)})"
                   if report.num_shared_experts else "no shared experts")
-        identity = f" + {report.zero_experts} identity (zero-computation)" if report.zero_experts else ""
+        identity = ""
+        if report.zero_experts:   # (identity experts pass the token on times its weight; skip experts add nothing)
+            fam = get_family(report.family) if report.family else None
+            skips = fam.skip_experts if fam is not None else 0
+            kinds = [f"{n} {kind}" for n, kind in ((report.zero_experts - skips, "identity"), (skips, "skip"))
+                     if n]
+            identity = f" + {' + '.join(kinds)} (zero-computation)"
         grid.add_row("Experts", f"{known(report.num_experts)} routed{identity}, top-{known(report.top_k)}, expert FFN "
                                 f"{known(report.expert_ffn)}; {shared}")
         grid.add_row("Router", report.router["description"])
@@ -138,7 +145,7 @@ def _render(report, *, layers: bool) -> None:
                  + ("  (tied embeddings)" if report.tied_embeddings else ""))
     active = ""
     if report.active_params is not None and n_moe:
-        most = "at most " if report.zero_experts else ""   # (a pick of an identity expert computes nothing)
+        most = "at most " if report.zero_experts else ""   # (a pick of an identity or skip expert computes nothing)
         active = (f" · {most}{count(report.active_params)} active per token "
                   f"({count(report.active_params_with_embedding)} counting the input embedding, "
                   f"{count(report.active_params_without_embeddings)} without input and output embeddings)")

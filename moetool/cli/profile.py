@@ -126,12 +126,14 @@ def _render(report) -> None:
                       f"{lp.capacity_drop['1.0']:.1%}", str(len(lp.dead_experts)), f"{lp.consecutive_reuse:.0%}",
                       "" if lru is None else f"{lru:.0%}")
     stdout.print(table)
-    identity = [lp.identity for lp in report.layers if lp.identity]   # a router that also picks identity experts
+    # a router that also picks identity or skip experts
+    identity = [lp.identity for lp in report.layers if lp.identity]
     if identity:
         shares = [i["share"] for i in identity]
         computed = [i["computed_experts_per_token"] for i in identity]
-        stdout.print(f"[bold]Identity experts[/] (zero-computation): {min(shares):.1%} to {max(shares):.1%} of the "
-                     f"picks by layer (mean {sum(shares) / len(shares):.1%}); real experts computed per token "
+        stdout.print(f"[bold]Zero-computation experts[/] (identity or skip): {min(shares):.1%} to "
+                     f"{max(shares):.1%} of the picks by layer (mean {sum(shares) / len(shares):.1%}); real experts "
+                     "computed per token "
                      f"{min(computed):.2f} to {max(computed):.2f} of top-{report.layers[0].top_k}. The figures "
                      "above are of the real experts alone.")
     stdout.print("[bold]Load heatmap[/] (rows: layers; columns: experts; height: tokens relative to the busiest)")

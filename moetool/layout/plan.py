@@ -414,7 +414,7 @@ class _Planner:
         if source == "per-expert" and Role.EXPERT_GATE in have and Role.EXPERT_GATE_UP in target_templates:
             experts = sorted(have[Role.EXPERT_DOWN])
             # gate and up of identity experts, past down's: in transformers 5's own saves (LongCat-Flash), not the hub's
-            zero = fam.zero_experts(self.cfg)
+            zero = fam.zero_expert_rows(self.cfg)
             gated = sorted(have[Role.EXPERT_GATE])
             if experts != list(range(len(experts))) or sorted(have[Role.EXPERT_UP]) != gated \
                     or gated not in (experts, list(range(len(experts) + zero))):

@@ -110,7 +110,7 @@ class InspectReport:
     problems: list[Problem]
     layers: list[LayerInfo]
     experts: list[ExpertStats] | None = None
-    zero_experts: int = 0   # identity (zero-computation) experts each router scores beside num_experts
+    zero_experts: int = 0   # zero-computation experts (identity, skip) each router scores beside num_experts
     schema_version: int = SCHEMA_VERSION
     moetool_version: str = __version__
 
@@ -136,7 +136,8 @@ class _Dims:
     hidden: int | None = None
     vocab: int | None = None
     experts: int | None = None
-    zero_experts: int = 0              # identity experts the router also scores (LongCat-Flash)
+    zero_experts: int = 0              # zero-computation experts the router also scores (LongCat-Flash, ZAYA)
+    router_hidden: int | None = None   # G: the width of a router that is an MLP (ZAYA)
     # layer -> its expert count, where a globally pruned checkpoint's layers keep different numbers (the
     # config's count is then the largest)
     experts_at: dict[int, int] = field(default_factory=dict)
@@ -168,6 +169,7 @@ class _Dims:
                   "S": self.shared_ffn, "D": self.dense_ffn,
                   "E": self.experts, "V": self.vocab, "N": self.num_shared,
                   "K": self.top_k if isinstance(self.top_k, int) else None,
+                  "G": self.router_hidden,
                   "R": None if self.experts is None else self.experts + self.zero_experts + self.sink_experts}
         if sym.isdigit():
             return int(sym)
@@ -408,7 +410,8 @@ def _read_dims(family: Family | None, cfg: dict, where: str = "config.json") -> 
         dims.decoder_offset = value("decoder_offset", family.decoder_offset) or 0
     if not family.dense:
         dims.experts = value("num_experts", required=True)
-        dims.zero_experts = value("zero_experts") or 0
+        dims.zero_experts = (value("zero_experts") or 0) + family.skip_experts
+        dims.router_hidden = value("router_hidden")
         uneven = cfg.get(UNEVEN_EXPERTS_KEY)
         if isinstance(uneven, dict):
             try:

@@ -76,8 +76,9 @@ class LayerProfile:
     consecutive_reuse: float
     lru_hit_rate: dict[str, float]      # cache size -> hit rate
     ep: dict[str, Any] | None = None
-    # a router that also picks identity experts (LongCat-Flash): their count, picks, share of all picks,
-    # gate weight, and the real experts computed per token (top-k minus identity picks, averaged); the
+    # a router that also picks zero-computation experts (LongCat-Flash's identity experts, ZAYA's skip expert):
+    # their count, picks, share of all picks, gate weight (a skip pick's: its router probability, which transformers
+    # then drops), and the real experts computed per token (top-k minus those picks, averaged); the
     # figures above are of the real experts alone
     identity: dict[str, Any] | None = None
 

@@ -433,7 +433,7 @@ def _table(report: ProfileReport) -> str:
     identity = any(lp.identity for lp in report.layers)   # a router that also picks identity experts
     headers = ("layer", "experts", "entropy / log E", "top-1 prob", "max/mean", "CV", "Gini", "drop @1.0",
                "drop @1.25", "dead", "distinct / seq", "reuse") + \
-        (("identity picks", "real experts / token") if identity else ())
+        (("zero-expert picks", "real experts / token") if identity else ())
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in (
             str(lp.layer), str(lp.experts), _fmt(lp.entropy_normalized, ".3f"), _fmt(lp.top1_prob_mean, ".3f"),

@@ -467,7 +467,7 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     classifier = Classifier(family, offset)
     weights, stacked, mtp = [], {}, 0
     # gate and up rows of identity experts (LongCat-Flash, as transformers 5 saves them): never used, left as they are
-    real = first_key(cfg, family.keys.get("num_experts", ())) if family.zero_experts(cfg) else None
+    real = first_key(cfg, family.keys.get("num_experts", ())) if family.zero_expert_rows(cfg) else None
     identity = 0
     for tensor in base.tensors:
         m = classifier.classify(tensor.name)

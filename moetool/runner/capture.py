@@ -14,7 +14,7 @@ router is called on the parent's input so that the routing is recorded all the s
 
 from __future__ import annotations
 
-from moetool.arch import Family
+from moetool.arch import Family, Role
 from moetool.errors import UnsupportedError
 from moetool.runner.modules import module_in
 
@@ -40,13 +40,20 @@ def _distribution(logits, scores: str):
     return scored / scored.sum(-1, keepdim=True)
 
 
-def _parse(output, family: Family, config, top_k: int):
-    """(index [T,k], weight [T,k], logits [T,E]) from a router module's output."""
+def _parse(output, family: Family, config, top_k: int, bias=None):
+    """(index [T,k], weight [T,k], logits [T,E]) from a router module's output (BIAS: the router's selection
+    bias, for the kinds that recompute the picks)."""
     import torch
 
     kind = family.router_output
     if kind == "topk":
         logits, weight, index = output[0], output[1], output[2]
+    elif kind == "topk-skip":   # ZAYA: (logits [T,R], ...) whose skip picks transformers masks to expert 0 at weight
+        # 0; the picks as it makes them: softmax, + the balancing biases (fp32), top-k; weighted by the softmax
+        logits = output[0]
+        probs = torch.softmax(logits, dim=-1)
+        index = torch.topk(probs.float() + bias, top_k, dim=-1).indices
+        weight = probs.gather(1, index)
     elif kind == "topk-probs":  # (softmax probabilities [T,E], weights, index): Gemma 4; log p has softmax p
         logits, weight, index = output[0].float().clamp_min(1e-30).log(), output[1], output[2]
     elif kind == "llama4":      # (scores [T,E]: sigmoid of the top-k logits, others 0; logits [T,E])
@@ -76,6 +83,21 @@ def _parse(output, family: Family, config, top_k: int):
     else:
         raise UnsupportedError(f"{family.title}: routing capture is not supported for this family")
     return index, weight, logits
+
+
+def _own_tensor(family: Family, role: Role, layer: int) -> str:
+    """The name, under LAYER's router module, of the router's tensor of ROLE (ZAYA's balancing_biases)."""
+    router = module_name(family.router_module, layer, 0) + "."
+    name = module_name(family.templates("fused").get(role) or "", layer, 0)
+    if not name.startswith(router):
+        raise UnsupportedError(f"{family.title}: its router's {role.value} is not a tensor of its router module")
+    return name[len(router):]
+
+
+def _tensor_of(module, name: str):
+    for part in name.split("."):
+        module = getattr(module, part)
+    return module
 
 
 def module_name(template, layer: int, decoder_offset: int) -> str:
@@ -129,12 +151,15 @@ class RouterCapture:
         import torch
 
         scores = _score_function(family, config)
+        bias = _own_tensor(family, Role.ROUTER_CORRECTION, layer) if family.router_output == "topk-skip" else None
 
         def hook(module, args, output):
             self._fired[layer] = True
             first, batch, seq = self.batch
             with torch.no_grad():
-                index, weight, logits = _parse(output, family, config, k)
+                # (the router's own tensor as installed now: streamed layers change)
+                index, weight, logits = _parse(output, family, config, k,
+                                               None if bias is None else _tensor_of(module, bias))
                 probs = _distribution(logits, scores)
                 top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
                 entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)

@@ -164,7 +164,7 @@ def load_quantized(ckpt: Checkpoint, family: Family, formats: dict[str, Format],
     _, cfg, offset = family_context(ckpt)
     classifier = Classifier(family, offset)
     fused = "fused" in family.layouts
-    identity = family.zero_experts(cfg)   # rows of identity experts in gate_up (LongCat-Flash): never read
+    identity = family.zero_expert_rows(cfg)   # rows of identity experts in gate_up (LongCat-Flash): never read
     # (a compressed-tensors checkpoint's packed weights are planned as the float weights they hold)
     plan = plan_tensors(ckpt, PlanOptions(layout="fused" if fused else None, dequantize=True, model_names=True))
 

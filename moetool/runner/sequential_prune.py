@@ -17,15 +17,19 @@ from contextlib import contextmanager, nullcontext
 
 from moetool.arch import Role
 from moetool.errors import UnsupportedError
-from moetool.runner.capture import RouterCapture, module_name
+from moetool.runner.capture import RouterCapture, _own_tensor, _tensor_of, module_name
 from moetool.runner.modules import module_in
 from moetool.runner.sequential import experts_modules
 from moetool.runner.stats import RoutingStats
 
 
-def _router_weight(router):
-    """The weight a router module applies (Hunyuan's gate holds an nn.Linear, JetMoE's router a .layer)."""
+def _router_weight(router, named: str | None = None):
+    """The weight a router module applies (Hunyuan's gate holds an nn.Linear, JetMoE's router a .layer; NAMED:
+    the family's router tensor under the module, where the module holds other weights too: ZAYA's MLP router,
+    whose expert rows are router_mlp.out_proj's)."""
     weight = getattr(router, "weight", None)
+    if weight is None and named is not None:
+        weight = _tensor_of(router, named)
     if weight is None:
         weight = next((p for n, p in router.named_parameters() if n.endswith("weight")), None)
     if weight is None:
@@ -125,6 +129,10 @@ class RouterRestriction:
             raise UnsupportedError(f"{family.title}: layer {index}'s token table is not where moetool looks for it")
         self.remap, self._remapped = remap, None
         self.index, self.removed = index, removed
+        try:
+            self.weight_name = _own_tensor(family, Role.ROUTER, index)
+        except UnsupportedError:   # (not under the router module: its weight found as it always was)
+            self.weight_name = None
         self._mode = self._saved_bias = self._saved_table = None
         self._handles = [parent.register_forward_pre_hook(self._enter),
                          parent.register_forward_hook(self._leave, always_call=True)]
@@ -140,7 +148,7 @@ class RouterRestriction:
             if self._remapped is None:
                 self._remapped = self.remap(self._saved_table.cpu()).to(self.table.device)
             self.table.data.copy_(self._remapped)
-        self._mode = _masking_mode(_router_weight(self.router), self.removed)
+        self._mode = _masking_mode(_router_weight(self.router, self.weight_name), self.removed)
         self._mode.__enter__()
 
     def _leave(self, module, args, output) -> None:

@@ -13,10 +13,10 @@ the same whatever the micro-batch size or mode. LRU hit rates are exact (an acce
 of C experts iff fewer than C other experts were used since the expert's last use), computed in
 blocks with each sequence's last-use times carried between blocks.
 
-A layer whose router also picks identity experts (LongCat-Flash's zero-computation experts, numbered
-after the real ones) counts every such pick in one extra slot, E: its assignments and gate weight are
-reported apart, and it takes no part in the real experts' co-activation, capacity, distinct-expert,
-reuse and LRU figures (an identity expert computes nothing, so it needs no capacity nor a cache place).
+A layer whose router also picks zero-computation experts (LongCat-Flash's identity experts, ZAYA's skip
+expert, numbered after the real ones) counts every such pick in one extra slot, E: its assignments and gate
+weight are reported apart, and it takes no part in the real experts' co-activation, capacity, distinct-expert,
+reuse and LRU figures (such an expert computes nothing, so it needs no capacity nor a cache place).
 """
 
 from __future__ import annotations
