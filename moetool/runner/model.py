@@ -25,7 +25,6 @@ from moetool.runner.building import (
 )
 from moetool.runner.device import DeviceError, available_memory
 from moetool.runner.modules import fp32_names, set_tensor
-from moetool.runner.quantized import load_quantized
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +150,8 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
                                    hint="use --mode streamed")
         try:
             if formats is not None:   # moetool's quantized experts stay quantized in memory
+                from moetool.runner.quantized import load_quantized  # (its modules import torch: only here)
+
                 model = load_quantized(ckpt, family, formats, device=device, dtype=dtype,
                                        trust_remote_code=trust_remote_code)
             elif own_loader:   # fused as it loads, or layers with their own expert counts
@@ -259,6 +260,8 @@ def load_pretrained(path, *, dtype=None, device="cpu", trust_remote_code: bool =
         family = check_runnable(ckpt)
         formats = recorded_formats(ckpt.config, ckpt.tensors)
         if formats is not None:
+            from moetool.runner.quantized import load_quantized  # (its modules import torch: only here)
+
             return load_quantized(ckpt, family, formats, device=device, dtype=dtype,
                                   trust_remote_code=trust_remote_code)
         return _load_planned(ckpt, family, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
