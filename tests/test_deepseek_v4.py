@@ -301,3 +301,30 @@ def test_a_table_layer_whose_experts_cannot_be_compared_is_refused(tmp_path):
     with open_checkpoint(path) as ckpt, pytest.raises(UnsupportedError, match="could not be compared"):
         prune(ckpt, tmp_path / "out", PruneOptions(keep=2, criterion="random"))
     assert not (tmp_path / "out").exists()
+
+
+def test_only_the_token_table_layers_experts_are_compared_without_merge(tmp_path, hub, monkeypatch):
+    """The table remap needs those layers' expert similarity alone: the other layers' experts are not read for it
+    (a full read of a 1T-parameter checkpoint's experts); --merge compares every layer's."""
+    import moetool.ops.inspect as inspect_module
+
+    asked, real = [], inspect_module.inspect_checkpoint
+
+    def recorded(ckpt, **kwargs):
+        asked.append(kwargs.get("experts"))
+        return real(ckpt, **kwargs)
+
+    monkeypatch.setattr(inspect_module, "inspect_checkpoint", recorded)
+    calibration = ProfileOptions(token_ids=_ids_file(tmp_path), seq_len=24, device="cpu", dtype="fp32")
+    for name, options in (("plain", PruneOptions(keep=2, criterion="random")),
+                          ("merged", PruneOptions(keep=2, criterion="soft-count", merge=True, calibration=calibration))):
+        with open_checkpoint(hub) as ckpt:
+            prune(ckpt, tmp_path / name, options)
+    compared = [experts for experts in asked if experts]
+    assert compared == [[0], True]
+
+
+def _ids_file(tmp_path):
+    path = tmp_path / "ids.json"
+    path.write_text(json.dumps(torch.randint(0, 64, (96,), generator=torch.Generator().manual_seed(1)).tolist()))
+    return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from itertools import compress, repeat
 from math import prod
@@ -254,13 +255,14 @@ def _layers_with(tally: _Tally, roles: frozenset[Role]) -> set[int | None]:
 
 
 @gc_paused()
-def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values: bool = False,
+def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool | Collection[int] = False, check_values: bool = False,
                        duplicate_threshold: float = 0.995, progress=None) -> InspectReport:
     """Analyse an open checkpoint.
 
     Args:
         ckpt: the checkpoint (header-only is enough unless experts/check_values).
-        experts: read expert weights to report norms and pairwise similarity.
+        experts: read expert weights to report norms and pairwise similarity (of these MoE layers only, where it
+            names them).
         check_values: scan every tensor for NaN/Inf.
         duplicate_threshold: cosine similarity above which two experts count as near-duplicates.
         progress: optional callable(done_bytes, total_bytes) for long reads.
@@ -340,7 +342,9 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool = False, check_values:
     if experts and moe_layers:
         from moetool.ops.expert_stats import expert_statistics
 
-        expert_stats = expert_statistics(ckpt, _records(tally), {i.index: i.experts for i in layers if i.kind == "moe"},
+        chosen = set(experts) if not isinstance(experts, bool) else None
+        expert_stats = expert_statistics(ckpt, _records(tally), {i.index: i.experts for i in layers if i.kind == "moe"
+                                                                 and (chosen is None or i.index in chosen)},
                                          duplicate_threshold, progress)
         for stats in expert_stats:
             if stats.near_duplicates:

@@ -95,6 +95,9 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     if table_layers and keep < top_k:
         raise UsageError(f"{family.title}: keep at least {top_k} experts per layer: layers "
                          f"{', '.join(map(str, table_layers))} give each token {top_k} experts by a fixed token table")
+    # the layers whose experts are compared: every one to --merge, else the token-table layers alone (their
+    # remap needs it: a full read of the other layers' experts would be wasted); None: every layer
+    compared = None if options.merge else table_layers
     check_group_routing(keep, top_k, groups, groups_used, family.router.group_score_experts if family.router else 2)
     similarity = None
     if options.experts is not None:
@@ -106,7 +109,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         mass = _scores(ckpt, structure, options, progress)[1] if options.merge or options.profile else None
     elif options.sequential:
         kept, mass, similarity = sequential_choice(ckpt, structure, options, keep, groups,
-                                                   (lambda: _similarity(ckpt)) if options.merge or table_layers
+                                                   (lambda: _similarity(ckpt, compared)) if compared != []
                                                    else None, progress, merge=options.merge)
     elif options.scope == "global":
         if groups > 1:
@@ -122,8 +125,8 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     counts = {len(v) for v in kept.values()}
     keep = max(counts)
     new_k = min(top_k, min(counts) + identity)   # (a token may still pick the identity experts, never removed)
-    if (options.merge or table_layers) and similarity is None:
-        similarity = _similarity(ckpt)
+    if compared != [] and similarity is None:
+        similarity = _similarity(ckpt, compared)
     for layer in table_layers:   # (before any writing)
         table_similarity(similarity, layer)
     groups = _merge_groups(similarity, kept, mass, experts) if options.merge else None
@@ -233,11 +236,11 @@ def _merge_groups(similarity, kept: dict[int, list[int]], mass, experts: int
     return {layer: merge_group(similarity[layer], keep, mass[layer], experts) for layer, keep in kept.items()}
 
 
-def _similarity(ckpt: Checkpoint) -> dict[int, list[list[float]]]:
-    """Per MoE layer, the cosine similarity of every pair of experts' weights."""
+def _similarity(ckpt: Checkpoint, layers: list[int] | None = None) -> dict[int, list[list[float]]]:
+    """Per MoE layer (of LAYERS only, where given), the cosine similarity of every pair of experts' weights."""
     from moetool.ops.inspect import inspect_checkpoint
 
-    return {s.layer: s.similarity for s in inspect_checkpoint(ckpt, experts=True).experts}
+    return {s.layer: s.similarity for s in inspect_checkpoint(ckpt, experts=True if layers is None else layers).experts}
 
 
 def _remapped(ref: TensorRef, kept: list[int], similarity: list[list[float]]):
