@@ -316,8 +316,8 @@ def test_only_the_token_table_layers_experts_are_compared_without_merge(tmp_path
 
     monkeypatch.setattr(inspect_module, "inspect_checkpoint", recorded)
     calibration = ProfileOptions(token_ids=_ids_file(tmp_path), seq_len=24, device="cpu", dtype="fp32")
-    for name, options in (("plain", PruneOptions(keep=2, criterion="random")),
-                          ("merged", PruneOptions(keep=2, criterion="soft-count", merge=True, calibration=calibration))):
+    merged = PruneOptions(keep=2, criterion="soft-count", merge=True, calibration=calibration)
+    for name, options in (("plain", PruneOptions(keep=2, criterion="random")), ("merged", merged)):
         with open_checkpoint(hub) as ckpt:
             prune(ckpt, tmp_path / name, options)
     compared = [experts for experts in asked if experts]
