@@ -118,3 +118,46 @@ def test_sequential_prune_runs_and_its_output_is_the_masked_original(tmp_path, s
         want = _logits(model)
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert (_logits(pruned) - want).abs().max() <= 1e-5
+
+
+def test_a_stored_skip_bias_is_read_alike_in_full_and_streamed_mode(tmp_path):
+    """transformers' from_pretrained resets every router's skip bias to -1 whatever the checkpoint stores; moetool
+    reads the stored one in full and streamed mode alike, so the two modes route the same tokens."""
+    import moetool
+    from moetool.runner.model import load_model
+
+    model = build_model("zaya")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.balancing_biases[-1] = -0.6
+    model.save_pretrained(tmp_path / "src")
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    assert float(stock.model.layers[0].mlp.gate.balancing_biases[-1]) == -1.0   # (the quirk)
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        full = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="full")
+    assert float(full.model.model.layers[0].mlp.gate.balancing_biases[-1]) == pytest.approx(-0.6)
+    assert torch.equal(_logits(full.model), _logits(model))
+    assert torch.equal(_logits(moetool.load_model(tmp_path / "src")), _logits(model))
+    ids_file = tmp_path / "ids.json"
+    ids_file.write_text(json.dumps(IDS.flatten().tolist()))
+    options = dict(token_ids=ids_file, seq_len=IDS.shape[1], batch_size=3, device="cpu", dtype="fp32")
+    with open_checkpoint(tmp_path / "src") as ckpt:
+        reports = [profile(ckpt, ProfileOptions(mode=mode, **options)) for mode in ("full", "streamed")]
+    assert [layer.counts for layer in reports[0].layers] == [layer.counts for layer in reports[1].layers]
+    assert [layer.identity for layer in reports[0].layers] == [layer.identity for layer in reports[1].layers]
+
+
+def test_gptq_hessians_leave_out_the_skip_picks(saved):
+    """Each expert's calibration inputs are the tokens really routed to it: a skip pick (handed to the experts as
+    expert 0 at weight 0) is not expert 0's."""
+    from moetool.runner.engine import micro_batches, run
+    from moetool.runner.model import load_model
+    from tests.test_sequential import HessianObserver
+
+    model, path = saved
+    observer = HessianObserver()
+    with open_checkpoint(path) as ckpt:
+        loaded = load_model(ckpt, device=torch.device("cpu"), dtype=torch.float32, mode="streamed")
+        run(loaded, micro_batches(IDS, 2), calibrate=observer)
+    for layer, (real, _) in enumerate(_picks(model)):
+        assert observer.found[layer]["mlp.experts"].tokens() == torch.bincount(real, minlength=4).tolist()

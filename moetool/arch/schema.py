@@ -239,6 +239,10 @@ class Family:
     # transformers 5 holds the experts in nn.Linear modules when it loads a bitsandbytes checkpoint
     # (Llama 4's SequentialLlama4TextExperts), so stock bitsandbytes checkpoints quantize them
     bnb_linear_experts: bool = False
+    # transformers' from_pretrained re-initialises a stored buffer after loading it (ZAYA's skip bias, set to -1
+    # by its _init_weights whatever the checkpoint holds): moetool loads such models itself in every mode, with
+    # the stored values, so that full and streamed runs route alike
+    resets_stored_buffers: bool = False
     # a dense family's MLP module (its input is what an upcycled router will see)
     mlp_module: str | None = None
     prune_unsupported: str | None = None     # why experts cannot be removed from this family, if so

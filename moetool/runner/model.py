@@ -142,11 +142,11 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
         formats = recorded_formats(ckpt.config, ckpt.tensors)
         own_loader = (formats is not None or uneven_expert_counts(ckpt.config, family) or ckpt.kind == VIEW_KIND or
                       (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)) or
-                      _bnb_experts(ckpt, family))
+                      _bnb_experts(ckpt, family) or family.resets_stored_buffers)
         if own_loader and device_map is not None:
             raise UnsupportedError(f"{ckpt.source}: --device-map works for checkpoints transformers loads itself, "
                                    "not for GGUF, moetool-quantized, globally pruned or per-expert GPT-OSS/Llama 4 "
-                                   "ones",
+                                   "ones, nor for families whose stored buffers transformers resets (ZAYA)",
                                    hint="use --mode streamed")
         try:
             if formats is not None:   # moetool's quantized experts stay quantized in memory

@@ -64,6 +64,10 @@ class ExpertInputs:
         hidden, index = args[0], args[1]
         x = hidden.reshape(-1, hidden.shape[-1])
         routed = index.reshape(x.shape[0], -1)
+        if len(args) > 2 and getattr(args[2], "shape", None) is not None and args[2].numel() == routed.numel():
+            # a slot of weight 0 adds nothing to the token's output (ZAYA's skip picks, which transformers hands the
+            # experts as expert 0 at weight 0): not that expert's input
+            routed = routed.masked_fill(args[2].reshape(routed.shape) == 0, -1)
         for e in torch.unique(routed).tolist():   # calibration: one host sync per module call is fine
             if not 0 <= e < self.experts:
                 continue   # padding ids some routers use for dropped slots

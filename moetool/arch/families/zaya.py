@@ -9,7 +9,7 @@ picks masked to expert 0 at weight 0, so moetool recomputes them from its logits
 Attention is CCA (convolved q/k, delayed values); the residual stream is kept in fp32 between layers. The hub
 stores the experts fused, as transformers holds them (no per-expert form). (transformers 5.24's from_pretrained
 sets each router's skip bias, balancing_biases[-1], to -1 whatever the checkpoint holds: its _init_weights writes
-it unguarded; moetool's streamed mode reads the checkpoint's.)"""
+it unguarded; moetool loads the model itself in every mode, with the checkpoint's values.)"""
 
 from moetool.arch.families._shared import EMBED_AND_HEAD, QWEN_FUSED, keys
 from moetool.arch.schema import Family, Role, Router
@@ -36,6 +36,7 @@ FAMILY = Family(
     buffers=frozenset({Role.ROUTER_CORRECTION}),
     fp32_roles=frozenset({Role.ROUTER_CORRECTION}),   # (an fp32 buffer, kept so by a bf16 load)
     router_output="topk-skip",
+    resets_stored_buffers=True,
     defaults=(("num_experts", 16), ("num_experts_per_tok", 1), ("moe_intermediate_size", 2048),
               ("router_hidden_size", 256), ("hidden_size", 2048), ("num_hidden_layers", 40),
               ("vocab_size", 262272), ("tie_word_embeddings", True)),   # ZayaConfig's
