@@ -114,7 +114,6 @@ class _progress:
 def _render(report, *, layers: bool) -> None:
     from rich.table import Table
 
-    from moetool.arch import get_family
     from moetool.cli.output import count, esc, size, stdout
 
     out = stdout
@@ -133,8 +132,7 @@ def _render(report, *, layers: bool) -> None:
                   if report.num_shared_experts else "no shared experts")
         identity = ""
         if report.zero_experts:   # (identity experts pass the token on times its weight; skip experts add nothing)
-            fam = get_family(report.family) if report.family else None
-            skips = fam.skip_experts if fam is not None else 0
+            skips = report.skip_experts
             kinds = [f"{n} {kind}" for n, kind in ((report.zero_experts - skips, "identity"), (skips, "skip"))
                      if n]
             identity = f" + {' + '.join(kinds)} (zero-computation)"

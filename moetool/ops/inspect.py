@@ -112,6 +112,7 @@ class InspectReport:
     layers: list[LayerInfo]
     experts: list[ExpertStats] | None = None
     zero_experts: int = 0   # zero-computation experts (identity, skip) each router scores beside num_experts
+    skip_experts: int = 0   # those of them that add nothing (ZAYA's); the others pass the token on times its weight
     schema_version: int = SCHEMA_VERSION
     moetool_version: str = __version__
 
@@ -373,7 +374,8 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool | Collection[int] = Fa
         mtp_params=tally.mtp, buffer_params=tally.buffers,
         disk=_disk_info(ckpt, tally), memory=_memory(total, tally.quantizable),
         quantization=sorted(tally.quant_forms), tensor_count=len(ckpt.tensors), problems=problems,
-        layers=layers, experts=expert_stats, zero_experts=dims.zero_experts if moe_layers else 0)
+        layers=layers, experts=expert_stats, zero_experts=dims.zero_experts if moe_layers else 0,
+        skip_experts=family.skip_experts if family is not None and moe_layers else 0)
 
 
 # ---------------------------------------------------------------- structure
