@@ -55,6 +55,8 @@ def test_skip_picks_are_counted_apart_in_full_and_streamed_mode(tmp_path, saved)
         report = inspect_checkpoint(ckpt)
     assert report.problems == [] and report.zero_experts == 1 and report.num_experts == 4 and report.top_k == 1
     assert "skip expert" in report.router["description"]
+    # the router MLP counted as the router (its balancing_biases a buffer)
+    assert report.params["router"] == sum(p.numel() for n, p in model.named_parameters() if ".mlp.gate." in n)
     ids_file = tmp_path / "ids.json"
     ids_file.write_text(json.dumps(IDS.flatten().tolist()))
     options = dict(token_ids=ids_file, seq_len=IDS.shape[1], max_tokens=None, batch_size=3, device="cpu", dtype="fp32")

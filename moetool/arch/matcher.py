@@ -231,7 +231,9 @@ class Classifier:
         if found and in_other_tower(base):   # a vision/audio/talker tower's layers are not the decoder's
             found = None
         layer_pos = len(_DIGITS.findall(base[: found.start(1)])) if found else None
-        return _Rule((), generic_role(base), layer_pos, aux, packed)
+        role = Role.ROUTER_PARAM if self.family and any(part in base for part in self.family.router_parts) \
+            else generic_role(base)
+        return _Rule((), role, layer_pos, aux, packed)
 
     def _cached_rule(self, name: str) -> _Rule:
         key = _DIGITS.sub("#", name)

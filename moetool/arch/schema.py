@@ -30,6 +30,7 @@ class Role(str, Enum):
     ROUTER_BIAS = "router_bias"                # a parameter added to router logits
     ROUTER_CORRECTION = "router_correction"    # selection-only bias (DeepSeek-V3 style)
     ROUTER_SCALE = "router_scale"              # per-expert factor on the chosen experts' weights (Gemma 4)
+    ROUTER_PARAM = "router_param"              # a router's own weights indexed by no expert (ZAYA's router MLP)
     ROUTER_HASH = "router_hash"                # token id -> its top-k experts, a fixed table (DeepSeek-V4's hash
                                                # layers)
     EXPERT_GATE = "expert_gate"
@@ -65,7 +66,7 @@ CATEGORY: dict[Role, str] = {
     Role.NORM: "other",
     Role.Q_NORM: "attention", Role.K_NORM: "attention", Role.ATTN_SINK: "attention",
     Role.ROUTER: "router", Role.ROUTER_BIAS: "router", Role.ROUTER_CORRECTION: "router",
-    Role.ROUTER_SCALE: "router", Role.ROUTER_HASH: "router", Role.SHARED_ROUTER: "router",
+    Role.ROUTER_SCALE: "router", Role.ROUTER_HASH: "router", Role.ROUTER_PARAM: "router", Role.SHARED_ROUTER: "router",
     Role.EXPERT_GATE: "routed_experts", Role.EXPERT_UP: "routed_experts",
     Role.EXPERT_DOWN: "routed_experts", Role.EXPERT_GATE_UP: "routed_experts",
     Role.EXPERT_GATE_UP_BIAS: "routed_experts", Role.EXPERT_UP_BIAS: "routed_experts",
@@ -227,6 +228,9 @@ class Family:
     # a Linear the experts' output passes through before it joins the hidden states (Nemotron-H's latent MoE:
     # fc2_latent_proj; an nn.Identity where the config has no latent space): saliency is measured after it
     experts_output_module: str | None = None
+    # tensors no template names that are the router's own, indexed by no expert, by name part (ZAYA's router MLP
+    # under mlp.gate.: its down_proj, fc1, fc2, norm, router_states_scale): counted as router parameters
+    router_parts: tuple[str, ...] = ()
     # tensors whose names say "expert" that are no expert's, by name ending: inspect does not flag them as expert
     # tensors no template fits (Muse Spark's pre_expert_proj / post_expert_proj, which every token passes through)
     not_experts: tuple[str, ...] = ()

@@ -37,6 +37,7 @@ FAMILY = Family(
     fp32_roles=frozenset({Role.ROUTER_CORRECTION}),   # (an fp32 buffer, kept so by a bf16 load)
     router_output="topk-skip",
     resets_stored_buffers=True,
+    router_parts=(".mlp.gate.",),   # (the router MLP's weights but out_proj, whose rows are the experts')
     defaults=(("num_experts", 16), ("num_experts_per_tok", 1), ("moe_intermediate_size", 2048),
               ("router_hidden_size", 256), ("hidden_size", 2048), ("num_hidden_layers", 40),
               ("vocab_size", 262272), ("tie_word_embeddings", True)),   # ZayaConfig's
