@@ -31,6 +31,7 @@ VARIANTS = {
     "flash": ((128, 128), True, "fp4", False),   # the hub's blocks: the tiny's matrices are one partial block
     "pro": ((16, 16), True, None, False),        # no expert_dtype key; several whole blocks a matrix
     "base": ((128, 128), False, "fp8", True),    # FP8 experts, float32 scales
+    "base-16": ((16, 16), False, "fp8", True),   # the same in blocks of 16: several a matrix
 }
 
 
@@ -200,7 +201,7 @@ def test_load_model_and_streamed_eval_read_the_quantized_checkpoint(hub, tmp_pat
     assert streamed.mode == "streamed" and streamed.nll_mean == pytest.approx(full.nll_mean, rel=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["flash", "base"])
+@pytest.mark.parametrize("variant", ["flash", "base", "base-16"])
 def test_expert_statistics_of_the_dequantized_experts(hub, variant):
     report = _inspect(hub(variant), experts=True)
     state = oracle(hub(variant)).state_dict()

@@ -30,8 +30,10 @@ class _ExpertSlices:
     """One weight role of one layer: a row range of the expert-stacked matrix per expert."""
 
     def __init__(self, per_expert: dict[int, TensorRef] | None = None, fused: TensorRef | None = None,
-                 experts: int = 0, scales: dict[int, TensorRef] | None = None):
+                 experts: int = 0, scales: dict[int, TensorRef] | None = None,
+                 block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)):
         self.per_expert, self.fused, self.scales = per_expert, fused, scales or {}
+        self.block = block   # the rows and columns block fp8 shares a scale over (weight_block_size)
         if fused is not None:
             rows, self.cols = matrix_shape(fused)
             self.experts = experts
@@ -58,10 +60,11 @@ class _ExpertSlices:
             values = _E2M1[np.stack((codes & 0x0F, codes >> 4), axis=-1)].reshape(block.shape[0], -1)
             s = read_rows(scale, start, stop)
             return (values.reshape(*s.shape, -1) * s[..., None]).reshape(values.shape)
-        if scale is not None:   # block fp8: W = q * scale_inv[row // 128, col // 128]
-            s = read_rows(scale, start // FP8_BLOCK, ceil(stop / FP8_BLOCK))
-            s = np.repeat(np.repeat(s, FP8_BLOCK, axis=0), FP8_BLOCK, axis=1)
-            offset = start - (start // FP8_BLOCK) * FP8_BLOCK
+        if scale is not None:   # block fp8: W = q * scale_inv[row // b0, col // b1]
+            rows, cols = self.block
+            s = read_rows(scale, start // rows, ceil(stop / rows))
+            s = np.repeat(np.repeat(s, rows, axis=0), cols, axis=1)
+            offset = start - (start // rows) * rows
             block = block * s[offset:offset + block.shape[0], :block.shape[1]]
         return block
 
@@ -94,7 +97,9 @@ def _layer_slices(ckpt: Checkpoint, records, layer: int, experts: int) -> list[_
                 if scale is None:
                     return f"{ref.name} is stored quantized ({ref.dtype}) without its scales"
                 scales[e] = scale
-        slices.append(_ExpertSlices(per_expert=refs, experts=experts, scales=scales))
+        block = tuple(((ckpt.config or {}).get("quantization_config") or {}).get("weight_block_size") or
+                      (FP8_BLOCK, FP8_BLOCK))
+        slices.append(_ExpertSlices(per_expert=refs, experts=experts, scales=scales, block=block))
     return slices or "no expert weights found"
 
 
@@ -120,7 +125,8 @@ def expert_statistics(ckpt: Checkpoint, records, experts_per_layer: dict[int, in
             continue
         gram = np.zeros((experts, experts), dtype=np.float64)
         for sl in slices:
-            step = max(FP8_BLOCK, (CHUNK_BYTES // max(1, experts * sl.cols * 4)) // FP8_BLOCK * FP8_BLOCK)
+            rows = sl.block[0] if sl.fused is None else FP8_BLOCK   # (row steps whole blocks: each reads its scales)
+            step = max(rows, (CHUNK_BYTES // max(1, experts * sl.cols * 4)) // rows * rows)
             for start in range(0, sl.rows, step):
                 stop = min(start + step, sl.rows)
                 block = np.stack([sl.read(e, start, stop).ravel() for e in range(experts)])
