@@ -431,7 +431,12 @@ def build_model(family: str, seed: int = 0):
         config.attn_config.rope_theta = 10000.0
     torch.manual_seed(seed)
     if family in WHOLE:
-        return whole_model(config).eval()
+        model = whole_model(config)
+        with torch.no_grad():   # transformers leaves the talker's stacked experts uninitialised (torch.empty):
+            for name, weight in model.named_parameters():   # memory garbage, NaN at times, which no copy equals
+                if name.startswith("talker.") and ".experts." in name:
+                    weight.normal_(0.0, 0.02)
+        return model.eval()
     # the class moetool builds it with (the image-text wrapper where transformers has no causal LM for it)
     model = moetool_model(config, seq2seq=family in ("switch_transformers", "nllb-moe"))
     if family == "afmoe":  # transformers initialises its routers to zero, so that every expert would tie
