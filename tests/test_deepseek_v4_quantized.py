@@ -20,7 +20,8 @@ from moetool.errors import CheckpointFormatError
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.evaluate import EvalOptions, evaluate
 from moetool.ops.inspect import inspect_checkpoint
-from tests.tiny import build_model, param_count
+from tests.test_deepseek_v4 import hub_name
+from tests.tiny import save_tiny
 
 TINY = "deepseek_v4-fp4"   # (experts 32 wide: one FP4 scale per 32 inputs)
 FP8 = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b", "attn.indexer.wq_b",
@@ -59,19 +60,13 @@ def _fp4(w):
     return (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8).view(torch.int8), scale.to(torch.float8_e8m0fnu)
 
 
-def _hub_name(name):
-    name = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}.get(name, name)
-    return name.replace("model.hc_head.hc_", "hc_head_").removeprefix("model.").replace(
-        ".attn.norm.weight", ".attn.kv_norm.weight")
-
 
 def save_hub_quantized(path, variant="flash"):
     block, fp4, expert_dtype, f32 = VARIANTS[variant]
-    model = build_model(TINY)
-    model.save_pretrained(path, save_original_format=True)
+    save_tiny(TINY, path)   # (the hub form: transformers' save, attn.kv_norm as the hub names it)
     out = {}
     for name, tensor in load_file(path / "model.safetensors").items():
-        name = _hub_name(name)
+        name = hub_name(name)
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module.split(".", 2)[-1] in FP8:
             out[name], out[module + ".scale"] = _fp8(tensor, block, f32)
@@ -80,7 +75,7 @@ def save_hub_quantized(path, variant="flash"):
         else:
             out[name] = tensor
     if variant == "flash":   # the hub's multi-token-prediction block (transformers ignores mtp.*), quantized alike
-        last = f"layers.{model.config.num_hidden_layers - 1}."
+        last = f"layers.{json.loads((path / 'config.json').read_text())['num_hidden_layers'] - 1}."
         out.update({"mtp.0." + n.removeprefix(last): t.clone() for n, t in out.items() if n.startswith(last)})
         out["mtp.0.e_proj.weight"], out["mtp.0.e_proj.scale"] = _fp8(torch.randn(32, 64) / 8, block, f32)
     save_file(out, path / "model.safetensors", metadata={"format": "pt"})
@@ -92,7 +87,6 @@ def save_hub_quantized(path, variant="flash"):
     if expert_dtype:
         config["expert_dtype"] = expert_dtype
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    (path / "expected.json").write_text(json.dumps({"params": param_count(model)}))
     return path
 
 

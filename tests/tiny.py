@@ -522,15 +522,18 @@ def param_count(model) -> int:
 HUB_TRANSPOSED = {"qwen3_vl_moe"}
 
 
-def _transpose_experts(path: Path) -> None:
-    """The fused experts of the checkpoint at PATH transposed in place, as the hub stores them."""
+def _rewrite(path: Path, change) -> None:
+    """Each safetensors file of the checkpoint at PATH replaced by CHANGE(its tensors) (name -> tensor)."""
     from safetensors.torch import load_file, save_file
 
     for file in path.glob("*.safetensors"):
-        tensors = load_file(file)
-        tensors = {n: t.transpose(1, 2).contiguous() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))
-                   else t for n, t in tensors.items()}
-        save_file(tensors, file, metadata={"format": "pt"})
+        save_file(change(load_file(file)), file, metadata={"format": "pt"})
+
+
+def _transpose_experts(path: Path) -> None:
+    """The fused experts of the checkpoint at PATH transposed in place, as the hub stores them."""
+    _rewrite(path, lambda tensors: {n: t.transpose(1, 2).contiguous() if n.endswith(
+        ("experts.gate_up_proj", "experts.down_proj")) else t for n, t in tensors.items()})
 
 
 # Families with zero-computation experts, whose transformers 5 model holds (and saves) gate and up rows for
@@ -543,13 +546,8 @@ def drop_zero_experts(path: Path, experts: int) -> None:
     """The per-expert checkpoint at PATH without the tensors of experts numbered EXPERTS and above."""
     import re
 
-    from safetensors.torch import load_file, save_file
-
-    for file in path.glob("*.safetensors"):
-        tensors = load_file(file)
-        kept = {n: t for n, t in tensors.items()
-                if not (m := re.search(r"\.experts\.(\d+)\.", n)) or int(m.group(1)) < experts}
-        save_file(kept, file, metadata={"format": "pt"})
+    _rewrite(path, lambda tensors: {n: t for n, t in tensors.items()
+                                    if not (m := re.search(r"\.experts\.(\d+)\.", n)) or int(m.group(1)) < experts})
 
 
 # Families whose hub checkpoints name some tensors apart from transformers' own saves of the hub form (DeepSeek-V4's
@@ -558,13 +556,12 @@ HUB_NAMED = {"deepseek_v4": ((".attn.norm.", ".attn.kv_norm."),)}
 
 
 def _hub_named(path: Path, renames) -> None:
-    from safetensors.torch import load_file, save_file
-
-    for file in path.glob("*.safetensors"):
-        tensors = load_file(file)
+    def renamed(tensors):
         for old, new in renames:
             tensors = {n.replace(old, new): t for n, t in tensors.items()}
-        save_file(tensors, file, metadata={"format": "pt"})
+        return tensors
+
+    _rewrite(path, renamed)
 
 
 def save_tiny(family: str, path: Path, *, fused: bool = False, seed: int = 0, hub_only: bool = False) -> Path:

@@ -85,19 +85,20 @@ def _parse(output, family: Family, config, top_k: int, bias=None):
     return index, weight, logits
 
 
-def _own_tensor(family: Family, role: Role, layer: int) -> str:
-    """The name, under LAYER's router module, of the router's tensor of ROLE (ZAYA's balancing_biases)."""
-    router = module_name(family.router_module, layer, 0) + "."
-    name = module_name(family.templates("fused").get(role) or "", layer, 0)
-    if not name.startswith(router):
-        raise UnsupportedError(f"{family.title}: its router's {role.value} is not a tensor of its router module")
-    return name[len(router):]
-
-
-def _tensor_of(module, name: str):
-    for part in name.split("."):
-        module = getattr(module, part)
-    return module
+def router_tensor(model, family: Family, role: Role, layer: int, decoder_offset: int = 0):
+    """The tensor of ROLE (a router's weight, correction bias or token table) of LAYER in the built MODEL as it is
+    installed now (streamed layers change), or None where the model holds none under the family's names."""
+    for layout in ("fused", "per-expert"):
+        template = family.templates(layout).get(role)
+        if template is None:
+            continue
+        owner, _, attr = module_name(template, layer, decoder_offset).rpartition(".")
+        owner = module_in(model, family, owner)   # (the module, found under a wrapper's prefix too)
+        try:
+            return getattr(model.get_submodule(owner), attr)
+        except AttributeError:
+            continue
+    return None
 
 
 def module_name(template, layer: int, decoder_offset: int) -> str:
@@ -130,8 +131,8 @@ class RouterCapture:
                 module = model.get_submodule(name)
             except AttributeError:
                 raise UnsupportedError(f"{family.title}: no router module {name} in the transformers model") from None
-            self._handles.append(module.register_forward_hook(self._router_hook(family, config, layer,
-                                                                                top_k_at(layer))))
+            self._handles.append(module.register_forward_hook(self._router_hook(model, family, config, layer,
+                                                                                top_k_at(layer), offset)))
             parent = name.rpartition(".")[0]
             # not a decoder layer itself (Gemma 4's layers.{L}.router): the layer's forward always calls its
             # router, and the streamed runner's stand-ins for layer forwards run none
@@ -147,19 +148,19 @@ class RouterCapture:
         if self.trace is not None:
             self.trace.step_done()
 
-    def _router_hook(self, family: Family, config: dict, layer: int, k: int):
+    def _router_hook(self, model, family: Family, config: dict, layer: int, k: int, offset: int):
         import torch
 
         scores = _score_function(family, config)
-        bias = _own_tensor(family, Role.ROUTER_CORRECTION, layer) if family.router_output == "topk-skip" else None
+        recomputed = family.router_output == "topk-skip"   # (the picks, from the logits and the selection bias)
 
         def hook(module, args, output):
             self._fired[layer] = True
             first, batch, seq = self.batch
             with torch.no_grad():
                 # (the router's own tensor as installed now: streamed layers change)
-                index, weight, logits = _parse(output, family, config, k,
-                                               None if bias is None else _tensor_of(module, bias))
+                bias = router_tensor(model, family, Role.ROUTER_CORRECTION, layer, offset) if recomputed else None
+                index, weight, logits = _parse(output, family, config, k, bias)
                 probs = _distribution(logits, scores)
                 top2 = torch.topk(probs, min(2, probs.shape[-1]), dim=-1).values
                 entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)

@@ -17,19 +17,19 @@ from contextlib import contextmanager, nullcontext
 
 from moetool.arch import Role
 from moetool.errors import UnsupportedError
-from moetool.runner.capture import RouterCapture, _own_tensor, _tensor_of, module_name
+from moetool.runner.capture import RouterCapture, module_name, router_tensor
 from moetool.runner.modules import module_in
 from moetool.runner.sequential import experts_modules
 from moetool.runner.stats import RoutingStats
 
 
-def _router_weight(router, named: str | None = None):
+def _router_weight(router, named=None):
     """The weight a router module applies (Hunyuan's gate holds an nn.Linear, JetMoE's router a .layer; NAMED:
-    the family's router tensor under the module, where the module holds other weights too: ZAYA's MLP router,
-    whose expert rows are router_mlp.out_proj's)."""
+    the family's router tensor, where the module holds other weights too: ZAYA's MLP router, whose expert rows
+    are router_mlp.out_proj's)."""
     weight = getattr(router, "weight", None)
-    if weight is None and named is not None:
-        weight = _tensor_of(router, named)
+    if weight is None:
+        weight = named
     if weight is None:
         weight = next((p for n, p in router.named_parameters() if n.endswith("weight")), None)
     if weight is None:
@@ -37,25 +37,10 @@ def _router_weight(router, named: str | None = None):
     return weight
 
 
-def _router_tensor(model, family, role: Role, index: int, offset: int):
-    """The tensor of ROLE (a router's correction bias or token table) of layer INDEX in the built model, or None."""
-    for layout in ("fused", "per-expert"):
-        template = family.templates(layout).get(role)
-        if template is None:
-            continue
-        owner, _, attr = module_name(template, index, offset).rpartition(".")
-        owner = module_in(model, family, owner)   # (the module, found under a wrapper's prefix too)
-        try:
-            return getattr(model.get_submodule(owner), attr)
-        except AttributeError:
-            continue
-    return None
-
-
 def _correction_bias(model, family, config: dict, index: int, offset: int):
     """The router's correction bias in the built model (DeepSeek-V3, GLM-4.5, dots1, ERNIE), or None
     for routers without one (as CONFIG makes it: LFM2-MoE's use_expert_bias; DeepSeek-V4's token-table layers)."""
-    found = _router_tensor(model, family, Role.ROUTER_CORRECTION, index, offset)
+    found = router_tensor(model, family, Role.ROUTER_CORRECTION, index, offset)
     if found is not None:
         return found
     settings = family.settings(config)
@@ -124,15 +109,12 @@ class RouterRestriction:
         # layer with its forward stubbed out, to learn each layer's arguments
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else layer
         self.bias = _correction_bias(model, family, config, index, offset)
-        self.table = _router_tensor(model, family, Role.ROUTER_HASH, index, offset) if remap else None
+        self.table = router_tensor(model, family, Role.ROUTER_HASH, index, offset) if remap else None
         if remap and self.table is None:
             raise UnsupportedError(f"{family.title}: layer {index}'s token table is not where moetool looks for it")
         self.remap, self._remapped = remap, None
         self.index, self.removed = index, removed
-        try:
-            self.weight_name = _own_tensor(family, Role.ROUTER, index)
-        except UnsupportedError:   # (not under the router module: its weight found as it always was)
-            self.weight_name = None
+        self.model, self.family, self.offset = model, family, offset
         self._mode = self._saved_bias = self._saved_table = None
         self._handles = [parent.register_forward_pre_hook(self._enter),
                          parent.register_forward_hook(self._leave, always_call=True)]
@@ -148,7 +130,8 @@ class RouterRestriction:
             if self._remapped is None:
                 self._remapped = self.remap(self._saved_table.cpu()).to(self.table.device)
             self.table.data.copy_(self._remapped)
-        self._mode = _masking_mode(_router_weight(self.router, self.weight_name), self.removed)
+        named = router_tensor(self.model, self.family, Role.ROUTER, self.index, self.offset)
+        self._mode = _masking_mode(_router_weight(self.router, named), self.removed)
         self._mode.__enter__()
 
     def _leave(self, module, args, output) -> None:
