@@ -72,19 +72,21 @@ def main() -> None:
             print(f"{'prune 50%':>34} {'window':>6} {'KL mean':>9} {'top-1':>7} {'perplexity':>10} {'seconds':>8}")
             windows = _windows(original, tmp, args.windows)
             per_sequence = {}   # window 0: each held-out sequence's KL, to pair the two scorings
+            reports = {}        # window 0: the prune reports (kept experts and their scores)
             for w, calibration in enumerate(windows):
                 for criterion in ("frequency", "reap"):
                     for sequential in (False, True):
                         label = f"{criterion} {'--sequential' if sequential else 'per-layer'}"
                         out = tmp / f"prune-{w}-{label}"
                         start = time.perf_counter()
-                        prune(original, out, PruneOptions(ratio=0.5, criterion=criterion, sequential=sequential,
-                                                          calibration=calibration))
+                        report = prune(original, out, PruneOptions(ratio=0.5, criterion=criterion,
+                                                                   sequential=sequential, calibration=calibration))
                         seconds = time.perf_counter() - start
                         with open_checkpoint(out) as pruned:
                             result = evaluate(pruned, EvalOptions(per_sequence=w == 0), original)
                         kl[(w, label)] = result.kl_mean
                         if w == 0:
+                            reports[label] = report
                             per_sequence[label] = np.array([row["kl_mean"] for row in result.per_sequence])
                             print(f"{label:>34} {w:>6} {result.kl_mean:9.4f} {result.top1_agreement:7.1%} "
                                   f"{result.perplexity:10.2f} {seconds:8.1f}")
@@ -102,6 +104,14 @@ def main() -> None:
     for criterion in ("frequency", "reap"):
         flat, seq = kl[(0, f"{criterion} per-layer")], kl[(0, f"{criterion} --sequential")]
         print(f"prune 50% {criterion}: --sequential {seq:.4f} vs per-layer {flat:.4f} ({seq / flat:.3f}x; goal <= 1)")
+        flat_report, seq_report = reports[f"{criterion} per-layer"], reports[f"{criterion} --sequential"]
+        for layer, kept in seq_report.kept.items():   # where the two choices differ, and by how much
+            other = set(flat_report.kept[layer])
+            ours, theirs = sorted(set(kept) - other), sorted(other - set(kept))
+            if ours:
+                print(f"    layer {layer}: --sequential keeps {ours}, per-layer {theirs}; {criterion} per-layer "
+                      + ", ".join(f"{e}: {flat_report.scores[layer][e]:.4f}" for e in ours + theirs) + "; --sequential "
+                      + ", ".join(f"{e}: {seq_report.scores[layer][e]:.4f}" for e in ours + theirs))
         diff = per_sequence[f"{criterion} --sequential"] - per_sequence[f"{criterion} per-layer"]
         if not diff.any():
             print(f"    paired over the {diff.size} held-out sequences: the two pruned models are identical")

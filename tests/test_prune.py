@@ -161,6 +161,7 @@ def test_criteria_from_a_profile_keep_the_top_experts(tmp_path, tiny, criterion,
         scores = layer[field]
         best = sorted(range(4), key=lambda e: (-scores[e], e))[:2]
         assert report.kept[layer["layer"]] == sorted(best)
+        assert report.scores[layer["layer"]] == scores   # the report says what the choice saw
     assert report.experts_after == 2 and 0 <= report.routing_mass_removed <= 0.5 + 1e-9
 
 

@@ -87,17 +87,18 @@ def _measure(model, layer: int, ids, criterion: str) -> tuple[list[float], list[
     return scores, mass.tolist()
 
 
-def _oracle(path, ids, criterion: str, merged_from=None) -> tuple[dict[int, list[int]], float]:
+def _oracle(path, ids, criterion: str, merged_from=None) -> tuple[dict[int, list[int]], float, dict[int, list]]:
     """The experts kept layer by layer, each layer measured with the earlier ones pruned (MERGED_FROM:
-    the output checkpoint whose merged kept experts replace the earlier layers' kept slots), and the
-    share of the gate-weight mass the removed experts carried, so measured."""
+    the output checkpoint whose merged kept experts replace the earlier layers' kept slots), the
+    share of the gate-weight mass the removed experts carried, so measured, and each layer's scores."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     merged = load_file(next(merged_from.glob("*.safetensors"))) if merged_from else None
     weights = {layer: model.model.layers[layer].mlp.gate.weight for layer in range(LAYERS)}
-    kept, removed, mass_removed, mass_total = {}, {}, 0.0, 0.0
+    kept, removed, mass_removed, mass_total, scored = {}, {}, 0.0, 0.0, {}
     for layer in range(LAYERS):
         with routers_restricted(model, removed, {k: weights[k] for k in removed}):
             scores, mass = _measure(model, layer, ids, criterion)
+        scored[layer] = scores
         kept[layer] = sorted(sorted(range(EXPERTS), key=lambda e: (-scores[e], e))[:KEEP])
         removed[layer] = [e for e in range(EXPERTS) if e not in kept[layer]]
         mass_removed += sum(mass[e] for e in removed[layer])
@@ -110,7 +111,7 @@ def _oracle(path, ids, criterion: str, merged_from=None) -> tuple[dict[int, list
                     gate, up, down = (merged[prefix + f"{p}_proj.weight"] for p in ("gate", "up", "down"))
                     experts.gate_up_proj[old] = torch.cat([gate, up])
                     experts.down_proj[old] = down
-    return kept, mass_removed / mass_total
+    return kept, mass_removed / mass_total, scored
 
 
 @pytest.mark.parametrize("criterion", ["frequency", "soft-count", "reap"])
@@ -121,9 +122,12 @@ def test_each_layer_is_scored_on_the_pruned_earlier_layers(tmp_path, source, cri
                                                          calibration=_calibration(ids_path)))
         per_layer = prune(ckpt, tmp_path / "flat", PruneOptions(keep=KEEP, criterion=criterion,
                                                                 calibration=_calibration(ids_path)), dry_run=True)
-    kept, mass_removed = _oracle(path, ids, criterion)
+    kept, mass_removed, scores = _oracle(path, ids, criterion)
     assert seq.kept == kept
     assert seq.routing_mass_removed == pytest.approx(mass_removed, rel=1e-5)
+    for layer in range(LAYERS):   # the report's scores: each layer's, as measured after the earlier ones were pruned
+        assert seq.scores[layer] == pytest.approx(scores[layer], rel=1e-4, abs=1e-6)
+    assert seq.scores[LAYERS - 1] != pytest.approx(per_layer.scores[LAYERS - 1], rel=1e-4)
     assert seq.kept[0] == per_layer.kept[0]     # the first layer sees the same inputs either way
     # and the later ones do not: the test tells sequential from per-layer scoring
     assert abs(seq.routing_mass_removed - per_layer.routing_mass_removed) > 1e-4
@@ -136,7 +140,7 @@ def test_merge_works_in_the_same_pass(tmp_path, source):
                                                          calibration=_calibration(ids_path)))
         dropped = prune(ckpt, tmp_path / "drop", PruneOptions(keep=KEEP, sequential=True,
                                                               calibration=_calibration(ids_path)), dry_run=True)
-    kept, mass_removed = _oracle(path, ids, "frequency", merged_from=tmp_path / "seq")
+    kept, mass_removed, _ = _oracle(path, ids, "frequency", merged_from=tmp_path / "seq")
     assert seq.kept == kept
     assert seq.routing_mass_removed == pytest.approx(mass_removed, rel=1e-5)
     # merged earlier layers route the later ones differently from dropped ones
@@ -164,6 +168,9 @@ def test_cli(tmp_path, source):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert len(report["kept"]) == LAYERS and all(len(v) == KEEP for v in report["kept"].values())
+    for layer, kept in report["kept"].items():   # the kept experts are the best scored
+        scores = report["scores"][layer]
+        assert min(scores[e] for e in kept) >= max(s for e, s in enumerate(scores) if e not in kept)
     assert (tmp_path / "out" / "config.json").exists()
 
 

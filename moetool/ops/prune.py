@@ -99,7 +99,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     # remap needs it: a full read of the other layers' experts would be wasted); None: every layer
     compared = None if options.merge else table_layers
     check_group_routing(keep, top_k, groups, groups_used, family.router.group_score_experts if family.router else 2)
-    similarity = None
+    similarity = scores = None
     if options.experts is not None:
         if sorted(options.experts) != structure.moe_layers or any(
                 len(set(v)) != len(v) or not all(0 <= e < experts for e in v) for v in options.experts.values()):
@@ -108,9 +108,9 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         kept = {layer: sorted(v) for layer, v in options.experts.items()}
         mass = _scores(ckpt, structure, options, progress)[1] if options.merge or options.profile else None
     elif options.sequential:
-        kept, mass, similarity = sequential_choice(ckpt, structure, options, keep, groups,
-                                                   (lambda: _similarity(ckpt, compared)) if compared != []
-                                                   else None, progress, merge=options.merge)
+        kept, mass, similarity, scores = sequential_choice(ckpt, structure, options, keep, groups,
+                                                           (lambda: _similarity(ckpt, compared)) if compared != []
+                                                           else None, progress, merge=options.merge)
     elif options.scope == "global":
         if groups > 1:
             raise UnsupportedError("--scope global with group-limited routing (n_group > 1) would unbalance "
@@ -206,7 +206,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         warnings.append(f"top-k lowered from {top_k} to {new_k}: only {keep} experts are left")
     removed_mass = removed_share(mass, kept)
     report = PruneReport(ckpt.source, None, options.criterion, experts, keep, new_k, kept, removed_params,
-                         removed_bytes, removed_mass, warnings)
+                         removed_bytes, removed_mass, warnings, scores=scores)
     return tensors, config, report
 
 
@@ -329,10 +329,11 @@ def prune(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: bool = F
     refuse_inside_source(out, ckpt)
     if out.exists() and not force and not dry_run:   # before the calibration, not after it
         raise OutputExistsError(f"{out}: already exists", hint="use --force to replace it")
+    start = time.perf_counter()
     tensors, config, report = plan_prune(ckpt, options, analysis_progress)
     if dry_run:
+        report.seconds = round(time.perf_counter() - start, 3)
         return report
-    start = time.perf_counter()
     kept = "".join(f"- layer {layer}: experts {experts}\n" for layer, experts in report.kept.items())
     readme = (f"---\nbase_model: {ckpt.source}\ntags:\n- moetool\n- mixture-of-experts\n- pruned\n---\n\n"
               f"# {out.name}\n\nPruned from `{ckpt.source}` by moetool {__version__} ({report.criterion}): "

@@ -57,11 +57,16 @@ class PruneReport:
     bytes_removed: int
     routing_mass_removed: float | None  # share of gate-weight mass the removed experts carried
     warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0                # the whole run: calibration, choice and writing
+    # per MoE layer, each expert's score by the criterion, as the choice saw it (with --sequential: measured
+    # after the earlier layers were pruned); None with --experts
+    scores: dict[int, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": 1, "moetool_version": __version__, **self.__dict__,
                 "kept": {str(k): v for k, v in self.kept.items()},
+                "scores": None if self.scores is None else {str(k): [round(v, 6) for v in values]
+                                                            for k, values in self.scores.items()},
                 "experts_per_layer": {str(k): len(v) for k, v in self.kept.items()}}
 
     @property
@@ -247,12 +252,13 @@ def check_choice(options: PruneOptions) -> None:
 
 def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups: int = 1, similarity=None,
                       progress=None, *, merge: bool = False
-                      ) -> tuple[dict[int, list[int]], dict[int, list[float]], Any]:
-    """The kept experts and gate-weight mass of every MoE layer, chosen layer by layer on the streamed
+                      ) -> tuple[dict[int, list[int]], dict[int, list[float]], Any, dict[int, list[float]]]:
+    """The kept experts, gate-weight mass and scores of every MoE layer, chosen layer by layer on the streamed
     runner: each layer's criterion is measured on the hidden states of the already-pruned earlier
     layers, then the layer is pruned in place. SIMILARITY (a callable giving, per MoE layer, the experts'
-    pairwise weight similarity) is returned third: with MERGE, removed experts are merged in place into the
-    most similar kept ones; the token tables of layers that route by one (remapped_table) follow it too."""
+    pairwise weight similarity) is returned third, the scores fourth: with MERGE, removed experts are merged in
+    place into the most similar kept ones; the token tables of layers that route by one (remapped_table) follow
+    it too."""
     import torch
 
     from moetool.runner.device import pick_device, pick_dtype
@@ -285,12 +291,14 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
     ids = calibration_ids(model_ckpt, calibration, default="builtin", vocab_size=structure.vocab_size)
     field = PROFILE_FIELD[options.criterion]
     mass: dict[int, list[float]] = {}
+    scores: dict[int, list[float]] = {}
 
     def choose(layer, totals):
         measured = layer_profile(layer, totals, calibration).__dict__
         mass[layer] = measured["weight_mass"]
+        scores[layer] = [float(v) for v in measured[field]]
         experts = layers[layer][0]
-        kept = choose_per_layer({layer: [float(v) for v in measured[field]]}, [layer], experts, keep, groups)[layer]
+        kept = choose_per_layer(scores, [layer], experts, keep, groups)[layer]
         log.info("layer %d: kept experts %s (%s, measured after the earlier layers were pruned)", layer, kept,
                  options.criterion)
         merged = merge_group(similarity[layer], kept, mass[layer], experts) if merge else None
@@ -310,7 +318,7 @@ def sequential_choice(ckpt, structure, options: PruneOptions, keep: int, groups:
                 progress=progress, offload_dir=calibration.offload_dir)
     finally:
         pruner.close()
-    return pruner.kept, mass, similarity
+    return pruner.kept, mass, similarity, scores
 
 
 def parse_experts(spec: str) -> dict[int, list[int]]:

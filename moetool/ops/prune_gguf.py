@@ -123,9 +123,9 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
                    for v in kept.values()):
                 raise UsageError(f"group-limited routing with {groups} groups of {size}: --experts must keep the "
                                  "same number of experts in every group, at least 2")
-        mass = None
+        mass = scores = None
     elif options.sequential:   # on the GGUF's transformers view
-        kept, mass, _ = sequential_choice(ckpt, structure, options, keep, groups, progress=progress)
+        kept, mass, _, scores = sequential_choice(ckpt, structure, options, keep, groups, progress=progress)
     else:
         scores, mass = _scores(ckpt, structure, classifier, options, progress)
         kept = choose_per_layer(scores, layers, experts, keep, groups)
@@ -184,7 +184,7 @@ def plan_prune_gguf(ckpt: Checkpoint, options: PruneOptions, progress=None):
         warnings.append(f"top-k lowered from {top_k} to {new_k}: only {keep} experts are left")
     report = PruneReport(ckpt.source, None, options.criterion,
                          experts, keep, new_k, kept, removed_params, removed_bytes, removed_share(mass, kept),
-                         warnings)
+                         warnings, scores=scores)
     return edits, metadata, report
 
 
@@ -196,10 +196,11 @@ def prune_gguf(ckpt: Checkpoint, out: Path, options: PruneOptions, *, force: boo
     sources = [shard.path for shard in ckpt.shards]
     refuse_inside_source(out, ckpt)
     check_outputs(sources, out, force=force or dry_run)   # a bad or taken name fails before any work
+    start = time.perf_counter()
     edits, metadata, report = plan_prune_gguf(ckpt, options, analysis_progress)
     if dry_run:
+        report.seconds = round(time.perf_counter() - start, 3)
         return report
-    start = time.perf_counter()
     written = write_edited_gguf(sources, out, edits, metadata, force=force, progress=progress)
     report.out = str(written[0]) if len(written) == 1 else str(out)
     report.seconds = round(time.perf_counter() - start, 3)
