@@ -590,8 +590,12 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
         raise UnsupportedError(f"{ckpt.source}: convert writes safetensors from safetensors or .bin checkpoints; "
                                "a GGUF file is llama.cpp's", hint="prune a GGUF as it is, or convert the model it "
                                "was made from")
-    stored = ct.recorded_formats(ckpt.config, ckpt.tensors) if options.dequantize else None
-    if stored:   # a compressed-tensors checkpoint: its packed weights read as dequantized tensors
+    stored = (ct.recorded_formats(ckpt.config, ckpt.tensors) or ct.stored_schemes(ckpt.config, ckpt.tensors)) \
+        if options.dequantize else None
+    if stored:   # a compressed-tensors checkpoint: its quantized weights read as dequantized tensors
+        unreadable = next((name for name, fmt in stored.items() if getattr(fmt, "unreadable", None)), None)
+        if unreadable is not None:
+            raise UnsupportedError(f"{unreadable}: {stored[unreadable].unreadable}")
         ckpt = ct.dequantized_view(ckpt, stored)
     planner = _Planner(ckpt, options, dequantized=bool(stored))
     source_layout, target_layout = planner.plan()

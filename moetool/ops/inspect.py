@@ -39,6 +39,7 @@ from moetool.arch.schema import (
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.header import DTYPE_BYTES
 from moetool.errors import ConfigError, UnsupportedError
+from moetool.quant import compressed_tensors as ct
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ class _Tally:
     fp4: set[str] = field(default_factory=set)            # I8 weights of packed FP4 e2m1 (two values a byte)
     bad_scales: list[str] = field(default_factory=list)   # X.scale companions whose grid does not fit X.weight
     unscaled: list[str] = field(default_factory=list)     # block-FP8 checkpoint: quantized weights without scales
+    unreadable: list[str] = field(default_factory=list)   # why compressed-tensors weights cannot be dequantized
     sliced: dict[str, int] = field(default_factory=dict)  # one expert of a tensor stored stacked -> expert
     dtype_bytes: dict[str, int] = field(default_factory=dict)   # elements per dtype, in order of appearance
     ggml_bytes: dict[str, int] = field(default_factory=dict)    # GGUF: bytes per type, the same
@@ -322,6 +324,9 @@ def inspect_checkpoint(ckpt: Checkpoint, *, experts: bool | Collection[int] = Fa
         problems.append(Problem("error", "missing_scale",
                                 f"{len(tally.unscaled)} weights of this block-FP8 checkpoint are stored "
                                 f"quantized without their scales (first: {tally.unscaled[0]})"))
+    for why in tally.unreadable:
+        problems.append(Problem("warning", "unreadable_quantization", f"moetool cannot dequantize some weights, so "
+                                f"it can count them but not run, convert or dequantize them: {why}"))
     if tally.mtp:
         problems.append(Problem("info", "mtp", f"{tally.mtp:,} parameters belong to multi-token-prediction "
                                                "modules, which transformers ignores; they are not counted"))
@@ -479,6 +484,8 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     names, refs = list(ckpt.tensors), list(ckpt.tensors.values())
     bits = _compressed_bits(cfg)
     moetool_formats = _moetool_formats(cfg)
+    # compressed-tensors: each quantized weight's scheme (its parameters and form follow from it)
+    stored = ct.stored_schemes(cfg, names) or {}
     slices = {}   # experts moetool stores one slice each, of a tensor stored stacked: classified as it
     if (cfg.get("quantization_config") or {}).get("quant_method") == "moetool":
         from moetool.quant.formats import stacked_slices
@@ -524,7 +531,7 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
                     aux_tails[tail] = (i, name)
             continue
         if moetool_formats or m.packed or (bnb4 and "U8" in dtypes) or (fp4 and "I8" in dtypes):
-            params = [_stored_params(tally, name, ref, numel, m.packed, moetool_formats, bnb4, bits, fp4)
+            params = [_stored_params(tally, name, ref, numel, m.packed, moetool_formats, bnb4, bits, fp4, stored)
                       for name, ref, numel in zip(gnames, grefs, numels)]
         else:
             params = numels
@@ -581,7 +588,9 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
             quant_forms.add(form)
     if classifier.companions:
         _scale_forms(ckpt, classifier, cfg, tally)
-    if any(dtype.startswith("F8") for dtype in weight_dtypes) and \
+    quant_forms.update(f"compressed-tensors {scheme.id}" for scheme in set(stored.values()))
+    tally.unreadable = sorted({scheme.unreadable for scheme in stored.values() if scheme.unreadable})
+    if any(dtype.startswith("F8") for dtype in weight_dtypes) and not stored and \
             not any(form.startswith("fp8 block ") for form in quant_forms):   # (a scale's form names it)
         quant_forms.add("fp8")
     if (cfg.get("quantization_config") or {}).get("quant_method") == "fp8":
@@ -629,13 +638,16 @@ _SCALE_DTYPES = {"F8_E8M0": "ue8m0", "F32": "f32", "BF16": "bf16", "F16": "f16"}
 
 
 def _stored_params(tally: _Tally, name: str, ref: TensorRef, numel: int, packed: bool, moetool_formats: dict,
-                   bnb4: set[str], bits: int, fp4: set[str] = frozenset()) -> int:
+                   bnb4: set[str], bits: int, fp4: set[str] = frozenset(), stored: dict | None = None) -> int:
     """The parameters a quantized weight holds (more than its stored elements), noting its form."""
     fmt = moetool_formats.get(name) if moetool_formats else None
     if fmt is not None and fmt.kind != "keep":
         tally.quant_forms.add(f"moetool {fmt.id}")
         tally.quantized.add(name)
         return 2 * numel if fmt.is_bnb4 else prod(fmt.original_shape(ref.shape))
+    scheme = stored.get(name.removesuffix(ct.PACKED)) if stored and packed else None
+    if scheme is not None:   # compressed-tensors packed codes (its form: named once, after the pass)
+        return scheme.params(ref.shape)
     if packed:
         tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
         return numel * (2 if ref.dtype == "U8" else 32 // bits)

@@ -49,7 +49,7 @@ from moetool.errors import OutputExistsError, OutputWriteError, UnsupportedError
 from moetool.layout.plan import FLOATS, PlanOptions, family_context, plan_tensors
 from moetool.ops.profile import ProfileOptions, routing_profile
 from moetool.quant import compressed_tensors as ct
-from moetool.quant.config import QUANT_METHOD, recorded_formats
+from moetool.quant.config import QUANT_METHOD, tool_quantized
 from moetool.quant.formats import Format, parse_format, slice_name
 from moetool.runner import distributed
 from moetool.runner.modules import model_name
@@ -450,7 +450,7 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     family, cfg, offset = family_context(ckpt)
     if family is None or family.dense:
         raise UsageError(f"{ckpt.source}: not a known MoE architecture; moetool quantizes routed experts")
-    if recorded_formats(ckpt.config) is not None:
+    if tool_quantized(ckpt.config):
         raise UnsupportedError(f"{ckpt.source}: already quantized by moetool or compressed-tensors (quantize its "
                                "unquantized source, or convert --dequantize it first)")
     rules = check_options(options)

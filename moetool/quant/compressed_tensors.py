@@ -80,10 +80,13 @@ class CompressedFormat:
 
     nbytes = Format.nbytes   # the bytes of its components, as for any format
 
-    def original_shape(self, packed_shape: tuple[int, ...], blob=None) -> tuple[int, ...]:
+    def original_shape(self, packed_shape: tuple[int, ...], blob=None, parts=None, name=None) -> tuple[int, ...]:
         """The weight's shape from its weight_packed shape (columns are a multiple of 32 / bits)."""
         rows, words = packed_shape
         return rows, words * 32 // self.bits
+
+    def dequantized_dtype(self, parts) -> str:
+        return parts[SCALE].dtype
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         self.base.check(name, shape)
@@ -266,23 +269,276 @@ def _match(name: str, target: str) -> bool:
     return target == name
 
 
-def dequantized_view(ckpt, formats: dict[str, CompressedFormat]):
-    """CKPT with each of FORMATS' weights in place of its stored tensors, dequantized when read:
-    what the tensor plan (which knows moetool's and the releases' quantized forms) can lay out."""
+def dequantized_view(ckpt, formats: dict):
+    """CKPT with each of FORMATS' weights (CompressedFormat or StoredScheme) in place of its stored tensors,
+    dequantized when read, and the input and kv-cache scales of activations quantized at serving dropped: what
+    the tensor plan (which knows moetool's and the releases' quantized forms) can lay out."""
     from dataclasses import replace
 
     from moetool.checkpoint.pieces import ComputedRef
 
     owners = {name + suffix: name for name, fmt in formats.items() for suffix in fmt.suffixes}
+    served = served_scales(ckpt.config, ckpt.tensors)
     tensors = {}
     for stored, ref in ckpt.tensors.items():
         name = owners.get(stored)
         if name is None:
-            tensors[stored] = ref
-        elif stored == name + PACKED:
+            if stored not in served:
+                tensors[stored] = ref
+        elif stored == name + formats[name].suffixes[0]:
             fmt = formats[name]
             parts = {s: ckpt.tensors[name + s] for s in fmt.suffixes}
-            shape = fmt.original_shape(ref.shape)
-            tensors[name] = ComputedRef(name, parts[SCALE].dtype, shape, lambda fmt=fmt, parts=parts, shape=shape:
-                                        fmt.dequantize({s: r.load() for s, r in parts.items()}, shape, None))
-    return replace(ckpt, tensors=tensors)
+            shape = fmt.original_shape(ref.shape, parts=parts, name=name)
+            tensors[name] = ComputedRef(name, fmt.dequantized_dtype(parts), shape,
+                                        lambda fmt=fmt, parts=parts, shape=shape, name=name:
+                                        fmt.dequantize({s: r.load() for s, r in parts.items()}, shape, None,
+                                                       name=name))
+    return replace(ckpt, tensors=tensors, config=_without_quantization(ckpt.config))
+
+
+def _without_quantization(config: dict | None) -> dict | None:
+    if not config or "quantization_config" not in config:
+        return config
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
+# ---------------------------------------------------------------- any compressed-tensors checkpoint
+
+# the compressors of compressed-tensors 0.20 moetool reads (compressors/*/base.py), and the tensors each
+# stores for X.weight, as suffixes of that name (the first: the codes)
+STORED_FORMATS = {
+    PACK_FORMAT: (PACKED, SCALE, SHAPE),
+    "naive-quantized": ("", SCALE),
+    "int-quantized": ("", SCALE),
+    "float-quantized": ("", SCALE),
+    "nvfp4-pack-quantized": (PACKED, SCALE, "_global_scale"),
+    "mxfp4-pack-quantized": (PACKED, SCALE),
+}
+# module-level scales of quantized activations (X.input_scale, ...) and of the kv cache (self_attn.k_scale):
+# used at serving, not by moetool, which runs activations unquantized
+SERVED_SCALES = (".input_scale", ".input_global_scale", ".input_zero_point", ".output_scale",
+                 ".output_zero_point", ".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point")
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # fp4 magnitudes by the low three bits (compressed-tensors' kE2M1)
+
+
+@dataclass(frozen=True)
+class StoredScheme:
+    """The weights of one compressed-tensors config group, as its compressor stores them: read and
+    dequantized exactly as the package's `decompress` computes (quantization/lifecycle/forward_helpers.py
+    `_dequantize`, by strategy), never run quantized. UNREADABLE: why moetool cannot dequantize it (None: it can)."""
+
+    format: str
+    type: str              # "int" | "float"
+    bits: int
+    strategy: str          # "tensor" | "channel" | "group" | "tensor_group" | "block"
+    group: int | None = None
+    block: tuple[int, int] | None = None
+    symmetric: bool = True
+    activations: str | None = None   # how the input activations are quantized when served ("fp8 token dynamic")
+    unreadable: str | None = None
+
+    @property
+    def id(self) -> str:
+        kind = {"nvfp4-pack-quantized": "nvfp4", "mxfp4-pack-quantized": "mxfp4"}.get(self.format)
+        if kind is None:
+            grid = {"group": f"g{self.group}", "tensor_group": f"g{self.group}",
+                    "block": "block " + "x".join(map(str, self.block or ()))}.get(self.strategy, self.strategy)
+            kind = f"{'fp' if self.type == 'float' else 'int'}{self.bits} {grid}" + \
+                ("" if self.symmetric else " asym")
+        return kind + (f", activations {self.activations}" if self.activations else "")
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        found = STORED_FORMATS[self.format]
+        return found + ((ZERO_POINT,) if not self.symmetric else ())
+
+    def original_shape(self, stored: tuple[int, ...], parts=None, name: str | None = None) -> tuple[int, ...]:
+        """The weight's shape from its codes' stored shape (headers only): packed integers hold 32 / bits
+        values a word (grouped ones as many as their scales' groups cover), fp4 two a byte."""
+        from moetool.errors import CheckpointFormatError
+
+        if len(stored) != 2:
+            raise CheckpointFormatError(f"{name or 'a weight'}: compressed-tensors weights are 2-D, not {list(stored)}")
+        rows, cols = stored
+        if self.format == PACK_FORMAT:
+            scale = parts.get(SCALE) if parts else None
+            grouped = self.strategy == "group" and scale is not None and len(scale.shape) == 2
+            return rows, scale.shape[1] * self.group if grouped else cols * 32 // self.bits
+        if self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+            return rows, cols * 2
+        return rows, cols
+
+    def params(self, stored: tuple[int, ...]) -> int:
+        rows, cols = self.original_shape(stored)
+        return rows * cols
+
+    def dequantized_dtype(self, parts) -> str:
+        """The safetensors dtype `decompress` gives: the scale's (bfloat16 for fp4, whose scales it reads so)."""
+        if self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+            return "BF16"
+        return parts[SCALE].dtype if parts[SCALE].dtype in FLOAT_DTYPES else "F32"
+
+    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None, name=None):
+        """The weight [rows, cols] in DTYPE (None: as `decompress` gives it), from its stored PARTS (suffix ->
+        torch tensor), operation by operation as compressed-tensors 0.20 computes it."""
+        import torch
+
+        from moetool.errors import CheckpointFormatError, UnsupportedError
+
+        if self.unreadable:
+            raise UnsupportedError(f"{name or 'a weight'}: {self.unreadable}")
+        rows, cols = shape
+        scale, zero = parts[SCALE], parts.get(ZERO_POINT)
+        global_scale = None
+        if self.format == PACK_FORMAT:
+            stored = parts[SHAPE]
+            if [int(v) for v in stored.tolist()] != [rows, cols]:
+                raise CheckpointFormatError(f"{name or 'a weight'}: weight_shape {stored.tolist()} is not the "
+                                            f"{[rows, cols]} its codes and scales hold")
+            codes = (_codes(parts[PACKED], self.bits, cols) - (1 << (self.bits - 1))).to(torch.int8)
+            if zero is not None:   # packed along the rows
+                zero = (_codes(zero.T, self.bits, rows).T - (1 << (self.bits - 1))).to(torch.int8)
+        elif self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+            packed = parts[PACKED]
+            magnitudes = torch.tensor(E2M1, dtype=torch.float32)
+            pairs = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, cols)   # low nibble first
+            codes = (magnitudes[(pairs & 0x07).long()] * torch.where((pairs & 0x08).bool(), -1.0, 1.0)
+                     ).to(torch.bfloat16)
+            if self.format == "mxfp4-pack-quantized":   # E8M0 exponents, bias 127
+                scale = (2.0 ** (scale.to(torch.int32) - 127).to(torch.bfloat16)).to(torch.bfloat16)
+            else:
+                scale = scale.to(torch.bfloat16)
+                global_scale = parts["_global_scale"]
+        else:
+            codes = parts[""]
+        if global_scale is not None:
+            scale = scale / global_scale
+        if self.strategy in ("group", "tensor_group"):
+            if scale.ndim != 2 or cols % self.group or scale.shape != (rows, cols // self.group):
+                raise CheckpointFormatError(f"{name or 'a weight'}: scales {list(scale.shape)} do not fit "
+                                            f"[{rows}, {cols}] in groups of {self.group}")
+            q = codes.unflatten(-1, (cols // self.group, self.group)).to(scale.dtype)
+            if zero is not None:
+                q = q - zero.to(scale.dtype).unsqueeze(-1)
+            out = (q * scale.unsqueeze(-1)).flatten(-2)
+        elif self.strategy == "block":
+            b0, b1 = self.block
+            blocks = (-(-rows // b0), -(-cols // b1))
+            if tuple(scale.shape) != blocks:
+                raise CheckpointFormatError(f"{name or 'a weight'}: scales {list(scale.shape)} do not fit "
+                                            f"[{rows}, {cols}] in blocks of {b0}x{b1}")
+            padded = torch.nn.functional.pad(codes.to(scale.dtype),
+                                             (0, blocks[1] * b1 - cols, 0, blocks[0] * b0 - rows))
+            q = padded.reshape(blocks[0], b0, blocks[1], b1).transpose(1, 2)
+            if zero is not None:
+                q = q - zero.to(scale.dtype)[..., None, None]
+            out = (q * scale[..., None, None]).transpose(1, 2).reshape(blocks[0] * b0, blocks[1] * b1)[:rows, :cols]
+        else:   # tensor [1] or channel [rows, 1]: broadcast
+            if scale.numel() not in (1, rows):
+                raise CheckpointFormatError(f"{name or 'a weight'}: {scale.numel()} scales for a {self.strategy}-"
+                                            f"wise [{rows}, {cols}] weight")
+            q = codes.to(scale.dtype)
+            if zero is not None:
+                q = q - zero.to(scale.dtype)
+            out = q * scale
+        if self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+            out = out.to(torch.bfloat16)
+        return out if dtype is None else out.to(dtype)
+
+
+def stored_schemes(config: dict | None, names=()) -> dict[str, StoredScheme] | None:
+    """Weight name -> scheme of every weight among NAMES (tensor names) that a compressed-tensors checkpoint
+    stores quantized (a config group targets its module, it is not ignored, its codes and scales are stored);
+    None for a checkpoint that is not compressed-tensors'."""
+    qc = (config or {}).get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD or not isinstance(qc.get("config_groups"), dict):
+        return None
+    groups = [(_stored_scheme(group, qc.get("format")), group.get("targets") or [])
+              for group in qc["config_groups"].values() if isinstance(group, dict)]
+    ignore = qc.get("ignore") or []
+    names = set(names)
+    out = {}
+    for name in names:
+        if not name.endswith(".weight" + SCALE):
+            continue
+        weight = name.removesuffix(SCALE)
+        module = weight.removesuffix(".weight")
+        if any(_match(module, target) for target in ignore):
+            continue
+        scheme = next((s for s, targets in groups if any(t == "Linear" or _match(module, t) for t in targets)),
+                      None)
+        if scheme is not None and weight + scheme.suffixes[0] in names:
+            out[weight] = scheme
+    return out
+
+
+def served_scales(config: dict | None, names) -> frozenset[str]:
+    """The names among NAMES of a compressed-tensors checkpoint's activation and kv-cache scales (SERVED_SCALES)."""
+    if ((config or {}).get("quantization_config") or {}).get("quant_method") != QUANT_METHOD:
+        return frozenset()
+    return frozenset(name for name in names if name.endswith(SERVED_SCALES))
+
+
+def activation_note(config: dict | None) -> str | None:
+    """What a compressed-tensors checkpoint quantizes at serving that moetool does not simulate (None: nothing)."""
+    qc = (config or {}).get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        return None
+    served = sorted({s.activations for s, _ in ((_stored_scheme(g, qc.get("format")), None)
+                                                for g in (qc.get("config_groups") or {}).values()
+                                                if isinstance(g, dict)) if s.activations})
+    kv = qc.get("kv_cache_scheme")
+    if kv:
+        served.append(f"kv cache {_args_text(kv)}")
+    if not served:
+        return None
+    return (f"the checkpoint quantizes activations when served ({'; '.join(served)}); moetool runs its dequantized "
+            "weights with activations unquantized, so its outputs measure the weights' quantization alone")
+
+
+def _args_text(args: dict) -> str:
+    kind = "fp" if args.get("type") == "float" else "int"
+    dynamic = {True: " dynamic", "local": " dynamic (local)"}.get(args.get("dynamic"), " static")
+    return f"{kind}{args.get('num_bits')} {args.get('strategy') or 'tensor'}{dynamic}"
+
+
+def _stored_scheme(group: dict, default_format: str | None) -> StoredScheme:
+    weights = group.get("weights") or {}
+    fmt = group.get("format") or default_format or PACK_FORMAT
+    kind, bits = weights.get("type", "int"), weights.get("num_bits")
+    strategy = weights.get("strategy")
+    group_size = weights.get("group_size")
+    if strategy is None:   # as QuantizationArgs infers it
+        strategy = "tensor" if group_size is None else "group" if group_size > 0 else "channel"
+    block = weights.get("block_structure")
+    activations = group.get("input_activations")
+    scheme = StoredScheme(fmt if fmt in STORED_FORMATS else PACK_FORMAT, kind, bits if isinstance(bits, int) else 0,
+                          strategy, group_size if isinstance(group_size, int) and group_size > 0 else None,
+                          tuple(block) if isinstance(block, (list, tuple)) and len(block) == 2 else None,
+                          bool(weights.get("symmetric", True)),
+                          _args_text(activations) if isinstance(activations, dict) else None)
+    why = None
+    if fmt not in STORED_FORMATS:
+        why = f"compressed-tensors' {fmt} format is not one moetool reads ({', '.join(STORED_FORMATS)} are)"
+    elif not weights:
+        why = "its config group quantizes no weights"
+    elif weights.get("dynamic"):
+        why = "its weights are quantized dynamically (at run time), so no stored scales describe them"
+    elif weights.get("actorder") == "group":
+        why = ("its groups are activation-ordered (actorder group: a weight_g_idx per input), which compressed-"
+               "tensors 0.20 itself does not dequantize")
+    elif strategy not in ("tensor", "channel", "group", "tensor_group", "block") or \
+            (strategy in ("group", "tensor_group") and scheme.group is None) or \
+            (strategy == "block" and scheme.block is None):
+        why = f"its weights' strategy {strategy} is not one moetool reads"
+    elif fmt == PACK_FORMAT and not (kind == "int" and scheme.bits in (2, 4, 8)):   # (whole codes a word)
+        why = f"pack-quantized {kind}{scheme.bits} weights are not read (int2, int4 and int8 are)"
+    elif fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized") and (kind != "float" or scheme.bits != 4):
+        why = f"{fmt} with {kind}{scheme.bits} weights is not compressed-tensors' own"
+    elif fmt == "float-quantized" and (kind != "float" or scheme.bits != 8):
+        why = f"float-quantized {kind}{scheme.bits} weights are not read (fp8 e4m3 are)"
+    elif fmt in ("naive-quantized", "int-quantized") and not (kind == "int" and scheme.bits == 8):
+        why = f"{fmt} {kind}{scheme.bits} weights are not read (int8 are)"
+    elif fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized") and not scheme.symmetric:
+        why = f"asymmetric {fmt} weights are not read"
+    return replace(scheme, unreadable=why) if why else scheme

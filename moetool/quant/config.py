@@ -20,3 +20,9 @@ def recorded_formats(config: dict | None, names=None) -> dict[str, Format] | Non
     if qc.get("quant_method") != QUANT_METHOD:
         return None
     return {name: parse_format(fid) for name, fid in qc.get("tensors", {}).items()}
+
+
+def tool_quantized(config: dict | None) -> bool:
+    """Whether CONFIG is a checkpoint a quantization tool wrote: moetool, or compressed-tensors in any format
+    (llm-compressor's); such weights are not pruned or quantized again in place."""
+    return recorded_formats(config) is not None or compressed_tensors.stored_schemes(config) is not None
