@@ -60,7 +60,8 @@ def test_compressed_tensors_packed_int4(tmp_path, tiny):
     shutil.copytree(src, tmp_path / "ct")
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                                     "config_groups": {"group_0": {"weights": {"num_bits": 4, "group_size": 8}}}}
+                                     "config_groups": {"group_0": {"targets": ["Linear"],
+                                                                   "weights": {"num_bits": 4, "group_size": 8}}}}
     (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
     with safe_open(src / "model.safetensors", "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -74,7 +75,7 @@ def test_compressed_tensors_packed_int4(tmp_path, tiny):
     report = _inspect(tmp_path / "ct")
     assert report.problems == []
     assert report.total_params == _expected(src)
-    assert report.quantization == ["compressed-tensors int4"]
+    assert report.quantization == ["compressed-tensors int4 g8"]
 
 
 def test_kimi_k2_reads_as_deepseek_v3(tmp_path, tiny):

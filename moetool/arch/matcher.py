@@ -42,10 +42,15 @@ AUX_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".SCB", ".weight"),
     (".weight.scales", ".weight"),   # moetool's group-wise integers
     (".weight.zeros", ".weight"),
+    (".weight_scale_2", ".weight"),  # ModelOpt NVFP4's per-tensor scale
+    (".qzeros", ".weight"),          # AutoAWQ and GPTQ: X.qweight's zero points, scales, input groups
+    (".scales", ".weight"),
+    (".g_idx", ".weight"),
     ("_scales", ""),          # mxfp4: gate_up_proj_scales -> gate_up_proj
 )
 AUX_ENDINGS = tuple(s for s, _ in AUX_SUFFIXES)
-PACKED_SUFFIXES = ((".weight_packed", ".weight"), ("_blocks", ""))   # compressed-tensors, mxfp4
+PACKED_SUFFIXES = ((".weight_packed", ".weight"), ("_blocks", ""), (".qweight", ".weight"))   # compressed-
+# tensors, mxfp4, AutoAWQ and GPTQ
 
 # DeepSeek-V4's hub form: X.scale beside X.weight (transformers renames it X.weight_scale_inv). Many
 # families have real parameters named .scale (hyper-connections' attn_hc.scale, Inkling2's q_norm.scale),

@@ -25,6 +25,7 @@ from moetool.checkpoint.pieces import ComputedRef, computed_piece, rows_piece, t
 from moetool.checkpoint.writer import OutputTensor, Piece, ShardPlan, plan_shards, side_files
 from moetool.errors import CheckpointFormatError, UnsupportedError
 from moetool.quant import compressed_tensors as ct
+from moetool.quant import released
 from moetool.quant.config import recorded_formats
 from moetool.quant.formats import stacked_slices
 
@@ -590,13 +591,12 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
         raise UnsupportedError(f"{ckpt.source}: convert writes safetensors from safetensors or .bin checkpoints; "
                                "a GGUF file is llama.cpp's", hint="prune a GGUF as it is, or convert the model it "
                                "was made from")
-    stored = (ct.recorded_formats(ckpt.config, ckpt.tensors) or ct.stored_schemes(ckpt.config, ckpt.tensors)) \
-        if options.dequantize else None
-    if stored:   # a compressed-tensors checkpoint: its quantized weights read as dequantized tensors
-        unreadable = next((name for name, fmt in stored.items() if getattr(fmt, "unreadable", None)), None)
-        if unreadable is not None:
-            raise UnsupportedError(f"{unreadable}: {stored[unreadable].unreadable}")
-        ckpt = ct.dequantized_view(ckpt, stored)
+    stored = None
+    if options.dequantize:   # (moetool's own compressed-tensors layout first: its formats are moetool's)
+        stored = ct.recorded_formats(ckpt.config, ckpt.tensors) or released.quantized_weights(ckpt.config,
+                                                                                               ckpt.tensors)
+    if stored:   # another tool's quantized checkpoint: its weights read as dequantized tensors
+        ckpt = released.dequantized_view(ckpt, stored)
     planner = _Planner(ckpt, options, dequantized=bool(stored))
     source_layout, target_layout = planner.plan()
     config = _edited_config(ckpt, planner, options)

@@ -39,7 +39,7 @@ from moetool.arch.schema import (
 from moetool.checkpoint import Checkpoint, TensorRef
 from moetool.checkpoint.header import DTYPE_BYTES
 from moetool.errors import ConfigError, UnsupportedError
-from moetool.quant import compressed_tensors as ct
+from moetool.quant import released
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     bits = _compressed_bits(cfg)
     moetool_formats = _moetool_formats(cfg)
     # compressed-tensors: each quantized weight's scheme (its parameters and form follow from it)
-    stored = ct.stored_schemes(cfg, names) or {}
+    stored = released.codes_of(released.quantized_weights(cfg, ckpt.tensors) or {})
     slices = {}   # experts moetool stores one slice each, of a tensor stored stacked: classified as it
     if (cfg.get("quantization_config") or {}).get("quant_method") == "moetool":
         from moetool.quant.formats import stacked_slices
@@ -530,7 +530,7 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
                 if tail not in aux_tails or i < aux_tails[tail][0]:
                     aux_tails[tail] = (i, name)
             continue
-        if moetool_formats or m.packed or (bnb4 and "U8" in dtypes) or (fp4 and "I8" in dtypes):
+        if moetool_formats or m.packed or stored or (bnb4 and "U8" in dtypes) or (fp4 and "I8" in dtypes):
             params = [_stored_params(tally, name, ref, numel, m.packed, moetool_formats, bnb4, bits, fp4, stored)
                       for name, ref, numel in zip(gnames, grefs, numels)]
         else:
@@ -588,8 +588,9 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
             quant_forms.add(form)
     if classifier.companions:
         _scale_forms(ckpt, classifier, cfg, tally)
-    quant_forms.update(f"compressed-tensors {scheme.id}" for scheme in set(stored.values()))
-    tally.unreadable = sorted({scheme.unreadable for scheme in stored.values() if scheme.unreadable})
+    method = released.quant_method(cfg)
+    quant_forms.update(f"{method} {scheme.id}" for _, scheme in set(stored.values()))
+    tally.unreadable = sorted({scheme.unreadable for _, scheme in stored.values() if scheme.unreadable})
     if any(dtype.startswith("F8") for dtype in weight_dtypes) and not stored and \
             not any(form.startswith("fp8 block ") for form in quant_forms):   # (a scale's form names it)
         quant_forms.add("fp8")
@@ -645,9 +646,9 @@ def _stored_params(tally: _Tally, name: str, ref: TensorRef, numel: int, packed:
         tally.quant_forms.add(f"moetool {fmt.id}")
         tally.quantized.add(name)
         return 2 * numel if fmt.is_bnb4 else prod(fmt.original_shape(ref.shape))
-    scheme = stored.get(name.removesuffix(ct.PACKED)) if stored and packed else None
-    if scheme is not None:   # compressed-tensors packed codes (its form: named once, after the pass)
-        return scheme.params(ref.shape)
+    held = stored.get(name) if stored else None
+    if held is not None:   # another tool's codes (their form: named once, after the pass)
+        return held[1].params(ref.shape)
     if packed:
         tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
         return numel * (2 if ref.dtype == "U8" else 32 // bits)

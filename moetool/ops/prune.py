@@ -46,7 +46,7 @@ from moetool.ops.prune_choice import (
     table_similarity,
 )
 from moetool.ops.prune_gguf import prune_gguf
-from moetool.quant.config import tool_quantized
+from moetool.quant.config import quant_method, tool_quantized
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     if family is None or not structure.moe_layers:
         raise UsageError(f"{ckpt.source}: no MoE layers to prune")
     if tool_quantized(ckpt.config):
-        raise UnsupportedError(f"{ckpt.source}: quantized (by moetool, or compressed-tensors); prune the original "
+        raise UnsupportedError(f"{ckpt.source}: quantized ({quant_method(ckpt.config)}); prune the original "
                                "(or convert --dequantize it first), then quantize")
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")

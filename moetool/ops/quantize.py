@@ -49,7 +49,7 @@ from moetool.errors import OutputExistsError, OutputWriteError, UnsupportedError
 from moetool.layout.plan import FLOATS, PlanOptions, family_context, plan_tensors
 from moetool.ops.profile import ProfileOptions, routing_profile
 from moetool.quant import compressed_tensors as ct
-from moetool.quant.config import QUANT_METHOD, tool_quantized
+from moetool.quant.config import QUANT_METHOD, quant_method, tool_quantized
 from moetool.quant.formats import Format, parse_format, slice_name
 from moetool.runner import distributed
 from moetool.runner.modules import model_name
@@ -451,7 +451,7 @@ def plan_quantize(ckpt: Checkpoint, options: QuantizeOptions, progress=None, *, 
     if family is None or family.dense:
         raise UsageError(f"{ckpt.source}: not a known MoE architecture; moetool quantizes routed experts")
     if tool_quantized(ckpt.config):
-        raise UnsupportedError(f"{ckpt.source}: already quantized by moetool or compressed-tensors (quantize its "
+        raise UnsupportedError(f"{ckpt.source}: already quantized ({quant_method(ckpt.config)}; quantize its "
                                "unquantized source, or convert --dequantize it first)")
     rules = check_options(options)
     if options.method == "gptq" and family.decoder_offset is not None:

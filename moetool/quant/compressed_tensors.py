@@ -88,6 +88,10 @@ class CompressedFormat:
     def dequantized_dtype(self, parts) -> str:
         return parts[SCALE].dtype
 
+    def stored(self, weight: str) -> dict[str, str]:
+        """Suffix -> the stored tensor of WEIGHT (X.weight -> X.weight_packed, ...), the codes first."""
+        return {suffix: weight + suffix for suffix in self.suffixes}
+
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         self.base.check(name, shape)
 
@@ -234,6 +238,7 @@ def recorded_formats(config: dict | None, names=()) -> dict[str, CompressedForma
             return None
         groups.append((fmt, group.get("targets") or []))
     ignore = qc.get("ignore") or []
+    by_target = _by_target(groups)
     out = {}
     for name in names:
         if not name.endswith(".weight" + PACKED):
@@ -241,7 +246,7 @@ def recorded_formats(config: dict | None, names=()) -> dict[str, CompressedForma
         module = name.removesuffix(".weight" + PACKED)
         if any(_match(module, target) for target in ignore):
             continue
-        fmt = next((f for f, targets in groups if any(t == "Linear" or _match(module, t) for t in targets)), None)
+        fmt = _group_of(module, by_target)
         if fmt is not None:
             out[module + ".weight"] = fmt
     return out
@@ -269,37 +274,24 @@ def _match(name: str, target: str) -> bool:
     return target == name
 
 
-def dequantized_view(ckpt, formats: dict):
-    """CKPT with each of FORMATS' weights (CompressedFormat or StoredScheme) in place of its stored tensors,
-    dequantized when read, and the input and kv-cache scales of activations quantized at serving dropped: what
-    the tensor plan (which knows moetool's and the releases' quantized forms) can lay out."""
-    from dataclasses import replace
-
-    from moetool.checkpoint.pieces import ComputedRef
-
-    owners = {name + suffix: name for name, fmt in formats.items() for suffix in fmt.suffixes}
-    served = served_scales(ckpt.config, ckpt.tensors)
-    tensors = {}
-    for stored, ref in ckpt.tensors.items():
-        name = owners.get(stored)
-        if name is None:
-            if stored not in served:
-                tensors[stored] = ref
-        elif stored == name + formats[name].suffixes[0]:
-            fmt = formats[name]
-            parts = {s: ckpt.tensors[name + s] for s in fmt.suffixes}
-            shape = fmt.original_shape(ref.shape, parts=parts, name=name)
-            tensors[name] = ComputedRef(name, fmt.dequantized_dtype(parts), shape,
-                                        lambda fmt=fmt, parts=parts, shape=shape, name=name:
-                                        fmt.dequantize({s: r.load() for s, r in parts.items()}, shape, None,
-                                                       name=name))
-    return replace(ckpt, tensors=tensors, config=_without_quantization(ckpt.config))
+def _by_target(groups) -> dict:
+    """Target -> group of GROUPS ((group, targets) pairs): a target two groups list is the later one's (the
+    package's apply_quantization_config builds its target_to_scheme so), sorted as its match_targets ranks a
+    module's targets: exact names, then `re:` patterns, each alphabetically."""
+    mapping = {}
+    for group, targets in groups:
+        for target in targets:
+            mapping[target] = group
+    return {t: mapping[t] for t in sorted(mapping, key=lambda t: ("re:" in t, t))}
 
 
-def _without_quantization(config: dict | None) -> dict | None:
-    if not config or "quantization_config" not in config:
-        return config
-    return {k: v for k, v in config.items() if k != "quantization_config"}
+def _group_of(module: str, by_target: dict):
+    """The group a MODULE gets: its first matching target by name, else a class-name target (a module moetool
+    reads stored quantized is a Linear: Linear and any other class name are taken to match), or None."""
+    named = next((g for t, g in by_target.items() if _match(module, t)), None)
+    if named is not None:
+        return named
+    return next((g for t, g in by_target.items() if not t.startswith("re:") and "." not in t), None)
 
 
 # ---------------------------------------------------------------- any compressed-tensors checkpoint
@@ -314,10 +306,6 @@ STORED_FORMATS = {
     "nvfp4-pack-quantized": (PACKED, SCALE, "_global_scale"),
     "mxfp4-pack-quantized": (PACKED, SCALE),
 }
-# module-level scales of quantized activations (X.input_scale, ...) and of the kv cache (self_attn.k_scale):
-# used at serving, not by moetool, which runs activations unquantized
-SERVED_SCALES = (".input_scale", ".input_global_scale", ".input_zero_point", ".output_scale",
-                 ".output_zero_point", ".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point")
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # fp4 magnitudes by the low three bits (compressed-tensors' kE2M1)
 
 
@@ -349,8 +337,14 @@ class StoredScheme:
 
     @property
     def suffixes(self) -> tuple[str, ...]:
-        found = STORED_FORMATS[self.format]
+        found = STORED_FORMATS.get(self.format, STORED_FORMATS[PACK_FORMAT])
+        if self.format == "nvfp4-pack-quantized" and self.strategy != "tensor_group":   # (no global scale)
+            found = found[:2]
         return found + ((ZERO_POINT,) if not self.symmetric else ())
+
+    def stored(self, weight: str) -> dict[str, str]:
+        """Suffix -> the stored tensor of WEIGHT (X.weight -> X.weight_packed, ...), the codes first."""
+        return {suffix: weight + suffix for suffix in self.suffixes}
 
     def original_shape(self, stored: tuple[int, ...], parts=None, name: str | None = None) -> tuple[int, ...]:
         """The weight's shape from its codes' stored shape (headers only): packed integers hold 32 / bits
@@ -362,13 +356,21 @@ class StoredScheme:
         rows, cols = stored
         if self.format == PACK_FORMAT:
             scale = parts.get(SCALE) if parts else None
-            grouped = self.strategy == "group" and scale is not None and len(scale.shape) == 2
-            return rows, scale.shape[1] * self.group if grouped else cols * 32 // self.bits
+            if self.strategy == "group" and scale is not None and len(scale.shape) == 2:
+                return rows, scale.shape[1] * self.group
+            held = parts.get(SHAPE) if parts else None
+            if held is not None and hasattr(held, "load"):   # the exact width (its 16 bytes read)
+                exact = [int(v) for v in held.load().tolist()]
+                if len(exact) == 2 and exact[0] == rows and ceil(exact[1] * self.bits / 32) == cols:
+                    return tuple(exact)
+            return rows, cols * 32 // self.bits
         if self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
             return rows, cols * 2
         return rows, cols
 
     def params(self, stored: tuple[int, ...]) -> int:
+        if len(stored) != 2 or not self.bits:   # (not a shape this reads: counted as stored; reading is refused)
+            return int(__import__("math").prod(stored))
         rows, cols = self.original_shape(stored)
         return rows * cols
 
@@ -396,7 +398,7 @@ class StoredScheme:
                 raise CheckpointFormatError(f"{name or 'a weight'}: weight_shape {stored.tolist()} is not the "
                                             f"{[rows, cols]} its codes and scales hold")
             codes = (_codes(parts[PACKED], self.bits, cols) - (1 << (self.bits - 1))).to(torch.int8)
-            if zero is not None:   # packed along the rows
+            if zero is not None and self.strategy in ("group", "channel"):   # packed along the rows (only these)
                 zero = (_codes(zero.T, self.bits, rows).T - (1 << (self.bits - 1))).to(torch.int8)
         elif self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
             packed = parts[PACKED]
@@ -404,11 +406,15 @@ class StoredScheme:
             pairs = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, cols)   # low nibble first
             codes = (magnitudes[(pairs & 0x07).long()] * torch.where((pairs & 0x08).bool(), -1.0, 1.0)
                      ).to(torch.bfloat16)
+            wanted = torch.uint8 if self.format == "mxfp4-pack-quantized" else torch.float8_e4m3fn
+            if scale.dtype != wanted:
+                raise CheckpointFormatError(f"{name or 'a weight'}: {self.format} scales are {wanted}, not "
+                                            f"{scale.dtype}")
             if self.format == "mxfp4-pack-quantized":   # E8M0 exponents, bias 127
                 scale = (2.0 ** (scale.to(torch.int32) - 127).to(torch.bfloat16)).to(torch.bfloat16)
             else:
                 scale = scale.to(torch.bfloat16)
-                global_scale = parts["_global_scale"]
+                global_scale = parts.get("_global_scale")
         else:
             codes = parts[""]
         if global_scale is not None:
@@ -456,27 +462,28 @@ def stored_schemes(config: dict | None, names=()) -> dict[str, StoredScheme] | N
     groups = [(_stored_scheme(group, qc.get("format")), group.get("targets") or [])
               for group in qc["config_groups"].values() if isinstance(group, dict)]
     ignore = qc.get("ignore") or []
+    by_target = _by_target(groups)
+    transforms = qc.get("transform_config")
     names = set(names)
     out = {}
-    for name in names:
+    for name in names:   # (every quantized weight has a scale)
         if not name.endswith(".weight" + SCALE):
             continue
         weight = name.removesuffix(SCALE)
         module = weight.removesuffix(".weight")
         if any(_match(module, target) for target in ignore):
             continue
-        scheme = next((s for s, targets in groups if any(t == "Linear" or _match(module, t) for t in targets)),
-                      None)
-        if scheme is not None and weight + scheme.suffixes[0] in names:
-            out[weight] = scheme
+        scheme = _group_of(module, by_target)
+        if scheme is None:
+            scheme = StoredScheme("pack-quantized", "int", 0, "tensor", unreadable="no config group targets it, "
+                                  "yet it is stored with a weight_scale")
+        elif transforms:
+            scheme = replace(scheme, unreadable="the checkpoint applies online transforms (transform_config: QuIP, "
+                             "SpinQuant rotations) at run time, which moetool does not")
+        elif not scheme.unreadable and weight + scheme.suffixes[0] not in names:
+            scheme = replace(scheme, unreadable=f"its codes ({weight}{scheme.suffixes[0]}) are not stored")
+        out[weight] = scheme
     return out
-
-
-def served_scales(config: dict | None, names) -> frozenset[str]:
-    """The names among NAMES of a compressed-tensors checkpoint's activation and kv-cache scales (SERVED_SCALES)."""
-    if ((config or {}).get("quantization_config") or {}).get("quant_method") != QUANT_METHOD:
-        return frozenset()
-    return frozenset(name for name in names if name.endswith(SERVED_SCALES))
 
 
 def activation_note(config: dict | None) -> str | None:
@@ -490,6 +497,18 @@ def activation_note(config: dict | None) -> str | None:
     kv = qc.get("kv_cache_scheme")
     if kv:
         served.append(f"kv cache {_args_text(kv)}")
+    return served_note(served)
+
+
+def quantizes_weights(config: dict | None) -> bool:
+    """Whether a compressed-tensors CONFIG quantizes any weights (a kv-cache scheme alone does not)."""
+    groups = ((config or {}).get("quantization_config") or {}).get("config_groups") or {}
+    return any(isinstance(g, dict) and g.get("weights") for g in groups.values()) if isinstance(groups, dict) \
+        else False
+
+
+def served_note(served: list[str]) -> str | None:
+    """The warning for activations quantized when served (SERVED: how each is), None for none."""
     if not served:
         return None
     return (f"the checkpoint quantizes activations when served ({'; '.join(served)}); moetool runs its dequantized "
@@ -524,7 +543,7 @@ def _stored_scheme(group: dict, default_format: str | None) -> StoredScheme:
         why = "its config group quantizes no weights"
     elif weights.get("dynamic"):
         why = "its weights are quantized dynamically (at run time), so no stored scales describe them"
-    elif weights.get("actorder") == "group":
+    elif str(weights.get("actorder")).lower() in ("group", "true", "dynamic"):
         why = ("its groups are activation-ordered (actorder group: a weight_g_idx per input), which compressed-"
                "tensors 0.20 itself does not dequantize")
     elif strategy not in ("tensor", "channel", "group", "tensor_group", "block") or \

@@ -3,7 +3,7 @@ pack-quantized one), read back."""
 
 from __future__ import annotations
 
-from moetool.quant import compressed_tensors
+from moetool.quant import compressed_tensors, released
 from moetool.quant.formats import Format, parse_format
 
 QUANT_METHOD = "moetool"
@@ -23,6 +23,13 @@ def recorded_formats(config: dict | None, names=None) -> dict[str, Format] | Non
 
 
 def tool_quantized(config: dict | None) -> bool:
-    """Whether CONFIG is a checkpoint a quantization tool wrote: moetool, or compressed-tensors in any format
-    (llm-compressor's); such weights are not pruned or quantized again in place."""
-    return recorded_formats(config) is not None or compressed_tensors.stored_schemes(config) is not None
+    """Whether CONFIG is a checkpoint a quantization tool wrote: moetool, compressed-tensors in any format
+    (llm-compressor's), ModelOpt, AutoAWQ or GPTQ; such weights are not pruned or quantized again in place."""
+    if released.quant_method(config) == compressed_tensors.QUANT_METHOD:
+        return compressed_tensors.quantizes_weights(config)
+    return recorded_formats(config) is not None or released.quantized_weights(config) is not None
+
+
+def quant_method(config: dict | None) -> str | None:
+    """The quant_method of CONFIG's quantization_config (moetool, compressed-tensors, modelopt, awq, gptq, ...)."""
+    return released.quant_method(config)

@@ -13,7 +13,7 @@ from moetool.checkpoint.gguf_view import VIEW_KIND, runnable_family, transformer
 from moetool.checkpoint.writer import materialize
 from moetool.errors import UnsupportedError, UsageError
 from moetool.layout.plan import PlanOptions, family_context, plan_tensors
-from moetool.quant import compressed_tensors as ct
+from moetool.quant import released
 from moetool.quant.config import recorded_formats
 from moetool.runner.building import (
     _decoder_layers,
@@ -124,7 +124,7 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
 
     ckpt = runnable(ckpt)
     family = check_runnable(ckpt)
-    note = ct.activation_note(ckpt.config)
+    note = released.activation_note(ckpt.config, ckpt.tensors)
     if note:
         log.warning(note)
     if mode == "auto" and device_map is not None:   # a device map is for models too large for one device
@@ -145,7 +145,7 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
     if mode == "full":
         formats = recorded_formats(ckpt.config, ckpt.tensors)
         own_loader = (formats is not None or uneven_expert_counts(ckpt.config, family) or ckpt.kind == VIEW_KIND or
-                      bool(ct.stored_schemes(ckpt.config, ckpt.tensors)) or
+                      bool(released.quantized_weights(ckpt.config, ckpt.tensors)) or
                       (not family.transformers_reads_per_expert and _has_per_expert(ckpt, family)) or
                       _bnb_experts(ckpt, family) or family.resets_stored_buffers)
         if own_loader and device_map is not None:

@@ -1,0 +1,492 @@
+"""Reading the quantized checkpoints other tools write for MoE models: compressed-tensors (llm-compressor) in every
+weight format, each one built here by the compressed-tensors package's own compressors; NVIDIA ModelOpt NVFP4 and
+AutoAWQ, read by that package's own converters. All checked against the package's own decompression
+(CompressedTensorsDequantizer) and transformers' forward on the weights it decompressed."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from moetool.checkpoint import open_checkpoint
+from moetool.errors import UnsupportedError
+from moetool.ops.convert import ConvertOptions, convert
+from moetool.ops.evaluate import EvalOptions, evaluate
+from moetool.ops.inspect import inspect_checkpoint
+from moetool.ops.prune import PruneOptions, prune
+from moetool.ops.quantize import QuantizeOptions, quantize
+from moetool.quant import released
+from moetool.runner.model import load_model
+
+pytest.importorskip("compressed_tensors")
+
+from compressed_tensors.compressors import BaseCompressor  # noqa: E402
+from compressed_tensors.entrypoints.convert import convert_checkpoint  # noqa: E402
+from compressed_tensors.entrypoints.convert.converters import (  # noqa: E402
+    AutoAWQConverter,
+    CompressedTensorsDequantizer,
+    ModelOptNvfp4Converter,
+)
+from compressed_tensors.quantization import (  # noqa: E402
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    apply_quantization_config,
+)
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
+
+TARGETS = r"re:.*(experts\.\d+\.|self_attn\.).*_proj$"   # the routed experts and attention, as llm-compressor's
+FP8_DYNAMIC = dict(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)
+# name -> (weights, input activations, format): the schemes of llm-compressor's presets (FP8_DYNAMIC, FP8_BLOCK,
+# W8A8, W4A16, NVFP4, MXFP4) and the strategies beside them
+SCHEMES = {
+    "fp8-channel-dynamic": (dict(num_bits=8, type="float", strategy="channel"), FP8_DYNAMIC, "float-quantized"),
+    "fp8-block": (dict(num_bits=8, type="float", strategy="block", block_structure=[16, 16]),
+                  dict(num_bits=8, type="float", strategy="group", group_size=16, dynamic=True), "float-quantized"),
+    "fp8-tensor": (dict(num_bits=8, type="float", strategy="tensor"), None, "float-quantized"),
+    "int8-channel-w8a8": (dict(num_bits=8, type="int", strategy="channel"),
+                          dict(num_bits=8, type="int", strategy="token", dynamic=True), "int-quantized"),
+    "int8-tensor-asym": (dict(num_bits=8, type="int", strategy="tensor", symmetric=False),
+                         dict(num_bits=8, type="int", strategy="tensor", dynamic=True), "int-quantized"),
+    "int4-channel": (dict(num_bits=4, type="int", strategy="channel"), None, "pack-quantized"),
+    "int4-channel-asym": (dict(num_bits=4, type="int", strategy="channel", symmetric=False), None, "pack-quantized"),
+    "int4-tensor-asym": (dict(num_bits=4, type="int", strategy="tensor", symmetric=False), None, "pack-quantized"),
+    "int4-g16-asym": (dict(num_bits=4, type="int", strategy="group", group_size=16, symmetric=False), None,
+                      "pack-quantized"),
+    "int2-g16": (dict(num_bits=2, type="int", strategy="group", group_size=16), None, "pack-quantized"),
+    "nvfp4": (dict(num_bits=4, type="float", strategy="tensor_group", group_size=16, scale_dtype="float8_e4m3fn"),
+              dict(num_bits=4, type="float", strategy="tensor_group", group_size=16, dynamic="local"),
+              "nvfp4-pack-quantized"),
+    "mxfp4": (dict(num_bits=4, type="float", strategy="group", group_size=32, scale_dtype="uint8"), None,
+              "mxfp4-pack-quantized"),
+}
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _observed(weight, args):
+    """The minimum and maximum of WEIGHT over each of ARGS' scales (what llm-compressor's min-max observer sees)."""
+    if args.strategy == "tensor":
+        return weight.amin().reshape(1), weight.amax().reshape(1)
+    if args.strategy == "channel":
+        return weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    if args.strategy == "block":
+        (b0, b1), (rows, cols) = args.block_structure, weight.shape
+        blocks = weight.reshape(rows // b0, b0, cols // b1, b1).transpose(1, 2)
+        return blocks.amin((-1, -2)), blocks.amax((-1, -2))
+    groups = weight.unflatten(-1, (-1, args.group_size))
+    return groups.amin(-1), groups.amax(-1)
+
+
+def _compressed(base, out, name: str):
+    """BASE with every targeted weight compressed by the package in scheme NAME, config as llm-compressor writes it."""
+    weights, activations, fmt = SCHEMES[name]
+    scheme = QuantizationScheme(targets=[TARGETS], format=fmt, weights=QuantizationArgs(**weights),
+                                input_activations=QuantizationArgs(**activations) if activations else None)
+    args, compressor = scheme.weights, BaseCompressor.get_value_from_registry(fmt)
+    shutil.copytree(base, out)
+    stored = {}
+    for tensor_name, tensor in load_file(out / "model.safetensors").items():
+        module = tensor_name.removesuffix(".weight")
+        if not (tensor_name.endswith(".weight") and re.fullmatch(TARGETS[3:], module)):
+            stored[tensor_name] = tensor
+            continue
+        global_scale = generate_gparam(tensor.amin(), tensor.amax()) if args.strategy == "tensor_group" else None
+        scale, zero_point = calculate_qparams(*_observed(tensor, args), args, global_scale=global_scale)
+        state = {"weight": tensor, "weight_scale": scale, "weight_zero_point": zero_point}
+        if global_scale is not None:
+            state["weight_global_scale"] = global_scale
+        stored |= {f"{module}.{k}": v.contiguous() for k, v in compressor.compress(state, scheme).items()}
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt,
+                                                       quantization_status="compressed",
+                                                       ignore=["lm_head"]).model_dump(mode="json")
+    config["quantization_config"]["quant_method"] = "compressed-tensors"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> (compressed checkpoint, the package's float32 decompression of it); "base": the original."""
+    root = tmp_path_factory.mktemp("ct")
+    config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")   # experts one a tensor
+    out = {"base": (root / "base", root / "base")}
+    for name in SCHEMES:
+        compressed = _compressed(root / "base", root / name, name)
+        convert_checkpoint(compressed, root / f"{name}-dense", CompressedTensorsDequantizer(compressed,
+                                                                                            dtype=torch.float32))
+        out[name] = (compressed, root / f"{name}-dense")
+    out["modelopt-nvfp4"] = _modelopt(root / "nvfp4", root / "modelopt-nvfp4")
+    out["awq"] = _awq(root / "base", root / "awq")
+    for name, (bits, group, fmt) in GPTQ.items():
+        out[name] = _gptq(root / "base", root / name, bits, group, fmt)
+    (root / "ids.json").write_text(json.dumps(torch.randint(0, 64, (4, 16)).tolist()))
+    out["ids"] = root / "ids.json"
+    return out
+
+
+# GPTQ: bits, group size (-1: per channel), checkpoint_format; desc_act (a permuted g_idx) wherever groups
+GPTQ = {"gptq-int4-g16-act-order": (4, 16, "gptq"), "gptq-int2-g16": (2, 16, "gptq"),
+        "gptq-int8-channel-v2": (8, -1, "gptq_v2")}
+RELEASES = [*SCHEMES, "modelopt-nvfp4", "awq", *GPTQ]
+
+
+def _package_dequantized(source, converters, out):
+    """The package's conversion of SOURCE to compressed-tensors by CONVERTERS, then its decompression (float32)."""
+    middle = out.with_name(out.name + "-ct")
+    convert_checkpoint(source, middle, converters)
+    # the activations' scales go (its dequantizer calls them orphans: they serve activations, not weights)
+    tensors = load_file(middle / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".input_global_scale")},
+              middle / "model.safetensors", metadata={"format": "pt"})
+    index = middle / "model.safetensors.index.json"
+    if index.exists():
+        held = json.loads(index.read_text())
+        held["weight_map"] = {k: v for k, v in held["weight_map"].items() if not k.endswith(".input_global_scale")}
+        index.write_text(json.dumps(held))
+    convert_checkpoint(middle, out, CompressedTensorsDequantizer(middle, dtype=torch.float32))
+    return out
+
+
+def _modelopt(nvfp4, out):
+    """The compressed-tensors NVFP4 checkpoint as ModelOpt stores it (the inverse of the package's ModelOpt
+    converter: weight_packed -> weight, weight_global_scale -> its reciprocal weight_scale_2, an input_scale per
+    Linear, the kv-cache algorithm named); the oracle is that converter's reading of it."""
+    shutil.copytree(nvfp4, out)
+    stored = {}
+    for name, tensor in load_file(out / "model.safetensors").items():
+        if name.endswith(".weight_packed"):
+            stored[name.removesuffix("_packed")] = tensor
+            stored[name.removesuffix(".weight_packed") + ".input_scale"] = torch.tensor(0.03125)
+        elif name.endswith(".weight_global_scale"):
+            stored[name.removesuffix("_global_scale") + "_scale_2"] = (1 / tensor).reshape(())
+        else:
+            stored[name] = tensor
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16,
+                                     "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    return out, _package_dequantized(out, ModelOptNvfp4Converter(targets=[TARGETS], ignore=["lm_head"]),
+                                     out.with_name(out.name + "-dense"))
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # AutoAWQ's pack order (awq/utils/packing_utils.py): column of each nibble
+
+
+def _awq_pack(codes):
+    """[rows, cols] 4-bit codes -> [rows, cols / 8] int32, nibble j of each word holding column AWQ_ORDER[j]."""
+    words = torch.zeros(codes.shape[0], codes.shape[1] // 8, dtype=torch.int64)
+    for j, column in enumerate(AWQ_ORDER):
+        words |= codes[:, column::8].to(torch.int64) << (4 * j)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def _awq(base, out, group=16):
+    """BASE's targeted weights as AutoAWQ GEMM stores them (int4, zero points, groups of GROUP inputs, float16
+    scales); the oracle is the package's AutoAWQ converter's reading of it."""
+    shutil.copytree(base, out)
+    stored = {}
+    for name, tensor in load_file(out / "model.safetensors").items():
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and re.fullmatch(TARGETS[3:], module)):
+            stored[name] = tensor
+            continue
+        w = tensor.T.unflatten(0, (-1, group))                     # [groups, group, out]: AutoAWQ works on W^T
+        lo, hi = w.amin(1), w.amax(1)
+        scales = ((hi - lo) / 15).clamp(min=1e-5).half()
+        zeros = (-lo / scales.float()).round().clamp(0, 15)
+        codes = (w / scales.float().unsqueeze(1) + zeros.unsqueeze(1)).round().clamp(0, 15).flatten(0, 1)
+        stored |= {f"{module}.qweight": _awq_pack(codes.to(torch.int32)), f"{module}.scales": scales,
+                   f"{module}.qzeros": _awq_pack(zeros.to(torch.int32))}
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                     "version": "gemm", "modules_to_not_convert": ["mlp.gate"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    converter = AutoAWQConverter.from_autoawq_config(config["quantization_config"], targets=[TARGETS])
+    return out, _package_dequantized(out, converter, out.with_name(out.name + "-dense"))
+
+
+def _pack_gptq(codes, bits: int):
+    """[K, N] codes -> int32 [K * bits / 32, N]: field j (bits j*bits up) of word [r, n] holds row r * 32 / bits + j
+    (GPTQModel's PackableQuantLinear.pack_block, AutoGPTQ's qlinear pack)."""
+    per = 32 // bits
+    rows, cols = codes.shape
+    words = (codes.to(torch.int64).reshape(rows // per, per, cols) << (torch.arange(per).view(1, per, 1) * bits)).sum(1)
+    words &= 0xFFFFFFFF
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def _gptq(base, out, bits: int, group: int, fmt: str):
+    """BASE's targeted weights as GPTQ stores them: asymmetric codes and zeros packed the GPTQModel way, a
+    permuted g_idx (desc_act) where there are groups, float16 scales, v1 zeros (each minus one, by GPTQModel's
+    whole-word subtract) for "gptq". Returns it and a checkpoint of the values it holds, scale x (code - zero)
+    computed from the codes before they were packed: what reading it must give."""
+    shutil.copytree(base, out)
+    dense = out.with_name(out.name + "-dense")
+    shutil.copytree(base, dense)
+    maxq = (1 << bits) - 1
+    stored, values = {}, {}
+    generator = torch.Generator().manual_seed(bits)
+    for name, tensor in load_file(out / "model.safetensors").items():
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and re.fullmatch(TARGETS[3:], module)):
+            stored[name] = values[name] = tensor
+            continue
+        w = tensor.T                                                   # [K, N]: GPTQ works on W^T
+        inputs = w.shape[0]
+        g_idx = (torch.randperm(inputs, generator=generator) // group if group > 0
+                 else torch.zeros(inputs, dtype=torch.long))
+        groups = int(g_idx.max()) + 1
+        lo = torch.stack([w[g_idx == g].amin(0) for g in range(groups)]).clamp(max=0)
+        hi = torch.stack([w[g_idx == g].amax(0) for g in range(groups)]).clamp(min=0)
+        scales = ((hi - lo) / maxq).clamp(min=1e-5).half()
+        zeros = (-lo / scales.float()).round().clamp(0, maxq).to(torch.int64)
+        codes = (w / scales.float()[g_idx] + zeros[g_idx]).round().clamp(0, maxq).to(torch.int64)
+        packed_zeros = _pack_gptq(zeros.T.contiguous(), bits).T.contiguous()
+        if fmt == "gptq":   # v1: minus one in every field, by a whole-word subtract (borrowing where a zero is 0)
+            sub = (packed_zeros.to(torch.int64) - {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}[bits]) & 0xFFFFFFFF
+            packed_zeros = torch.where(sub >= 1 << 31, sub - (1 << 32), sub).to(torch.int32)
+        stored |= {f"{module}.qweight": _pack_gptq(codes, bits), f"{module}.qzeros": packed_zeros,
+                   f"{module}.scales": scales, f"{module}.g_idx": g_idx.to(torch.int32)}
+        values[name] = ((codes - zeros[g_idx]).float() * scales.float()[g_idx]).half().T.contiguous().float()
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    save_file(values, dense / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": group > 0,
+                                     "sym": False, "checkpoint_format": fmt}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out, dense
+
+
+@pytest.mark.parametrize("name", RELEASES)
+def test_dequantized_weights_are_the_packages(tmp_path, models, name):
+    """convert --dequantize writes exactly what the package's own decompression gives, names and all."""
+    source, dense = models[name]
+    with open_checkpoint(source) as ckpt:
+        convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True, dtype="fp32"))
+    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(dense / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    # and the weights are quantized: not the original's
+    original = load_file(models["base"][0] / "model.safetensors")
+    assert not torch.equal(ours["model.layers.0.mlp.experts.1.down_proj.weight"],
+                           original["model.layers.0.mlp.experts.1.down_proj.weight"])
+
+
+@pytest.mark.parametrize("name", RELEASES)
+def test_runs_equal_transformers_on_the_packages_weights(models, name):
+    """load_model (full) and a streamed eval give transformers' logits on the package's decompressed weights."""
+    source, dense = models[name]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(IDS).logits
+        with open_checkpoint(source) as ckpt:
+            got = load_model(ckpt, device="cpu", dtype=torch.float32, mode="full").model(IDS).logits
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5)
+    with open_checkpoint(source) as ckpt, open_checkpoint(dense) as ref:
+        report = evaluate(ckpt, EvalOptions(token_ids=models["ids"], seq_len=16, mode="streamed", dtype="fp32",
+                                            device="cpu"), ref)
+    assert report.kl_mean < 1e-9 and report.top1_agreement == 1.0
+
+
+def test_inspect_counts_every_parameter_and_names_the_forms(models):
+    with open_checkpoint(models["base"][0]) as ckpt:
+        expected = inspect_checkpoint(ckpt).params
+    labels = {"fp8-channel-dynamic": "compressed-tensors fp8 channel, activations fp8 token dynamic",
+              "fp8-block": "compressed-tensors fp8 block 16x16, activations fp8 group dynamic",
+              "int8-tensor-asym": "compressed-tensors int8 tensor asym, activations int8 tensor dynamic",
+              "int4-g16-asym": "compressed-tensors int4 g16 asym",
+              "nvfp4": "compressed-tensors nvfp4, activations fp4 tensor_group dynamic (local)",
+              "mxfp4": "compressed-tensors mxfp4", "modelopt-nvfp4": "modelopt nvfp4", "awq": "awq int4 g16",
+              "gptq-int4-g16-act-order": "gptq int4 g16", "gptq-int8-channel-v2": "gptq int8 channel"}
+    for name in RELEASES:
+        with open_checkpoint(models[name][0]) as ckpt:
+            report = inspect_checkpoint(ckpt)
+        assert report.params == expected, name
+        assert not report.problems, (name, report.problems)
+        if name in labels:
+            assert report.quantization == [labels[name]]
+
+
+def test_mixed_bit_widths_are_counted_each_by_its_own(tmp_path, tiny):
+    """moetool's own compressed-tensors output with int4 and int8 layers (one group each): every weight's
+    parameters from its own group's bits (the first group's bits were used for all)."""
+    with open_checkpoint(tiny("qwen3_moe")) as ckpt:
+        expected = inspect_checkpoint(ckpt).params
+        quantize(ckpt, tmp_path / "q", QuantizeOptions(layout="compressed-tensors", bits_budget=9.0, policy="uniform",
+                                                       candidates="int4-g16-sym,int8-g16-sym"))
+    groups = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert sorted(g["weights"]["num_bits"] for g in groups.values()) == [4, 8]
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        report = inspect_checkpoint(ckpt)
+    assert report.params == expected
+    assert report.quantization == ["compressed-tensors int4 g16", "compressed-tensors int8 g16"]
+
+
+def test_overlapping_groups_resolve_as_the_package_does(tmp_path, models):
+    """A "Linear" group (int8 W8A8) and an experts regex group (int4 groups, asymmetric): each module gets the group
+    compressed-tensors' apply_quantization_config gives it (a name match before a class match), run here on a tree
+    of nn.Linear modules named as the checkpoint's; the values are that group's compressor's decompression."""
+    base = models["base"][0]
+    tensors = load_file(base / "model.safetensors")
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], format="int-quantized",
+                                            weights=QuantizationArgs(num_bits=8, type="int", strategy="channel"),
+                                            input_activations=QuantizationArgs(num_bits=8, type="int", strategy="token",
+                                                                               dynamic=True)),
+              "group_1": QuantizationScheme(targets=[r"re:.*mlp\.experts\..*"], format="pack-quantized",
+                                            weights=QuantizationArgs(num_bits=4, type="int", strategy="group",
+                                                                     group_size=16, symmetric=False))}
+    config = QuantizationConfig(config_groups=groups, ignore=["lm_head", r"re:.*mlp\.gate$"],
+                                quantization_status="compressed")
+    tree = torch.nn.Module()
+    modules = [n.removesuffix(".weight") for n, t in tensors.items() if n.endswith(".weight") and t.ndim == 2
+               and re.fullmatch(TARGETS[3:], n.removesuffix(".weight"))]
+    for module in modules:
+        parent = tree
+        for part in module.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(module.rsplit(".", 1)[1], torch.nn.Linear(1, 1, bias=False))
+    apply_quantization_config(tree, config)
+    stored, expected = dict(tensors), {}
+    for module in modules:
+        scheme = tree.get_submodule(module).quantization_scheme
+        args = scheme.weights
+        weight = stored.pop(module + ".weight")
+        scale, zero_point = calculate_qparams(*_observed(weight, args), args)
+        compressor = BaseCompressor.get_value_from_registry(scheme.format)
+        compressed = compressor.compress({"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point},
+                                         scheme)
+        stored |= {f"{module}.{k}": v.contiguous() for k, v in compressed.items()}
+        expected[module + ".weight"] = compressor.decompress(compressed, scheme)["weight"]
+    assert {tree.get_submodule(m).quantization_scheme.format for m in modules} == {"int-quantized", "pack-quantized"}
+    source = tmp_path / "mixed"
+    shutil.copytree(base, source)
+    save_file(stored, source / "model.safetensors", metadata={"format": "pt"})
+    held = json.loads((source / "config.json").read_text())
+    held["quantization_config"] = config.model_dump(mode="json") | {"quant_method": "compressed-tensors"}
+    (source / "config.json").write_text(json.dumps(held))
+    with open_checkpoint(source) as ckpt:
+        convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True, dtype="fp32"))
+        assert inspect_checkpoint(ckpt).params == inspect_checkpoint(open_checkpoint(base)).params
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    for key, value in expected.items():
+        assert torch.equal(ours[key], value.float()), key
+
+
+def test_formats_it_does_not_read_are_named_not_guessed(tmp_path, models):
+    source = tmp_path / "mxfp8"
+    shutil.copytree(models["fp8-tensor"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"]["format"] = config["quantization_config"]["config_groups"]["group_0"]["format"] = \
+        "mxfp8-quantized"
+    (source / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(source) as ckpt:
+        problems = inspect_checkpoint(ckpt).problems
+        assert [p.code for p in problems] == ["unreadable_quantization"] and "mxfp8-quantized" in problems[0].message
+        with pytest.raises(UnsupportedError, match="mxfp8-quantized"):
+            convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_static_activation_and_kv_cache_scales_are_dropped(tmp_path, models):
+    """Static fp8 input scales and kv-cache scales beside the fp8 weights: read past, said, the weights unchanged."""
+    source = tmp_path / "static"
+    shutil.copytree(models["fp8-tensor"][0], source)
+    tensors = load_file(source / "model.safetensors")
+    for name in list(tensors):
+        if name.endswith(".weight_scale"):
+            tensors[name.removesuffix(".weight_scale") + ".input_scale"] = torch.tensor([0.02])
+        if name.endswith(("k_proj.weight_scale", "v_proj.weight_scale")):
+            tensors[name.removesuffix("_proj.weight_scale") + "_scale"] = torch.tensor(0.5)   # self_attn.k_scale
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                        "dynamic": False, "symmetric": True}
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+        "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    (source / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(source) as ckpt:
+        convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True, dtype="fp32"))
+        assert not inspect_checkpoint(ckpt).problems
+    assert load_file(tmp_path / "out" / "model.safetensors").keys() == \
+        load_file(models["fp8-tensor"][1] / "model.safetensors").keys()
+    with open_checkpoint(source) as ckpt:
+        assert "fp8 tensor static; kv cache fp8 tensor static" in \
+            released.activation_note(ckpt.config, ckpt.tensors)
+
+
+def test_served_activation_quantization_is_said(models, caplog):
+    with open_checkpoint(models["fp8-channel-dynamic"][0]) as ckpt, caplog.at_level("WARNING"):
+        load_model(ckpt, device="cpu", dtype=torch.float32, mode="streamed")
+    assert "quantizes activations when served (fp8 token dynamic)" in caplog.text
+    caplog.clear()
+    with open_checkpoint(models["fp8-tensor"][0]) as ckpt, caplog.at_level("WARNING"):
+        load_model(ckpt, device="cpu", dtype=torch.float32, mode="streamed")
+    assert "activations" not in caplog.text
+
+
+def test_what_it_cannot_read_is_refused_before_writing(tmp_path, models):
+    """Activation-ordered groups (weight_g_idx, which the package itself no longer dequantizes): inspect warns,
+    convert --dequantize and runs refuse, nothing is written."""
+    source = tmp_path / "actorder"
+    shutil.copytree(models["int4-g16-asym"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (source / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(source) as ckpt:
+        assert [p.code for p in inspect_checkpoint(ckpt).problems] == ["unreadable_quantization"]
+        with pytest.raises(UnsupportedError, match="activation-ordered"):
+            convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
+        with pytest.raises(UnsupportedError, match="activation-ordered"):
+            load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["fp8-channel-dynamic", "modelopt-nvfp4", "awq", "gptq-int2-g16"])
+def test_prune_and_quantize_refuse_them(tmp_path, models, name):
+    method = json.loads((models[name][0] / "config.json").read_text())["quantization_config"]["quant_method"]
+    with open_checkpoint(models[name][0]) as ckpt:
+        with pytest.raises(UnsupportedError, match=f"quantized \\({method}"):
+            prune(ckpt, tmp_path / "p", PruneOptions(keep=2))
+        with pytest.raises(UnsupportedError, match=f"quantized \\({method}"):
+            quantize(ckpt, tmp_path / "q", QuantizeOptions())
+    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+def test_modelopt_activation_scales_are_dropped_and_said(models, caplog):
+    source, _ = models["modelopt-nvfp4"]
+    assert any(name.endswith(".input_scale") for name in load_file(source / "model.safetensors"))
+    with open_checkpoint(source) as ckpt, caplog.at_level("WARNING"):
+        load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")   # (strict: no unexpected tensor)
+    assert "quantizes activations when served (nvfp4 inputs, static scales)" in caplog.text
+
+
+@pytest.mark.parametrize("change, words", [({"checkpoint_format": "gptq_p"}, "gptq_p layout"),
+                                           ({"bits": 3}, "int3"),
+                                           ({"dynamic": {r"+:.*experts\.1\.": {"bits": 3}}}, "int3")])
+def test_gptq_it_cannot_read_is_refused(tmp_path, models, change, words):
+    source = tmp_path / "gptq"
+    shutil.copytree(models["gptq-int4-g16-act-order"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] |= change
+    (source / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(source) as ckpt:
+        assert [p.code for p in inspect_checkpoint(ckpt).problems] == ["unreadable_quantization"]
+        with pytest.raises(UnsupportedError, match=words):
+            convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
+    assert not (tmp_path / "out").exists()
