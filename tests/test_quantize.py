@@ -658,8 +658,8 @@ def test_stock_layouts_run_in_moetool_as_dequantized(tmp_path, tiny, layout):
 
     with open_checkpoint(tiny("qwen3_moe")) as ckpt:
         quantize(ckpt, tmp_path / "q", QuantizeOptions(format="nf4", layout=layout))
-    with open_checkpoint(tmp_path / "q") as ckpt:
-        convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True))
+    with open_checkpoint(tmp_path / "q") as ckpt:   # (load_model dequantizes in its dtype: float32 here)
+        convert(ckpt, tmp_path / "d", ConvertOptions(dequantize=True, dtype="fp32"))
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
     want = moetool.load_model(tmp_path / "d")(ids).logits
     assert torch.equal(moetool.load_model(tmp_path / "q")(ids).logits, want)

@@ -128,7 +128,9 @@ def models(tmp_path_factory):
     out["modelopt-nvfp4"] = _modelopt(root / "nvfp4", root / "modelopt-nvfp4")
     out["awq"] = _awq(root / "base", root / "awq")
     for name, (bits, group, fmt) in GPTQ.items():
-        out[name] = _gptq(root / "base", root / name, bits, group, fmt)
+        out[name] = _gptq(root / "base", root / name, bits, group, fmt,
+                          DYNAMIC if name == "gptq-int4-dynamic" else None)
+    out["modelopt-fp8"] = _modelopt_fp8(root / "base", root / "modelopt-fp8")
     (root / "ids.json").write_text(json.dumps(torch.randint(0, 64, (4, 16)).tolist()))
     out["ids"] = root / "ids.json"
     return out
@@ -136,8 +138,9 @@ def models(tmp_path_factory):
 
 # GPTQ: bits, group size (-1: per channel), checkpoint_format; desc_act (a permuted g_idx) wherever groups
 GPTQ = {"gptq-int4-g16-act-order": (4, 16, "gptq"), "gptq-int2-g16": (2, 16, "gptq"),
-        "gptq-int8-channel-v2": (8, -1, "gptq_v2")}
-RELEASES = [*SCHEMES, "modelopt-nvfp4", "awq", *GPTQ]
+        "gptq-int8-channel-v2": (8, -1, "gptq_v2"), "gptq-int4-dynamic": (4, 16, "gptq")}
+DYNAMIC = (r".*\.experts\.1\.", 8, 32)   # GPTQModel's dynamic: expert 1 of each layer in int8, groups of 32
+RELEASES = [*SCHEMES, "modelopt-nvfp4", "modelopt-fp8", "awq", *GPTQ]
 
 
 def _package_dequantized(source, converters, out):
@@ -227,15 +230,15 @@ def _pack_gptq(codes, bits: int):
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
-def _gptq(base, out, bits: int, group: int, fmt: str):
+def _gptq(base, out, bits: int, group: int, fmt: str, dynamic=None):
     """BASE's targeted weights as GPTQ stores them: asymmetric codes and zeros packed the GPTQModel way, a
     permuted g_idx (desc_act) where there are groups, float16 scales, v1 zeros (each minus one, by GPTQModel's
-    whole-word subtract) for "gptq". Returns it and a checkpoint of the values it holds, scale x (code - zero)
-    computed from the codes before they were packed: what reading it must give."""
+    whole-word subtract: int2's first group holds positive weights alone, a zero of 0 that borrows) for "gptq";
+    DYNAMIC: (pattern, bits, group) of GPTQModel's per-module override. Returns it and a checkpoint of the values it
+    holds, scale x (code - zero) computed from the codes before they were packed: what reading it must give."""
     shutil.copytree(base, out)
     dense = out.with_name(out.name + "-dense")
     shutil.copytree(base, dense)
-    maxq = (1 << bits) - 1
     stored, values = {}, {}
     generator = torch.Generator().manual_seed(bits)
     for name, tensor in load_file(out / "model.safetensors").items():
@@ -243,29 +246,76 @@ def _gptq(base, out, bits: int, group: int, fmt: str):
         if not (name.endswith(".weight") and re.fullmatch(TARGETS[3:], module)):
             stored[name] = values[name] = tensor
             continue
-        w = tensor.T                                                   # [K, N]: GPTQ works on W^T
+        b, g = (dynamic[1], dynamic[2]) if dynamic and re.match(dynamic[0], module) else (bits, group)
+        maxq = (1 << b) - 1
+        w = tensor.T.clone()                                          # [K, N]: GPTQ works on W^T
         inputs = w.shape[0]
-        g_idx = (torch.randperm(inputs, generator=generator) // group if group > 0
-                 else torch.zeros(inputs, dtype=torch.long))
+        g_idx = torch.randperm(inputs, generator=generator) // g if g > 0 else torch.zeros(inputs, dtype=torch.long)
+        if b == 2:
+            w[g_idx == 0] = w[g_idx == 0].abs()
         groups = int(g_idx.max()) + 1
-        lo = torch.stack([w[g_idx == g].amin(0) for g in range(groups)]).clamp(max=0)
-        hi = torch.stack([w[g_idx == g].amax(0) for g in range(groups)]).clamp(min=0)
+        lo = torch.stack([w[g_idx == i].amin(0) for i in range(groups)]).clamp(max=0)
+        hi = torch.stack([w[g_idx == i].amax(0) for i in range(groups)]).clamp(min=0)
         scales = ((hi - lo) / maxq).clamp(min=1e-5).half()
         zeros = (-lo / scales.float()).round().clamp(0, maxq).to(torch.int64)
         codes = (w / scales.float()[g_idx] + zeros[g_idx]).round().clamp(0, maxq).to(torch.int64)
-        packed_zeros = _pack_gptq(zeros.T.contiguous(), bits).T.contiguous()
+        packed_zeros = _pack_gptq(zeros.T.contiguous(), b).T.contiguous()
         if fmt == "gptq":   # v1: minus one in every field, by a whole-word subtract (borrowing where a zero is 0)
-            sub = (packed_zeros.to(torch.int64) - {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}[bits]) & 0xFFFFFFFF
+            sub = (packed_zeros.to(torch.int64) - {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}[b]) & 0xFFFFFFFF
             packed_zeros = torch.where(sub >= 1 << 31, sub - (1 << 32), sub).to(torch.int32)
-        stored |= {f"{module}.qweight": _pack_gptq(codes, bits), f"{module}.qzeros": packed_zeros,
+        stored |= {f"{module}.qweight": _pack_gptq(codes, b), f"{module}.qzeros": packed_zeros,
                    f"{module}.scales": scales, f"{module}.g_idx": g_idx.to(torch.int32)}
-        values[name] = ((codes - zeros[g_idx]).float() * scales.float()[g_idx]).half().T.contiguous().float()
+        # (GPTQModel casts the scales to the model's dtype first: in float32, the product is exact)
+        values[name] = ((codes - zeros[g_idx]).float() * scales.float()[g_idx]).T.contiguous()
     save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
     save_file(values, dense / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": group > 0,
                                      "sym": False, "checkpoint_format": fmt}
+    if dynamic:
+        config["quantization_config"]["dynamic"] = {"+:" + dynamic[0]: {"bits": dynamic[1], "group_size": dynamic[2]},
+                                                    r"-:.*\.mlp\.gate$": {}}
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out, dense
+
+
+def _modelopt_fp8(base, out):
+    """BASE's targeted weights as ModelOpt's FP8 stores them: fp8 e4m3 and a float32 scale per tensor (attention) or
+    per row (experts: FP8_PER_CHANNEL_PER_TOKEN), an input_scale per Linear, the kv cache's scheme named; the oracle
+    is the package's decompression of the same codes and scales under compressed-tensors' names (a float-quantized
+    scheme by tensor or channel)."""
+    shutil.copytree(base, out)
+    stored, as_compressed = {}, {}
+    for name, tensor in load_file(out / "model.safetensors").items():
+        module = name.removesuffix(".weight")
+        if not (name.endswith(".weight") and re.fullmatch(TARGETS[3:], module)):
+            stored[name] = as_compressed[name] = tensor
+            continue
+        per_row = ".experts." in name
+        scale = (tensor.abs().amax(1) if per_row else tensor.abs().amax()) / 448
+        codes = (tensor / (scale[:, None] if per_row else scale)).to(torch.float8_e4m3fn)
+        stored |= {name: codes, f"{module}.weight_scale": scale, f"{module}.input_scale": torch.tensor(0.01)}
+        as_compressed |= {name: codes, f"{module}.weight_scale": scale[:, None] if per_row else scale.reshape(1)}
+    save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
+                                     "kv_cache_scheme": {"num_bits": 8, "type": "float", "dynamic": False}}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    compressed = out.with_name(out.name + "-ct")
+    shutil.copytree(base, compressed)
+    save_file(as_compressed, compressed / "model.safetensors", metadata={"format": "pt"})
+    held = json.loads((compressed / "config.json").read_text())
+    groups = {f"group_{i}": QuantizationScheme(targets=[target], format="float-quantized",
+                                               weights=QuantizationArgs(num_bits=8, type="float", strategy=strategy))
+              for i, (target, strategy) in enumerate(((r"re:.*experts\.\d+\..*_proj$", "channel"),
+                                                      (r"re:.*self_attn\..*_proj$", "tensor")))}
+    held["quantization_config"] = QuantizationConfig(config_groups=groups, format="float-quantized",
+                                                     quantization_status="compressed",
+                                                     ignore=["lm_head"]).model_dump(mode="json")
+    held["quantization_config"]["quant_method"] = "compressed-tensors"
+    (compressed / "config.json").write_text(json.dumps(held))
+    dense = out.with_name(out.name + "-dense")
+    convert_checkpoint(compressed, dense, CompressedTensorsDequantizer(compressed, dtype=torch.float32))
     return out, dense
 
 
@@ -311,14 +361,15 @@ def test_inspect_counts_every_parameter_and_names_the_forms(models):
               "int4-g16-asym": "compressed-tensors int4 g16 asym",
               "nvfp4": "compressed-tensors nvfp4, activations fp4 tensor_group dynamic (local)",
               "mxfp4": "compressed-tensors mxfp4", "modelopt-nvfp4": "modelopt nvfp4", "awq": "awq int4 g16",
-              "gptq-int4-g16-act-order": "gptq int4 g16", "gptq-int8-channel-v2": "gptq int8 channel"}
+              "gptq-int4-g16-act-order": "gptq int4 g16", "gptq-int8-channel-v2": "gptq int8 channel",
+              "modelopt-fp8": ["modelopt fp8 channel", "modelopt fp8 tensor"]}
     for name in RELEASES:
         with open_checkpoint(models[name][0]) as ckpt:
             report = inspect_checkpoint(ckpt)
         assert report.params == expected, name
         assert not report.problems, (name, report.problems)
         if name in labels:
-            assert report.quantization == [labels[name]]
+            assert report.quantization == (labels[name] if isinstance(labels[name], list) else [labels[name]])
 
 
 def test_mixed_bit_widths_are_counted_each_by_its_own(tmp_path, tiny):
@@ -430,14 +481,20 @@ def test_static_activation_and_kv_cache_scales_are_dropped(tmp_path, models):
             released.activation_note(ckpt.config, ckpt.tensors)
 
 
-def test_served_activation_quantization_is_said(models, caplog):
-    with open_checkpoint(models["fp8-channel-dynamic"][0]) as ckpt, caplog.at_level("WARNING"):
-        load_model(ckpt, device="cpu", dtype=torch.float32, mode="streamed")
-    assert "quantizes activations when served (fp8 token dynamic)" in caplog.text
-    caplog.clear()
-    with open_checkpoint(models["fp8-tensor"][0]) as ckpt, caplog.at_level("WARNING"):
-        load_model(ckpt, device="cpu", dtype=torch.float32, mode="streamed")
-    assert "activations" not in caplog.text
+def test_served_activation_quantization_is_said(models):
+    """eval's and profile's reports say that the activations a checkpoint quantizes when served ran unquantized."""
+    from moetool.ops.profile import ProfileOptions, profile
+
+    for name, said in (("fp8-channel-dynamic", True), ("fp8-tensor", False)):
+        source, dense = models[name]
+        with open_checkpoint(source) as ckpt, open_checkpoint(dense) as ref:
+            evaluated = evaluate(ckpt, EvalOptions(token_ids=models["ids"], seq_len=16, mode="streamed", device="cpu"),
+                                 ref)
+            profiled = profile(ckpt, ProfileOptions(token_ids=models["ids"], seq_len=16, mode="streamed", device="cpu"))
+        note = "quantizes activations when served (fp8 token dynamic)"
+        assert any(note in w for w in evaluated.warnings) == said
+        assert any(note in n for n in profiled.notes) == said
+        assert not any("activations" in w for w in evaluated.warnings if w.startswith(str(dense)))
 
 
 def test_what_it_cannot_read_is_refused_before_writing(tmp_path, models):
@@ -468,12 +525,41 @@ def test_prune_and_quantize_refuse_them(tmp_path, models, name):
     assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
 
 
-def test_modelopt_activation_scales_are_dropped_and_said(models, caplog):
-    source, _ = models["modelopt-nvfp4"]
+@pytest.mark.parametrize("name, said", [("modelopt-nvfp4", "(nvfp4 inputs, static scales)"),
+                                        ("modelopt-fp8", "(mixed_precision inputs, static scales; kv cache fp8)")])
+def test_modelopt_activation_scales_are_said(models, name, said):
+    """(The dequantized checkpoint holds none of them: test_dequantized_weights_are_the_packages compares names.)"""
+    source, _ = models[name]
     assert any(name.endswith(".input_scale") for name in load_file(source / "model.safetensors"))
-    with open_checkpoint(source) as ckpt, caplog.at_level("WARNING"):
-        load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")   # (strict: no unexpected tensor)
-    assert "quantizes activations when served (nvfp4 inputs, static scales)" in caplog.text
+    with open_checkpoint(source) as ckpt:
+        assert f"quantizes activations when served {said}" in released.activation_note(ckpt.config, ckpt.tensors)
+
+
+def test_awq_zero_points_are_read_wherever_stored(tmp_path, models):
+    """GPTQModel's AWQ writes qzeros even for zero_point false: read, not refused."""
+    source = tmp_path / "awq"
+    shutil.copytree(models["awq"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"]["zero_point"] = False
+    (source / "config.json").write_text(json.dumps(config))
+    for path, out in ((source, tmp_path / "a"), (models["awq"][0], tmp_path / "b")):
+        with open_checkpoint(path) as ckpt:
+            convert(ckpt, out, ConvertOptions(dequantize=True, dtype="fp32"))
+    ours, theirs = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+
+
+@pytest.mark.parametrize("name, scales", [("gptq-int4-g16-act-order", ".scales"), ("awq", ".scales"),
+                                          ("nvfp4", ".weight_global_scale")])
+def test_a_dtype_change_leaves_quantized_weights_as_they_are(tmp_path, models, name, scales):
+    """convert --dtype without --dequantize casts the float weights, not the quantized ones' scales."""
+    source = models[name][0]
+    with open_checkpoint(source) as ckpt:
+        convert(ckpt, tmp_path / "out", ConvertOptions(dtype="bf16"))
+    before, after = load_file(source / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    held = [k for k in before if k.endswith(scales)]
+    assert held and all(torch.equal(after[k], before[k]) for k in held)
+    assert after["model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("change, words", [({"checkpoint_format": "gptq_p"}, "gptq_p layout"),
@@ -490,3 +576,25 @@ def test_gptq_it_cannot_read_is_refused(tmp_path, models, change, words):
         with pytest.raises(UnsupportedError, match=words):
             convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_quantization_described_beside_config_json(tmp_path, models):
+    """AutoGPTQ's older releases describe it in quantize_config.json alone: read as transformers reads it; with no
+    description at all, the packed weights are named and refused, not loaded as missing."""
+    source = tmp_path / "gptq"
+    shutil.copytree(models["gptq-int4-g16-act-order"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    described = config.pop("quantization_config")
+    described.pop("quant_method")
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "quantize_config.json").write_text(json.dumps(described))
+    for path, out in ((source, tmp_path / "a"), (models["gptq-int4-g16-act-order"][0], tmp_path / "b")):
+        with open_checkpoint(path) as ckpt:
+            convert(ckpt, out, ConvertOptions(dequantize=True, dtype="fp32"))
+    ours, theirs = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    (source / "quantize_config.json").unlink()
+    with open_checkpoint(source) as ckpt:
+        assert inspect_checkpoint(ckpt).quantization == ["packed int32 (X.qweight; no quantization_config)"]
+        with pytest.raises(UnsupportedError, match="stored packed"):
+            load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")

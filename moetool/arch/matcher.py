@@ -43,6 +43,10 @@ AUX_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".weight.scales", ".weight"),   # moetool's group-wise integers
     (".weight.zeros", ".weight"),
     (".weight_scale_2", ".weight"),  # ModelOpt NVFP4's per-tensor scale
+    (".qscale_weight", ".weight"),   # Mistral's fp8: inverse weight scales, static activation scales
+    (".qscale_act", ".weight"),
+    (".k_scale", ".weight"),         # a quantized kv cache's scales (served, never parameters)
+    (".v_scale", ".weight"),
     (".qzeros", ".weight"),          # AutoAWQ and GPTQ: X.qweight's zero points, scales, input groups
     (".scales", ".weight"),
     (".g_idx", ".weight"),
@@ -73,7 +77,7 @@ def scale_companions(tensors) -> frozenset[str]:
     return frozenset(found)
 
 
-SCALE_ENDINGS = (".scale", ".weight_scale_inv", ".weight_scale")   # of X.weight: X.scale, X.weight_scale_inv, ...
+SCALE_ENDINGS = (".scale", ".weight_scale_inv", ".weight_scale", ".qscale_weight")   # of X.weight: X.scale, ...
 
 
 def unscaled_weights(tensors) -> list[str]:
@@ -93,7 +97,8 @@ def scale_of(tensors, weight: str):
     where X.weight is SCALED_DTYPES), or None."""
     found = tensors.get(weight + "_scale_inv")
     if found is None and weight.endswith(SCALE_SUFFIX[1]) and tensors[weight].dtype in SCALED_DTYPES:
-        found = tensors.get(weight[: -len(SCALE_SUFFIX[1])] + SCALE_SUFFIX[0])
+        stem = weight[: -len(SCALE_SUFFIX[1])]
+        found = tensors.get(stem + SCALE_SUFFIX[0], tensors.get(stem + ".qscale_weight"))
     return found
 
 

@@ -315,7 +315,7 @@ def _open_local(path: Path, source: str) -> Checkpoint:
     if not config_path.exists():
         raise ConfigError(f"{config_path}: not found; a checkpoint folder needs its config.json",
                           hint="to look at a bare weights file, pass the file itself")
-    config = read_config(config_path)
+    config = _with_side_quantization(root, read_config(config_path))
 
     for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
         index = root / index_name
@@ -329,6 +329,25 @@ def _open_local(path: Path, source: str) -> Checkpoint:
     if not files:
         raise CheckpointFormatError(f"{root}: no .safetensors or pytorch_model*.bin weights found")
     return _open_files(root, files, config=config, kind="dir", source=source)
+
+
+# quantization described beside config.json instead of in it (older AutoGPTQ releases; ModelOpt's hf export), as
+# transformers and vLLM read it: file -> (quant_method, the key holding the description, or None for the whole file)
+SIDE_QUANTIZATION = {"quantize_config.json": ("gptq", None), "hf_quant_config.json": ("modelopt", "quantization")}
+
+
+def _with_side_quantization(root: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """CONFIG with the quantization_config a side file describes, where config.json has none (the files as they are)."""
+    if config.get("quantization_config"):
+        return config
+    for name, (method, key) in SIDE_QUANTIZATION.items():
+        path = root / name
+        if path.is_file():
+            described = read_config(path)
+            described = described.get(key) if key else described
+            if isinstance(described, dict):
+                return {**config, "quantization_config": {"quant_method": method, **described}}
+    return config
 
 
 def _open_indexed(root: Path, index: Path, config: dict[str, Any], source: str) -> Checkpoint:

@@ -90,6 +90,8 @@ def evaluate(
                      + ", ".join(f"#{row['sequence']} {row[key]:.4g}" for row in worst))
     if report.nll_stderr is not None:
         stdout.print("[dim]± one standard error over sequences[/]")
+    for warning in report.warnings:
+        stdout.print(f"[yellow]warning[/] {esc(warning)}")
 
 
 def _pm(stderr: float | None, fmt: str) -> str:

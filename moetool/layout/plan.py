@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +300,9 @@ class _Planner:
                 owner = split_quant_suffix(e.name)[0]
                 stem = owner.removesuffix(".weight")
                 key = e.name[len(owner):] if e.name.startswith(owner) else e.name[len(stem):]
+            # (a weight stored as packed codes: X.weight_packed, or GPTQ's and AWQ's X.qweight)
+            owner = next((n for n in (owner, owner + "_packed", owner.removesuffix(".weight") + ".qweight")
+                          if n in names), owner)
             if owner in names:
                 found[owner][key.lstrip("._")] = e.ref
         return dict(found)
@@ -366,12 +370,14 @@ class _Planner:
             self.actions["dequantized fp4"] += 1
             return ComputedRef(ref.name, out, shape, lambda: dequant.dequantize_fp4(ref.load(), scale.load(),
                                                                                     torch_out))
-        scale = parts.get("scale_inv", parts.get("scale"))
+        scale = parts.get("scale_inv", parts.get("scale", parts.get("qscale_weight")))   # (Mistral's: qscale_weight)
         if scale is not None and ref.dtype.startswith("F8"):
             if len(ref.shape) not in (2, 3):
                 raise UnsupportedError(f"{ref.name}: block-fp8 dequantization handles 2-D weights and 3-D expert "
                                        f"stacks, not {len(ref.shape)}-D")
             block = tuple((self.cfg.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+            if prod(scale.shape) == prod(ref.shape[:-2]):   # one scale a matrix: per tensor
+                block = tuple(ref.shape[-2:])
             dequant.check_fp8_grid(ref.shape, scale.shape, block, ref.name)
             self.actions["dequantized fp8"] += 1
             if len(ref.shape) == 3:   # stacked experts [E, rows, cols], scales [E, rows/128, cols/128] (Step 3.7)
@@ -595,8 +601,10 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
     if options.dequantize:   # (moetool's own compressed-tensors layout first: its formats are moetool's)
         stored = ct.recorded_formats(ckpt.config, ckpt.tensors) or released.quantized_weights(ckpt.config,
                                                                                                ckpt.tensors)
-    if stored:   # another tool's quantized checkpoint: its weights read as dequantized tensors
-        ckpt = released.dequantized_view(ckpt, stored)
+    if stored:   # another tool's quantized checkpoint: its weights read as dequantized tensors, in --dtype
+        # (convert's default: bf16, as for every quantized form; a model load casts them itself)
+        ckpt = released.dequantized_view(ckpt, stored, DTYPES.get(options.dtype) or
+                                         (None if options.model_names else "BF16"))
     planner = _Planner(ckpt, options, dequantized=bool(stored))
     source_layout, target_layout = planner.plan()
     config = _edited_config(ckpt, planner, options)

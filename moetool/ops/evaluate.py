@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from moetool.checkpoint import Checkpoint
 from moetool.errors import ProblemsFoundError, UnsupportedError, UsageError
 from moetool.ops.inspect import inspect_checkpoint
 from moetool.ops.profile import calibration_ids
+from moetool.quant import released
 from moetool.runner import distributed, engine
 from moetool.runner.data import DataError
 from moetool.runner.device import pick_device, pick_dtype
@@ -69,6 +70,7 @@ class EvalReport:
     kl_percentiles: dict[str, float] | None = None   # "50", "90", "95", "99", "99.9": per-token KL, within 1.2%
     top1_stderr: float | None = None
     per_sequence: list[dict[str, Any]] | None = None   # with per_sequence: [{sequence, nll_mean, kl_mean, top1}]
+    warnings: list[str] = field(default_factory=list)   # what the run does not reproduce (served activation quant)
     seconds: float = 0.0
     mode: str = ""
     device: str = ""
@@ -298,7 +300,9 @@ def evaluate(ckpt: Checkpoint, options: EvalOptions, reference: Checkpoint | Non
                                           "the values), or --dtype overflows: try --dtype float32")
     report = EvalReport(model=ckpt.source, reference=reference.source if reference else None, tokens=metrics.tokens,
                         sequences=ids.shape[0], seq_len=ids.shape[1], nll_mean=nll, perplexity=math.exp(nll),
-                        seconds=round(time.perf_counter() - start, 3), mode=loaded.mode, device=str(device))
+                        seconds=round(time.perf_counter() - start, 3), mode=loaded.mode, device=str(device),
+                        warnings=[f"{source.source}: {note}" for source in (ckpt, reference) if source is not None
+                                  and (note := released.activation_note(source.config, source.tensors))])
     squares = dict(zip(_Metrics.FIELDS, metrics.squares.tolist()))
     report.nll_stderr = _stderr(nll, squares["nll"], ids.shape[0])
     report.perplexity_stderr = report.perplexity * report.nll_stderr if report.nll_stderr is not None else None

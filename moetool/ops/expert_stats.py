@@ -60,6 +60,8 @@ class _ExpertSlices:
             values = _E2M1[np.stack((codes & 0x0F, codes >> 4), axis=-1)].reshape(block.shape[0], -1)
             s = read_rows(scale, start, stop)
             return (values.reshape(*s.shape, -1) * s[..., None]).reshape(values.shape)
+        if scale is not None and scale.numel == 1:   # fp8 with one scale for the matrix (Mistral's qscale_weight)
+            return block * read_rows(scale, 0, 1).reshape(())
         if scale is not None:   # block fp8: W = q * scale_inv[row // b0, col // b1]
             rows, cols = self.block
             s = read_rows(scale, start // rows, ceil(stop / rows))

@@ -649,6 +649,9 @@ def _stored_params(tally: _Tally, name: str, ref: TensorRef, numel: int, packed:
     held = stored.get(name) if stored else None
     if held is not None:   # another tool's codes (their form: named once, after the pass)
         return held[1].params(ref.shape)
+    if packed and name.endswith(".qweight"):   # GPTQ's or AWQ's codes without a quantization_config to say so
+        tally.quant_forms.add("packed int32 (X.qweight; no quantization_config)")
+        return numel * 32 // bits
     if packed:
         tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")
         return numel * (2 if ref.dtype == "U8" else 32 // bits)
@@ -696,7 +699,7 @@ def _quant_form(aux_name: str) -> str | None:
         return "bitsandbytes " + aux_name.rsplit("__", 1)[1]
     if aux_name.endswith(".SCB"):
         return "bitsandbytes int8"
-    if aux_name.endswith("weight_scale_inv"):
+    if aux_name.endswith(("weight_scale_inv", ".qscale_weight")):
         return "fp8 block-scaled"
     return None
 

@@ -16,6 +16,7 @@ from moetool.checkpoint.writer import check_replaceable, refuse_inside_source
 from moetool.errors import UnsupportedError, UsageError
 from moetool.ops import routing_stats as rs
 from moetool.ops.inspect import inspect_checkpoint
+from moetool.quant import released
 from moetool.runner import data, distributed, engine
 from moetool.runner.capture import RouterCapture
 from moetool.runner.device import pick_device, pick_dtype
@@ -243,7 +244,9 @@ def profile(ckpt: Checkpoint, options: ProfileOptions, progress=None) -> Profile
                          ids.numel(), ids.shape[0], seq_len, report_timing, memory,
                          [layer_profile(layer, totals[layer], options) for layer in structure.moe_layers],
                          capacity_window=window, world_size=world.size, io=io,
-                         trace=str(options.trace) if options.trace else None, notes=routing_notes(structure))
+                         trace=str(options.trace) if options.trace else None,
+                         notes=routing_notes(structure) + [n for n in [released.activation_note(ckpt.config,
+                                                                                                 ckpt.tensors)] if n])
 
 
 def _peak_rss() -> int:

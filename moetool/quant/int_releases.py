@@ -88,6 +88,9 @@ class AwqScheme(_Int32Packed):
                                         f"[{rows}, {cols}] in groups of {self.group}")
         codes = _unpack_awq(parts["qweight"], self.bits).T                       # [out, in]
         zeros = _unpack_awq(parts["qzeros"], self.bits).T if self.zero_point else None   # [out, groups]
+        if zeros is not None and tuple(zeros.shape) != (rows, groups):
+            raise CheckpointFormatError(f"{name or 'an AWQ weight'}: qzeros hold {list(zeros.T.shape)} zeros for "
+                                        f"[{groups}, {rows}]")
         offset = 1 << (self.bits - 1)
         q = (codes - offset).to(scales.dtype).unflatten(-1, (groups, cols // groups))
         if zeros is not None:
@@ -101,15 +104,20 @@ def awq_schemes(config: dict | None, tensors=()) -> dict[str, AwqScheme]:
     qc = (config or {}).get("quantization_config") or {}
     bits, group = qc.get("bits", qc.get("w_bit", 4)), qc.get("group_size", qc.get("q_group_size", 128))
     zero_point = bool(qc.get("zero_point", True))
-    version = str(qc.get("version", "gemm")).lower()
+    version = str(qc.get("version") or qc.get("format") or "gemm").lower()   # (transformers' AwqConfig: format)
     why = None
     if version != "gemm":
         why = f"AutoAWQ's {version} layout is not read (gemm is)"
     elif bits != 4 or not isinstance(group, int) or group == 0:
         why = f"AutoAWQ int{bits} with group size {group} is not read (int4 with groups is)"
-    scheme = AwqScheme(bits if isinstance(bits, int) and 0 < bits <= 8 else 0, group if isinstance(group, int) else 0,
-                       zero_point, why)
-    return {name.removesuffix(".qweight") + ".weight": scheme for name in tensors if name.endswith(".qweight")}
+    out = {}
+    for name in tensors:
+        if name.endswith(".qweight"):   # (zero points read wherever stored: GPTQModel's AWQ writes them always)
+            module = name.removesuffix(".qweight")
+            out[module + ".weight"] = AwqScheme(bits if isinstance(bits, int) and 0 < bits <= 8 else 0,
+                                                group if isinstance(group, int) else 0,
+                                                zero_point or module + ".qzeros" in tensors, why)
+    return out
 
 
 V1_ZERO_ADD = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}   # + 1 in every field of a word (GPTQModel's v1 -> v2)
@@ -169,6 +177,8 @@ class GptqScheme(_Int32Packed):
             zeros = torch.where(added >= 1 << 31, added - (1 << 32), added).to(torch.int32)
         codes = _fields(parts["qweight"], self.bits, 0)[:inputs]                 # [K, N]
         zero = _fields(zeros, self.bits, 1)[:, :outputs]                         # [G, N]
+        if dtype is not None and dtype.is_floating_point:   # GPTQModel casts the scales to the model's dtype first
+            scales = scales.to(dtype)
         out = ((codes - zero[g_idx]).float() * scales.float()[g_idx]).to(scales.dtype).T
         return out if dtype is None else out.to(dtype)
 
@@ -180,7 +190,8 @@ def gptq_schemes(config: dict | None, tensors=()) -> dict[str, GptqScheme]:
     import re
 
     qc = (config or {}).get("quantization_config") or {}
-    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+    fmt = str(qc.get("format") or qc.get("checkpoint_format") or "gptq").lower()   # (GPTQModel: format first)
+    pack = str(qc.get("pack_dtype") or "int32").removeprefix("torch.")
     dynamic = [(pattern.removeprefix("+:"), override) for pattern, override in (qc.get("dynamic") or {}).items()
                if not pattern.startswith("-:") and isinstance(override, dict)]
     out = {}
@@ -193,6 +204,8 @@ def gptq_schemes(config: dict | None, tensors=()) -> dict[str, GptqScheme]:
         why = None
         if fmt not in ("gptq", "gptq_v2"):
             why = f"GPTQ's {fmt} layout is not read (gptq and gptq_v2 are)"
+        elif pack != "int32" or tensors[name].dtype != "I32":
+            why = f"GPTQ codes packed in {pack} ({tensors[name].dtype}) are not read (int32 are)"
         elif bits not in V1_ZERO_ADD or not isinstance(group, int) or group == 0 or group < -1:
             why = f"GPTQ int{bits} with group size {group} is not read (int2, int4 and int8 are)"
         out[module + ".weight"] = GptqScheme(bits if isinstance(bits, int) and 0 < bits <= 8 else 0,

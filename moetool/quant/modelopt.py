@@ -63,9 +63,13 @@ class ModeloptScheme:
         return self._as_compressed().dequantize(held, shape, dtype, name=name)
 
 
+READ_ALGOS = ("NVFP4", "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION")
+
+
 def schemes(config: dict | None, names=()) -> dict[str, ModeloptScheme]:
     """Weight name -> scheme of every weight a ModelOpt checkpoint stores quantized, told by its tensors' dtypes
     (NAMES: name -> anything with .dtype and .shape)."""
+    algo = str(((config or {}).get("quantization_config") or {}).get("quant_algo") or "").upper()
     out = {}
     for name, ref in dict(names).items() if isinstance(names, dict) else ():
         if not name.endswith(".weight"):
@@ -74,8 +78,14 @@ def schemes(config: dict | None, names=()) -> dict[str, ModeloptScheme]:
         scale = names.get(module + ".weight_scale")
         if scale is None:
             continue
-        if ref.dtype == "U8" and module + ".weight_scale_2" in names:
+        if (algo and algo not in READ_ALGOS) or module + ".pre_quant_scale" in names:
+            out[name] = ModeloptScheme("nvfp4", unreadable=f"ModelOpt's {algo or 'AWQ'} checkpoints (pre-quantization "
+                                                           "input scales, pre_quant_scale) are not read (NVFP4 and "
+                                                           "FP8 are)")
+        elif ref.dtype == "U8" and module + ".weight_scale_2" in names:
             out[name] = ModeloptScheme("nvfp4")
+        elif ref.dtype == "F8_E4M3" and scale.dtype not in ("F32", "BF16", "F16"):
+            out[name] = ModeloptScheme("fp8", unreadable=f"ModelOpt fp8 scales stored as {scale.dtype} are not read")
         elif ref.dtype == "F8_E4M3":
             elements = 1
             for n in scale.shape:
@@ -102,6 +112,9 @@ def activation_note(config: dict | None, names=()) -> str | None:
     served = []
     if any(name.endswith(".input_scale") for name in names):
         served.append(f"{str(qc.get('quant_algo') or 'quantized').lower()} inputs, static scales")
-    if qc.get("kv_cache_quant_algo"):
-        served.append(f"kv cache {str(qc['kv_cache_quant_algo']).lower()}")
+    kv = qc.get("kv_cache_quant_algo") or qc.get("kv_cache_scheme")   # (hf_quant_config.json's; config.json's)
+    if isinstance(kv, dict):
+        kv = f"{'fp' if kv.get('type') == 'float' else 'int'}{kv.get('num_bits')}"
+    if kv:
+        served.append(f"kv cache {str(kv).lower()}")
     return ct.served_note(served)

@@ -63,12 +63,14 @@ def check_readable(schemes: dict) -> None:
             raise UnsupportedError(f"{weight}: {scheme.unreadable}")
 
 
-def dequantized_view(ckpt, schemes: dict):
-    """CKPT with each of SCHEMES' weights in place of the tensors that store it, dequantized when read, its
-    activation and kv-cache scales dropped, and no quantization_config: what the tensor plan (which knows the
-    releases' fp8/mxfp4/bitsandbytes forms besides) can lay out."""
+def dequantized_view(ckpt, schemes: dict, dtype: str | None = None):
+    """CKPT with each of SCHEMES' weights in place of the tensors that store it, dequantized when read (in DTYPE, a
+    safetensors dtype name; None: as the writing tool's dequantization gives them), its activation and kv-cache
+    scales dropped, and no quantization_config: what the tensor plan (which knows the releases'
+    fp8/mxfp4/bitsandbytes forms besides) can lay out."""
     from dataclasses import replace
 
+    from moetool.checkpoint.checkpoint import TORCH_DTYPES
     from moetool.checkpoint.pieces import ComputedRef
     from moetool.errors import CheckpointFormatError
 
@@ -86,10 +88,10 @@ def dequantized_view(ckpt, schemes: dict):
                 raise CheckpointFormatError(f"{weight}: stored quantized without {missing}")
             parts = {key: ckpt.tensors[n] for key, n in stored.items()}
             shape = scheme.original_shape(ref.shape, parts=parts, name=weight)
-            tensors[weight] = ComputedRef(weight, scheme.dequantized_dtype(parts), shape,
+            tensors[weight] = ComputedRef(weight, dtype or scheme.dequantized_dtype(parts), shape,
                                           lambda scheme=scheme, parts=parts, shape=shape, weight=weight:
-                                          scheme.dequantize({k: r.load() for k, r in parts.items()}, shape, None,
-                                                            name=weight))
+                                          scheme.dequantize({k: r.load() for k, r in parts.items()}, shape,
+                                                            TORCH_DTYPES[dtype] if dtype else None, name=weight))
         elif name not in held and name not in served:
             tensors[name] = ref
     config = ckpt.config

@@ -95,6 +95,11 @@ def check_runnable(ckpt: Checkpoint) -> Family:
                                                                     "cannot run it"))
     if ckpt.root is None or ckpt.kind == "file":
         raise UnsupportedError(f"{ckpt.source}: running a model needs its folder with config.json")
+    if released.quant_method(ckpt.config) is None and any(name.endswith(".qweight") for name in ckpt.tensors):
+        raise UnsupportedError(f"{ckpt.source}: its weights are stored packed (X.qweight), but neither config.json "
+                               "nor a quantize_config.json says how",
+                               hint='give config.json a quantization_config ({"quant_method": "gptq", "bits": 4, '
+                                    '"group_size": 128} or "awq"), as the tool that wrote it did')
     return family
 
 
@@ -125,8 +130,8 @@ def _load_model(ckpt, device, dtype, mode, trust_remote_code, with_head, device_
     ckpt = runnable(ckpt)
     family = check_runnable(ckpt)
     note = released.activation_note(ckpt.config, ckpt.tensors)
-    if note:
-        log.warning(note)
+    if note:   # (profile's and eval's reports carry it too)
+        log.info(note)
     if mode == "auto" and device_map is not None:   # a device map is for models too large for one device
         mode = "full"
     if mode == "auto":
@@ -208,10 +213,8 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
               ) -> LoadedModel:
     """Meta-device model with everything but the decoder layers loaded; the engine loads each layer
     (LoadedModel.read_layer / install_layer / free_layer)."""
-    import torch
-
     config, model = empty_model(ckpt, family, dtype, trust_remote_code)
-    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    dtype_name = _dtype_name(dtype)
     layout = _target_layout(ckpt, family)
     plan = plan_tensors(ckpt, PlanOptions(dtype=dtype_name, layout=layout, dequantize=_quantized(ckpt),
                                            model_names=True))
@@ -243,6 +246,13 @@ def _streamed(ckpt: Checkpoint, family: Family, device, dtype, trust_remote_code
             set_tensor(model, name, buffer.to(device))
     return LoadedModel(model, family, "streamed", device, dtype, prefix, layers, config=ckpt.config or {},
                        layer_plan=per_layer, fp32_names=fp32)
+
+
+def _dtype_name(dtype) -> str | None:
+    """moetool's name of a torch DTYPE (bf16, fp16, fp32; None for another)."""
+    import torch
+
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype)
 
 
 def _held(tensor, fp32: bool):
@@ -279,7 +289,9 @@ def _load_planned(ckpt: Checkpoint, family: Family, *, dtype, device, trust_remo
 
     config, model = empty_model(ckpt, family, dtype, trust_remote_code)
     layout = _target_layout(ckpt, family)
-    plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt), model_names=True))
+    # quantized weights dequantized in DTYPE (as the streamed loader does), the rest cast below
+    plan = plan_tensors(ckpt, PlanOptions(layout=layout, dequantize=_quantized(ckpt), model_names=True,
+                                          dtype=_dtype_name(dtype)))
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     plan.tensors = _named_as_model(plan.tensors, family, own)
     fp32 = fp32_names(ckpt, family, [t.name for t in plan.tensors], dtype, model)
