@@ -81,17 +81,17 @@ def _observed(weight, args):
     return groups.amin(-1), groups.amax(-1)
 
 
-def _compressed(base, out, name: str):
+def _compressed(base, out, name: str, targets: str = TARGETS):
     """BASE with every targeted weight compressed by the package in scheme NAME, config as llm-compressor writes it."""
     weights, activations, fmt = SCHEMES[name]
-    scheme = QuantizationScheme(targets=[TARGETS], format=fmt, weights=QuantizationArgs(**weights),
+    scheme = QuantizationScheme(targets=[targets], format=fmt, weights=QuantizationArgs(**weights),
                                 input_activations=QuantizationArgs(**activations) if activations else None)
     args, compressor = scheme.weights, BaseCompressor.get_value_from_registry(fmt)
     shutil.copytree(base, out)
     stored = {}
     for tensor_name, tensor in load_file(out / "model.safetensors").items():
         module = tensor_name.removesuffix(".weight")
-        if not (tensor_name.endswith(".weight") and re.fullmatch(TARGETS[3:], module)):
+        if not (tensor_name.endswith(".weight") and re.fullmatch(targets[3:], module)):
             stored[tensor_name] = tensor
             continue
         global_scale = generate_gparam(tensor.amin(), tensor.amax()) if args.strategy == "tensor_group" else None
@@ -230,7 +230,7 @@ def _pack_gptq(codes, bits: int):
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
-def _gptq(base, out, bits: int, group: int, fmt: str, dynamic=None):
+def _gptq(base, out, bits: int, group: int, fmt: str, dynamic=None, targets: str = TARGETS):
     """BASE's targeted weights as GPTQ stores them: asymmetric codes and zeros packed the GPTQModel way, a
     permuted g_idx (desc_act) where there are groups, float16 scales, v1 zeros (each minus one, by GPTQModel's
     whole-word subtract: int2's first group holds positive weights alone, a zero of 0 that borrows) for "gptq";
@@ -243,7 +243,7 @@ def _gptq(base, out, bits: int, group: int, fmt: str, dynamic=None):
     generator = torch.Generator().manual_seed(bits)
     for name, tensor in load_file(out / "model.safetensors").items():
         module = name.removesuffix(".weight")
-        if not (name.endswith(".weight") and re.fullmatch(TARGETS[3:], module)):
+        if not (name.endswith(".weight") and re.fullmatch(targets[3:], module)):
             stored[name] = values[name] = tensor
             continue
         b, g = (dynamic[1], dynamic[2]) if dynamic and re.match(dynamic[0], module) else (bits, group)
@@ -515,14 +515,12 @@ def test_what_it_cannot_read_is_refused_before_writing(tmp_path, models):
 
 
 @pytest.mark.parametrize("name", ["fp8-channel-dynamic", "modelopt-nvfp4", "awq", "gptq-int2-g16"])
-def test_prune_and_quantize_refuse_them(tmp_path, models, name):
+def test_quantize_refuses_them(tmp_path, models, name):
     method = json.loads((models[name][0] / "config.json").read_text())["quantization_config"]["quant_method"]
     with open_checkpoint(models[name][0]) as ckpt:
         with pytest.raises(UnsupportedError, match=f"quantized \\({method}"):
-            prune(ckpt, tmp_path / "p", PruneOptions(keep=2))
-        with pytest.raises(UnsupportedError, match=f"quantized \\({method}"):
             quantize(ckpt, tmp_path / "q", QuantizeOptions())
-    assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize("name, said", [("modelopt-nvfp4", "(nvfp4 inputs, static scales)"),
@@ -598,3 +596,74 @@ def test_quantization_described_beside_config_json(tmp_path, models):
         assert inspect_checkpoint(ckpt).quantization == ["packed int32 (X.qweight; no quantization_config)"]
         with pytest.raises(UnsupportedError, match="stored packed"):
             load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")
+
+
+@pytest.mark.parametrize("name", ["fp8-channel-dynamic", "nvfp4", "int4-g16-asym", "modelopt-nvfp4", "awq",
+                                  "gptq-int4-g16-act-order"])
+@pytest.mark.parametrize("criterion", ["frequency", "reap"])
+def test_pruning_a_release_equals_pruning_it_dequantized(tmp_path, models, name, criterion):
+    """prune copies the kept experts' codes and scales as they are (renumbered), choosing them on the weights
+    dequantized: the pruned release, dequantized, is the dequantized release pruned."""
+    from moetool.ops.profile import ProfileOptions
+
+    source, dense = models[name]
+    options = PruneOptions(keep=2, criterion=criterion,
+                           calibration=ProfileOptions(token_ids=models["ids"], seq_len=16, dtype="fp32", device="cpu"))
+    with open_checkpoint(source) as ckpt:
+        ours = prune(ckpt, tmp_path / "pruned", options)
+    with open_checkpoint(dense) as ckpt:
+        theirs = prune(ckpt, tmp_path / "dense-pruned", options)
+    assert ours.kept == theirs.kept and ours.params_removed == theirs.params_removed
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["quantization_config"] == json.loads((source / "config.json").read_text())["quantization_config"]
+    with open_checkpoint(tmp_path / "pruned") as ckpt:
+        convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True, dtype="fp32"))
+    got, want = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "dense-pruned" /
+                                                                              "model.safetensors")
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_pruning_a_release_refuses_what_it_cannot_copy(tmp_path, models):
+    with open_checkpoint(models["awq"][0]) as ckpt:
+        with pytest.raises(UnsupportedError, match="--merge"):
+            prune(ckpt, tmp_path / "p", PruneOptions(keep=2, merge=True))
+    source = tmp_path / "numbered"
+    shutil.copytree(models["gptq-int4-dynamic"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = {r"+:.*\.experts\.1\.": {"bits": 8, "group_size": 32}}
+    (source / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(source) as ckpt, pytest.raises(UnsupportedError, match="names experts by number"):
+        prune(ckpt, tmp_path / "p", PruneOptions(keep=2))
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])
+def test_other_families_read_alike(tmp_path, family):
+    """GPTQ and compressed-tensors fp8 experts of families with other names (Mixtral's block_sparse_moe w1/w2/w3),
+    shared experts and dense layers (DeepSeek-V3, Qwen2-MoE): dequantized exactly, and run as transformers runs the
+    weights they hold."""
+    from tests.tiny import save_tiny
+
+    base = save_tiny(family, tmp_path / "base")
+    experts = r"re:.*experts\.\d+\.[^.]+$"
+    for name, (source, dense) in (("gptq", _gptq(base, tmp_path / "gptq", 4, 16, "gptq", targets=experts)),
+                                  ("fp8", _fp8_family(base, tmp_path / "fp8", experts))):
+        assert any(n.endswith((".qweight", ".weight_scale")) for n in load_file(source / "model.safetensors"))
+        with open_checkpoint(source) as ckpt:
+            convert(ckpt, tmp_path / f"{name}-out", ConvertOptions(dequantize=True, dtype="fp32"))
+            assert inspect_checkpoint(ckpt).total_params == json.loads((base / "expected.json").read_text())["params"]
+        got, want = load_file(tmp_path / f"{name}-out" / "model.safetensors"), load_file(dense / "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], v.float()) for k, v in want.items()), name
+        reference = transformers.AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+        with torch.no_grad(), open_checkpoint(source) as ckpt:
+            logits = load_model(ckpt, device="cpu", dtype=torch.float32, mode="full").model(IDS).logits
+            assert torch.allclose(logits, reference(IDS).logits, rtol=0, atol=1e-5), name
+
+
+def _fp8_family(base, out, targets):
+    compressed = _compressed(base, out, "fp8-channel-dynamic", targets)
+    dense = out.with_name(out.name + "-dense")
+    convert_checkpoint(compressed, dense, CompressedTensorsDequantizer(compressed, dtype=torch.float32))
+    return compressed, dense

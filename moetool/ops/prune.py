@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from math import prod
 from pathlib import Path
@@ -46,7 +47,8 @@ from moetool.ops.prune_choice import (
     table_similarity,
 )
 from moetool.ops.prune_gguf import prune_gguf
-from moetool.quant.config import quant_method, tool_quantized
+from moetool.quant import released
+from moetool.quant.config import quant_method, recorded_formats, tool_quantized
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,49 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions, progress=None):
     return choice_scores(ckpt, structure, options, weight_norms, progress)
 
 
+# a quantization_config naming experts by number (a pattern that would follow them, renumbered, to other experts)
+_EXPERT_NUMBER = re.compile(r"experts\\?\.[0-9]")
+
+
+def _check_quantized(ckpt: Checkpoint, options: PruneOptions) -> dict:
+    """Refuse (before any work) a quantized source prune cannot copy as it is; for another tool's (compressed-
+    tensors, ModelOpt, AWQ, GPTQ), whose kept experts' codes and scales are copied untouched (the calibration runs
+    on them dequantized), the stored name of each weight's codes -> (weight, scheme)."""
+    method = quant_method(ckpt.config)
+    if recorded_formats(ckpt.config) is not None and method != released.compressed_tensors.QUANT_METHOD:
+        raise UnsupportedError(f"{ckpt.source}: quantized by moetool (its config records every tensor's format by "
+                               "name); prune the original (or convert --dequantize it first), then quantize")
+    if not tool_quantized(ckpt.config):
+        return {}
+    if options.merge:
+        raise UnsupportedError(f"{ckpt.source}: quantized ({method}): --merge averages expert weights, which are "
+                               "stored as quantized codes; prune without --merge, or convert --dequantize it first")
+    if options.scope != "per-layer":
+        raise UnsupportedError(f"{ckpt.source}: quantized ({method}): --scope global is not offered for quantized "
+                               "checkpoints; use --scope per-layer, or convert --dequantize it first")
+    numbered = next((found for text in _strings((ckpt.config or {}).get("quantization_config"))
+                     if (found := _EXPERT_NUMBER.search(text))), None)
+    if numbered:
+        raise UnsupportedError(f"{ckpt.source}: its quantization_config names experts by number "
+                               f"({numbered.group(0)}...), which pruning renumbers; convert --dequantize it first")
+    schemes = released.quantized_weights(ckpt.config, ckpt.tensors) or {}
+    released.check_readable(schemes)   # (the calibration reads them)
+    return released.codes_of(schemes)
+
+
+def _strings(value):
+    """Every string in VALUE (a JSON value), keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
 def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     """Choose the kept experts and plan every output tensor (reads headers, runs a profile if needed;
     PROGRESS(label, done tokens, total tokens) follows its passes)."""
@@ -69,9 +114,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     structure = inspect_checkpoint(ckpt)
     if family is None or not structure.moe_layers:
         raise UsageError(f"{ckpt.source}: no MoE layers to prune")
-    if tool_quantized(ckpt.config):
-        raise UnsupportedError(f"{ckpt.source}: quantized ({quant_method(ckpt.config)}); prune the original "
-                               "(or convert --dequantize it first), then quantize")
+    released_codes = _check_quantized(ckpt, options)
     if family.prune_unsupported:
         raise UnsupportedError(f"{family.title}: {family.prune_unsupported}")
     check_choice(options)
@@ -157,7 +200,8 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                 continue
             if m.expert not in kept[m.layer]:
                 removed_bytes += ref.nbytes
-                removed_params += 0 if m.aux else ref.numel
+                removed_params += 0 if m.aux else released_codes[name][1].params(ref.shape) \
+                    if name in released_codes else ref.numel
                 continue
             pieces = tensor_pieces(ref, ref.dtype)
             if groups is not None:
