@@ -313,3 +313,77 @@ def test_bf16_weights_are_rounded_on_the_stored_grid(spec):
     error = {name: (fmt.dequantize(p, (32, 64), torch.float32) - w.float()).norm()
              for name, p in (("bf16", parts), ("f16", on_f16))}
     assert error["bf16"] <= error["f16"]
+
+
+# ---------------------------------------------------------------- fp8 (float-quantized, FP8_DYNAMIC)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_is_the_packages(dtype):
+    """fp8's scales are the package's observer's (calculate_qparams on each row's min and max), its codes the
+    package's compress of the weight with them, and its decompress gives exactly our dequantized values."""
+    from compressed_tensors.compressors.naive_quantized import FloatQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    fmt = ct.compressed_format("fp8")
+    weight = (torch.randn(48, 64, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
+    weight[3] = 0   # (a zero row: the smallest scale, not a division by zero)
+    parts = fmt.quantize(weight)
+    args = QuantizationArgs(**ct.scheme_weights(fmt))
+    scale, _ = calculate_qparams(weight.amin(1, keepdim=True), weight.amax(1, keepdim=True), args)
+    assert parts[ct.SCALE].dtype == dtype and torch.equal(parts[ct.SCALE], scale)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, format=ct.FLOAT_FORMAT,
+                                input_activations=QuantizationArgs(**ct.FP8_ACTIVATIONS))
+    theirs = FloatQuantizationCompressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+    assert torch.equal(parts[""].view(torch.uint8), theirs["weight"].view(torch.uint8))
+    back = FloatQuantizationCompressor.decompress({"weight": parts[""], "weight_scale": parts[ct.SCALE]}, scheme)
+    assert torch.equal(fmt.dequantize(parts, tuple(weight.shape), None), back["weight"])
+
+
+@pytest.mark.parametrize("spec", [dict(format="fp8"), dict(bits_budget=8.0, policy="uniform",
+                                                              candidates="int4-g16-sym,fp8")])
+def test_fp8_checkpoints_read_back_as_the_package_reads_them(tmp_path, tiny, spec):
+    """The checkpoint (fp8 alone, or fp8 and int4 layers under a budget: a "mixed-precision" config) decompresses,
+    by the package's own dequantizer, to exactly what moetool writes back with convert --dequantize, and moetool
+    runs it as transformers runs those weights."""
+    with open_checkpoint(tiny("qwen3_moe")) as ckpt:
+        report = quantize(ckpt, tmp_path / "q", QuantizeOptions(layout=CT, **spec))
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    formats = {g["format"] for g in qc["config_groups"].values()}
+    for group in qc["config_groups"].values():   # vLLM's CompressedTensorsConfig._is_fp8_w8a8 (compressed_tensors.py)
+        if group["format"] == "float-quantized":   # picks CompressedTensorsW8A8Fp8MoEMethod for the experts when:
+            weights = QuantizationArgs(**group["weights"])
+            inputs = QuantizationArgs(**group["input_activations"])
+            assert weights.type == inputs.type == "float" and weights.symmetric and not weights.dynamic
+            assert weights.strategy in ("tensor", "channel", "block") and inputs.dynamic
+    assert "float-quantized" in formats and qc["format"] == ("mixed-precision" if len(formats) > 1 else
+                                                             "float-quantized")
+    assert ("int4-g16-sym" in report.formats) == ("bits_budget" in spec)
+    convert_checkpoint(tmp_path / "q", tmp_path / "theirs", CompressedTensorsDequantizer(tmp_path / "q",
+                                                                                       dtype=torch.float32))
+    with open_checkpoint(tmp_path / "q") as ckpt:
+        from moetool.ops.convert import ConvertOptions, convert
+
+        convert(ckpt, tmp_path / "ours", ConvertOptions(dequantize=True, dtype="fp32"))
+        assert inspect_checkpoint(ckpt).problems == []
+    ours = {}
+    for path in (tmp_path / "ours").glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            ours |= {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(tmp_path / "theirs" / "model.safetensors", "pt") as f:
+        theirs = {k: f.get_tensor(k) for k in f.keys()}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "theirs", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(moetool.load_model(tmp_path / "q")(IDS).logits, reference(IDS).logits, rtol=0,
+                              atol=1e-5)
+
+
+def test_fp8_is_refused_where_it_cannot_go(tmp_path, tiny):
+    with open_checkpoint(tiny("qwen3_moe")) as ckpt:
+        with pytest.raises(UsageError, match="fp8 is written in --layout compressed-tensors"):
+            quantize(ckpt, tmp_path / "a", QuantizeOptions(format="fp8"))
+        with pytest.raises(UsageError, match="float format"):
+            quantize(ckpt, tmp_path / "b", QuantizeOptions(format="fp8", layout=CT, method="gptq"))
+        with pytest.raises(UsageError, match="fp8 takes no options"):
+            quantize(ckpt, tmp_path / "c", QuantizeOptions(format="fp8-g128", layout=CT))
+    assert not any((tmp_path / n).exists() for n in "abc")

@@ -39,8 +39,9 @@ def quantize(
     format: Annotated[str | None, typer.Option("--format", help="Every routed expert's format: nf4 (the "
                                                "default), fp4 (-b32..-b256 block, -dq double quantization), bnb8 "
                                                "(-b<block>), int8/int4/int3/int2 (-g<group>, -sym/-asym), e.g. "
-                                               "nf4-b64-dq, int3-g128-asym; keep leaves them as they are (to "
-                                               "quantize only what --rules name).")] = None,
+                                               "nf4-b64-dq, int3-g128-asym; fp8 (e4m3 per row, --layout "
+                                               "compressed-tensors); keep leaves them as they are (to quantize only "
+                                               "what --rules name).")] = None,
     bits_budget: Annotated[float | None, typer.Option(min=1.0, max=32.0, help="Average bits per routed-expert "
                                                       "parameter (scales and state included); each expert's "
                                                       "format is chosen from --candidates.")] = None,

@@ -221,6 +221,11 @@ def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
             ct.compressed_format(fmt, "--format ")
         else:
             candidate_formats(options)
+    else:
+        asked = [fmt] if options.bits_budget is None else candidate_formats(options)
+        if any(f.kind == "fp8" for f in asked + [f for _, f in parse_rules(options.rules)]):
+            raise UsageError("fp8 is written in --layout compressed-tensors (compressed-tensors' float-quantized "
+                             f"weights, which vLLM serves); --layout {options.layout} does not hold it")
     if options.method not in METHODS:
         raise UsageError(f"--method {options.method}: use rtn or gptq")
     if options.method == "gptq":
@@ -229,7 +234,8 @@ def check_options(options: QuantizeOptions) -> list[tuple[str, Format]]:
                              "bitsandbytes ones")
         for f in ([fmt] if options.bits_budget is None else candidate_formats(options)):
             if f.kind != "int":
-                what = "leaves the experts unquantized" if f.kind == "keep" else "is a bitsandbytes format"
+                what = {"keep": "leaves the experts unquantized", "fp8": "is a float format, rounded to nearest"}.get(
+                    f.kind, "is a bitsandbytes format")
                 raise UsageError(f"--method gptq quantizes the integer formats int2/3/4/8; {f.id} {what}: use "
                                  "--method rtn, or integer --candidates")
     if options.policy not in POLICY_FIELD:

@@ -135,15 +135,72 @@ class CompressedFormat:
         return weight if dtype is None else weight.to(dtype)
 
 
-def compressed_format(fmt: Format | str, option: str = "") -> CompressedFormat:
+FP8_MAX = 448.0   # e4m3's largest value
+
+
+@dataclass(frozen=True)
+class CompressedFloat8:
+    """fp8 e4m3 with one scale per output row, stored as compressed-tensors' float-quantized format (llm-compressor's
+    FP8_DYNAMIC weights; vLLM serves them with fp8 activations quantized per token at run time): X.weight itself
+    holds the codes, X.weight_scale [rows, 1] the scales in the weight's dtype. Quantized as the package's observer
+    and compressor compute it: scale = max |row| / 448 in the weight's dtype (0 -> its smallest normal),
+    code = clamp(weight / scale, -448, 448) cast to e4m3; dequantized as its `decompress`."""
+
+    kind = "fp8"
+    bits = 8
+    block = 0
+    symmetric = True
+    is_bnb4 = False
+    id = "fp8"
+    suffixes = ("", SCALE)
+    nbytes = Format.nbytes
+
+    def components(self, shape: tuple[int, ...], dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [("", "F8_E4M3", tuple(shape)), (SCALE, dtype if dtype in FLOAT_DTYPES else "F16", (shape[0], 1))]
+
+    def original_shape(self, stored: tuple[int, ...], blob=None, parts=None, name=None) -> tuple[int, ...]:
+        return tuple(stored)
+
+    def dequantized_dtype(self, parts) -> str:
+        return parts[SCALE].dtype
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2:
+            raise UsageError(f"{name}: only matrices are quantized, this one is {list(shape)}")
+
+    def base_for(self, dtype):
+        return self
+
+    def quantize(self, weight, name: str = "weight") -> dict[str, object]:
+        import torch
+
+        from moetool.quant.formats import check_finite
+
+        check_finite(weight, name)
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float16
+        w = weight.to(dtype)
+        scale = w.abs().amax(dim=1, keepdim=True) / torch.tensor(FP8_MAX, dtype=dtype)
+        scale = torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scale)
+        codes = torch.clamp(w / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return {"": codes, SCALE: scale}
+
+    def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None, name=None):
+        scale = parts[SCALE]
+        out = parts[""].to(scale.dtype) * scale
+        return out if dtype is None else out.to(dtype)
+
+
+def compressed_format(fmt: Format | str, option: str = ""):
     """FMT in the compressed-tensors layout; a UsageError for a format the layout cannot hold
     (OPTION: how the message names it before its id, e.g. "--format ")."""
     fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
-    if isinstance(fmt, CompressedFormat):
+    if isinstance(fmt, (CompressedFormat, CompressedFloat8)):
         return fmt
+    if fmt.kind == "fp8":
+        return CompressedFloat8()
     if fmt.kind != "int" or fmt.bits not in BITS:
         raise UsageError("--layout compressed-tensors holds int4 and int8 group formats (e.g. int4-g128-sym, "
-                         f"int8-g32-asym), what vLLM's MoE kernels run; {option}{fmt.id} "
+                         f"int8-g32-asym) and fp8, what vLLM's MoE kernels run; {option}{fmt.id} "
                          "is not one of them")
     return CompressedFormat(fmt)
 
@@ -171,19 +228,33 @@ def _codes(words, bits: int, n: int):
 
 # ---------------------------------------------------------------- quantization_config
 
-def scheme_weights(fmt: CompressedFormat) -> dict:
+FLOAT_FORMAT = "float-quantized"
+# fp8 weights' activations, as llm-compressor's FP8_DYNAMIC preset serves them: fp8, a scale per token, at run time
+FP8_ACTIVATIONS = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
+                   "dynamic": True}
+
+
+def scheme_weights(fmt) -> dict:
     """The `weights` QuantizationArgs of FMT as compressed-tensors serializes them."""
+    if fmt.kind == "fp8":
+        return {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "channel",
+                "dynamic": False}
     return {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric, "group_size": fmt.block,
             "strategy": "group", "dynamic": False}
 
 
-def quantization_config(groups: list[tuple[CompressedFormat, list[str]]], ignore: list[str]) -> dict:
+def quantization_config(groups: list[tuple[object, list[str]]], ignore: list[str]) -> dict:
     """config.json's quantization_config as compressed-tensors' ModelCompressor.update_config writes
-    it: one config group (in order) per format with its targets, IGNORE for modules left as they are."""
-    config_groups = {f"group_{i}": {"targets": targets, "weights": scheme_weights(fmt), "input_activations": None,
-                                    "output_activations": None, "format": PACK_FORMAT}
+    it: one config group (in order) per format with its targets, IGNORE for modules left as they are
+    (a checkpoint of integer and fp8 groups is "mixed-precision", each group naming its format)."""
+    config_groups = {f"group_{i}": {"targets": targets, "weights": scheme_weights(fmt),
+                                    "input_activations": dict(FP8_ACTIVATIONS) if fmt.kind == "fp8" else None,
+                                    "output_activations": None,
+                                    "format": FLOAT_FORMAT if fmt.kind == "fp8" else PACK_FORMAT}
                      for i, (fmt, targets) in enumerate(groups)}
-    return {"config_groups": config_groups, "format": PACK_FORMAT, "global_compression_ratio": None,
+    formats = {group["format"] for group in config_groups.values()}
+    return {"config_groups": config_groups, "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "global_compression_ratio": None,
             "ignore": ignore, "kv_cache_scheme": None, "moe_sparsity_config": None, "quant_method": QUANT_METHOD,
             "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
             "version": PACKAGE_VERSION}

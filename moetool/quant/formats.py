@@ -36,12 +36,12 @@ FLOAT_REPR_MAX = 24         # longest repr() of a float64, e.g. -2.2250738585072
 INT_BITS = (2, 3, 4, 8)
 TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
-_SPEC = re.compile(r"^(?P<kind>nf4|fp4|bnb8|int[2348]|keep)(?P<rest>(-[a-z0-9]+)*)$")
+_SPEC = re.compile(r"^(?P<kind>nf4|fp4|bnb8|int[2348]|fp8|keep)(?P<rest>(-[a-z0-9]+)*)$")
 
 
 @dataclass(frozen=True)
 class Format:
-    kind: str                   # "nf4" | "fp4" | "bnb8" | "int" | "keep"
+    kind: str                   # "nf4" | "fp4" | "bnb8" | "int" | "fp8" (compressed-tensors' layout only) | "keep"
     bits: int = 16              # code bits (integers: 2, 3, 4, 8)
     block: int = 0              # bitsandbytes block size or integer group size
     double_quant: bool = False  # bitsandbytes 4-bit: absmax quantized too
@@ -50,8 +50,8 @@ class Format:
 
     @property
     def id(self) -> str:
-        if self.kind == "keep":
-            return "keep"
+        if self.kind in ("keep", "fp8"):
+            return self.kind
         if self.kind == "int":
             return f"int{self.bits}-g{self.block}-{'sym' if self.symmetric else 'asym'}"
         return f"{self.kind}-b{self.block}" + ("-dq" if self.double_quant else "")
@@ -334,9 +334,13 @@ def parse_format(spec: str) -> Format:
         return Format("keep")
     m = _SPEC.match(text)
     if not m:
-        raise UsageError(f"format {spec!r}: use nf4, fp4, bnb8, int2/int3/int4/int8 or keep, with options "
+        raise UsageError(f"format {spec!r}: use nf4, fp4, bnb8, int2/int3/int4/int8, fp8 or keep, with options "
                          "-b<block>, -dq, -g<group>, -sym/-asym (e.g. nf4-b64-dq, int3-g128-asym)")
     kind, opts = m["kind"], [o for o in m["rest"].split("-") if o]
+    if kind == "fp8":   # e4m3, a scale per output row (compressed-tensors' FP8_DYNAMIC weights)
+        if opts:
+            raise UsageError(f"format {spec!r}: fp8 takes no options (e4m3, one scale per output row)")
+        return Format("fp8", 8)
     bits = int(kind[3:]) if kind.startswith("int") else (8 if kind == "bnb8" else 4)
     block = {"nf4": 64, "fp4": 64, "bnb8": 256}.get(kind, 128)
     double_quant, symmetric = False, bits == 8
