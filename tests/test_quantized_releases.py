@@ -629,14 +629,52 @@ def test_pruning_a_release_refuses_what_it_cannot_copy(tmp_path, models):
     with open_checkpoint(models["awq"][0]) as ckpt:
         with pytest.raises(UnsupportedError, match="--merge"):
             prune(ckpt, tmp_path / "p", PruneOptions(keep=2, merge=True))
-    source = tmp_path / "numbered"
-    shutil.copytree(models["gptq-int4-dynamic"][0], source)
-    config = json.loads((source / "config.json").read_text())
-    config["quantization_config"]["dynamic"] = {r"+:.*\.experts\.1\.": {"bits": 8, "group_size": 32}}
-    (source / "config.json").write_text(json.dumps(config))
-    with open_checkpoint(source) as ckpt, pytest.raises(UnsupportedError, match="names experts by number"):
-        prune(ckpt, tmp_path / "p", PruneOptions(keep=2))
+    for dynamic in ({r"+:.*\.experts\.1\.": {"bits": 8, "group_size": 32}},      # an expert by number
+                    {r"+:.*\.experts\.(1)\.": {"bits": 8, "group_size": 32}},    # the forms a digit check misses
+                    {r"+:.*\.experts\.[1]\.": {"bits": 8, "group_size": 32}}):
+        source = tmp_path / "numbered"
+        shutil.rmtree(source, ignore_errors=True)
+        shutil.copytree(models["gptq-int4-dynamic"][0], source)
+        config = json.loads((source / "config.json").read_text())
+        config["quantization_config"]["dynamic"] = dynamic
+        (source / "config.json").write_text(json.dumps(config))
+        with open_checkpoint(source) as ckpt, pytest.raises(UnsupportedError, match="renumbers"):
+            prune(ckpt, tmp_path / "p", PruneOptions(experts={0: [0, 2], 1: [0, 2]}))
     assert not (tmp_path / "p").exists()
+
+
+def test_pruning_a_release_keeps_what_follows_its_experts(tmp_path, models):
+    """A list naming every expert alike (optimum's modules_in_block_to_quantize, as Qwen1.5-MoE-A2.7B-Chat-GPTQ-Int4
+    ships it) still names the kept ones after renumbering: pruned, not refused. Activation scales go with their
+    expert (input_global_scale: each kept expert's own, renumbered; the removed ones' dropped)."""
+    source = tmp_path / "listed"
+    shutil.copytree(models["gptq-int4-g16-act-order"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"]["modules_in_block_to_quantize"] = [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj")],
+        [f"mlp.experts.{e}.down_proj" for e in range(4)]]
+    (source / "config.json").write_text(json.dumps(config))
+    with open_checkpoint(source) as ckpt:
+        assert prune(ckpt, tmp_path / "p", PruneOptions(experts={0: [1, 3], 1: [0, 2]})).kept == {0: [1, 3],
+                                                                                                    1: [0, 2]}
+    nvfp4 = tmp_path / "nvfp4"
+    shutil.copytree(models["nvfp4"][0], nvfp4)
+    tensors = load_file(nvfp4 / "model.safetensors")
+    marks = {}
+    for name in [n for n in tensors if n.endswith(".weight_global_scale")]:
+        module = name.removesuffix(".weight_global_scale")
+        expert = re.search(r"experts\.(\d+)\.", module)
+        tensors[module + ".input_global_scale"] = torch.tensor([100.0 + int(expert.group(1)) if expert else 1.0])
+        marks[module] = tensors[module + ".input_global_scale"]
+    save_file(tensors, nvfp4 / "model.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(nvfp4) as ckpt:
+        prune(ckpt, tmp_path / "q", PruneOptions(experts={0: [1, 3], 1: [0, 2]}))
+    pruned = load_file(tmp_path / "q" / "model.safetensors")
+    scales = {n: float(t) for n, t in pruned.items() if n.endswith(".input_global_scale") and ".experts." in n}
+    assert scales == {f"model.layers.{layer}.mlp.experts.{new}.{p}.input_global_scale": 100.0 + old
+                      for layer, kept in ((0, [1, 3]), (1, [0, 2])) for new, old in enumerate(kept)
+                      for p in ("gate_proj", "up_proj", "down_proj")}
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen2_moe"])

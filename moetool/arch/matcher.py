@@ -37,7 +37,12 @@ AUX_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".weight_global_scale", ".weight"),
     (".weight_shape", ".weight"),
     (".weight_scale", ".weight"),
-    (".input_scale", ".weight"),
+    (".input_scale", ".weight"),     # served activations' scales (quantized at run time, never parameters)
+    (".input_global_scale", ".weight"),
+    (".input_zero_point", ".weight"),
+    (".output_scale", ".weight"),
+    (".output_global_scale", ".weight"),
+    (".output_zero_point", ".weight"),
     (".weight_format", ".weight"),
     (".SCB", ".weight"),
     (".weight.scales", ".weight"),   # moetool's group-wise integers

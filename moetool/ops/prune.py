@@ -8,6 +8,7 @@ expert by expert, router rows and router / correction biases are sliced, shared 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import re
@@ -17,10 +18,10 @@ from pathlib import Path
 
 from moetool import __version__
 from moetool.arch import Role, detect_family
-from moetool.arch.matcher import Classifier
+from moetool.arch.matcher import Classifier, split_quant_suffix
 from moetool.arch.schema import EXPERT_ROLES, MTP_KEYS, UNEVEN_EXPERTS_KEY, get_path
 from moetool.checkpoint import Checkpoint, TensorRef
-from moetool.checkpoint.checkpoint import TORCH_DTYPES
+from moetool.checkpoint.checkpoint import TORCH_DTYPES, read_config
 from moetool.checkpoint.pieces import computed_piece, rows_piece, tensor_pieces
 from moetool.checkpoint.writer import (
     OutputTensor,
@@ -62,8 +63,13 @@ def _scores(ckpt: Checkpoint, structure, options: PruneOptions, progress=None):
     return choice_scores(ckpt, structure, options, weight_norms, progress)
 
 
-# a quantization_config naming experts by number (a pattern that would follow them, renumbered, to other experts)
-_EXPERT_NUMBER = re.compile(r"experts\\?\.[0-9]")
+def _quantization_described(ckpt: Checkpoint) -> list[dict]:
+    """The quantization configs that travel with CKPT: config.json's, and ModelOpt's hf_quant_config.json (copied)."""
+    out = [(ckpt.config or {}).get("quantization_config") or {}]
+    side = ckpt.root / "hf_quant_config.json" if ckpt.root is not None else None
+    if side is not None and side.is_file():
+        out.append(read_config(side))
+    return out
 
 
 def _check_quantized(ckpt: Checkpoint, options: PruneOptions) -> dict:
@@ -82,27 +88,64 @@ def _check_quantized(ckpt: Checkpoint, options: PruneOptions) -> dict:
     if options.scope != "per-layer":
         raise UnsupportedError(f"{ckpt.source}: quantized ({method}): --scope global is not offered for quantized "
                                "checkpoints; use --scope per-layer, or convert --dequantize it first")
-    numbered = next((found for text in _strings((ckpt.config or {}).get("quantization_config"))
-                     if (found := _EXPERT_NUMBER.search(text))), None)
-    if numbered:
-        raise UnsupportedError(f"{ckpt.source}: its quantization_config names experts by number "
-                               f"({numbered.group(0)}...), which pruning renumbers; convert --dequantize it first")
     schemes = released.quantized_weights(ckpt.config, ckpt.tensors) or {}
     released.check_readable(schemes)   # (the calibration reads them)
     return released.codes_of(schemes)
 
 
-def _strings(value):
-    """Every string in VALUE (a JSON value), keys included."""
+def _config_fields(value, path=()):
+    """(path, strings, keyed) of every field of a quantization config that could name modules: a string, a list of
+    strings (a module matches the field if it matches any), or a dict's keys (keyed: which key matches first
+    decides, as GPTQModel's `dynamic` and ModelOpt's `quantized_layers` are read)."""
     if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from _strings(item)
+        yield path, [value], False
     elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
+        strings = [v for v in value if isinstance(v, str)]
+        if strings:
+            yield path, strings, False
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                yield from _config_fields(item, path + (i,))
+    elif isinstance(value, dict):
+        if value:
+            yield path + ("(keys)",), list(value), True
+        for key, item in value.items():
+            yield from _config_fields(item, path + (key,))
+
+
+def _names_module(text: str, module: str, regex: bool) -> bool:
+    """Whether a config string TEXT names MODULE as the tools read it: `re:` patterns (and GPTQModel's `dynamic`
+    keys, REGEX) by re.match, wildcards by fnmatch, else the name itself or a dotted tail of it."""
+    if regex or text.startswith(("re:", "+:", "-:")):
+        pattern = text[3:] if text.startswith("re:") else text.removeprefix("+:").removeprefix("-:")
+        try:
+            return re.match(pattern, module) is not None
+        except re.error:
+            return False
+    if any(c in text for c in "*?["):
+        return fnmatch.fnmatchcase(module, text)
+    return module == text or module.endswith("." + text)
+
+
+def _check_renumbering(described: list[dict], pairs: list[tuple[str, str]]) -> None:
+    """UnsupportedError (before writing) if a quantization config in DESCRIBED says something else of a kept expert's
+    module under its new number than under its old (PAIRS: (old, new) module names): a pattern or list naming
+    experts by number that the renumbering would point at other experts."""
+    for config in described:
+        for path, strings, keyed in _config_fields(config):
+            regex = "dynamic" in path
+            for old, new in pairs:
+                if old == new:
+                    continue
+                if keyed:
+                    said = [next((t for t in strings if _names_module(t, name, regex)), None) for name in (old, new)]
+                else:
+                    said = [any(_names_module(t, name, regex) for t in strings) for name in (old, new)]
+                if said[0] != said[1]:
+                    field = ".".join(map(str, path))
+                    raise UnsupportedError(f"its quantization_config's {field} names {old} and {new} differently, so "
+                                           f"pruning, which renumbers {old} to {new}, would change what it says of it; "
+                                           "convert --dequantize it first")
 
 
 def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
@@ -173,6 +216,14 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     for layer in table_layers:   # (before any writing)
         table_similarity(similarity, layer)
     groups = _merge_groups(similarity, kept, mass, experts) if options.merge else None
+    if released_codes:   # a quantized release: its config must say the same of every kept expert renumbered
+        def module(name):   # (X.weight, X.qweight, X.weight_packed: the module X)
+            return split_quant_suffix(name)[0].removesuffix(".weight")
+
+        _check_renumbering(_quantization_described(ckpt), [
+            (module(name), module(_renumbered(name, m, kept[m.layer].index(m.expert), classifier)))
+            for name, m in matches.items() if m.layer in kept and m.role in EXPERT_ROLES and not m.aux
+            and m.expert is not None and m.expert in kept[m.layer]])
 
     tensors: list[OutputTensor] = []
     removed_params = removed_bytes = 0

@@ -1132,7 +1132,8 @@ def _model_card(report: QuantizeReport, options: QuantizeOptions, out: Path) -> 
             f"```\n{options.command or 'moetool quantize'}\n```\n\n"
             f"- routed experts: {formats}; {budget}; {report.expert_bits:.3f} bits per expert parameter\n"
             f"- size: {report.bytes_before:,} -> {report.bytes_after:,} bytes\n"
-            + ("- compressed-tensors pack-quantized: serve it with vLLM, load it with `moetool.load_model(path)`, "
-               "or in transformers with `quantization_config=CompressedTensorsConfig(dequantize=True)` (one symmetric "
-               "expert format only)\n" if options.layout == CT_LAYOUT else
+            + ("- compressed-tensors (pack-quantized integers; fp8 float-quantized, its activations quantized to fp8 "
+               "per token when served): serve it with vLLM, load it with `moetool.load_model(path)`, or in "
+               "transformers with `quantization_config=CompressedTensorsConfig(dequantize=True)` (one symmetric "
+               "integer expert format only)\n" if options.layout == CT_LAYOUT else
                "- load it with `moetool.load_model(path)`; `moetool convert --dequantize` writes it back in bf16\n"))

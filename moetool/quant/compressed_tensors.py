@@ -143,7 +143,7 @@ class CompressedFloat8:
     """fp8 e4m3 with one scale per output row, stored as compressed-tensors' float-quantized format (llm-compressor's
     FP8_DYNAMIC weights; vLLM serves them with fp8 activations quantized per token at run time): X.weight itself
     holds the codes, X.weight_scale [rows, 1] the scales in the weight's dtype. Quantized as the package's observer
-    and compressor compute it: scale = max |row| / 448 in the weight's dtype (0 -> its smallest normal),
+    and compressor compute it: scale = max |row| / 448 in the weight's dtype (0 -> the dtype's eps),
     code = clamp(weight / scale, -448, 448) cast to e4m3; dequantized as its `decompress`."""
 
     kind = "fp8"

@@ -69,6 +69,8 @@ class Format:
                     "scale_dtype": "float16", "packing": "little-endian, 8 values per `bits` bytes"}
         if self.kind == "bnb8":
             return {"method": "bitsandbytes", "quant_type": "blockwise8", "blocksize": self.block}
+        if self.kind == "fp8":
+            return {"method": "rtn", "type": "float8_e4m3", "strategy": "channel"}
         return {"method": "bitsandbytes", "quant_type": self.kind, "blocksize": self.block,
                 "double_quant": self.double_quant}
 
@@ -78,6 +80,8 @@ class Format:
         n = prod(shape)
         if self.kind == "keep":
             return [("", dtype, tuple(shape))]
+        if self.kind == "fp8":   # (its stored form is compressed-tensors': quant.compressed_tensors.CompressedFloat8)
+            raise CheckpointFormatError("fp8 is stored in compressed-tensors' layout only, not moetool's")
         if self.kind == "int":
             rows, cols = shape
             groups = cols // self.block
