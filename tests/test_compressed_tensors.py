@@ -318,29 +318,36 @@ def test_bf16_weights_are_rounded_on_the_stored_grid(spec):
 # ---------------------------------------------------------------- fp8 (float-quantized, FP8_DYNAMIC)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fp8_is_the_packages(dtype):
-    """fp8's scales are the package's observer's (calculate_qparams on each row's min and max), its codes the
-    package's compress of the weight with them, and its decompress gives exactly our dequantized values."""
+@pytest.mark.parametrize("spec", ["fp8", "fp8-b16"])
+def test_fp8_is_the_packages(dtype, spec):
+    """fp8's scales are the package's observer's (calculate_qparams on each row's, or each 16 x 16 tile's, min and
+    max; the last tiles partial), its codes the package's compress of the weight with them, and its decompress
+    gives exactly our dequantized values."""
     from compressed_tensors.compressors.naive_quantized import FloatQuantizationCompressor
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    fmt = ct.compressed_format("fp8")
-    weight = (torch.randn(48, 64, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
-    weight[3] = 0   # (a zero row: the smallest scale, not a division by zero)
+    fmt = ct.compressed_format(spec)
+    weight = (torch.randn(40, 56, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
+    weight[:16] = 0   # (a zero row, a zero tile: the smallest scale, not a division by zero)
     parts = fmt.quantize(weight)
     args = QuantizationArgs(**ct.scheme_weights(fmt))
-    scale, _ = calculate_qparams(weight.amin(1, keepdim=True), weight.amax(1, keepdim=True), args)
+    if fmt.block:
+        padded = torch.nn.functional.pad(weight, (0, 8, 0, 8)).reshape(3, 16, 4, 16)
+        low, high = padded.amin((1, 3)), padded.amax((1, 3))
+    else:
+        low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    scale, _ = calculate_qparams(low, high, args)
     assert parts[ct.SCALE].dtype == dtype and torch.equal(parts[ct.SCALE], scale)
     scheme = QuantizationScheme(targets=["Linear"], weights=args, format=ct.FLOAT_FORMAT,
-                                input_activations=QuantizationArgs(**ct.FP8_ACTIVATIONS))
+                                input_activations=QuantizationArgs(**ct.fp8_activations(fmt)))
     theirs = FloatQuantizationCompressor.compress({"weight": weight, "weight_scale": scale}, scheme)
     assert torch.equal(parts[""].view(torch.uint8), theirs["weight"].view(torch.uint8))
     back = FloatQuantizationCompressor.decompress({"weight": parts[""], "weight_scale": parts[ct.SCALE]}, scheme)
     assert torch.equal(fmt.dequantize(parts, tuple(weight.shape), None), back["weight"])
 
 
-@pytest.mark.parametrize("spec", [dict(format="fp8"), dict(bits_budget=8.0, policy="uniform",
-                                                              candidates="int4-g16-sym,fp8")])
+@pytest.mark.parametrize("spec", [dict(format="fp8"), dict(format="fp8-b16"),
+                                  dict(bits_budget=8.0, policy="uniform", candidates="int4-g16-sym,fp8")])
 def test_fp8_checkpoints_read_back_as_the_package_reads_them(tmp_path, tiny, spec):
     """The checkpoint (fp8 alone, or fp8 and int4 layers under a budget: a "mixed-precision" config) decompresses,
     by the package's own dequantizer, to exactly what moetool writes back with convert --dequantize, and moetool
@@ -384,6 +391,6 @@ def test_fp8_is_refused_where_it_cannot_go(tmp_path, tiny):
             quantize(ckpt, tmp_path / "a", QuantizeOptions(format="fp8"))
         with pytest.raises(UsageError, match="float format"):
             quantize(ckpt, tmp_path / "b", QuantizeOptions(format="fp8", layout=CT, method="gptq"))
-        with pytest.raises(UsageError, match="fp8 takes no options"):
+        with pytest.raises(UsageError, match="fp8 takes one option"):
             quantize(ckpt, tmp_path / "c", QuantizeOptions(format="fp8-g128", layout=CT))
     assert not any((tmp_path / n).exists() for n in "abc")

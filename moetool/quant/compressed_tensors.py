@@ -140,23 +140,32 @@ FP8_MAX = 448.0   # e4m3's largest value
 
 @dataclass(frozen=True)
 class CompressedFloat8:
-    """fp8 e4m3 with one scale per output row, stored as compressed-tensors' float-quantized format (llm-compressor's
-    FP8_DYNAMIC weights; vLLM serves them with fp8 activations quantized per token at run time): X.weight itself
-    holds the codes, X.weight_scale [rows, 1] the scales in the weight's dtype. Quantized as the package's observer
-    and compressor compute it: scale = max |row| / 448 in the weight's dtype (0 -> the dtype's eps),
-    code = clamp(weight / scale, -448, 448) cast to e4m3; dequantized as its `decompress`."""
+    """fp8 e4m3 stored as compressed-tensors' float-quantized format, with one scale per output row (BLOCK 0:
+    llm-compressor's FP8_DYNAMIC weights, served with fp8 activations quantized per token at run time) or per BLOCK x
+    BLOCK tile (its FP8_BLOCK weights, activations per token and group of BLOCK): X.weight itself holds the codes,
+    X.weight_scale [rows, 1] or [ceil(rows / BLOCK), ceil(cols / BLOCK)] the scales in the weight's dtype. Quantized
+    as the package's observer and compressor compute it: scale = max |values| / 448 in the weight's dtype (0 -> the
+    dtype's eps), code = clamp(weight / scale, -448, 448) cast to e4m3; dequantized as its `decompress`."""
+
+    block: int = 0
 
     kind = "fp8"
     bits = 8
-    block = 0
     symmetric = True
     is_bnb4 = False
-    id = "fp8"
     suffixes = ("", SCALE)
     nbytes = Format.nbytes
 
+    @property
+    def id(self) -> str:
+        return f"fp8-b{self.block}" if self.block else "fp8"
+
+    def _grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        rows, cols = shape
+        return (rows, 1) if not self.block else (-(-rows // self.block), -(-cols // self.block))
+
     def components(self, shape: tuple[int, ...], dtype: str) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [("", "F8_E4M3", tuple(shape)), (SCALE, dtype if dtype in FLOAT_DTYPES else "F16", (shape[0], 1))]
+        return [("", "F8_E4M3", tuple(shape)), (SCALE, dtype if dtype in FLOAT_DTYPES else "F16", self._grid(shape))]
 
     def original_shape(self, stored: tuple[int, ...], blob=None, parts=None, name=None) -> tuple[int, ...]:
         return tuple(stored)
@@ -171,6 +180,13 @@ class CompressedFloat8:
     def base_for(self, dtype):
         return self
 
+    def _full(self, scale, shape):
+        """SCALE [grid] repeated over the values it scales."""
+        rows, cols = shape
+        if not self.block:
+            return scale
+        return scale.repeat_interleave(self.block, 0)[:rows].repeat_interleave(self.block, 1)[:, :cols]
+
     def quantize(self, weight, name: str = "weight") -> dict[str, object]:
         import torch
 
@@ -179,14 +195,21 @@ class CompressedFloat8:
         check_finite(weight, name)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float16
         w = weight.to(dtype)
-        scale = w.abs().amax(dim=1, keepdim=True) / torch.tensor(FP8_MAX, dtype=dtype)
+        if self.block:   # (zero padding to whole tiles, as the package pads)
+            grid = self._grid(tuple(w.shape))
+            padded = torch.nn.functional.pad(w, (0, grid[1] * self.block - w.shape[1],
+                                                 0, grid[0] * self.block - w.shape[0]))
+            amax = padded.reshape(grid[0], self.block, grid[1], self.block).abs().amax(dim=(1, 3))
+        else:
+            amax = w.abs().amax(dim=1, keepdim=True)
+        scale = amax / torch.tensor(FP8_MAX, dtype=dtype)
         scale = torch.where(scale == 0, torch.tensor(torch.finfo(dtype).eps, dtype=dtype), scale)
-        codes = torch.clamp(w / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        codes = torch.clamp(w / self._full(scale, tuple(w.shape)), -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return {"": codes, SCALE: scale}
 
     def dequantize(self, parts: dict[str, object], shape: tuple[int, ...], dtype, state=None, name=None):
         scale = parts[SCALE]
-        out = parts[""].to(scale.dtype) * scale
+        out = parts[""].to(scale.dtype) * self._full(scale, shape)
         return out if dtype is None else out.to(dtype)
 
 
@@ -197,7 +220,7 @@ def compressed_format(fmt: Format | str, option: str = ""):
     if isinstance(fmt, (CompressedFormat, CompressedFloat8)):
         return fmt
     if fmt.kind == "fp8":
-        return CompressedFloat8()
+        return CompressedFloat8(fmt.block)
     if fmt.kind != "int" or fmt.bits not in BITS:
         raise UsageError("--layout compressed-tensors holds int4 and int8 group formats (e.g. int4-g128-sym, "
                          f"int8-g32-asym) and fp8, what vLLM's MoE kernels run; {option}{fmt.id} "
@@ -234,11 +257,20 @@ FP8_ACTIVATIONS = {"num_bits": 8, "type": "float", "symmetric": True, "group_siz
                    "dynamic": True}
 
 
+def fp8_activations(fmt) -> dict:
+    """The input activations of FMT's fp8 weights when served: per token (FP8_DYNAMIC), or per token and group of
+    the block's width for block weights (FP8_BLOCK)."""
+    if not fmt.block:
+        return dict(FP8_ACTIVATIONS)
+    return dict(FP8_ACTIVATIONS, strategy="group", group_size=fmt.block)
+
+
 def scheme_weights(fmt) -> dict:
     """The `weights` QuantizationArgs of FMT as compressed-tensors serializes them."""
     if fmt.kind == "fp8":
-        return {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "channel",
-                "dynamic": False}
+        return {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+                "strategy": "block" if fmt.block else "channel", "dynamic": False,
+                **({"block_structure": [fmt.block, fmt.block]} if fmt.block else {})}
     return {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric, "group_size": fmt.block,
             "strategy": "group", "dynamic": False}
 
@@ -248,7 +280,7 @@ def quantization_config(groups: list[tuple[object, list[str]]], ignore: list[str
     it: one config group (in order) per format with its targets, IGNORE for modules left as they are
     (a checkpoint of integer and fp8 groups is "mixed-precision", each group naming its format)."""
     config_groups = {f"group_{i}": {"targets": targets, "weights": scheme_weights(fmt),
-                                    "input_activations": dict(FP8_ACTIVATIONS) if fmt.kind == "fp8" else None,
+                                    "input_activations": fp8_activations(fmt) if fmt.kind == "fp8" else None,
                                     "output_activations": None,
                                     "format": FLOAT_FORMAT if fmt.kind == "fp8" else PACK_FORMAT}
                      for i, (fmt, targets) in enumerate(groups)}

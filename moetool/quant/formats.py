@@ -50,8 +50,10 @@ class Format:
 
     @property
     def id(self) -> str:
-        if self.kind in ("keep", "fp8"):
+        if self.kind == "keep" or (self.kind == "fp8" and not self.block):
             return self.kind
+        if self.kind == "fp8":
+            return f"fp8-b{self.block}"
         if self.kind == "int":
             return f"int{self.bits}-g{self.block}-{'sym' if self.symmetric else 'asym'}"
         return f"{self.kind}-b{self.block}" + ("-dq" if self.double_quant else "")
@@ -341,10 +343,11 @@ def parse_format(spec: str) -> Format:
         raise UsageError(f"format {spec!r}: use nf4, fp4, bnb8, int2/int3/int4/int8, fp8 or keep, with options "
                          "-b<block>, -dq, -g<group>, -sym/-asym (e.g. nf4-b64-dq, int3-g128-asym)")
     kind, opts = m["kind"], [o for o in m["rest"].split("-") if o]
-    if kind == "fp8":   # e4m3, a scale per output row (compressed-tensors' FP8_DYNAMIC weights)
-        if opts:
-            raise UsageError(f"format {spec!r}: fp8 takes no options (e4m3, one scale per output row)")
-        return Format("fp8", 8)
+    if kind == "fp8":   # e4m3, a scale per output row (FP8_DYNAMIC weights) or per -b<block> square tile (FP8_BLOCK)
+        if len(opts) > 1 or (opts and not re.fullmatch(r"b\d+", opts[0])) or (opts and int(opts[0][1:]) < 1):
+            raise UsageError(f"format {spec!r}: fp8 takes one option, -b<block> (a scale per block x block tile, "
+                             "e.g. fp8-b128); without it, one scale per output row")
+        return Format("fp8", 8, int(opts[0][1:]) if opts else 0)
     bits = int(kind[3:]) if kind.startswith("int") else (8 if kind == "bnb8" else 4)
     block = {"nf4": 64, "fp4": 64, "bnb8": 256}.get(kind, 128)
     double_quant, symmetric = False, bits == 8
