@@ -705,3 +705,24 @@ def _fp8_family(base, out, targets):
     dense = out.with_name(out.name + "-dense")
     convert_checkpoint(compressed, dense, CompressedTensorsDequantizer(compressed, dtype=torch.float32))
     return compressed, dense
+
+
+def test_cli(tmp_path, models):
+    """The commands on a release: inspect names it, eval says what it does not reproduce, convert dequantizes it."""
+    import subprocess
+    import sys
+
+    source, dense = models["fp8-channel-dynamic"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "moetool", *map(str, args)], capture_output=True, text=True)
+
+    inspected = cli("inspect", source, "--json")
+    assert inspected.returncode == 0 and json.loads(inspected.stdout)["quantization"] == [
+        "compressed-tensors fp8 channel, activations fp8 token dynamic"]
+    evaluated = cli("eval", source, "--reference", dense, "--token-ids", models["ids"], "--seq-len", 16)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "warning" in evaluated.stdout and "quantizes activations when served" in evaluated.stdout
+    converted = cli("convert", source, tmp_path / "out", "--dequantize", "--json")
+    assert converted.returncode == 0, converted.stderr
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
