@@ -229,9 +229,15 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
     removed_params = removed_bytes = 0
     per_expert: dict[tuple, dict[int, TensorRef]] = {}   # (layer, role, aux name tail) -> expert -> tensor
     mtp = {name for name, m in matches.items() if family.is_mtp(cfg, name, m.layer)}
+
+    def params(name, ref) -> int:   # the parameters a tensor holds: none for a scale, a packed one's codes'
+        if matches[name].aux:
+            return 0
+        return released_codes[name][1].params(ref.shape) if name in released_codes else ref.numel
+
     for name in mtp:
         removed_bytes += ckpt.tensors[name].nbytes
-        removed_params += ckpt.tensors[name].numel
+        removed_params += params(name, ckpt.tensors[name])
     for name, ref in ckpt.tensors.items():
         m = matches[name]
         if m.layer in kept and m.role in EXPERT_ROLES and m.expert is not None:
@@ -251,8 +257,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                 continue
             if m.expert not in kept[m.layer]:
                 removed_bytes += ref.nbytes
-                removed_params += 0 if m.aux else released_codes[name][1].params(ref.shape) \
-                    if name in released_codes else ref.numel
+                removed_params += params(name, ref)
                 continue
             pieces = tensor_pieces(ref, ref.dtype)
             if groups is not None:
