@@ -49,7 +49,8 @@ from moetool.ops.prune_choice import (
 )
 from moetool.ops.prune_gguf import prune_gguf
 from moetool.quant import released
-from moetool.quant.config import quant_method, recorded_formats, tool_quantized
+from moetool.quant.config import recorded_formats, tool_quantized
+from moetool.quant.released import quant_method
 
 log = logging.getLogger(__name__)
 

@@ -49,8 +49,9 @@ from moetool.errors import OutputExistsError, OutputWriteError, UnsupportedError
 from moetool.layout.plan import FLOATS, PlanOptions, family_context, plan_tensors
 from moetool.ops.profile import ProfileOptions, routing_profile
 from moetool.quant import compressed_tensors as ct
-from moetool.quant.config import QUANT_METHOD, quant_method, tool_quantized
+from moetool.quant.config import QUANT_METHOD, tool_quantized
 from moetool.quant.formats import Format, parse_format, slice_name
+from moetool.quant.released import quant_method
 from moetool.runner import distributed
 from moetool.runner.modules import model_name
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from math import ceil
+from math import ceil, prod
 
-from moetool.errors import UsageError
+from moetool.errors import CheckpointFormatError, UnsupportedError, UsageError
 from moetool.quant.formats import Format, parse_format
 
 QUANT_METHOD = "compressed-tensors"
@@ -452,8 +452,6 @@ class StoredScheme:
     def original_shape(self, stored: tuple[int, ...], parts=None, name: str | None = None) -> tuple[int, ...]:
         """The weight's shape from its codes' stored shape (headers only): packed integers hold 32 / bits
         values a word (grouped ones as many as their scales' groups cover), fp4 two a byte."""
-        from moetool.errors import CheckpointFormatError
-
         if len(stored) != 2:
             raise CheckpointFormatError(f"{name or 'a weight'}: compressed-tensors weights are 2-D, not {list(stored)}")
         rows, cols = stored
@@ -473,7 +471,7 @@ class StoredScheme:
 
     def params(self, stored: tuple[int, ...]) -> int:
         if len(stored) != 2 or not self.bits:   # (not a shape this reads: counted as stored; reading is refused)
-            return int(__import__("math").prod(stored))
+            return int(prod(stored))
         rows, cols = self.original_shape(stored)
         return rows * cols
 
@@ -487,8 +485,6 @@ class StoredScheme:
         """The weight [rows, cols] in DTYPE (None: as `decompress` gives it), from its stored PARTS (suffix ->
         torch tensor), operation by operation as compressed-tensors 0.20 computes it."""
         import torch
-
-        from moetool.errors import CheckpointFormatError, UnsupportedError
 
         if self.unreadable:
             raise UnsupportedError(f"{name or 'a weight'}: {self.unreadable}")

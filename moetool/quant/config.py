@@ -28,8 +28,3 @@ def tool_quantized(config: dict | None) -> bool:
     if released.quant_method(config) == compressed_tensors.QUANT_METHOD:
         return compressed_tensors.quantizes_weights(config)
     return recorded_formats(config) is not None or released.quantized_weights(config) is not None
-
-
-def quant_method(config: dict | None) -> str | None:
-    """The quant_method of CONFIG's quantization_config (moetool, compressed-tensors, modelopt, awq, gptq, ...)."""
-    return released.quant_method(config)
