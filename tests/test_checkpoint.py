@@ -218,21 +218,21 @@ def test_remote_headers_build_a_header_only_checkpoint(tiny):
         checkpoint_from_remote_metadata(meta, config, "acme/mixtral")
 
 
-def test_hub_id_online_reads_only_headers(monkeypatch, tiny):
-    """Online and not cached: config.json and the safetensors headers are fetched, no weights."""
+def fake_hub(monkeypatch, src, calls: list):
+    """huggingface_hub's hf_hub_download and get_safetensors_metadata answering for a repository holding SRC's
+    files (model.safetensors' header only), each call recorded in CALLS; online."""
     import huggingface_hub
     from huggingface_hub import constants
+    from huggingface_hub.errors import EntryNotFoundError  # (the hub raises its subclass RemoteEntryNotFoundError)
 
-    from moetool.ops.inspect import inspect_checkpoint
-
-    src = tiny("qwen2_moe")
-    calls = []
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
     def fake_download(repo, filename, revision=None, **kwargs):
         calls.append(("download", repo, filename, revision))
-        assert filename == "config.json"
+        assert filename.endswith(".json")
+        if not (src / filename).is_file():
+            raise EntryNotFoundError(f"404: {filename}")
         return str(src / filename)
 
     def fake_metadata(self, repo, revision=None, **kwargs):
@@ -241,9 +241,21 @@ def test_hub_id_online_reads_only_headers(monkeypatch, tiny):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(huggingface_hub.HfApi, "get_safetensors_metadata", fake_metadata)
+
+
+def test_hub_id_online_reads_only_headers(monkeypatch, tiny):
+    """Online and not cached: config.json and the safetensors headers are fetched, no weights."""
+    from moetool.ops.inspect import inspect_checkpoint
+
+    src = tiny("qwen2_moe")
+    calls = []
+    fake_hub(monkeypatch, src, calls)
     with open_checkpoint("acme/remote-moe@v2", headers_only=True) as ckpt:
         report = inspect_checkpoint(ckpt)
-    assert calls == [("download", "acme/remote-moe", "config.json", "v2"), ("metadata", "acme/remote-moe", "v2")]
+    # (the files that may describe a quantization config.json does not: the repository has neither)
+    assert calls == [("download", "acme/remote-moe", name, "v2")
+                     for name in ("config.json", "quantize_config.json", "hf_quant_config.json")] + [
+        ("metadata", "acme/remote-moe", "v2")]
     with open_checkpoint(src) as local:
         assert report.total_params == inspect_checkpoint(local).total_params
     assert report.kind == "hub-headers" and report.problems == []

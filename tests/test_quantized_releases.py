@@ -598,6 +598,30 @@ def test_quantization_described_beside_config_json(tmp_path, models):
             load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")
 
 
+def test_side_description_read_from_the_hub_too(tmp_path, models, monkeypatch):
+    """inspect of a hub id (headers only, nothing cached) fetches quantize_config.json too, where config.json
+    describes no quantization: the release is counted as the same files in a folder are."""
+    from tests.test_checkpoint import fake_hub
+
+    source = tmp_path / "gptq"
+    shutil.copytree(models["gptq-int4-g16-act-order"][0], source)
+    config = json.loads((source / "config.json").read_text())
+    described = config.pop("quantization_config")
+    described.pop("quant_method")
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "quantize_config.json").write_text(json.dumps(described))
+    calls = []
+    fake_hub(monkeypatch, source, calls)
+    with open_checkpoint("acme/moe-gptq", headers_only=True) as ckpt:
+        remote = inspect_checkpoint(ckpt)
+    assert [c[2] for c in calls if c[0] == "download"] == ["config.json", "quantize_config.json"]
+    with open_checkpoint(models["gptq-int4-g16-act-order"][0]) as ckpt:
+        local = inspect_checkpoint(ckpt)
+    assert remote.kind == "hub-headers" and remote.problems == []
+    assert (remote.quantization, remote.total_params) == (local.quantization, local.total_params)
+    assert "gptq" in " ".join(remote.quantization)
+
+
 @pytest.mark.parametrize("name", ["fp8-channel-dynamic", "nvfp4", "int4-g16-asym", "modelopt-nvfp4", "awq",
                                   "gptq-int4-g16-act-order"])
 @pytest.mark.parametrize("criterion", ["frequency", "reap"])

@@ -161,8 +161,10 @@ def test_capture_matches_router_logits_and_streamed_matches_full(tmp_path, famil
             reference_experts(family, router_logits[position], layers[layer], report.top_k,
                               model.config.get_text_config())
         assert torch.equal(index.sort(-1).values, want), f"layer {layer}"
-        for what in ("experts", "weights", "router"):
-            assert torch.equal(traced(tmp_path / "streamed", layer, what), traced(tmp_path / "full", layer, what)), what
+        assert torch.equal(traced(tmp_path / "streamed", layer, "experts"), traced(tmp_path / "full", layer, "experts"))
+        for what in ("weights", "router"):   # (micro-batches of 2 sequences against 3: sums may round apart)
+            torch.testing.assert_close(traced(tmp_path / "streamed", layer, what),
+                                       traced(tmp_path / "full", layer, what), rtol=1e-6, atol=1e-7, msg=what)
         # (the picks of identity experts, numbered after the real ones, are counted apart)
         assert full.layers[position].counts == chosen[:report.num_experts].tolist()
         assert (full.layers[position].identity or {}).get("assignments", 0) == chosen[report.num_experts:].sum()

@@ -337,13 +337,18 @@ SIDE_QUANTIZATION = {"quantize_config.json": ("gptq", None), "hf_quant_config.js
 
 
 def _with_side_quantization(root: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """CONFIG with the quantization_config a side file describes, where config.json has none (the files as they are)."""
+    """CONFIG with the quantization_config a side file in ROOT describes (see with_side_quantization)."""
+    return with_side_quantization(config, lambda name: read_config(root / name) if (root / name).is_file() else None)
+
+
+def with_side_quantization(config: dict[str, Any], read_side) -> dict[str, Any]:
+    """CONFIG with the quantization_config a side file describes, where config.json has none (the files as they
+    are); READ_SIDE(file name) gives the file's JSON, or None where there is no such file."""
     if config.get("quantization_config"):
         return config
     for name, (method, key) in SIDE_QUANTIZATION.items():
-        path = root / name
-        if path.is_file():
-            described = read_config(path)
+        described = read_side(name)
+        if isinstance(described, dict):
             described = described.get(key) if key else described
             if isinstance(described, dict):
                 return {**config, "quantization_config": {"quant_method": method, **described}}

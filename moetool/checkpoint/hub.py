@@ -22,6 +22,7 @@ from moetool.checkpoint.checkpoint import (
     open_local,
     read_config,
     read_index,
+    with_side_quantization,
 )
 from moetool.checkpoint.header import parse_header
 from moetool.errors import CheckpointFormatError, SourceNotFoundError
@@ -108,6 +109,7 @@ def _open_remote_headers(repo: str, revision: str | None, spec: str) -> Checkpoi
 
     try:
         config = read_config(Path(hf_hub_download(repo, "config.json", revision=revision)))
+        config = with_side_quantization(config, lambda name: _side_file(repo, revision, name))
         meta = HfApi().get_safetensors_metadata(repo, revision=revision)
     except _hub_errors() as exc:
         raise SourceNotFoundError(f"{spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
@@ -115,6 +117,17 @@ def _open_remote_headers(repo: str, revision: str | None, spec: str) -> Checkpoi
         raise CheckpointFormatError(f"{spec}: cannot read safetensors headers from the hub "
                                     f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     return checkpoint_from_remote_metadata(meta, config, spec)
+
+
+def _side_file(repo: str, revision: str | None, name: str) -> dict | None:
+    """One of SIDE_QUANTIZATION's files from the repository, or None where it has none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return read_config(Path(hf_hub_download(repo, name, revision=revision)))
+    except EntryNotFoundError:   # (RemoteEntryNotFoundError too: a subclass)
+        return None
 
 
 def checkpoint_from_remote_metadata(meta, config: dict, spec: str) -> Checkpoint:
