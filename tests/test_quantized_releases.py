@@ -1,11 +1,14 @@
 """Reading the quantized checkpoints other tools write for MoE models: compressed-tensors (llm-compressor) in every
-weight format, each one built here by the compressed-tensors package's own compressors; NVIDIA ModelOpt NVFP4 and
-AutoAWQ, read by that package's own converters. All checked against the package's own decompression
-(CompressedTensorsDequantizer) and transformers' forward on the weights it decompressed."""
+weight format, each one built here by the compressed-tensors package's own compressors; AutoAWQ, read by that
+package's own converter; NVIDIA ModelOpt NVFP4, read by ModelOpt's own dequantization (nvidia-modelopt); GPTQ
+packed as GPTQModel packs. Each checked against the writing tool's own decompression (compressed-tensors'
+CompressedTensorsDequantizer, ModelOpt's NVFP4QTensor.dequantize) and transformers' forward on those weights."""
 
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from moetool.checkpoint import open_checkpoint
-from moetool.errors import UnsupportedError
+from moetool.errors import CheckpointFormatError, UnsupportedError
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.evaluate import EvalOptions, evaluate
 from moetool.ops.inspect import inspect_checkpoint
@@ -29,7 +32,6 @@ from compressed_tensors.entrypoints.convert import convert_checkpoint  # noqa: E
 from compressed_tensors.entrypoints.convert.converters import (  # noqa: E402
     AutoAWQConverter,
     CompressedTensorsDequantizer,
-    ModelOptNvfp4Converter,
 )
 from compressed_tensors.quantization import (  # noqa: E402
     QuantizationArgs,
@@ -162,8 +164,9 @@ def _package_dequantized(source, converters, out):
 
 def _modelopt(nvfp4, out):
     """The compressed-tensors NVFP4 checkpoint as ModelOpt stores it (the inverse of the package's ModelOpt
-    converter: weight_packed -> weight, weight_global_scale -> its reciprocal weight_scale_2, an input_scale per
-    Linear, the kv-cache algorithm named); the oracle is that converter's reading of it."""
+    converter: weight_packed -> weight, weight_global_scale -> its reciprocal weight_scale_2, a 0-d float32 as
+    ModelOpt's unified_export_hf.py squeezes it, an input_scale per Linear, the kv-cache algorithm named); the
+    oracle is ModelOpt's own NVFP4QTensor.dequantize (in float32)."""
     shutil.copytree(nvfp4, out)
     stored = {}
     for name, tensor in load_file(out / "model.safetensors").items():
@@ -179,8 +182,35 @@ def _modelopt(nvfp4, out):
                                      "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
-    return out, _package_dequantized(out, ModelOptNvfp4Converter(targets=[TARGETS], ignore=["lm_head"]),
-                                     out.with_name(out.name + "-dense"))
+    dense = out.with_name(out.name + "-dense")
+    dense.mkdir()
+    shutil.copy(out / "config.json", dense / "config.json")
+    config.pop("quantization_config")
+    (dense / "config.json").write_text(json.dumps(config, indent=2))
+    # in a process of its own: importing modelopt.torch registers its plugins with transformers
+    subprocess.run([sys.executable, "-c", MODELOPT_DEQUANTIZE, str(out / "model.safetensors"),
+                    str(dense / "model.safetensors")], check=True, capture_output=True)
+    return out, dense
+
+
+# ModelOpt's own dequantization of each NVFP4 weight (uint8 codes, fp8 block scales, weight_scale_2) in float32;
+# the other tensors as stored, less the input scales
+MODELOPT_DEQUANTIZE = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+stored, out = load_file(sys.argv[1]), {}
+for name, tensor in stored.items():
+    module = name.removesuffix(".weight")
+    if name.endswith(".weight") and module + ".weight_scale_2" in stored:
+        shape = torch.Size([tensor.shape[0], tensor.shape[1] * 2])
+        out[name] = NVFP4QTensor(shape, torch.float32, tensor).dequantize(
+            dtype=torch.float32, scale=stored[module + ".weight_scale"],
+            double_scale=stored[module + ".weight_scale_2"], block_sizes={-1: 16})
+    elif not name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
+        out[name] = tensor
+save_file(out, sys.argv[2], metadata={"format": "pt"})
+"""
 
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # AutoAWQ's pack order (awq/utils/packing_utils.py): column of each nibble
@@ -230,12 +260,13 @@ def _pack_gptq(codes, bits: int):
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
-def _gptq(base, out, bits: int, group: int, fmt: str, dynamic=None, targets: str = TARGETS):
+def _gptq(base, out, bits: int, group: int, fmt: str, dynamic=None, targets: str = TARGETS, act_order=True):
     """BASE's targeted weights as GPTQ stores them: asymmetric codes and zeros packed the GPTQModel way, a
     permuted g_idx (desc_act) where there are groups, float16 scales, v1 zeros (each minus one, by GPTQModel's
     whole-word subtract: int2's first group holds positive weights alone, a zero of 0 that borrows) for "gptq";
-    DYNAMIC: (pattern, bits, group) of GPTQModel's per-module override. Returns it and a checkpoint of the values it
-    holds, scale x (code - zero) computed from the codes before they were packed: what reading it must give."""
+    DYNAMIC: (pattern, bits, group) of GPTQModel's per-module override; ACT_ORDER false: g_idx = i // group.
+    Returns it and a checkpoint of the values it holds, scale x (code - zero) computed from the codes before they
+    were packed: what reading it must give."""
     shutil.copytree(base, out)
     dense = out.with_name(out.name + "-dense")
     shutil.copytree(base, dense)
@@ -250,7 +281,8 @@ def _gptq(base, out, bits: int, group: int, fmt: str, dynamic=None, targets: str
         maxq = (1 << b) - 1
         w = tensor.T.clone()                                          # [K, N]: GPTQ works on W^T
         inputs = w.shape[0]
-        g_idx = torch.randperm(inputs, generator=generator) // g if g > 0 else torch.zeros(inputs, dtype=torch.long)
+        g_idx = torch.randperm(inputs, generator=generator) if act_order else torch.arange(inputs)
+        g_idx = g_idx // g if g > 0 else torch.zeros(inputs, dtype=torch.long)
         if b == 2:
             w[g_idx == 0] = w[g_idx == 0].abs()
         groups = int(g_idx.max()) + 1
@@ -270,8 +302,8 @@ def _gptq(base, out, bits: int, group: int, fmt: str, dynamic=None, targets: str
     save_file(stored, out / "model.safetensors", metadata={"format": "pt"})
     save_file(values, dense / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": group > 0,
-                                     "sym": False, "checkpoint_format": fmt}
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False,
+                                     "desc_act": group > 0 and act_order, "checkpoint_format": fmt}
     if dynamic:
         config["quantization_config"]["dynamic"] = {"+:" + dynamic[0]: {"bits": dynamic[1], "group_size": dynamic[2]},
                                                     r"-:.*\.mlp\.gate$": {}}
@@ -514,6 +546,73 @@ def test_what_it_cannot_read_is_refused_before_writing(tmp_path, models):
     assert not (tmp_path / "out").exists()
 
 
+def _rewritten(tmp_path, source, name, config_change=None, drop=()):
+    """A copy of SOURCE named NAME, its quantization_config updated by CONFIG_CHANGE, the tensors ending in DROP
+    left out."""
+    out = tmp_path / name
+    shutil.copytree(source, out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] |= config_change or {}
+    (out / "config.json").write_text(json.dumps(config))
+    if drop:
+        kept = {k: v for k, v in load_file(out / "model.safetensors").items() if not k.endswith(drop)}
+        save_file(kept, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_unpacked_zero_points_are_refused_not_misread(tmp_path, models):
+    """compressed-tensors before 0.10 stored pack-quantized zero points unpacked (int8 [rows, groups]): refused with
+    their form named, not broadcast into wrong values."""
+    source = tmp_path / "old-zeros"
+    shutil.copytree(models["int4-g16-asym"][0], source)
+    tensors = load_file(source / "model.safetensors")
+    name = "model.layers.0.mlp.experts.0.down_proj.weight_zero_point"
+    rows, groups = tensors[name.removesuffix("zero_point") + "scale"].shape
+    tensors[name] = torch.zeros(rows, groups, dtype=torch.int8)
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(source) as ckpt:
+        with pytest.raises(CheckpointFormatError, match="weight_zero_point torch.int8"):
+            convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_modelopt_w4a16_nvfp4_and_its_other_spelling_are_read(tmp_path, models):
+    """quant_method "modelopt_fp4" (vLLM takes any "modelopt..."), quant_algo W4A16_NVFP4 (NVFP4's tensors without
+    input scales): read as NVFP4 is, to ModelOpt's own values."""
+    source, dense = models["modelopt-nvfp4"]
+    w4a16 = _rewritten(tmp_path, source, "w4a16", {"quant_method": "modelopt_fp4", "quant_algo": "W4A16_NVFP4"},
+                       drop=(".input_scale",))
+    with open_checkpoint(w4a16) as ckpt:
+        report = inspect_checkpoint(ckpt)
+        convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True, dtype="fp32"))
+    assert report.problems == [] and "modelopt nvfp4" in " ".join(report.quantization)
+    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(dense / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
+
+
+def test_modelopt_forms_it_cannot_read_are_named(tmp_path, models):
+    """An algorithm not read is named as such (not taken for AWQ); fp8 scales are told apart by their shape, so
+    block scales holding as many values as the weight has rows are refused, not applied per row."""
+    source, _ = models["modelopt-nvfp4"]
+    with open_checkpoint(_rewritten(tmp_path, source, "w4a8", {"quant_algo": "W4A8_NVFP4_FP8"})) as ckpt:
+        problems = inspect_checkpoint(ckpt).problems
+        assert [p.code for p in problems] == ["unreadable_quantization"]
+        assert "W4A8_NVFP4_FP8 checkpoints are not read" in problems[0].message and "AWQ" not in problems[0].message
+    fp8 = tmp_path / "fp8-blocks"
+    shutil.copytree(models["modelopt-fp8"][0], fp8)
+    tensors = load_file(fp8 / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"   # [64, 64]: 64 scales, as blocks [8, 8] would be
+    rows = tensors[name].shape[0]
+    tensors[name.removesuffix("weight") + "weight_scale"] = torch.ones(8, rows // 8)
+    save_file(tensors, fp8 / "model.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(fp8) as ckpt:
+        problems = inspect_checkpoint(ckpt).problems
+        assert [p.code for p in problems] == ["unreadable_quantization"] and "[8, 8]" in problems[0].message
+        with pytest.raises(UnsupportedError, match="per tensor or per row"):
+            convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["fp8-channel-dynamic", "modelopt-nvfp4", "awq", "gptq-int2-g16"])
 def test_quantize_refuses_them(tmp_path, models, name):
     method = json.loads((models[name][0] / "config.json").read_text())["quantization_config"]["quant_method"]
@@ -560,8 +659,28 @@ def test_a_dtype_change_leaves_quantized_weights_as_they_are(tmp_path, models, n
     assert after["model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
+def test_gptq_without_g_idx_groups_inputs_in_order(tmp_path, models):
+    """Without act-order, a g_idx left out is input i // group_size (what GPTQModel and AutoGPTQ store); with
+    act-order (desc_act) and no g_idx the order is unknown: refused."""
+    source, dense = _gptq(models["base"][0], tmp_path / "in-order", 4, 16, "gptq", act_order=False)
+    tensors = load_file(source / "model.safetensors")
+    assert any(k.endswith(".g_idx") for k in tensors)
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, source / "model.safetensors",
+              metadata={"format": "pt"})
+    with open_checkpoint(source) as ckpt:
+        assert inspect_checkpoint(ckpt).problems == []
+        convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True, dtype="fp32"))
+    ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(dense / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    unordered = _rewritten(tmp_path, source, "unordered", {"desc_act": True})
+    with open_checkpoint(unordered) as ckpt:
+        assert [p.code for p in inspect_checkpoint(ckpt).problems] == ["unreadable_quantization"]
+        with pytest.raises(UnsupportedError, match="no g_idx"):
+            convert(ckpt, tmp_path / "out2", ConvertOptions(dequantize=True))
+
+
 @pytest.mark.parametrize("change, words", [({"checkpoint_format": "gptq_p"}, "gptq_p layout"),
-                                           ({"bits": 3}, "int3"),
+                                           ({"bits": 3}, "int3"), ({"rotation": "hadamard"}, "hadamard rotation"),
                                            ({"dynamic": {r"+:.*experts\.1\.": {"bits": 3}}}, "int3")])
 def test_gptq_it_cannot_read_is_refused(tmp_path, models, change, words):
     source = tmp_path / "gptq"
@@ -576,9 +695,9 @@ def test_gptq_it_cannot_read_is_refused(tmp_path, models, change, words):
     assert not (tmp_path / "out").exists()
 
 
-def test_quantization_described_beside_config_json(tmp_path, models):
-    """AutoGPTQ's older releases describe it in quantize_config.json alone: read as transformers reads it; with no
-    description at all, the packed weights are named and refused, not loaded as missing."""
+def _described_beside(tmp_path, models):
+    """The GPTQ release with its quantization described in quantize_config.json, not config.json (AutoGPTQ's older
+    releases)."""
     source = tmp_path / "gptq"
     shutil.copytree(models["gptq-int4-g16-act-order"][0], source)
     config = json.loads((source / "config.json").read_text())
@@ -586,6 +705,13 @@ def test_quantization_described_beside_config_json(tmp_path, models):
     described.pop("quant_method")
     (source / "config.json").write_text(json.dumps(config))
     (source / "quantize_config.json").write_text(json.dumps(described))
+    return source
+
+
+def test_quantization_described_beside_config_json(tmp_path, models):
+    """AutoGPTQ's older releases describe it in quantize_config.json alone: read as transformers reads it; with no
+    description at all, the packed weights are named and refused, not loaded as missing."""
+    source = _described_beside(tmp_path, models)
     for path, out in ((source, tmp_path / "a"), (models["gptq-int4-g16-act-order"][0], tmp_path / "b")):
         with open_checkpoint(path) as ckpt:
             convert(ckpt, out, ConvertOptions(dequantize=True, dtype="fp32"))
@@ -598,18 +724,25 @@ def test_quantization_described_beside_config_json(tmp_path, models):
             load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")
 
 
+def test_packed_weights_of_a_method_not_read_are_named(tmp_path, models):
+    """Packed X.qweight under a quant_method moetool does not read (AutoRound's "auto-round"): inspect names the
+    method and warns, runs refuse naming it (not "no quantization_config")."""
+    source = _rewritten(tmp_path, models["gptq-int4-g16-act-order"][0], "autoround",
+                        {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq"})
+    with open_checkpoint(source) as ckpt:
+        report = inspect_checkpoint(ckpt)
+        assert report.quantization == ["packed int32 (X.qweight; quant_method auto-round)"]
+        assert [p.code for p in report.problems] == ["unreadable_quantization"]
+        with pytest.raises(UnsupportedError, match="quant_method 'auto-round'"):
+            load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")
+
+
 def test_side_description_read_from_the_hub_too(tmp_path, models, monkeypatch):
     """inspect of a hub id (headers only, nothing cached) fetches quantize_config.json too, where config.json
     describes no quantization: the release is counted as the same files in a folder are."""
     from tests.test_checkpoint import fake_hub
 
-    source = tmp_path / "gptq"
-    shutil.copytree(models["gptq-int4-g16-act-order"][0], source)
-    config = json.loads((source / "config.json").read_text())
-    described = config.pop("quantization_config")
-    described.pop("quant_method")
-    (source / "config.json").write_text(json.dumps(config))
-    (source / "quantize_config.json").write_text(json.dumps(described))
+    source = _described_beside(tmp_path, models)
     calls = []
     fake_hub(monkeypatch, source, calls)
     with open_checkpoint("acme/moe-gptq", headers_only=True) as ckpt:

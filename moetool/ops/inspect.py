@@ -591,6 +591,11 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     method = released.quant_method(cfg)
     quant_forms.update(f"{method} {scheme.id}" for _, scheme in set(stored.values()))
     tally.unreadable = sorted({scheme.unreadable for _, scheme in stored.values() if scheme.unreadable})
+    if method and method not in released.METHODS and UNDESCRIBED_PACKED in quant_forms:   # (AutoRound's, ...)
+        quant_forms.discard(UNDESCRIBED_PACKED)
+        quant_forms.add(f"packed int32 (X.qweight; quant_method {method})")
+        tally.unreadable.append(f"weights packed by quant_method {method!r} are not read (compressed-tensors, "
+                                "modelopt, awq and gptq are)")
     if any(dtype.startswith("F8") for dtype in weight_dtypes) and not stored and \
             not any(form.startswith("fp8 block ") for form in quant_forms):   # (a scale's form names it)
         quant_forms.add("fp8")
@@ -603,6 +608,7 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
 
 
 _BNB4_STATE = ".weight.quant_state.bitsandbytes__"
+UNDESCRIBED_PACKED = "packed int32 (X.qweight; no quantization_config)"   # GPTQ's or AWQ's codes, said nowhere
 
 
 def _scale_forms(ckpt: Checkpoint, classifier: Classifier, cfg: dict, tally: _Tally) -> None:
@@ -650,7 +656,7 @@ def _stored_params(tally: _Tally, name: str, ref: TensorRef, numel: int, packed:
     if held is not None:   # another tool's codes (their form: named once, after the pass)
         return held[1].params(ref.shape)
     if packed and name.endswith(".qweight"):   # GPTQ's or AWQ's codes without a quantization_config to say so
-        tally.quant_forms.add("packed int32 (X.qweight; no quantization_config)")
+        tally.quant_forms.add(UNDESCRIBED_PACKED)
         return numel * 32 // bits
     if packed:
         tally.quant_forms.add("mxfp4" if ref.dtype == "U8" else f"compressed-tensors int{bits}")

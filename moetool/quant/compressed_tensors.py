@@ -129,10 +129,22 @@ class CompressedFormat:
         scale = parts[SCALE]
         q = (_codes(parts[PACKED], self.bits, cols) - offset).reshape(rows, -1, self.block).to(scale.dtype)
         if ZERO_POINT in parts:
-            zero = _codes(parts[ZERO_POINT].T, self.bits, rows).T - offset
+            zero = _zero_points(parts[ZERO_POINT], self.bits, rows, scale.shape[-1], name)
             q = q - zero.to(scale.dtype).unsqueeze(-1)
         weight = (q * scale.unsqueeze(-1)).reshape(rows, cols)
         return weight if dtype is None else weight.to(dtype)
+
+
+def _zero_points(packed, bits: int, rows: int, groups: int, name=None):
+    """Signed zero points [rows, groups] from their int32 words, packed along the rows (compressed-tensors since
+    0.10; the unpacked int8 ones before it are refused, never broadcast into wrong values)."""
+    import torch
+
+    words = (-(-rows * bits // 32), groups)
+    if packed.dtype != torch.int32 or tuple(packed.shape) != words:
+        raise CheckpointFormatError(f"{name or 'a weight'}: weight_zero_point {packed.dtype} {list(packed.shape)} is "
+                                    f"not int32 {list(words)}, packed along the rows as compressed-tensors stores it")
+    return (_codes(packed.T, bits, rows).T - (1 << (bits - 1))).to(torch.int8)
 
 
 FP8_MAX = 448.0   # e4m3's largest value
@@ -498,13 +510,9 @@ class StoredScheme:
                                             f"{[rows, cols]} its codes and scales hold")
             codes = (_codes(parts[PACKED], self.bits, cols) - (1 << (self.bits - 1))).to(torch.int8)
             if zero is not None and self.strategy in ("group", "channel"):   # packed along the rows (only these)
-                zero = (_codes(zero.T, self.bits, rows).T - (1 << (self.bits - 1))).to(torch.int8)
+                zero = _zero_points(zero, self.bits, rows, scale.shape[-1] if scale.ndim == 2 else 1, name)
         elif self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
-            packed = parts[PACKED]
-            magnitudes = torch.tensor(E2M1, dtype=torch.float32)
-            pairs = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, cols)   # low nibble first
-            codes = (magnitudes[(pairs & 0x07).long()] * torch.where((pairs & 0x08).bool(), -1.0, 1.0)
-                     ).to(torch.bfloat16)
+            codes = e2m1_values(parts[PACKED], rows, cols).to(torch.bfloat16)
             wanted = torch.uint8 if self.format == "mxfp4-pack-quantized" else torch.float8_e4m3fn
             if scale.dtype != wanted:
                 raise CheckpointFormatError(f"{name or 'a weight'}: {self.format} scales are {wanted}, not "
@@ -549,6 +557,15 @@ class StoredScheme:
         if self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
             out = out.to(torch.bfloat16)
         return out if dtype is None else out.to(dtype)
+
+
+def e2m1_values(packed, rows: int, cols: int):
+    """Packed fp4 (e2m1) codes [rows, cols / 2] uint8, two a byte with the low nibble first -> float32 values."""
+    import torch
+
+    magnitudes = torch.tensor(E2M1, dtype=torch.float32)
+    pairs = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(rows, cols)
+    return magnitudes[(pairs & 0x07).long()] * torch.where((pairs & 0x08).bool(), -1.0, 1.0)
 
 
 def stored_schemes(config: dict | None, names=()) -> dict[str, StoredScheme] | None:

@@ -141,6 +141,7 @@ class GptqScheme(_Int32Packed):
     group: int                # inputs a group (-1: one group, per channel)
     v1_zeros: bool = True     # checkpoint_format "gptq": each stored zero is the zero minus one
     unreadable: str | None = None
+    g_idx: bool = True        # stored (else input i is in group i // group, as writers store it without act-order)
 
     @property
     def id(self) -> str:
@@ -148,7 +149,7 @@ class GptqScheme(_Int32Packed):
 
     def stored(self, weight: str) -> dict[str, str]:
         module = weight.removesuffix(".weight")
-        return {key: f"{module}.{key}" for key in ("qweight", "qzeros", "scales", "g_idx")}
+        return {key: f"{module}.{key}" for key in ("qweight", "qzeros", "scales", "g_idx")[:4 if self.g_idx else 3]}
 
     def original_shape(self, stored: tuple[int, ...], parts=None, name: str | None = None) -> tuple[int, ...]:
         if len(stored) != 2:
@@ -164,7 +165,11 @@ class GptqScheme(_Int32Packed):
         import torch
 
         outputs, inputs = shape
-        scales, g_idx, zeros = parts["scales"], parts["g_idx"].long(), parts["qzeros"]
+        scales, zeros = parts["scales"], parts["qzeros"]
+        if self.g_idx:
+            g_idx = parts["g_idx"].long()
+        else:   # (GPTQModel and AutoGPTQ register g_idx = i // group_size whenever act-order is off)
+            g_idx = torch.arange(inputs) // (self.group if self.group > 0 else inputs)
         if scales.ndim != 2 or scales.shape[1] != outputs or zeros.shape != (scales.shape[0],
                                                                                outputs * self.bits // 32):
             raise CheckpointFormatError(f"{name or 'a GPTQ weight'}: scales {list(scales.shape)} and qzeros "
@@ -208,6 +213,11 @@ def gptq_schemes(config: dict | None, tensors=()) -> dict[str, GptqScheme]:
             why = f"GPTQ codes packed in {pack} ({tensors[name].dtype}) are not read (int32 are)"
         elif bits not in V1_ZERO_ADD or not isinstance(group, int) or group == 0 or group < -1:
             why = f"GPTQ int{bits} with group size {group} is not read (int2, int4 and int8 are)"
+        elif qc.get("rotation"):   # (GPTQModel re-applies it to the activations as it loads)
+            why = f"GPTQModel's {qc['rotation']} rotation is not read"
+        elif module + ".g_idx" not in tensors and qc.get("desc_act"):
+            why = "GPTQ with activation order (desc_act) but no g_idx: the order of its inputs is not stored"
         out[module + ".weight"] = GptqScheme(bits if isinstance(bits, int) and 0 < bits <= 8 else 0,
-                                             group if isinstance(group, int) else 0, fmt == "gptq", why)
+                                             group if isinstance(group, int) else 0, fmt == "gptq", why,
+                                             module + ".g_idx" in tensors)
     return out

@@ -6,15 +6,16 @@
 * FP8: ``X.weight`` fp8 e4m3, ``X.weight_scale`` float32 (per tensor, or per row); value = code x scale.
 
 ``X.input_scale`` and the kv-cache scales are used at serving only. Each weight's form follows from its stored
-tensors (MIXED_PRECISION releases mix both). The values are computed as compressed-tensors computes them after
-its own ModelOpt converter (entrypoints/convert/converters/modelopt_nvfp4.py: weight_scale_2 -> its reciprocal,
-a global scale), so its decompression is the oracle.
+tensors (MIXED_PRECISION releases mix both). The values are ModelOpt's own dequantization's
+(modelopt/torch/quantization/qtensor/nvfp4_tensor.py NVFP4QTensor.dequantize: e2m1 x (fp8 scale x weight_scale_2)
+in float32, rounded once to the model's dtype; fp8: code x scale).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moetool.errors import CheckpointFormatError
 from moetool.quant import compressed_tensors as ct
 
 QUANT_METHOD = "modelopt"
@@ -54,16 +55,33 @@ class ModeloptScheme:
         return "BF16" if self.algo == "nvfp4" else parts["scale"].dtype
 
     def dequantize(self, parts: dict, shape: tuple[int, ...], dtype, state=None, name=None):
+        import torch
+
         scale = parts["scale"]
-        if self.algo == "nvfp4":
-            # the global scale keeps the stored shape: a 0-d one divides the bf16 scales in bf16, as in the package
-            held = {ct.PACKED: parts["codes"], ct.SCALE: scale, "_global_scale": 1 / parts["scale_2"]}
-        else:
+        if self.algo == "fp8":
             held = {"": parts["codes"], ct.SCALE: scale.reshape(-1, 1) if self.strategy == "channel" else scale}
-        return self._as_compressed().dequantize(held, shape, dtype, name=name)
+            return self._as_compressed().dequantize(held, shape, dtype, name=name)
+        rows, cols = shape
+        where = name or "a weight"
+        blocks = (rows, cols // NVFP4_GROUP)
+        if scale.dtype != torch.float8_e4m3fn or tuple(scale.shape) != blocks or cols % NVFP4_GROUP:
+            raise CheckpointFormatError(f"{where}: NVFP4 scales are float8_e4m3fn [{rows}, {cols // NVFP4_GROUP}], "
+                                        f"not {scale.dtype} {list(scale.shape)}")
+        scale_2 = parts["scale_2"]
+        if scale_2.numel() != 1:
+            raise CheckpointFormatError(f"{where}: weight_scale_2 holds {scale_2.numel()} values, not one")
+        per_block = scale.to(torch.float32) * scale_2.to(torch.float32).reshape(())
+        values = ct.e2m1_values(parts["codes"], rows, cols).unflatten(-1, (-1, NVFP4_GROUP)) * per_block.unsqueeze(-1)
+        return values.flatten(-2).to(dtype or torch.bfloat16)
 
 
-READ_ALGOS = ("NVFP4", "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION")
+# the quant_algo values whose weights this reads (W4A16_NVFP4: NVFP4's tensors without input scales)
+READ_ALGOS = ("NVFP4", "W4A16_NVFP4", "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "MIXED_PRECISION")
+
+
+def is_modelopt(method) -> bool:
+    """QUANT_METHOD, or a spelling vLLM also takes for it (any quant_method starting "modelopt": modelopt_fp4)."""
+    return isinstance(method, str) and method.lower().startswith(QUANT_METHOD)
 
 
 def schemes(config: dict | None, names=()) -> dict[str, ModeloptScheme]:
@@ -78,22 +96,22 @@ def schemes(config: dict | None, names=()) -> dict[str, ModeloptScheme]:
         scale = names.get(module + ".weight_scale")
         if scale is None:
             continue
-        if (algo and algo not in READ_ALGOS) or module + ".pre_quant_scale" in names:
-            out[name] = ModeloptScheme("nvfp4", unreadable=f"ModelOpt's {algo or 'AWQ'} checkpoints (pre-quantization "
-                                                           "input scales, pre_quant_scale) are not read (NVFP4 and "
-                                                           "FP8 are)")
+        if algo and algo not in READ_ALGOS:
+            out[name] = ModeloptScheme("nvfp4", unreadable=f"ModelOpt's {algo} checkpoints are not read (its "
+                                                           f"{', '.join(READ_ALGOS)} ones are)")
+        elif module + ".pre_quant_scale" in names:
+            out[name] = ModeloptScheme("nvfp4", unreadable="ModelOpt's AWQ checkpoints (pre-quantization input "
+                                                           "scales, pre_quant_scale) are not read")
         elif ref.dtype == "U8" and module + ".weight_scale_2" in names:
             out[name] = ModeloptScheme("nvfp4")
         elif ref.dtype == "F8_E4M3" and scale.dtype not in ("F32", "BF16", "F16"):
             out[name] = ModeloptScheme("fp8", unreadable=f"ModelOpt fp8 scales stored as {scale.dtype} are not read")
         elif ref.dtype == "F8_E4M3":
-            elements = 1
-            for n in scale.shape:
-                elements *= n
             rows = ref.shape[0] if ref.shape else 0
-            if elements == 1:
+            shape = tuple(scale.shape)
+            if shape in ((), (1,)):
                 out[name] = ModeloptScheme("fp8")
-            elif elements == rows:
+            elif shape in ((rows,), (rows, 1)):   # (told by shape: block scales can hold as many as there are rows)
                 out[name] = ModeloptScheme("fp8", "channel")
             else:
                 out[name] = ModeloptScheme("fp8", "tensor", f"ModelOpt fp8 scales {list(scale.shape)} for a "

@@ -21,7 +21,9 @@ METHODS = {compressed_tensors.QUANT_METHOD: compressed_tensors.stored_schemes, m
 
 
 def quant_method(config: dict | None) -> str | None:
-    return ((config or {}).get("quantization_config") or {}).get("quant_method")
+    """CONFIG's quantization_config.quant_method (ModelOpt's other spellings, modelopt_fp4..., as "modelopt")."""
+    method = ((config or {}).get("quantization_config") or {}).get("quant_method")
+    return modelopt.QUANT_METHOD if modelopt.is_modelopt(method) else method
 
 
 def quantized_weights(config: dict | None, names=()) -> dict | None:
