@@ -261,6 +261,27 @@ def test_hub_id_online_reads_only_headers(monkeypatch, tiny):
     assert report.kind == "hub-headers" and report.problems == []
 
 
+def test_a_side_file_the_network_fails_on_is_an_error_not_absent(monkeypatch, tiny):
+    """Fetching quantize_config.json fails (hf_hub_download's LocalEntryNotFoundError: a timeout, a 5xx): the
+    open fails, naming the error, rather than reading the checkpoint as if it had no quantization."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    src = tiny("qwen2_moe")
+    calls = []
+    fake_hub(monkeypatch, src, calls)
+    answer = huggingface_hub.hf_hub_download
+
+    def failing(repo, filename, revision=None, **kwargs):
+        if filename == "quantize_config.json":
+            raise LocalEntryNotFoundError("connection timed out")
+        return answer(repo, filename, revision=revision, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
+    with pytest.raises(SourceNotFoundError, match="LocalEntryNotFoundError: connection timed out"):
+        open_checkpoint("acme/remote-moe", headers_only=True)
+
+
 def test_partly_cached_hub_snapshot_is_completed_not_used(monkeypatch, tmp_path, tiny):
     """An index naming two shards, only the first cached: the snapshot is downloaded, not opened as is."""
     import huggingface_hub

@@ -188,8 +188,9 @@ def _modelopt(nvfp4, out):
     config.pop("quantization_config")
     (dense / "config.json").write_text(json.dumps(config, indent=2))
     # in a process of its own: importing modelopt.torch registers its plugins with transformers
-    subprocess.run([sys.executable, "-c", MODELOPT_DEQUANTIZE, str(out / "model.safetensors"),
-                    str(dense / "model.safetensors")], check=True, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", MODELOPT_DEQUANTIZE, str(out / "model.safetensors"),
+                           str(dense / "model.safetensors")], capture_output=True, text=True)
+    assert done.returncode == 0, f"ModelOpt (pip install nvidia-modelopt) failed: {done.stderr[-3000:]}"
     return out, dense
 
 
@@ -677,6 +678,14 @@ def test_gptq_without_g_idx_groups_inputs_in_order(tmp_path, models):
         assert [p.code for p in inspect_checkpoint(ckpt).problems] == ["unreadable_quantization"]
         with pytest.raises(UnsupportedError, match="no g_idx"):
             convert(ckpt, tmp_path / "out2", ConvertOptions(dequantize=True))
+    # one group (per channel): every input is in it, whatever the order
+    channel, dense = models["gptq-int8-channel-v2"]
+    channel = _rewritten(tmp_path, channel, "channel", {"desc_act": True}, drop=(".g_idx",))
+    with open_checkpoint(channel) as ckpt:
+        assert inspect_checkpoint(ckpt).problems == []
+        convert(ckpt, tmp_path / "out3", ConvertOptions(dequantize=True, dtype="fp32"))
+    ours, theirs = load_file(tmp_path / "out3" / "model.safetensors"), load_file(dense / "model.safetensors")
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
 
 
 @pytest.mark.parametrize("change, words", [({"checkpoint_format": "gptq_p"}, "gptq_p layout"),

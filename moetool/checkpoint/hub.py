@@ -122,11 +122,13 @@ def _open_remote_headers(repo: str, revision: str | None, spec: str) -> Checkpoi
 def _side_file(repo: str, revision: str | None, name: str) -> dict | None:
     """One of SIDE_QUANTIZATION's files from the repository, or None where it has none."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         return read_config(Path(hf_hub_download(repo, name, revision=revision)))
-    except EntryNotFoundError:   # (RemoteEntryNotFoundError too: a subclass)
+    except EntryNotFoundError as exc:   # (the hub's 404: RemoteEntryNotFoundError, a subclass)
+        if isinstance(exc, LocalEntryNotFoundError):   # (a network failure, not a missing file: said, not ignored)
+            raise
         return None
 
 

@@ -169,7 +169,7 @@ class GptqScheme(_Int32Packed):
         if self.g_idx:
             g_idx = parts["g_idx"].long()
         else:   # (GPTQModel and AutoGPTQ register g_idx = i // group_size whenever act-order is off)
-            g_idx = torch.arange(inputs) // (self.group if self.group > 0 else inputs)
+            g_idx = torch.arange(inputs, device=scales.device) // (self.group if self.group > 0 else inputs)
         if scales.ndim != 2 or scales.shape[1] != outputs or zeros.shape != (scales.shape[0],
                                                                                outputs * self.bits // 32):
             raise CheckpointFormatError(f"{name or 'a GPTQ weight'}: scales {list(scales.shape)} and qzeros "
@@ -215,7 +215,7 @@ def gptq_schemes(config: dict | None, tensors=()) -> dict[str, GptqScheme]:
             why = f"GPTQ int{bits} with group size {group} is not read (int2, int4 and int8 are)"
         elif qc.get("rotation"):   # (GPTQModel re-applies it to the activations as it loads)
             why = f"GPTQModel's {qc['rotation']} rotation is not read"
-        elif module + ".g_idx" not in tensors and qc.get("desc_act"):
+        elif module + ".g_idx" not in tensors and qc.get("desc_act") and group > 0:   # (one group: no order needed)
             why = "GPTQ with activation order (desc_act) but no g_idx: the order of its inputs is not stored"
         out[module + ".weight"] = GptqScheme(bits if isinstance(bits, int) and 0 < bits <= 8 else 0,
                                              group if isinstance(group, int) else 0, fmt == "gptq", why,

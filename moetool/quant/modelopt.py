@@ -14,6 +14,7 @@ in float32, rounded once to the model's dtype; fp8: code x scale).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 
 from moetool.errors import CheckpointFormatError
 from moetool.quant import compressed_tensors as ct
@@ -109,7 +110,7 @@ def schemes(config: dict | None, names=()) -> dict[str, ModeloptScheme]:
         elif ref.dtype == "F8_E4M3":
             rows = ref.shape[0] if ref.shape else 0
             shape = tuple(scale.shape)
-            if shape in ((), (1,)):
+            if prod(shape) == 1:
                 out[name] = ModeloptScheme("fp8")
             elif shape in ((rows,), (rows, 1)):   # (told by shape: block scales can hold as many as there are rows)
                 out[name] = ModeloptScheme("fp8", "channel")
