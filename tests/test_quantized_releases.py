@@ -479,12 +479,7 @@ def test_formats_it_does_not_read_are_named_not_guessed(tmp_path, models):
     config["quantization_config"]["format"] = config["quantization_config"]["config_groups"]["group_0"]["format"] = \
         "mxfp8-quantized"
     (source / "config.json").write_text(json.dumps(config))
-    with open_checkpoint(source) as ckpt:
-        problems = inspect_checkpoint(ckpt).problems
-        assert [p.code for p in problems] == ["unreadable_quantization"] and "mxfp8-quantized" in problems[0].message
-        with pytest.raises(UnsupportedError, match="mxfp8-quantized"):
-            convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
-    assert not (tmp_path / "out").exists()
+    _refused(source, tmp_path / "out", "mxfp8-quantized", said="mxfp8-quantized")
 
 
 def test_static_activation_and_kv_cache_scales_are_dropped(tmp_path, models):
@@ -547,6 +542,18 @@ def test_what_it_cannot_read_is_refused_before_writing(tmp_path, models):
     assert not (tmp_path / "out").exists()
 
 
+def _refused(source, out, words: str, said: str | None = None) -> None:
+    """SOURCE's quantization is one moetool cannot read: inspect warns (unreadable_quantization, its message holding
+    SAID), convert --dequantize refuses (UnsupportedError matching WORDS) and writes nothing at OUT."""
+    with open_checkpoint(source) as ckpt:
+        problems = inspect_checkpoint(ckpt).problems
+        assert [p.code for p in problems] == ["unreadable_quantization"]
+        assert said is None or said in problems[0].message
+        with pytest.raises(UnsupportedError, match=words):
+            convert(ckpt, out, ConvertOptions(dequantize=True))
+    assert not out.exists()
+
+
 def _rewritten(tmp_path, source, name, config_change=None, drop=()):
     """A copy of SOURCE named NAME, its quantization_config updated by CONFIG_CHANGE, the tensors ending in DROP
     left out."""
@@ -606,12 +613,7 @@ def test_modelopt_forms_it_cannot_read_are_named(tmp_path, models):
     rows = tensors[name].shape[0]
     tensors[name.removesuffix("weight") + "weight_scale"] = torch.ones(8, rows // 8)
     save_file(tensors, fp8 / "model.safetensors", metadata={"format": "pt"})
-    with open_checkpoint(fp8) as ckpt:
-        problems = inspect_checkpoint(ckpt).problems
-        assert [p.code for p in problems] == ["unreadable_quantization"] and "[8, 8]" in problems[0].message
-        with pytest.raises(UnsupportedError, match="per tensor or per row"):
-            convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
-    assert not (tmp_path / "out").exists()
+    _refused(fp8, tmp_path / "out", "per tensor or per row", said="[8, 8]")
 
 
 @pytest.mark.parametrize("name", ["fp8-channel-dynamic", "modelopt-nvfp4", "awq", "gptq-int2-g16"])
@@ -673,11 +675,7 @@ def test_gptq_without_g_idx_groups_inputs_in_order(tmp_path, models):
         convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True, dtype="fp32"))
     ours, theirs = load_file(tmp_path / "out" / "model.safetensors"), load_file(dense / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
-    unordered = _rewritten(tmp_path, source, "unordered", {"desc_act": True})
-    with open_checkpoint(unordered) as ckpt:
-        assert [p.code for p in inspect_checkpoint(ckpt).problems] == ["unreadable_quantization"]
-        with pytest.raises(UnsupportedError, match="no g_idx"):
-            convert(ckpt, tmp_path / "out2", ConvertOptions(dequantize=True))
+    _refused(_rewritten(tmp_path, source, "unordered", {"desc_act": True}), tmp_path / "out2", "no g_idx")
     # one group (per channel): every input is in it, whatever the order
     channel, dense = models["gptq-int8-channel-v2"]
     channel = _rewritten(tmp_path, channel, "channel", {"desc_act": True}, drop=(".g_idx",))
@@ -692,16 +690,7 @@ def test_gptq_without_g_idx_groups_inputs_in_order(tmp_path, models):
                                            ({"bits": 3}, "int3"), ({"rotation": "hadamard"}, "hadamard rotation"),
                                            ({"dynamic": {r"+:.*experts\.1\.": {"bits": 3}}}, "int3")])
 def test_gptq_it_cannot_read_is_refused(tmp_path, models, change, words):
-    source = tmp_path / "gptq"
-    shutil.copytree(models["gptq-int4-g16-act-order"][0], source)
-    config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] |= change
-    (source / "config.json").write_text(json.dumps(config))
-    with open_checkpoint(source) as ckpt:
-        assert [p.code for p in inspect_checkpoint(ckpt).problems] == ["unreadable_quantization"]
-        with pytest.raises(UnsupportedError, match=words):
-            convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
-    assert not (tmp_path / "out").exists()
+    _refused(_rewritten(tmp_path, models["gptq-int4-g16-act-order"][0], "gptq", change), tmp_path / "out", words)
 
 
 def _described_beside(tmp_path, models):

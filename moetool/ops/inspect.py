@@ -594,8 +594,8 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     if method and method not in released.METHODS and UNDESCRIBED_PACKED in quant_forms:   # (AutoRound's, ...)
         quant_forms.discard(UNDESCRIBED_PACKED)
         quant_forms.add(f"packed int32 (X.qweight; quant_method {method})")
-        tally.unreadable.append(f"weights packed by quant_method {method!r} are not read (compressed-tensors, "
-                                "modelopt, awq and gptq are)")
+        tally.unreadable.append(f"weights packed by quant_method {method!r} are not read "
+                                f"({', '.join(released.METHODS)} are)")
     if any(dtype.startswith("F8") for dtype in weight_dtypes) and not stored and \
             not any(form.startswith("fp8 block ") for form in quant_forms):   # (a scale's form names it)
         quant_forms.add("fp8")

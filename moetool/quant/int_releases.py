@@ -149,7 +149,8 @@ class GptqScheme(_Int32Packed):
 
     def stored(self, weight: str) -> dict[str, str]:
         module = weight.removesuffix(".weight")
-        return {key: f"{module}.{key}" for key in ("qweight", "qzeros", "scales", "g_idx")[:4 if self.g_idx else 3]}
+        keys = ("qweight", "qzeros", "scales") + (("g_idx",) if self.g_idx else ())
+        return {key: f"{module}.{key}" for key in keys}
 
     def original_shape(self, stored: tuple[int, ...], parts=None, name: str | None = None) -> tuple[int, ...]:
         if len(stored) != 2:

@@ -99,8 +99,7 @@ def check_runnable(ckpt: Checkpoint) -> Family:
     if method not in released.METHODS and any(name.endswith(".qweight") for name in ckpt.tensors):
         if method:
             raise UnsupportedError(f"{ckpt.source}: its weights are stored packed (X.qweight) by quant_method "
-                                   f"{method!r}, which moetool does not read (compressed-tensors, modelopt, awq and "
-                                   "gptq it does)")
+                                   f"{method!r}, which moetool does not read ({', '.join(released.METHODS)} it does)")
         raise UnsupportedError(f"{ckpt.source}: its weights are stored packed (X.qweight), but neither config.json "
                                "nor a quantize_config.json says how",
                                hint='give config.json a quantization_config ({"quant_method": "gptq", "bits": 4, '
