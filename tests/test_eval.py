@@ -82,7 +82,8 @@ def test_standard_errors_and_per_sequence_figures_against_transformers(tmp_path,
     rows = report.per_sequence
     assert [r["sequence"] for r in rows] == list(range(20))
     for key, expected in (("nll_mean", nll), ("kl_mean", kl), ("top1_agreement", top1)):
-        assert [r[key] for r in rows] == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-9), key
+        # (abs: a KL of ~5e-4 is a difference of float32 log-probabilities, so batching moves it by ~5e-8)
+        assert [r[key] for r in rows] == pytest.approx(expected.tolist(), rel=1e-4, abs=2e-7), key
     assert kl.min() > 1e-4 and top1.std() > 0
     assert report.nll_stderr == pytest.approx(float(nll.std() / 20 ** 0.5), rel=1e-4)
     assert report.kl_stderr == pytest.approx(float(kl.std() / 20 ** 0.5), rel=1e-4)

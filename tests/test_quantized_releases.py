@@ -723,15 +723,14 @@ def test_quantization_described_beside_config_json(tmp_path, models):
 
 
 def test_packed_weights_of_a_method_not_read_are_named(tmp_path, models):
-    """Packed X.qweight under a quant_method moetool does not read (AutoRound's "auto-round"): inspect names the
+    """Packed X.qweight under a quant_method moetool does not read (BitBLAS's "bitblas"): inspect names the
     method and warns, runs refuse naming it (not "no quantization_config")."""
-    source = _rewritten(tmp_path, models["gptq-int4-g16-act-order"][0], "autoround",
-                        {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq"})
+    source = _rewritten(tmp_path, models["gptq-int4-g16-act-order"][0], "bitblas", {"quant_method": "bitblas"})
     with open_checkpoint(source) as ckpt:
         report = inspect_checkpoint(ckpt)
-        assert report.quantization == ["packed int32 (X.qweight; quant_method auto-round)"]
+        assert report.quantization == ["packed int32 (X.qweight; quant_method bitblas)"]
         assert [p.code for p in report.problems] == ["unreadable_quantization"]
-        with pytest.raises(UnsupportedError, match="quant_method 'auto-round'"):
+        with pytest.raises(UnsupportedError, match="quant_method 'bitblas'"):
             load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")
 
 

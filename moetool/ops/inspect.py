@@ -591,7 +591,7 @@ def _classify(ckpt: Checkpoint, family: Family | None, classifier: Classifier, d
     method = released.quant_method(cfg)
     quant_forms.update(f"{method} {scheme.id}" for _, scheme in set(stored.values()))
     tally.unreadable = sorted({scheme.unreadable for _, scheme in stored.values() if scheme.unreadable})
-    if method and method not in released.METHODS and UNDESCRIBED_PACKED in quant_forms:   # (AutoRound's, ...)
+    if method and method not in released.METHODS and UNDESCRIBED_PACKED in quant_forms:   # (BitBLAS's, ...)
         quant_forms.discard(UNDESCRIBED_PACKED)
         quant_forms.add(f"packed int32 (X.qweight; quant_method {method})")
         tally.unreadable.append(f"weights packed by quant_method {method!r} are not read "

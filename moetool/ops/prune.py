@@ -48,7 +48,7 @@ from moetool.ops.prune_choice import (
     table_similarity,
 )
 from moetool.ops.prune_gguf import prune_gguf
-from moetool.quant import released
+from moetool.quant import autoround, released
 from moetool.quant.config import recorded_formats, tool_quantized
 from moetool.quant.released import quant_method
 
@@ -128,17 +128,20 @@ def _names_module(text: str, module: str, regex: bool) -> bool:
     return module == text or module.endswith("." + text)
 
 
-def _check_renumbering(described: list[dict], pairs: list[tuple[str, str]]) -> None:
+def _check_renumbering(described: list[dict], pairs: list[tuple[str, str]], modules: set[str]) -> None:
     """UnsupportedError (before writing) if a quantization config in DESCRIBED says something else of a kept expert's
-    module under its new number than under its old (PAIRS: (old, new) module names): a pattern or list naming
-    experts by number that the renumbering would point at other experts."""
+    module under its new number than under its old (PAIRS: (old, new) module names; MODULES: the checkpoint's): a
+    pattern or list naming experts by number that the renumbering would point at other experts."""
     for config in described:
+        autoround_config = autoround.is_autoround(config.get("quant_method"))
         for path, strings, keyed in _config_fields(config):
             regex = "dynamic" in path
             for old, new in pairs:
                 if old == new:
                     continue
-                if keyed:
+                if autoround_config and path == ("extra_config", "(keys)"):   # (exact names, then re.search)
+                    said = [autoround.layer_key(config["extra_config"], modules, name) for name in (old, new)]
+                elif keyed:
                     said = [next((t for t in strings if _names_module(t, name, regex)), None) for name in (old, new)]
                 else:
                     said = [any(_names_module(t, name, regex) for t in strings) for name in (old, new)]
@@ -224,7 +227,7 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
         _check_renumbering(_quantization_described(ckpt), [
             (module(name), module(_renumbered(name, m, kept[m.layer].index(m.expert), classifier)))
             for name, m in matches.items() if m.layer in kept and m.role in EXPERT_ROLES and not m.aux
-            and m.expert is not None and m.expert in kept[m.layer]])
+            and m.expert is not None and m.expert in kept[m.layer]], {module(name) for name in ckpt.tensors})
 
     tensors: list[OutputTensor] = []
     removed_params = removed_bytes = 0

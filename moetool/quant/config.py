@@ -24,7 +24,8 @@ def recorded_formats(config: dict | None, names=None) -> dict[str, Format] | Non
 
 def tool_quantized(config: dict | None) -> bool:
     """Whether CONFIG is a checkpoint a quantization tool wrote: moetool, compressed-tensors in any format
-    (llm-compressor's), ModelOpt, AutoAWQ or GPTQ; such weights are not pruned or quantized again in place."""
+    (llm-compressor's), ModelOpt, AutoAWQ, GPTQ or AutoRound; such weights are not pruned or quantized again in
+    place."""
     if released.quant_method(config) == compressed_tensors.QUANT_METHOD:
         return compressed_tensors.quantizes_weights(config)
     return recorded_formats(config) is not None or released.quantized_weights(config) is not None

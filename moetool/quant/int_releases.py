@@ -124,15 +124,31 @@ V1_ZERO_ADD = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}   # + 1 in every fie
 
 
 def _fields(words, bits: int, axis: int):
-    """Unsigned BITS-bit fields of int32 WORDS, field j of a word being element j of its run along AXIS."""
+    """Unsigned BITS-bit fields of int32 WORDS along AXIS, lowest bits first: for BITS dividing 32, field j of a word
+    is element j of its run; otherwise (3, 5, 6, 7 bits) each run of BITS words holds 32 elements, element i in bits
+    [i * BITS, (i + 1) * BITS) of the run, spilling into the next word (AutoGPTQ's 3-bit packing, AutoRound's
+    bit stream: auto_round/utils/bit_packing.py pack_bitstream)."""
     import torch
 
-    per = 32 // bits
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    fields = (unsigned.unsqueeze(-1) >> (torch.arange(per, device=words.device) * bits)) & ((1 << bits) - 1)
-    if axis == 0:   # [R, N, per] -> [R * per, N]
-        return fields.permute(0, 2, 1).reshape(-1, words.shape[1])
-    return fields.reshape(words.shape[0], -1)
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        per = 32 // bits
+        fields = (unsigned.unsqueeze(-1) >> (torch.arange(per, device=words.device) * bits)) & mask
+        if axis == 0:   # [R, N, per] -> [R * per, N]
+            return fields.permute(0, 2, 1).reshape(-1, words.shape[1])
+        return fields.reshape(words.shape[0], -1)
+    runs = unsigned.movedim(axis, -1)
+    if runs.shape[-1] % bits:
+        raise CheckpointFormatError(f"{runs.shape[-1]} words cannot hold {bits}-bit fields (runs of {bits} words)")
+    runs = runs.reshape(*runs.shape[:-1], -1, bits)                        # [..., runs, BITS words]
+    start = torch.arange(32, device=words.device) * bits
+    word, offset = start // 32, start % 32
+    low = runs[..., word] >> offset
+    spill = offset + bits > 32                                             # the element's high bits: next word
+    high = torch.where(spill, runs[..., (word + 1).clamp(max=bits - 1)] << (32 - offset), 0)
+    fields = ((low | high) & mask).flatten(-2)                             # [..., runs * 32]
+    return fields.movedim(-1, axis)
 
 
 @dataclass(frozen=True)
@@ -142,6 +158,11 @@ class GptqScheme(_Int32Packed):
     v1_zeros: bool = True     # checkpoint_format "gptq": each stored zero is the zero minus one
     unreadable: str | None = None
     g_idx: bool = True        # stored (else input i is in group i // group, as writers store it without act-order)
+    # how the writer's own loader computes the values (GPTQModel's, by default): v1 zeros restored by a whole-word
+    # add (else each zero + 1 after unpacking, as AutoRound's kernels do), the scales cast to the model's dtype
+    # before the product (else the product rounded in the scales' dtype, float16, then cast, as AutoRound's)
+    word_add: bool = True
+    scales_first: bool = True
 
     @property
     def id(self) -> str:
@@ -178,12 +199,14 @@ class GptqScheme(_Int32Packed):
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]):
             raise CheckpointFormatError(f"{name or 'a GPTQ weight'}: g_idx names groups outside its "
                                         f"{scales.shape[0]} scales")
-        if self.v1_zeros:   # a whole-word add, as GPTQModel converts v1 zeros (a carry when a field was all ones)
+        if self.v1_zeros and self.word_add:   # as GPTQModel converts v1 zeros (a carry when a field was all ones)
             added = (zeros.to(torch.int64) + V1_ZERO_ADD[self.bits]) & 0xFFFFFFFF
             zeros = torch.where(added >= 1 << 31, added - (1 << 32), added).to(torch.int32)
         codes = _fields(parts["qweight"], self.bits, 0)[:inputs]                 # [K, N]
         zero = _fields(zeros, self.bits, 1)[:, :outputs]                         # [G, N]
-        if dtype is not None and dtype.is_floating_point:   # GPTQModel casts the scales to the model's dtype first
+        if self.v1_zeros and not self.word_add:
+            zero = zero + 1
+        if self.scales_first and dtype is not None and dtype.is_floating_point:
             scales = scales.to(dtype)
         out = ((codes - zero[g_idx]).float() * scales.float()[g_idx]).to(scales.dtype).T
         return out if dtype is None else out.to(dtype)

@@ -1,5 +1,5 @@
 """Quantized checkpoints other tools wrote, read by their stored tensors: compressed-tensors (llm-compressor),
-NVIDIA ModelOpt, AutoAWQ and GPTQ (AutoGPTQ, GPTQModel).
+NVIDIA ModelOpt, AutoAWQ, GPTQ (AutoGPTQ, GPTQModel) and Intel AutoRound.
 
 Each quantized weight X.weight has a scheme that names the tensors holding it (`stored(weight)`: key ->
 stored name, the codes first), its shape from theirs (`original_shape`, headers only), its parameters, and
@@ -10,20 +10,24 @@ and load_model read such checkpoints (moetool's own layouts, kept quantized in m
 
 from __future__ import annotations
 
-from moetool.quant import compressed_tensors, int_releases, modelopt
+from moetool.quant import autoround, compressed_tensors, int_releases, modelopt
 
 # module-level scales of quantized activations (X.input_scale, ...) and of the kv cache (self_attn.k_scale):
 # used at serving, not by moetool, which runs activations unquantized
 SERVED_SCALES = (".input_scale", ".input_global_scale", ".input_zero_point", ".output_scale", ".output_global_scale",
                  ".output_zero_point", ".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point")
 METHODS = {compressed_tensors.QUANT_METHOD: compressed_tensors.stored_schemes, modelopt.QUANT_METHOD: modelopt.schemes,
-           int_releases.AWQ: int_releases.awq_schemes, int_releases.GPTQ: int_releases.gptq_schemes}
+           int_releases.AWQ: int_releases.awq_schemes, int_releases.GPTQ: int_releases.gptq_schemes,
+           autoround.QUANT_METHOD: autoround.schemes}
 
 
 def quant_method(config: dict | None) -> str | None:
-    """CONFIG's quantization_config.quant_method (ModelOpt's other spellings, modelopt_fp4..., as "modelopt")."""
+    """CONFIG's quantization_config.quant_method (ModelOpt's other spellings, modelopt_fp4..., as "modelopt";
+    AutoRound's, intel/auto-round and auto_round, as "auto-round")."""
     method = ((config or {}).get("quantization_config") or {}).get("quant_method")
-    return modelopt.QUANT_METHOD if modelopt.is_modelopt(method) else method
+    if modelopt.is_modelopt(method):
+        return modelopt.QUANT_METHOD
+    return autoround.QUANT_METHOD if autoround.is_autoround(method) else method
 
 
 def quantized_weights(config: dict | None, names=()) -> dict | None:
