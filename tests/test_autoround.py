@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moetool.checkpoint import open_checkpoint
-from moetool.errors import UnsupportedError
+from moetool.errors import CheckpointFormatError, UnsupportedError
 from moetool.ops.convert import ConvertOptions, convert
 from moetool.ops.evaluate import EvalOptions, evaluate
 from moetool.ops.inspect import inspect_checkpoint
@@ -30,13 +30,17 @@ CASES = {
     "int4-sym-mixed": (None, 4, 16, True,
                        {r".*layers\.1\.mlp\.experts\.1\.down_proj": [2, 16], r".*experts\.1\..*": [8, 32]},
                        # a pattern for expert 1 of each layer, and an exact name that wins over it although it
-                       # comes later (after the routers' entry, which every case has)
-                       {r"experts\.1\.": {"bits": 8, "group_size": 32},
+                       # comes later (after the routers' entry, which every case has); before them a key that is
+                       # no pattern and an empty entry, both passed over as AutoRound's loader passes them
+                       {r"experts\.1\.(": {"bits": 2}, r"experts\.1\.up": {},
+                        r"experts\.1\.": {"bits": 8, "group_size": 32},
                         "model.layers.1.mlp.experts.1.down_proj": {"bits": 2, "group_size": 16}}),
     "int2-asym-gptq": ("auto_round:auto_gptq", 2, 16, False, {}, {}),   # with zero points of 0: stored 0, read 1
     "int3-asym": ("auto_round", 3, 32, False, {}, {}),                    # a bit stream: 32 codes in 3 words
     "int5-channel": ("auto_round", 5, -1, False, {}, {}),
     "int8-sym": ("auto_round:auto_gptq", 8, 32, True, {}, {}),
+    "int6-asym": ("auto_round", 6, 32, False, {}, {}),
+    "int7-sym-gptq": ("auto_round:auto_gptq", 7, 32, True, {}, {}),       # a bit stream, zeros minus one
     "int4-gptqmodel": ("auto_round:gptqmodel", 4, 16, False, {}, {}),      # zeros as they are, and a g_idx
     "int4-awq": ("auto_round:auto_awq", 4, 16, False, {}, {}),
 }
@@ -232,9 +236,9 @@ def _rewritten(tmp_path, source, name, config_change):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"packing_format": "auto_round:llm_compressor", "data_type": "mx_fp"}, "auto_round:llm_compressor packing"),
-    ({"packing_format": "auto_round:fp8"}, "auto_round:fp8 packing"),
+    ({"packing_format": "auto_round:marlin"}, "auto_round:marlin packing"),
     ({"data_type": "nv_fp"}, "nv_fp weights"),
+    ({"model_free": True}, "model-free export"),
     ({"act_bits": 8}, "W3A8 layout"),
     ({"rotation_config": {"hadamard": True}}, "rotation_config"),
     ({"extra_config": {r"experts\.2\.down_proj": {"bits": 16, "data_type": "float"}}}, "unquantized"),
@@ -250,6 +254,61 @@ def test_what_it_cannot_read_is_refused_before_writing(tmp_path, releases, chang
             convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
         with pytest.raises(UnsupportedError, match=words):
             load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")
+    assert not (tmp_path / "out").exists()
+
+
+def _floating_form(tmp_path, releases, form):
+    """The int3 release's packed weights replaced by AutoRound's fp8 (X.weight e4m3, X.weight_scale per tensor) or
+    MX/NV fp4 (X.weight_packed e2m1 pairs and its scales, the auto_round:llm_compressor packing) tensors."""
+    source = _rewritten(tmp_path, releases["int3-asym"], form, {
+        "packing_format": "auto_round:fp8" if form == "fp8" else "auto_round:llm_compressor",
+        "data_type": "fp8" if form == "fp8" else "nv_fp4", "bits": 8 if form == "fp8" else 4, "group_size": 16})
+    base = load_file(releases["base"] / "model.safetensors")
+    stored = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        module, _, tail = name.rpartition(".")
+        if tail == "qweight":
+            weight = base[module + ".weight"]
+            if form == "fp8":
+                stored |= {module + ".weight": weight.to(torch.float8_e4m3fn), module + ".weight_scale": torch.ones(1)}
+            else:
+                rows, cols = weight.shape
+                stored |= {module + ".weight_packed": torch.zeros(rows, cols // 2, dtype=torch.uint8),
+                           module + ".weight_scale": torch.ones(rows, cols // 16).to(torch.float8_e4m3fn),
+                           module + ".weight_global_scale": torch.ones(1)}
+        elif tail not in ("qzeros", "scales"):
+            stored[name] = tensor
+    save_file(stored, source / "model.safetensors", metadata={"format": "pt"})
+    return source
+
+
+@pytest.mark.parametrize("form", ["fp8", "fp4"])
+def test_floating_point_forms_are_named_and_refused(tmp_path, releases, form):
+    """AutoRound's fp8 and fp4 exports (not its integer packings) are counted and named by inspect, and refused by
+    the commands that read values (prune included), nothing written: never read as plain fp8 or as mxfp4."""
+    source = _floating_form(tmp_path, releases, form)
+    with open_checkpoint(source) as ckpt:
+        report = inspect_checkpoint(ckpt)
+        assert [p.code for p in report.problems] == ["unreadable_quantization"]
+        assert "is not read (its integer packings are)" in report.problems[0].message
+        packing = "auto_round:fp8" if form == "fp8" else "auto_round:llm_compressor"
+        assert report.quantization == [f"auto-round {form} ({packing})"]
+        with open_checkpoint(releases["base"]) as base:
+            assert report.params == inspect_checkpoint(base).params
+        for run in (lambda: convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True)),
+                    lambda: prune(ckpt, tmp_path / "out", PruneOptions(experts={0: [0, 1], 1: [0, 1]})),
+                    lambda: load_model(ckpt, device="cpu", dtype=torch.float32, mode="full")):
+            with pytest.raises(UnsupportedError, match="not read"):
+                run()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_group_size_the_scales_do_not_have_is_an_error(tmp_path, releases):
+    """An extra_config group size that does not fit the stored scales is an error, not values grouped wrongly."""
+    source = _rewritten(tmp_path, releases["int3-asym"], "regrouped", {"extra_config": {
+        "model.layers.0.mlp.experts.0.gate_proj": {"group_size": 64}}})
+    with open_checkpoint(source) as ckpt, pytest.raises(CheckpointFormatError, match="groups of 64"):
+        convert(ckpt, tmp_path / "out", ConvertOptions(dequantize=True))
     assert not (tmp_path / "out").exists()
 
 
@@ -291,6 +350,19 @@ def test_pruning_refuses_renumbering_what_extra_config_names(tmp_path, releases)
         with open_checkpoint(release) as ckpt, pytest.raises(UnsupportedError, match="renumbers"):
             prune(ckpt, tmp_path / "p", PruneOptions(experts={0: [0, 2], 1: [0, 2]}))
     assert not (tmp_path / "p").exists()
+
+
+def test_pruning_renumbers_experts_extra_config_lists_alike(tmp_path, releases):
+    """AutoRound lists by exact name every layer whose settings differ from the config's: with every expert listed
+    alike (and the routers by name), renumbering changes nothing it says, so the release is pruned."""
+    source = releases["int4-awq"]
+    names = {k.removesuffix(".qweight") for k in load_file(source / "model.safetensors") if ".experts." in k and
+             k.endswith(".qweight")}
+    listed = _rewritten(tmp_path, source, "listed", {"extra_config": {name: {"sym": True} for name in names} | {
+        f"model.layers.{i}.mlp.gate": {"bits": 16, "data_type": "float"} for i in range(2)}})
+    with open_checkpoint(listed) as ckpt:
+        report = prune(ckpt, tmp_path / "p", PruneOptions(experts={0: [0, 2], 1: [1, 3]}))
+    assert report.kept == {0: [0, 2], 1: [1, 3]}
 
 
 def test_cli(tmp_path, releases):

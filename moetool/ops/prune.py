@@ -139,8 +139,8 @@ def _check_renumbering(described: list[dict], pairs: list[tuple[str, str]], modu
             for old, new in pairs:
                 if old == new:
                     continue
-                if autoround_config and path == ("extra_config", "(keys)"):   # (exact names, then re.search)
-                    said = [autoround.layer_key(config["extra_config"], modules, name) for name in (old, new)]
+                if autoround_config and path == ("extra_config", "(keys)"):   # (the settings each resolves to)
+                    said = [autoround.layer_settings(config, modules, name) for name in (old, new)]
                 elif keyed:
                     said = [next((t for t in strings if _names_module(t, name, regex)), None) for name in (old, new)]
                 else:

@@ -14,18 +14,24 @@ Per quantized Linear X (auto-round 0.16's export, export/export_to_autoround/exp
 
 2 to 8 bits in GPTQ's layout: widths that do not divide 32 (3, 5, 6, 7) run as a bit stream, 32 values in
 `bits` words. value[n, i] = scale x (code - zero), the product rounded once in float16, then cast to the model's
-dtype, as AutoRound's own torch kernels compute it (QuantLinear.forward); tests/test_quantized_releases.py checks
-the values against those kernels, loaded by transformers' AutoRound integration.
+dtype, as AutoRound's own torch kernels compute it (QuantLinear.forward); tests/test_autoround.py checks the
+values against those kernels, and against the model transformers' AutoRound integration loads.
 
 Per-layer settings come from `extra_config`, as AutoRound's loader reads it (inference/utils.py
 _expand_regex_config): a key naming the module itself first, then the first key that, as a regular expression,
-re.search-es the module's name (keys naming another module of the checkpoint are not patterns). Routers and
-other layers left in 16 bits store a plain X.weight; the stored tensors say which modules are quantized.
+re.search-es the module's name (keys naming another module of the checkpoint are not patterns; the loader's
+list is of its Linear layers, moetool's of every module the checkpoint stores, and the loader also remaps a
+vision-language model's keys: configs AutoRound writes name every layer that differs exactly, before any
+pattern, so these do not part). Routers and other layers left in 16 bits store a plain X.weight; the stored
+tensors say which modules are quantized. The model-free export (`model_free`: inputs padded to whole groups, the
+original width not stored), activation-quantized, rotated, fp8 and fp4 forms are named and refused.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from math import prod
 
 from moetool.quant.int_releases import AwqScheme, GptqScheme
 
@@ -60,24 +66,55 @@ def layer_key(extra: dict, modules, module: str) -> str | None:
     return None
 
 
+def layer_settings(qc: dict, modules, module: str) -> dict:
+    """MODULE's settings (bits, group_size, data_type, ...) under the quantization config QC: QC's own, overlaid
+    by the module's extra_config entry (MODULES: the checkpoint's module names)."""
+    extra = qc.get("extra_config") if isinstance(qc.get("extra_config"), dict) else {}
+    key = layer_key(extra, modules, module)
+    return {k: v for k, v in qc.items() if k != "extra_config"} | (extra[key] if key is not None else {})
+
+
+@dataclass(frozen=True)
+class UnreadForm:
+    """A weight AutoRound stores in a form moetool does not read (its fp8, MX/NV fp4 exports): counted, named in
+    inspect, refused by the commands that read values."""
+    suffix: str      # the codes' tensor after the module's name: ".weight" (fp8), ".weight_packed" (fp4 pairs)
+    per_code: int    # values one stored element holds
+    id: str
+    unreadable: str
+
+    def stored(self, weight: str) -> dict[str, str]:
+        return {"codes": weight.removesuffix(".weight") + self.suffix}
+
+    def original_shape(self, stored: tuple[int, ...], parts=None, name: str | None = None) -> tuple[int, ...]:
+        return (*stored[:-1], stored[-1] * self.per_code)
+
+    def params(self, stored: tuple[int, ...]) -> int:
+        return prod(self.original_shape(stored))
+
+
 def schemes(config: dict | None, tensors=()) -> dict:
-    """Weight name -> scheme of every weight an AutoRound checkpoint stores quantized (X.qweight stored)."""
+    """Weight name -> scheme of every weight an AutoRound checkpoint stores quantized (X.qweight; the fp8 and fp4
+    forms it does not read, X.weight in fp8 and X.weight_packed, as UnreadForm)."""
     qc = (config or {}).get("quantization_config") or {}
     packing = str(qc.get("packing_format") or DEFAULT_PACKING)
     layout, minus_one = PACKINGS.get(packing, (None, False))
-    extra = qc.get("extra_config") if isinstance(qc.get("extra_config"), dict) else {}
     modules = {name.rpartition(".")[0] for name in tensors}
     rotation = next((key for key in ROTATIONS if qc.get(key)), None)
     out = {}
     for name in tensors:
-        if not name.endswith(".qweight"):
+        module, _, tail = name.rpartition(".")
+        own = layer_settings(qc, modules, module)
+        if tail == "weight_packed" or (tail == "weight" and str(tensors[name].dtype).startswith("F8")):
+            form = "fp4" if tail == "weight_packed" else "fp8"
+            out[module + ".weight"] = UnreadForm("." + tail, 2 if form == "fp4" else 1, f"{form} ({packing})",
+                                                 f"AutoRound's {packing} form ({own.get('data_type', form)} "
+                                                 "weights) is not read (its integer packings are)")
             continue
-        module = name.removesuffix(".qweight")
-        key = layer_key(extra, modules, module)
-        own = extra[key] if key is not None else {}
-        bits, group = own.get("bits", qc.get("bits", 4)), own.get("group_size", qc.get("group_size", 128))
-        data_type, act_bits = own.get("data_type", qc.get("data_type", "int")), own.get("act_bits",
-                                                                                     qc.get("act_bits", 16))
+        if tail != "qweight":
+            continue
+        bits, group = own.get("bits", 4), own.get("group_size", 128)
+        data_type, act_bits = own.get("data_type", "int"), own.get("act_bits", 16)
         why = None
         if layout is None:
             why = f"AutoRound's {packing} packing is not read ({', '.join(p for p in PACKINGS if ':' in p)} are)"
@@ -95,6 +132,9 @@ def schemes(config: dict | None, tensors=()) -> dict:
                    ("2 to 8 bits are" if layout == "gptq" else "int4 with groups is") + ")")
         elif tensors[name].dtype != "I32":
             why = f"AutoRound codes stored as {tensors[name].dtype} are not read (int32 are)"
+        elif qc.get("model_free") and group > 0:   # (model_free_utils.py pads the inputs with zeros)
+            why = ("AutoRound's model-free export pads each weight's inputs to whole groups and stores no original "
+                   "width, so it is not read")
         bits = bits if isinstance(bits, int) and 0 < bits <= 8 else 0
         group = group if isinstance(group, int) else 0
         if layout == "awq":

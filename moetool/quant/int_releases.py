@@ -199,6 +199,10 @@ class GptqScheme(_Int32Packed):
         if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]):
             raise CheckpointFormatError(f"{name or 'a GPTQ weight'}: g_idx names groups outside its "
                                         f"{scales.shape[0]} scales")
+        groups = -(-inputs // self.group) if self.group > 0 else 1
+        if not self.g_idx and scales.shape[0] != groups:   # (a group size the stored scales do not have)
+            raise CheckpointFormatError(f"{name or 'a GPTQ weight'}: {scales.shape[0]} groups of scales for "
+                                        f"{inputs} inputs in groups of {self.group} ({groups})")
         if self.v1_zeros and self.word_add:   # as GPTQModel converts v1 zeros (a carry when a field was all ones)
             added = (zeros.to(torch.int64) + V1_ZERO_ADD[self.bits]) & 0xFFFFFFFF
             zeros = torch.where(added >= 1 << 31, added - (1 << 32), added).to(torch.int32)
