@@ -56,8 +56,14 @@ AUX_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".scales", ".weight"),
     (".g_idx", ".weight"),
     ("_scales", ""),          # mxfp4: gate_up_proj_scales -> gate_up_proj
+    ("_weight_scale_2", ""),  # ModelOpt's fused experts (Llama 4, gpt-oss): experts.gate_up_proj_weight_scale, ...
+    ("_weight_scale", ""),
+    ("_input_scale", ""),
 )
 AUX_ENDINGS = tuple(s for s, _ in AUX_SUFFIXES)
+# 3-D experts tensors stored whole, [E, in, out] (Llama 4's and gpt-oss's hub forms), as ModelOpt exports them
+# quantized, W beside W_weight_scale
+FUSED_EXPERT_TENSORS = (".experts.gate_up_proj", ".experts.down_proj")
 PACKED_SUFFIXES = ((".weight_packed", ".weight"), ("_blocks", ""), (".qweight", ".weight"))   # compressed-
 # tensors, mxfp4, AutoAWQ and GPTQ
 

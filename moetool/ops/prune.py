@@ -276,6 +276,9 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
             tensors.append(OutputTensor(name, ref.dtype, ref.shape, [computed_piece(
                 _remapped(ref, kept[m.layer], similarity[m.layer]), ref.shape, ref.dtype)], "token table remapped"))
             continue
+        if m.layer in kept and m.aux and m.expert is None and not ref.shape:   # one scale all the experts share
+            tensors.append(OutputTensor(name, ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "copied"))
+            continue   # (ModelOpt's fused experts: experts.gate_up_proj_weight_scale_2, _input_scale)
         if m.layer in kept and (m.role in EXPERT_ROLES or m.role in EXPERT_INDEXED) and not m.guessed:
             rows, count = kept[m.layer], experts
             if (identity or sinks) and family.shapes.get(m.role, ("E",))[0] == "R":   # rows past the experts stay

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
+from moetool.arch.matcher import FUSED_EXPERT_TENSORS
 from moetool.errors import CheckpointFormatError
 from moetool.quant import compressed_tensors as ct
 
@@ -28,16 +29,17 @@ class ModeloptScheme:
     algo: str                 # "nvfp4" | "fp8"
     strategy: str = "tensor"  # fp8: "tensor" | "channel"
     unreadable: str | None = None
+    fused: bool = False       # a 3-D experts tensor [E, in, out] (FUSED_EXPERT_TENSORS), scales W_weight_scale...
 
     @property
     def id(self) -> str:
-        return "nvfp4" if self.algo == "nvfp4" else f"fp8 {self.strategy}"
+        return ("nvfp4" if self.algo == "nvfp4" else f"fp8 {self.strategy}") + (" fused experts" if self.fused else "")
 
     def stored(self, weight: str) -> dict[str, str]:
-        module = weight.removesuffix(".weight")
-        out = {"codes": weight, "scale": module + ".weight_scale"}
+        module, dot = (weight, "_") if self.fused else (weight.removesuffix(".weight"), ".")
+        out = {"codes": weight, "scale": f"{module}{dot}weight_scale"}
         if self.algo == "nvfp4":
-            out["scale_2"] = module + ".weight_scale_2"
+            out["scale_2"] = f"{module}{dot}weight_scale_2"
         return out
 
     def _as_compressed(self) -> ct.StoredScheme:
@@ -46,11 +48,14 @@ class ModeloptScheme:
         return ct.StoredScheme("float-quantized", "float", 8, self.strategy)
 
     def original_shape(self, stored: tuple[int, ...], parts=None, name: str | None = None) -> tuple[int, ...]:
+        if self.fused:   # [E, in / 2, out] e2m1 pairs along the inputs; fp8 as stored
+            if len(stored) != 3:
+                raise CheckpointFormatError(f"{name or 'a fused experts tensor'} is {list(stored)}, not 3-D")
+            return (stored[0], stored[1] * 2, stored[2]) if self.algo == "nvfp4" else tuple(stored)
         return self._as_compressed().original_shape(stored, name=name)
 
     def params(self, stored: tuple[int, ...]) -> int:
-        rows, cols = self.original_shape(stored)
-        return rows * cols
+        return prod(self.original_shape(stored))
 
     def dequantized_dtype(self, parts) -> str:
         return "BF16" if self.algo == "nvfp4" else parts["scale"].dtype
@@ -59,6 +64,8 @@ class ModeloptScheme:
         import torch
 
         scale = parts["scale"]
+        if self.fused:
+            return self._dequantize_fused(parts, shape, dtype, name or "a fused experts tensor")
         if self.algo == "fp8":
             held = {"": parts["codes"], ct.SCALE: scale.reshape(-1, 1) if self.strategy == "channel" else scale}
             return self._as_compressed().dequantize(held, shape, dtype, name=name)
@@ -74,6 +81,30 @@ class ModeloptScheme:
         per_block = scale.to(torch.float32) * scale_2.to(torch.float32).reshape(())
         values = ct.e2m1_values(parts["codes"], rows, cols).unflatten(-1, (-1, NVFP4_GROUP)) * per_block.unsqueeze(-1)
         return values.flatten(-2).to(dtype or torch.bfloat16)
+
+    def _dequantize_fused(self, parts: dict, shape: tuple[int, ...], dtype, where: str):
+        """[E, in, out] from ModelOpt's fused export (unified_export_hf.py): each expert's weight, as its [out, in]
+        transpose is quantized, with NVFP4QTensor.dequantize's arithmetic (scale x weight_scale_2 first, in float32);
+        weight_scale_2 one for the tensor (or one an expert); fp8: code x the one scale."""
+        import torch
+
+        experts, inputs, outputs = shape
+        scale = parts["scale"]
+        if self.algo == "fp8":
+            if scale.numel() != 1:
+                raise CheckpointFormatError(f"{where}: fp8 scale {list(scale.shape)}, not one for the tensor")
+            return (parts["codes"].to(torch.float32) * scale.to(torch.float32).reshape(())).to(dtype or scale.dtype)
+        blocks = (experts, inputs // NVFP4_GROUP, outputs)
+        if scale.dtype != torch.float8_e4m3fn or tuple(scale.shape) != blocks or inputs % NVFP4_GROUP:
+            raise CheckpointFormatError(f"{where}: NVFP4 scales are float8_e4m3fn {list(blocks)}, not {scale.dtype} "
+                                        f"{list(scale.shape)}")
+        scale_2 = parts["scale_2"].to(torch.float32)
+        if scale_2.numel() not in (1, experts):
+            raise CheckpointFormatError(f"{where}: weight_scale_2 holds {scale_2.numel()} values, not 1 or {experts}")
+        per_block = scale.transpose(1, 2).to(torch.float32) * scale_2.reshape(-1, 1, 1)      # [E, out, in / 16]
+        codes = parts["codes"].transpose(1, 2).reshape(experts * outputs, inputs // 2)
+        values = ct.e2m1_values(codes, experts * outputs, inputs).reshape(experts, outputs, -1, NVFP4_GROUP)
+        return (values * per_block.unsqueeze(-1)).flatten(-2).transpose(1, 2).to(dtype or torch.bfloat16)
 
 
 # the quant_algo values whose weights this reads (W4A16_NVFP4: NVFP4's tensors without input scales)
@@ -91,6 +122,9 @@ def schemes(config: dict | None, names=()) -> dict[str, ModeloptScheme]:
     algo = str(((config or {}).get("quantization_config") or {}).get("quant_algo") or "").upper()
     out = {}
     for name, ref in dict(names).items() if isinstance(names, dict) else ():
+        if name.endswith(FUSED_EXPERT_TENSORS) and name + "_weight_scale" in names:   # (Llama 4's, gpt-oss's)
+            out[name] = _fused_scheme(algo, ref, names[name + "_weight_scale"], name + "_weight_scale_2" in names)
+            continue
         if not name.endswith(".weight"):
             continue
         module = name.removesuffix(".weight")
@@ -122,6 +156,20 @@ def schemes(config: dict | None, names=()) -> dict[str, ModeloptScheme]:
             out[name] = ModeloptScheme("nvfp4", unreadable=f"a ModelOpt weight stored as {ref.dtype} beside "
                                                            "weight_scale is not one moetool reads")
     return out
+
+
+def _fused_scheme(algo: str, ref, scale, has_scale_2: bool) -> ModeloptScheme:
+    """The scheme of a fused experts tensor REF beside its W_weight_scale SCALE."""
+    if algo and algo not in READ_ALGOS:
+        return ModeloptScheme("nvfp4", unreadable=f"ModelOpt's {algo} checkpoints are not read (its "
+                                                  f"{', '.join(READ_ALGOS)} ones are)", fused=True)
+    if ref.dtype == "U8" and has_scale_2:
+        return ModeloptScheme("nvfp4", fused=True)
+    if ref.dtype == "F8_E4M3" and prod(scale.shape) == 1 and scale.dtype in ("F32", "BF16", "F16"):
+        return ModeloptScheme("fp8", fused=True)
+    return ModeloptScheme("nvfp4" if ref.dtype == "U8" else "fp8", fused=True,
+                          unreadable=f"ModelOpt fused experts stored as {ref.dtype} with a {scale.dtype} "
+                                     f"{list(scale.shape)} scale are not read (nvfp4, and fp8 per tensor, are)")
 
 
 def activation_note(config: dict | None, names=()) -> str | None:

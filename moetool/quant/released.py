@@ -15,7 +15,8 @@ from moetool.quant import autoround, compressed_tensors, int_releases, modelopt
 # module-level scales of quantized activations (X.input_scale, ...) and of the kv cache (self_attn.k_scale):
 # used at serving, not by moetool, which runs activations unquantized
 SERVED_SCALES = (".input_scale", ".input_global_scale", ".input_zero_point", ".output_scale", ".output_global_scale",
-                 ".output_zero_point", ".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point")
+                 ".output_zero_point", ".k_scale", ".v_scale", ".q_scale", ".k_zero_point", ".v_zero_point",
+                 "_input_scale")   # (ModelOpt's fused experts: experts.gate_up_proj_input_scale)
 METHODS = {compressed_tensors.QUANT_METHOD: compressed_tensors.stored_schemes, modelopt.QUANT_METHOD: modelopt.schemes,
            int_releases.AWQ: int_releases.awq_schemes, int_releases.GPTQ: int_releases.gptq_schemes,
            autoround.QUANT_METHOD: autoround.schemes}
