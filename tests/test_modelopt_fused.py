@@ -111,6 +111,7 @@ def test_values_are_modelopts_own(tmp_path, exports, name):
     expert), names and shapes as the unquantized model's; the fused experts lie near the weights they were
     quantized from (a layout read any other way does not)."""
     ours = _dequantized(exports / name, tmp_path / "out")
+    assert not (tmp_path / "out" / "hf_quant_config.json").exists()   # (else the output reads as quantized again)
     theirs = load_file(exports / f"{name}-dense" / "model.safetensors")
     original = load_file(exports / f"{name}-original" / "model.safetensors")
     assert sorted(ours) == sorted(theirs) == sorted(original)
@@ -155,9 +156,10 @@ def test_pruning_slices_the_fused_codes_and_keeps_the_shared_scales(tmp_path, ex
     options = PruneOptions(experts={0: [1, 3], 1: [0, 2]}, calibration=ProfileOptions(
         token_ids=exports / "ids.json", seq_len=16, dtype="fp32", device="cpu"))
     with open_checkpoint(exports / name) as ckpt:
-        prune(ckpt, tmp_path / "pruned", options)
+        ours = prune(ckpt, tmp_path / "pruned", options)
     with open_checkpoint(exports / f"{name}-dense") as ckpt:
-        prune(ckpt, tmp_path / "dense-pruned", options)
+        theirs = prune(ckpt, tmp_path / "dense-pruned", options)
+    assert ours.params_removed == theirs.params_removed   # (the values packed codes hold, not their bytes)
     got = _dequantized(tmp_path / "pruned", tmp_path / "out")
     want = load_file(tmp_path / "dense-pruned" / "model.safetensors")
     assert got.keys() == want.keys()

@@ -21,7 +21,7 @@ from moetool.arch import Family, Role, detect_family
 from moetool.arch.config_compat import v4_compatible
 from moetool.arch.matcher import AUX_ENDINGS, Classifier, Match, scale_owner, split_quant_suffix
 from moetool.checkpoint import Checkpoint, TensorRef
-from moetool.checkpoint.checkpoint import TORCH_DTYPES
+from moetool.checkpoint.checkpoint import SIDE_QUANTIZATION, TORCH_DTYPES
 from moetool.checkpoint.pieces import ComputedRef, computed_piece, rows_piece, tensor_pieces
 from moetool.checkpoint.writer import OutputTensor, Piece, ShardPlan, plan_shards, side_files
 from moetool.errors import CheckpointFormatError, UnsupportedError
@@ -609,6 +609,8 @@ def plan_tensors(ckpt: Checkpoint, options: PlanOptions) -> TensorPlan:
     source_layout, target_layout = planner.plan()
     config = _edited_config(ckpt, planner, options)
     files = side_files(ckpt)
+    if stored:   # (a side description of the quantization, kept, would make the dequantized output read as quantized)
+        files = [f for f in files if f.name not in SIDE_QUANTIZATION]
     if target_layout == "fused" and source_layout != "fused":
         planner.notes.append("the fused layout loads in transformers 5 only (transformers 4 reads per-expert)")
     shards = plan_shards(planner.out, options.max_shard_size)

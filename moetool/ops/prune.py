@@ -286,8 +286,10 @@ def plan_prune(ckpt: Checkpoint, options: PruneOptions, progress=None):
                 rows, count = rows + list(range(experts, experts + extra)), experts + extra
             sliced = _slice_experts(ref, m.role, rows, count, family.packed_experts)
             removed_bytes += ref.nbytes - sliced.nbytes
-            if not m.aux and m.role not in family.buffers:
-                removed_params += ref.numel - prod(sliced.shape)
+            if not m.aux and m.role not in family.buffers:   # (a release's codes: the values they hold)
+                held = released_codes.get(name)
+                removed_params += held[1].params(tuple(ref.shape)) - held[1].params(tuple(sliced.shape)) if held \
+                    else ref.numel - prod(sliced.shape)
             tensors.append(sliced)
             continue
         tensors.append(OutputTensor(name, ref.dtype, ref.shape, tensor_pieces(ref, ref.dtype), "copied"))

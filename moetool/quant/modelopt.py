@@ -177,7 +177,7 @@ def activation_note(config: dict | None, names=()) -> str | None:
     the kv cache: the warning that moetool does not."""
     qc = (config or {}).get("quantization_config") or {}
     served = []
-    if any(name.endswith(".input_scale") for name in names):
+    if any(name.endswith((".input_scale", "_input_scale")) for name in names):   # (fused experts': W_input_scale)
         served.append(f"{str(qc.get('quant_algo') or 'quantized').lower()} inputs, static scales")
     kv = qc.get("kv_cache_quant_algo") or qc.get("kv_cache_scheme")   # (hf_quant_config.json's; config.json's)
     if isinstance(kv, dict):
