@@ -104,14 +104,15 @@ def schemes(config: dict | None, tensors=()) -> dict:
     out = {}
     for name in tensors:
         module, _, tail = name.rpartition(".")
-        own = layer_settings(qc, modules, module)
-        if tail == "weight_packed" or (tail == "weight" and str(tensors[name].dtype).startswith("F8")):
+        unread = tail == "weight_packed" or (tail == "weight" and str(tensors[name].dtype).startswith("F8"))
+        if not unread and tail != "qweight":
+            continue
+        own = layer_settings(qc, modules, module)   # (only for the weights it describes: a pattern search per key)
+        if unread:
             form = "fp4" if tail == "weight_packed" else "fp8"
             out[module + ".weight"] = UnreadForm("." + tail, 2 if form == "fp4" else 1, f"{form} ({packing})",
                                                  f"AutoRound's {packing} form ({own.get('data_type', form)} "
                                                  "weights) is not read (its integer packings are)")
-            continue
-        if tail != "qweight":
             continue
         bits, group = own.get("bits", 4), own.get("group_size", 128)
         data_type, act_bits = own.get("data_type", "int"), own.get("act_bits", 16)
